@@ -1,0 +1,76 @@
+"""Preallocated key/value cache (M9).
+
+During generation every new token attends to the keys and values of all earlier tokens.
+Recomputing them each step costs O(T^2); caching them makes each decode step O(T). The
+cache is allocated once for the longest sequence the caller asks for, so decoding never
+reallocates or copies: a step writes one position per row and reads a prefix.
+
+Memory: 2 (k and v) x layers x batch x kv_heads x max_len x head_dim x bytes per value;
+`KVCache.nbytes` reports it. Grouped-query attention shrinks it by n_head / n_kv_head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values for `batch` rows of up to `max_len` positions, for every layer."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        max_len: int,
+        n_kv_head: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @classmethod
+    def for_model(cls, config, batch: int, max_len: int, dtype: torch.dtype, device) -> "KVCache":
+        return cls(config.n_layer, batch, max_len, config.n_kv_head, config.head_dim, dtype, device)
+
+    @classmethod
+    def _view(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        view = cls.__new__(cls)
+        view.k, view.v = k, v
+        return view
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows start..stop; writes through it land in this cache."""
+        return KVCache._view(self.k[:, start:stop], self.v[:, start:stop])
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new k/v ([B, kv_heads, L, d]) and return all keys/values up to `end`.
+
+        `start` is one position shared by every row (prefill, or rows in lockstep) or a
+        tensor of per-row positions for a one-token decode step of rows of different
+        lengths.
+        """
+        if isinstance(start, int):
+            self.k[layer, :, :, start : start + k.shape[2]] = k
+            self.v[layer, :, :, start : start + k.shape[2]] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[layer, rows, :, start] = k[:, :, 0]
+            self.v[layer, rows, :, start] = v[:, :, 0]
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

@@ -1,0 +1,200 @@
+"""One configurable decoder-only Transformer (M1-M5, M8, M9).
+
+Read top to bottom: `Transformer` embeds tokens (M1), adds learned positions or rotates
+q/k with RoPE (M3), runs `n_layer` pre-norm `Block`s of attention (M2, grouped-query when
+n_kv_head < n_head) and a feed-forward network (M4), normalizes (M5) and projects back to
+the vocabulary. Attention runs through PyTorch's fused `scaled_dot_product_attention`,
+which uses a FlashAttention-style tiled kernel where the platform has one (M8). With a
+`KVCache` (M9) the same forward does prefill (many tokens) and decode (one token).
+
+Fused projections: q, k and v come from one matrix (`attn.qkv`), and SwiGLU's gate and
+up projections from one matrix (`mlp.fc`). One large matrix-vector product per step is
+faster than three small ones, and checkpoint loaders split/concatenate at the boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .rope import RotaryTable, apply_rotary
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.qkv = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.out = nn.Linear(self.q_size, config.n_embd, bias=config.out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        start: int | torch.Tensor,
+        end: int,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start, end)
+        # A causal mask is needed only when several queries see a prefix of the keys.
+        causal = mask is None and length > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
+        )
+        return self.out(y.transpose(1, 2).reshape(batch, length, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        width = 2 * config.intermediate_size if self.swiglu else config.intermediate_size
+        self.fc = nn.Linear(config.n_embd, width, bias=config.mlp_bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.mlp_bias)
+        self.gelu_approximate = config.gelu_approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate=self.gelu_approximate)
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, cache, layer, start, end):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, start, end)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model; `forward` maps token ids [B, L] to logits [B, L, V]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position == "learned":
+            self.pos_embed = nn.Embedding(config.max_position_embeddings, config.n_embd)
+            self.rope = None
+        else:
+            self.rope = RotaryTable(
+                config.head_dim, config.rope_theta, config.rope_scaling, min(config.max_position_embeddings, 4096)
+            )
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int | torch.Tensor = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `input_ids` [B, L].
+
+        Without a cache, positions are start..start+L-1 and attention is causal. With a
+        cache, the new keys/values are written at those positions first and the queries
+        attend to everything cached before them. `start` may be a tensor of per-row
+        positions for a one-token decode step of rows of different lengths.
+        `last_only` computes logits for the final position only (what sampling needs).
+        """
+        batch, length = input_ids.shape
+        per_row = isinstance(start, torch.Tensor)
+        if per_row and length != 1:
+            raise ValueError("per-row start positions need exactly one new token per row")
+        end = (int(start.max()) if per_row else start) + length
+        if cache is not None and end > cache.max_len:
+            raise ValueError(f"sequence of {end} tokens does not fit the cache of {cache.max_len}")
+        if end > self.config.max_position_embeddings and self.config.position == "learned":
+            raise ValueError(f"sequence of {end} tokens exceeds the {self.config.max_position_embeddings} learned positions")
+
+        if per_row:
+            positions = start.view(batch, 1)
+        else:
+            positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0)
+        x = self.embed(input_ids)
+        if self.rope is None:
+            x = x + self.pos_embed(positions)
+            rope = None
+        elif per_row:
+            rope = self.rope(positions, x.dtype)
+        else:
+            rope = self.rope.slice(start, length, x.dtype)
+        cached = cache is not None
+        mask = self._attention_mask(positions, cached, end if cached else length)
+
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, mask, cache, i, start, end)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def _attention_mask(self, positions: torch.Tensor, cached: bool, n_keys: int) -> torch.Tensor | None:
+        """Boolean [B|1, 1, L, n_keys] mask, or None where SDPA's causal flag (or no mask) is exact.
+
+        Queries sit at `positions` [B|1, L]. Cached keys sit at 0..n_keys-1; without a
+        cache the keys are the queries themselves.
+        """
+        window = self.config.sliding_window
+        batch, length = positions.shape
+        if window is None or n_keys <= window:
+            if n_keys == length:
+                return None  # keys are exactly the queries: is_causal
+            if length == 1 and batch == 1:
+                return None  # one query at the newest position sees every cached key
+        key_pos = torch.arange(n_keys, device=positions.device) if cached else positions[0]
+        query_pos = positions.unsqueeze(-1)  # [B, L, 1]
+        allowed = key_pos <= query_pos
+        if window is not None:
+            allowed = allowed & (key_pos > query_pos - window)
+        return allowed.unsqueeze(1)
+
+    def num_parameters(self) -> int:
+        seen, total = set(), 0
+        for p in self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
