@@ -1,0 +1,215 @@
+"""The generation engine (I1, I2 static batching, M9): prefill, then decode with a KV cache.
+
+`Generator.generate` runs a batch of prompts of different lengths together. Each prompt
+is prefilled on its own row of one preallocated `KVCache` (prefill is compute-bound, so
+batching it buys little and would need padding); then every decode step feeds one token
+per row through the model at once, each row at its own position. A row that finishes
+(end-of-sequence token, stop string, token budget) stops advancing while the others go
+on. `Generator.stream` runs one prompt and yields text as it is produced.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from ..errors import LmforgeError
+from ..model.kv_cache import KVCache
+from ..tokenizer import IncrementalDecoder
+from .sampling import SamplingParams, sample_next
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end token or stop string) or "length" (token budget)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class _Request:
+    """Decoding state of one prompt: tokens so far, text so far, and why it ended."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, budget: int, tokenizer, eos_ids, device) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.budget = budget
+        self.eos_ids = set() if params.ignore_eos else set(eos_ids)
+        self.generated: list[int] = []
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
+        self.text = ""
+        self.emitted = 0
+        self.finish_reason: str | None = None
+        self.generator = params.make_generator(device)
+        self.context = None
+        if params.repetition_penalty != 1.0:
+            # Preallocated so the penalty's context grows without reallocating each step.
+            self.context = torch.empty(len(prompt_ids) + budget, dtype=torch.long, device=device)
+            self.context[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def position(self) -> int:
+        """Cache position of the next token fed to the model."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+    def choose(self, logits: torch.Tensor) -> int:
+        seen = self.context[: len(self.prompt_ids) + len(self.generated)] if self.context is not None else torch.empty(0, dtype=torch.long)
+        return sample_next(logits, self.params, seen, self.generator)
+
+    def append(self, token: int) -> str:
+        """Record a sampled token; return the text that is now safe to show."""
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            self.text += self.decoder.flush()
+            return self._release()
+        self.generated.append(token)
+        if self.context is not None:
+            self.context[len(self.prompt_ids) + len(self.generated) - 1] = token
+        before = len(self.text)
+        self.text += self.decoder.push(token)
+        if self.params.stop and self._cut_at_stop(before):
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.budget:
+            self.finish_reason = "length"
+            self.text += self.decoder.flush()
+            self._cut_at_stop(before)
+        return self._release()
+
+    def _cut_at_stop(self, before: int) -> bool:
+        longest = max(len(s) for s in self.params.stop) if self.params.stop else 0
+        window_start = max(0, before - longest + 1)
+        hits = [i for s in self.params.stop if (i := self.text.find(s, window_start)) != -1]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return True
+        return False
+
+    def _release(self) -> str:
+        """Text not yet emitted, minus a tail that might still become a stop string."""
+        end = len(self.text)
+        if not self.finished:
+            for stop in self.params.stop:
+                for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(stop[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        delta = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return delta
+
+
+class Generator:
+    """Generates text with a `Transformer` and a `Tokenizer`; the one decoding path of lmforge."""
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = model.config.max_position_embeddings
+        self.eos_ids = set(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _requests(self, prompts: Sequence[str | list[int]], params) -> list[_Request]:
+        if not prompts:
+            raise LmforgeError("no prompts given")
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise LmforgeError(f"{len(prompts)} prompts but {len(plist)} sampling settings")
+        requests = []
+        for prompt, p in zip(prompts, plist):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            if not ids:
+                raise LmforgeError("the prompt is empty (it encodes to no tokens)")
+            if len(ids) >= self.context_length:
+                raise LmforgeError(
+                    f"the prompt has {len(ids)} tokens but the model's context holds {self.context_length}"
+                    " (including at least one generated token); shorten the prompt"
+                )
+            if max(ids) >= self.model.config.vocab_size or min(ids) < 0:
+                raise LmforgeError(f"token ids must lie in [0, {self.model.config.vocab_size})")
+            budget = min(p.max_tokens, self.context_length - len(ids))
+            requests.append(_Request(ids, p, budget, self.tokenizer, self.eos_ids, self.device))
+        return requests
+
+    def _steps(self, requests: list[_Request], use_cache: bool, timings: dict) -> Iterator[tuple[int, str]]:
+        """Run prefill and decode, yielding (request index, new text) as tokens arrive."""
+        model, device = self.model, self.device
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            cache = None
+            if use_cache:
+                length = max(len(r.prompt_ids) + r.budget for r in requests)
+                dtype = model.embed.weight.dtype
+                cache = KVCache.for_model(model.config, len(requests), length, dtype, device)
+            for i, r in enumerate(requests):
+                ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=device)
+                row_cache = cache.rows(i, i + 1) if cache is not None else None
+                logits = model(ids, cache=row_cache, start=0, last_only=True)[0, -1]
+                yield i, r.append(r.choose(logits))
+            timings["prefill"] = time.perf_counter() - t0
+            while True:
+                active = [i for i, r in enumerate(requests) if not r.finished]
+                if not active:
+                    break
+                if use_cache:
+                    logits = self._decode_step(requests, cache)
+                else:
+                    logits = {}
+                    for i in active:
+                        ids = torch.tensor([requests[i].prompt_ids + requests[i].generated], device=device)
+                        logits[i] = model(ids, last_only=True)[0, -1]
+                for i in active:
+                    yield i, requests[i].append(requests[i].choose(logits[i]))
+        timings["decode"] = time.perf_counter() - t0 - timings["prefill"]
+
+    def _decode_step(self, requests: list[_Request], cache: KVCache) -> torch.Tensor:
+        """One token for every row; finished rows rewrite their last slot and are ignored."""
+        last = [r.generated[-1] if r.generated else r.prompt_ids[-1] for r in requests]
+        positions = [r.position for r in requests]
+        tokens = torch.tensor(last, dtype=torch.long, device=self.device).view(-1, 1)
+        if len(set(positions)) == 1:
+            start: int | torch.Tensor = positions[0]
+        else:
+            start = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return self.model(tokens, cache=cache, start=start, last_only=True)[:, -1]
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_cache: bool = True,
+    ) -> list[Completion]:
+        """Complete each prompt (a string or a list of token ids); one `Completion` each."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        requests = self._requests(list(prompts), params or SamplingParams())
+        timings: dict[str, float] = {}
+        for _ in self._steps(requests, use_cache, timings):
+            pass
+        return [
+            Completion(r.text, r.generated, len(r.prompt_ids), r.finish_reason, timings["prefill"], timings["decode"])
+            for r in requests
+        ]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the completion of one prompt as text deltas (never a split character)."""
+        requests = self._requests([prompt], params or SamplingParams())
+        self.last_stream = requests[0]
+        for _, delta in self._steps(requests, True, {}):
+            if delta:
+                yield delta

@@ -1,0 +1,99 @@
+"""Decoding strategies (I1): turn next-token logits into a chosen token.
+
+The pipeline, in the order the field applies it: repetition penalty on the raw logits,
+then temperature, then the truncations (top-k, top-p, min-p), then a draw from what is
+left. Temperature 0 means greedy: always the arg-max, no randomness at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LmforgeError
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded. Defaults sample from the model's full distribution."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the context
+    stop: list[str] = field(default_factory=list)  # generation ends before any of these strings
+    seed: int | None = None  # same seed + same prompt + same params = same text
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (all(self.stop), "stop strings must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LmforgeError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        if self.greedy:
+            return None
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        return torch.Generator(device=device).manual_seed(seed)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty: shrink the logit of every token already in `context`.
+
+    Positive logits are divided by the penalty and negative ones multiplied, so a seen
+    token always becomes less likely whatever its sign.
+    """
+    if penalty == 1.0 or context.numel() == 0:
+        return logits
+    seen = logits.gather(-1, context)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, context, seen)
+
+
+def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k / nucleus (top-p) / min-p sets (1-D logits)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens strictly more likely already cover top_p: the most
+        # likely token always survives, and the set is the smallest reaching top_p.
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, context: torch.Tensor, generator: torch.Generator | None
+) -> int:
+    """Choose the next token from one row of logits [V] given the ids seen so far."""
+    logits = apply_repetition_penalty(logits.float(), context, params.repetition_penalty)
+    if params.greedy:
+        return int(logits.argmax())
+    logits = truncate(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

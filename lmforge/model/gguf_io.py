@@ -1,0 +1,189 @@
+"""Read GGUF files (llama.cpp's single-file format) into lmforge's `Transformer`.
+
+A GGUF file holds key/value metadata (architecture, shapes, tokenizer) and tensors that
+may be block-quantized (Q4_0, Q4_1, Q8_0, K-quants ...). The `gguf` package parses the
+file and dequantizes blocks to float32; this module maps llama.cpp's tensor names onto
+lmforge's and undoes one quirk: llama.cpp's converter permutes the rows of q and k of
+Llama-architecture models so that RoPE can rotate adjacent pairs; lmforge (like Hugging
+Face) rotates the two halves, so the rows are permuted back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import LmforgeError
+from .config import ModelConfig
+
+# llama.cpp tensor name (after "blk.{i}.") -> lmforge name (after "layers.{i}.")
+_LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm.weight",
+    "attn_norm.bias": "attn_norm.bias",
+    "attn_output.weight": "attn.out.weight",
+    "attn_output.bias": "attn.out.bias",
+    "attn_qkv.weight": "attn.qkv.weight",
+    "attn_qkv.bias": "attn.qkv.bias",
+    "ffn_norm.weight": "mlp_norm.weight",
+    "ffn_norm.bias": "mlp_norm.bias",
+    "ffn_down.weight": "mlp.proj.weight",
+    "ffn_down.bias": "mlp.proj.bias",
+}
+_FUSED = {  # lmforge fused matrix -> llama.cpp parts, in row order
+    "attn.qkv": ("attn_q", "attn_k", "attn_v"),
+    "mlp.fc": ("ffn_gate", "ffn_up"),
+}
+_TOP_NAMES = {
+    "token_embd.weight": "embed.weight",
+    "position_embd.weight": "pos_embed.weight",
+    "output_norm.weight": "norm.weight",
+    "output_norm.bias": "norm.bias",
+    "output.weight": "lm_head.weight",
+}
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def open_gguf(path: str | Path):
+    """Parse a GGUF file, turning every failure into one clear `LmforgeError`."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError, struct errors, IndexError... on bad files
+        raise LmforgeError(f"{path} is not a valid GGUF file ({type(exc).__name__}: {exc})") from None
+
+
+def metadata(reader) -> dict[str, Any]:
+    """All scalar/string/array metadata except the (large) tokenizer vocab arrays."""
+    skip = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
+    return {k: f.contents() for k, f in reader.fields.items() if k not in skip and not k.startswith("GGUF.")}
+
+
+def config_from_gguf(reader) -> ModelConfig:
+    meta = metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise LmforgeError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise LmforgeError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    tensor_names = {t.name for t in reader.tensors}
+    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    vocab = meta.get(f"{arch}.vocab_size")
+    if vocab is None:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    common = dict(
+        vocab_size=int(vocab),
+        n_layer=int(get("block_count")),
+        n_embd=n_embd,
+        n_head=n_head,
+        intermediate_size=int(get("feed_forward_length")),
+        max_position_embeddings=int(get("context_length")),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+    if arch == "gpt2":
+        return ModelConfig(
+            family="gpt2", norm="layernorm", norm_eps=float(get("attention.layer_norm_epsilon", 1e-5)),
+            mlp="gelu", position="learned", qkv_bias=True, out_bias=True, mlp_bias=True, **common,
+        )
+    scaling = None
+    scaling_type = meta.get(f"{arch}.rope.scaling.type")
+    if scaling_type == "linear":
+        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif scaling_type not in (None, "none"):
+        raise LmforgeError(f"unsupported GGUF rope scaling {scaling_type!r}")
+    window = meta.get(f"{arch}.attention.sliding_window")
+    return ModelConfig(
+        family="qwen2" if arch == "qwen2" else ("mistral" if window else "llama"),
+        n_kv_head=int(get("attention.head_count_kv", n_head)),
+        head_dim=int(meta.get(f"{arch}.attention.key_length", n_embd // n_head)),
+        norm="rmsnorm",
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        mlp="swiglu",
+        position="rope",
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        out_bias="blk.0.attn_output.bias" in tensor_names,
+        sliding_window=int(window) if window else None,
+        **common,
+    )
+
+
+def _dequantize(tensor) -> np.ndarray:
+    import gguf
+
+    shape = [int(n) for n in reversed(tensor.shape)]  # GGUF lists the fastest-varying dim first
+    if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        array = np.array(tensor.data)  # a copy: the file mapping is read-only
+    else:
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return array.reshape(shape).astype(np.float32, copy=False)
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved pairs -> rotate-half halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def state_from_gguf(reader, config: ModelConfig, progress=None) -> dict[str, torch.Tensor]:
+    arch = metadata(reader).get("general.architecture")
+    raw: dict[str, torch.Tensor] = {}
+    tensors = list(reader.tensors)
+    for n, tensor in enumerate(tensors):
+        try:
+            raw[tensor.name] = torch.from_numpy(_dequantize(tensor))
+        except (NotImplementedError, ValueError) as exc:
+            raise LmforgeError(f"cannot dequantize GGUF tensor {tensor.name} ({tensor.tensor_type.name}): {exc}") from None
+        if progress is not None:
+            progress(n + 1, len(tensors))
+    state: dict[str, torch.Tensor] = {}
+    for name, ours in _TOP_NAMES.items():
+        if name in raw:
+            state[ours] = raw.pop(name)
+    for i in range(config.n_layer):
+        prefix = f"blk.{i}."
+        if arch in ("llama", "mistral"):
+            for part, heads in (("attn_q", config.n_head), ("attn_k", config.n_kv_head)):
+                if prefix + part + ".weight" in raw:
+                    raw[prefix + part + ".weight"] = _unpermute(raw[prefix + part + ".weight"], heads)
+        for theirs, ours in _LAYER_NAMES.items():
+            if prefix + theirs in raw:
+                state[f"layers.{i}.{ours}"] = raw.pop(prefix + theirs)
+        if arch == "gpt2" and prefix + "ffn_up.weight" in raw:
+            state[f"layers.{i}.mlp.fc.weight"] = raw.pop(prefix + "ffn_up.weight")
+            if prefix + "ffn_up.bias" in raw:
+                state[f"layers.{i}.mlp.fc.bias"] = raw.pop(prefix + "ffn_up.bias")
+        for fused, parts in _FUSED.items():
+            for kind in ("weight", "bias"):
+                pieces = [raw.pop(f"{prefix}{p}.{kind}", None) for p in parts]
+                if all(p is not None for p in pieces):
+                    state[f"layers.{i}.{fused}.{kind}"] = torch.cat(pieces, dim=0)
+                elif any(p is not None for p in pieces):
+                    raise LmforgeError(f"GGUF file has only some of {', '.join(prefix + p for p in parts)}")
+    leftover = [k for k in raw if not k.startswith("rope_")]
+    if leftover:
+        raise LmforgeError(f"GGUF file has tensors lmforge does not understand: {', '.join(leftover[:5])}")
+    return state
+
+
+def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", reader=None, progress=None):
+    from .checkpoint import build_model
+
+    reader = reader if reader is not None else open_gguf(path)
+    config = config_from_gguf(reader)
+    return build_model(config, state_from_gguf(reader, config, progress), dtype, device)
