@@ -45,7 +45,8 @@ class _Request:
         self.budget = budget
         self.eos_ids = set() if params.ignore_eos else set(eos_ids)
         self.generated: list[int] = []
-        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
+        # Without a tokenizer the engine still generates token ids (text stays empty).
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True) if tokenizer is not None else None
         self.text = ""
         self.emitted = 0
         self.finish_reason: str | None = None
@@ -73,20 +74,25 @@ class _Request:
         """Record a sampled token; return the text that is now safe to show."""
         if token in self.eos_ids:
             self.finish_reason = "stop"
-            self.text += self.decoder.flush()
+            self._flush()
             return self._release()
         self.generated.append(token)
         if self.context is not None:
             self.context[len(self.prompt_ids) + len(self.generated) - 1] = token
         before = len(self.text)
-        self.text += self.decoder.push(token)
+        if self.decoder is not None:
+            self.text += self.decoder.push(token)
         if self.params.stop and self._cut_at_stop(before):
             self.finish_reason = "stop"
         elif len(self.generated) >= self.budget:
             self.finish_reason = "length"
-            self.text += self.decoder.flush()
+            self._flush()
             self._cut_at_stop(before)
         return self._release()
+
+    def _flush(self) -> None:
+        if self.decoder is not None:
+            self.text += self.decoder.flush()
 
     def _cut_at_stop(self, before: int) -> bool:
         longest = max(len(s) for s in self.params.stop) if self.params.stop else 0
@@ -114,11 +120,14 @@ class _Request:
 class Generator:
     """Generates text with a `Transformer` and a `Tokenizer`; the one decoding path of lmforge."""
 
-    def __init__(self, model, tokenizer) -> None:
+    def __init__(self, model, tokenizer=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = model.config.max_position_embeddings
-        self.eos_ids = set(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id})
+        self.eos_ids = set(getattr(tokenizer, "eos_ids", None) or ())
+        if not self.eos_ids:
+            eos = model.config.eos_token_id if tokenizer is None else tokenizer.eos_id
+            self.eos_ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +141,8 @@ class Generator:
             raise LmforgeError(f"{len(prompts)} prompts but {len(plist)} sampling settings")
         requests = []
         for prompt, p in zip(prompts, plist):
+            if isinstance(prompt, str) and self.tokenizer is None:
+                raise LmforgeError("this generator has no tokenizer: give prompts as token ids")
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             if not ids:
                 raise LmforgeError("the prompt is empty (it encodes to no tokens)")

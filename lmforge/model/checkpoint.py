@@ -81,11 +81,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     if model.rope is not None:
-        from .rope import RotaryTable
-
-        model.rope = RotaryTable(
-            config.head_dim, config.rope_theta, config.rope_scaling, min(config.max_position_embeddings, 4096)
-        ).to(device)
+        model.rope.to(device)
     return model.eval()
 
 

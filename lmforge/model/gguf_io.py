@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import LmforgeError
+from ..io.gguf_file import GGUFFile
 from .config import ModelConfig
 
 # llama.cpp tensor name (after "blk.{i}.") -> lmforge name (after "layers.{i}.")
@@ -46,27 +46,13 @@ _TOP_NAMES = {
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "gpt2")
 
 
-def open_gguf(path: str | Path):
-    """Parse a GGUF file, turning every failure into one clear `LmforgeError`."""
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"GGUF file not found: {path}")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError, struct errors, IndexError... on bad files
-        raise LmforgeError(f"{path} is not a valid GGUF file ({type(exc).__name__}: {exc})") from None
+def open_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF container; every failure is one clear `LmforgeError`."""
+    return GGUFFile(path)
 
 
-def metadata(reader) -> dict[str, Any]:
-    """All scalar/string/array metadata except the (large) tokenizer vocab arrays."""
-    skip = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
-    return {k: f.contents() for k, f in reader.fields.items() if k not in skip and not k.startswith("GGUF.")}
-
-
-def config_from_gguf(reader) -> ModelConfig:
-    meta = metadata(reader)
+def config_from_gguf(reader: GGUFFile) -> ModelConfig:
+    meta = reader.metadata
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise LmforgeError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
@@ -81,7 +67,7 @@ def config_from_gguf(reader) -> ModelConfig:
     n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
     vocab = meta.get(f"{arch}.vocab_size")
     if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        vocab = len(meta.get("tokenizer.ggml.tokens") or [])
     common = dict(
         vocab_size=int(vocab),
         n_layer=int(get("block_count")),
@@ -123,32 +109,21 @@ def config_from_gguf(reader) -> ModelConfig:
     )
 
 
-def _dequantize(tensor) -> np.ndarray:
-    import gguf
-
-    shape = [int(n) for n in reversed(tensor.shape)]  # GGUF lists the fastest-varying dim first
-    if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-        array = np.array(tensor.data)  # a copy: the file mapping is read-only
-    else:
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    return array.reshape(shape).astype(np.float32, copy=False)
-
-
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation (interleaved pairs -> rotate-half halves)."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def state_from_gguf(reader, config: ModelConfig, progress=None) -> dict[str, torch.Tensor]:
-    arch = metadata(reader).get("general.architecture")
+def state_from_gguf(reader: GGUFFile, config: ModelConfig, progress=None) -> dict[str, torch.Tensor]:
+    arch = reader.metadata.get("general.architecture")
     raw: dict[str, torch.Tensor] = {}
-    tensors = list(reader.tensors)
+    tensors = reader.tensors
     for n, tensor in enumerate(tensors):
         try:
-            raw[tensor.name] = torch.from_numpy(_dequantize(tensor))
+            raw[tensor.name] = torch.from_numpy(tensor.to_numpy())
         except (NotImplementedError, ValueError) as exc:
-            raise LmforgeError(f"cannot dequantize GGUF tensor {tensor.name} ({tensor.tensor_type.name}): {exc}") from None
+            raise LmforgeError(f"cannot dequantize GGUF tensor {tensor.name} ({tensor.qtype.name}): {exc}") from None
         if progress is not None:
             progress(n + 1, len(tensors))
     state: dict[str, torch.Tensor] = {}

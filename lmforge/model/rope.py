@@ -16,7 +16,8 @@ import torch
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Per-pair rotation speeds, adjusted by the checkpoint's rope scaling (if any)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # Explicit CPU: tables are computed eagerly even when the model is built on "meta".
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind in (None, "default"):
         return inv_freq
@@ -53,8 +54,8 @@ class RotaryTable(torch.nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, initial_len: int) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(head_dim, theta, scaling), persistent=False)
-        self.register_buffer("cos", torch.empty(0), persistent=False)
-        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.register_buffer("cos", torch.empty(0, device="cpu"), persistent=False)
+        self.register_buffer("sin", torch.empty(0, device="cpu"), persistent=False)
         self._build(initial_len)
 
     def _build(self, length: int) -> None:

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny Hugging Face models built locally (no hub) and the default model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 320
+
+
+def tiny_hf_configs():
+    """One tiny config per supported family, each exercising that family's peculiarities."""
+    import transformers as T
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    return {
+        # GQA 4/2, untied head, Llama-3.1 rope scaling with a short original context so it matters.
+        "llama": T.LlamaConfig(**common, num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        # q/k/v biases, tied embeddings.
+        "qwen2": T.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
+        # Multi-query attention and a sliding window much shorter than the test sequences.
+        "mistral": T.MistralConfig(**common, num_key_value_heads=1, sliding_window=8, tie_word_embeddings=False),
+        # Learned positions, LayerNorm, GELU, biases everywhere, Conv1D weight layout.
+        "gpt2": T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                             bos_token_id=1, eos_token_id=2),
+    }
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dirs(tmp_path_factory):
+    """family -> (directory saved by transformers, the transformers model), random weights."""
+    import transformers as T
+
+    out = {}
+    for name, config in tiny_hf_configs().items():
+        torch.manual_seed(hash(name) % 1000)
+        config._attn_implementation = "eager"
+        model = T.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():  # larger than the default init so that positions and biases matter
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        path = tmp_path_factory.mktemp(f"tiny-{name}")
+        model.save_pretrained(path)
+        out[name] = (path, model)
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_lm():
+    import lmforge
+
+    return lmforge.load(dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(default_lm):
+    """transformers' own load of the same GGUF file, dequantized to fp32."""
+    from transformers import AutoModelForCausalLM
+
+    path = default_lm.spec.path
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
