@@ -297,6 +297,19 @@ def test_decode_matches_tokenizers_and_round_trips(kind, smollm, smollm_referenc
         assert lossless == len(ROUND_TRIP) - expected_losses
 
 
+def test_from_gguf_accepts_path_and_open_files(smollm, smollm_reader):
+    """A path, a gguf.GGUFReader (fixture) and lmforge's own GGUFFile give the same tokenizer."""
+    from lmforge.io.gguf_file import GGUFFile
+
+    path = smollm_gguf_path()
+    for other in (Tokenizer.from_gguf(path), Tokenizer.from_gguf(GGUFFile(path))):
+        assert other.get_vocab() == smollm.get_vocab()
+        assert other.model.merges == smollm.model.merges
+        assert other.chat_template == smollm.chat_template
+        assert [t.to_dict() for t in other.added_tokens] == [t.to_dict() for t in smollm.added_tokens]
+        assert other.encode(CORPUS[0]) == smollm.encode(CORPUS[0])
+
+
 def test_smollm_reference_pipeline_details(smollm):
     """Facts about the default model's tokenizer that the rest of lmforge relies on."""
     assert smollm.vocab_size == 49152
@@ -328,6 +341,88 @@ def test_transformers_gguf_conversion_differs_only_around_numbers(smollm):
             differing.append(text)
     assert differing and all(regex.search(r" \p{N}", t) for t in differing), differing
     assert backend.encode(" ½", add_special_tokens=False).ids != smollm.encode(" ½")
+
+
+# --------------------------------------------------------------------------- GGUF vocabularies
+def _write_vocab_gguf(path: Path, ref, model: str, pre: str | None, bos: int, eos: int, add_bos: bool) -> Path:
+    """A GGUF holding the reference's vocabulary the way llama.cpp's converter writes it."""
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    data = json.loads(ref.to_str())
+    vocab = data["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    added = {t["content"] for t in data["added_tokens"]}
+    types, scores = [], []
+    for i, tok in enumerate(tokens):
+        kind = 2 if tok == "<unk>" else 6 if (tok.startswith("<0x") and len(tok) == 6) else 3 if tok in added else 1
+        types.append(kind)
+        scores.append(-float(i) if kind == 1 else 0.0)  # SentencePiece order: earlier merges score higher
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_tokenizer_model(model)
+    if pre:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if model == "llama":
+        writer.add_token_scores(scores)
+        writer.add_unk_token_id(0)
+    else:
+        writer.add_token_merges([" ".join(m) for m in data["model"]["merges"]])
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    writer.add_add_bos_token(add_bos)
+    writer.add_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}")
+    writer.add_tensor("placeholder", np.zeros(4, dtype=np.float32))  # keep the file a complete model
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(("kind", "model", "pre", "bos", "eos", "add_bos"), [
+    ("qwen2", "gpt2", "qwen2", 0, 2, False),
+    ("llama3", "gpt2", "llama-bpe", 0, 0, True),
+    ("gpt2", "gpt2", "gpt-2", 0, 0, False),
+    ("llama2", "llama", None, 1, 2, True),
+])
+def test_gguf_vocabularies_match_their_tokenizer_json(kind, model, pre, bos, eos, add_bos, trained, tmp_path):
+    """A vocabulary exported to GGUF encodes exactly like its original tokenizer.json.
+
+    For ``llama2`` this checks the SentencePiece path: merges recovered from token scores
+    (llama.cpp's rule) give the same ids as the original rank-ordered merges.
+    """
+    _, ref = trained[kind]
+    tok = Tokenizer.from_gguf(_write_vocab_gguf(tmp_path / f"{kind}.gguf", ref, model, pre, bos, eos, add_bos))
+    for text in CORPUS:
+        if kind == "qwen2":
+            import unicodedata
+
+            text = unicodedata.normalize("NFC", text)  # a GGUF has no normalizer; llama.cpp skips NFC too
+        assert tok.encode(text) == ref.encode(text).ids, text
+        ids = ref.encode(text).ids
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False), text
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+
+
+def test_gguf_sentencepiece_versus_transformers_conversion(trained, tmp_path):
+    """transformers converts a llama GGUF into Metaspace(prepend_scheme="first"), lmforge follows
+    llama.cpp (a "▁" prefix on every text segment, like legacy Llama-2). They agree except on
+    text that starts with a space or follows a special token."""
+    gguf_mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    _, ref = trained["llama2"]
+    path = _write_vocab_gguf(tmp_path / "spm.gguf", ref, "llama", None, 1, 2, True)
+    tok = Tokenizer.from_gguf(path)
+    _, tokenizer_dict, _ = gguf_mapping.get_gguf_tokenizer(str(path))
+    backend, _ = gguf_mapping.convert_gguf_tokenizer("llama", tokenizer_dict)
+    import re
+
+    special = "|".join(map(re.escape, SPECIAL_TOKENS))
+    for text in CORPUS:
+        same = backend.encode(text, add_special_tokens=False).ids == tok.encode(text, add_special_tokens=False)
+        text_after_special = re.search(f"(?:{special})(?!{special}|$)", text) is not None
+        assert same == (not text.startswith(" ") and not text_after_special), text
 
 
 # --------------------------------------------------------------------------- save
@@ -470,7 +565,7 @@ def test_malformed_files_raise_lmforge_error(tmp_path):
         Tokenizer.from_file(bad)
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_bytes(b"this is not a gguf file at all")
-    with pytest.raises(LmforgeError, match="not a readable GGUF"):
+    with pytest.raises(LmforgeError, match="not a GGUF file"):
         Tokenizer.from_gguf(not_gguf)
 
 

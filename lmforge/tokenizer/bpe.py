@@ -13,7 +13,8 @@ in a dict: after warm-up almost every pre-token costs one dict lookup.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Any
 
 from lmforge.tokenizer.bytelevel import text_to_symbols
@@ -22,6 +23,22 @@ from lmforge.tokenizer.bytelevel import text_to_symbols
 # rarely repeats and would only grow the cache.
 _MAX_CACHED_LEN = 256
 _MAX_CACHE_ENTRIES = 1_000_000
+
+
+class _PieceCache(dict[str, list[int]]):
+    """pre-token -> ids; a miss computes the ids (and stores them if the piece is short)."""
+
+    def __init__(self, compute: Callable[[str], list[int]]) -> None:
+        super().__init__()
+        self.compute = compute
+
+    def __missing__(self, piece: str) -> list[int]:
+        ids = self.compute(piece)
+        if len(piece) < _MAX_CACHED_LEN:
+            if len(self) >= _MAX_CACHE_ENTRIES:
+                self.clear()
+            self[piece] = ids
+        return ids
 
 
 class BPE:
@@ -82,22 +99,15 @@ class BPE:
             except KeyError:
                 continue  # a merge whose tokens are not all in the vocabulary can never apply
         self._byte_ids: list[int | None] = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
-        self._cache: dict[str, list[int]] = {}
+        self._cache = _PieceCache(self._encode_uncached)
 
     # ------------------------------------------------------------------ encoding
     def encode_pieces(self, pieces: Iterable[str], out: list[int]) -> None:
-        """Append the ids of every piece to ``out`` (the hot loop of encoding)."""
-        cache = self._cache
-        get = cache.get
-        for piece in pieces:
-            ids = get(piece)
-            if ids is None:
-                ids = self._encode_uncached(piece)
-                if len(piece) < _MAX_CACHED_LEN:
-                    if len(cache) >= _MAX_CACHE_ENTRIES:
-                        cache.clear()
-                    cache[piece] = ids
-            out += ids
+        """Append the ids of every piece to ``out`` (the hot loop of encoding).
+
+        ``map`` + ``chain`` keep the loop in C; only cache misses run Python code.
+        """
+        out += chain.from_iterable(map(self._cache.__getitem__, pieces))
 
     def encode_piece(self, piece: str) -> list[int]:
         """Ids of one pre-token (uncached; see :meth:`encode_pieces`)."""

@@ -365,13 +365,30 @@ class Punctuation:
         return {"type": "Punctuation", "behavior": "Isolated"}
 
 
+# Digits(individual_digits) followed by GPT-2's ByteLevel regex, as one regex. Splitting the
+# digits out first only changes two things for the GPT-2 rule: a number can no longer follow
+# a space (` ?\p{N}+` goes, `\p{N}` comes first), and whitespace right before a digit now
+# ends its piece (the lookahead `(?!\S)` becomes "not followed by a non-space non-digit").
+# One findall over the text is about twice as fast as splitting and then matching each part.
+DIGITS_GPT2_FUSED = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+
+
 @dataclass
 class PreTokenizerSequence:
     """Several pre-tokenizers, each applied to the pieces the previous one produced."""
 
     stages: tuple[PreTokenizer, ...]
+    _fused: Split | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if (len(self.stages) == 2 and self.stages[0] == Digits(individual_digits=True)
+                and isinstance(self.stages[1], ByteLevel) and self.stages[1].use_regex
+                and not self.stages[1].add_prefix_space):
+            self._fused = Split({"Regex": DIGITS_GPT2_FUSED})
 
     def split(self, pieces: list[str], at_start: bool) -> list[str]:
+        if self._fused is not None and not self.stages[1].spell_bytes:  # type: ignore[attr-defined]
+            return self._fused.split(pieces, at_start)
         for stage in self.stages:
             pieces = stage.split(pieces, at_start)
         return pieces

@@ -123,8 +123,9 @@ class Tokenizer:
     def from_gguf(cls, source: str | os.PathLike[str] | Any) -> Tokenizer:
         """Read the tokenizer stored in a GGUF file's metadata.
 
-        ``source`` is a path or an already-open ``gguf.GGUFReader`` (opening a large file
-        takes seconds, so a model loader that has one open should pass it).
+        ``source`` is a path, or a file the caller already opened: an
+        ``lmforge.io.gguf_file.GGUFFile`` or a ``gguf.GGUFReader`` (parsing a large file
+        twice is wasted time, so a model loader that has one open should pass it).
         """
         from lmforge.tokenizer.formats.gguf import load_gguf_tokenizer
 

@@ -10,6 +10,7 @@ and can be saved as tokenizer.json.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,26 +44,33 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPIECE_SPACE = "\u2581"  # ▁
 
 
-def _open_reader(source: Any) -> Any:
-    if hasattr(source, "fields"):  # an open gguf.GGUFReader
-        return source
-    path = Path(os.fspath(source))
-    if not path.is_file():
-        raise LmforgeError(f"GGUF file not found: {path}")
-    import gguf  # only needed here, and slow-ish to import
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as exc:
-        raise LmforgeError(f"{path} is not a readable GGUF file: {exc}") from None
+MetadataGetter = Callable[[str], Any]
 
 
-def _field(reader: Any, key: str) -> Any:
-    """A metadata value as plain Python (str, int, list ...), or None when absent."""
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    return field.contents()
+def _metadata_getter(source: Any) -> MetadataGetter:
+    """A function key -> plain Python value (None when absent) for any supported source.
+
+    Accepts a path (parsed with lmforge's fast GGUF container reader), an open
+    ``lmforge.io.gguf_file.GGUFFile`` or an open ``gguf.GGUFReader``, so a model loader that
+    already parsed the file does not pay for it twice.
+    """
+    if hasattr(source, "fields"):  # gguf.GGUFReader
+        fields = source.fields
+        return lambda key: fields[key].contents() if key in fields else None
+    if not hasattr(source, "metadata"):
+        path = Path(os.fspath(source))
+        if not path.is_file():
+            raise LmforgeError(f"GGUF file not found: {path}")
+        from lmforge.io.gguf_file import GGUFFile
+
+        source = GGUFFile(path)
+    metadata = source.metadata
+
+    def get(key: str) -> Any:
+        value = metadata.get(key)
+        return value.tolist() if hasattr(value, "tolist") else value  # numpy arrays -> lists
+
+    return get
 
 
 def _pre_tokenizer(pre: str | None) -> tuple[PreTokenizer, bool]:
@@ -104,15 +112,15 @@ def _score_priorities(tokens: list[str], scores: list[float], types: list[int]) 
 
 def load_gguf_tokenizer(source: Any) -> Tokenizer:
     """``Tokenizer.from_gguf``."""
-    reader = _open_reader(source)
-    model_kind = _field(reader, "tokenizer.ggml.model")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    field = _metadata_getter(source)
+    model_kind = field("tokenizer.ggml.model")
+    tokens = field("tokenizer.ggml.tokens")
     if model_kind is None or tokens is None:
         raise LmforgeError("this GGUF file has no tokenizer (tokenizer.ggml.model / tokens missing)")
-    types = _field(reader, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    types = field("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
 
     def token_at(key: str) -> str | None:
-        index = _field(reader, f"tokenizer.ggml.{key}")
+        index = field(f"tokenizer.ggml.{key}")
         return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
 
     added = [
@@ -121,26 +129,26 @@ def load_gguf_tokenizer(source: Any) -> Tokenizer:
         if types[i] in (CONTROL, USER_DEFINED, UNKNOWN)
     ]
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
-    add_eos = _field(reader, "tokenizer.ggml.add_eos_token")
+    add_bos = field("tokenizer.ggml.add_bos_token")
+    add_eos = field("tokenizer.ggml.add_eos_token")
     unk_token = token_at("unknown_token_id")
 
     if model_kind == "gpt2":
         merges = []
-        for line in _field(reader, "tokenizer.ggml.merges") or []:
+        for line in field("tokenizer.ggml.merges") or []:
             cut = line.find(" ", 1)
             if cut > 0:
                 merges.append((line[:cut], line[cut + 1:]))
-        pre_tokenizer, ignore_merges = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre"))
+        pre_tokenizer, ignore_merges = _pre_tokenizer(field("tokenizer.ggml.pre"))
         model = BPE(vocab, merges, ignore_merges=ignore_merges)
         normalizer = None
         decoder: Any = ByteLevelDecoder()
         add_bos = bool(add_bos) if add_bos is not None else ignore_merges  # llama-3 family adds BOS
     elif model_kind == "llama":
-        scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+        scores = field("tokenizer.ggml.scores") or [0.0] * len(tokens)
         model = BPE(vocab, pair_priority=_score_priorities(tokens, scores, types),
                     byte_fallback=True, unk_token=unk_token)
-        space_prefix = _field(reader, "tokenizer.ggml.add_space_prefix")
+        space_prefix = field("tokenizer.ggml.add_space_prefix")
         space_prefix = True if space_prefix is None else bool(space_prefix)
         escape = Replace({"String": " "}, SPIECE_SPACE)
         normalizer = NormalizerSequence((Prepend(SPIECE_SPACE), escape)) if space_prefix else escape
@@ -160,7 +168,7 @@ def load_gguf_tokenizer(source: Any) -> Tokenizer:
     bos = (bos_token, vocab[bos_token]) if add_bos and bos_token is not None else None
     eos = (eos_token, vocab[eos_token]) if add_eos and eos_token is not None else None
     extra_eos = [vocab[t] for key in ("eot_token_id", "eom_token_id") if (t := token_at(key)) is not None]
-    template = _field(reader, "tokenizer.chat_template")
+    template = field("tokenizer.chat_template")
     return Tokenizer(
         model,
         normalizer=normalizer,
