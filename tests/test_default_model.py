@@ -83,3 +83,16 @@ def test_cli_chat_single_message():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "The capital of France is Paris."
+
+
+def test_stream_never_splits_multibyte_characters(default_lm):
+    """Emoji and CJK characters span several byte-level tokens; deltas must hold whole characters."""
+    prompt = "Translate to Chinese and add emoji: I love cats. 我爱猫 😺 我爱狗 🐶 我爱"
+    params = dict(temperature=0.9, seed=3, max_tokens=48)
+    deltas = list(default_lm.stream(prompt, **params))
+    text = "".join(deltas)
+    assert text == default_lm.generate(prompt, **params)
+    assert any(ord(ch) > 0x2E80 for ch in text), text  # the sample does contain multi-byte characters
+    assert all("\ufffd" not in d for d in deltas)
+    done = default_lm.complete(prompt, **params)[0]
+    assert len(deltas) < done.completion_tokens  # some tokens ended mid-character and were held back

@@ -48,12 +48,11 @@ class Attention(nn.Module):
         end: int,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
+        heads = self.qkv(x).view(batch, length, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        qk, v = heads.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=1)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            qk = apply_rotary(qk, *rope)  # q and k heads rotated in one pass
+        q, k = qk.split((self.n_head, self.n_kv_head), dim=1)
         if cache is not None:
             k, v = cache.update(layer, k, v, start, end)
         # A causal mask is needed only when several queries see a prefix of the keys.

@@ -1,0 +1,89 @@
+"""Sampling: each truncation keeps exactly the tokens it should; penalties and seeds behave."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample_next, truncate
+
+# probabilities 0.5, 0.25, 0.15, 0.07, 0.03 (as logits)
+PROBS = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+LOGITS = PROBS.log()
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return torch.nonzero(torch.isfinite(logits)).flatten().tolist()
+
+
+def test_top_k_keeps_k_most_likely():
+    assert kept(truncate(LOGITS, top_k=2, top_p=1.0, min_p=0.0)) == [0, 1]
+    assert kept(truncate(LOGITS, top_k=0, top_p=1.0, min_p=0.0)) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "top_p, expected",
+    [(0.5, [0]), (0.6, [0, 1]), (0.75, [0, 1]), (0.76, [0, 1, 2]), (0.9, [0, 1, 2]), (0.95, [0, 1, 2, 3]), (0.01, [0])],
+)
+def test_top_p_keeps_smallest_set_reaching_mass(top_p, expected):
+    assert kept(truncate(LOGITS, top_k=0, top_p=top_p, min_p=0.0)) == expected
+
+
+def test_top_p_is_order_independent():
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    out = truncate(LOGITS[perm], top_k=0, top_p=0.76, min_p=0.0)
+    assert sorted(perm[kept(out)].tolist()) == [0, 1, 2]
+
+
+def test_min_p_is_relative_to_top_probability():
+    # threshold 0.3 * 0.5 = 0.15: keeps 0.5, 0.25, 0.15
+    assert kept(truncate(LOGITS, top_k=0, top_p=1.0, min_p=0.3)) == [0, 1, 2]
+    assert kept(truncate(LOGITS, top_k=0, top_p=1.0, min_p=0.31)) == [0, 1]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    out = apply_repetition_penalty(logits, torch.tensor([0, 1, 1]), 2.0)
+    assert out.tolist() == [1.0, -2.0, 0.5, 3.0]
+
+
+def test_greedy_ignores_seed_and_temperature_scaling():
+    p = SamplingParams(temperature=0)
+    assert sample_next(LOGITS, p, torch.empty(0, dtype=torch.long), None) == 0
+
+
+def test_sampling_frequencies_follow_temperature():
+    """At temperature 1 draws follow the distribution; at 0.5 they sharpen to p^2 normalised."""
+    draws = 4000
+    for temperature, target in ((1.0, PROBS), (0.5, PROBS**2 / (PROBS**2).sum())):
+        p = SamplingParams(temperature=temperature, seed=0)
+        g = p.make_generator()
+        counts = torch.zeros(5)
+        for _ in range(draws):
+            counts[sample_next(LOGITS, p, torch.empty(0, dtype=torch.long), g)] += 1
+        freq = counts / draws
+        # 4 standard errors of a binomial proportion at the largest p.
+        assert (freq - target).abs().max() < 4 * math.sqrt(0.25 / draws)
+
+
+def test_seed_reproducible():
+    p = SamplingParams(temperature=1.0, seed=123)
+    a = [sample_next(LOGITS, p, torch.empty(0, dtype=torch.long), g) for g in [p.make_generator()] for _ in range(50)]
+    b = [sample_next(LOGITS, p, torch.empty(0, dtype=torch.long), g) for g in [p.make_generator()] for _ in range(50)]
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(max_tokens=0), dict(temperature=-0.1), dict(top_p=1.5), dict(min_p=2), dict(top_k=-1),
+               dict(repetition_penalty=0), dict(stop=[""])],
+)
+def test_invalid_params_rejected(kwargs):
+    with pytest.raises(LmforgeError):
+        SamplingParams(**kwargs)
+
+
+def test_stop_string_as_single_string():
+    assert SamplingParams(stop="\n").stop == ["\n"]
