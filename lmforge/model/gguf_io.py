@@ -65,9 +65,9 @@ def config_from_gguf(reader: GGUFFile) -> ModelConfig:
 
     tensor_names = {t.name for t in reader.tensors}
     n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-    vocab = meta.get(f"{arch}.vocab_size")
-    if vocab is None:
-        vocab = len(meta.get("tokenizer.ggml.tokens") or [])
+    if "token_embd.weight" not in tensor_names:
+        raise LmforgeError("GGUF file has no token_embd.weight tensor")
+    vocab = reader.tensor("token_embd.weight").shape[0]  # the embedding rows are the truth
     common = dict(
         vocab_size=int(vocab),
         n_layer=int(get("block_count")),
