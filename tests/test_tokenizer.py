@@ -343,6 +343,30 @@ def test_transformers_gguf_conversion_differs_only_around_numbers(smollm):
     assert backend.encode(" ½", add_special_tokens=False).ids != smollm.encode(" ½")
 
 
+def test_added_token_flags_match_tokenizers(trained, tmp_path):
+    """lstrip / rstrip / single_word / normalized added tokens, under an NFKC normalizer."""
+    from tokenizers import AddedToken, normalizers
+
+    _, base = trained["gpt2"]
+    ref = tokenizers.Tokenizer.from_str(base.to_str())
+    ref.normalizer = normalizers.NFKC()
+    ref.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True, normalized=False),
+                            AddedToken("[R]", rstrip=True, special=True, normalized=False)])
+    ref.add_tokens([AddedToken("hello", single_word=True, normalized=True),
+                    AddedToken("Ⅻ", normalized=True),  # NFKC spells it "XII"
+                    AddedToken("<|im_end|>x", normalized=False)])  # longer than a special token
+    ref.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    texts = ["a <mask> b", "a   <mask>   b", "<mask>", "x\n\t <mask>", "[R]   x", "a [R]\n\ny [R]",
+             "hello world", "ahello hello!", "sayhello hello_x (hello)", "Ⅻ and XII", "<mask><mask> [R][R]",
+             "<|im_end|>x <|im_end|>y", "ﬁne ＡＢＣ hello"]
+    for text in texts:
+        assert ours.encode(text) == ref.encode(text).ids, text
+        ids = ref.encode(text).ids
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False), text
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), text
+
+
 # --------------------------------------------------------------------------- GGUF vocabularies
 def _write_vocab_gguf(path: Path, ref, model: str, pre: str | None, bos: int, eos: int, add_bos: bool) -> Path:
     """A GGUF holding the reference's vocabulary the way llama.cpp's converter writes it."""
@@ -404,6 +428,11 @@ def test_gguf_vocabularies_match_their_tokenizer_json(kind, model, pre, bos, eos
         ids = ref.encode(text).ids
         assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False), text
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    # ... and saves as a tokenizer.json that `tokenizers` reads back to the same ids.
+    tok.save(tmp_path / "saved")
+    saved = tokenizers.Tokenizer.from_file(str(tmp_path / "saved" / "tokenizer.json"))
+    for text in CORPUS:
+        assert saved.encode(text).ids == tok.encode(text), text
 
 
 def test_gguf_sentencepiece_versus_transformers_conversion(trained, tmp_path):
@@ -521,6 +550,25 @@ def test_incremental_decoder_sentencepiece_spaces(trained):
     assert any(p.startswith(" ") for p in pieces)  # "▁world" streams as " world"
 
 
+def test_incremental_decoder_does_constant_work_per_token(trained, smollm, monkeypatch):
+    """Neither strategy re-decodes the sequence so far: the generic one decodes a short
+    window, the byte-level one never calls the decoder chain at all."""
+    tok, _ = trained["mistral"]
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. " * 40, add_special_tokens=False)
+    seen: list[int] = []
+    original = tok.decode_tokens
+    monkeypatch.setattr(tok, "decode_tokens", lambda tokens: seen.append(len(tokens)) or original(tokens))
+    dec = IncrementalDecoder(tok)
+    text = "".join(dec.push(i) for i in ids) + dec.flush()
+    window = max(seen)
+    assert text == tok.decode(ids) and len(ids) > 300
+    assert window <= 4
+
+    monkeypatch.setattr(smollm, "decode_tokens", lambda tokens: pytest.fail("byte-level path decoded a window"))
+    dec = IncrementalDecoder(smollm)
+    assert "".join(dec.push(i) for i in smollm.encode("héllo 🙂" * 50)) + dec.flush() == "héllo 🙂" * 50
+
+
 def _valid_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -576,3 +624,49 @@ def test_lone_surrogate_is_a_clear_error(smollm):
 
 def test_decode_ignores_unknown_ids(smollm):
     assert smollm.decode([19556, 10**9, 905]) == "Hello world"
+
+
+def test_handbook_examples_run():
+    """The runnable snippets of the handbook pages still print what the pages say."""
+    import contextlib
+    import io
+    import re
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "handbook"
+    for page in ("bpe-encoding.md", "chat-templates.md"):
+        source = (docs / page).read_text(encoding="utf-8")
+        snippet = re.search(r"```python\n(.*?)```", source, re.S).group(1)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(snippet, page, "exec"), {})
+        checked = 0
+        for line in snippet.splitlines():
+            if line.startswith("print(") and "  # " in line:  # "print(x)   # expected: comment"
+                expected = line.split("  # ", 1)[1].split(": ")[0].strip()
+                assert expected in out.getvalue(), (page, expected)
+                checked += 1
+        assert checked >= 2, page
+
+
+@pytest.mark.slow
+def test_gpt2_regex_classes_match_tokenizers_for_every_assigned_code_point():
+    """lmforge's regex engine and the one inside `tokenizers` agree on \\s, \\p{L}, \\p{N} for
+    every code point assigned in this Python's Unicode database (the handbook's claim)."""
+    import unicodedata
+
+    import regex
+    from tokenizers import Regex, pre_tokenizers
+
+    if unicodedata.unidata_version != "14.0.0":
+        pytest.skip("the claim is about Unicode 14 (Python 3.11)")
+    ours = regex.compile(GPT2_SPLIT)
+    ref = pre_tokenizers.Split(Regex(GPT2_SPLIT), "isolated")
+    bad = []
+    for cp in range(0x110000):
+        c = chr(cp)
+        if 0xD800 <= cp < 0xE000 or unicodedata.category(c) == "Cn":
+            continue
+        text = f"a{c}{c}1 {c}x"
+        if ours.findall(text) != [p for p, _ in ref.pre_tokenize_str(text)]:
+            bad.append(hex(cp))
+    assert not bad, bad[:20]

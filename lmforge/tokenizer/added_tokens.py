@@ -11,15 +11,15 @@ normalized text; ``lstrip``/``rstrip`` let a token swallow neighbouring whitespa
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 # Added tokens are literal strings, so the standard library's `re` is enough here (and its
 # alternation of literals is fast).
-_ENDS_WITH_WORD = re.compile(r"\w$")
-_STARTS_WITH_WORD = re.compile(r"^\w")
-_TRAILING_SPACE = re.compile(r"\s*$")
-_LEADING_SPACE = re.compile(r"^\s*")
+_WORD_CHAR = re.compile(r"\w")
+_TRAILING_SPACE = re.compile(r"\s*\Z")
+_LEADING_SPACE = re.compile(r"\s*")
 
 
 @dataclass(frozen=True)
@@ -58,18 +58,31 @@ Segment = str | int
 class AddedTokenSplitter:
     """Finds added tokens in text with one compiled alternation per matching pass."""
 
-    def __init__(self, tokens: list[AddedToken]) -> None:
-        self.by_content = {t.content: t for t in tokens if t.content}
-        self._raw = self._compile([t for t in self.by_content.values() if not t.normalized])
-        self._normalized = self._compile([t for t in self.by_content.values() if t.normalized])
+    def __init__(self, tokens: list[AddedToken], normalize: Callable[[str], str] | None = None) -> None:
+        # normalized=True tokens are looked for in normalized text, so they are matched in
+        # their normalized spelling.
+        self.by_match: dict[str, AddedToken] = {}
+        raw, normalized = [], []
+        for t in tokens:
+            if not t.content:
+                continue
+            if t.normalized:
+                key = normalize(t.content) if normalize else t.content
+                normalized.append(key)
+            else:
+                key = t.content
+                raw.append(key)
+            self.by_match[key] = t
+        self._raw = self._compile(raw)
+        self._normalized = self._compile(normalized)
 
     @staticmethod
-    def _compile(tokens: list[AddedToken]) -> re.Pattern[str] | None:
-        if not tokens:
+    def _compile(contents: list[str]) -> re.Pattern[str] | None:
+        if not contents:
             return None
         # Longest first: Python tries alternatives in order, so at a given start position the
         # longest token wins, which is the "leftmost-longest" rule of tokenizers.
-        contents = sorted((t.content for t in tokens), key=len, reverse=True)
+        contents = sorted(contents, key=len, reverse=True)
         return re.compile("|".join(map(re.escape, contents)))
 
     @property
@@ -88,15 +101,15 @@ class AddedTokenSplitter:
         out: list[Segment] = []
         done = 0  # end of the text already consumed
         for m in pattern.finditer(text):
-            token = self.by_content[m.group()]
+            token = self.by_match[m.group()]
             start, stop = m.span()
             if token.single_word:
-                before_ok = start == 0 or not _ENDS_WITH_WORD.search(text[:start])
-                after_ok = stop == len(text) or not _STARTS_WITH_WORD.match(text[stop:])
+                before_ok = start == 0 or not _WORD_CHAR.match(text, start - 1)
+                after_ok = stop == len(text) or not _WORD_CHAR.match(text, stop)
                 if not (before_ok and after_ok):
                     continue
             if token.lstrip:
-                start = max(_TRAILING_SPACE.search(text, 0, start).start(), done)  # type: ignore[union-attr]
+                start = max(_TRAILING_SPACE.search(text, done, start).start(), done)  # type: ignore[union-attr]
             if token.rstrip:
                 stop = _LEADING_SPACE.match(text, stop).end()  # type: ignore[union-attr]
             if done < start:

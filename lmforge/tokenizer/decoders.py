@@ -138,11 +138,14 @@ class ReplaceDecoder:
     pattern: dict[str, str]
     content: str
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_compiled", compile_pattern(self.pattern))
+
     def decode_chain(self, tokens: list[str]) -> list[str]:
         literal = self.pattern.get("String")
         if literal:
             return [t.replace(literal, self.content) for t in tokens]
-        compiled = compile_pattern(self.pattern)
+        compiled = self._compiled  # type: ignore[attr-defined]
         return [compiled.sub(lambda _m: self.content, t) for t in tokens]
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import regex
 
 from lmforge.errors import LmforgeError
+from lmforge.tokenizer.bytelevel import text_to_symbols
 from lmforge.tokenizer.normalizers import compile_pattern
 
 # Regexes that decide how text is cut into words before BPE. They come from the models'
@@ -244,8 +245,6 @@ class ByteLevel:
         if self.use_regex:
             pieces = _GPT2_SPLIT.split(pieces, at_start)
         if self.spell_bytes:
-            from lmforge.tokenizer.bytelevel import text_to_symbols
-
             pieces = [text_to_symbols(p) for p in pieces]
         return pieces
 

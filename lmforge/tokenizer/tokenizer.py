@@ -78,13 +78,15 @@ class Tokenizer:
 
         if defers_byte_spelling(pre_tokenizer):
             model.byte_level = True
-        self._splitter = AddedTokenSplitter(self.added_tokens)
-        self._has_added = bool(self._splitter.by_content)
+        self._splitter = AddedTokenSplitter(self.added_tokens, normalizer.normalize if normalizer else None)
+        self._has_added = bool(self._splitter.by_match)
 
         self._id_to_token: dict[int, str] = dict(model.id_to_token)
         self._token_to_id: dict[str, int] = dict(model.vocab)
         for t in self.added_tokens:
-            self._id_to_token[t.id] = t.content
+            # A normalized added token decodes to its normalized spelling, as in `tokenizers`.
+            shown = normalizer.normalize(t.content) if normalizer and t.normalized else t.content
+            self._id_to_token[t.id] = shown
             self._token_to_id[t.content] = t.id
         self.special_ids: frozenset[int] = frozenset(t.id for t in self.added_tokens if t.special)
         self._vocab_size = max(self._id_to_token, default=-1) + 1
