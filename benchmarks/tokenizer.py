@@ -13,7 +13,8 @@ Corpus (offline, from the Python installation itself, a few hundred KB):
 Figures:
   * lmforge cold (empty per-word cache) and warm (best of --repeat runs);
   * tokenizers ``encode`` per document with one thread (RAYON_NUM_THREADS=1,
-    TOKENIZERS_PARALLELISM=false), and ``encode_batch`` with one thread;
+    TOKENIZERS_PARALLELISM=false), ``encode_batch`` with one thread, and
+    ``encode_batch_fast`` (no character offsets, like lmforge) with one thread;
   * tokenizers ``encode_batch`` with its default thread pool, measured in a child process
     (the thread pool size is fixed when the library first uses it).
 
@@ -151,6 +152,9 @@ def main() -> None:
     warm = best_time(lambda: [tok.encode(d) for d in docs], args.repeat)
     ref_single = best_time(lambda: [ref.encode(d) for d in docs], args.repeat)
     ref_batch_1 = best_time(lambda: ref.encode_batch(docs), args.repeat)
+    # encode_batch_fast skips character offsets, which lmforge never computes either.
+    fast = getattr(ref, "encode_batch_fast", None)
+    ref_fast_1 = best_time(lambda: fast(docs), args.repeat) if fast else None
     child = subprocess.run(
         [sys.executable, __file__, "--batch-default-child", "--max-kb", str(args.max_kb), "--repeat", str(args.repeat)],
         capture_output=True, text=True, check=True, env={k: v for k, v in os.environ.items()
@@ -168,6 +172,8 @@ def main() -> None:
         "tokenizers_batch_1thread": rate(ref_batch_1),
         "tokenizers_batch_default": rate(ref_batch_default),
     }
+    if ref_fast_1 is not None:
+        results["tokenizers_batch_fast_1thread"] = rate(ref_fast_1)
     print(f"corpus: {len(docs)} documents, {n_bytes / 1e3:.0f} KB "
           f"({', '.join(f'{k} {v / 1e3:.0f} KB' for k, v in sizes.items())}), {n_tokens} tokens")
     print(f"tokenizers {tokenizers.__version__}, {os.cpu_count()} CPUs, ids identical: yes")
@@ -176,7 +182,8 @@ def main() -> None:
     ratio_single = ref_single / warm
     ratio_batch = ref_batch_default / warm
     print(f"lmforge warm / tokenizers 1-thread encode: {ratio_single:.2f}x;"
-          f" / tokenizers default batch: {ratio_batch:.2f}x")
+          f" / tokenizers default batch: {ratio_batch:.2f}x"
+          + (f"; / tokenizers 1-thread encode_batch_fast: {ref_fast_1 / warm:.2f}x" if ref_fast_1 else ""))
     summary = {
         "benchmark": "tokenizer_encode",
         "model": "SmolLM2-135M-Instruct (GGUF vocabulary)",
@@ -188,6 +195,7 @@ def main() -> None:
         "ratio_lmforge_warm_vs_tokenizers_1thread": round(ratio_single, 3),
         "ratio_lmforge_warm_vs_tokenizers_batch_default": round(ratio_batch, 3),
         "ratio_lmforge_cold_vs_tokenizers_1thread": round(ref_single / cold, 3),
+        "ratio_lmforge_warm_vs_tokenizers_batch_fast_1thread": round(ref_fast_1 / warm, 3) if ref_fast_1 else None,
         "cpus": os.cpu_count(),
         "tokenizers_version": tokenizers.__version__,
     }

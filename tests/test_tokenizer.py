@@ -297,6 +297,28 @@ def test_decode_matches_tokenizers_and_round_trips(kind, smollm, smollm_referenc
         assert lossless == len(ROUND_TRIP) - expected_losses
 
 
+FUZZ_ALPHABET = [
+    *" \t\n\r  \u00a0\u3000", *"abcXYZ'sStLl0123456789٣½².,!?-_()[]{}<>|/\\\"#@$%^&*~`",
+    *"éüß你好世界こんにちは한국어Привет", "👍🏽", "🇫🇷", "👨‍👩‍👧", "\u0301", "\u200d", "\ufeff",
+    *SPECIAL_TOKENS, "<|im_", "'ll", "'S",
+]
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_random_strings_match_tokenizers(kind, smollm, smollm_reference, trained):
+    """Seeded random mixes of the characters that trip tokenizers up (whitespace kinds,
+    digits, apostrophes, combining marks, ZWJ, special-token fragments)."""
+    import random
+
+    ours, ref = _pair(kind, smollm, smollm_reference, trained)
+    rng = random.Random(1234)
+    for _ in range(300):
+        text = "".join(rng.choice(FUZZ_ALPHABET) for _ in range(rng.randint(0, 24)))
+        ids = ref.encode(text).ids
+        assert ours.encode(text) == ids, repr(text)
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False), repr(text)
+
+
 def test_from_gguf_accepts_path_and_open_files(smollm, smollm_reader):
     """A path, a gguf.GGUFReader (fixture) and lmforge's own GGUFFile give the same tokenizer."""
     from lmforge.io.gguf_file import GGUFFile

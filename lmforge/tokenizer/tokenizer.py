@@ -199,10 +199,12 @@ class Tokenizer:
         for index, part in enumerate(parts):
             if isinstance(part, int):
                 out.append(part)
+            elif not part:
+                continue  # normalized away: nothing to pre-tokenize (not even a "▁" prefix)
             elif self.pre_tokenizer is not None:
                 pieces = self.pre_tokenizer.split([part], at_start and index == 0)
                 self.model.encode_pieces(pieces, out)
-            elif part:
+            else:
                 self.model.encode_pieces((part,), out)
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
