@@ -213,6 +213,9 @@ def save_pretrained_dir(tok: Tokenizer, directory: Path) -> None:
         raise LmforgeError(f"cannot create {directory}: {exc.strerror}") from None
     config = tokenizer_config(tok)
     special_map = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in config}
-    write_json_atomic(directory / "tokenizer.json", tokenizer_to_dict(tok))
-    write_json_atomic(directory / "tokenizer_config.json", config)
-    write_json_atomic(directory / "special_tokens_map.json", special_map)
+    try:
+        write_json_atomic(directory / "tokenizer.json", tokenizer_to_dict(tok))
+        write_json_atomic(directory / "tokenizer_config.json", config)
+        write_json_atomic(directory / "special_tokens_map.json", special_map)
+    except OSError as exc:
+        raise LmforgeError(f"cannot save the tokenizer to {directory}: {exc.strerror or exc}") from None
