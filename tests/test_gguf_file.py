@@ -349,3 +349,20 @@ def test_every_truncation_and_bit_flip_is_an_lmforge_error(tmp_path, tiny):
                 t.to_numpy()
             except LmforgeError:
                 pass
+
+
+def test_vocabulary_only_file_without_tensors(tmp_path):
+    """Vocabulary-only GGUFs (tokenizer metadata, no tensors) may end right after the metadata."""
+    import gguf
+
+    from lmforge.io.gguf_file import GGUFFile
+
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    f = GGUFFile(path)
+    assert f.tensors == [] and f.metadata["tokenizer.ggml.model"] == "gpt2"

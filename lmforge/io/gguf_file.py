@@ -297,7 +297,8 @@ class GGUFFile:
             infos.append((name, tuple(int(d) for d in dims), type_id, offset))
 
         self.data_offset = -(-self._pos // alignment) * alignment
-        if self.data_offset > self._size:
+        # A file without tensors (a vocabulary-only GGUF) may end before the padding.
+        if infos and self.data_offset > self._size:
             raise _Corrupt(
                 f"data section would start at byte {self.data_offset}, past the end "
                 f"of the file ({self._size} bytes)"
