@@ -79,17 +79,18 @@ class LoadedModel:
         """The text that follows `prompt` (no chat template applied)."""
         return self.complete(prompt, **sampling)[0].text
 
-    def chat_prompt(self, messages: Messages) -> list[int]:
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+    def chat_prompt(self, messages: Messages | str) -> list[int]:
+        """Token ids of the conversation rendered by the model's chat template, ready for the reply."""
+        text = self.tokenizer.apply_chat_template(_as_messages(messages), add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def chat(self, messages: Messages | str, **sampling: Any) -> str:
         """The assistant's reply to a conversation (a list of {"role", "content"} dicts, or one user message)."""
-        return self.generator.generate([self.chat_prompt(_as_messages(messages))], SamplingParams(**sampling))[0].text
+        return self.generator.generate([self.chat_prompt(messages)], SamplingParams(**sampling))[0].text
 
     def stream_chat(self, messages: Messages | str, **sampling: Any) -> Iterator[str]:
         """The reply as text deltas, as they are generated."""
-        return self.generator.stream(self.chat_prompt(_as_messages(messages)), SamplingParams(**sampling))
+        return self.generator.stream(self.chat_prompt(messages), SamplingParams(**sampling))
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
         return self.generator.stream(prompt, SamplingParams(**sampling))

@@ -20,7 +20,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, arch: str, hf_model) -> None:
+def write_gguf(path, arch: str, hf_model, extra_tensors=None) -> None:
     import gguf
 
     c = hf_model.config
@@ -70,6 +70,7 @@ def write_gguf(path, arch: str, hf_model) -> None:
                         heads = c.num_attention_heads if ours == "attn_q" else c.num_key_value_heads
                         t = _permute(t, heads)
                     tensors[f"blk.{i}.{ours}.{kind}"] = t
+    tensors.update(extra_tensors or {})
     for name, array in tensors.items():
         # Norms stay F32 as llama.cpp does; matrices go F16 to exercise conversion.
         w.add_tensor(name, array.astype(np.float16) if array.ndim == 2 else array.astype(np.float32))
@@ -107,3 +108,31 @@ def test_gguf_of_each_architecture_matches_hf(family, arch, tiny_hf_dirs, tmp_pa
         expected = hf_rounded(ids).logits
         got = ours(ids)
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_llama31_style_rope_freqs_tensor(tiny_hf_dirs, tmp_path):
+    """Llama 3.1 GGUFs carry RoPE scaling as a rope_freqs tensor of per-frequency divisors."""
+    import gguf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    _, hf = tiny_hf_dirs["llama"]  # Llama-3 scaled RoPE
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf.config, "cpu")
+    head_dim = hf.config.hidden_size // hf.config.num_attention_heads
+    theta = hf.config.rope_parameters["rope_theta"]
+    plain = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    path = tmp_path / "llama31.gguf"
+    write_gguf(path, "llama", hf, extra_tensors={"rope_freqs.weight": (plain / scaled).numpy().astype(np.float32)})
+    ours = load_gguf_model(path)
+    assert ours.config.rope_scaling["rope_type"] == "factors"
+    hf_rounded = type(hf)(hf.config).eval()
+    hf_rounded.load_state_dict({k: (v.half().float() if v.ndim == 2 else v) for k, v in hf.state_dict().items()})
+    ids = torch.randint(3, VOCAB, (1, 100), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert (ours(ids) - hf_rounded(ids).logits).abs().max().item() <= 1e-4
+    # config.json cannot express explicit factors: saving refuses clearly instead of writing a wrong model.
+    from lmforge.errors import LmforgeError
+    from lmforge.model.checkpoint import save_hf_model
+
+    with pytest.raises(LmforgeError, match="per-frequency factors"):
+        save_hf_model(ours, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -246,6 +246,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def hf_config_from(config: ModelConfig) -> dict[str, Any]:
     family = FAMILIES[config.family]
+    if (config.rope_scaling or {}).get("rope_type") == "factors":
+        raise LmforgeError(
+            "this model's RoPE uses explicit per-frequency factors (from a GGUF rope_freqs tensor), "
+            "which config.json cannot express; it cannot be saved in the Hugging Face layout"
+        )
     hf = {"architectures": [family.hf_architecture], "model_type": family.hf_model_type, **config.extra}
     hf.update(family.from_config(config))
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

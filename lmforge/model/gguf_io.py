@@ -91,6 +91,11 @@ def config_from_gguf(reader: GGUFFile) -> ModelConfig:
         scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     elif scaling_type not in (None, "none"):
         raise LmforgeError(f"unsupported GGUF rope scaling {scaling_type!r}")
+    if "rope_freqs.weight" in tensor_names:
+        if scaling is not None:
+            raise LmforgeError("GGUF file has both rope scaling metadata and a rope_freqs tensor")
+        factors = reader.tensor("rope_freqs.weight").to_numpy().reshape(-1)
+        scaling = {"rope_type": "factors", "factors": [float(f) for f in factors]}
     window = meta.get(f"{arch}.attention.sliding_window")
     return ModelConfig(
         family="qwen2" if arch == "qwen2" else ("mistral" if window else "llama"),
@@ -150,7 +155,8 @@ def state_from_gguf(reader: GGUFFile, config: ModelConfig, progress=None) -> dic
                     state[f"layers.{i}.{fused}.{kind}"] = torch.cat(pieces, dim=0)
                 elif any(p is not None for p in pieces):
                     raise LmforgeError(f"GGUF file has only some of {', '.join(prefix + p for p in parts)}")
-    leftover = [k for k in raw if not k.startswith("rope_")]
+    raw.pop("rope_freqs.weight", None)  # already folded into config.rope_scaling
+    leftover = list(raw)
     if leftover:
         raise LmforgeError(f"GGUF file has tensors lmforge does not understand: {', '.join(leftover[:5])}")
     return state

@@ -26,7 +26,13 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
         return _llama3_frequencies(inv_freq, scaling)
-    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+    if kind == "factors":
+        # Per-pair divisors stored explicitly (GGUF's rope_freqs tensor, e.g. Llama 3.1 files).
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"rope factors have {factors.numel()} entries, expected {inv_freq.numel()}")
+        return inv_freq / factors
+    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3, factors)")
 
 
 def _llama3_frequencies(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
