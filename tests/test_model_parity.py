@@ -42,7 +42,8 @@ def test_greedy_generation_matches_transformers(family, tiny_hf_dirs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_generation_equals_uncached(family, tiny_hf_dirs):
     gen = Generator(load_hf_model(tiny_hf_dirs[family][0]))
-    prompts = [[5, 9, 33, 7], list(range(10, 31)), [100]]  # different lengths in one batch
+    # Different lengths in one batch; the first two share a length and are prefilled together.
+    prompts = [[5, 9, 33, 7], [8, 1, 40, 2], list(range(10, 31)), [100]]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     cached = [c.token_ids for c in gen.generate(prompts, params, use_cache=True)]
     uncached = [c.token_ids for c in gen.generate(prompts, params, use_cache=False)]

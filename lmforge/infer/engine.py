@@ -167,11 +167,18 @@ class Generator:
                 length = max(len(r.prompt_ids) + r.budget for r in requests)
                 dtype = model.embed.weight.dtype
                 cache = KVCache.for_model(model.config, len(requests), length, dtype, device)
-            for i, r in enumerate(requests):
-                ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=device)
-                row_cache = cache.rows(i, i + 1) if cache is not None else None
-                logits = model(ids, cache=row_cache, start=0, last_only=True)[0, -1]
-                yield i, r.append(r.choose(logits))
+            # Neighbouring prompts of equal length are prefilled together (no padding needed).
+            i = 0
+            while i < len(requests):
+                j = i + 1
+                while j < len(requests) and len(requests[j].prompt_ids) == len(requests[i].prompt_ids):
+                    j += 1
+                ids = torch.tensor([r.prompt_ids for r in requests[i:j]], dtype=torch.long, device=device)
+                rows_cache = cache.rows(i, j) if cache is not None else None
+                logits = model(ids, cache=rows_cache, start=0, last_only=True)[:, -1]
+                for k in range(i, j):
+                    yield k, requests[k].append(requests[k].choose(logits[k - i]))
+                i = j
             timings["prefill"] = time.perf_counter() - t0
             while True:
                 active = [i for i, r in enumerate(requests) if not r.finished]
