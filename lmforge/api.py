@@ -19,7 +19,7 @@ import torch
 
 from .errors import LmforgeError
 from .infer import Completion, Generator, SamplingParams
-from .infer.layout import use_column_major_weights
+from .infer.layout import optimize_for_cpu_decoding
 from .model.registry import ModelSpec, resolve
 from .tokenizer import Tokenizer
 
@@ -131,5 +131,5 @@ def load(
     tokenizer = load_tokenizer(spec)
     net = load_model(spec, pick_dtype(dtype, dev), dev, progress=progress)
     if dev.type == "cpu":
-        use_column_major_weights(net)
+        optimize_for_cpu_decoding(net)
     return LoadedModel(net, tokenizer, spec)

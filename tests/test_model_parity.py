@@ -100,3 +100,26 @@ def test_parameter_count_formula_matches_module(tiny_hf_dirs):
     for family in FAMILIES:
         model = load_hf_model(tiny_hf_dirs[family][0])
         assert model.config.num_parameters() == model.num_parameters()
+
+
+def test_numpy_blas_linear_matches_and_falls_back_for_training(tiny_hf_dirs):
+    from lmforge.infer.layout import BlasLinear, optimize_for_cpu_decoding, use_numpy_blas
+
+    path, _ = tiny_hf_dirs["gpt2"]  # biases everywhere
+    reference, fast = load_hf_model(path), use_numpy_blas(load_hf_model(path))
+    assert isinstance(fast.layers[0].mlp.fc, BlasLinear)
+    assert fast.state_dict().keys() == reference.state_dict().keys()
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        assert torch.allclose(fast(ids[:, :1]), reference(ids[:, :1]), atol=1e-5)  # 1 row: NumPy path
+        assert torch.allclose(fast(ids), reference(ids), atol=1e-5)
+    # With autograd on, the product must stay in PyTorch so gradients flow.
+    fast.train()
+    loss = fast(ids[:, :1]).logsumexp(-1).sum()
+    loss.backward()
+    assert fast.layers[0].mlp.fc.weight.grad is not None
+    # Generation through the fast path equals the plain path token for token.
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    tuned = optimize_for_cpu_decoding(load_hf_model(path))
+    assert Generator(tuned).generate([[5, 6, 7]], params)[0].token_ids == \
+        Generator(reference).generate([[5, 6, 7]], params)[0].token_ids

@@ -19,6 +19,7 @@ import torch
 from ..errors import LmforgeError
 from ..model.kv_cache import KVCache
 from ..tokenizer import IncrementalDecoder
+from .layout import torch_threads_for, uses_numpy_blas
 from .sampling import SamplingParams, sample_next
 
 
@@ -124,6 +125,7 @@ class Generator:
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = model.config.max_position_embeddings
+        self.numpy_blas = uses_numpy_blas(model)
         self.eos_ids = set(getattr(tokenizer, "eos_ids", None) or ())
         if not self.eos_ids:
             eos = model.config.eos_token_id if tokenizer is None else tokenizer.eos_id
@@ -175,7 +177,7 @@ class Generator:
                     j += 1
                 ids = torch.tensor([r.prompt_ids for r in requests[i:j]], dtype=torch.long, device=device)
                 rows_cache = cache.rows(i, j) if cache is not None else None
-                logits = model(ids, cache=rows_cache, start=0, last_only=True)[:, -1]
+                logits = self._forward(ids, cache=rows_cache, start=0)
                 for k in range(i, j):
                     yield k, requests[k].append(requests[k].choose(logits[k - i]))
                 i = j
@@ -190,7 +192,7 @@ class Generator:
                     logits = {}
                     for i in active:
                         ids = torch.tensor([requests[i].prompt_ids + requests[i].generated], device=device)
-                        logits[i] = model(ids, last_only=True)[0, -1]
+                        logits[i] = self._forward(ids)[0]
                 for i in active:
                     yield i, requests[i].append(requests[i].choose(logits[i]))
         timings["decode"] = time.perf_counter() - t0 - timings["prefill"]
@@ -204,7 +206,14 @@ class Generator:
             start: int | torch.Tensor = positions[0]
         else:
             start = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return self.model(tokens, cache=cache, start=start, last_only=True)[:, -1]
+        return self._forward(tokens, cache=cache, start=start)
+
+    def _forward(self, ids: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """Last-position logits [B, V]; small steps run PyTorch single-threaded beside NumPy's BLAS."""
+        if not self.numpy_blas:
+            return self.model(ids, cache=cache, start=start, last_only=True)[:, -1]
+        with torch_threads_for(ids.numel()):
+            return self.model(ids, cache=cache, start=start, last_only=True)[:, -1]
 
     def generate(
         self,
