@@ -9,12 +9,17 @@ so `lmforge --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 from typing import Any
 
 from .errors import LmforgeError
+
+# Stages that bring their own subcommands: each module has `register(subparsers)` and
+# imports nothing heavy at module level (the parser is built on every invocation).
+COMMAND_MODULES: tuple[str, ...] = ()
 
 MODEL_HELP = "registered model name, Hugging Face directory or .gguf file (default: the default model)"
 
@@ -202,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

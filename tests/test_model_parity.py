@@ -26,17 +26,31 @@ def test_logits_match_transformers(family, tiny_hf_dirs):
     assert (got - expected).abs().max().item() <= ATOL
 
 
+def hf_greedy_by_full_forward(hf, prompt: torch.Tensor, steps: int) -> list[int]:
+    """Greedy continuation from transformers' plain forward (no cache): the model's own semantics."""
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, hf(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, prompt.shape[1]:].tolist()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_transformers(family, tiny_hf_dirs):
     path, hf = tiny_hf_dirs[family]
     gen = Generator(load_hf_model(path))
     prompt = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
-                               min_new_tokens=32, do_sample=False, pad_token_id=0)[0, 12:].tolist()
     done = gen.generate(prompt[0].tolist(), SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
-    assert done.token_ids == expected
     assert done.finish_reason == "length" and done.completion_tokens == 32
+    assert done.token_ids == hf_greedy_by_full_forward(hf, prompt, 32)
+    if family != "mistral":
+        # transformers' cached generate() agrees too. With a sliding window shorter than the
+        # sequence it does not always agree with its own full forward (seen on about 4% of
+        # random tiny Mistral models), so there the full forward above is the reference.
+        with torch.no_grad():
+            cached = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                                 min_new_tokens=32, do_sample=False, pad_token_id=0)[0, 12:].tolist()
+        assert done.token_ids == cached
 
 
 @pytest.mark.parametrize("family", FAMILIES)
