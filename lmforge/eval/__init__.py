@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, text metrics, benchmarks, judges and human-evaluation tooling."""
