@@ -87,3 +87,12 @@ def test_invalid_params_rejected(kwargs):
 
 def test_stop_string_as_single_string():
     assert SamplingParams(stop="\n").stop == ["\n"]
+
+
+def test_presence_and_frequency_penalties_are_additive():
+    from lmforge.infer.sampling import apply_presence_frequency
+
+    logits = torch.tensor([1.0, 1.0, 1.0])
+    counts = torch.tensor([0, 1, 3])
+    out = apply_presence_frequency(logits, counts, presence=0.5, frequency=0.25)
+    assert out.tolist() == [1.0, 1.0 - 0.5 - 0.25, 1.0 - 0.5 - 0.75]

@@ -18,9 +18,9 @@ import torch
 
 from ..errors import LmforgeError
 from ..model.kv_cache import KVCache
-from ..tokenizer import IncrementalDecoder
 from .layout import torch_threads_for, uses_numpy_blas
-from .sampling import SamplingParams, sample_next
+from .request import DecodeState, check_prompt
+from .sampling import SamplingParams
 
 
 @dataclass
@@ -35,87 +35,6 @@ class Completion:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
-
-
-class _Request:
-    """Decoding state of one prompt: tokens so far, text so far, and why it ended."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, budget: int, tokenizer, eos_ids, device) -> None:
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.budget = budget
-        self.eos_ids = set() if params.ignore_eos else set(eos_ids)
-        self.generated: list[int] = []
-        # Without a tokenizer the engine still generates token ids (text stays empty).
-        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True) if tokenizer is not None else None
-        self.text = ""
-        self.emitted = 0
-        self.finish_reason: str | None = None
-        self.generator = params.make_generator(device)
-        self.context = None
-        if params.repetition_penalty != 1.0:
-            # Preallocated so the penalty's context grows without reallocating each step.
-            self.context = torch.empty(len(prompt_ids) + budget, dtype=torch.long, device=device)
-            self.context[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def position(self) -> int:
-        """Cache position of the next token fed to the model."""
-        return len(self.prompt_ids) + len(self.generated) - 1
-
-    def choose(self, logits: torch.Tensor) -> int:
-        seen = self.context[: len(self.prompt_ids) + len(self.generated)] if self.context is not None else torch.empty(0, dtype=torch.long)
-        return sample_next(logits, self.params, seen, self.generator)
-
-    def append(self, token: int) -> str:
-        """Record a sampled token; return the text that is now safe to show."""
-        if token in self.eos_ids:
-            self.finish_reason = "stop"
-            self._flush()
-            return self._release()
-        self.generated.append(token)
-        if self.context is not None:
-            self.context[len(self.prompt_ids) + len(self.generated) - 1] = token
-        before = len(self.text)
-        if self.decoder is not None:
-            self.text += self.decoder.push(token)
-        if self.params.stop and self._cut_at_stop(before):
-            self.finish_reason = "stop"
-        elif len(self.generated) >= self.budget:
-            self.finish_reason = "length"
-            self._flush()
-            self._cut_at_stop(before)
-        return self._release()
-
-    def _flush(self) -> None:
-        if self.decoder is not None:
-            self.text += self.decoder.flush()
-
-    def _cut_at_stop(self, before: int) -> bool:
-        longest = max(len(s) for s in self.params.stop) if self.params.stop else 0
-        window_start = max(0, before - longest + 1)
-        hits = [i for s in self.params.stop if (i := self.text.find(s, window_start)) != -1]
-        if hits:
-            self.text = self.text[: min(hits)]
-            return True
-        return False
-
-    def _release(self) -> str:
-        """Text not yet emitted, minus a tail that might still become a stop string."""
-        end = len(self.text)
-        if not self.finished:
-            for stop in self.params.stop:
-                for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
-                    if self.text.endswith(stop[:k]):
-                        end = min(end, len(self.text) - k)
-                        break
-        delta = self.text[self.emitted : end]
-        self.emitted = max(self.emitted, end)
-        return delta
 
 
 class Generator:
@@ -135,7 +54,7 @@ class Generator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _requests(self, prompts: Sequence[str | list[int]], params) -> list[_Request]:
+    def _requests(self, prompts: Sequence[str | list[int]], params) -> list[DecodeState]:
         if not prompts:
             raise LmforgeError("no prompts given")
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -146,20 +65,11 @@ class Generator:
             if isinstance(prompt, str) and self.tokenizer is None:
                 raise LmforgeError("this generator has no tokenizer: give prompts as token ids")
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            if not ids:
-                raise LmforgeError("the prompt is empty (it encodes to no tokens)")
-            if len(ids) >= self.context_length:
-                raise LmforgeError(
-                    f"the prompt has {len(ids)} tokens but the model's context holds {self.context_length}"
-                    " (including at least one generated token); shorten the prompt"
-                )
-            if max(ids) >= self.model.config.vocab_size or min(ids) < 0:
-                raise LmforgeError(f"token ids must lie in [0, {self.model.config.vocab_size})")
-            budget = min(p.max_tokens, self.context_length - len(ids))
-            requests.append(_Request(ids, p, budget, self.tokenizer, self.eos_ids, self.device))
+            budget = check_prompt(ids, p, self.context_length, self.model.config.vocab_size)
+            requests.append(DecodeState(ids, p, budget, self.tokenizer, self.eos_ids, self.device, self.model.config.vocab_size))
         return requests
 
-    def _steps(self, requests: list[_Request], use_cache: bool, timings: dict) -> Iterator[tuple[int, str]]:
+    def _steps(self, requests: list[DecodeState], use_cache: bool, timings: dict) -> Iterator[tuple[int, str]]:
         """Run prefill and decode, yielding (request index, new text) as tokens arrive."""
         model, device = self.model, self.device
         t0 = time.perf_counter()
@@ -197,7 +107,7 @@ class Generator:
                     yield i, requests[i].append(requests[i].choose(logits[i]))
         timings["decode"] = time.perf_counter() - t0 - timings["prefill"]
 
-    def _decode_step(self, requests: list[_Request], cache: KVCache) -> torch.Tensor:
+    def _decode_step(self, requests: list[DecodeState], cache: KVCache) -> torch.Tensor:
         """One token for every row; finished rows rewrite their last slot and are ignored."""
         last = [r.generated[-1] if r.generated else r.prompt_ids[-1] for r in requests]
         positions = [r.position for r in requests]

@@ -25,9 +25,12 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the context
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a token in the generated text
     stop: list[str] = field(default_factory=list)  # generation ends before any of these strings
     seed: int | None = None  # same seed + same prompt + same params = same text
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: log-prob of each chosen token plus its k best alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -39,7 +42,10 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (all(self.stop), "stop strings must not be empty"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
         ]
         for ok, message in checks:
             if not ok:
@@ -69,6 +75,13 @@ def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalt
     return logits.scatter(-1, context, seen)
 
 
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor | None, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI-style additive penalties from how often each token was generated so far (`counts` [V])."""
+    if counts is None or (presence == 0.0 and frequency == 0.0):
+        return logits
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
 def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
     """Set to -inf every logit outside the top-k / nucleus (top-p) / min-p sets (1-D logits)."""
     if top_k and top_k < logits.shape[-1]:
@@ -88,10 +101,19 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> to
 
 
 def sample_next(
-    logits: torch.Tensor, params: SamplingParams, context: torch.Tensor, generator: torch.Generator | None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    context: torch.Tensor,
+    generator: torch.Generator | None,
+    counts: torch.Tensor | None = None,
 ) -> int:
-    """Choose the next token from one row of logits [V] given the ids seen so far."""
+    """Choose the next token from one row of logits [V] given the ids seen so far.
+
+    `context` holds prompt and generated ids (repetition penalty); `counts` how often
+    each vocabulary entry was generated (presence/frequency penalties).
+    """
     logits = apply_repetition_penalty(logits.float(), context, params.repetition_penalty)
+    logits = apply_presence_frequency(logits, counts, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return int(logits.argmax())
     logits = truncate(logits / params.temperature, params.top_k, params.top_p, params.min_p)

@@ -1,0 +1,137 @@
+"""Per-request decoding state, shared by the static `Generator` and the continuous `Scheduler`.
+
+A `DecodeState` owns everything about one sequence that does not live in the model or
+the KV cache: the sampled tokens, the text decoded so far (never split inside a UTF-8
+character), its own random generator, stop strings, the token budget, optional
+log-probabilities, and why it ended.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LmforgeError
+from ..tokenizer import IncrementalDecoder
+from .sampling import SamplingParams, sample_next
+
+
+def check_prompt(ids: list[int], params: SamplingParams, context_length: int, vocab_size: int) -> int:
+    """Validate prompt ids against the model; return the token budget that fits the context."""
+    if not ids:
+        raise LmforgeError("the prompt is empty (it encodes to no tokens)")
+    if len(ids) >= context_length:
+        raise LmforgeError(
+            f"the prompt has {len(ids)} tokens but the model's context holds {context_length}"
+            " (including at least one generated token); shorten the prompt"
+        )
+    if max(ids) >= vocab_size or min(ids) < 0:
+        raise LmforgeError(f"token ids must lie in [0, {vocab_size})")
+    return min(params.max_tokens, context_length - len(ids))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, dict[int, float]]:
+    """Log-prob of `token` and the `top` most likely alternatives, from raw logits [V]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: dict[int, float] = {}
+    if top:
+        values, ids = torch.topk(logp, top)
+        alternatives = dict(zip(ids.tolist(), values.tolist()))
+    return float(logp[token]), alternatives
+
+
+class DecodeState:
+    """Decoding state of one prompt: tokens so far, text so far, and why it ended."""
+
+    def __init__(
+        self, prompt_ids: list[int], params: SamplingParams, budget: int, tokenizer, eos_ids, device, vocab_size: int
+    ) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.budget = budget
+        self.eos_ids = set() if params.ignore_eos else set(eos_ids)
+        self.generated: list[int] = []
+        # Without a tokenizer the engine still generates token ids (text stays empty).
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True) if tokenizer is not None else None
+        self.text = ""
+        self.emitted = 0
+        self.finish_reason: str | None = None
+        self.generator = params.make_generator(device)
+        # Log-probabilities under the model's own distribution (before sampling transforms).
+        self.token_logprobs: list[float] = []
+        self.top_logprobs: list[dict[int, float]] = []
+        self._pending_logprobs: tuple[float, dict[int, float]] | None = None
+        self.counts = None
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
+        self.context = None
+        if params.repetition_penalty != 1.0:
+            # Preallocated so the penalty's context grows without reallocating each step.
+            self.context = torch.empty(len(prompt_ids) + budget, dtype=torch.long, device=device)
+            self.context[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def position(self) -> int:
+        """Cache position of the next token fed to the model."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+    def choose(self, logits: torch.Tensor) -> int:
+        seen = self.context[: len(self.prompt_ids) + len(self.generated)] if self.context is not None else torch.empty(0, dtype=torch.long)
+        token = sample_next(logits, self.params, seen, self.generator, self.counts)
+        if self.params.logprobs is not None:
+            self._pending_logprobs = token_logprobs(logits, token, self.params.logprobs)
+        return token
+
+    def append(self, token: int) -> str:
+        """Record a sampled token; return the text that is now safe to show."""
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            self._flush()
+            return self._release()
+        self.generated.append(token)
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self._pending_logprobs is not None:
+            self.token_logprobs.append(self._pending_logprobs[0])
+            self.top_logprobs.append(self._pending_logprobs[1])
+        if self.context is not None:
+            self.context[len(self.prompt_ids) + len(self.generated) - 1] = token
+        before = len(self.text)
+        if self.decoder is not None:
+            self.text += self.decoder.push(token)
+        if self.params.stop and self._cut_at_stop(before):
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.budget:
+            self.finish_reason = "length"
+            self._flush()
+            self._cut_at_stop(before)
+        return self._release()
+
+    def _flush(self) -> None:
+        if self.decoder is not None:
+            self.text += self.decoder.flush()
+
+    def _cut_at_stop(self, before: int) -> bool:
+        longest = max(len(s) for s in self.params.stop) if self.params.stop else 0
+        window_start = max(0, before - longest + 1)
+        hits = [i for s in self.params.stop if (i := self.text.find(s, window_start)) != -1]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return True
+        return False
+
+    def _release(self) -> str:
+        """Text not yet emitted, minus a tail that might still become a stop string."""
+        end = len(self.text)
+        if not self.finished:
+            for stop in self.params.stop:
+                for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(stop[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        delta = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return delta

@@ -1,0 +1,322 @@
+"""Continuous batching (I2): requests join and leave the running batch at every decode step.
+
+A static batch waits for its slowest member: a 10-token answer that shares a batch with
+a 500-token answer holds its slot, idle, until the long one ends. The `Scheduler` keeps a
+fixed pool of KV-cache rows instead. At every step it
+
+1. admits waiting requests into free rows and prefills them (one forward each),
+2. runs one decode step for every running row at once, each row at its own position
+   and with its own sampling settings, stop conditions and random generator,
+3. retires rows whose request finished (end token, stop string, budget, cancellation)
+   so that the next step can admit someone new.
+
+Running rows are kept contiguous (rows 0..n-1): when row i finishes, the last running
+row's cache is moved into it. The move costs one copy of that request's keys and values,
+once; in exchange every decode step reads a plain slice of the cache, with no gather.
+
+One background thread owns the model (PyTorch work is never run from two threads).
+Callers interact through `RequestHandle`s, from plain threads or from asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import LmforgeError
+from ..model.kv_cache import KVCache
+from .layout import torch_threads_for, uses_numpy_blas
+from .request import DecodeState, check_prompt
+from .sampling import SamplingParams
+
+
+class QueueFull(LmforgeError):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+class ShuttingDown(LmforgeError):
+    """The scheduler no longer accepts requests."""
+
+
+@dataclass
+class Event:
+    """What a handle receives: a text delta, and at the end a `final` event."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    final: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class RequestHandle:
+    """A submitted request: iterate its events (sync or async), or wait for the result."""
+
+    def __init__(self, request_id: int, prompt_ids: list[int], loop: asyncio.AbstractEventLoop | None) -> None:
+        self.id = request_id
+        self.prompt_ids = prompt_ids
+        self.loop = loop
+        self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
+        self.cancelled = False
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.state: DecodeState | None = None
+
+    def _put(self, event: Event) -> None:
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            except RuntimeError:  # the event loop closed: nobody is listening any more
+                self.cancelled = True
+        else:
+            self._queue.put(event)
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client disconnected); the row is freed at the next step."""
+        self.cancelled = True
+
+    def __iter__(self):
+        while True:
+            event = self._queue.get()
+            yield event
+            if event.final:
+                return
+
+    async def events(self):
+        while True:
+            event = await self._queue.get()
+            yield event
+            if event.final:
+                return
+
+    def result(self) -> Event:
+        """Block until done; one event with the whole text, tokens and log-probs."""
+        total = Event()
+        for event in self:
+            _merge(total, event)
+        return total
+
+    async def aresult(self) -> Event:
+        total = Event()
+        async for event in self.events():
+            _merge(total, event)
+        return total
+
+
+def _merge(total: Event, event: Event) -> None:
+    total.text += event.text
+    total.token_ids += event.token_ids
+    total.logprobs += event.logprobs
+    total.top_logprobs += event.top_logprobs
+    if event.final:
+        total.final, total.finish_reason, total.error = True, event.finish_reason, event.error
+
+
+@dataclass
+class SchedulerStats:
+    """Counters the server exports as metrics."""
+
+    waiting: int = 0
+    running: int = 0
+    steps: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    finished: int = 0
+
+
+class Scheduler:
+    """Continuous-batching generation over one model, served by one background thread."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 16,
+        max_seq_len: int | None = None,
+        max_waiting: int = 64,
+        on_finish: Callable[[RequestHandle], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.max_waiting = max_waiting
+        self.on_finish = on_finish
+        self.device = next(model.parameters()).device
+        self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else {model.config.eos_token_id}
+        self.cache = KVCache.for_model(model.config, max_batch, self.max_seq_len, model.embed.weight.dtype, self.device)
+        self.numpy_blas = uses_numpy_blas(model)
+        self.stats = SchedulerStats()
+        self._ids = itertools.count(1)
+        self._waiting: list[tuple[RequestHandle, SamplingParams, int]] = []
+        self._jobs: list[tuple[Callable[[], Any], queue.Queue]] = []
+        self._rows: list[RequestHandle] = []  # running requests; index = cache row
+        self._lock = threading.Condition()
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- public API
+    def start(self) -> "Scheduler":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None
+    ) -> RequestHandle:
+        """Queue a request; raises `LmforgeError` for bad input, `QueueFull` when saturated."""
+        budget = check_prompt(list(prompt_ids), params, self.max_seq_len, self.model.config.vocab_size)
+        handle = RequestHandle(next(self._ids), list(prompt_ids), loop)
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"too many requests waiting ({self.max_waiting}); retry later")
+            self._waiting.append((handle, params, budget))
+            self.stats.waiting = len(self._waiting)
+            self._lock.notify()
+        return handle
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the scheduler thread between steps (for work that needs the model)."""
+        done: queue.Queue = queue.Queue()
+        with self._lock:
+            self._jobs.append((fn, done))
+            self._lock.notify()
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting; with `drain`, finish what is running and waiting, else cancel it."""
+        with self._lock:
+            self._accepting = False
+            if not drain:
+                for handle, _, _ in self._waiting:
+                    handle.cancel()
+                for handle in self._rows:
+                    handle.cancel()
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def idle(self) -> bool:
+        return not self._rows and not self._waiting
+
+    # --------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self.idle and not self._jobs and self._accepting:
+                    self._lock.wait()
+                if self.idle and not self._jobs and not self._accepting:
+                    return
+                jobs, self._jobs = self._jobs, []
+                admitted = []
+                while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
+                    admitted.append(self._waiting.pop(0))
+                self.stats.waiting = len(self._waiting)
+            for fn, done in jobs:
+                try:
+                    done.put((True, fn()))
+                except BaseException as exc:  # handed back to the caller's thread
+                    done.put((False, exc))
+            try:
+                with torch.inference_mode():
+                    for handle, params, budget in admitted:
+                        self._prefill(handle, params, budget)
+                    self._retire()
+                    if self._rows:
+                        self._decode_step()
+                        self._retire()
+            except Exception as exc:  # a bug must not hang every client: fail the running requests
+                for handle in self._rows:
+                    handle._put(Event(final=True, finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+                self._rows.clear()
+
+    def _forward(self, ids: torch.Tensor, cache: KVCache, start) -> torch.Tensor:
+        if not self.numpy_blas:
+            return self.model(ids, cache=cache, start=start, last_only=True)[:, -1]
+        with torch_threads_for(ids.numel()):
+            return self.model(ids, cache=cache, start=start, last_only=True)[:, -1]
+
+    def _prefill(self, handle: RequestHandle, params: SamplingParams, budget: int) -> None:
+        if handle.cancelled:
+            handle._put(Event(final=True, finish_reason="cancelled"))
+            return
+        row = len(self._rows)
+        state = DecodeState(handle.prompt_ids, params, budget, self.tokenizer, self.eos_ids, self.device, self.model.config.vocab_size)
+        handle.state = state
+        self._rows.append(handle)
+        ids = torch.tensor([handle.prompt_ids], dtype=torch.long, device=self.device)
+        logits = self._forward(ids, self.cache.rows(row, row + 1), 0)[0]
+        self.stats.prompt_tokens += len(handle.prompt_ids)
+        self._emit(handle, state.append(state.choose(logits)))
+
+    def _decode_step(self) -> None:
+        states = [h.state for h in self._rows]
+        last = [s.generated[-1] for s in states]
+        positions = [s.position for s in states]
+        tokens = torch.tensor(last, dtype=torch.long, device=self.device).view(-1, 1)
+        start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+        logits = self._forward(tokens, self.cache.rows(0, len(self._rows)), start)
+        self.stats.steps += 1
+        for i, handle in enumerate(self._rows):
+            state = handle.state
+            self._emit(handle, state.append(state.choose(logits[i])))
+
+    def _emit(self, handle: RequestHandle, delta: str) -> None:
+        state = handle.state
+        if handle.first_token_at is None:
+            handle.first_token_at = time.perf_counter()
+        self.stats.generated_tokens += 1
+        sent = getattr(handle, "_sent_tokens", 0)
+        new_ids = state.generated[sent:]
+        handle._sent_tokens = len(state.generated)
+        event = Event(
+            text=delta,
+            token_ids=list(new_ids),
+            logprobs=state.token_logprobs[sent:],
+            top_logprobs=state.top_logprobs[sent:],
+        )
+        if delta or new_ids:
+            handle._put(event)
+
+    def _retire(self) -> None:
+        """Remove finished or cancelled rows, keeping running rows contiguous."""
+        i = 0
+        while i < len(self._rows):
+            handle = self._rows[i]
+            state = handle.state
+            if handle.cancelled and not state.finished:
+                state.finish_reason = "cancelled"
+            if not state.finished:
+                i += 1
+                continue
+            handle.finished_at = time.perf_counter()
+            handle._put(Event(text=state._release(), final=True, finish_reason=state.finish_reason))
+            self.stats.finished += 1
+            if self.on_finish is not None:
+                self.on_finish(handle)
+            last = len(self._rows) - 1
+            if i != last:
+                moved = self._rows[last]
+                length = moved.state.position + 1
+                self.cache.k[:, i, :, :length] = self.cache.k[:, last, :, :length]
+                self.cache.v[:, i, :, :length] = self.cache.v[:, last, :, :length]
+                self._rows[i] = moved
+            self._rows.pop()
+        self.stats.running = len(self._rows)

@@ -1,0 +1,176 @@
+"""A real server on loopback, driven by the official `openai` client and plain HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from lmforge.infer.scheduler import Scheduler
+from lmforge.serve.app import ServeSettings, create_app
+
+MODEL = "smollm2-135m-instruct"
+
+
+@contextlib.contextmanager
+def running_server(lm, settings=None, **scheduler_kwargs):
+    import uvicorn
+
+    scheduler = Scheduler(lm.model, lm.tokenizer, max_seq_len=2048, **scheduler_kwargs).start()
+    app = create_app(scheduler, lm.tokenizer, MODEL, settings or ServeSettings())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", scheduler
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        scheduler.shutdown(drain=False, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(default_lm):
+    with running_server(default_lm, max_batch=4) as (url, scheduler):
+        yield url, scheduler
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=30)
+    assert r.choices[0].message.content == "The capital of France is Paris."
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == 7 and r.usage.total_tokens == r.usage.prompt_tokens + 7
+
+
+def test_chat_streaming_equals_non_streaming(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=30,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "The capital of France is Paris."
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage.completion_tokens == 7
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 3  # really streamed
+
+
+def test_n_choices_and_seed_reproducibility(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a one-line joke."}],
+                  temperature=1.0, max_tokens=20, n=3, seed=11)
+    a = client.chat.completions.create(**kwargs)
+    b = client.chat.completions.create(**kwargs)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in b.choices]
+    assert len(set(texts)) > 1  # distinct samples per choice
+
+
+def test_stop_sequence(client):
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"])
+    assert r.choices[0].text == " 5, 6,"
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_completion_echo_logprobs_equal_lmforge(client, default_lm):
+    text = "The quick brown fox jumps over the lazy dog."
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    ids = default_lm.tokenizer.encode(text)
+    assert r.choices[0].text == text and len(lp.tokens) == len(ids)
+    with torch.no_grad():
+        logp = torch.log_softmax(default_lm.model(torch.tensor([ids]))[0].float(), -1)
+    expected = [None] + [logp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-4)
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert "".join(lp.tokens) == text and lp.text_offset[1] == len(lp.tokens[0])
+
+
+def test_completion_token_prompts_and_generated_logprobs(client, default_lm):
+    ids = default_lm.tokenizer.encode("Paris is the capital of")
+    r = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=3, temperature=0, logprobs=1)
+    from lmforge.infer import SamplingParams
+
+    expected = default_lm.generator.generate(ids, SamplingParams(max_tokens=3, temperature=0))[0]
+    assert len(r.choices) == 2 and r.choices[0].text == r.choices[1].text == expected.text
+    assert r.usage.prompt_tokens == 2 * len(ids) and r.usage.completion_tokens == 6
+    # The log-prob of each greedy token equals the model's own log-softmax at that position.
+    with torch.no_grad():
+        seq = ids + expected.token_ids
+        logp = torch.log_softmax(default_lm.model(torch.tensor([seq]))[0].float(), -1)
+    want = [logp[len(ids) - 1 + k, t].item() for k, t in enumerate(expected.token_ids)]
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(want, abs=1e-4)
+
+
+def test_models_health_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server[0] + "/health").json()["status"] == "ok"
+    body = httpx.get(server[0] + "/metrics").text
+    for name in ("lmforge_requests_total", "lmforge_time_to_first_token_seconds_bucket", "lmforge_generated_tokens_total",
+                 "lmforge_queue_depth", "lmforge_running_batch_size", "lmforge_tokens_per_second"):
+        assert name in body
+
+
+@pytest.mark.parametrize(
+    "payload, status",
+    [
+        ({"model": MODEL, "messages": []}, 422),
+        ({"model": MODEL}, 422),
+        ({"model": "gpt-9", "messages": QUESTION}, 404),
+        ({"model": MODEL, "messages": QUESTION, "temperature": 5}, 422),
+        ({"model": MODEL, "messages": QUESTION, "stop": [""]}, 400),
+        ({"model": MODEL, "messages": QUESTION, "max_tokens": 100000}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 3000}]}, 400),
+    ],
+)
+def test_bad_requests_get_openai_error_bodies(server, payload, status):
+    r = httpx.post(server[0] + "/v1/chat/completions", json=payload, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=0)  # max_tokens=0 needs echo
+
+
+def test_api_keys_and_rate_limit(default_lm):
+    with running_server(default_lm, ServeSettings(api_keys=["k1"], rate_limit_per_minute=2), max_batch=1) as (url, _):
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
+        good.models.list()
+        good.models.list()
+        with pytest.raises(openai.RateLimitError) as info:
+            good.models.list()
+        assert int(info.value.response.headers["retry-after"]) >= 1
+
+
+def test_queue_full_is_429_with_retry_after(default_lm):
+    with running_server(default_lm, max_batch=1, max_waiting=0) as (url, _):
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
