@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import LmforgeError
 
 __version__ = "0.1.0"
-__all__ = ["LmforgeError", "load", "__version__"]
+__all__ = ["LmforgeError", "connect", "load", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import LoadedModel
@@ -25,3 +25,10 @@ def load(model: str | None = None, **kwargs: Any) -> "LoadedModel":
     from .api import load as _load
 
     return _load(model, **kwargs)
+
+
+def connect(base_url: str, api_key: str | None = None, model: str | None = None):
+    """A model behind an OpenAI-compatible endpoint, with the same text interface as `load`."""
+    from .infer.remote import RemoteModel
+
+    return RemoteModel(base_url, api_key, model)

@@ -39,6 +39,9 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU)")
+    p.add_argument("--base-url", help="use an OpenAI-compatible endpoint instead of a local model "
+                                      "(MODEL is then the remote model name)")
+    p.add_argument("--api-key", default=None, help="API key for --base-url (default: $OPENAI_API_KEY)")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,6 +52,12 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
+    if args.base_url:
+        import os
+
+        from .infer.remote import RemoteModel
+
+        return RemoteModel(args.base_url, args.api_key or os.environ.get("OPENAI_API_KEY"), args.model)
     from .api import load
 
     started = time.perf_counter()
@@ -66,6 +75,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(**_sampling(args))  # validate flags before the slow load
     lm = _load(args)
     if args.json:
+        if lm.model is None:  # remote: the endpoint reports counts, not timings
+            done = lm.complete(args.prompt, **_sampling(args))[0]
+            print(json.dumps({"model": lm.name, "text": done.text, "finish_reason": done.finish_reason,
+                              "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
+                             ensure_ascii=False))
+            return 0
         done = lm.generator.generate(args.prompt, params)[0]
         print(json.dumps({
             "model": lm.name,
@@ -79,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if done.decode_seconds > 0 and done.completion_tokens > 1 else None,
         }, ensure_ascii=False))
         return 0
-    for delta in lm.generator.stream(args.prompt, params):
+    for delta in lm.stream(args.prompt, **_sampling(args)):
         print(delta, end="", flush=True)
     print()
     return 0

@@ -174,3 +174,52 @@ def test_queue_full_is_429_with_retry_after(default_lm):
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "queue_full"
+
+
+def test_remote_backend_matches_local(server, default_lm):
+    import lmforge
+
+    remote = lmforge.connect(server[0])
+    assert remote.name == MODEL
+    assert remote.chat(QUESTION, temperature=0, max_tokens=30) == default_lm.chat(QUESTION, temperature=0, max_tokens=30)
+    assert "".join(remote.stream_chat(QUESTION, temperature=0, max_tokens=30)) == "The capital of France is Paris."
+    assert remote.generate("1, 2, 3,", temperature=0, max_tokens=6) == default_lm.generate("1, 2, 3,", temperature=0, max_tokens=6)
+    tokens, lps = remote.prompt_logprobs("Hello world, this is a test.")
+    ids = default_lm.tokenizer.encode("Hello world, this is a test.")
+    with torch.no_grad():
+        logp = torch.log_softmax(default_lm.model(torch.tensor([ids]))[0].float(), -1)
+    assert len(tokens) == len(ids) and lps[0] is None
+    assert lps[1:] == pytest.approx([logp[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-4)
+
+
+def test_cli_against_remote_endpoint(server, capsys):
+    from lmforge.cli import main
+
+    code = main(["generate", "--base-url", server[0], "--prompt", "1, 2, 3,", "--max-tokens", "6",
+                 "--temperature", "0", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    import json
+
+    assert json.loads(out.out)["model"] == MODEL
+    code = main(["chat", "--base-url", server[0], "--message", "What is the capital of France?", "--temperature", "0"])
+    assert code == 0 and capsys.readouterr().out.strip() == "The capital of France is Paris."
+    code = main(["chat", "--base-url", "http://127.0.0.1:9", "--message", "hi"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("lmforge: error: cannot reach") and err.count("\n") == 1
+
+
+def test_client_disconnect_cancels_generation(server, default_lm):
+    """Closing a stream mid-way frees the batch row instead of generating to the end."""
+    url, scheduler = server
+    finished_before, tokens_before = scheduler.stats.finished, scheduler.stats.generated_tokens
+    with httpx.stream("POST", url + "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time",
+                      "max_tokens": 2000, "temperature": 0.8, "stream": True}, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break
+    deadline = time.time() + 20
+    while (scheduler.stats.running or scheduler.stats.finished == finished_before) and time.time() < deadline:
+        time.sleep(0.05)
+    assert scheduler.stats.running == 0 and scheduler.stats.finished == finished_before + 1
+    assert scheduler.stats.generated_tokens - tokens_before < 500  # far from the 2000 asked for
