@@ -12,7 +12,7 @@ docs/benchmarks.md:
 2. The BLAS. PyTorch's CPU wheels call MKL; NumPy's wheels bundle OpenBLAS. For
    matrix-vector products of these shapes, OpenBLAS streamed weights ~1.6x faster on the
    2-core AMD machine we measured (about 30 GB/s against 19 GB/s). `BlasLinear` routes
-   small-batch float32 products without autograd through NumPy, zero-copy, and leaves
+   single-row float32 products without autograd through NumPy, zero-copy, and leaves
    everything else (training, GPUs, prefill of long prompts) to PyTorch.
    `calibrate` times both kernels on the model's largest matrix at load time and keeps
    PyTorch's wherever NumPy's is not faster.
@@ -38,9 +38,11 @@ from torch import nn
 
 
 class BlasLinear(nn.Linear):
-    """An `nn.Linear` whose small-batch CPU float32 inference calls NumPy's BLAS."""
+    """An `nn.Linear` whose single-row CPU float32 inference calls NumPy's BLAS."""
 
-    max_rows = 16  # beyond a few rows the product is compute-bound and PyTorch's GEMM is as good
+    # Matrix-vector products only: for several rows OpenBLAS's small-M GEMM measured far
+    # slower than MKL's (milliseconds instead of ~0.2 ms for 8 x 576 x 3072).
+    max_rows = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -75,7 +77,7 @@ def use_column_major_weights(model: nn.Module) -> nn.Module:
 
 
 def use_numpy_blas(model: nn.Module) -> nn.Module:
-    """Route the small-batch CPU products of every `nn.Linear` in `model` through `BlasLinear`.
+    """Route the single-row CPU products of every `nn.Linear` in `model` through `BlasLinear`.
 
     The modules keep their parameters and names; only their class (hence `forward`) changes.
     """
@@ -120,7 +122,7 @@ def optimize_for_cpu_decoding(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def torch_threads_for(rows: int) -> Iterator[None]:
-    """One PyTorch thread while NumPy's BLAS does a small-batch step (see the module docstring)."""
+    """One PyTorch thread while NumPy's BLAS does a single-row step (see the module docstring)."""
     if rows > BlasLinear.max_rows:
         yield
         return

@@ -173,6 +173,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
                 max_tokens=max(1, budget), temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 min_p=body.min_p, repetition_penalty=body.repetition_penalty, stop=stop, seed=seed,
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logprobs=logprobs,
+                ignore_eos=body.ignore_eos,
             )
         except LmforgeError as exc:
             raise APIError(400, str(exc)) from None

@@ -31,6 +31,7 @@ class _Body(BaseModel):
     top_k: int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
+    ignore_eos: bool = False  # keep generating past the end token (benchmarks)
 
 
 class ChatMessage(BaseModel):

@@ -1,0 +1,162 @@
+"""Server throughput under concurrent streaming clients, on loopback.
+
+Starts `lmforge serve` on the default model as a subprocess, then for 1, 4 and 16
+concurrent clients streams completions (each client runs its requests back to back) and
+measures aggregate generated tokens/s, time to first token and request latency
+(p50/p95), errors, and the server's resident memory before and after each phase.
+
+    python benchmarks/serve.py                       # 1, 4, 16 clients
+    python benchmarks/serve.py --clients 1 8 --requests 3 --max-tokens 48
+
+Requests use `ignore_eos` so every answer has the same length and tokens/s compares
+like with like. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a bicycle stays upright, step by step.",
+    "Describe a busy market in a city you would like to visit.",
+    "Write a letter to a friend about learning to cook.",
+]
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one_request(url: str, prompt: str, max_tokens: int, seed: int) -> dict:
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    payload = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": prompt}],
+               "max_tokens": max_tokens, "temperature": 0.8, "seed": seed, "stream": True, "ignore_eos": True,
+               "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=payload, timeout=600) as r:
+        if r.status_code != 200:
+            r.read()
+            return {"error": f"{r.status_code}: {r.text[:100]}"}
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices") or []:
+                if choice["delta"].get("content") and first is None:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens}
+
+
+def phase(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        for j in range(requests):
+            try:
+                res = one_request(url, PROMPTS[(k + j) % len(PROMPTS)], max_tokens, seed=1000 * k + j)
+            except httpx.HTTPError as exc:
+                res = {"error": str(exc)}
+            with lock:
+                results.append(res)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ok = [r for r in results if "error" not in r]
+
+    def pct(values, q):
+        values = sorted(values)
+        return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "tokens": sum(r["tokens"] for r in ok),
+        "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "ttft_p50_s": pct([r["ttft"] for r in ok], 0.5),
+        "ttft_p95_s": pct([r["ttft"] for r in ok], 0.95),
+        "latency_p50_s": pct([r["latency"] for r in ok], 0.5),
+        "latency_p95_s": pct([r["latency"] for r in ok], 0.95),
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, back to back")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=16)
+    args = ap.parse_args()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--port", str(port), "--max-batch",
+                               str(args.max_batch), "--max-seq-len", "1024", "--db", os.devnull],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or server.poll() is not None:
+                sys.exit("the server did not start")
+            time.sleep(0.5)
+        one_request(url, "Hello", 8, 0)  # warm-up
+        rows = []
+        for clients in args.clients:
+            before = rss_mb(server.pid)
+            row = phase(url, clients, args.requests, args.max_tokens)
+            row["rss_before_mb"], row["rss_after_mb"] = round(before, 1), round(rss_mb(server.pid), 1)
+            rows.append(row)
+            print(f"{clients:>3} clients: {row['tokens_per_s']:7.1f} tok/s, TTFT p50 {row['ttft_p50_s']:.2f}s "
+                  f"p95 {row['ttft_p95_s']:.2f}s, latency p50 {row['latency_p50_s']:.2f}s p95 {row['latency_p95_s']:.2f}s, "
+                  f"errors {row['errors']}, RSS {row['rss_before_mb']:.0f}->{row['rss_after_mb']:.0f} MB", file=sys.stderr)
+    finally:
+        server.terminate()
+        server.wait(30)
+    base = rows[0]["tokens_per_s"]
+    out = {
+        "benchmark": "serve",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "max_tokens": args.max_tokens,
+        "phases": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+        "scaling_vs_first": {str(r["clients"]): round(r["tokens_per_s"] / base, 2) for r in rows},
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
