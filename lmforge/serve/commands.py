@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import socket
 import sys
 
@@ -69,8 +70,19 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"lmforge serving {lm.name} at http://{shown}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr, flush=True)
+    # uvicorn stops accepting on SIGTERM, lets in-flight requests (and streams) finish, then
+    # re-raises the signal; this handler turns that into a clean exit instead of a kill.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
     finally:
         scheduler.shutdown(drain=False, timeout=10)
+    print("lmforge server stopped", file=sys.stderr)
     return 0
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
