@@ -9,7 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
-EVAL_COMMAND_MODULES: tuple[str, ...] = ()
+EVAL_COMMAND_MODULES: tuple[str, ...] = (
+    "lmforge.eval.cli_perplexity",
+    "lmforge.eval.cli_metrics",
+    "lmforge.eval.cli_ratings",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,0 +1,95 @@
+"""`lmforge eval perplexity [MODEL] --file F`: perplexity and bits per byte of a text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import LmforgeError
+
+MODEL_HELP = "registered model name, Hugging Face directory or .gguf file (default: the default model)"
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("perplexity", help="perplexity and bits per byte of a text (sliding window)",
+                         description="Score a text with a sliding window: every token is predicted once, "
+                                     "with up to WINDOW tokens of context.")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    p.add_argument("--file", required=True, action="append",
+                   help="text file (.txt: the whole file is one text; .jsonl: one {\"text\": ...} per line); repeatable")
+    p.add_argument("--window", type=int, help="tokens the model reads per slice (default: its context, at most 2048)")
+    p.add_argument("--stride", type=int, help="tokens between slice starts (default: half the window)")
+    p.add_argument("--no-prefix", action="store_true",
+                   help="do not put BOS before each text (its first token is then context, not scored)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass (default 4096)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--out", help="directory for perplexity.json and perplexity.md")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU)")
+    p.set_defaults(func=run)
+
+
+def read_texts(path: str) -> list[str]:
+    file = Path(path)
+    try:
+        raw = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LmforgeError(f"text file {file} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LmforgeError(f"cannot read {file}: {exc}") from None
+    if file.suffix != ".jsonl":
+        return [raw] if raw.strip() else []
+    texts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LmforgeError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
+        text = record.get("text") if isinstance(record, dict) else record
+        if not isinstance(text, str):
+            raise LmforgeError(f"{file}:{number}: expected a string or an object with a \"text\" string")
+        texts.append(text)
+    return texts
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import _load
+    from .perplexity import ModelScorer, perplexity, plan_windows
+    from .report import ProgressLine, markdown_table, write_report
+
+    texts = [t for f in args.file for t in read_texts(f)]
+    if not texts:
+        raise LmforgeError("no text to score (the file is empty)")
+    if args.window is not None:
+        plan_windows(0, args.window, args.stride or max(1, args.window // 2))  # flag errors before loading
+    if args.batch_tokens < 1:
+        raise LmforgeError("--batch-tokens must be positive")
+    lm = _load(args)
+    scorer = ModelScorer(lm.model, batch_tokens=args.batch_tokens)
+    window = args.window or min(scorer.context or 2048, 2048)
+    stride = args.stride or max(1, window // 2)
+    progress = ProgressLine(0, "perplexity", unit="windows")
+    try:
+        result = perplexity(scorer, texts, tokenizer=lm.tokenizer, window=window, stride=stride,
+                            prefix_token=None if args.no_prefix else "auto", progress=progress)
+    finally:
+        progress.close()
+    data = {"model": lm.name, "files": args.file, "window": window, "stride": stride, **result.to_dict()}
+    if args.out:
+        rows = [[lm.name, result.documents, result.tokens, result.bytes, result.mean_nll, result.ppl,
+                 result.bits_per_token, result.bpb]]
+        md = (f"# Perplexity\n\nFiles: {', '.join(args.file)}; window {window} tokens, stride {stride}.\n\n"
+              + markdown_table(["model", "texts", "tokens", "bytes", "nll/token", "ppl", "bits/token", "bits/byte"], rows))
+        json_path, _ = write_report(args.out, "perplexity", data, md)
+        print(f"wrote {json_path} and perplexity.md", file=sys.stderr)
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False))
+    else:
+        bpb = "n/a" if result.bpb is None else f"{result.bpb:.4f}"
+        print(f"{lm.name}: perplexity {result.ppl:.4f}, {bpb} bits/byte, {result.mean_nll:.4f} nats/token "
+              f"over {result.tokens} tokens ({result.bytes} bytes, {result.windows} windows of {window}, stride {stride})")
+    return 0
