@@ -70,7 +70,14 @@ class KVCache:
             self.k[layer, :, :, start : start + k.shape[2]] = k
             self.v[layer, :, :, start : start + k.shape[2]] = v
         else:
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer, rows, :, start] = k[:, :, 0]
-            self.v[layer, rows, :, start] = v[:, :, 0]
+            # One flat index per (row, head) slot, shared by every layer of this step, so
+            # the write is a single index_copy_ instead of a broadcast advanced-index put.
+            if start is not getattr(self, "_flat_for", None):
+                batch, heads, length, _ = self.k[layer].shape
+                base = torch.arange(batch, device=k.device)[:, None] * heads * length
+                self._flat_index = (base + torch.arange(heads, device=k.device) * length + start[:, None]).reshape(-1)
+                self._flat_for = start
+            dim = k.shape[-1]
+            self.k[layer].view(-1, dim).index_copy_(0, self._flat_index, k[:, :, 0].reshape(-1, dim))
+            self.v[layer].view(-1, dim).index_copy_(0, self._flat_index, v[:, :, 0].reshape(-1, dim))
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

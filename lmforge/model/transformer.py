@@ -55,11 +55,15 @@ class Attention(nn.Module):
         q, k = qk.split((self.n_head, self.n_kv_head), dim=1)
         if cache is not None:
             k, v = cache.update(layer, k, v, start, end)
+        group = self.n_head // self.n_kv_head
+        if length == 1 and group > 1:
+            # Decode step with GQA: the `group` query heads sharing a KV head become `group`
+            # queries of that head, so keys/values are read in place, never repeated.
+            y = F.scaled_dot_product_attention(q.view(batch, self.n_kv_head, group, self.head_dim), k, v, attn_mask=mask)
+            return self.out(y.reshape(batch, 1, self.q_size))
         # A causal mask is needed only when several queries see a prefix of the keys.
         causal = mask is None and length > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
-        )
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=group > 1)
         return self.out(y.transpose(1, 2).reshape(batch, length, self.q_size))
 
 
