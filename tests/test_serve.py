@@ -19,11 +19,11 @@ MODEL = "smollm2-135m-instruct"
 
 
 @contextlib.contextmanager
-def running_server(lm, settings=None, **scheduler_kwargs):
+def running_server(lm, settings=None, store=None, **scheduler_kwargs):
     import uvicorn
 
     scheduler = Scheduler(lm.model, lm.tokenizer, max_seq_len=2048, **scheduler_kwargs).start()
-    app = create_app(scheduler, lm.tokenizer, MODEL, settings or ServeSettings())
+    app = create_app(scheduler, lm.tokenizer, MODEL, settings or ServeSettings(), store=store)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -223,3 +223,15 @@ def test_client_disconnect_cancels_generation(server, default_lm):
         time.sleep(0.05)
     assert scheduler.stats.running == 0 and scheduler.stats.finished == finished_before + 1
     assert scheduler.stats.generated_tokens - tokens_before < 500  # far from the 2000 asked for
+
+
+def test_response_format_json_object(client):
+    import json
+
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Describe a dog."}],
+                                       response_format={"type": "json_object"}, temperature=0.7, seed=3, max_tokens=80)
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})

@@ -13,6 +13,7 @@ import torch
 from ..errors import LmforgeError
 from ..tokenizer import IncrementalDecoder
 from .sampling import SamplingParams, sample_next
+from .structured import JsonPrefix, constrained_choice
 
 
 def check_prompt(ids: list[int], params: SamplingParams, context_length: int, vocab_size: int) -> int:
@@ -60,6 +61,12 @@ class DecodeState:
         self.token_logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
         self._pending_logprobs: tuple[float, dict[int, float]] | None = None
+        self.json = None
+        if params.json_object:
+            if tokenizer is None or tokenizer.token_bytes(0) is None:
+                raise LmforgeError("JSON output needs a byte-level tokenizer")
+            self.json = JsonPrefix()
+        self.tokenizer = tokenizer
         self.counts = None
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
@@ -80,7 +87,13 @@ class DecodeState:
 
     def choose(self, logits: torch.Tensor) -> int:
         seen = self.context[: len(self.prompt_ids) + len(self.generated)] if self.context is not None else torch.empty(0, dtype=torch.long)
-        token = sample_next(logits, self.params, seen, self.generator, self.counts)
+        if self.json is not None:
+            def draw(row: torch.Tensor) -> int:
+                return sample_next(row, self.params, seen, self.generator, self.counts)
+
+            token = constrained_choice(logits, self.json, self.tokenizer.token_bytes, self.eos_ids, draw)
+        else:
+            token = sample_next(logits, self.params, seen, self.generator, self.counts)
         if self.params.logprobs is not None:
             self._pending_logprobs = token_logprobs(logits, token, self.params.logprobs)
         return token
@@ -102,7 +115,10 @@ class DecodeState:
         before = len(self.text)
         if self.decoder is not None:
             self.text += self.decoder.push(token)
-        if self.params.stop and self._cut_at_stop(before):
+        if self.json is not None and self.json.done:
+            self.finish_reason = "stop"  # the object is closed: nothing valid may follow
+            self._flush()
+        elif self.params.stop and self._cut_at_stop(before):
             self.finish_reason = "stop"
         elif len(self.generated) >= self.budget:
             self.finish_reason = "length"

@@ -31,6 +31,7 @@ class SamplingParams:
     seed: int | None = None  # same seed + same prompt + same params = same text
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: log-prob of each chosen token plus its k best alternatives
+    json_object: bool = False  # constrain the output to one JSON object (see structured.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

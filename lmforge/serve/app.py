@@ -82,7 +82,8 @@ class RateLimiter:
         return 0.0
 
 
-def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: ServeSettings | None = None,
+               store=None) -> FastAPI:
     settings = settings or ServeSettings()
     metrics = ServerMetrics(scheduler)
     limiter = RateLimiter(settings.rate_limit_per_minute)
@@ -128,7 +129,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
         if size > settings.max_request_bytes:
             response = JSONResponse(error_body(f"request body exceeds {settings.max_request_bytes} bytes",
                                                "invalid_request_error", code="request_too_large"), 413)
-        elif endpoint.startswith("/v1/") and (denied := _authorize(request)) is not None:
+        elif endpoint.startswith(("/v1/", "/api/")) and (denied := _authorize(request)) is not None:
             response = denied
         else:
             response = await call_next(request)
@@ -266,8 +267,9 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         check_model(body.model)
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(400, f"response_format {body.response_format.type!r} is not supported yet", param="response_format")
+        json_object = body.response_format is not None and body.response_format.type == "json_object"
+        if body.response_format is not None and body.response_format.type == "json_schema":
+            raise APIError(400, "response_format 'json_schema' is not supported yet; use 'json_object'", param="response_format")
         try:
             messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -283,7 +285,10 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         logprobs = (top or 0) if body.logprobs else None
-        handles = [submit(ids, sampling(body, max_tokens, logprobs, len(ids), i)) for i in range(body.n)]
+        params = [sampling(body, max_tokens, logprobs, len(ids), i) for i in range(body.n)]
+        for p in params:
+            p.json_object = json_object
+        handles = [submit(ids, p) for p in params]
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def logprob_content(event) -> dict[str, Any] | None:
@@ -451,5 +456,10 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
                             "finish_reason": finish(result.finish_reason) if result else "length"})
         return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
                 "usage": usage(sum(len(p) for p in prompts), completion_tokens)}
+
+    if store is not None:  # the web chat and its conversation/feedback storage (lmforge/serve/webui.py)
+        from .webui import register_webui
+
+        register_webui(app, store)
 
     return app
