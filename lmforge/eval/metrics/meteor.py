@@ -78,66 +78,59 @@ def _align_stage(hyp_keys: Sequence[str], ref_keys: Sequence[str], fixed: dict[i
         return {}
     hyp_count = Counter(hyp_keys[i] for i in slots)
     quota = {key: min(n, len(refs_of[key])) for key, n in hyp_count.items()}
-    # occurrences of each key among slots[t:], and the keys that still occur there
+    # Reference words as bits; `ahead[t]`: bits of the keys that still occur in slots[t:]
+    # (used words of other keys cannot matter any more, so they leave the memo key).
+    key_bits = {key: sum(1 << j for j in refs_of[key]) for key in hyp_count}
     later = [Counter() for _ in range(len(slots) + 1)]
+    ahead = [0] * (len(slots) + 1)
     for t in range(len(slots) - 1, -1, -1):
         later[t] = later[t + 1].copy()
         later[t][hyp_keys[slots[t]]] += 1
+        ahead[t] = ahead[t + 1] | key_bits[hyp_keys[slots[t]]]
+    memo: dict[tuple[int, int | None, int], tuple[int, int | None]] = {}
 
-    def gain(i: int, j: int, prev: int | None) -> int:
-        before = prev if prev is not None else fixed.get(i - 1)
-        return int(before == j - 1) + int(fixed.get(i + 1) == j + 1)
-
-    def options(t: int, used: frozenset, used_of: Counter) -> list[int | None]:
-        key = hyp_keys[slots[t]]
-        need = quota[key] - used_of[key]
-        choices: list[int | None] = [j for j in refs_of[key] if j not in used] if need > 0 else []
-        if later[t][key] > need:  # enough later occurrences remain to fill the quota
-            choices.append(None)
-        return choices
-
-    memo: dict[tuple, tuple[int, int | None]] = {}
-
-    def best(t: int, prev: int | None, used: frozenset, used_of: Counter) -> int:
+    def best(t: int, prev: int | None, used: int) -> int:
+        """Most adjacencies reachable from slot t; `prev`: the pick of slot t-1 if it is hyp i-1."""
         if t == len(slots):
             return 0
-        i = slots[t]
-        consecutive = t > 0 and slots[t - 1] == i - 1
-        relevant = frozenset(j for j in used if later[t][ref_keys[j]])
-        state = (t, prev if consecutive else None, relevant)
+        state = (t, prev, used & ahead[t])
         hit = memo.get(state)
         if hit is not None:
             return hit[0]
         if len(memo) >= budget:
             raise _OverBudget
+        i, key = slots[t], hyp_keys[slots[t]]
+        before = prev if prev is not None else fixed.get(i - 1)
+        after = fixed.get(i + 1)
+        follows = t + 1 < len(slots) and slots[t + 1] == i + 1
+        need = quota[key] - (used & key_bits[key]).bit_count()
         top, pick = -1, None
-        for j in options(t, used, used_of):
-            if j is None:
-                value = best(t + 1, None, used, used_of)
-            else:
-                key = ref_keys[j]
-                used_of[key] += 1
-                value = gain(i, j, prev if consecutive else None) + best(t + 1, j, used | {j}, used_of)
-                used_of[key] -= 1
+        if need > 0:
+            for j in refs_of[key]:
+                if not used >> j & 1:
+                    value = (before == j - 1) + (after == j + 1)
+                    value += best(t + 1, j if follows else None, used | 1 << j)
+                    if value > top:
+                        top, pick = value, j
+        if later[t][key] > need:  # enough later occurrences remain to fill the quota
+            value = best(t + 1, None, used)
             if value > top:
-                top, pick = value, j
+                top, pick = value, None
         memo[state] = (top, pick)
         return top
 
     try:
-        best(0, None, frozenset(), Counter())
+        best(0, None, 0)
     except (_OverBudget, RecursionError):
         return _greedy_stage(hyp_keys, slots, refs_of, quota, fixed)
     chosen: dict[int, int] = {}
-    prev, used = None, frozenset()
+    prev, used = None, 0
     for t, i in enumerate(slots):
-        consecutive = t > 0 and slots[t - 1] == i - 1
-        relevant = frozenset(j for j in used if later[t][ref_keys[j]])
-        pick = memo[(t, prev if consecutive else None, relevant)][1]
+        pick = memo[(t, prev, used & ahead[t])][1]
         if pick is not None:
             chosen[i] = pick
-            used = used | {pick}
-        prev = pick
+            used |= 1 << pick
+        prev = pick if pick is not None and t + 1 < len(slots) and slots[t + 1] == i + 1 else None
     return chosen
 
 
