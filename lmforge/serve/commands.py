@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a client may ask for")
     p.add_argument("--rate-limit", type=int, default=0, help="requests per minute per API key (0 = unlimited)")
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in request logs")
+    p.add_argument("--db", default="lmforge-serve.db", metavar="PATH",
+                   help="SQLite file keeping the web chat's conversations and feedback, created if missing "
+                        "(default: lmforge-serve.db in the current directory)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(func=run)
@@ -59,14 +62,16 @@ def run(args: argparse.Namespace) -> int:
     from ..api import load
     from ..infer.scheduler import Scheduler
     from .app import ServeSettings, create_app
+    from .feedback import FeedbackStore
 
+    store = FeedbackStore(args.db)  # opened first: a bad path fails before the model loads
     lm = load(args.model, dtype=args.dtype, device=args.device)
     max_len = args.max_seq_len or min(lm.config.max_position_embeddings, 4096)
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=args.max_batch, max_seq_len=max_len,
                           max_waiting=args.max_waiting).start()
     settings = ServeSettings(api_keys=keys, rate_limit_per_minute=args.rate_limit,
                              max_tokens_limit=args.max_tokens_limit, log_prompts=args.log_prompts)
-    app = create_app(scheduler, lm.tokenizer, lm.name, settings)
+    app = create_app(scheduler, lm.tokenizer, lm.name, settings, store=store)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"lmforge serving {lm.name} at http://{shown}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr, flush=True)
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             raise
     finally:
         scheduler.shutdown(drain=False, timeout=10)
+        store.close()
     print("lmforge server stopped", file=sys.stderr)
     return 0
 
