@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -119,8 +120,9 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
+    db = os.path.join(tempfile.mkdtemp(prefix="lmforge-bench-"), "serve.db")
     server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--port", str(port), "--max-batch",
-                               str(args.max_batch), "--max-seq-len", "1024", "--db", os.devnull],
+                               str(args.max_batch), "--max-seq-len", "1024", "--db", db],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
