@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import lmforge.cli
+import lmforge.eval.cli_perplexity
 from lmforge.cli import main
 from lmforge.eval.metrics import compute_metrics
 from lmforge.eval.perplexity import perplexity
@@ -28,7 +28,7 @@ def assert_user_error(code, err, message):
 
 
 def test_perplexity_cli_json_and_report(capsys, monkeypatch, tmp_path, default_lm):
-    monkeypatch.setattr(lmforge.cli, "_load", lambda args: default_lm)  # reuse the session's model
+    monkeypatch.setattr(lmforge.eval.cli_perplexity, "load_model", lambda args: default_lm)  # reuse the session's model
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")[2000:2600]
     file = tmp_path / "held_out.txt"
     file.write_text(text, encoding="utf-8")

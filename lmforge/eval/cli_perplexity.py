@@ -56,8 +56,22 @@ def read_texts(path: str) -> list[str]:
     return texts
 
 
+def load_model(args: argparse.Namespace):
+    """The local model named on the command line (perplexity needs its weights, not an endpoint)."""
+    import time
+
+    from ..api import load
+
+    started = time.perf_counter()
+    if sys.stderr.isatty():
+        print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, end="\r", flush=True)
+    lm = load(args.model, dtype=args.dtype, device=args.device)
+    if sys.stderr.isatty():
+        print(f"loaded {lm.name} in {time.perf_counter() - started:.1f}s" + " " * 20, file=sys.stderr)
+    return lm
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..cli import _load
     from .perplexity import ModelScorer, perplexity, plan_windows
     from .report import ProgressLine, markdown_table, write_report
 
@@ -68,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         plan_windows(0, args.window, args.stride or max(1, args.window // 2))  # flag errors before loading
     if args.batch_tokens < 1:
         raise LmforgeError("--batch-tokens must be positive")
-    lm = _load(args)
+    lm = load_model(args)
     scorer = ModelScorer(lm.model, batch_tokens=args.batch_tokens)
     window = args.window or min(scorer.context or 2048, 2048)
     stride = args.stride or max(1, window // 2)

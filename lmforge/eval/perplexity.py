@@ -162,7 +162,9 @@ def score_tokens(
     plans = plan_windows(len(tokens), window, stride)
     total, count = [], 0
     batched = getattr(scorer, "score_batch", None)
-    chunk = 1 if batched is None else max(1, getattr(scorer, "batch_tokens", 4096) // (window + 1))
+    capacity = max(1, getattr(scorer, "batch_tokens", 4096) // (window + 1))
+    # Batches as large as the scorer allows, but at least ten progress steps on long texts.
+    chunk = 1 if batched is None else max(1, min(capacity, math.ceil(len(plans) / 10)))
     for at in range(0, len(plans), chunk):
         part = plans[at : at + chunk]
         slices = [tokens[w.start : w.end] for w in part]
