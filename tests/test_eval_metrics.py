@@ -232,8 +232,10 @@ def test_meteor_search_budget_falls_back_quickly():
 
 def test_compute_metrics_all(pairs):
     preds, refs = [p for p, _ in pairs[:30]], [r for _, r in pairs[:30]]
-    out = compute_metrics(preds, refs)
+    seen = []
+    out = compute_metrics(preds, refs, progress=lambda done, total: seen.append((done, total)))
     assert set(out) == {"bleu", "chrf", "rouge", "meteor"}
+    assert seen[-1] == (60, 60) and len(seen) == 60  # one step per segment for ROUGE and for METEOR
     assert 0 < out["bleu"]["score"] < 100 and 0 < out["chrf"]["score"] < 100
     assert 0 < out["rouge"]["rougeL"]["f"] < 1 and 0 < out["meteor"]["score"] < 1
     assert out["meteor"]["score"] == pytest.approx(meteor_corpus(preds, refs))

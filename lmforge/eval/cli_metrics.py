@@ -57,7 +57,7 @@ def read_segments(path: str, key: str) -> list[str | list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     from .metrics import METRICS, compute_metrics
-    from .report import markdown_table, write_report
+    from .report import ProgressLine, markdown_table, write_report
 
     names = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in names if m not in METRICS]
@@ -72,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
             raise LmforgeError(f"{len(predictions)} predictions but {len(refs)} references in {f}")
     references = [[r for refs in per_file for r in ([refs[i]] if isinstance(refs[i], str) else refs[i])]
                   for i in range(len(predictions))]
-    scores = compute_metrics(predictions, references, names, lang=args.lang, stem=not args.no_stem)  # type: ignore[arg-type]
+    progress = ProgressLine(0, "metrics", unit="segments")
+    try:
+        scores = compute_metrics(predictions, references, names, lang=args.lang,  # type: ignore[arg-type]
+                                 stem=not args.no_stem, progress=progress)
+    finally:
+        progress.close()
     data = {"predictions": args.predictions, "references": args.references, "segments": len(predictions),
             "lang": args.lang or "en", "stem": not args.no_stem, "scores": scores}
     rows = summary_rows(scores)

@@ -13,7 +13,7 @@ summarization) and alongside human or model judgements, not instead of them.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ...errors import LmforgeError
 
@@ -26,12 +26,14 @@ def compute_metrics(
     metrics: Sequence[str] = METRICS,
     lang: str | None = None,
     stem: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Corpus-level scores: {"bleu": {...}, "chrf": {...}, "rouge": {...}, "meteor": {...}}.
 
     BLEU and chrF are on sacrebleu's 0-100 scale; ROUGE (mean P/R/F per type) and METEOR
     (mean of sentence scores) on 0-1. `lang` picks CJK-aware tokenization ("zh", "ja",
-    "ko") and turns English stemming off for other languages.
+    "ko") and turns English stemming off for other languages. `progress(done, total)` counts
+    the segments scored by ROUGE and METEOR, the two that take time on large sets.
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -42,6 +44,15 @@ def compute_metrics(
         raise LmforgeError("no predictions to score")
     english = lang in (None, "", "en")
     out: dict[str, dict[str, Any]] = {}
+    total = len(predictions) * sum(name in ("rouge", "meteor") for name in metrics)
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
     for name in metrics:
         if name == "bleu":
             from .sacre import bleu
@@ -54,11 +65,12 @@ def compute_metrics(
         elif name == "rouge":
             from .rouge import rouge_corpus
 
-            scores = rouge_corpus(predictions, references, use_stemmer=stem and english, lang=lang)
+            scores = rouge_corpus(predictions, references, use_stemmer=stem and english, lang=lang, progress=step)
             out[name] = {kind: {"precision": s.precision, "recall": s.recall, "f": s.fmeasure}
                          for kind, s in scores.items()}
         else:
             from .meteor import meteor_corpus
 
-            out[name] = {"score": meteor_corpus(predictions, references, lang=lang, stem=stem and english)}
+            out[name] = {"score": meteor_corpus(predictions, references, lang=lang, progress=step,
+                                                 stem=stem and english)}
     return out

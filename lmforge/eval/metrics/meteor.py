@@ -186,10 +186,15 @@ def meteor(prediction: str, references: str | Sequence[str], lang: str | None = 
 
 
 def meteor_corpus(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
-                  lang: str | None = None, **params) -> float:
-    """Mean sentence METEOR over the corpus."""
+                  lang: str | None = None, progress: Callable[[int], None] | None = None, **params) -> float:
+    """Mean sentence METEOR over the corpus; `progress(1)` after each pair."""
     if len(predictions) != len(references):
         raise LmforgeError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise LmforgeError("no predictions to score")
-    return sum(meteor(p, r, lang, **dict(params)).score for p, r in zip(predictions, references)) / len(predictions)
+    total = 0.0
+    for p, r in zip(predictions, references):
+        total += meteor(p, r, lang, **dict(params)).score
+        if progress is not None:
+            progress(1)
+    return total / len(predictions)

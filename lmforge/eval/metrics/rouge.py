@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ...errors import LmforgeError
 from .text import split_sentences, words
@@ -169,13 +169,18 @@ def rouge_corpus(
     types: Sequence[str] = ROUGE_TYPES,
     use_stemmer: bool = False,
     lang: str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Score]:
-    """Mean precision, recall and F1 over prediction/reference pairs."""
+    """Mean precision, recall and F1 over prediction/reference pairs; `progress(1)` after each pair."""
     if len(predictions) != len(references):
         raise LmforgeError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise LmforgeError("no predictions to score")
-    scores = [rouge(p, r, types, use_stemmer, lang) for p, r in zip(predictions, references)]
+    scores = []
+    for p, r in zip(predictions, references):
+        scores.append(rouge(p, r, types, use_stemmer, lang))
+        if progress is not None:
+            progress(1)
     n = len(scores)
     return {kind: Score(sum(s[kind].precision for s in scores) / n, sum(s[kind].recall for s in scores) / n,
                         sum(s[kind].fmeasure for s in scores) / n) for kind in types}
