@@ -235,3 +235,16 @@ def test_response_format_json_object(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=QUESTION, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+
+
+def test_non_streaming_client_timeout_cancels_generation(server):
+    url, scheduler = server
+    finished_before, tokens_before = scheduler.stats.finished, scheduler.stats.generated_tokens
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2000,
+                                                  "ignore_eos": True}, timeout=1.5)
+    deadline = time.time() + 20
+    while scheduler.stats.finished == finished_before and time.time() < deadline:
+        time.sleep(0.05)
+    assert scheduler.stats.finished == finished_before + 1 and scheduler.stats.running == 0
+    assert scheduler.stats.generated_tokens - tokens_before < 1000

@@ -96,6 +96,10 @@ class RemoteModel:
         """lmforge's SamplingParams names -> OpenAI request fields (the names mostly agree)."""
         out = dict(sampling)
         out.pop("ignore_eos", None)
+        # lmforge's extensions are sent only when they do something, so strict endpoints accept the request.
+        for key, neutral in (("top_k", 0), ("min_p", 0.0), ("repetition_penalty", 1.0)):
+            if out.get(key) == neutral:
+                out.pop(key)
         if out.get("stop") is not None and isinstance(out["stop"], str):
             out["stop"] = [out["stop"]]
         return {k: v for k, v in out.items() if v is not None}

@@ -86,6 +86,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
                store=None) -> FastAPI:
     settings = settings or ServeSettings()
     metrics = ServerMetrics(scheduler)
+    scheduler.on_finish = metrics.observe_generation  # every ending counts: done, cancelled or failed
     limiter = RateLimiter(settings.rate_limit_per_minute)
     context_length = scheduler.max_seq_len
     created = int(time.time())
@@ -202,15 +203,22 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    async def collect(handles: list[RequestHandle]):
+    async def collect(handles: list[RequestHandle], request: Request):
+        """Wait for every handle; if the client goes away first, cancel them (frees batch rows)."""
+        gathered = asyncio.ensure_future(asyncio.gather(*(h.aresult() for h in handles)))
         try:
-            results = await asyncio.gather(*(h.aresult() for h in handles))
+            while True:
+                done, _ = await asyncio.wait({gathered}, timeout=0.25)
+                if done:
+                    results = gathered.result()
+                    break
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError
         except asyncio.CancelledError:
             for h in handles:
                 h.cancel()
+            gathered.cancel()
             raise
-        for h in handles:
-            metrics.observe_generation(h)
         for r in results:
             if r.error:
                 raise APIError(500, "generation failed", "server_error")
@@ -233,11 +241,13 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
                 completion_tokens += len(event.token_ids)
                 if event.text or event.token_ids:
                     yield f"data: {json.dumps(make_chunk(index, event))}\n\n"
-                if event.final:
+                if event.final and event.error:
+                    log.error(json.dumps({"generation_error": event.error}))
+                    yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
+                    open_choices -= 1
+                elif event.final:
                     open_choices -= 1
                     yield f"data: {json.dumps(final_chunk(index, event))}\n\n"
-            for h in handles:
-                metrics.observe_generation(h)
             yield ("usage", completion_tokens)
         finally:
             for h in handles:
@@ -265,7 +275,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
         return {"id": model_name, "object": "model", "created": created, "owned_by": "lmforge"}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         json_object = body.response_format is not None and body.response_format.type == "json_object"
         if body.response_format is not None and body.response_format.type == "json_schema":
@@ -326,7 +336,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
-        results = await collect(handles)
+        results = await collect(handles, request)
         return {
             "id": rid, "object": "chat.completion", "created": now, "model": model_name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
@@ -366,7 +376,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
         return scheduler.run(work)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
@@ -429,7 +439,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
             return StreamingResponse(sse(), media_type="text/event-stream")
 
         live = [h for _, h in handles if h is not None]
-        results = iter(await collect(live)) if live else iter(())
+        results = iter(await collect(live, request)) if live else iter(())
         scored: dict[int, tuple] = {}
         if body.echo and body.logprobs is not None:
             for p_index, ids in enumerate(prompts):

@@ -13,6 +13,7 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+KNOWN_ENDPOINTS = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
 
 
@@ -40,7 +41,7 @@ class ServerMetrics:
               registry=r).set_function(self.tokens_per_second)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        known = endpoint if endpoint.startswith(("/v1/", "/health", "/metrics")) or endpoint == "/" else "other"
+        known = endpoint if endpoint in KNOWN_ENDPOINTS else "other"  # bounded label values
         self.requests.labels(known, str(status)).inc()
         self.latency.labels(known).observe(seconds)
 
