@@ -628,8 +628,8 @@ def test_malformed_files_raise_lmforge_error(tmp_path):
     bad.write_text(json.dumps({"version": "1.0"}))
     with pytest.raises(LmforgeError, match="no 'model'"):
         Tokenizer.from_file(bad)
-    bad.write_text(json.dumps({"model": {"type": "Unigram", "vocab": [["a", 0.0]]}}))
-    with pytest.raises(LmforgeError, match="unsupported tokenizer model type 'Unigram'"):
+    bad.write_text(json.dumps({"model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}))
+    with pytest.raises(LmforgeError, match="unsupported tokenizer model type 'WordLevel'"):
         Tokenizer.from_file(bad)
     bad.write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
                                "pre_tokenizer": {"type": "Nonexistent"}}))

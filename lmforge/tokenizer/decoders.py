@@ -181,6 +181,33 @@ class DecoderSequence:
         return {"type": "Sequence", "decoders": [d.to_dict() for d in self.decoders]}
 
 
+_WORDPIECE_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                      (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+@dataclass(frozen=True)
+class WordPieceDecoder:
+    """BERT-style: ``##`` continuations glue to the previous token, other tokens get a space;
+    ``cleanup`` removes the space before punctuation and English contractions."""
+
+    prefix: str = "##"
+    cleanup: bool = True
+
+    def decode_chain(self, tokens: list[str]) -> list[str]:
+        out = []
+        for i, token in enumerate(tokens):
+            if i:
+                token = token.replace(self.prefix, "", 1) if token.startswith(self.prefix) else " " + token
+            if self.cleanup:
+                for dirty, clean in _WORDPIECE_CLEANUP:
+                    token = token.replace(dirty, clean)
+            out.append(token)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "WordPiece", "prefix": self.prefix, "cleanup": self.cleanup}
+
+
 def decoder_from_dict(spec: dict[str, Any] | None) -> Decoder | None:
     """Build a decoder from its tokenizer.json form (None: tokens are joined with spaces)."""
     if spec is None:
@@ -201,6 +228,8 @@ def decoder_from_dict(spec: dict[str, Any] | None) -> Decoder | None:
         return StripDecoder(spec.get("content", " "), spec.get("start", 0), spec.get("stop", 0))
     if kind == "Replace":
         return ReplaceDecoder(spec["pattern"], spec["content"])
+    if kind == "WordPiece":
+        return WordPieceDecoder(spec.get("prefix", "##"), spec.get("cleanup", True))
     if kind == "BPEDecoder":
         return BPESuffixDecoder(spec.get("suffix", "</w>"))
     if kind == "Sequence":

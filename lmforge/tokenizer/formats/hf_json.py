@@ -37,9 +37,13 @@ def _read_json(path: Path) -> Any:
 
 def _model_from_dict(spec: dict[str, Any]) -> BPE:
     kind = spec.get("type") or ("BPE" if "merges" in spec else None)
+    if kind in ("WordPiece", "Unigram"):
+        from lmforge.tokenizer.train.models import model_from_dict
+
+        return model_from_dict(spec)  # type: ignore[return-value]
     if kind != "BPE":
         raise LmforgeError(
-            f"unsupported tokenizer model type {kind!r}: lmforge reads BPE tokenizers "
+            f"unsupported tokenizer model type {kind!r}: lmforge reads BPE, WordPiece and Unigram tokenizers "
             "(GPT-2, Llama, Qwen, Mistral, SmolLM style)"
         )
     merges: list[tuple[str, str]] = []
