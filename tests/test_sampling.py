@@ -96,3 +96,9 @@ def test_presence_and_frequency_penalties_are_additive():
     counts = torch.tensor([0, 1, 3])
     out = apply_presence_frequency(logits, counts, presence=0.5, frequency=0.25)
     assert out.tolist() == [1.0, 1.0 - 0.5 - 0.25, 1.0 - 0.5 - 0.75]
+
+
+def test_top_p_smaller_than_float32_keeps_the_top_token():
+    """Found by fuzzing the server: top_p=1e-110 is 0 in float32 and must not mask everything."""
+    out = truncate(LOGITS, top_k=0, top_p=1e-110, min_p=0.0)
+    assert kept(out) == [0]

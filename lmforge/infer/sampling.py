@@ -94,6 +94,7 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> to
         # Drop a token when the tokens strictly more likely already cover top_p: the most
         # likely token always survives, and the set is the smallest reaching top_p.
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted[..., 0] = False  # even when top_p underflows to 0 in float32
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     if min_p > 0.0:
         probs = logits.softmax(-1)

@@ -119,31 +119,20 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
         return JSONResponse(error_body("internal server error", "server_error"), 500)
 
     # -------------------------------------------------------------- middleware
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        start = time.perf_counter()
-        endpoint = request.url.path
+    def deny(path: str, headers: dict[str, str]) -> JSONResponse | None:
+        """Size, authentication and rate limits, before any route runs."""
         try:
-            size = int(request.headers.get("content-length") or 0)
+            size = int(headers.get("content-length") or 0)
         except ValueError:
             size = 0
         if size > settings.max_request_bytes:
-            response = JSONResponse(error_body(f"request body exceeds {settings.max_request_bytes} bytes",
-                                               "invalid_request_error", code="request_too_large"), 413)
-        elif endpoint.startswith(("/v1/", "/api/")) and (denied := _authorize(request)) is not None:
-            response = denied
-        else:
-            response = await call_next(request)
-        elapsed = time.perf_counter() - start
-        metrics.observe_request(endpoint, response.status_code, elapsed)
-        log.info(json.dumps({"method": request.method, "path": endpoint, "status": response.status_code,
-                             "seconds": round(elapsed, 4)}))
-        return response
-
-    def _authorize(request: Request) -> JSONResponse | None:
+            return JSONResponse(error_body(f"request body exceeds {settings.max_request_bytes} bytes",
+                                           "invalid_request_error", code="request_too_large"), 413)
+        if not path.startswith(("/v1/", "/api/")):
+            return None
         key = "anonymous"
         if settings.api_keys:
-            header = request.headers.get("authorization", "")
+            header = headers.get("authorization", "")
             given = header[7:].strip() if header.lower().startswith("bearer ") else ""
             if not any(hmac.compare_digest(given, k) for k in settings.api_keys):
                 return JSONResponse(error_body("invalid or missing API key (send Authorization: Bearer KEY)",
@@ -155,6 +144,41 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
                                            code="rate_limit_exceeded"), 429,
                                 headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return None
+
+    class Guard:
+        """Plain ASGI middleware (it does not wrap `receive`, so disconnects stay visible to routes).
+
+        Latency is observed when the response has been sent completely, streams included.
+        """
+
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            start = time.perf_counter()
+            status = {"code": 500}
+
+            async def send_and_watch(message):
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                await send(message)
+
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            denied = deny(scope["path"], headers)
+            try:
+                if denied is not None:
+                    await denied(scope, receive, send_and_watch)
+                else:
+                    await self.inner(scope, receive, send_and_watch)
+            finally:
+                elapsed = time.perf_counter() - start
+                metrics.observe_request(scope["path"], status["code"], elapsed)
+                log.info(json.dumps({"method": scope.get("method"), "path": scope["path"], "status": status["code"],
+                                     "seconds": round(elapsed, 4)}))
+
+    app.add_middleware(Guard)
 
     # ----------------------------------------------------------------- helpers
     def check_model(name: str | None) -> None:
