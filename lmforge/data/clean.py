@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 from lmforge.data.langid import STOP_WORDS, is_spaceless_script
 
-_SCRIPT_STYLE = re.compile(r"<(script|style|noscript|template|svg|head)\b[^>]*>.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
+# Elements whose content is code or page furniture (menus, footers, sidebars, forms).
+_SCRIPT_STYLE = re.compile(r"<(script|style|noscript|template|svg|head|nav|footer|aside|form)\b[^>]*>.*?</\1\s*>",
+                           re.DOTALL | re.IGNORECASE)
 _HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 _BLOCK_TAG = re.compile(r"</?(?:p|div|br|li|ul|ol|tr|table|h[1-6]|section|article|header|footer|nav|"
                         r"blockquote|pre|hr|dd|dt|dl|main|aside|form|figure|figcaption)\b[^>]*>", re.IGNORECASE)
@@ -64,9 +66,19 @@ def looks_like_html(text: str) -> bool:
     return len(_LOOKS_LIKE_HTML.findall(text[:20000])) >= 2
 
 
+_MENU_SEPARATORS = re.compile(r"\s[|•·»/]\s")
+
+
 def is_boilerplate_line(line: str) -> bool:
     stripped = line.strip()
-    return bool(stripped) and len(stripped) < 200 and bool(_BOILERPLATE.search(stripped.lower()))
+    if not stripped or len(stripped) >= 200:
+        return False
+    if _BOILERPLATE.search(stripped.lower()):
+        return True
+    # A menu: three or more short items separated by | • · » or /, and no sentence punctuation.
+    items = _MENU_SEPARATORS.split(stripped)
+    return len(items) >= 2 and all(len(i.split()) <= 3 for i in items) and not stripped.endswith((".", "?", "!")) \
+        and (len(items) >= 3 or "|" in stripped)
 
 
 def remove_boilerplate(text: str) -> tuple[str, int]:

@@ -162,6 +162,10 @@ class NearDuplicateIndex:
     bands: int | None = None
     rows: int | None = None
     seed: int = 1
+    # Candidates are verified, so a false positive of the banding costs one comparison while
+    # a false negative is a missed duplicate: weigh misses more when choosing bands and rows.
+    false_positive_weight: float = 0.1
+    false_negative_weight: float = 0.9
     hasher: MinHasher = field(init=False)
     _buckets: list[dict[bytes, list[Hashable]]] = field(init=False, repr=False)
     _signatures: dict[Hashable, np.ndarray] = field(init=False, repr=False)
@@ -170,7 +174,8 @@ class NearDuplicateIndex:
 
     def __post_init__(self) -> None:
         if self.bands is None or self.rows is None:
-            self.bands, self.rows = choose_bands(self.num_perm, self.threshold)
+            self.bands, self.rows = choose_bands(self.num_perm, self.threshold, self.false_positive_weight,
+                                                 self.false_negative_weight)
         if self.bands * self.rows > self.num_perm:
             raise ValueError(f"bands * rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
         self.hasher = MinHasher(self.num_perm, self.shingle_size, self.seed)

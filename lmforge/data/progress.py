@@ -22,8 +22,8 @@ class Progress:
     """
 
     def __init__(self, label: str, stream: TextIO | None = None, interval: float = 0.25,
-                 log_every: float = 5.0, enabled: bool = True) -> None:
-        self.label, self.stream, self.enabled = label, stream or sys.stderr, enabled
+                 log_every: float = 5.0, enabled: bool = True, unit: str = "docs") -> None:
+        self.label, self.stream, self.enabled, self.unit = label, stream or sys.stderr, enabled, unit
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval if self.tty else log_every
         self.start = time.perf_counter()
@@ -41,8 +41,9 @@ class Progress:
         parts = [self.label]
         if fraction is not None:
             parts.append(f"{100 * fraction:3.0f}%")
-        parts += [f"{docs:,} docs", f"{nbytes / 1e6:.1f} MB", f"{docs / elapsed:,.0f} docs/s",
-                  f"{nbytes / 1e6 / elapsed:.2f} MB/s"]
+        parts += [f"{docs:,} {self.unit}", f"{docs / elapsed:,.0f} {self.unit}/s"]
+        if nbytes:
+            parts += [f"{nbytes / 1e6:.1f} MB", f"{nbytes / 1e6 / elapsed:.2f} MB/s"]
         if fraction and 0 < fraction < 1:
             parts.append(f"ETA {_duration(elapsed * (1 - fraction) / fraction)}")
         line = "  ".join(parts)

@@ -21,6 +21,8 @@ def resolve_tokenizer(spec: str | None) -> Tokenizer:
             if (path / "tokenizer.json").is_file():
                 return Tokenizer.from_pretrained_dir(path)
             raise LmforgeError(f"{path} has no tokenizer.json")
+        if path.suffix.lower() in (".json", ".gguf"):
+            raise LmforgeError(f"no such file or directory: {path}")
     from lmforge.model.registry import resolve
 
     model = resolve(spec)  # registered name (or explains why the argument is unusable)
