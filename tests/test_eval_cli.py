@@ -29,21 +29,21 @@ def assert_user_error(code, err, message):
 
 def test_perplexity_cli_json_and_report(capsys, monkeypatch, tmp_path, default_lm):
     monkeypatch.setattr(lmforge.eval.cli_perplexity, "load_model", lambda args: default_lm)  # reuse the session's model
-    text = (ROOT / "LICENSE").read_text(encoding="utf-8")[2000:2600]
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")[2000:2400]
     file = tmp_path / "held_out.txt"
     file.write_text(text, encoding="utf-8")
-    code, out, err = run_cli(capsys, "eval", "perplexity", "--file", file, "--window", 64, "--stride", 32,
+    code, out, err = run_cli(capsys, "eval", "perplexity", "--file", file, "--window", 48, "--stride", 24,
                              "--json", "--out", tmp_path / "report")
     assert code == 0, err
     result = json.loads(out)
-    expected = perplexity(default_lm, text, window=64, stride=32)
-    assert (result["window"], result["stride"], result["tokens"]) == (64, 32, expected.tokens)
+    expected = perplexity(default_lm, text, window=48, stride=24)
+    assert (result["window"], result["stride"], result["tokens"]) == (48, 24, expected.tokens) and result["windows"] > 1
     assert result["ppl"] == pytest.approx(expected.ppl, rel=1e-9)
     assert result["bpb"] == pytest.approx(expected.bpb, rel=1e-9)
     assert json.loads((tmp_path / "report" / "perplexity.json").read_text())["ppl"] == pytest.approx(result["ppl"])
     table = (tmp_path / "report" / "perplexity.md").read_text()
     assert "| bits/byte |" in table and f"{expected.ppl:.4f}" in table
-    code, out, _ = run_cli(capsys, "eval", "perplexity", "--file", file, "--window", 64, "--no-prefix")
+    code, out, _ = run_cli(capsys, "eval", "perplexity", "--file", file, "--window", 48, "--no-prefix")
     assert code == 0 and out.startswith(f"{default_lm.name}: perplexity ") and "bits/byte" in out
 
 
