@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from lmforge.data.langid import STOP_WORDS, is_spaceless_script
 
+ANY_STOP_WORDS = frozenset().union(*STOP_WORDS.values())
+
 # Elements whose content is code or page furniture (menus, footers, sidebars, forms).
 _SCRIPT_STYLE = re.compile(r"<(script|style|noscript|template|svg|head|nav|footer|aside|form)\b[^>]*>.*?</\1\s*>",
                            re.DOTALL | re.IGNORECASE)
@@ -182,8 +184,9 @@ def quality_reasons(text: str, lang: str | None = None, config: QualityConfig | 
     """Names of the quality rules ``text`` breaks (empty: it passes).
 
     ``lang`` (an ISO 639-1 code from :mod:`lmforge.data.langid`) turns on the stop-word rule
-    for languages that have a list, and relaxes word-based rules for scripts that do not
-    separate words by spaces.
+    for languages that have a list (``und``, undetermined, must have function words of
+    some listed language), and relaxes word-based rules for scripts that do not separate
+    words by spaces.
     """
     c = config or QualityConfig()
     reasons: list[str] = []
@@ -243,7 +246,8 @@ def quality_reasons(text: str, lang: str | None = None, config: QualityConfig | 
             if duplicate_ngram_char_ratio(lowered, n) > limit:
                 reasons.append("duplicate_ngrams")
                 break
-        stops = STOP_WORDS.get(lang or "")
+        # Undetermined text (names, lists, code) is held to the function words of any language.
+        stops = ANY_STOP_WORDS if lang == "und" else STOP_WORDS.get(lang or "")
         if c.min_stop_words is not None and stops:
             hits = sum(1 for w in lowered if w.strip(".,;:!?\"'()[]") in stops)
             if hits < c.min_stop_words:
