@@ -244,8 +244,12 @@ class Scheduler:
                         self._retire()
             except Exception as exc:  # a bug must not hang every client: fail the running requests
                 for handle in self._rows:
+                    handle.finished_at = time.perf_counter()
                     handle._put(Event(final=True, finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+                    if self.on_finish is not None:
+                        self.on_finish(handle)
                 self._rows.clear()
+                self.stats.running = 0
 
     def _forward(self, ids: torch.Tensor, cache: KVCache, start) -> torch.Tensor:
         if not self.numpy_blas:

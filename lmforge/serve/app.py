@@ -172,6 +172,9 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
                     await denied(scope, receive, send_and_watch)
                 else:
                     await self.inner(scope, receive, send_and_watch)
+            except asyncio.CancelledError:
+                status["code"] = 499  # the client closed the request before an answer (nginx's convention)
+                raise
             finally:
                 elapsed = time.perf_counter() - start
                 metrics.observe_request(scope["path"], status["code"], elapsed)
@@ -230,6 +233,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
     async def collect(handles: list[RequestHandle], request: Request):
         """Wait for every handle; if the client goes away first, cancel them (frees batch rows)."""
         gathered = asyncio.ensure_future(asyncio.gather(*(h.aresult() for h in handles)))
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
         try:
             while True:
                 done, _ = await asyncio.wait({gathered}, timeout=0.25)
