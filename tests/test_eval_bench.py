@@ -262,7 +262,7 @@ def test_acc_norm_divides_by_bytes(default_lm):
 
 def test_generation_through_the_engine_stops_at_stop_strings(default_lm):
     task = make_task(TaskSpec(name="arith", kind="generation", prompt="Question: {{ question }}\nAnswer:",
-                              extract="number", stop=["\n"], max_tokens=8), ARITH[:2])
+                              extract="number", stop=["\n"], max_tokens=6), ARITH[:2])
     result = evaluate(default_lm, task)
     assert all("\n" not in out for item in result.items for out in item["outputs"])
     assert 0 <= result.metrics["acc"] <= 1 and "answered" in result.metrics
@@ -301,7 +301,18 @@ def test_pass_at_k_from_sampled_completions(humaneval):
 
 
 def test_humaneval_greedy_on_the_default_model(default_lm, humaneval):
-    result = evaluate(default_lm, humaneval, BenchOptions(limit=2, max_tokens=24))
+    result = evaluate(default_lm, humaneval, BenchOptions(limit=2, max_tokens=6))
     assert result.n == 2 and 0 <= result.metrics["pass@1"] <= 1
     assert all(len(i["statuses"]) == 1 and len(i["completions"]) == 1 for i in result.items)
-    assert result.settings["max_tokens"] == 24
+    assert result.settings["max_tokens"] == 6
+
+
+def test_arith_word_problems_are_fixed_and_self_consistent():
+    first, second = load_task("arith-word-problems"), load_task("arith-word-problems")
+    assert len(first.records) == 200 and len(first.pool) == 8
+    assert first.records == second.records  # generated from a fixed seed
+    for record in first.records:
+        assert extract_answer(record["rationale"], "number") == record["answer"]
+    cot = first.with_spec(first.spec.variant("cot"))
+    prompt = build_prompt(cot, cot.records[0], shots=2)
+    assert prompt.count("####") == 2 and prompt.endswith("Answer: Let's think step by step.")

@@ -145,6 +145,6 @@ def test_exact_metrics():
 
 
 def test_the_default_model_plugs_in_as_judge(default_lm):
-    verdict = PointwiseJudge(default_lm, sampling={"max_tokens": 24}).score("What is 2 + 2?", "4")
+    verdict = PointwiseJudge(default_lm, sampling={"max_tokens": 8}).score("What is 2 + 2?", "4")
     assert isinstance(verdict.raw, str) and verdict.raw
     assert verdict.score is None or 1 <= verdict.score <= 5

@@ -40,10 +40,11 @@ def test_runaway_program_is_killed_at_the_time_limit(code):
     "hoard = []\nwhile True:\n    hoard.append(' ' * 10 ** 7)\n",
 ], ids=["one-allocation", "gradual"])
 def test_memory_bomb_is_stopped(code):
-    result = run_python(code, FAST)
+    # A generous time limit: on a loaded machine filling 256 MiB can take a while, and the
+    # point is that the memory limit, not the clock, ends the program.
+    result = run_python(code, SandboxLimits(timeout=20, memory_mb=256))
     assert result.status == "memory"
     assert "MemoryError" in result.stderr
-    assert result.seconds < 3
 
 
 @pytest.mark.parametrize("use_namespace", MODES)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import LmforgeError
 
 MODEL_HELP = "registered model name, Hugging Face directory or .gguf file (default: the default model)"
-TASK_HELP = "mmlu-cot-281, humaneval, or a task file (.yaml) naming a JSONL data file"
+TASK_HELP = "mmlu-cot-281, humaneval, arith-word-problems, or a task file (.yaml) naming a JSONL data file"
 
 
 def _add_runtime(p: argparse.ArgumentParser, remote: bool = True) -> None:
