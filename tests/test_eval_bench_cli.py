@@ -41,6 +41,11 @@ def test_bench_mmlu_writes_json_markdown_and_items(tiny_dir, tmp_path, capsys):
     assert "| abstract_algebra | 5 |" in markdown
     items = [json.loads(line) for line in (out / "bench-mmlu-cot-281-items.jsonl").read_text().splitlines()]
     assert len(items) == 7 and len(items[0]["logprobs"]) == 4
+    try:
+        import matplotlib  # noqa: F401  (the eval extra installs it)
+    except ImportError:
+        return
+    assert (out / "bench-mmlu-cot-281.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_chain_of_thought_with_self_consistency(tiny_dir, capsys):

@@ -54,7 +54,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-mb", type=int, default=1024, help="sandbox memory per program in MiB (default 1024)")
     p.add_argument("--workers", type=int, help="sandbox programs run at once (default: CPU count)")
     p.add_argument("--json", action="store_true", help="print the result (without per-item details) as one JSON object")
-    p.add_argument("--out", help="directory for bench-TASK.json, bench-TASK.md and bench-TASK-items.jsonl")
+    p.add_argument("--out", help="directory for bench-TASK.json, .md, -items.jsonl and (with matplotlib) a per-group .png")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     _add_runtime(p)
     p.set_defaults(func=run_bench)
@@ -153,7 +153,12 @@ def run_bench(args: argparse.Namespace) -> int:
         name = f"bench-{_slug(task.name)}" + (f"-{_slug(options.variant)}" if options.variant else "")
         json_path, md_path = write_report(args.out, name, result.to_dict(items=False), result.markdown())
         items_path = write_jsonl(Path(args.out) / f"{name}-items.jsonl", result.items)
-        print(f"wrote {json_path}, {md_path.name} and {items_path.name}", file=sys.stderr)
+        from .bench.plot import plot_groups
+
+        chance = 1 / len(task.records[0][task.spec.choices]) if result.kind == "multiple_choice" else None
+        png = plot_groups(result, Path(args.out) / f"{name}.png", chance=chance)
+        extra = f", {png.name}" if png else ""
+        print(f"wrote {json_path}, {md_path.name}, {items_path.name}{extra}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict(items=False), ensure_ascii=False))
     else:

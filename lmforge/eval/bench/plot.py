@@ -1,0 +1,55 @@
+"""Per-group scores as a bar chart (PNG), when matplotlib is installed (`pip install 'lmforge[eval]'`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .runner import BenchResult
+
+
+def main_metric(result: BenchResult) -> str:
+    for name in ("acc", "pass@1"):
+        if name in result.metrics:
+            return name
+    return next(iter(result.metrics))
+
+
+def plot_groups(result: BenchResult, path: str | Path, chance: float | None = None) -> Path | None:
+    """Write a horizontal bar chart of the main metric per group; None when matplotlib or groups are missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not result.groups:
+        return None
+    metric = main_metric(result)
+    names = sorted(result.groups, key=lambda g: (result.groups[g].get(metric) or 0.0, g))
+    values = [result.groups[g].get(metric) or 0.0 for g in names]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.18 * len(names) + 1)))
+    ax.barh(range(len(names)), values, color="#4c72b0")
+    ax.set_yticks(range(len(names)), [f"{g} ({result.groups[g]['n']})" for g in names], fontsize=6)
+    ax.axvline(result.metrics[metric], color="black", linewidth=1, label=f"overall {result.metrics[metric]:.3f}")
+    if chance is not None:
+        ax.axvline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance {chance:.2f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"{metric} (items per group in parentheses)")
+    ax.set_title(f"{result.task} on {result.model}", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
