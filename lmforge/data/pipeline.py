@@ -202,6 +202,8 @@ def _run(config: PrepareConfig, sources: list[tuple[str, Source]], decontaminato
 
     try:
         for spec, source in sources:
+            if config.max_docs is not None and docs_read >= config.max_docs:
+                break
             weight = config.weights.get(spec, 1.0)
             for doc in source:
                 if config.max_docs is not None and docs_read >= config.max_docs:

@@ -7,10 +7,29 @@
     text = tok.decode(ids)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
 
-Importing this package is cheap: Jinja and gguf are imported only when used.
+Importing this package is cheap: its classes load on first use (so that the CLI, which
+imports ``lmforge.tokenizer.commands`` to build its parser, starts at once), and Jinja and
+gguf are imported only when used.
 """
 
-from lmforge.tokenizer.streaming import IncrementalDecoder
-from lmforge.tokenizer.tokenizer import Tokenizer
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmforge.tokenizer.streaming import IncrementalDecoder
+    from lmforge.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["IncrementalDecoder", "Tokenizer"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Tokenizer":
+        from lmforge.tokenizer.tokenizer import Tokenizer
+
+        return Tokenizer
+    if name == "IncrementalDecoder":
+        from lmforge.tokenizer.streaming import IncrementalDecoder
+
+        return IncrementalDecoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
