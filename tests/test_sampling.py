@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample_next, truncate
+from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, draw, sample_next, truncate
 
 # probabilities 0.5, 0.25, 0.15, 0.07, 0.03 (as logits)
 PROBS = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
@@ -67,6 +67,19 @@ def test_sampling_frequencies_follow_temperature():
         freq = counts / draws
         # 4 standard errors of a binomial proportion at the largest p.
         assert (freq - target).abs().max() < 4 * math.sqrt(0.25 / draws)
+
+
+def test_draw_never_picks_zero_probability_tokens_and_matches_frequencies():
+    probs = torch.tensor([0.0, 0.2, 0.0, 0.0, 0.5, 0.3, 0.0])
+    g = torch.Generator().manual_seed(5)
+    counts = torch.zeros(7)
+    draws = 4000
+    for _ in range(draws):
+        counts[draw(probs, g)] += 1
+    assert counts[[0, 2, 3, 6]].sum() == 0
+    assert (counts / draws - probs).abs().max() < 4 * math.sqrt(0.25 / draws)
+    # A distribution whose mass sits only on the last token.
+    assert draw(torch.tensor([0.0, 0.0, 1.0]), g) == 2
 
 
 def test_seed_reproducible():

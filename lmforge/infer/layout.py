@@ -1,28 +1,36 @@
-"""CPU fast path for decoding: weight layout and the matrix-vector kernel.
+"""CPU fast path for inference: weight layout and the matrix kernels.
 
-A decode step multiplies one activation row by every weight matrix, so it is bound by how
-fast the weights stream from memory; the arithmetic is negligible. Two choices decide
-that speed on a CPU, and both are measured in benchmarks/decode.py and
-docs/benchmarks.md:
+A decode step multiplies a few activation rows by every weight matrix, so it is bound by
+how fast the weights stream from memory; with one row the arithmetic is negligible.
+Three choices decide that speed on a CPU; all are measured in benchmarks/decode.py,
+benchmarks/serve.py and docs/benchmarks.md:
 
 1. Memory order. `nn.Linear` stores W as [out, in] row-major. Storing the wide matrices
    (out >= in: fused q/k/v, fused gate/up, the vocabulary head) column-major (W.T
    contiguous, W a transposed view) lets the kernel stream rows of W.T; the tall down
    projection stays row-major.
-2. The BLAS. PyTorch's CPU wheels call MKL; NumPy's wheels bundle OpenBLAS. For
-   matrix-vector products of these shapes, OpenBLAS streamed weights ~1.6x faster on the
-   2-core AMD machine we measured (about 30 GB/s against 19 GB/s). `BlasLinear` routes
-   single-row float32 products without autograd through NumPy, zero-copy, and leaves
-   everything else (training, GPUs, prefill of long prompts) to PyTorch.
-   `calibrate` times both kernels on the model's largest matrix at load time and keeps
-   PyTorch's wherever NumPy's is not faster.
+2. The kernel, by number of rows.
+   - One row (a batch-1 decode step): PyTorch's CPU wheels call MKL; NumPy's wheels
+     bundle OpenBLAS. For matrix-vector products of these shapes OpenBLAS streamed
+     weights ~1.6x faster on the 2-core AMD machine we measured (about 30 GB/s against
+     19 GB/s). `BlasLinear` routes single-row float32 products through NumPy, zero-copy.
+   - Several rows (a batched decode step, a prefill): MKL's small-M GEMM is slow there
+     too (30 gate/up products of 16 x 576 x 3072 took 38 ms), and OpenBLAS's is no
+     better. oneDNN, which PyTorch also ships, runs the same products in 14 ms when the
+     weight is first reordered into its blocked layout, and stays ahead of MKL up to
+     thousands of rows (2048 x 576 x 3072: 37 ms against 58 ms). `BlasLinear` keeps
+     such a packed copy, made on first use and remade whenever the weight changes
+     (its version counter moves). The copy costs as much memory as the weights.
+   `calibrate` times each kernel against PyTorch's on the model's largest matrix at load
+   time and keeps PyTorch's wherever the other is not faster. Training (autograd on),
+   GPUs and other dtypes always take plain `F.linear`.
 3. Threads. Two thread pools (PyTorch's OpenMP workers and OpenBLAS's) spinning on two
    cores starve each other: a decode step went from 28 ms to 260 ms. While NumPy does
    the products, the few small element-wise ops left to PyTorch run on one thread
    (`torch_threads_for`), which costs nothing measurable.
 
-Values are identical up to float rounding; parameters, `state_dict()` and saved
-checkpoints do not change.
+Values equal `F.linear`'s up to float rounding (summation order); parameters,
+`state_dict()` and saved checkpoints do not change.
 """
 
 from __future__ import annotations
@@ -37,28 +45,57 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class BlasLinear(nn.Linear):
-    """An `nn.Linear` whose single-row CPU float32 inference calls NumPy's BLAS."""
+def _onednn_supported() -> bool:
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(2, 2))
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 2), w, None, "none", [], "")
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
-    # Matrix-vector products only: for several rows OpenBLAS's small-M GEMM measured far
-    # slower than MKL's (milliseconds instead of ~0.2 ms for 8 x 576 x 3072).
-    max_rows = 1
+
+class BlasLinear(nn.Linear):
+    """An `nn.Linear` whose CPU float32 inference uses the fastest measured kernel per row count.
+
+    `numpy_rows`: single-row products go to NumPy's BLAS. `onednn`: products of 2 or
+    more rows go to oneDNN with a packed weight. Both are set per module by
+    `optimize_for_cpu_decoding`.
+    """
+
+    max_rows = 1  # rows NumPy's BLAS handles (matrix-vector products only)
+    numpy_rows = True
+    onednn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         rows = x.numel() // x.shape[-1] if x.numel() else 0
         if (
             rows == 0
-            or rows > self.max_rows
             or x.device.type != "cpu"
             or x.dtype != torch.float32
             or w.dtype != torch.float32
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         ):
             return F.linear(x, w, self.bias)
-        out = np.matmul(x.reshape(rows, x.shape[-1]).numpy(), w.detach().t().numpy())
-        y = torch.from_numpy(out).view(*x.shape[:-1], w.shape[0])
-        return y + self.bias if self.bias is not None else y
+        if rows <= self.max_rows and self.numpy_rows:
+            out = np.matmul(x.reshape(rows, x.shape[-1]).numpy(), w.detach().t().numpy())
+            y = torch.from_numpy(out).view(*x.shape[:-1], w.shape[0])
+            return y + self.bias if self.bias is not None else y
+        if rows > 1 and self.onednn:
+            bias = None if self.bias is None else self.bias.detach()
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), bias, "none", [], "")
+        return F.linear(x, w, self.bias)
+
+    def packed_weight(self) -> torch.Tensor:
+        """oneDNN's blocked copy of the weight, remade if the weight changed since it was made."""
+        w = self.weight
+        key = (w.data_ptr(), w._version)
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+            self.__dict__["_packed"] = cached
+        return cached[1]
 
 
 def use_column_major_weights(model: nn.Module) -> nn.Module:
@@ -76,48 +113,74 @@ def use_column_major_weights(model: nn.Module) -> nn.Module:
     return model
 
 
-def use_numpy_blas(model: nn.Module) -> nn.Module:
-    """Route the single-row CPU products of every `nn.Linear` in `model` through `BlasLinear`.
+def use_numpy_blas(model: nn.Module, numpy_rows: bool = True, onednn: bool = False) -> nn.Module:
+    """Route the CPU inference products of every `nn.Linear` in `model` through `BlasLinear`.
 
     The modules keep their parameters and names; only their class (hence `forward`) changes.
     """
     for module in model.modules():
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear or type(module) is BlasLinear:
             module.__class__ = BlasLinear
+            module.numpy_rows = numpy_rows
+            module.onednn = onednn
     return model
 
 
 def uses_numpy_blas(model: nn.Module) -> bool:
-    return any(isinstance(m, BlasLinear) for m in model.modules())
+    return any(isinstance(m, BlasLinear) and m.numpy_rows for m in model.modules())
 
 
-def calibrate(model: nn.Module, trials: int = 5) -> bool:
-    """Time PyTorch's and NumPy's matrix-vector product on the largest weight; True if NumPy wins."""
+def _best_time(fn, trials: int, threads: int) -> float:
+    best = float("inf")
+    with torch_threads_for(threads):
+        for _ in range(trials):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def calibrate(model: nn.Module, trials: int = 5, batch_rows: int = 8) -> dict[str, bool]:
+    """Time the kernels on the largest weight: is NumPy faster for one row, oneDNN for `batch_rows`?"""
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"]
     if not weights or weights[0].dtype != torch.float32:
-        return False
-    w = max(weights, key=lambda t: t.numel())
-    x = torch.randn(1, w.shape[1])
-    best = {"torch": float("inf"), "numpy": float("inf")}
+        return {"numpy": False, "onednn": False}
+    w = max(weights, key=lambda t: t.numel()).detach()
+    x1, xb = torch.randn(1, w.shape[1]), torch.randn(batch_rows, w.shape[1])
+    result = {}
     with torch.inference_mode():
+        t_torch = t_numpy = float("inf")
         for _ in range(trials):  # alternate, so a burst of load hits both
-            for name in best:
-                with torch_threads_for(1 if name == "numpy" else BlasLinear.max_rows + 1):
-                    start = time.perf_counter()
-                    if name == "torch":
-                        F.linear(x, w)
-                    else:
-                        np.matmul(x.numpy(), w.t().numpy())
-                    best[name] = min(best[name], time.perf_counter() - start)
-    return best["numpy"] < best["torch"]
+            t_torch = min(t_torch, _best_time(lambda: F.linear(x1, w), 1, 2))
+            t_numpy = min(t_numpy, _best_time(lambda: np.matmul(x1.numpy(), w.t().numpy()), 1, 1))
+        result["numpy"] = t_numpy < t_torch
+        result["onednn"] = False
+        if _onednn_supported():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w)
+            t_torch = t_dnn = float("inf")
+            for _ in range(trials):
+                t_torch = min(t_torch, _best_time(lambda: F.linear(xb, w), 1, 2))
+                t_dnn = min(t_dnn, _best_time(lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], ""), 1, 2))
+            result["onednn"] = t_dnn < t_torch
+            del packed
+    return result
 
 
 def optimize_for_cpu_decoding(model: nn.Module) -> nn.Module:
-    """Column-major wide matrices, and NumPy's BLAS for small batches where it measures faster."""
+    """Column-major wide matrices; NumPy's BLAS and oneDNN wherever they measure faster."""
     use_column_major_weights(model)
-    if calibrate(model):
-        use_numpy_blas(model)
+    fast = calibrate(model)
+    if fast["numpy"] or fast["onednn"]:
+        use_numpy_blas(model, numpy_rows=fast["numpy"], onednn=fast["onednn"])
     return model
+
+
+def prepack(model: nn.Module) -> None:
+    """Make the oneDNN packed weights now (a server does this before its first request)."""
+    with torch.inference_mode():
+        for module in model.modules():
+            if isinstance(module, BlasLinear) and module.onednn and module.weight.device.type == "cpu":
+                module.packed_weight()
 
 
 @contextmanager

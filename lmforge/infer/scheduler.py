@@ -32,7 +32,7 @@ import torch
 
 from ..errors import LmforgeError
 from ..model.kv_cache import KVCache
-from .layout import torch_threads_for, uses_numpy_blas
+from .layout import prepack, torch_threads_for, uses_numpy_blas
 from .request import DecodeState, check_prompt
 from .sampling import SamplingParams
 
@@ -144,6 +144,7 @@ class Scheduler:
         max_batch: int = 16,
         max_seq_len: int | None = None,
         max_waiting: int = 64,
+        max_prefill_tokens: int = 2048,
         on_finish: Callable[[RequestHandle], None] | None = None,
     ) -> None:
         self.model = model
@@ -151,11 +152,13 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.max_waiting = max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
         self.on_finish = on_finish
         self.device = next(model.parameters()).device
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else {model.config.eos_token_id}
         self.cache = KVCache.for_model(model.config, max_batch, self.max_seq_len, model.embed.weight.dtype, self.device)
         self.numpy_blas = uses_numpy_blas(model)
+        prepack(model)  # batched steps' weights, made now rather than during the first request
         self.stats = SchedulerStats()
         self._ids = itertools.count(1)
         self._waiting: list[tuple[RequestHandle, SamplingParams, int]] = []
@@ -236,8 +239,8 @@ class Scheduler:
                     done.put((False, exc))
             try:
                 with torch.inference_mode():
-                    for handle, params, budget in admitted:
-                        self._prefill(handle, params, budget)
+                    for group in self._prefill_groups(admitted):
+                        self._prefill(group)
                     self._retire()
                     if self._rows:
                         self._decode_step()
@@ -251,24 +254,55 @@ class Scheduler:
                 self._rows.clear()
                 self.stats.running = 0
 
-    def _forward(self, ids: torch.Tensor, cache: KVCache, start) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, cache: KVCache, start, select: torch.Tensor | None = None) -> torch.Tensor:
         if not self.numpy_blas:
-            return self.model(ids, cache=cache, start=start, last_only=True)[:, -1]
+            return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
         with torch_threads_for(ids.numel()):
-            return self.model(ids, cache=cache, start=start, last_only=True)[:, -1]
+            return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
 
-    def _prefill(self, handle: RequestHandle, params: SamplingParams, budget: int) -> None:
-        if handle.cancelled:
-            handle._put(Event(final=True, finish_reason="cancelled"))
+    def _prefill_groups(self, admitted: list) -> list[list]:
+        """Split admitted requests into batches of at most `max_prefill_tokens` padded tokens.
+
+        Sorting by length first keeps the padding small.
+        """
+        groups: list[list] = []
+        for item in sorted(admitted, key=lambda a: len(a[0].prompt_ids)):
+            longest = len(item[0].prompt_ids)  # sorted: the newest member is the longest
+            if groups and (len(groups[-1]) + 1) * longest <= self.max_prefill_tokens:
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        return groups
+
+    def _prefill(self, group: list[tuple[RequestHandle, SamplingParams, int]]) -> None:
+        """Prefill several new requests in one forward: prompts right-padded into a batch.
+
+        Padding sits after each prompt, so causal attention keeps every real token's
+        result exact; the padded cache slots lie beyond the row's position and are
+        overwritten by its later tokens before anything attends to them.
+        """
+        live = []
+        for handle, params, budget in group:
+            if handle.cancelled:
+                handle._put(Event(final=True, finish_reason="cancelled"))
+                continue
+            handle.state = DecodeState(
+                handle.prompt_ids, params, budget, self.tokenizer, self.eos_ids, self.device, self.model.config.vocab_size
+            )
+            live.append(handle)
+        if not live:
             return
-        row = len(self._rows)
-        state = DecodeState(handle.prompt_ids, params, budget, self.tokenizer, self.eos_ids, self.device, self.model.config.vocab_size)
-        handle.state = state
-        self._rows.append(handle)
-        ids = torch.tensor([handle.prompt_ids], dtype=torch.long, device=self.device)
-        logits = self._forward(ids, self.cache.rows(row, row + 1), 0)[0]
-        self.stats.prompt_tokens += len(handle.prompt_ids)
-        self._emit(handle, state.append(state.choose(logits)))
+        first = len(self._rows)
+        self._rows.extend(live)
+        longest = max(len(h.prompt_ids) for h in live)
+        ids = torch.zeros(len(live), longest, dtype=torch.long, device=self.device)
+        for i, handle in enumerate(live):
+            ids[i, : len(handle.prompt_ids)] = torch.tensor(handle.prompt_ids, dtype=torch.long)
+        lengths = torch.tensor([len(h.prompt_ids) for h in live], device=self.device)
+        logits = self._forward(ids, self.cache.rows(first, first + len(live)), 0, select=lengths - 1)
+        for i, handle in enumerate(live):
+            self.stats.prompt_tokens += len(handle.prompt_ids)
+            self._emit(handle, handle.state.append(handle.state.choose(logits[i])))
 
     def _decode_step(self) -> None:
         states = [h.state for h in self._rows]
