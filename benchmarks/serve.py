@@ -9,7 +9,11 @@ measures aggregate generated tokens/s, time to first token and request latency
     python benchmarks/serve.py --clients 1 8 --requests 3 --max-tokens 48
 
 Requests use `ignore_eos` so every answer has the same length and tokens/s compares
-like with like. Prints a table and one JSON line.
+like with like. They carry no `seed`, like most chat traffic: the server computes seeded
+requests in full, never from its prefix cache (see lmforge/infer/scheduler.py), and
+`--prefix-cache-mb 0` measures the server with that cache off. `--rounds` repeats the
+whole sequence of phases and reports each phase's median. Prints a table and one JSON
+line.
 """
 
 from __future__ import annotations
@@ -44,12 +48,12 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def one_request(url: str, prompt: str, max_tokens: int, seed: int) -> dict:
+def one_request(url: str, prompt: str, max_tokens: int) -> dict:
     start = time.perf_counter()
     first = None
     tokens = 0
     payload = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": prompt}],
-               "max_tokens": max_tokens, "temperature": 0.8, "seed": seed, "stream": True, "ignore_eos": True,
+               "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "ignore_eos": True,
                "stream_options": {"include_usage": True}}
     with httpx.stream("POST", url + "/v1/chat/completions", json=payload, timeout=600) as r:
         if r.status_code != 200:
@@ -75,7 +79,7 @@ def phase(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     def client(k: int) -> None:
         for j in range(requests):
             try:
-                res = one_request(url, PROMPTS[(k + j) % len(PROMPTS)], max_tokens, seed=1000 * k + j)
+                res = one_request(url, PROMPTS[(k + j) % len(PROMPTS)], max_tokens)
             except httpx.HTTPError as exc:
                 res = {"error": str(exc)}
             with lock:
@@ -114,6 +118,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests per client, back to back")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--prefix-cache-mb", type=float, default=None, help="passed to lmforge serve (default: its own)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the phases; each phase reports its median round")
     args = ap.parse_args()
 
     with socket.socket() as s:
@@ -121,8 +127,11 @@ def main() -> None:
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     db = os.path.join(tempfile.mkdtemp(prefix="lmforge-bench-"), "serve.db")
-    server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--port", str(port), "--max-batch",
-                               str(args.max_batch), "--max-seq-len", "1024", "--db", db],
+    command = [sys.executable, "-m", "lmforge", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
+               "--max-seq-len", "1024", "--db", db]
+    if args.prefix_cache_mb is not None:
+        command += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+    server = subprocess.Popen(command,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -135,16 +144,26 @@ def main() -> None:
             if time.time() > deadline or server.poll() is not None:
                 sys.exit("the server did not start")
             time.sleep(0.5)
-        one_request(url, "Hello", 8, 0)  # warm-up
+        one_request(url, "Hello", 8)  # warm-up
+        runs: dict[int, list[dict]] = {c: [] for c in args.clients}
+        for r in range(args.rounds):
+            for clients in args.clients:
+                before = rss_mb(server.pid)
+                row = phase(url, clients, args.requests, args.max_tokens)
+                row["rss_before_mb"], row["rss_after_mb"] = round(before, 1), round(rss_mb(server.pid), 1)
+                runs[clients].append(row)
+                print(f"round {r + 1}: {clients:>3} clients: {row['tokens_per_s']:7.1f} tok/s, TTFT p50 "
+                      f"{row['ttft_p50_s']:.2f}s p95 {row['ttft_p95_s']:.2f}s, latency p50 {row['latency_p50_s']:.2f}s "
+                      f"p95 {row['latency_p95_s']:.2f}s, errors {row['errors']}, "
+                      f"RSS {row['rss_before_mb']:.0f}->{row['rss_after_mb']:.0f} MB", file=sys.stderr)
         rows = []
         for clients in args.clients:
-            before = rss_mb(server.pid)
-            row = phase(url, clients, args.requests, args.max_tokens)
-            row["rss_before_mb"], row["rss_after_mb"] = round(before, 1), round(rss_mb(server.pid), 1)
-            rows.append(row)
-            print(f"{clients:>3} clients: {row['tokens_per_s']:7.1f} tok/s, TTFT p50 {row['ttft_p50_s']:.2f}s "
-                  f"p95 {row['ttft_p95_s']:.2f}s, latency p50 {row['latency_p50_s']:.2f}s p95 {row['latency_p95_s']:.2f}s, "
-                  f"errors {row['errors']}, RSS {row['rss_before_mb']:.0f}->{row['rss_after_mb']:.0f} MB", file=sys.stderr)
+            ordered = sorted(runs[clients], key=lambda row: row["tokens_per_s"])
+            median = dict(ordered[len(ordered) // 2])
+            median["errors"] = sum(row["errors"] for row in ordered)
+            median["tokens_per_s_rounds"] = [round(row["tokens_per_s"], 1) for row in runs[clients]]
+            rows.append(median)
+        peak_rss = max(row["rss_after_mb"] for rs in runs.values() for row in rs)
     finally:
         server.terminate()
         server.wait(30)
@@ -154,6 +173,9 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cpu",
         "date": time.strftime("%Y-%m-%d"),
         "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "prefix_cache_mb": args.prefix_cache_mb,
+        "peak_rss_mb": peak_rss,
         "phases": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
         "scaling_vs_first": {str(r["clients"]): round(r["tokens_per_s"] / base, 2) for r in rows},
     }

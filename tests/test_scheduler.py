@@ -38,13 +38,60 @@ def test_batched_requests_equal_solo_generation(tiny_hf_dirs, family):
 
     # max_batch 3 with 8 requests: rows are freed and reused; a small prefill budget
     # splits the waiting requests into several padded prefill batches.
-    scheduler = Scheduler(fast, None, max_batch=3, max_seq_len=128, max_prefill_tokens=64).start()
+    scheduler = Scheduler(fast, None, max_batch=3, max_seq_len=128, max_prefill_tokens=64, prefix_cache_bytes=0).start()
     try:
         handles = [scheduler.submit(p, q) for p, q in zip(prompts, params)]
         got = [h.result().token_ids for h in handles]
     finally:
         scheduler.shutdown()
     assert got == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cache_reuses_shared_prefixes_exactly(tiny_hf_dirs, family):
+    """Prompts sharing a 'system prompt' get the same tokens as solo runs, with most of it cached."""
+    path, _ = tiny_hf_dirs[family]
+    plain, fast = load_hf_model(path), use_numpy_blas(load_hf_model(path), numpy_rows=True, onednn=True)
+    g = torch.Generator().manual_seed(9)
+    system = torch.randint(3, VOCAB, (21,), generator=g).tolist()
+    suffixes = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 6, 13, 3, 9)]
+    prompts = [system + s for s in suffixes] + [system + suffixes[1], system[:8]]  # a repeat; a short one
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = [Generator(plain).generate([p], params)[0].token_ids for p in prompts]
+
+    scheduler = Scheduler(fast, None, max_batch=3, max_seq_len=128, max_prefill_tokens=64).start()
+    try:
+        first = scheduler.submit(prompts[0], params).result().token_ids  # fills the cache
+        rest = [scheduler.submit(p, params) for p in prompts[1:]]
+        got = [first] + [h.result().token_ids for h in rest]
+    finally:
+        scheduler.shutdown()
+    assert got == expected
+    block = scheduler.prefix_cache.block
+    # Every later prompt found at least the system prompt's full blocks (the short one: its
+    # own full blocks minus the last token, which must be computed for its logits).
+    assert scheduler.stats.cached_prompt_tokens >= 5 * (21 // block * block) + (7 // block * block)
+
+
+def test_prefix_cache_evicts_least_recently_used_within_budget():
+    from lmforge.infer.prefix_cache import PrefixCache
+
+    layers, heads, dim, block = 2, 1, 4, 4
+    k = torch.arange(layers * heads * 64 * dim, dtype=torch.float32).view(layers, heads, 64, dim)
+    per_block = 2 * layers * heads * block * dim * 4
+    cache = PrefixCache(max_bytes=3 * per_block, block=block)
+    a, b = list(range(100, 108)), list(range(200, 208))  # two blocks each
+    cache.store(a, k, k)
+    assert cache.match(a + [1]) == 8 and cache.bytes == 2 * per_block
+    cache.store(b, k, k)  # 4 blocks > budget of 3: a's first block (oldest) goes
+    assert cache.bytes <= 3 * per_block
+    assert cache.match(a + [1]) == 0  # the chain is broken at its first block
+    assert cache.match(b + [1]) == 8
+    out = torch.zeros(layers, heads, 64, dim)
+    cache.load(b, 8, out, out.clone())
+    assert torch.equal(out[:, :, :8], k[:, :, :8])
+    # A different token in the first block misses even though later blocks are equal.
+    assert cache.match([0] + b[1:] + [1]) == 0
 
 
 def test_packed_weights_follow_weight_updates(tiny_hf_dirs):

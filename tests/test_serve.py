@@ -130,6 +130,18 @@ def test_models_health_metrics(server, client):
         assert name in body
 
 
+def test_repeated_system_prompt_is_served_from_the_prefix_cache(server, client):
+    url, scheduler = server
+    before = scheduler.stats.cached_prompt_tokens
+    for question in ("Name a colour.", "Name a fruit."):  # both start with the template's system prompt
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                       temperature=0, max_tokens=2)
+    assert scheduler.stats.cached_prompt_tokens - before >= 16
+    cached = [line for line in httpx.get(url + "/metrics").text.splitlines()
+              if line.startswith("lmforge_prompt_tokens_cached_total")]
+    assert cached and float(cached[0].split()[-1]) >= 16
+
+
 @pytest.mark.parametrize(
     "payload, status",
     [

@@ -10,6 +10,8 @@ on. `Generator.stream` runs one prompt and yields text as it is produced.
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -103,8 +105,10 @@ class Generator:
                     for i in active:
                         ids = torch.tensor([requests[i].prompt_ids + requests[i].generated], device=device)
                         logits[i] = self._forward(ids)[0]
-                for i in active:
-                    yield i, requests[i].append(requests[i].choose(logits[i]))
+                with self._sampling_threads(len(requests)):  # as in Scheduler._decode_step
+                    chosen = [(i, requests[i].choose(logits[i])) for i in active]
+                for i, token in chosen:
+                    yield i, requests[i].append(token)
         timings["decode"] = time.perf_counter() - t0 - timings["prefill"]
 
     def _decode_step(self, requests: list[DecodeState], cache: KVCache) -> torch.Tensor:
@@ -117,6 +121,9 @@ class Generator:
         else:
             start = torch.tensor(positions, dtype=torch.long, device=self.device)
         return self._forward(tokens, cache=cache, start=start)
+
+    def _sampling_threads(self, rows: int):
+        return torch_threads_for(rows) if self.numpy_blas else contextlib.nullcontext()
 
     def _forward(self, ids: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0) -> torch.Tensor:
         """Last-position logits [B, V]; small steps run PyTorch single-threaded beside NumPy's BLAS."""

@@ -21,6 +21,7 @@ Callers interact through `RequestHandle`s, from plain threads or from asyncio.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
@@ -32,7 +33,8 @@ import torch
 
 from ..errors import LmforgeError
 from ..model.kv_cache import KVCache
-from .layout import prepack, torch_threads_for, uses_numpy_blas
+from .layout import prepack, release_openmp_threads, torch_threads_for, uses_numpy_blas
+from .prefix_cache import PrefixCache
 from .request import DecodeState, check_prompt
 from .sampling import SamplingParams
 
@@ -71,15 +73,7 @@ class RequestHandle:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.state: DecodeState | None = None
-
-    def _put(self, event: Event) -> None:
-        if self.loop is not None:
-            try:
-                self.loop.call_soon_threadsafe(self._queue.put_nowait, event)
-            except RuntimeError:  # the event loop closed: nobody is listening any more
-                self.cancelled = True
-        else:
-            self._queue.put(event)
+        self.cached = 0  # prompt tokens served from the prefix cache
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client disconnected); the row is freed at the next step."""
@@ -113,6 +107,11 @@ class RequestHandle:
         return total
 
 
+def _deliver(items: list[tuple[RequestHandle, Event]]) -> None:
+    for handle, event in items:
+        handle._queue.put_nowait(event)
+
+
 def _merge(total: Event, event: Event) -> None:
     total.text += event.text
     total.token_ids += event.token_ids
@@ -131,6 +130,7 @@ class SchedulerStats:
     steps: int = 0
     generated_tokens: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     finished: int = 0
 
 
@@ -145,6 +145,7 @@ class Scheduler:
         max_seq_len: int | None = None,
         max_waiting: int = 64,
         max_prefill_tokens: int = 2048,
+        prefix_cache_bytes: int = 128 << 20,
         on_finish: Callable[[RequestHandle], None] | None = None,
     ) -> None:
         self.model = model
@@ -153,6 +154,8 @@ class Scheduler:
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self._outbox: list[tuple[RequestHandle, Event]] = []
         self.on_finish = on_finish
         self.device = next(model.parameters()).device
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else {model.config.eos_token_id}
@@ -171,6 +174,8 @@ class Scheduler:
     # ----------------------------------------------------------------- public API
     def start(self) -> "Scheduler":
         if self._thread is None:
+            if self.device.type == "cpu":
+                release_openmp_threads()  # see its docstring: the scheduler thread runs the model from now on
             self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
             self._thread.start()
         return self
@@ -246,13 +251,18 @@ class Scheduler:
                         self._decode_step()
                         self._retire()
             except Exception as exc:  # a bug must not hang every client: fail the running requests
-                for handle in self._rows:
+                error = f"{type(exc).__name__}: {exc}"
+                running = set(map(id, self._rows))
+                stranded = [h for h, _, _ in admitted if id(h) not in running and (h.state is None or not h.state.finished)]
+                for handle in self._rows + stranded:
                     handle.finished_at = time.perf_counter()
-                    handle._put(Event(final=True, finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+                    self._post(handle, Event(final=True, finish_reason="error", error=error))
                     if self.on_finish is not None:
                         self.on_finish(handle)
                 self._rows.clear()
                 self.stats.running = 0
+            finally:
+                self._flush()
 
     def _forward(self, ids: torch.Tensor, cache: KVCache, start, select: torch.Tensor | None = None) -> torch.Tensor:
         if not self.numpy_blas:
@@ -261,30 +271,43 @@ class Scheduler:
             return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
 
     def _prefill_groups(self, admitted: list) -> list[list]:
-        """Split admitted requests into batches of at most `max_prefill_tokens` padded tokens.
+        """Split admitted requests into prefill batches.
 
-        Sorting by length first keeps the padding small.
+        A batch shares one start position (the length of its cached prefix, usually the
+        same system prompt for all) and holds at most `max_prefill_tokens` padded
+        tokens; sorting by length first keeps the padding small.
         """
-        groups: list[list] = []
-        for item in sorted(admitted, key=lambda a: len(a[0].prompt_ids)):
-            longest = len(item[0].prompt_ids)  # sorted: the newest member is the longest
-            if groups and (len(groups[-1]) + 1) * longest <= self.max_prefill_tokens:
-                groups[-1].append(item)
+        groups: dict[int, list[list]] = {}
+        for handle, params, _ in admitted:
+            # Reused keys/values were computed in a product of another shape, so they can
+            # differ from recomputed ones in the last bits, and a sampled continuation can
+            # drift from there. A request with an explicit seed asks for reproducibility,
+            # so it is always computed in full (its blocks are still stored for others).
+            reuse = self.prefix_cache is not None and params.seed is None
+            handle.cached = self.prefix_cache.match(handle.prompt_ids) if reuse else 0
+        for item in sorted(admitted, key=lambda a: (a[0].cached, len(a[0].prompt_ids))):
+            handle = item[0]
+            batches = groups.setdefault(handle.cached, [])
+            longest = len(handle.prompt_ids) - handle.cached  # sorted: the newest member is the longest
+            if batches and (len(batches[-1]) + 1) * longest <= self.max_prefill_tokens:
+                batches[-1].append(item)
             else:
-                groups.append([item])
-        return groups
+                batches.append([item])
+        return [batch for batches in groups.values() for batch in batches]
 
     def _prefill(self, group: list[tuple[RequestHandle, SamplingParams, int]]) -> None:
         """Prefill several new requests in one forward: prompts right-padded into a batch.
 
-        Padding sits after each prompt, so causal attention keeps every real token's
-        result exact; the padded cache slots lie beyond the row's position and are
-        overwritten by its later tokens before anything attends to them.
+        Every member's first `cached` tokens (the same number for the whole batch) are
+        copied from the prefix cache; the rest are computed. Padding sits after each
+        prompt, so causal attention keeps every real token's result exact; the padded
+        cache slots lie beyond the row's position and are overwritten by its later tokens
+        before anything attends to them.
         """
         live = []
         for handle, params, budget in group:
             if handle.cancelled:
-                handle._put(Event(final=True, finish_reason="cancelled"))
+                self._post(handle, Event(final=True, finish_reason="cancelled"))
                 continue
             handle.state = DecodeState(
                 handle.prompt_ids, params, budget, self.tokenizer, self.eos_ids, self.device, self.model.config.vocab_size
@@ -294,14 +317,20 @@ class Scheduler:
             return
         first = len(self._rows)
         self._rows.extend(live)
-        longest = max(len(h.prompt_ids) for h in live)
+        cached = live[0].cached
+        longest = max(len(h.prompt_ids) for h in live) - cached
         ids = torch.zeros(len(live), longest, dtype=torch.long, device=self.device)
         for i, handle in enumerate(live):
-            ids[i, : len(handle.prompt_ids)] = torch.tensor(handle.prompt_ids, dtype=torch.long)
-        lengths = torch.tensor([len(h.prompt_ids) for h in live], device=self.device)
-        logits = self._forward(ids, self.cache.rows(first, first + len(live)), 0, select=lengths - 1)
+            if cached:
+                self.prefix_cache.load(handle.prompt_ids, cached, self.cache.k[:, first + i], self.cache.v[:, first + i])
+            ids[i, : len(handle.prompt_ids) - cached] = torch.tensor(handle.prompt_ids[cached:], dtype=torch.long)
+        lengths = torch.tensor([len(h.prompt_ids) - cached for h in live], device=self.device)
+        logits = self._forward(ids, self.cache.rows(first, first + len(live)), cached, select=lengths - 1)
         for i, handle in enumerate(live):
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(handle.prompt_ids, self.cache.k[:, first + i], self.cache.v[:, first + i])
             self.stats.prompt_tokens += len(handle.prompt_ids)
+            self.stats.cached_prompt_tokens += cached
             self._emit(handle, handle.state.append(handle.state.choose(logits[i])))
 
     def _decode_step(self) -> None:
@@ -312,9 +341,12 @@ class Scheduler:
         start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
         logits = self._forward(tokens, self.cache.rows(0, len(self._rows)), start)
         self.stats.steps += 1
-        for i, handle in enumerate(self._rows):
-            state = handle.state
-            self._emit(handle, state.append(state.choose(logits[i])))
+        # Sampling stays on the forward's thread budget: beside NumPy's BLAS threads (one
+        # row) a second PyTorch thread for a softmax costs more than it saves.
+        with torch_threads_for(len(self._rows)) if self.numpy_blas else contextlib.nullcontext():
+            for i, handle in enumerate(self._rows):
+                state = handle.state
+                self._emit(handle, state.append(state.choose(logits[i])))
 
     def _emit(self, handle: RequestHandle, delta: str) -> None:
         state = handle.state
@@ -331,7 +363,28 @@ class Scheduler:
             top_logprobs=state.top_logprobs[sent:],
         )
         if delta or new_ids:
-            handle._put(event)
+            self._post(handle, event)
+
+    def _post(self, handle: RequestHandle, event: Event) -> None:
+        self._outbox.append((handle, event))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their consumers: one wake-up per event loop, not per event."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle, event in outbox:
+            if handle.loop is None:
+                handle._queue.put(event)
+            else:
+                by_loop.setdefault(handle.loop, []).append((handle, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop closed: nobody is listening any more
+                for handle, _ in items:
+                    handle.cancelled = True
 
     def _retire(self) -> None:
         """Remove finished or cancelled rows, keeping running rows contiguous."""
@@ -345,7 +398,7 @@ class Scheduler:
                 i += 1
                 continue
             handle.finished_at = time.perf_counter()
-            handle._put(Event(text=state._release(), final=True, finish_reason=state.finish_reason))
+            self._post(handle, Event(text=state._release(), final=True, finish_reason=state.finish_reason))
             self.stats.finished += 1
             if self.on_finish is not None:
                 self.on_finish(handle)

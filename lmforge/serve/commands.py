@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache rows)")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per request, prompt included (default: the model's context, at most 4096)")
+    p.add_argument("--prefix-cache-mb", type=float, default=128,
+                   help="memory for keys/values of prompt prefixes seen before, reused by later requests "
+                        "that start the same way (default 128; 0 = off)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a client may ask for")
     p.add_argument("--rate-limit", type=int, default=0, help="requests per minute per API key (0 = unlimited)")
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in request logs")
@@ -53,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not keys:
         raise LmforgeError(f"binding to {args.host} exposes the server to the network: give --api-key "
                            "(or LMFORGE_API_KEYS), or bind to 127.0.0.1")
-    if args.max_batch < 1 or args.max_waiting < 0:
-        raise LmforgeError("--max-batch must be >= 1 and --max-waiting >= 0")
+    if args.max_batch < 1 or args.max_waiting < 0 or args.prefix_cache_mb < 0:
+        raise LmforgeError("--max-batch must be >= 1, --max-waiting and --prefix-cache-mb >= 0")
     import logging
 
     import uvicorn
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     lm = load(args.model, dtype=args.dtype, device=args.device)
     max_len = args.max_seq_len or min(lm.config.max_position_embeddings, 4096)
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=args.max_batch, max_seq_len=max_len,
-                          max_waiting=args.max_waiting).start()
+                          max_waiting=args.max_waiting, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20)).start()
     settings = ServeSettings(api_keys=keys, rate_limit_per_minute=args.rate_limit,
                              max_tokens_limit=args.max_tokens_limit, log_prompts=args.log_prompts)
     app = create_app(scheduler, lm.tokenizer, lm.name, settings, store=store)

@@ -33,6 +33,8 @@ class ServerMetrics:
                                             buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("lmforge_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.cached_prompt_tokens = Counter("lmforge_prompt_tokens_cached",
+                                            "Prompt tokens whose keys/values came from the prefix cache", registry=r)
         Gauge("lmforge_queue_depth", "Requests waiting for a batch slot", registry=r).set_function(
             lambda: scheduler.stats.waiting)
         Gauge("lmforge_running_batch_size", "Requests in the running batch", registry=r).set_function(
@@ -52,6 +54,7 @@ class ServerMetrics:
         n = len(handle.state.generated)
         self.tokens.inc(n)
         self.prompt_tokens.inc(len(handle.prompt_ids))
+        self.cached_prompt_tokens.inc(handle.cached)
         if handle.first_token_at is not None:
             self.ttft.observe(handle.first_token_at - handle.submitted_at)
         end = handle.finished_at or time.perf_counter()
