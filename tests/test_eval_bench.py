@@ -53,6 +53,9 @@ def test_pass_at_1_is_the_pass_rate_and_k_beyond_n_is_refused():
     ("(A) is wrong, so (C)", "letter", "C"),
     ("\n  Paris\nis the capital", "first_line", "Paris"),
     ("result=41; result=42", "regex:result=(\\d+)", "42"),
+    ("Sure:\n```python\ndef f():\n    return 1\n```\nDone.", "code_block", "def f():\n    return 1\n"),
+    ("```\nx = 1\n", "code_block", "x = 1\n"),  # unclosed fence: to the end
+    ("return 2", "code_block", "return 2"),  # no fence: the whole reply
 ])
 def test_extract_answer(text, how, expected):
     assert extract_answer(text, how) == expected
@@ -286,6 +289,45 @@ def test_humaneval_canonical_solutions_pass_and_stubs_fail(humaneval):
     results = run_programs(good + bad, SandboxLimits(timeout=10))
     assert [r.status for r in results[:4]] == ["ok"] * 4
     assert not any(r.passed for r in results[4:])
+
+
+def test_humaneval_chat_variant_builds_programs_from_replies(humaneval):
+    """A reply with the whole function or with the body only; imports of the prompt stay defined."""
+    from lmforge.eval.bench.code import run_programs
+    from lmforge.eval.bench.extract import extract_code_block
+    from lmforge.eval.sandbox import SandboxLimits
+
+    spec = humaneval.spec.variant("chat")
+    assert spec.chat and spec.stop == [] and spec.extract == "code_block"
+    record = humaneval.records[0]  # has_close_elements(numbers: List[float], ...) needs `from typing import List`
+    prompt = render(spec.prompt, record)
+    assert record["prompt"] in prompt and prompt.startswith("Complete the following Python function")
+    signature = record["prompt"][record["prompt"].index("def "):].split("\n")[0]
+    whole = f"Here it is:\n```python\n{signature}\n{record['canonical_solution']}```\nHope it helps."
+    body = f"```python\n{record['canonical_solution']}```"
+    wrong = f"```python\n{signature}\n    return False\n```"
+    programs = [render(spec.program, record, completion=extract_code_block(t)) for t in (whole, body, wrong)]
+    assert [r.status for r in run_programs(programs, SandboxLimits(timeout=10))] == ["ok", "ok", "error"]
+
+
+def test_chat_tasks_go_through_the_chat_template(default_lm, humaneval):
+    seen = []
+
+    class Recorder:
+        generator = None
+
+        def chat(self, prompt, **sampling):
+            seen.append(prompt)
+            return "```python\ndef f():\n    pass\n```"
+
+    task = humaneval.limited(1).with_spec(humaneval.spec.variant("chat"))
+    result = evaluate(Recorder(), task, BenchOptions())
+    assert len(seen) == 1 and seen[0].startswith("Complete the following Python function")
+    assert result.items[0]["completions"] == ["def f():\n    pass\n"]  # what ran
+    assert result.items[0]["replies"] == ["```python\ndef f():\n    pass\n```"]  # what the model said
+    # Locally the prompt is rendered by the model's chat template before generation.
+    ids = default_lm.chat_prompt(seen[0])
+    assert default_lm.tokenizer.decode(ids).startswith("<|im_start|>system")
 
 
 def test_pass_at_k_from_sampled_completions(humaneval):

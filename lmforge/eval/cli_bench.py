@@ -40,7 +40,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="score only the first N items")
     p.add_argument("--shots", type=int, help="few-shot exemplars per prompt (default: the task's, 0 for built-ins)")
     p.add_argument("--cot", action="store_true", help="chain-of-thought variant (generate reasoning, then the answer)")
-    p.add_argument("--variant", help="another named variant of the task (mmlu-cot-281: cloze, cot)")
+    p.add_argument("--variant", help="another named variant of the task (mmlu-cot-281: cloze, cot; humaneval: chat)")
     p.add_argument("--samples", type=int, default=1,
                    help="samples per item: majority vote (generation) or n for pass@k (code); default 1 (greedy)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default 0 for one sample, else 0.7/0.8)")

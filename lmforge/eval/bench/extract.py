@@ -5,6 +5,8 @@
   compare by value (so "3.0" equals "3").
 - `letter`: "the answer is (B)", "answer: B", then the last "(B)" in the text.
 - `first_line`: the first non-empty line.
+- `code_block`: the contents of the first fenced block (```python ... ```), else the whole
+  text; how a chat model's reply to a coding request becomes a program.
 - `exact`: the whole text.
 - `regex:<pattern>`: the first group (or the whole match) of the last match.
 
@@ -59,6 +61,8 @@ def extract_answer(text: str, how: str) -> str | None:
         return lines[0] if lines else None
     if how == "exact":
         return text.strip() or None
+    if how == "code_block":
+        return extract_code_block(text)
     if how.startswith("regex:"):
         found = list(re.finditer(how[len("regex:"):], text))
         if not found:
@@ -66,6 +70,15 @@ def extract_answer(text: str, how: str) -> str | None:
         last = found[-1]
         return (last.group(1) if last.groups() else last.group(0)).strip()
     raise ValueError(f"unknown answer extraction {how!r}")
+
+
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code_block(text: str) -> str:
+    """The first fenced code block of `text` (an unclosed one runs to the end), else `text` itself."""
+    found = _FENCE.search(text)
+    return found.group(1) if found else text
 
 
 def normalize_text(text: str) -> str:

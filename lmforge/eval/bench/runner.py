@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from ...errors import LmforgeError
-from .extract import answers_match, extract_answer, majority_vote
+from .extract import answers_match, extract_answer, extract_code_block, majority_vote
 from .task import (Task, build_prompt, choice_continuations, gold_answer, gold_index, pick_exemplars,
                    record_id, render)
 
@@ -198,8 +198,12 @@ def _sampling(task: Task, options: BenchOptions, default_temperature: float) -> 
 
 
 def generate_texts(lm, prompts: Sequence[str], sampling: Sequence[dict[str, Any]], batch_size: int,
-                   progress: Progress | None = None) -> list[str]:
-    """Completions of `prompts`, `batch_size` at a time, through the engine (or a remote backend)."""
+                   progress: Progress | None = None, chat: bool = False) -> list[str]:
+    """Completions of `prompts`, `batch_size` at a time, through the engine (or a remote backend).
+
+    With `chat`, each prompt is one user message rendered by the model's chat template
+    (a remote backend gets it through its chat endpoint) and the reply is the text.
+    """
     generator = getattr(lm, "generator", None)
     texts: list[str] = []
     for at in range(0, len(prompts), batch_size):
@@ -207,8 +211,11 @@ def generate_texts(lm, prompts: Sequence[str], sampling: Sequence[dict[str, Any]
         if generator is not None:
             from ...infer import SamplingParams
 
-            done = generator.generate(list(chunk), [SamplingParams(**p) for p in params])
+            inputs = [lm.chat_prompt(p) for p in chunk] if chat else list(chunk)
+            done = generator.generate(inputs, [SamplingParams(**p) for p in params])
             texts += [c.text for c in done]
+        elif chat:
+            texts += [lm.chat(p, **s) for p, s in zip(chunk, params)]
         else:
             texts += [lm.complete(p, **s)[0].text for p, s in zip(chunk, params)]
         if progress is not None:
@@ -240,7 +247,7 @@ def _generation(lm, task: Task, shots: int, options: BenchOptions, progress: Pro
     temperature, base = _sampling(task, options, 0.7)
     prompts, params, owners = _sample_plan(task, shots, options, base)
     texts = generate_texts(lm, prompts, params, options.batch_size,
-                           _progress_per_item(progress, options.samples, len(task.records)))
+                           _progress_per_item(progress, options.samples, len(task.records)), chat=spec.chat)
     items = []
     for index, record in enumerate(task.records):
         outputs = [t for t, o in zip(texts, owners) if o == index]
@@ -267,7 +274,10 @@ def _code(lm, task: Task, shots: int, options: BenchOptions, progress: Progress 
     temperature, base = _sampling(task, options, 0.8)
     prompts, params, owners = _sample_plan(task, shots, options, base)
     texts = generate_texts(lm, prompts, params, options.batch_size,
-                           _progress_per_item(progress, options.samples, len(task.records)))
+                           _progress_per_item(progress, options.samples, len(task.records)), chat=spec.chat)
+    replies = texts
+    if spec.extract == "code_block":
+        texts = [extract_code_block(t) for t in texts]
     programs = [render(spec.program, task.records[o], completion=t) for t, o in zip(texts, owners)]
     limits = SandboxLimits(timeout=options.timeout or spec.timeout, memory_mb=options.memory_mb)
     results = run_programs(programs, limits, options.workers)
@@ -281,6 +291,7 @@ def _code(lm, task: Task, shots: int, options: BenchOptions, progress: Progress 
             "shots": len(pick_exemplars(task, record, shots)), "n": len(mine), "passed": passed,
             "correct": passed == len(mine), "statuses": [r.status for _, r in mine],
             "completions": [t for t, _ in mine],
+            **({"replies": [t for t, o in zip(replies, owners) if o == index]} if replies is not texts else {}),
             "error": (first_failure.stderr.strip().splitlines() or [first_failure.status])[-1][:300]
             if first_failure else None,
         })

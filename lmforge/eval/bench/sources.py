@@ -148,6 +148,21 @@ HUMANEVAL_SPEC = TaskSpec(
     program="{{ prompt }}{{ completion }}\n\n\n{{ test }}\n\ncheck({{ entry_point }})\n",
     timeout=10.0,
     text_fields=["prompt", "canonical_solution"],
+    variants={
+        # For instruction-tuned models: ask in a chat turn, take the reply's code block. A
+        # reply that rewrites the whole function replaces a stub of the original (so the
+        # prompt's imports stay defined); a reply with only the body completes the prompt.
+        "chat": dict(
+            chat=True,
+            prompt="Complete the following Python function. Answer with the complete function in one "
+                   "```python code block.\n\n```python\n{{ prompt }}```",
+            stop=[],
+            max_tokens=512,
+            extract="code_block",
+            program="{% if ('def ' ~ entry_point ~ '(') in completion %}{{ prompt }}    pass\n\n\n{{ completion }}"
+                    "{% else %}{{ prompt }}{{ completion }}{% endif %}\n\n\n{{ test }}\n\ncheck({{ entry_point }})\n",
+        ),
+    },
 )
 
 

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from ...errors import LmforgeError
 
 KINDS = ("multiple_choice", "generation", "code")
-EXTRACTORS = ("exact", "number", "letter", "first_line")  # and "regex:<pattern>"
+EXTRACTORS = ("exact", "number", "letter", "first_line", "code_block")  # and "regex:<pattern>"
 LETTERS = list(string.ascii_uppercase)
 
 
@@ -43,6 +43,9 @@ class TaskSpec:
     description: str = ""
     # The text the model continues, for the scored record and for every exemplar.
     prompt: str = "{{ question }}"
+    # generation/code: send the prompt as a user message through the model's chat template
+    # (for instruction-tuned models) instead of as raw text to continue.
+    chat: bool = False
     # multiple_choice: the record field that holds the list of choice texts, and the
     # continuation scored for each choice.
     choices: str = "choices"
@@ -56,7 +59,8 @@ class TaskSpec:
     fewshot_separator: str = "\n\n"
     # A record field: scores are also reported per group, and exemplars come from the same group.
     group_by: str | None = None
-    # generation: how to read the answer out of the text (see `extract.py`).
+    # generation: how to read the answer out of the text (see `extract.py`); code: only
+    # `code_block` applies (the completion becomes the fenced block of the reply).
     extract: str = "exact"
     stop: list[str] = field(default_factory=list)
     max_tokens: int = 256
