@@ -25,7 +25,6 @@ import gzip
 import hashlib
 import importlib.metadata
 import io
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lmforge.errors import LmforgeError
+from ..io import text_files
 
 WIKI_FILE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "gensim/test/test_data/lee_background.cor"
@@ -166,13 +166,7 @@ def iter_mediawiki(f: IO[bytes], source: str, namespaces: tuple[int, ...] = (0,)
 
 def iter_jsonl(f: IO[bytes], source: str, text_field: str = "text") -> Iterator[Document]:
     """One JSON object per line with a string field ``text_field``."""
-    for n, raw in enumerate(io.TextIOWrapper(f, encoding="utf-8", errors="replace"), 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise LmforgeError(f"{source}:{n}: not valid JSON ({exc.msg})") from None
+    for n, record in text_files.parse_jsonl(io.TextIOWrapper(f, encoding="utf-8", errors="replace"), source):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise LmforgeError(f"{source}:{n}: expected an object with a string field {text_field!r}")
         doc_id = record.get("id", n)

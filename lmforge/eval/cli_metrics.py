@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LmforgeError
+from ..io import text_files
 
 SEGMENTS_HELP = ("one segment per line (.txt), or .jsonl with one JSON string, list of strings "
                  "(several references) or object with \"text\"/\"references\" per line")
@@ -28,22 +29,11 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def read_segments(path: str, key: str) -> list[str | list[str]]:
     file = Path(path)
-    try:
-        raw = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LmforgeError(f"{key} file {file} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LmforgeError(f"cannot read {file}: {exc}") from None
+    raw = text_files.read_text(file, key)
     if file.suffix != ".jsonl":
         return raw.splitlines()
     segments: list[str | list[str]] = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmforgeError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in text_files.parse_jsonl(raw.splitlines(), file):
         if isinstance(record, dict):
             record = record.get("references", record.get("reference", record.get("text", record.get("prediction"))))
         if isinstance(record, list) and record and all(isinstance(r, str) for r in record):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LmforgeError
+from ..io import text_files
 
 MODEL_HELP = "registered model name, Hugging Face directory or .gguf file (default: the default model)"
 
@@ -33,27 +34,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def read_texts(path: str) -> list[str]:
     file = Path(path)
-    try:
-        raw = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LmforgeError(f"text file {file} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LmforgeError(f"cannot read {file}: {exc}") from None
+    raw = text_files.read_text(file, "text")
     if file.suffix != ".jsonl":
         return [raw] if raw.strip() else []
-    texts = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmforgeError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
-        text = record.get("text") if isinstance(record, dict) else record
-        if not isinstance(text, str):
-            raise LmforgeError(f"{file}:{number}: expected a string or an object with a \"text\" string")
-        texts.append(text)
-    return texts
+    return [text_files.text_of(record, f"{file}:{number}") for number, record in text_files.parse_jsonl(raw.splitlines(), file)]
 
 
 def load_model(args: argparse.Namespace):

@@ -19,7 +19,6 @@ with the full set shows how much memorization inflates it.
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Iterable, Iterator, Sequence
 
 from ..data.decontam import words_of
 from ..errors import LmforgeError
+from ..io import text_files
 
 def words(text: str) -> list[str]:
     """Lower-cased NFKC words: the same tokenization as the training-data filter (`lmforge.data.decontam`)."""
@@ -113,17 +113,8 @@ def corpus_documents(path: str | Path) -> Iterator[str]:
         raise LmforgeError(f"cannot read {path}: {exc.strerror or exc}") from None
     with handle:
         if path.suffix == ".jsonl":
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-                text = record.get("text") if isinstance(record, dict) else record
-                if not isinstance(text, str):
-                    raise LmforgeError(f"{path}:{number}: expected a string or an object with a \"text\" string")
-                yield text
+            for number, record in text_files.parse_jsonl(handle, path):
+                yield text_files.text_of(record, f"{path}:{number}")
         else:
             yield from _chunks(handle)
 

@@ -32,7 +32,6 @@ trusted as they are, however narrow the intervals.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any, Hashable, Iterable, Sequence
 
 from ..errors import LmforgeError
+from ..io import text_files
 from .stats import bootstrap_interval, wilson_interval
 
 WINNERS = {"a": "a", "b": "b", "tie": "tie", "draw": "tie", "equal": "tie"}
@@ -108,20 +108,8 @@ def parse_record(record: dict[str, Any], where: str = "record") -> Rating | Comp
 def load_annotations(path: str | Path) -> Annotations:
     """Read a JSONL file of ratings and pairwise judgements (blank lines are skipped)."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise LmforgeError(f"annotation file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LmforgeError(f"cannot read {path}: {exc}") from None
     found = Annotations()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in text_files.read_jsonl(path, "annotation"):
         parsed = parse_record(record, f"{path}:{number}")
         (found.ratings if isinstance(parsed, Rating) else found.comparisons).append(parsed)
     if not found.ratings and not found.comparisons:

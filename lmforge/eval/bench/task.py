@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...errors import LmforgeError
+from ...io import text_files
 
 KINDS = ("multiple_choice", "generation", "code")
 EXTRACTORS = ("exact", "number", "letter", "first_line", "code_block")  # and "regex:<pattern>"
@@ -256,20 +257,8 @@ def spec_from_dict(data: dict[str, Any], where: str = "task") -> TaskSpec:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise LmforgeError(f"data file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LmforgeError(f"cannot read {path}: {exc}") from None
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in text_files.read_jsonl(path, "data"):
         if not isinstance(record, dict):
             raise LmforgeError(f"{path}:{number}: expected a JSON object")
         records.append(record)
@@ -279,12 +268,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def load_task_file(path: str | Path) -> Task:
     """A task from a YAML (or JSON) spec whose `data` (and optional `fewshot_data`) name JSONL files."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LmforgeError(f"task file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LmforgeError(f"cannot read {path}: {exc}") from None
+    text = text_files.read_text(path, "task")
     if path.suffix == ".json":
         try:
             data = json.loads(text)

@@ -22,7 +22,6 @@ with the number of distinct words, not with the corpus size.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.io import text_files
 from lmforge.tokenizer.bytelevel import BYTE_TO_CHAR, text_to_symbols
 from lmforge.tokenizer.normalizers import normalizer_from_dict
 from lmforge.tokenizer.pretokenize import LLAMA3_PATTERN, pre_tokenizer_from_dict
@@ -111,13 +111,7 @@ def read_training_texts(paths: Iterable[str | Path], text_field: str = "text") -
         try:
             if path.suffix.lower() == ".jsonl":
                 with open(path, encoding="utf-8") as f:
-                    for n, line in enumerate(f, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            raise LmforgeError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+                    for n, record in text_files.parse_jsonl(f, path):
                         text = record.get(text_field) if isinstance(record, dict) else None
                         if not isinstance(text, str):
                             raise LmforgeError(f"{path}:{n}: no string field {text_field!r}")
