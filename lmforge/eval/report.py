@@ -14,12 +14,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
 from ..errors import LmforgeError
+from ..io import atomic
 
 
 def format_cell(value: Any, digits: int = 4) -> str:
@@ -60,20 +60,9 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        return atomic.write_text_atomic(path, text)
     except OSError as exc:
         raise LmforgeError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise LmforgeError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
-    return path
 
 
 def to_json(data: Any) -> str:

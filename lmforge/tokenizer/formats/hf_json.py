@@ -8,12 +8,11 @@ the chat template, which added tokens are BOS/EOS/PAD, and the ``add_bos_token``
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.io.atomic import write_json_atomic
 from lmforge.tokenizer.added_tokens import AddedToken
 from lmforge.tokenizer.bpe import BPE
 from lmforge.tokenizer.decoders import decoder_from_dict
@@ -193,20 +192,6 @@ def tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
     if tok.chat_template:
         config["chat_template"] = tok.chat_template
     return config
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same directory, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_pretrained_dir(tok: Tokenizer, directory: Path) -> None:
