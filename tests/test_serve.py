@@ -244,9 +244,20 @@ def test_response_format_json_object(client):
                                        response_format={"type": "json_object"}, temperature=0, max_tokens=200)
     assert r.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(r.choices[0].message.content), dict)
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=QUESTION, response_format={
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "legs": {"type": "integer"},
+                                               "colour": {"enum": ["black", "white", "ginger"]}},
+              "required": ["name", "legs", "colour"], "additionalProperties": False}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Describe a cat."}],
+                                       response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": schema,
+                                                                                                "strict": True}},
+                                       temperature=0.8, seed=3, max_tokens=80)
+    doc = json.loads(r.choices[0].message.content)
+    assert set(doc) == {"name", "legs", "colour"} and isinstance(doc["legs"], int) and doc["colour"] in schema["properties"]["colour"]["enum"]
+    for bad in ({"name": "x", "schema": {"type": "string", "pattern": "a+"}}, {"name": "x"}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, messages=QUESTION,
+                                           response_format={"type": "json_schema", "json_schema": bad})
 
 
 def test_non_streaming_client_timeout_cancels_generation(server):

@@ -13,6 +13,7 @@ import torch
 from ..errors import LmforgeError
 from ..tokenizer import IncrementalDecoder
 from .sampling import SamplingParams, sample_next
+from .json_schema import SchemaPrefix
 from .structured import JsonPrefix, constrained_choice
 
 
@@ -62,10 +63,10 @@ class DecodeState:
         self.top_logprobs: list[dict[int, float]] = []
         self._pending_logprobs: tuple[float, dict[int, float]] | None = None
         self.json = None
-        if params.json_object:
+        if params.json_object or params.json_schema is not None:
             if tokenizer is None or tokenizer.token_bytes(0) is None:
                 raise LmforgeError("JSON output needs a byte-level tokenizer")
-            self.json = JsonPrefix()
+            self.json = SchemaPrefix(params.json_schema) if params.json_schema is not None else JsonPrefix()
         self.tokenizer = tokenizer
         self.counts = None
         if params.presence_penalty or params.frequency_penalty:

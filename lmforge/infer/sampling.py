@@ -32,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: log-prob of each chosen token plus its k best alternatives
     json_object: bool = False  # constrain the output to one JSON object (see structured.py)
+    json_schema: dict | None = None  # constrain it to JSON valid under this schema (see json_schema.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,6 +52,10 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise LmforgeError(message)
+        if self.json_schema is not None:
+            from .json_schema import check_schema
+
+            check_schema(self.json_schema)
 
     @property
     def greedy(self) -> bool:
@@ -116,9 +121,13 @@ def sample_next(
     """
     logits = apply_repetition_penalty(logits.float(), context, params.repetition_penalty)
     logits = apply_presence_frequency(logits, counts, params.presence_penalty, params.frequency_penalty)
+    # Extreme penalties or temperatures can overflow: +inf becomes the largest float (so
+    # the softmax keeps those tokens instead of producing NaN), NaN becomes "impossible".
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
     if params.greedy:
         return int(logits.argmax())
-    logits = truncate(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    scaled = torch.nan_to_num(logits / params.temperature, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    logits = truncate(scaled, params.top_k, params.top_p, params.min_p)
     return draw(logits.softmax(-1), generator)
 
 

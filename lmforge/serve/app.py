@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LmforgeError
+from ..infer.json_schema import check_schema
 from ..infer.request import check_prompt
 from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull, RequestHandle, Scheduler, ShuttingDown
@@ -306,8 +307,13 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         json_object = body.response_format is not None and body.response_format.type == "json_object"
+        json_schema = None
         if body.response_format is not None and body.response_format.type == "json_schema":
-            raise APIError(400, "response_format 'json_schema' is not supported yet; use 'json_object'", param="response_format")
+            spec = body.response_format.json_schema
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise APIError(400, "response_format json_schema needs {'name': ..., 'schema': {...}}",
+                               param="response_format")
+            json_schema = spec["schema"]
         try:
             messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -326,6 +332,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
         params = [sampling(body, max_tokens, logprobs, len(ids), i) for i in range(body.n)]
         for p in params:
             p.json_object = json_object
+            p.json_schema = json_schema
+        if json_schema is not None:
+            try:
+                check_schema(json_schema)
+            except LmforgeError as exc:
+                raise APIError(400, str(exc), param="response_format") from None
         handles = [submit(ids, p) for p in params]
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

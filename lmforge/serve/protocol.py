@@ -61,6 +61,8 @@ class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: Literal["text", "json_object", "json_schema"] = "text"
+    # OpenAI's shape: {"name": ..., "schema": {...}, "strict": true}
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_Body):

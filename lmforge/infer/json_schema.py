@@ -1,0 +1,385 @@
+"""Structured output (I1) under a JSON Schema: decoding that can only produce matching JSON.
+
+`SchemaPrefix` plays the same role as `JsonPrefix` in structured.py (the sampler asks it
+whether a candidate token keeps the output valid, see `constrained_choice`), but it
+accepts only text that can still become a document valid under a schema: the declared
+property names and no others, the right value type for each, enum members, integer
+syntax where an integer is asked for, every required property before the object closes.
+
+It re-checks the whole text so far for every candidate token. Outputs are short (the
+answer of one request), so a linear re-scan is cheaper than maintaining a resumable
+parser, and it keeps the checker a plain recursive descent that reads like the grammar.
+
+The supported schema subset is what structured-output APIs support in strict mode:
+`type` (object, array, string, number, integer, boolean, null, or a list of them),
+`properties`, `required`, `additionalProperties: false` (implied: undeclared keys are
+never generated), `items`, `minItems`, `maxItems`, `enum`, `const`, `anyOf`, `$ref` to
+`#/$defs/...` or `#/definitions/...`, and annotations (`title`, `description`, ...).
+Anything else is refused up front by `check_schema`, so no constraint is silently
+ignored.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from typing import Any
+
+from ..errors import LmforgeError
+
+_ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "strict"}
+_KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+             "enum", "const", "anyOf", "$ref", "$defs", "definitions"} | _ANNOTATIONS
+_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+_MAX_WS_RUN = 4  # a model must not pad forever with whitespace
+_MAX_NUMBER_CHARS = 24  # nor write digits forever (float64 needs at most 17 significant digits)
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+_INTEGER = re.compile(r"-?(?:0|[1-9]\d*)")
+
+PARTIAL, INVALID = "partial", "invalid"  # besides an int: the position where a complete value ends
+
+
+def check_schema(schema: Any, root: Any = None, path: str = "schema") -> None:
+    """Raise LmforgeError naming the first unsupported or malformed part of `schema`."""
+    root = schema if root is None else root
+    if schema is True or schema == {}:
+        return
+    if not isinstance(schema, dict):
+        raise LmforgeError(f"{path}: a schema must be an object")
+    unknown = sorted(set(schema) - _KEYWORDS)
+    if unknown:
+        raise LmforgeError(f"{path}: unsupported JSON Schema keyword(s) {', '.join(unknown)}")
+    if "$ref" in schema:
+        _resolve(schema["$ref"], root, path)
+    types = schema.get("type")
+    for t in types if isinstance(types, list) else [types] if types is not None else []:
+        if not isinstance(t, str) or t not in _TYPES:
+            raise LmforgeError(f"{path}: unknown type {t!r}")
+    if "enum" in schema and (not isinstance(schema["enum"], list) or not schema["enum"]):
+        raise LmforgeError(f"{path}: enum must be a non-empty list")
+    extra = schema.get("additionalProperties", False)
+    if extra not in (False, True) and not (isinstance(extra, dict) and not extra):
+        raise LmforgeError(f"{path}: additionalProperties may only be true or false")
+    props = schema.get("properties", {})
+    if not isinstance(props, dict):
+        raise LmforgeError(f"{path}.properties must be an object")
+    for name, sub in props.items():
+        check_schema(sub, root, f"{path}.properties.{name}")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or any(not isinstance(r, str) or r not in props for r in required):
+        raise LmforgeError(f"{path}.required must list declared properties")
+    if "items" in schema:
+        check_schema(schema["items"], root, f"{path}.items")
+    for key in ("minItems", "maxItems"):
+        if key in schema and (not isinstance(schema[key], int) or isinstance(schema[key], bool) or schema[key] < 0):
+            raise LmforgeError(f"{path}.{key} must be a non-negative integer")
+    if not isinstance(schema.get("anyOf", []), list) or schema.get("anyOf") == []:
+        raise LmforgeError(f"{path}.anyOf must be a non-empty list of schemas")
+    for i, sub in enumerate(schema.get("anyOf", [])):
+        check_schema(sub, root, f"{path}.anyOf[{i}]")
+    for key in ("$defs", "definitions"):
+        defs = schema.get(key, {})
+        if not isinstance(defs, dict):
+            raise LmforgeError(f"{path}.{key} must be an object")
+        for name, sub in defs.items():
+            check_schema(sub, root, f"{path}.{key}.{name}")
+
+
+def _resolve(ref: Any, root: dict, path: str) -> dict:
+    parts = ref.split("/") if isinstance(ref, str) else []
+    if len(parts) != 3 or parts[0] != "#" or parts[1] not in ("$defs", "definitions"):
+        raise LmforgeError(f"{path}: only $ref to '#/$defs/NAME' or '#/definitions/NAME' is supported, got {ref!r}")
+    try:
+        return root[parts[1]][parts[2]]
+    except (KeyError, TypeError):
+        raise LmforgeError(f"{path}: $ref {ref!r} points nowhere") from None
+
+
+class SchemaPrefix:
+    """Is the text fed so far a prefix of a JSON document valid under `schema`?"""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        check_schema(schema)
+        self.schema = schema
+        self.data = b""
+        self.text = ""
+        self.done = False
+
+    def copy(self) -> "SchemaPrefix":
+        other = SchemaPrefix.__new__(SchemaPrefix)
+        other.__dict__.update(self.__dict__)
+        return other
+
+    def feed(self, data: bytes) -> bool:
+        """Consume bytes; False when no continuation of them can match the schema."""
+        if self.done:
+            return False
+        self.data += data
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            self.text = decoder.decode(self.data, final=False)
+        except UnicodeDecodeError:
+            return False
+        pending = decoder.getstate()[0]  # bytes of a character not yet complete
+        checker = _Checker(self.text, self.schema)
+        status = checker.document()
+        if status == INVALID:
+            return False
+        if pending:
+            # Half a character can only continue inside a string, and inside a string with
+            # fixed candidates (a key, an enum member) only if one of them goes on with it.
+            if status != PARTIAL or checker.cut is None:
+                return False
+            if checker.cut and not any(tail and tail[0].encode()[: len(pending)] == pending for tail in checker.cut):
+                return False
+        self.done = status != PARTIAL
+        return True
+
+
+class _Checker:
+    """Recursive descent over a (possibly cut-off) JSON text against a schema."""
+
+    def __init__(self, text: str, root: dict[str, Any]) -> None:
+        self.s, self.root = text, root
+        # Where a cut-off text ends inside a string: [] for any string, else the possible
+        # remainders of the fixed candidates (keys, enum members); None elsewhere.
+        self.cut: list[str] | None = None
+
+    def document(self) -> str | int:
+        i = self._ws(0)
+        if i is None:
+            return INVALID
+        if i == len(self.s):
+            return PARTIAL
+        end = self.value(i, self.root)
+        if end in (PARTIAL, INVALID):
+            return end
+        return end if self.s[end:] == "" else INVALID  # nothing may follow the document
+
+    def _ws(self, i: int) -> int | None:
+        start = i
+        while i < len(self.s) and self.s[i] in " \t\n\r":
+            i += 1
+        return i if i - start <= _MAX_WS_RUN else None
+
+    def _schema(self, schema: Any) -> dict[str, Any]:
+        if schema is True:
+            return {}
+        while "$ref" in schema:
+            schema = _resolve(schema["$ref"], self.root, "schema")
+        return schema
+
+    def value(self, i: int, schema: Any) -> str | int:
+        schema = self._schema(schema)
+        if "anyOf" in schema:
+            results = [self.value(i, {**{k: v for k, v in schema.items() if k != "anyOf"}, **alt})
+                       for alt in schema["anyOf"]]
+            ends = [r for r in results if isinstance(r, int)]
+            if ends:
+                return ends[0]
+            return PARTIAL if PARTIAL in results else INVALID
+        if "const" in schema:
+            return self._literal_choice(i, [schema["const"]])
+        if "enum" in schema:
+            return self._literal_choice(i, schema["enum"])
+        types = schema.get("type")
+        allowed = set(types if isinstance(types, list) else [types]) if types else set(_TYPES)
+        c = self.s[i]
+        if c == "{" and "object" in allowed:
+            return self._object(i, schema)
+        if c == "[" and "array" in allowed:
+            return self._array(i, schema)
+        if c == '"' and "string" in allowed:
+            end = self._string(i)[0]
+            if end == PARTIAL:
+                self.cut = []
+            return end
+        if (c == "-" or c.isdigit()) and allowed & {"number", "integer"}:
+            return self._number(i, integer="number" not in allowed)
+        for word, kind in (("true", "boolean"), ("false", "boolean"), ("null", "null")):
+            if kind in allowed and word.startswith(self.s[i : i + len(word)]) and c == word[0]:
+                return PARTIAL if len(self.s) - i < len(word) else i + len(word)
+        return INVALID
+
+    def _literal_choice(self, i: int, options: list[Any]) -> str | int:
+        """One of fixed values: strings by their decoded text, others as compact JSON text."""
+        if self.s[i] == '"':
+            end, decoded = self._string(i)
+            strings = [o for o in options if isinstance(o, str)]
+            if end == INVALID:
+                return INVALID
+            if end == PARTIAL:
+                self.cut = self._tails(decoded, strings)
+                return PARTIAL if self.cut else INVALID
+            return end if decoded in strings else INVALID
+        rest = self.s[i:]
+        texts = [json.dumps(o, separators=(",", ":"), ensure_ascii=False) for o in options if not isinstance(o, str)]
+        cut_off = False
+        for text in texts:
+            if not rest.startswith(text):
+                cut_off = cut_off or text.startswith(rest)
+                continue
+            after = i + len(text)
+            if _NUMBER.fullmatch(text):
+                if after == len(self.s):
+                    cut_off = True  # "1" may still become "12": undecided
+                    continue
+                if self.s[after] in "0123456789.eE+-":
+                    continue  # "12" is not the option "1"
+            return after
+        return PARTIAL if cut_off else INVALID
+
+    def _tails(self, decoded: str, options: list[str]) -> list[str]:
+        """What is left of each option that the cut-off string (and its cut-off escape) can still become."""
+        tails = [o[len(decoded):] for o in options if o.startswith(decoded)]
+        if self.escape:
+            # The next character comes from an escape. Only characters that need one (a
+            # quote, a backslash, a control character) may be escaped, so a known key is
+            # spelled plainly instead of as a run of \u00XX escapes.
+            digits = self.escape[2:].lower()
+            tails = [t for t in tails if t and (t[0] in '"\\' or ord(t[0]) < 0x20)
+                     and f"{ord(t[0]):04x}".startswith(digits)]
+        return tails
+
+    def _string(self, i: int) -> tuple[str | int, str]:
+        """(end position, decoded text) of the string at `i`; PARTIAL if it is cut off."""
+        out, j = [], i + 1
+        self.escape = ""  # an escape cut off at the end of the text
+        while j < len(self.s):
+            c = self.s[j]
+            if c == '"':
+                return j + 1, "".join(out)
+            if c == "\\":
+                if j + 1 >= len(self.s):
+                    self.escape = "\\"
+                    return PARTIAL, "".join(out)
+                e = self.s[j + 1]
+                if e == "u":
+                    digits = self.s[j + 2 : j + 6]
+                    if not re.fullmatch(r"[0-9a-fA-F]*", digits):
+                        return INVALID, ""
+                    if len(digits) < 4:
+                        self.escape = "\\u" + digits
+                        return PARTIAL, "".join(out)
+                    out.append(chr(int(digits, 16)))
+                    j += 6
+                    continue
+                if e not in '"\\/bfnrt':
+                    return INVALID, ""
+                out.append(json.loads(f'"\\{e}"'))
+                j += 2
+                continue
+            if ord(c) < 0x20:
+                return INVALID, ""
+            out.append(c)
+            j += 1
+        return PARTIAL, "".join(out)
+
+    def _number(self, i: int, integer: bool) -> str | int:
+        pattern = _INTEGER if integer else _NUMBER
+        j = i
+        while j < len(self.s) and self.s[j] in "0123456789.eE+-":
+            j += 1
+        token = self.s[i:j]
+        if len(token) > _MAX_NUMBER_CHARS:
+            return INVALID
+        if j == len(self.s):  # cut off: could it still grow into a number?
+            return PARTIAL if _number_prefix_ok(token, integer) else INVALID
+        return j if pattern.fullmatch(token) else INVALID
+
+    def _object(self, i: int, schema: dict[str, Any]) -> str | int:
+        props = schema.get("properties", {})
+        required = set(schema.get("required", []))
+        free = not props and schema.get("additionalProperties", True) is not False
+        seen: set[str] = set()
+        j = self._ws(i + 1)
+        if j is None:
+            return INVALID
+        if j == len(self.s):
+            return PARTIAL
+        if self.s[j] == "}":
+            return j + 1 if required <= seen else INVALID
+        while True:
+            if self.s[j] != '"':
+                return INVALID
+            end, key = self._string(j)
+            if end == INVALID:
+                return INVALID
+            candidates = [p for p in props if p not in seen]
+            if end == PARTIAL:
+                self.cut = [] if free else self._tails(key, candidates)
+                return PARTIAL if free or self.cut else INVALID
+            if not free and key not in candidates:
+                return INVALID
+            seen.add(key)
+            j = self._ws(end)
+            if j is None:
+                return INVALID
+            if j == len(self.s):
+                return PARTIAL
+            if self.s[j] != ":":
+                return INVALID
+            j = self._ws(j + 1)
+            if j is None:
+                return INVALID
+            if j == len(self.s):
+                return PARTIAL
+            end = self.value(j, props.get(key, True))
+            if end in (PARTIAL, INVALID):
+                return end
+            j = self._ws(end)
+            if j is None:
+                return INVALID
+            if j == len(self.s):
+                return PARTIAL
+            if self.s[j] == "}":
+                return j + 1 if required <= seen else INVALID
+            if self.s[j] != ",":
+                return INVALID
+            if not free and not [p for p in props if p not in seen]:
+                return INVALID  # every declared property is there: only "}" may follow
+            j = self._ws(j + 1)
+            if j is None:
+                return INVALID
+            if j == len(self.s):
+                return PARTIAL
+
+    def _array(self, i: int, schema: dict[str, Any]) -> str | int:
+        items = schema.get("items", True)
+        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        count = 0
+        j = self._ws(i + 1)
+        if j is None:
+            return INVALID
+        if j == len(self.s):
+            return PARTIAL
+        if self.s[j] == "]":
+            return j + 1 if count >= low else INVALID
+        while True:
+            if high is not None and count >= high:
+                return INVALID
+            end = self.value(j, items)
+            if end in (PARTIAL, INVALID):
+                return end
+            count += 1
+            j = self._ws(end)
+            if j is None:
+                return INVALID
+            if j == len(self.s):
+                return PARTIAL
+            if self.s[j] == "]":
+                return j + 1 if count >= low else INVALID
+            if self.s[j] != ",":
+                return INVALID
+            j = self._ws(j + 1)
+            if j is None:
+                return INVALID
+            if j == len(self.s):
+                return PARTIAL
+
+
+def _number_prefix_ok(token: str, integer: bool) -> bool:
+    if integer:
+        return bool(re.fullmatch(r"-?(?:0|[1-9]\d*)?", token))
+    return bool(re.fullmatch(r"-?(?:(?:0|[1-9]\d*)(?:\.\d*)?(?:[eE][+-]?\d*)?)?", token)) and not re.search(r"\.[eE]", token)
