@@ -14,7 +14,7 @@ H = n_head) - the tensors autograd keeps for the backward pass:
         (2d + 1; LayerNorm: d + 2)        fc input: d
   qkv input: d                            SwiGLU: fc output 2f (gate and up), silu(gate)
   qkv output: q + 2kv (v is read from it)         f, product f (proj input): 4f
-  rotated q and k: q + kv                 GELU: fc output f, gelu output f: 2f
+  rotated q and k: q + kv (RoPE only)     GELU: fc output f, gelu output f: 2f
   SDPA output: q (also the out-proj input)
   SDPA log-sum-exp: H (always float32)
   eager attention instead of SDPA adds the score and probability matrices,
@@ -84,7 +84,8 @@ def layer_activation_elements(config, seq_len: int, attention: str = "sdpa") -> 
     """Elements saved for backward per token by one block, split into parts; 'lse' is float32."""
     d, q, kv, f, h = config.n_embd, config.q_size, config.kv_size, config.intermediate_size, config.n_head
     norm = 2 * d + 1 if config.norm == "rmsnorm" else d + 2
-    attn = norm + d + (q + 2 * kv) + (q + kv) + q
+    rotated = q + kv if config.position == "rope" else 0  # learned positions: q and k stay views of qkv
+    attn = norm + d + (q + 2 * kv) + rotated + q
     mlp = norm + d + (4 * f if config.mlp == "swiglu" else 2 * f)
     out = {"attention": attn, "mlp": mlp, "lse": 0, "scores": 0}
     if attention == "sdpa":
@@ -104,6 +105,8 @@ def activation_bytes(config, setup: TrainSetup) -> dict[str, int]:
     norm = 2 * d + 1 if config.norm == "rmsnorm" else d + 2
     # ids and targets (int64), final norm, head input, logits, log-softmax (float32).
     output = tokens * (16 + (norm + d + v) * act + v * 4)
+    if config.position == "learned":
+        output += 8 * setup.seq_len  # the position ids, shared by the batch
     if setup.checkpointing:
         stored = config.n_layer * tokens * d * act
         layers = stored + per_layer  # one block rebuilt during backward
