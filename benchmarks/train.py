@@ -1,0 +1,130 @@
+"""Training tokens/s: lmforge vs transformers on the same Llama config, same machine, same run.
+
+Both models start from the same weights (lmforge's random init copied into a
+`LlamaForCausalLM`) and train with the same plain loop: forward, next-token
+cross-entropy, backward, torch AdamW step, zero_grad. float32 on CPU. The first-step
+losses must agree within 1e-4, so the two sides compute the same thing. Rounds
+alternate between the two (each round: `--steps` timed steps after `--warmup` untimed
+ones), so a burst of load on a shared machine hits both; the table reports the median
+and the spread over rounds, and the JSON line the median ratio.
+
+    python benchmarks/train.py                  # 5 rounds, small Llama, batch 4 x 128
+    python benchmarks/train.py --preset smollm2-135m --seq-len 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from lmforge.model.config import ModelConfig  # noqa: E402
+from lmforge.model.families import hf_config_from, lmforge_to_hf  # noqa: E402
+from lmforge.model.transformer import Transformer  # noqa: E402
+
+PRESETS = {
+    # A small Llama: GQA, SwiGLU, RoPE, untied head (about 7M parameters).
+    "small-llama": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, intermediate_size=688, vocab_size=8192),
+    # SmolLM2-135M's shapes (30 layers, width 576, 9/3 heads, tied 49152 vocabulary).
+    "smollm2-135m": dict(n_layer=30, n_embd=576, n_head=9, n_kv_head=3, intermediate_size=1536, vocab_size=49152,
+                         tie_word_embeddings=True, rope_theta=100000.0),
+}
+
+
+def build_pair(config: ModelConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    ours = Transformer(config)
+    hf_cfg = hf_config_from(config)
+    hf_cfg.pop("architectures", None), hf_cfg.pop("model_type", None), hf_cfg.pop("torch_dtype", None)
+    theirs = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
+    missing, unexpected = theirs.load_state_dict(lmforge_to_hf(config, ours.state_dict()), strict=False)
+    if unexpected or [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]:
+        raise SystemExit(f"weight copy failed: missing {missing}, unexpected {unexpected}")
+    return ours.train(), theirs.train()
+
+
+def loss_fn(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def make_step(model, hf: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(ids: torch.Tensor) -> float:
+        logits = model(input_ids=ids).logits if hf else model(ids)
+        loss = loss_fn(logits, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="small-llama", choices=sorted(PRESETS))
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per round and side")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    config = ModelConfig(**PRESETS[args.preset], max_position_embeddings=max(2048, args.seq_len))
+    ours, theirs = build_pair(config)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=gen) for _ in range(4)]
+    with torch.no_grad():
+        first = (float(loss_fn(ours(batches[0]), batches[0])), float(loss_fn(theirs(input_ids=batches[0]).logits, batches[0])))
+    if abs(first[0] - first[1]) > 1e-4:
+        raise SystemExit(f"first-step losses differ: lmforge {first[0]:.6f}, transformers {first[1]:.6f}")
+    steps = {"lmforge": make_step(ours, False), "transformers": make_step(theirs, True)}
+    tokens_per_step = args.batch_size * args.seq_len
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.rounds):
+        order = list(steps) if r % 2 == 0 else list(steps)[::-1]
+        for name in order:
+            step = steps[name]
+            for i in range(args.warmup):
+                step(batches[i % len(batches)])
+            start = time.perf_counter()
+            for i in range(args.steps):
+                step(batches[i % len(batches)])
+            rates[name].append(tokens_per_step * args.steps / (time.perf_counter() - start))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {rates[n][-1]:.0f} tok/s" for n in steps), file=sys.stderr)
+    ratios = [a / b for a, b in zip(rates["lmforge"], rates["transformers"])]
+    print(f"{config.num_parameters() / 1e6:.1f}M-parameter Llama ({args.preset}), batch {args.batch_size} x {args.seq_len}, "
+          f"fp32 CPU, {torch.get_num_threads()} threads; first-step loss {first[0]:.6f} vs {first[1]:.6f}")
+    print(f"{'':14}{'median tok/s':>14}{'min':>10}{'max':>10}")
+    for name in steps:
+        v = rates[name]
+        print(f"{name:14}{statistics.median(v):>14.0f}{min(v):>10.0f}{max(v):>10.0f}")
+    print(f"{'ratio':14}{statistics.median(ratios):>14.2f}{min(ratios):>10.2f}{max(ratios):>10.2f}")
+    print(json.dumps({
+        "benchmark": "train", "preset": args.preset, "params": config.num_parameters(), "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "rounds": args.rounds, "steps": args.steps, "threads": torch.get_num_threads(),
+        "lmforge_tok_s": statistics.median(rates["lmforge"]), "transformers_tok_s": statistics.median(rates["transformers"]),
+        "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "first_loss": list(first), "torch": torch.__version__, "transformers": transformers.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
