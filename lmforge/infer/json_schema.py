@@ -163,6 +163,13 @@ class _Checker:
             i += 1
         return i if i - start <= _MAX_WS_RUN else None
 
+    def _next(self, i: int) -> int | str:
+        """Position of the next non-blank character, or INVALID (too much blank) / PARTIAL (text ends)."""
+        j = self._ws(i)
+        if j is None:
+            return INVALID
+        return PARTIAL if j == len(self.s) else j
+
     def _schema(self, schema: Any) -> dict[str, Any]:
         if schema is True:
             return {}
@@ -293,11 +300,9 @@ class _Checker:
         required = set(schema.get("required", []))
         free = not props and schema.get("additionalProperties", True) is not False
         seen: set[str] = set()
-        j = self._ws(i + 1)
-        if j is None:
-            return INVALID
-        if j == len(self.s):
-            return PARTIAL
+        j = self._next(i + 1)
+        if isinstance(j, str):
+            return j
         if self.s[j] == "}":
             return j + 1 if required <= seen else INVALID
         while True:
@@ -313,47 +318,37 @@ class _Checker:
             if not free and key not in candidates:
                 return INVALID
             seen.add(key)
-            j = self._ws(end)
-            if j is None:
-                return INVALID
-            if j == len(self.s):
-                return PARTIAL
+            j = self._next(end)
+            if isinstance(j, str):
+                return j
             if self.s[j] != ":":
                 return INVALID
-            j = self._ws(j + 1)
-            if j is None:
-                return INVALID
-            if j == len(self.s):
-                return PARTIAL
+            j = self._next(j + 1)
+            if isinstance(j, str):
+                return j
             end = self.value(j, props.get(key, True))
             if end in (PARTIAL, INVALID):
                 return end
-            j = self._ws(end)
-            if j is None:
-                return INVALID
-            if j == len(self.s):
-                return PARTIAL
+            j = self._next(end)
+            if isinstance(j, str):
+                return j
             if self.s[j] == "}":
                 return j + 1 if required <= seen else INVALID
             if self.s[j] != ",":
                 return INVALID
             if not free and not [p for p in props if p not in seen]:
                 return INVALID  # every declared property is there: only "}" may follow
-            j = self._ws(j + 1)
-            if j is None:
-                return INVALID
-            if j == len(self.s):
-                return PARTIAL
+            j = self._next(j + 1)
+            if isinstance(j, str):
+                return j
 
     def _array(self, i: int, schema: dict[str, Any]) -> str | int:
         items = schema.get("items", True)
         low, high = schema.get("minItems", 0), schema.get("maxItems")
         count = 0
-        j = self._ws(i + 1)
-        if j is None:
-            return INVALID
-        if j == len(self.s):
-            return PARTIAL
+        j = self._next(i + 1)
+        if isinstance(j, str):
+            return j
         if self.s[j] == "]":
             return j + 1 if count >= low else INVALID
         while True:
@@ -363,20 +358,16 @@ class _Checker:
             if end in (PARTIAL, INVALID):
                 return end
             count += 1
-            j = self._ws(end)
-            if j is None:
-                return INVALID
-            if j == len(self.s):
-                return PARTIAL
+            j = self._next(end)
+            if isinstance(j, str):
+                return j
             if self.s[j] == "]":
                 return j + 1 if count >= low else INVALID
             if self.s[j] != ",":
                 return INVALID
-            j = self._ws(j + 1)
-            if j is None:
-                return INVALID
-            if j == len(self.s):
-                return PARTIAL
+            j = self._next(j + 1)
+            if isinstance(j, str):
+                return j
 
 
 def _number_prefix_ok(token: str, integer: bool) -> bool:
