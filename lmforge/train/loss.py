@@ -1,0 +1,29 @@
+"""Training objectives on the one Transformer (P1): next-token cross-entropy.
+
+`causal_lm_loss` is the loss every training path of lmforge calls (pretraining, and
+later fine-tuning): position t predicts token t+1, and targets equal to
+`IGNORE_INDEX` (-100, the Hugging Face convention) do not count, which is how SFT
+keeps the loss on response tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting ``labels[:, t+1]`` from ``input_ids[:, :t+1]``.
+
+    ``labels`` defaults to ``input_ids`` (plain language modelling). ``reduction`` is
+    "mean" (over counted targets) or "sum" (total nats, for perplexity and bits per byte).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    targets = (input_ids if labels is None else labels)[:, 1:]
+    logits = model(input_ids)[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
