@@ -17,9 +17,26 @@ def _add_runtime(p: argparse.ArgumentParser, remote: bool = True) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU)")
     if remote:
-        p.add_argument("--base-url", help="use an OpenAI-compatible endpoint instead of a local model "
-                                          "(generation and code tasks only)")
-        p.add_argument("--api-key", default=None, help="API key for --base-url (default: $OPENAI_API_KEY)")
+        add_remote_arguments(p, "multiple-choice tasks need /v1/completions with echo + logprobs + max_tokens=0; "
+                                "MODEL is then the served model's name")
+
+
+def add_remote_arguments(p: argparse.ArgumentParser, needs: str) -> None:
+    """--base-url and what scoring through an endpoint needs (shared with `eval perplexity`)."""
+    p.add_argument("--base-url", help=f"use an OpenAI-compatible endpoint instead of a local model ({needs})")
+    p.add_argument("--api-key", default=None, help="API key for --base-url (default: $OPENAI_API_KEY)")
+    p.add_argument("--tokenizer", help="with --base-url: the served model's tokenizer (tokenizer.json, a directory, "
+                                       "a .gguf file or a registered model name; default: the default model's)")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="with --base-url: seconds to wait for one scoring request (default 300)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="with --base-url: repeat a scoring request this often on network errors or busy answers "
+                        "(default 2)")
+
+
+def check_remote_arguments(args: argparse.Namespace) -> None:
+    if args.tokenizer and not args.base_url:
+        raise LmforgeError("--tokenizer applies to --base-url (a local model brings its own tokenizer)")
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -141,7 +158,15 @@ def run_bench(args: argparse.Namespace) -> int:
         task.spec.variant(options.variant)
     if args.limit is not None and args.limit < 1:
         raise LmforgeError("--limit must be at least 1")
-    lm = _load(args)
+    check_remote_arguments(args)
+    kind = (task.spec.variant(options.variant) if options.variant else task.spec).kind
+    if args.base_url and kind == "multiple_choice":  # scored from the endpoint's prompt log-probs
+        from .remote import connect_scorer
+
+        lm = connect_scorer(args.base_url, args.api_key, args.model, args.tokenizer, batch_tokens=args.batch_tokens,
+                            timeout=args.request_timeout, retries=args.retries)
+    else:
+        lm = _load(args)
     n = min(args.limit or len(task.records), len(task.records))
     label = task.name + (f" ({options.variant})" if options.variant else "")
     progress = ProgressLine(n, label, unit="items", enabled=not args.quiet)

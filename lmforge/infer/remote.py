@@ -13,10 +13,23 @@ self-hosting costs hardware and operations and keeps data in. See the handbook p
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from ..errors import LmforgeError
+
+
+RETRY_STATUS = (429, 502, 503, 504)  # busy or restarting: worth asking again; other errors are final
+
+
+@dataclass
+class PromptScores:
+    """What an endpoint says about one echoed prompt: its tokens as text and their log-probs."""
+
+    tokens: list[str]
+    logprobs: list[float | None]  # log p(token i | tokens before it); the first is None (nothing before it)
+    top: list[dict[str, float] | None]  # the most likely tokens at each position, when asked for
 
 
 @dataclass
@@ -30,9 +43,11 @@ class RemoteCompletion:
 class RemoteModel:
     """Text generation through an OpenAI-compatible HTTP API."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None, timeout: float = 600.0,
+                 retries: int = 0) -> None:
         import httpx
 
+        self.retries = max(0, int(retries))  # extra attempts for requests that are safe to repeat (scoring)
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
@@ -43,14 +58,24 @@ class RemoteModel:
         self.name = model or self._first_model()
 
     # ------------------------------------------------------------------ HTTP
-    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, payload: dict[str, Any], retries: int = 0) -> dict[str, Any]:
+        """POST and decode; with `retries`, transport failures and busy answers are tried again."""
         import httpx
 
-        try:
-            response = self._http.post(path, json=payload)
-        except httpx.HTTPError as exc:
-            raise LmforgeError(f"cannot reach {self.base_url}: {exc}") from None
-        return self._check(response)
+        for attempt in range(retries + 1):
+            last = attempt == retries
+            try:
+                response = self._http.post(path, json=payload)
+            except httpx.HTTPError as exc:
+                if last:
+                    raise LmforgeError(f"cannot reach {self.base_url}: {_one_line(exc)}") from None
+                time.sleep(_backoff(attempt))
+                continue
+            if response.status_code in RETRY_STATUS and not last:
+                time.sleep(_backoff(attempt, response.headers.get("retry-after")))
+                continue
+            return self._check(response)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     def _check(self, response) -> dict[str, Any]:
         try:
@@ -59,16 +84,12 @@ class RemoteModel:
             body = {}
         if response.status_code >= 400:
             message = (body.get("error") or {}).get("message") if isinstance(body, dict) else None
-            raise LmforgeError(f"{self.base_url} answered {response.status_code}: {message or response.text[:200]}")
+            raise LmforgeError(f"{self.base_url} answered {response.status_code}: "
+                               f"{_one_line(message or response.text[:200])}")
         return body
 
     def _first_model(self) -> str:
-        import httpx
-
-        try:
-            data = self._check(self._http.get("/models")).get("data") or []
-        except httpx.HTTPError as exc:
-            raise LmforgeError(f"cannot reach {self.base_url}: {exc}") from None
+        data = self.list_models()
         if not data:
             raise LmforgeError(f"{self.base_url} lists no models; pass the model name")
         return data[0]["id"]
@@ -145,8 +166,64 @@ class RemoteModel:
             raise LmforgeError(f"{self.base_url} does not return prompt log-probabilities (echo + logprobs)")
         return lp["tokens"], lp["token_logprobs"]
 
+    def score_prompts(self, prompts: Sequence[Sequence[int]], top: int = 0) -> list[PromptScores]:
+        """Log-prob of every token of each token-id prompt given those before it, in one request.
+
+        Uses /v1/completions with a list of token arrays as the prompt, `echo` (return the
+        prompt), `logprobs` (with `top` alternatives per position) and `max_tokens=0` (nothing
+        is generated). The request is repeated on transport errors and busy answers, up to
+        `retries` times: scoring has no side effects, so asking twice is harmless.
+        """
+        prompts = [[int(t) for t in p] for p in prompts]
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("score_prompts needs at least one non-empty token list")
+        body = self._post("/completions", {"model": self.name, "prompt": prompts, "max_tokens": 0, "echo": True,
+                                           "logprobs": int(top)}, retries=self.retries)
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or len(choices) != len(prompts):
+            raise LmforgeError(f"{self.base_url} answered {len(choices) if isinstance(choices, list) else 'no'} "
+                               f"choices for {len(prompts)} prompts")
+        out = []
+        for choice, ids in zip(sorted(choices, key=lambda c: c.get("index", 0)), prompts):
+            lp = choice.get("logprobs") or {}
+            values = lp.get("token_logprobs")
+            if not isinstance(values, list) or not values:
+                raise LmforgeError(f"{self.base_url} does not return prompt log-probabilities "
+                                   "(it needs echo + logprobs with max_tokens=0 on /v1/completions)")
+            # With max_tokens=0 the answer is the prompt alone; some servers still add a token.
+            if len(values) < len(ids):
+                raise LmforgeError(f"{self.base_url} returned {len(values)} log-probs for a prompt of {len(ids)} tokens "
+                                   "(the endpoint may not accept token-id prompts)")
+            tokens = list(lp.get("tokens") or [])[: len(ids)]
+            tops = list(lp.get("top_logprobs") or [None] * len(ids))[: len(ids)]
+            out.append(PromptScores(tokens, [None if v is None else float(v) for v in values[: len(ids)]], tops))
+        return out
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """The endpoint's /v1/models entries."""
+        import httpx
+
+        try:
+            return list(self._check(self._http.get("/models")).get("data") or [])
+        except httpx.HTTPError as exc:
+            raise LmforgeError(f"cannot reach {self.base_url}: {_one_line(exc)}") from None
+
     def close(self) -> None:
         self._http.close()
+
+
+def _backoff(attempt: int, retry_after: str | None = None) -> float:
+    """Seconds to wait before another attempt: the server's Retry-After if sane, else doubling from 0.5 s."""
+    try:
+        if retry_after is not None:
+            return min(30.0, max(0.0, float(retry_after)))
+    except ValueError:
+        pass
+    return min(8.0, 0.5 * 2**attempt)
+
+
+def _one_line(message: Any) -> str:
+    return " ".join(str(message).split()) or type(message).__name__
 
 
 def _as_messages(messages: Sequence[dict[str, Any]] | str) -> list[dict[str, Any]]:

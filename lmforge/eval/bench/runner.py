@@ -5,7 +5,8 @@ Three ways to score, chosen by the task's kind:
 - multiple_choice: log-likelihood of each choice's continuation after the prompt
   (`LoglikelihoodScorer`); `acc` takes the choice with the highest summed log-prob,
   `acc_norm` divides each sum by the continuation's length in UTF-8 bytes first (long
-  choices are not penalized for having more tokens). Needs a local model.
+  choices are not penalized for having more tokens). Needs the model's log-probabilities:
+  a local model, or a `RemoteScorer` (an endpoint plus the served model's tokenizer).
 - generation: the model writes an answer (greedy by default, with the task's stop
   strings); the answer is extracted and compared with the gold one. With `samples > 1`
   it samples that many answers and takes the majority vote (self-consistency).
@@ -13,7 +14,8 @@ Three ways to score, chosen by the task's kind:
   tests) runs in the sandbox; pass@k from n samples per problem.
 
 The model is anything `lmforge.load()` returns (a `LoadedModel`); generation and code
-tasks also accept any object with `complete(prompts, **sampling)` (the remote backend).
+tasks also accept any object with `complete(prompts, **sampling)` (the remote backend);
+multiple-choice tasks any object with `tokenizer` and `score(requests)` (`RemoteScorer`).
 """
 
 from __future__ import annotations
@@ -151,9 +153,14 @@ def _multiple_choice(lm, task: Task, shots: int, options: BenchOptions, progress
     from .loglik import LoglikelihoodScorer, split_continuation
 
     model = getattr(lm, "model", None)
-    if model is None:
-        raise LmforgeError("multiple-choice scoring needs the model's log-probabilities: use a local model "
-                           "(or the task's --cot variant, which only generates)")
+    if model is not None:
+        scorer = LoglikelihoodScorer(model, batch_tokens=options.batch_tokens,
+                                     pad_id=getattr(lm.tokenizer, "eos_id", None) or 0)
+    elif callable(getattr(lm, "score", None)) and getattr(lm, "tokenizer", None) is not None:
+        scorer = lm  # log-probs from elsewhere (an endpoint), token ids from the same tokenizer
+    else:
+        raise LmforgeError("multiple-choice scoring needs the model's log-probabilities: use a local model, "
+                           "an endpoint that returns prompt log-probs, or the task's --cot variant")
     spec = task.spec
     requests, layout, items = [], [], []
     for index, record in enumerate(task.records):
@@ -164,8 +171,6 @@ def _multiple_choice(lm, task: Task, shots: int, options: BenchOptions, progress
         items.append({"id": record_id(record, index), "group": record.get(spec.group_by) if spec.group_by else None,
                       "gold": gold_index(spec, record), "shots": len(pick_exemplars(task, record, shots)),
                       "prompt_tokens": len(requests[-1][0])})
-    scorer = LoglikelihoodScorer(model, batch_tokens=options.batch_tokens,
-                                 pad_id=getattr(lm.tokenizer, "eos_id", None) or 0)
     per_choice = max(1, len(requests) // max(1, len(items)))
     report = (lambda done, total: progress(done // per_choice, len(items))) if progress else None
     scores = scorer.score(requests, progress=report)
