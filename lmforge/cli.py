@@ -20,7 +20,8 @@ from .errors import LmforgeError
 # Stages that bring their own subcommands: each module has `register(subparsers)` and
 # imports nothing heavy at module level (the parser is built on every invocation).
 COMMAND_MODULES: tuple[str, ...] = ("lmforge.eval.commands", "lmforge.serve.commands", "lmforge.data.commands",
-                                     "lmforge.tokenizer.commands", "lmforge.train.estimate_commands")
+                                     "lmforge.tokenizer.commands", "lmforge.train.estimate_commands",
+                                     "lmforge.train.commands")
 
 MODEL_HELP = "registered model name, Hugging Face directory or .gguf file (default: the default model)"
 

@@ -116,3 +116,28 @@ class PackedDataset:
             raise IndexError(i)
         shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
         return np.asarray(self.shards[shard][i - self._offsets[shard]])
+
+
+def pack_text_splits(text_dir: str | os.PathLike[str], tokenizer: Any, out: str | os.PathLike[str], seq_len: int,
+                     eos_id: int, tokenizer_name: str, rows_per_shard: int = 1024) -> dict[str, Any]:
+    """Tokenize ``text_dir/{split}.jsonl`` (as written by ``data prepare``) into packed shards in ``out``.
+
+    This is the second half of ``data prepare`` for the case where the tokenizer is trained
+    on the cleaned text itself, so it can exist only after cleaning. Writes and returns
+    ``out/index.json`` (last, so a directory without one is never taken for a dataset).
+    """
+    from lmforge.io.text_files import read_jsonl, text_of
+
+    out = Path(out)
+    index: dict[str, Any] = {"format": INDEX_FORMAT, "seq_len": seq_len, "splits": {}, "tokenizer": tokenizer_name,
+                             "vocab_size": tokenizer.vocab_size, "eos_id": eos_id,
+                             "eos_token": tokenizer.id_to_token(eos_id), "dtype": str(token_dtype(tokenizer.vocab_size))}
+    for file in sorted(Path(text_dir).glob("*.jsonl")):
+        writer = ShardWriter(out, file.stem, seq_len, eos_id, tokenizer.vocab_size, rows_per_shard)
+        for line, record in read_jsonl(file):
+            writer.add(tokenizer.encode(text_of(record, f"{file}:{line}"), add_special_tokens=False))
+        entry = writer.close()
+        if entry["rows"]:
+            index["splits"][file.stem] = entry
+    write_json_atomic(out / "index.json", index)
+    return index

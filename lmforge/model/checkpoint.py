@@ -92,28 +92,32 @@ def load_hf_model(directory: str | Path, dtype: torch.dtype = torch.float32, dev
     return build_model(config, state, dtype, device)
 
 
-def save_hf_model(model: Transformer, directory: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write `model` (and `tokenizer`, if given) as a Hugging Face directory, atomically."""
+def write_hf_files(config: ModelConfig, state: dict[str, torch.Tensor], directory: Path, tokenizer=None) -> None:
+    """Write config.json, generation_config.json, model.safetensors (and the tokenizer) into
+    the existing `directory`, from an lmforge-named state dict. Callers stage and rename."""
     from safetensors.torch import save_file
 
+    hf_state = lmforge_to_hf(config, {k: v.detach().to("cpu") for k, v in state.items()})
+    dtype = next(iter(hf_state.values())).dtype
+    save_file(hf_state, directory / "model.safetensors", metadata={"format": "pt"})
+    hf_config = hf_config_from(config)
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+def save_hf_model(model: Transformer, directory: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write `model` (and `tokenizer`, if given) as a Hugging Face directory, atomically."""
     target = Path(directory)
     if target.exists() and not overwrite:
         raise LmforgeError(f"{target} already exists (choose another path or remove it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        config = model.config
-        state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-        hf_state = lmforge_to_hf(config, state)
-        dtype = next(iter(hf_state.values())).dtype
-        save_file(hf_state, staging / "model.safetensors", metadata={"format": "pt"})
-        hf_config = hf_config_from(config)
-        hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None}
-        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save(staging)
+        write_hf_files(model.config, model.state_dict(), staging, tokenizer)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

@@ -1,0 +1,91 @@
+"""``lmforge pretrain``: train a language model from a YAML recipe (see recipe.py and loop.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RECIPE_HELP = ("a recipe YAML file, or the name of one in ./recipes or lmforge's recipes/ "
+               "(default: the built-in defaults, a tiny Llama on the offline Wikipedia + news text)")
+
+
+def find_recipe(spec: str | None) -> Path | None:
+    from lmforge.errors import LmforgeError
+
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix or "/" in spec:
+        raise LmforgeError(f"no such recipe: {spec}")
+    import lmforge
+
+    for folder in (Path.cwd() / "recipes", Path(lmforge.__file__).resolve().parents[1] / "recipes"):
+        candidate = folder / f"{spec}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise LmforgeError(f"no recipe named {spec!r} (looked for {spec}.yaml in ./recipes and lmforge's recipes/)")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    import yaml
+
+    values = {}
+    for key, raw in vars(args).items():
+        if key.startswith("set:"):
+            try:
+                values[key[4:]] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                values[key[4:]] = raw
+    if args.out is not None:
+        values["train.out"] = args.out
+    return values
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from lmforge.train.recipe import load_recipe, to_yaml
+
+    config = load_recipe(find_recipe(args.recipe), _overrides(args))  # every check before any work
+    if args.print_recipe:
+        print(to_yaml(config), end="")
+        return 0
+    from lmforge.train.loop import pretrain
+
+    report = pretrain(config, resume=args.resume, progress=not args.quiet)
+    if not report:  # not the main process of a distributed run
+        return 0
+    if args.json:
+        print(json.dumps(report))
+    else:
+        last = report["validation"][-1] if report["validation"] else None
+        summary = f"trained {report['steps']} steps ({report['tokens']:,} tokens) in {report['train_seconds']:.0f} s"
+        if last:
+            summary += f"; validation loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} bits/byte)"
+            if report["unigram_baseline_loss"] is not None:
+                summary += f" vs unigram baseline {report['unigram_baseline_loss']:.4f}"
+        print(summary)
+        print(f"checkpoint: {report['checkpoint']}\nreport: {Path(config.train.out) / 'report.md'}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmforge.train.recipe import option_names
+
+    p = subparsers.add_parser(
+        "pretrain", help="train a language model from a YAML recipe (also under torchrun: DDP / FSDP)",
+        description="Train a model from a recipe. Every recipe field is also a flag --SECTION.FIELD VALUE "
+                    "(VALUE is YAML), e.g. --train.max-steps 50 --optim.lr 1e-3.")
+    p.add_argument("recipe", nargs="?", help=RECIPE_HELP)
+    p.add_argument("--out", help="output directory (same as --train.out)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit (checks it too)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--json", action="store_true", help="print the final report as one JSON object")
+    fields = p.add_argument_group("recipe fields")
+    for name in option_names():
+        section, field = name.split(".")
+        flags = [f"--{section}.{field.replace('_', '-')}"] + ([f"--{name}"] if "_" in field else [])
+        fields.add_argument(*flags, dest=f"set:{name}", default=argparse.SUPPRESS, metavar="V", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_pretrain)
