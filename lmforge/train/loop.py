@@ -312,7 +312,8 @@ class Trainer:
         last_checkpoint = None
         window_start, window_tokens = time.perf_counter(), 0
         started_at_step = self.step
-        while self.step < t.max_steps:
+        stop = t.stop_at_step or t.max_steps
+        while self.step < stop:
             step_start = time.perf_counter()
             stats = self.train_step()
             seconds = time.perf_counter() - step_start
@@ -341,7 +342,7 @@ class Trainer:
                                  f"{result['val_bpb']:.3f} bits/byte")
                 for sample in self.samples():
                     self.jsonl.write({"kind": "sample", "step": self.step, **sample})
-            if self.step % t.save_interval == 0 or final:
+            if self.step % t.save_interval == 0 or final or self.step == stop:
                 last_checkpoint = self.save()
         progress.close()
         report = self.report(last_checkpoint)

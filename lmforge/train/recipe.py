@@ -98,6 +98,7 @@ class TrainSection:
 
     out: str = "runs/pretrain"
     max_steps: int = 300
+    stop_at_step: int | None = None  # end this invocation after that step (checkpointed); continue with --resume
     batch_size: int = 8  # rows per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     clip_grad_norm: float | None = 1.0
@@ -136,6 +137,8 @@ class PretrainConfig:
         for key, value in positive.items():
             if value < 1:
                 raise LmforgeError(f"{key} must be positive" if key != "data.seq_len" else "data.seq_len must be at least 2")
+        if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
+            raise LmforgeError(f"train.stop_at_step must be between 1 and train.max_steps ({t.max_steps})")
         if t.eval_batches < 0 or t.sample_tokens < 0:
             raise LmforgeError("train.eval_batches and train.sample_tokens must be >= 0")
         choices = {"train.precision": (t.precision, ("auto", "fp32", "bf16", "fp16")),
