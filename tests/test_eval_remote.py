@@ -170,8 +170,11 @@ def test_remote_loglikelihood_greedy_flags_and_shared_requests(tiny_server):
 # -- errors -----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def endpoint_without_prompt_logprobs():
-    """An OpenAI-style server that completes text but, like chat-only APIs, gives no prompt log-probs."""
+def stub_endpoint(logprob: float | None, busy_first: int = 0):
+    """An OpenAI-style server without a model: every prompt token gets `logprob` (None: no
+    prompt log-probs at all, as chat-only APIs answer); the first `busy_first` completion
+    requests are answered 503."""
+    calls = {"completions": 0}
 
     class Handler(BaseHTTPRequestHandler):
         def _send(self, body):
@@ -187,9 +190,18 @@ def endpoint_without_prompt_logprobs():
 
         def do_POST(self):
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            calls["completions"] += 1
+            if calls["completions"] <= busy_first:
+                self.send_response(503)
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             prompts = request["prompt"] if isinstance(request["prompt"][0], list) else [request["prompt"]]
             self._send({"object": "text_completion", "choices": [
-                {"index": i, "text": "", "logprobs": None, "finish_reason": "length"} for i in range(len(prompts))]})
+                {"index": i, "text": "", "finish_reason": "length",
+                 "logprobs": None if logprob is None else {"token_logprobs": [None] + [logprob] * (len(p) - 1)}}
+                for i, p in enumerate(prompts)]})
 
         def log_message(self, *args):
             pass
@@ -198,7 +210,7 @@ def endpoint_without_prompt_logprobs():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}", calls
     finally:
         server.shutdown()
         thread.join(5)
@@ -212,11 +224,27 @@ def assert_one_line_error(code, err, message):
 
 @pytest.mark.parametrize("verb", ["perplexity", "bench"])
 def test_endpoint_without_prompt_logprobs_is_one_line_error(verb, text_file, capsys):
-    with endpoint_without_prompt_logprobs() as url:
+    with stub_endpoint(logprob=None) as (url, _):
         args = (["--file", text_file, "--window", 32] if verb == "perplexity"
                 else ["--task", "mmlu-cot-281", "--limit", 1, "--quiet"])
         code, _, err = run_cli(capsys, "eval", verb, "--base-url", url, *args)
     assert_one_line_error(code, err, "does not return prompt log-probabilities")
+
+
+def test_busy_answers_are_retried(text_file, capsys):
+    import math
+
+    with stub_endpoint(logprob=-math.log(1000), busy_first=1) as (url, calls):
+        code, out, err = run_cli(capsys, "eval", "perplexity", "--base-url", url, "--file", text_file,
+                                 "--window", 32, "--json")
+        assert code == 0, err
+        assert json.loads(out)["ppl"] == pytest.approx(1000)  # a uniform 1000-way guess at every token
+        windows = json.loads(out)["windows"]
+        assert 2 <= calls["completions"] <= windows + 1  # the refused request was sent again, nothing more
+    with stub_endpoint(logprob=-1.0, busy_first=1) as (url, _):
+        code, _, err = run_cli(capsys, "eval", "perplexity", "--base-url", url, "--file", text_file,
+                               "--window", 32, "--retries", 0)
+    assert_one_line_error(code, err, "answered 503")
 
 
 def test_unreachable_endpoint_is_one_line_error(text_file, capsys):
