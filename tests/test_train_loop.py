@@ -353,3 +353,26 @@ def test_trained_checkpoint_loads_in_lmforge_and_transformers(reference_run):
                                 "--temperature", "0", "--json"], timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["completion_tokens"] >= 1
+
+
+# -- scaling sweep ------------------------------------------------------------------------------------
+
+def test_scaling_sweep_fits_and_resumes(tiny_data, tmp_path):
+    from lmforge.train.sweep import run_sweep
+
+    base = load_recipe(None, {**TINY, "data.path": str(tiny_data), "train.batch_size": 8, "train.plots": False,
+                              "schedule.warmup_steps": 1})
+    out = tmp_path / "sweep"
+    messages: list[str] = []
+    result = run_sweep(base, [16, 32, 64], [4], out, log=messages.append)
+    assert result["law"] == "L(N)" and len(result["points"]) == 3
+    ns = [p["params"] for p in result["points"]]
+    assert ns == sorted(ns) and len(set(ns)) == 3  # wider models, more non-embedding parameters
+    assert all(p["tokens"] == 4 * 8 * 64 for p in result["points"])
+    fit = result["fit"]
+    for p in result["points"]:  # the fitted curve passes near its points
+        assert abs(fit["E"] + fit["A"] / p["params"] ** fit["alpha"] - p["loss"]) < 0.05
+    assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG" and "| 64 | 4 |" in (out / "sweep.md").read_text()
+    again: list[str] = []
+    run_sweep(base, [16, 32, 64], [4], out, log=again.append)
+    assert all("done before" in m for m in again)

@@ -39,7 +39,7 @@ def _overrides(args: argparse.Namespace) -> dict:
                 values[key[4:]] = yaml.safe_load(raw)
             except yaml.YAMLError:
                 values[key[4:]] = raw
-    if args.out is not None:
+    if getattr(args, "out", None) is not None:
         values["train.out"] = args.out
     return values
 
@@ -70,9 +70,43 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def cmd_scaling_sweep(args: argparse.Namespace) -> int:
+    from lmforge.train.recipe import load_recipe
+    from lmforge.train.sweep import run_sweep
+
+    base = load_recipe(find_recipe(args.recipe), _overrides(args) | {"train.out": args.out})
+    result = run_sweep(base, args.widths, args.steps, args.out, args.count,
+                       log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+    fit = result["fit"]
+    law = f"L = {fit['E']:.3f} + {fit['A']:.3g}/N^{fit['alpha']:.3f}"
+    if fit.get("B") is not None:
+        law += f" + {fit['B']:.3g}/D^{fit['beta']:.3f}"
+    print(json.dumps(result) if args.json else f"fitted {result['law']} over {len(result['points'])} runs: {law}\n"
+          f"report: {Path(args.out) / 'sweep.md'}")
+    return 0
+
+
+def _add_recipe_fields(p: argparse.ArgumentParser) -> None:
     from lmforge.train.recipe import option_names
 
+    fields = p.add_argument_group("recipe fields")
+    for name in option_names():
+        section, field = name.split(".")
+        flags = [f"--{section}.{field.replace('_', '-')}"] + ([f"--{name}"] if "_" in field else [])
+        fields.add_argument(*flags, dest=f"set:{name}", default=argparse.SUPPRESS, metavar="V", help=argparse.SUPPRESS)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "pretrain", help="train a language model from a YAML recipe (also under torchrun: DDP / FSDP)",
         description="Train a model from a recipe. Every recipe field is also a flag --SECTION.FIELD VALUE "
@@ -83,9 +117,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit (checks it too)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--json", action="store_true", help="print the final report as one JSON object")
-    fields = p.add_argument_group("recipe fields")
-    for name in option_names():
-        section, field = name.split(".")
-        flags = [f"--{section}.{field.replace('_', '-')}"] + ([f"--{name}"] if "_" in field else [])
-        fields.add_argument(*flags, dest=f"set:{name}", default=argparse.SUPPRESS, metavar="V", help=argparse.SUPPRESS)
+    _add_recipe_fields(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = subparsers.add_parser("scaling", help="scaling laws: sweep small pretraining runs and fit L(N, D)")
+    verbs = p.add_subparsers(dest="scaling_command", required=True, metavar="VERB")
+    s = verbs.add_parser("sweep", help="train a grid of widths x step counts from a recipe, fit and plot the law",
+                         description="Every (width, steps) pair is one pretraining run of the recipe with that "
+                                     "model width and step count; finished runs are skipped on a restart.")
+    s.add_argument("recipe", nargs="?", help=RECIPE_HELP)
+    s.add_argument("--out", required=True, help="sweep directory (runs/, sweep.json, sweep.md, scaling.png)")
+    s.add_argument("--widths", type=_int_list, default=[32, 64, 96, 128], help="model widths (default 32,64,96,128)")
+    s.add_argument("--steps", type=_int_list, default=[100, 200], help="step counts (default 100,200)")
+    s.add_argument("--count", choices=("non-embedding", "total"), default="non-embedding",
+                   help="which parameters N counts (default non-embedding)")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _add_recipe_fields(s)
+    s.set_defaults(func=cmd_scaling_sweep)

@@ -25,6 +25,13 @@ def load_config(spec: str | None):
             import yaml
 
             recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+            if isinstance(recipe, dict) and ("train" in recipe or "data" in recipe):  # an `lmforge pretrain` recipe
+                from lmforge.train.recipe import load_recipe, model_config_of
+
+                pretrain = load_recipe(path)
+                if pretrain.model.init_from:
+                    return load_config(pretrain.model.init_from)
+                return model_config_of(pretrain.model, pretrain.data.tokenizer_vocab_size, pretrain.data.seq_len)
             model = recipe.get("model") if isinstance(recipe, dict) else None
             if isinstance(model, dict):
                 return ModelConfig.from_dict(model)

@@ -148,8 +148,8 @@ class Trainer:
         return torch.from_numpy(np.stack([val[i] for i in range(n)]).astype(np.int64))
 
     def _build_model(self):
-        from lmforge.model.config import ModelConfig
         from lmforge.model.transformer import Transformer
+        from lmforge.train.recipe import model_config_of
 
         m = self.config.model
         vocab = self.tokenizer.vocab_size
@@ -161,22 +161,7 @@ class Trainer:
             if model.config.vocab_size < vocab:
                 raise LmforgeError(f"model.init_from has {model.config.vocab_size} token ids, the data's tokenizer {vocab}")
             return model.float()
-        if m.vocab_size is not None and m.vocab_size < vocab:
-            raise LmforgeError(f"model.vocab_size {m.vocab_size} is smaller than the tokenizer's {vocab} ids")
-        try:
-            config = ModelConfig(
-                family=m.family, vocab_size=m.vocab_size or vocab, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
-                n_kv_head=m.n_kv_head, intermediate_size=m.intermediate_size,
-                max_position_embeddings=m.max_position_embeddings or self.seq_len, norm=m.norm, mlp=m.mlp,
-                position=m.position, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
-                bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
-            )
-        except ValueError as exc:
-            raise LmforgeError(f"model: {exc}") from None
-        if config.max_position_embeddings < self.seq_len:
-            raise LmforgeError(f"model.max_position_embeddings {config.max_position_embeddings} is below the data's "
-                               f"sequence length {self.seq_len}")
-        return Transformer(config)
+        return Transformer(model_config_of(m, vocab, self.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id))
 
     def _restore(self, directory: Path) -> None:
         saved = ckpt.load_checkpoint(directory)

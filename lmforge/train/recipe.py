@@ -167,6 +167,31 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
+def model_config_of(section: ModelSection, vocab_size: int, seq_len: int, bos_id: int | None = None,
+                    eos_id: int | None = None):
+    """The `ModelConfig` a model section describes, for a tokenizer of ``vocab_size`` ids and
+    rows of ``seq_len`` tokens (used when the section leaves those open)."""
+    from lmforge.model.config import ModelConfig
+
+    if section.vocab_size is not None and section.vocab_size < vocab_size:
+        raise LmforgeError(f"model.vocab_size {section.vocab_size} is smaller than the tokenizer's {vocab_size} ids")
+    try:
+        config = ModelConfig(
+            family=section.family, vocab_size=section.vocab_size or vocab_size, n_layer=section.n_layer,
+            n_embd=section.n_embd, n_head=section.n_head, n_kv_head=section.n_kv_head,
+            intermediate_size=section.intermediate_size,
+            max_position_embeddings=section.max_position_embeddings or seq_len, norm=section.norm, mlp=section.mlp,
+            position=section.position, rope_theta=section.rope_theta, tie_word_embeddings=section.tie_word_embeddings,
+            bos_token_id=bos_id, eos_token_id=eos_id,
+        )
+    except ValueError as exc:
+        raise LmforgeError(f"model: {exc}") from None
+    if config.max_position_embeddings < seq_len:
+        raise LmforgeError(f"model.max_position_embeddings {config.max_position_embeddings} is below the data's "
+                           f"sequence length {seq_len}")
+    return config
+
+
 _CLASSES = {"model": ModelSection, "data": DataSection, "optim": OptimSection,
             "schedule": ScheduleSection, "train": TrainSection}
 _HINTS = {name: typing.get_type_hints(cls) for name, cls in _CLASSES.items()}
