@@ -307,4 +307,4 @@ def option_names() -> list[str]:
 def to_yaml(config: PretrainConfig) -> str:
     import yaml
 
-    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
