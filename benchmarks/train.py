@@ -1,9 +1,16 @@
 """Training tokens/s: lmforge vs transformers on the same Llama config, same machine, same run.
 
 Both models start from the same weights (lmforge's random init copied into a
-`LlamaForCausalLM`) and train with the same plain loop: forward, next-token
-cross-entropy, backward, torch AdamW step, zero_grad. float32 on CPU. The first-step
-losses must agree within 1e-4, so the two sides compute the same thing. Rounds
+`LlamaForCausalLM`) and train with the same plain loop: loss, backward, torch AdamW
+step, zero_grad. The optimizer is the one lmforge's trainer builds (lmforge/train/optim.py:
+`torch.optim.AdamW(..., foreach=True)`), here with lr 1e-4 and the other defaults, and
+transformers gets exactly the same. float32 on CPU. Each side computes
+its loss the way its users do: lmforge through `lmforge.train.loss.causal_lm_loss` (what
+lmforge's training code runs), transformers through `model(input_ids=ids, labels=ids).loss`.
+Before timing, one loss and backward on each side must agree: losses within 1e-4, and
+every parameter's gradient within 1e-3 of that gradient's largest entry (float32
+rounding over sums of a few thousand terms is around 1e-5 of it; a wrong gradient is off
+by order 1), so the two sides compute the same thing. Rounds
 alternate between the two (each round: `--steps` timed steps after `--warmup` untimed
 ones), so a burst of load on a shared machine hits both; the table reports the median
 and the spread over rounds, and the JSON line the median ratio.
@@ -23,13 +30,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.families import hf_config_from, lmforge_to_hf  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
+from lmforge.train.loss import causal_lm_loss  # noqa: E402
 
 PRESETS = {
     # A small Llama: GQA, SwiGLU, RoPE, untied head (about 7M parameters).
@@ -54,16 +61,38 @@ def build_pair(config: ModelConfig):
     return ours.train(), theirs.train()
 
 
-def loss_fn(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+def loss_fn(model, ids: torch.Tensor, hf: bool) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss if hf else causal_lm_loss(model, ids)
+
+
+def check_agreement(config: ModelConfig, ours, theirs, ids: torch.Tensor) -> tuple[float, float, float]:
+    """One loss + backward per side; exits unless losses and all gradients agree. Returns (loss, loss, worst)."""
+    losses = []
+    for model, hf in ((ours, False), (theirs, True)):
+        loss = loss_fn(model, ids, hf)
+        loss.backward()
+        losses.append(float(loss.detach()))
+    if abs(losses[0] - losses[1]) > 1e-4:
+        raise SystemExit(f"first-step losses differ: lmforge {losses[0]:.6f}, transformers {losses[1]:.6f}")
+    # lmforge_to_hf splits fused gradients (qkv, gate/up) the way it splits the weights.
+    ours_grads = lmforge_to_hf(config, {n: p.grad for n, p in ours.named_parameters()})
+    theirs_grads = dict(theirs.named_parameters())
+    worst = 0.0
+    for name, g in ours_grads.items():
+        ref = theirs_grads[name].grad
+        rel = float((g - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+        worst = max(worst, rel)
+        if rel > 1e-3:
+            raise SystemExit(f"gradients of {name} differ: max abs diff {rel:.2e} of the largest entry")
+    ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)
+    return losses[0], losses[1], worst
 
 
 def make_step(model, hf: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)  # same flags for both sides
 
     def step(ids: torch.Tensor) -> float:
-        logits = model(input_ids=ids).logits if hf else model(ids)
-        loss = loss_fn(logits, ids)
+        loss = loss_fn(model, ids, hf)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -90,10 +119,7 @@ def main() -> None:
     ours, theirs = build_pair(config)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=gen) for _ in range(4)]
-    with torch.no_grad():
-        first = (float(loss_fn(ours(batches[0]), batches[0])), float(loss_fn(theirs(input_ids=batches[0]).logits, batches[0])))
-    if abs(first[0] - first[1]) > 1e-4:
-        raise SystemExit(f"first-step losses differ: lmforge {first[0]:.6f}, transformers {first[1]:.6f}")
+    *first, grad_diff = check_agreement(config, ours, theirs, batches[0])
     steps = {"lmforge": make_step(ours, False), "transformers": make_step(theirs, True)}
     tokens_per_step = args.batch_size * args.seq_len
     rates: dict[str, list[float]] = {name: [] for name in steps}
@@ -110,18 +136,20 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {rates[n][-1]:.0f} tok/s" for n in steps), file=sys.stderr)
     ratios = [a / b for a, b in zip(rates["lmforge"], rates["transformers"])]
     print(f"{config.num_parameters() / 1e6:.1f}M-parameter Llama ({args.preset}), batch {args.batch_size} x {args.seq_len}, "
-          f"fp32 CPU, {torch.get_num_threads()} threads; first-step loss {first[0]:.6f} vs {first[1]:.6f}")
+          f"fp32 CPU, {torch.get_num_threads()} threads; first-step loss {first[0]:.6f} vs {first[1]:.6f}, "
+          f"gradients within {grad_diff:.1e} of their largest entry")
     print(f"{'':14}{'median tok/s':>14}{'min':>10}{'max':>10}")
     for name in steps:
         v = rates[name]
         print(f"{name:14}{statistics.median(v):>14.0f}{min(v):>10.0f}{max(v):>10.0f}")
     print(f"{'ratio':14}{statistics.median(ratios):>14.2f}{min(ratios):>10.2f}{max(ratios):>10.2f}")
+    print("per-round ratios: " + ", ".join(f"{r:.2f}" for r in ratios))
     print(json.dumps({
         "benchmark": "train", "preset": args.preset, "params": config.num_parameters(), "batch_size": args.batch_size,
         "seq_len": args.seq_len, "rounds": args.rounds, "steps": args.steps, "threads": torch.get_num_threads(),
         "lmforge_tok_s": statistics.median(rates["lmforge"]), "transformers_tok_s": statistics.median(rates["transformers"]),
-        "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-        "first_loss": list(first), "torch": torch.__version__, "transformers": transformers.__version__,
+        "ratio": statistics.median(ratios), "ratios": [round(r, 3) for r in ratios], "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "first_loss": list(first), "grad_rel_diff": grad_diff, "torch": torch.__version__, "transformers": transformers.__version__,
         "machine": platform.processor() or platform.machine(),
     }))
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .onednn import project
 from .rope import RotaryTable, apply_rotary
 
 
@@ -63,7 +64,7 @@ class Attention(nn.Module):
         end: int,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        heads = self.qkv(x).view(batch, length, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        heads = project(self.qkv, x).view(batch, length, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         qk, v = heads.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=1)
         if rope is not None:
             qk = apply_rotary(qk, *rope)  # q and k heads rotated in one pass
@@ -83,7 +84,7 @@ class Attention(nn.Module):
         # A causal mask is needed only when several queries see a prefix of the keys.
         causal = mask is None and length > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=group > 1)
-        return self.out(y.transpose(1, 2).reshape(batch, length, self.q_size))
+        return project(self.out, y.transpose(1, 2).reshape(batch, length, self.q_size))
 
 
 class MLP(nn.Module):
@@ -96,13 +97,13 @@ class MLP(nn.Module):
         self.gelu_approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
+        h = project(self.fc, x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate=self.gelu_approximate)
-        return self.proj(h)
+        return project(self.proj, h)
 
 
 class Block(nn.Module):
@@ -169,6 +170,25 @@ class Transformer(nn.Module):
         `select` [B] instead picks one position per row, e.g. the last real token of each
         right-padded prompt in a batched prefill. Either way the result is [B, 1, V].
         """
+        x = self._residual_stream(input_ids, cache, start)
+        if select is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), select].unsqueeze(1)
+        elif last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final normalized hidden states [B, L, n_embd]: what `lm_head` turns into logits.
+
+        Training losses take these instead of logits so that they can run the vocabulary
+        projection themselves, in chunks (see lmforge/train/fused_ce.py); `forward(ids)`
+        equals `lm_head(hidden_states(ids))`.
+        """
+        return self.norm(self._residual_stream(input_ids, None, 0))
+
+    def _residual_stream(self, input_ids: torch.Tensor, cache: KVCache | None,
+                         start: int | torch.Tensor) -> torch.Tensor:
+        """Embeddings through every block: the last residual stream, before the final norm."""
         batch, length = input_ids.shape
         per_row = isinstance(start, torch.Tensor)
         if per_row and length != 1:
@@ -200,11 +220,7 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, i, start, end, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache, i, start, end)
-        if select is not None:
-            x = x[torch.arange(batch, device=x.device), select].unsqueeze(1)
-        elif last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return x
 
     def _attention_mask(self, positions: torch.Tensor, cached: bool, n_keys: int) -> torch.Tensor | None:
         """Boolean [B|1, 1, L, n_keys] mask, or None where SDPA's causal flag (or no mask) is exact.

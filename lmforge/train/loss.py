@@ -4,12 +4,19 @@
 later fine-tuning): position t predicts token t+1, and targets equal to
 `IGNORE_INDEX` (-100, the Hugging Face convention) do not count, which is how SFT
 keeps the loss on response tokens only.
+
+For lmforge's `Transformer` the vocabulary projection and the cross-entropy run fused,
+chunk by chunk, so the [tokens, vocab] logits are never kept (lmforge/train/fused_ce.py
+explains why that is the expensive part of a small model's step). Any other module
+that maps ids to logits goes through plain `F.cross_entropy`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .fused_ce import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -24,6 +31,12 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     targets = (input_ids if labels is None else labels)[:, 1:]
+    head = getattr(model, "lm_head", None)
+    if hasattr(model, "hidden_states") and isinstance(head, torch.nn.Linear) and head.bias is None:
+        # The last position predicts nothing: drop it before the head, not after.
+        hidden = model.hidden_states(input_ids)[:, :-1]
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
+                                    ignore_index=IGNORE_INDEX, reduction=reduction)
     logits = model(input_ids)[:, :-1]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction=reduction)

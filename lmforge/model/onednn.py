@@ -1,0 +1,87 @@
+"""float32 matrix products through oneDNN, with autograd, for training on CPU.
+
+PyTorch's CPU wheels send float32 `mm`/`F.linear` to MKL. On the AMD EPYC machines we
+train on, oneDNN (which the same wheels ship for their mkldnn ops) runs the products of a
+training step faster: the forward product x W^T and the input gradient dy W of the
+shapes in benchmarks/train.py took 10-25% less time in single-thread timings, with the
+same float32 arithmetic (no reduced-precision modes; results differ from MKL's only in
+summation order, about 1e-6 relative). The weight gradient dy^T x was no faster, so it
+stays on MKL.
+
+`linear` is what the Transformer's training forward calls in place of `F.linear`; it
+falls back to `F.linear` wherever oneDNN's op is missing or the tensors are not float32
+on CPU or autocast is on, so other devices, dtypes and mixed precision see no
+difference. Inference never comes here (the
+model calls its `nn.Linear` modules directly outside training, see `project`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this PyTorch build has oneDNN's linear op and it runs on plain (unpacked) weights."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        out = op(torch.ones(2, 3), torch.ones(4, 3).t().contiguous().t(), None, "none", [], "")
+        return bool(torch.equal(out, torch.full((2, 4), 3.0)))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T for 2-D float32 CPU tensors (no autograd); b may be any strided view."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+# Set to False to train with PyTorch's default kernels (e.g. to compare the two).
+ENABLED = True
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """float32 CPU tensors, oneDNN present, and no autocast (which would want its own dtype)."""
+    return (ENABLED and not torch.is_autocast_enabled("cpu") and available()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        # dx = dy W = dy (W^T)^T: the weight's transposed view is read in place.
+        grad_x = mm_nt(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_w = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, computed by oneDNN when x and weight are float32 CPU tensors."""
+    if not usable(x, weight) or x.numel() == 0:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    return _Linear.apply(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`, except that a training forward (train mode, autograd on) uses `linear`.
+
+    Everything else calls the module itself, so inference keeps whatever forward the
+    module has (lmforge.infer.layout swaps in its own kernels by changing the class).
+    """
+    if layer.training and torch.is_grad_enabled():
+        return linear(x, layer.weight, layer.bias)
+    return layer(x)

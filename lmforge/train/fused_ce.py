@@ -1,0 +1,135 @@
+"""Cross-entropy through the output head without keeping the logits (P1).
+
+The usual loss, ``F.cross_entropy(hidden @ W.T, targets)``, materialises logits of
+[tokens, vocab] floats, then a log-softmax of the same size, and in the backward pass a
+gradient of that size again (plus a zero-filled buffer when the logits were sliced).
+With a small model and a large vocabulary these buffers are the biggest tensors of the
+whole step: 508 x 8192 floats are 16 MB each, and on a CPU most of the cost of a buffer
+that size is first touching its freshly mapped pages, not the arithmetic.
+
+`linear_cross_entropy` instead walks the tokens in chunks. For each chunk it computes the
+logits, turns them into softmax probabilities in place, subtracts 1 at the target
+(that is d loss / d logits), and immediately multiplies that into the two gradients
+the head needs: d hidden = G W and d W += G^T hidden. Only the gradients are kept for
+the backward pass, so the logits of a chunk live just long enough to be used three
+times, and the same chunk-sized buffer is reused. The matrix products are the same three
+as autograd would run (forward, input gradient, weight gradient); only their grouping
+changes, so results equal the plain loss up to float rounding.
+
+Computing gradients in the forward pass costs work when no backward follows (an
+evaluation under `torch.no_grad()`); the function notices that and skips them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.model import onednn
+
+# Rows of logits per chunk: as many as fit in 2**22 floats (16 MB in float32), but at least
+# MIN_ROWS. A chunk's three matrix products are only as efficient as they are tall (with
+# 128 rows the logits product ran about 10% slower than with 512), so small chunks cost
+# speed; big ones cost memory. At 8192 words a 512-token batch is one chunk; at 49152 a
+# chunk is 256 rows (48 MB), still a fraction of the full logits autograd would keep.
+CHUNK_ELEMENTS = 2**22
+MIN_ROWS = 256
+
+
+def _chunk_rows(vocab: int, rows: int) -> int:
+    return max(1, min(rows, max(MIN_ROWS, CHUNK_ELEMENTS // max(vocab, 1))))
+
+
+def _mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T through oneDNN where it applies (see lmforge/model/onednn.py)."""
+    return onednn.mm_nt(a, b) if onednn.usable(a, b) else torch.mm(a, b.t())
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i scale * CE(hidden[i] @ weight.T, targets[i]); every target must be a real class."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float,
+                grad_enabled: bool):
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        # needs_input_grad is set from requires_grad even under torch.no_grad(), so the
+        # caller passes the grad mode it saw.
+        need_hidden = grad_enabled and ctx.needs_input_grad[0]
+        need_weight = grad_enabled and ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        hidden_parts, grad_weight = [], None
+        # Under autocast the head's products run in the autocast dtype, as F.linear's would;
+        # the softmax and the loss stay float32. Casting here, once, keeps in-place
+        # accumulation below in one dtype.
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        out_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        hidden, weight = hidden.to(compute), weight.to(compute)
+        step = _chunk_rows(vocab, rows)
+        with torch.autocast(device, enabled=False):
+            for lo in range(0, rows, step):
+                h, t = hidden[lo : lo + step], targets[lo : lo + step].unsqueeze(1)
+                logits = _mm_nt(h, weight).float()
+                # log-sum-exp with the row maximum taken out, so exp never overflows; the
+                # loss of a row is lse - logit[target].
+                top = logits.amax(dim=1, keepdim=True)
+                target_logit = logits.gather(1, t)
+                probs = logits.sub_(top).exp_()  # in place: the logits are not needed any more
+                sums = probs.sum(dim=1, keepdim=True)
+                total += (sums.log() + top - target_logit).sum()
+                if not (need_hidden or need_weight):
+                    continue
+                # d(scale * CE)/d logits = scale * (softmax - onehot(target)), built in place.
+                probs.mul_(sums.reciprocal_().mul_(scale))
+                probs.scatter_add_(1, t, torch.full_like(target_logit, -scale))
+                g = probs.to(weight.dtype)
+                if need_hidden:
+                    hidden_parts.append(_mm_nt(g, weight.t()))  # dh = g W; W^T's view is read in place
+                if need_weight:
+                    # dW = g^T h, summed over chunks in the weight's dtype; the first chunk
+                    # writes it (no zero fill).
+                    if grad_weight is None:
+                        grad_weight = torch.mm(g.t(), h).to(ctx.weight_dtype)
+                    elif grad_weight.dtype == h.dtype:
+                        grad_weight.addmm_(g.t(), h)
+                    else:
+                        grad_weight += torch.mm(g.t(), h)
+        grad_hidden = None
+        if need_hidden:
+            grad_hidden = hidden_parts[0] if len(hidden_parts) == 1 else torch.cat(hidden_parts)
+            grad_hidden = grad_hidden.to(out_dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # The usual caller backpropagates the loss itself (gradient exactly 1), and then the
+        # stored gradients are final; rescaling the [vocab, n_embd] weight gradient would
+        # be one more full pass over it.
+        if grad_output.device.type != "cpu" or float(grad_output) != 1.0:
+            grad_hidden = None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype)
+            grad_weight = None if grad_weight is None else grad_weight * grad_output.to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets, ignore_index, reduction)`` in chunks.
+
+    hidden [N, D], weight [V, D] (an output head without bias), targets [N] class ids.
+    Rows whose target is `ignore_index` are dropped before any product is computed, so
+    a prompt-masked fine-tuning batch pays only for its counted tokens. The loss is a
+    float32 scalar; with "mean" and no counted target it is NaN, as in F.cross_entropy.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    hidden, targets = hidden.contiguous(), targets.reshape(-1)
+    keep = targets != ignore_index
+    count = int(keep.sum())
+    if count < targets.numel():
+        hidden, targets = hidden[keep], targets[keep]
+    if count == 0:  # nothing counted: 0 for "sum", 0 / 0 = NaN for "mean" (as F.cross_entropy)
+        zero = (hidden.sum() * 0 + weight.sum() * 0).float()  # still attached to the graph
+        return zero if reduction == "sum" else zero / 0
+    scale = 1.0 / count if reduction == "mean" else 1.0
+    return _LinearCrossEntropy.apply(hidden, weight, targets, scale, torch.is_grad_enabled())
