@@ -111,6 +111,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.runtime.device.type) if self.precision == "fp16" else None
         self.spikes = SpikeDetector(t.spike_factor)
         self.step = 0
+        self.data_position = 0  # training rows consumed from the stream, by all processes
         self.tokens_seen = 0
         self.elapsed = 0.0  # training seconds over all attempts (checkpointed)
         if resume_dir is not None:
@@ -170,6 +171,7 @@ class Trainer:
         load_full_state(self.wrapped, self.optimizer, saved["model"], saved["optimizer"])
         state = saved["state"]
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        self.data_position = state["data_position"]
         self.spikes.load(state["spike_history"])
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
@@ -200,7 +202,7 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.runtime.device)
         for micro in range(t.grad_accum):
-            position = (self.step * t.grad_accum + micro) * self.global_micro + self.runtime.rank * t.batch_size
+            position = self.data_position + micro * self.global_micro + self.runtime.rank * t.batch_size
             ids = self.stream.rows(position, t.batch_size).to(self.runtime.device, non_blocking=True)
             with self._grad_sync(micro == t.grad_accum - 1):
                 with self._autocast():
@@ -223,6 +225,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.data_position += t.grad_accum * self.global_micro
         self.tokens_seen += self.tokens_per_step
         loss_value = float(mean_across(total / t.grad_accum, self.runtime))
         return {"loss": loss_value, "lr": lr, "grad_norm": float(norm)}
@@ -278,7 +281,7 @@ class Trainer:
         path = None
         if self.runtime.is_main:
             loop_state = {"tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                          "data_position": self.step * self.config.train.grad_accum * self.global_micro,
+                          "data_position": self.data_position,
                           "spike_history": self.spikes.state(), "world_size": self.runtime.world_size,
                           "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
             path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model.config, model_state, optimizer_state,
@@ -293,7 +296,7 @@ class Trainer:
         self.log(f"training {n_params / 1e6:.2f}M parameters on {rt.world_size} process(es) ({rt.mode}, "
                  f"{rt.device.type}, {self.precision}); {self.tokens_per_step:,} tokens per step, "
                  f"steps {self.step}..{t.max_steps}")
-        progress = ProgressLine(t.max_steps, enabled=self.progress_enabled and rt.is_main)
+        progress = ProgressLine(t.max_steps, enabled=self.progress_enabled and rt.is_main, every_steps=t.log_interval)
         last_checkpoint = None
         window_start, window_tokens = time.perf_counter(), 0
         started_at_step = self.step

@@ -108,7 +108,7 @@ class TrainSection:
     device: str = "auto"
     threads: int | None = None  # CPU threads (None: PyTorch's default)
     distributed: str = "auto"  # auto (ddp under torchrun) | none | ddp | fsdp
-    log_interval: int = 10
+    log_interval: int = 10  # steps between progress lines when stderr is not a terminal
     eval_interval: int = 100
     eval_batches: int = 8  # validation rows = eval_batches x batch_size (per process)
     save_interval: int = 100

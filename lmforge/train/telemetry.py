@@ -128,12 +128,16 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLine:
-    """``step 120/300 [####------] loss 4.213 lr 2.8e-03 9.1k tok/s ETA 0:41`` on stderr."""
+    """``step 120/300 [####------] loss 4.213 lr 2.8e-03 9.1k tok/s ETA 0:41`` on stderr.
 
-    def __init__(self, total: int, enabled: bool = True, stream=None) -> None:
+    On a terminal the line is redrawn in place a few times a second; in a log file (not a
+    terminal) one line is printed every ``every_steps`` steps.
+    """
+
+    def __init__(self, total: int, enabled: bool = True, stream=None, every_steps: int = 10) -> None:
         import sys
 
-        self.total, self.enabled = total, enabled
+        self.total, self.enabled, self.every_steps = total, enabled, every_steps
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self._last = 0.0
@@ -142,7 +146,7 @@ class ProgressLine:
         if not self.enabled:
             return
         now = time.monotonic()
-        if not force and now - self._last < (0.25 if self.tty else 10.0):
+        if not force and (now - self._last < 0.25 if self.tty else step % self.every_steps):
             return
         self._last = now
         width = 20
