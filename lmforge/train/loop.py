@@ -350,6 +350,7 @@ class Trainer:
         spikes = [r for r in records if r["kind"] == "spike"]
         rates = sorted(r["tokens_per_s"] for r in train[1:]) or [r["tokens_per_s"] for r in train]
         median_rate = rates[len(rates) // 2] if rates else 0.0
+        mean_rate = self.tokens_seen / self.elapsed if self.elapsed else 0.0  # what the run actually achieved
         plot = plot_run(records, self.out / "plots" / "training.png", self.baseline) if self.config.train.plots else None
         cfg = self.model.config
         report = {
@@ -358,8 +359,8 @@ class Trainer:
                                                    "intermediate_size", "max_position_embeddings")},
             "seq_len": self.seq_len, "tokens_per_step": self.tokens_per_step, "world_size": self.runtime.world_size,
             "distributed": self.runtime.mode, "device": self.runtime.device.type, "precision": self.precision,
-            "train_seconds": self.elapsed, "median_tokens_per_s": median_rate,
-            "mfu": self.flops_per_token * median_rate / (self.peak * 1e12 * self.runtime.world_size),
+            "train_seconds": self.elapsed, "tokens_per_s": mean_rate, "median_step_tokens_per_s": median_rate,
+            "mfu": self.flops_per_token * mean_rate / (self.peak * 1e12 * self.runtime.world_size),
             "peak_tflops": self.peak, "peak_source": self.peak_source, "flops_per_token": self.flops_per_token,
             "final_train_loss": train[-1]["loss"] if train else None,
             "first_train_loss": train[0]["loss"] if train else None,
@@ -378,8 +379,9 @@ def format_report(r: dict[str, Any]) -> str:
              f"({r['model']['n_layer']} layers, width {r['model']['n_embd']}, vocabulary {r['model']['vocab_size']})",
              f"- trained {r['steps']} steps, {r['tokens']:,} tokens ({r['tokens_per_step']:,} per step, "
              f"rows of {r['seq_len']}), {r['world_size']} process(es) ({r['distributed']}), {r['device']}, {r['precision']}",
-             f"- throughput {r['median_tokens_per_s']:,.0f} tokens/s (median step), MFU {100 * r['mfu']:.1f}% "
-             f"of {r['peak_tflops']:.2f} TFLOP/s ({r['peak_source']}); {r['train_seconds']:.0f} s of training",
+             f"- throughput {r['tokens_per_s']:,.0f} tokens/s over {r['train_seconds']:.0f} s of training "
+             f"(median step {r['median_step_tokens_per_s']:,.0f}); MFU {100 * r['mfu']:.1f}% "
+             f"of {r['peak_tflops']:.3f} TFLOP/s ({r['peak_source']})",
              f"- train loss {r['first_train_loss']:.4f} at step 1 -> {r['final_train_loss']:.4f} at step {r['steps']}"]
     if r["unigram_baseline_loss"] is not None:
         lines.append(f"- unigram baseline (no context) on the validation rows: {r['unigram_baseline_loss']:.4f} nats/token")

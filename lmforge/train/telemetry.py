@@ -97,7 +97,7 @@ class SpikeDetector:
         self.history = deque(values, maxlen=self.window)
 
 
-def measured_cpu_tflops(size: int = 1024, repeats: int = 5) -> float:
+def measured_cpu_tflops(size: int = 1536, repeats: int = 6) -> float:
     """Best fp32 matrix-multiply rate of this CPU (TFLOP/s): the practical peak MFU is relative to."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
