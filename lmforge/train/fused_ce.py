@@ -2,22 +2,25 @@
 
 The usual loss, ``F.cross_entropy(hidden @ W.T, targets)``, materialises logits of
 [tokens, vocab] floats, then a log-softmax of the same size, and in the backward pass a
-gradient of that size again (plus a zero-filled buffer when the logits were sliced).
-With a small model and a large vocabulary these buffers are the biggest tensors of the
-whole step: 508 x 8192 floats are 16 MB each, and on a CPU most of the cost of a buffer
-that size is first touching its freshly mapped pages, not the arithmetic.
+gradient of that size again (plus a zero-filled buffer when the logits were sliced, as
+``logits[:, :-1]`` is). With a small model and a large vocabulary these are the biggest
+tensors of the step (508 x 8192 floats are 16 MB each), and on CPU each fresh one also
+costs page faults: in a profile of benchmarks/train.py, transformers' log-softmax took
+18 ms forward and 21 ms backward on one thread, several times what the arithmetic needs.
 
 `linear_cross_entropy` instead walks the tokens in chunks. For each chunk it computes the
 logits, turns them into softmax probabilities in place, subtracts 1 at the target
 (that is d loss / d logits), and immediately multiplies that into the two gradients
-the head needs: d hidden = G W and d W += G^T hidden. Only the gradients are kept for
-the backward pass, so the logits of a chunk live just long enough to be used three
-times, and the same chunk-sized buffer is reused. The matrix products are the same three
-as autograd would run (forward, input gradient, weight gradient); only their grouping
-changes, so results equal the plain loss up to float rounding.
+the head needs: d hidden = G W and d W += G^T hidden. Only those gradients are kept for
+the backward pass, so one logits-sized buffer per chunk is made and used three times.
+The matrix products are the same three autograd would run (forward, input gradient,
+weight gradient), on oneDNN where lmforge/model/onednn.py says it is faster; only their
+grouping changes, so results equal the plain loss up to float rounding. The price is
+memory held from forward to backward: one weight-sized gradient (the optimizer needs it
+anyway) and a [tokens, n_embd] one.
 
-Computing gradients in the forward pass costs work when no backward follows (an
-evaluation under `torch.no_grad()`); the function notices that and skips them.
+Computing gradients in the forward pass would be wasted work when no backward follows
+(an evaluation under `torch.no_grad()`); the function notices that and skips them.
 """
 
 from __future__ import annotations
