@@ -121,6 +121,7 @@ def main() -> None:
     batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=gen) for _ in range(4)]
     *first, grad_diff = check_agreement(config, ours, theirs, batches[0])
     steps = {"lmforge": make_step(ours, False), "transformers": make_step(theirs, True)}
+    load_before = os.getloadavg()[0]  # other work on the machine, reported beside the figures
     tokens_per_step = args.batch_size * args.seq_len
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(args.rounds):
@@ -138,6 +139,8 @@ def main() -> None:
     print(f"{config.num_parameters() / 1e6:.1f}M-parameter Llama ({args.preset}), batch {args.batch_size} x {args.seq_len}, "
           f"fp32 CPU, {torch.get_num_threads()} threads; first-step loss {first[0]:.6f} vs {first[1]:.6f}, "
           f"gradients within {grad_diff:.1e} of their largest entry")
+    load_after = os.getloadavg()[0]
+    print(f"load average (1 min) {load_before:.1f} before, {load_after:.1f} after")
     print(f"{'':14}{'median tok/s':>14}{'min':>10}{'max':>10}")
     for name in steps:
         v = rates[name]
@@ -149,7 +152,7 @@ def main() -> None:
         "seq_len": args.seq_len, "rounds": args.rounds, "steps": args.steps, "threads": torch.get_num_threads(),
         "lmforge_tok_s": statistics.median(rates["lmforge"]), "transformers_tok_s": statistics.median(rates["transformers"]),
         "ratio": statistics.median(ratios), "ratios": [round(r, 3) for r in ratios], "ratio_min": min(ratios), "ratio_max": max(ratios),
-        "first_loss": list(first), "grad_rel_diff": grad_diff, "torch": torch.__version__, "transformers": transformers.__version__,
+        "first_loss": list(first), "load_avg": [round(load_before, 2), round(load_after, 2)], "grad_rel_diff": grad_diff, "torch": torch.__version__, "transformers": transformers.__version__,
         "machine": platform.processor() or platform.machine(),
     }))
 

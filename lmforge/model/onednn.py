@@ -1,18 +1,19 @@
 """float32 matrix products through oneDNN, with autograd, for training on CPU.
 
-PyTorch's CPU wheels send float32 `mm`/`F.linear` to MKL. On the AMD EPYC machines we
-train on, oneDNN (which the same wheels ship for their mkldnn ops) runs the products of a
-training step faster: the forward product x W^T and the input gradient dy W of the
-shapes in benchmarks/train.py took 10-25% less time in single-thread timings, with the
-same float32 arithmetic (no reduced-precision modes; results differ from MKL's only in
-summation order, about 1e-6 relative). The weight gradient dy^T x was no faster, so it
-stays on MKL.
+PyTorch's CPU wheels send float32 `mm`/`F.linear` to MKL. On the 2-core AMD EPYC machine
+we benchmark on, oneDNN (which the same wheels ship for their mkldnn ops) runs the
+products of a training step faster, with the same float32 arithmetic (no reduced-precision
+mode; results differ from MKL's only in summation order, about 1e-6 relative). For the
+shapes of benchmarks/train.py, the forward product x W^T and the input gradient dy W took
+5-20% less CPU time on one thread and 7-45% less wall time on two (MKL's two-thread
+speed-up on these small matrices is poor). The weight gradient dy^T x was no faster in
+any layout we tried, so it stays on MKL.
 
-`linear` is what the Transformer's training forward calls in place of `F.linear`; it
-falls back to `F.linear` wherever oneDNN's op is missing or the tensors are not float32
-on CPU or autocast is on, so other devices, dtypes and mixed precision see no
-difference. Inference never comes here (the
-model calls its `nn.Linear` modules directly outside training, see `project`).
+`linear` is what the Transformer's training forward calls in place of `F.linear`. It
+falls back to `F.linear` wherever oneDNN's op is missing, the tensors are not float32 on
+CPU, or autocast is on, so other devices, dtypes and mixed precision see no difference.
+Inference never comes here: outside training the model calls its `nn.Linear` modules
+directly (see `project`), so lmforge.infer.layout's kernels still apply.
 """
 
 from __future__ import annotations
