@@ -10,12 +10,17 @@ lmforge's training code runs), transformers through `model(input_ids=ids, labels
 Before timing, one loss and backward on each side must agree: losses within 1e-4, and
 every parameter's gradient within 1e-3 of that gradient's largest entry (float32
 rounding over sums of a few thousand terms is around 1e-5 of it; a wrong gradient is off
-by order 1), so the two sides compute the same thing. Rounds
-alternate between the two (each round: `--steps` timed steps after `--warmup` untimed
-ones), so a burst of load on a shared machine hits both; the table reports the median
-and the spread over rounds, and the JSON line the median ratio.
+by order 1), so the two sides compute the same thing.
+
+Each round gives each side `--warmup` untimed and `--steps` timed steps. With
+`--interleave rounds` (the default) a side runs its steps as one block and the order of
+the two blocks alternates by round; with `--interleave steps` the two sides take turns
+step by step inside the round (each step timed on its own), so a burst of load on a
+shared machine lands on both sides nearly equally instead of on one side's block. The
+table reports the median and the spread over rounds, and the JSON line the median ratio.
 
     python benchmarks/train.py                  # 5 rounds, small Llama, batch 4 x 128
+    python benchmarks/train.py --interleave steps
     python benchmarks/train.py --preset smollm2-135m --seq-len 64
 """
 
@@ -110,6 +115,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per round and side")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--interleave", choices=("rounds", "steps"), default="rounds",
+                    help="alternate the two sides by round (blocks of steps) or step by step")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,14 +133,27 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(args.rounds):
         order = list(steps) if r % 2 == 0 else list(steps)[::-1]
-        for name in order:
-            step = steps[name]
+        if args.interleave == "rounds":
+            for name in order:
+                step = steps[name]
+                for i in range(args.warmup):
+                    step(batches[i % len(batches)])
+                start = time.perf_counter()
+                for i in range(args.steps):
+                    step(batches[i % len(batches)])
+                rates[name].append(tokens_per_step * args.steps / (time.perf_counter() - start))
+        else:
             for i in range(args.warmup):
-                step(batches[i % len(batches)])
-            start = time.perf_counter()
+                for name in order:
+                    steps[name](batches[i % len(batches)])
+            spent = dict.fromkeys(steps, 0.0)
             for i in range(args.steps):
-                step(batches[i % len(batches)])
-            rates[name].append(tokens_per_step * args.steps / (time.perf_counter() - start))
+                for name in order:
+                    start = time.perf_counter()
+                    steps[name](batches[i % len(batches)])
+                    spent[name] += time.perf_counter() - start
+            for name in steps:
+                rates[name].append(tokens_per_step * args.steps / spent[name])
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {rates[n][-1]:.0f} tok/s" for n in steps), file=sys.stderr)
     ratios = [a / b for a, b in zip(rates["lmforge"], rates["transformers"])]
     print(f"{config.num_parameters() / 1e6:.1f}M-parameter Llama ({args.preset}), batch {args.batch_size} x {args.seq_len}, "
@@ -148,7 +168,7 @@ def main() -> None:
     print(f"{'ratio':14}{statistics.median(ratios):>14.2f}{min(ratios):>10.2f}{max(ratios):>10.2f}")
     print("per-round ratios: " + ", ".join(f"{r:.2f}" for r in ratios))
     print(json.dumps({
-        "benchmark": "train", "preset": args.preset, "params": config.num_parameters(), "batch_size": args.batch_size,
+        "benchmark": "train", "preset": args.preset, "interleave": args.interleave, "params": config.num_parameters(), "batch_size": args.batch_size,
         "seq_len": args.seq_len, "rounds": args.rounds, "steps": args.steps, "threads": torch.get_num_threads(),
         "lmforge_tok_s": statistics.median(rates["lmforge"]), "transformers_tok_s": statistics.median(rates["transformers"]),
         "ratio": statistics.median(ratios), "ratios": [round(r, 3) for r in ratios], "ratio_min": min(ratios), "ratio_max": max(ratios),
