@@ -3,7 +3,7 @@
 Both models start from the same weights (lmforge's random init copied into a
 `LlamaForCausalLM`) and train with the same plain loop: loss, backward, torch AdamW
 step, zero_grad. The optimizer is the one lmforge's trainer builds (lmforge/train/optim.py:
-`torch.optim.AdamW(..., foreach=True)`), here with lr 1e-4 and the other defaults, and
+`torch.optim.AdamW(..., fused=True)`), here with lr 1e-4 and the other defaults, and
 transformers gets exactly the same. float32 on CPU. Each side computes
 its loss the way its users do: lmforge through `lmforge.train.loss.causal_lm_loss` (what
 lmforge's training code runs), transformers through `model(input_ids=ids, labels=ids).loss`.
@@ -94,7 +94,7 @@ def check_agreement(config: ModelConfig, ours, theirs, ids: torch.Tensor) -> tup
 
 
 def make_step(model, hf: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)  # same flags for both sides
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # what lmforge's trainer uses; same for both
 
     def step(ids: torch.Tensor) -> float:
         loss = loss_fn(model, ids, hf)

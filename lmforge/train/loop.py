@@ -107,7 +107,8 @@ class Trainer:
         self.model.train()
         self.wrapped = wrap_model(self.model, self.runtime)
         o = config.optim
-        self.optimizer = build_optimizer(self.model, o.name, o.lr, o.betas, o.eps, o.weight_decay, o.decay_embeddings)
+        self.optimizer = build_optimizer(self.model, o.name, o.lr, o.betas, o.eps, o.weight_decay, o.decay_embeddings,
+                                         fused=self.runtime.mode != "fsdp")
         self.scaler = torch.amp.GradScaler(self.runtime.device.type) if self.precision == "fp16" else None
         self.spikes = SpikeDetector(t.spike_factor)
         self.step = 0

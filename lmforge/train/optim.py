@@ -38,13 +38,20 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bo
 
 
 def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8,
-                    weight_decay: float = 0.1, decay_embeddings: bool = True) -> torch.optim.Optimizer:
+                    weight_decay: float = 0.1, decay_embeddings: bool = True, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW or Adam + L2 over `parameter_groups`.
+
+    ``fused`` runs the whole update as one kernel per parameter group (reading each weight,
+    gradient and moment once) instead of a series of element-wise passes; it is used for
+    plain and DDP training. Sharded (FSDP) parameters take the multi-tensor path.
+    """
     groups = parameter_groups(model, weight_decay, decay_embeddings)
     for g in groups:
         del g["names"]
     groups = [g for g in groups if g["params"]]
+    impl = {"fused": True} if fused else {"foreach": True}
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **impl)
     if name == "adam_l2":
-        return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=True)
+        return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps, **impl)
     raise ValueError(f"unknown optimizer {name!r}: use adamw or adam_l2")
