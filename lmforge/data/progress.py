@@ -7,7 +7,7 @@ import time
 from typing import TextIO
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
         else f"{seconds // 60}:{seconds % 60:02d}"
@@ -45,7 +45,7 @@ class Progress:
         if nbytes:
             parts += [f"{nbytes / 1e6:.1f} MB", f"{nbytes / 1e6 / elapsed:.2f} MB/s"]
         if fraction and 0 < fraction < 1:
-            parts.append(f"ETA {_duration(elapsed * (1 - fraction) / fraction)}")
+            parts.append(f"ETA {format_duration(elapsed * (1 - fraction) / fraction)}")
         line = "  ".join(parts)
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
@@ -59,5 +59,5 @@ class Progress:
             return
         if self.tty and self._drawn:
             self.stream.write("\r\x1b[K")
-        self.stream.write(f"{message} in {_duration(time.perf_counter() - self.start)}\n")
+        self.stream.write(f"{message} in {format_duration(time.perf_counter() - self.start)}\n")
         self.stream.flush()

@@ -52,21 +52,17 @@ class Runtime:
         return self.world_size > 1
 
 
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def init_runtime(mode: str, device: str = "auto") -> Runtime:
     """Join the process group when started by torchrun; choose the device for this rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
+    from lmforge.api import pick_device
+
+    dev = pick_device(device)  # auto: cuda, mps or cpu; a bad name is a one-line error
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)  # one GPU per process under torchrun
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world > 1:
         if mode == "none":
             raise ValueError("train.distributed is 'none' but the program runs on several processes")

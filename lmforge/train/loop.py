@@ -45,13 +45,12 @@ def _stderr(message: str) -> None:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise LmforgeError("train.precision bf16 is not supported by this GPU; use fp16 or fp32")
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    """fp32 | bf16 | fp16; "auto" follows lmforge's dtype policy (bf16 on GPUs that have it, else fp32)."""
+    from lmforge.api import pick_dtype
+
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise LmforgeError("train.precision bf16 is not supported by this GPU; use fp16 or fp32")
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[pick_dtype(precision, device)]
 
 
 def unigram_baseline(train: RowStream, val_rows: torch.Tensor, vocab_size: int, max_rows: int = 4096) -> float:
@@ -317,9 +316,9 @@ class Trainer:
             if spike is not None:
                 self.jsonl.write({"kind": "spike", "step": self.step, **spike})
                 self.log(f"loss spike at step {self.step}: {spike['loss']:.4f} (recent mean {spike['mean']:.4f})")
-            remaining = (t.max_steps - self.step) * (self.elapsed / max(1, self.step - started_at_step + 1e-9)) \
-                if self.step > started_at_step else 0.0
-            rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
+            running = max(1e-9, time.perf_counter() - window_start)
+            remaining = (stop - self.step) * running / (self.step - started_at_step)
+            rate = window_tokens / running
             progress.update(self.step, stats["loss"], stats["lr"], rate, remaining, force=self.step == t.max_steps)
             final = self.step == t.max_steps
             if self.step % t.eval_interval == 0 or final:

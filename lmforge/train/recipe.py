@@ -133,10 +133,12 @@ class PretrainConfig:
         positive = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
                     "train.grad_accum": t.grad_accum, "train.log_interval": t.log_interval,
                     "train.eval_interval": t.eval_interval, "train.save_interval": t.save_interval,
-                    "train.keep_last": t.keep_last, "data.seq_len": d.seq_len - 1}
+                    "train.keep_last": t.keep_last}
         for key, value in positive.items():
             if value < 1:
-                raise LmforgeError(f"{key} must be positive" if key != "data.seq_len" else "data.seq_len must be at least 2")
+                raise LmforgeError(f"{key} must be positive")
+        if d.seq_len < 2:
+            raise LmforgeError("data.seq_len must be at least 2")
         if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
             raise LmforgeError(f"train.stop_at_step must be between 1 and train.max_steps ({t.max_steps})")
         if t.eval_batches < 0 or t.sample_tokens < 0:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from lmforge.data.progress import format_duration
+
 # Dense bf16 peak TFLOP/s of common accelerators (vendor figures, no sparsity), for MFU.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
                    "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
@@ -119,12 +121,6 @@ def peak_tflops(device: torch.device, precision: str, configured: float | None) 
             if key in name:
                 return (value if precision in ("bf16", "fp16") else value / 2), f"{key} datasheet"
     return measured_cpu_tflops(), "measured fp32 matmul"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class ProgressLine:
