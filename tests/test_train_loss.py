@@ -129,6 +129,41 @@ def test_many_chunks_equal_one(monkeypatch):
     assert_grads_close(many[1], one[1])
 
 
+@pytest.mark.parametrize("shape", [(54, 320, 64), (520, 320, 64), (40, 96, 64), (300, 64, 96)])
+def test_weight_gradient_product_in_either_layout(shape):
+    # dW = dy^T x is computed directly or as (x^T dy)^T, whichever copies less; both must
+    # equal the float64 product up to float32 rounding.
+    rows, n_out, n_in = shape
+    gen = torch.Generator().manual_seed(3)
+    dy, x = torch.randn(rows, n_out, generator=gen), torch.randn(rows, n_in, generator=gen)
+    exact = dy.double().t() @ x.double()
+    got = onednn.weight_grad(dy, x) if onednn.available() else torch.mm(dy.t(), x)
+    assert got.shape == (n_out, n_in) and got.is_contiguous()
+    assert float((got.double() - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+    assert onednn.transposed_weight_grad_is_cheaper(rows, n_out, n_in) == (n_in * (rows + n_out) < rows * n_out)
+
+
+@pytest.mark.parametrize("length", [19, 131])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_head_gradient_in_both_layouts(monkeypatch, length, chunked):
+    # 3 x 18 targets keep the head's weight gradient in its own layout, 3 x 130 sum it
+    # transposed (see fused_ce); with and without several chunks.
+    model = build("gqa-untied")
+    vocab, width = model.config.vocab_size, model.config.n_embd
+    rows = 3 * (length - 1)
+    assert onednn.transposed_weight_grad_is_cheaper(rows, vocab, width) == (length > 100)
+    ids = torch.randint(0, vocab, (3, length), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    ref = loss_and_grads(model, lambda: reference_loss(model, ids, None, "mean"))
+    model.train()
+    if chunked:
+        monkeypatch.setattr(fused_ce, "CHUNK_ELEMENTS", 7 * vocab)
+        monkeypatch.setattr(fused_ce, "MIN_ROWS", 7)
+    ours = loss_and_grads(model, lambda: causal_lm_loss(model, ids))
+    assert math.isclose(ours[0], ref[0], rel_tol=LOSS_RTOL)
+    assert_grads_close(ours[1], ref[1])
+
+
 def test_gradient_of_a_scaled_loss_is_scaled():
     # The head's gradients are computed in the forward pass for an upstream gradient of 1;
     # anything else (a loss weight, gradient accumulation's 1/k) must rescale them.

@@ -68,6 +68,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         hidden, weight = hidden.to(compute), weight.to(compute)
         step = _chunk_rows(vocab, rows)
+        # The weight gradient's product on oneDNN, in the layout that copies less (see
+        # lmforge/model/onednn.py: weight_grad); the transposed sum is turned back once.
+        dnn = onednn.usable(hidden, weight)
+        transposed = dnn and onednn.transposed_weight_grad_is_cheaper(rows, vocab, hidden.shape[1])
         with torch.autocast(device, enabled=False):
             for lo in range(0, rows, step):
                 h, t = hidden[lo : lo + step], targets[lo : lo + step].unsqueeze(1)
@@ -89,13 +93,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     hidden_parts.append(_mm_nt(g, weight.t()))  # dh = g W; W^T's view is read in place
                 if need_weight:
                     # dW = g^T h, summed over chunks in the weight's dtype; the first chunk
-                    # writes it (no zero fill).
-                    if grad_weight is None:
-                        grad_weight = torch.mm(g.t(), h).to(ctx.weight_dtype)
-                    elif grad_weight.dtype == h.dtype:
-                        grad_weight.addmm_(g.t(), h)
+                    # writes it (no zero fill). With `transposed`, the sum is of h^T g = dW^T.
+                    if transposed:
+                        part = onednn.mm_nt(h.t().contiguous(), g.t())
+                    elif dnn:
+                        part = onednn.mm_nt(g.t(), h.t())
                     else:
-                        grad_weight += torch.mm(g.t(), h)
+                        part = torch.mm(g.t(), h)
+                    part = part.to(ctx.weight_dtype)
+                    grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        if transposed and grad_weight is not None:
+            grad_weight = grad_weight.t().contiguous()
         grad_hidden = None
         if need_hidden:
             grad_hidden = hidden_parts[0] if len(hidden_parts) == 1 else torch.cat(hidden_parts)
