@@ -191,6 +191,11 @@ def test_reference_run_writes_layout_report_and_beats_nothing(reference_run):
     assert [e["step"] for e in report["validation"]] == [6, 12]
     assert report["final_train_loss"] < report["first_train_loss"] - 0.3
     assert math.isfinite(report["validation"][-1]["val_bpb"]) and report["unigram_baseline_loss"] > 0
+    # FLOPs per token: 6 x parameters (the head is tied, so every parameter is in a matrix
+    # product) plus 12 x n_layer x seq_len x q_size for attention; MFU is that rate over the peak.
+    assert report["flops_per_token"] == 6 * report["parameters"] + 12 * 2 * 64 * 64
+    expected_mfu = report["flops_per_token"] * report["tokens_per_s"] / (report["peak_tflops"] * 1e12)
+    assert math.isclose(report["mfu"], expected_mfu, rel_tol=1e-9) and 0 < report["mfu"] < 1
     assert (reference_run / "plots" / "training.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 12 |" in (reference_run / "report.md").read_text()
     state = json.loads((final / "trainer_state" / "state.json").read_text())

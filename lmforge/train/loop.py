@@ -120,7 +120,7 @@ class Trainer:
         self.tokens_per_step = self.global_micro * t.grad_accum * self.seq_len
         from lmforge.train.estimate import training_flops_per_token
 
-        self.flops_per_token = sum(training_flops_per_token(self.model.config, self.seq_len).values())
+        self.flops_per_token = training_flops_per_token(self.model.config, self.seq_len)["total"]
         self.peak, self.peak_source = peak_tflops(self.runtime.device, self.precision, t.peak_tflops)
         self.jsonl = JsonlLog(self.out / "logs" / "train.jsonl", self.step if resume_dir is not None else None,
                               enabled=self.runtime.is_main)
