@@ -1,14 +1,14 @@
 """float32 matrix products through oneDNN, with autograd, for training on CPU.
 
-PyTorch's CPU wheels send float32 `mm`/`F.linear` to MKL. On the 2-core AMD EPYC machine
+PyTorch's CPU wheels send float32 `mm`/`F.linear` to MKL. On the 2-core AMD EPYC machines
 we benchmark on, oneDNN (which the same wheels ship for their mkldnn ops) runs the
 products of a training step faster, with the same float32 arithmetic (no reduced-precision
 mode; results differ from MKL's only in summation order, about 1e-6 relative). For the
 shapes of benchmarks/train.py, the forward product x W^T and the input gradient dy W took
 5-20% less CPU time on one thread and 7-45% less wall time on two (MKL's two-thread
-speed-up on these small matrices is poor). On that machine (Zen 4) the weight gradient
-dy^T x was no faster in any layout we tried; on a Zen 5 EPYC oneDNN computes it 1.2-2x
-faster than MKL, so it goes through oneDNN as well (`weight_grad`).
+speed-up on these small matrices is poor); those figures are from a Zen 4 EPYC. There
+the weight gradient dy^T x was no faster in any layout we tried; on a Zen 5 EPYC oneDNN
+computes it 1.2-2x faster than MKL, so it goes through oneDNN as well (`weight_grad`).
 
 `linear` is what the Transformer's training forward calls in place of `F.linear`. It
 falls back to `F.linear` wherever oneDNN's op is missing, the tensors are not float32 on
