@@ -198,8 +198,20 @@ def test_reference_run_writes_layout_report_and_beats_nothing(reference_run):
     assert math.isclose(report["mfu"], expected_mfu, rel_tol=1e-9) and 0 < report["mfu"] < 1
     assert (reference_run / "plots" / "training.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 12 |" in (reference_run / "report.md").read_text()
+    assert "above 100%" not in (reference_run / "report.md").read_text()
     state = json.loads((final / "trainer_state" / "state.json").read_text())
     assert state["step"] == 12 and state["data_position"] == 12 * 8
+
+
+def test_report_flags_an_impossible_mfu(reference_run):
+    # A peak measured while other programs held the CPU is too low; the report says so.
+    from lmforge.train.loop import format_report
+
+    report = json.loads((reference_run / "report.json").read_text())
+    report["peak_tflops"] = report["mfu"] * report["peak_tflops"] / 1.5
+    report["mfu"] = 1.5
+    line = next(x for x in format_report(report).splitlines() if "MFU" in x)
+    assert "MFU 150.0%" in line and "above 100%" in line and "train.peak_tflops" in line
 
 
 def test_invalid_checkpoints_are_never_loaded(reference_run, tmp_path):

@@ -381,7 +381,9 @@ def format_report(r: dict[str, Any]) -> str:
              f"rows of {r['seq_len']}), {r['world_size']} process(es) ({r['distributed']}), {r['device']}, {r['precision']}",
              f"- throughput {r['tokens_per_s']:,.0f} tokens/s over {r['train_seconds']:.0f} s of training "
              f"(median step {r['median_step_tokens_per_s']:,.0f}); MFU {100 * r['mfu']:.1f}% "
-             f"of {r['peak_tflops']:.3f} TFLOP/s ({r['peak_source']})",
+             f"of {r['peak_tflops']:.3f} TFLOP/s ({r['peak_source']})"
+             + (" - above 100%, so that peak is too low (measured while the machine was busy?); "
+                "set train.peak_tflops" if r["mfu"] > 1 else ""),
              f"- train loss {r['first_train_loss']:.4f} at step 1 -> {r['final_train_loss']:.4f} at step {r['steps']}"]
     if r["unigram_baseline_loss"] is not None:
         lines.append(f"- unigram baseline (no context) on the validation rows: {r['unigram_baseline_loss']:.4f} nats/token")
