@@ -54,6 +54,15 @@ def transposed_weight_grad_is_cheaper(rows: int, n_out: int, n_in: int) -> bool:
     return n_in * (rows + n_out) < rows * n_out
 
 
+def weight_grad_product(grad: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """grad^T x, or with ``transposed`` its transpose x^T grad, both contiguous (see below).
+
+    A caller summing several products (the fused loss, chunk by chunk) sums them in one
+    layout and turns the sum back once.
+    """
+    return mm_nt(x.t().contiguous(), grad.t()) if transposed else mm_nt(grad.t(), x.t())
+
+
 def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dW = grad^T x for grad [rows, n_out] and x [rows, n_in] (2-D float32 CPU), contiguous.
 
@@ -61,9 +70,9 @@ def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     the transposed view (about 1.2-2x for the shapes of benchmarks/train.py on a Zen 5
     EPYC), whichever transpose it copies; see `transposed_weight_grad_is_cheaper`.
     """
-    if transposed_weight_grad_is_cheaper(grad.shape[0], grad.shape[1], x.shape[1]):
-        return mm_nt(x.t().contiguous(), grad.t()).t().contiguous()
-    return mm_nt(grad.t(), x.t())
+    transposed = transposed_weight_grad_is_cheaper(grad.shape[0], grad.shape[1], x.shape[1])
+    product = weight_grad_product(grad, x, transposed)
+    return product.t().contiguous() if transposed else product
 
 
 # Set to False to train with PyTorch's default kernels (e.g. to compare the two).

@@ -42,11 +42,6 @@ def _chunk_rows(vocab: int, rows: int) -> int:
     return max(1, min(rows, max(MIN_ROWS, CHUNK_ELEMENTS // max(vocab, 1))))
 
 
-def _mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T through oneDNN where it applies (see lmforge/model/onednn.py)."""
-    return onednn.mm_nt(a, b) if onednn.usable(a, b) else torch.mm(a, b.t())
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i scale * CE(hidden[i] @ weight.T, targets[i]); every target must be a real class."""
 
@@ -68,14 +63,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         hidden, weight = hidden.to(compute), weight.to(compute)
         step = _chunk_rows(vocab, rows)
-        # The weight gradient's product on oneDNN, in the layout that copies less (see
-        # lmforge/model/onednn.py: weight_grad); the transposed sum is turned back once.
-        dnn = onednn.usable(hidden, weight)
-        transposed = dnn and onednn.transposed_weight_grad_is_cheaper(rows, vocab, hidden.shape[1])
         with torch.autocast(device, enabled=False):
+            # The products on oneDNN where it applies (lmforge/model/onednn.py), the weight
+            # gradient in the layout that copies less, summed in it and turned back once.
+            dnn = onednn.usable(hidden, weight)
+            mm_nt = onednn.mm_nt if dnn else (lambda a, b: torch.mm(a, b.t()))
+            transposed = dnn and onednn.transposed_weight_grad_is_cheaper(rows, vocab, hidden.shape[1])
             for lo in range(0, rows, step):
                 h, t = hidden[lo : lo + step], targets[lo : lo + step].unsqueeze(1)
-                logits = _mm_nt(h, weight).float()
+                logits = mm_nt(h, weight).float()
                 # log-sum-exp with the row maximum taken out, so exp never overflows; the
                 # loss of a row is lse - logit[target].
                 top = logits.amax(dim=1, keepdim=True)
@@ -90,16 +86,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.scatter_add_(1, t, torch.full_like(target_logit, -scale))
                 g = probs.to(weight.dtype)
                 if need_hidden:
-                    hidden_parts.append(_mm_nt(g, weight.t()))  # dh = g W; W^T's view is read in place
+                    hidden_parts.append(mm_nt(g, weight.t()))  # dh = g W; W^T's view is read in place
                 if need_weight:
                     # dW = g^T h, summed over chunks in the weight's dtype; the first chunk
                     # writes it (no zero fill). With `transposed`, the sum is of h^T g = dW^T.
-                    if transposed:
-                        part = onednn.mm_nt(h.t().contiguous(), g.t())
-                    elif dnn:
-                        part = onednn.mm_nt(g.t(), h.t())
-                    else:
-                        part = torch.mm(g.t(), h)
+                    part = onednn.weight_grad_product(g, h, transposed) if dnn else torch.mm(g.t(), h)
                     part = part.to(ctx.weight_dtype)
                     grad_weight = part if grad_weight is None else grad_weight.add_(part)
         if transposed and grad_weight is not None:
