@@ -80,6 +80,12 @@ def assert_grads_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tenso
         assert err <= GRAD_RTOL * scale, f"{name}: max diff {err:.3e}, largest entry {scale:.3e}"
 
 
+def assert_same(ours: tuple[float, dict[str, torch.Tensor]], ref: tuple[float, dict[str, torch.Tensor]]) -> None:
+    """(loss, gradients) from `loss_and_grads` agree: loss to LOSS_RTOL, every gradient as above."""
+    assert math.isclose(ours[0], ref[0], rel_tol=LOSS_RTOL)
+    assert_grads_close(ours[1], ref[1])
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("ignored", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -125,8 +131,7 @@ def test_many_chunks_equal_one(monkeypatch):
     monkeypatch.setattr(fused_ce, "CHUNK_ELEMENTS", 7 * model.config.vocab_size)
     monkeypatch.setattr(fused_ce, "MIN_ROWS", 7)  # 54 counted rows -> 8 chunks, the last one short
     many = loss_and_grads(model, lambda: causal_lm_loss(model, ids, labels))
-    assert math.isclose(one[0], many[0], rel_tol=LOSS_RTOL)
-    assert_grads_close(many[1], one[1])
+    assert_same(many, one)
 
 
 @pytest.mark.parametrize("shape", [(54, 320, 64), (520, 320, 64), (40, 96, 64), (300, 64, 96)])
@@ -160,8 +165,7 @@ def test_head_gradient_in_both_layouts(monkeypatch, length, chunked):
         monkeypatch.setattr(fused_ce, "CHUNK_ELEMENTS", 7 * vocab)
         monkeypatch.setattr(fused_ce, "MIN_ROWS", 7)
     ours = loss_and_grads(model, lambda: causal_lm_loss(model, ids))
-    assert math.isclose(ours[0], ref[0], rel_tol=LOSS_RTOL)
-    assert_grads_close(ours[1], ref[1])
+    assert_same(ours, ref)
 
 
 def test_gradient_of_a_scaled_loss_is_scaled():
@@ -180,8 +184,7 @@ def test_kernels_do_not_change_gradients(monkeypatch):
     fast = loss_and_grads(model, lambda: causal_lm_loss(model, ids, labels))
     monkeypatch.setattr(onednn, "ENABLED", False)
     plain = loss_and_grads(model, lambda: causal_lm_loss(model, ids, labels))
-    assert math.isclose(fast[0], plain[0], rel_tol=LOSS_RTOL)
-    assert_grads_close(fast[1], plain[1])
+    assert_same(fast, plain)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -190,8 +193,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = loss_and_grads(model, lambda: causal_lm_loss(model, ids, labels))
     model.gradient_checkpointing = True
     recomputed = loss_and_grads(model, lambda: causal_lm_loss(model, ids, labels))
-    assert math.isclose(plain[0], recomputed[0], rel_tol=LOSS_RTOL)
-    assert_grads_close(recomputed[1], plain[1])
+    assert_same(recomputed, plain)
 
 
 def test_learned_positions_and_layernorm():
@@ -204,8 +206,7 @@ def test_learned_positions_and_layernorm():
     ref = loss_and_grads(model, lambda: reference_loss(model, ids, labels, "mean"))
     model.train()
     ours = loss_and_grads(model, lambda: causal_lm_loss(model, ids, labels))
-    assert math.isclose(ours[0], ref[0], rel_tol=LOSS_RTOL)
-    assert_grads_close(ours[1], ref[1])
+    assert_same(ours, ref)
 
 
 def test_no_grad_evaluation_matches():

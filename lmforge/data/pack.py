@@ -32,6 +32,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+def index_header(seq_len: int, tokenizer: Any = None, tokenizer_name: str | None = None,
+                 eos_id: int | None = None) -> dict[str, Any]:
+    """The start of an ``index.json``: format and row length, and with a tokenizer what the
+    ids mean (its name, vocabulary size, EOS id and token, shard dtype). Splits are added
+    as they are written."""
+    index: dict[str, Any] = {"format": INDEX_FORMAT, "seq_len": seq_len, "splits": {}}
+    if tokenizer is not None:
+        index.update({"tokenizer": tokenizer_name, "vocab_size": tokenizer.vocab_size, "eos_id": eos_id,
+                      "eos_token": tokenizer.id_to_token(eos_id), "dtype": str(token_dtype(tokenizer.vocab_size))})
+    return index
+
+
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     """np.save to a temporary file in the same directory, then rename it into place."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -129,9 +141,7 @@ def pack_text_splits(text_dir: str | os.PathLike[str], tokenizer: Any, out: str 
     from lmforge.io.text_files import read_jsonl, text_of
 
     out = Path(out)
-    index: dict[str, Any] = {"format": INDEX_FORMAT, "seq_len": seq_len, "splits": {}, "tokenizer": tokenizer_name,
-                             "vocab_size": tokenizer.vocab_size, "eos_id": eos_id,
-                             "eos_token": tokenizer.id_to_token(eos_id), "dtype": str(token_dtype(tokenizer.vocab_size))}
+    index = index_header(seq_len, tokenizer, tokenizer_name, eos_id)
     for file in sorted(Path(text_dir).glob("*.jsonl")):
         writer = ShardWriter(out, file.stem, seq_len, eos_id, tokenizer.vocab_size, rows_per_shard)
         for line, record in read_jsonl(file):

@@ -32,7 +32,7 @@ from lmforge.data.corpora import SPLITS, Source, open_sources, split_of
 from lmforge.data.decontam import Decontaminator
 from lmforge.data.dedup import ExactDeduplicator, NearDuplicateIndex, ParagraphDeduplicator
 from lmforge.data.langid import identify_language
-from lmforge.data.pack import INDEX_FORMAT, ShardWriter, token_dtype, write_json_atomic
+from lmforge.data.pack import ShardWriter, index_header, write_json_atomic
 from lmforge.data.pii import redact_pii
 from lmforge.data.progress import Progress
 from lmforge.data.scorecard import Scorecard
@@ -304,11 +304,8 @@ def _run(config: PrepareConfig, sources: list[tuple[str, Source]], decontaminato
                                         "docs_removed": decontam_removed}
     card.info["config"] = {k: v for k, v in asdict(config).items() if k not in ("progress", "overwrite")}
 
-    index: dict[str, Any] = {"format": INDEX_FORMAT, "seq_len": config.seq_len, "splits": {}}
+    index = index_header(config.seq_len, tokenizer, config.tokenizer or "default model", eos_id)
     if tokenizer is not None:
-        index.update({"tokenizer": config.tokenizer or "default model", "vocab_size": tokenizer.vocab_size,
-                      "eos_id": eos_id, "eos_token": tokenizer.id_to_token(eos_id),
-                      "dtype": str(token_dtype(tokenizer.vocab_size))})
         for split in SPLITS:
             if split in writers:
                 entry = writers[split].close()

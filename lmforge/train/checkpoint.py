@@ -40,17 +40,18 @@ FORMAT = "lmforge-train-checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    for path in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    for path in [directory, *sorted(directory.rglob("*"))]:
+        _fsync(path)
 
 
 def flatten_optimizer_state(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -118,16 +119,11 @@ def save_checkpoint(root: Path, step: int, config, model_state: dict[str, torch.
         manifest = staging / MANIFEST
         manifest.write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1) + "\n",
                             encoding="utf-8")
-        with open(manifest, "rb") as f:
-            os.fsync(f.fileno())
+        _fsync(manifest)
         if target.exists():  # a valid checkpoint of this step from an earlier attempt
             shutil.rmtree(target)
         os.rename(staging, target)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

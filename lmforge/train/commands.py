@@ -82,16 +82,13 @@ def _int_list(text: str) -> list[int]:
 
 def cmd_scaling_sweep(args: argparse.Namespace) -> int:
     from lmforge.train.recipe import load_recipe
-    from lmforge.train.sweep import run_sweep
+    from lmforge.train.sweep import law_text, run_sweep
 
     base = load_recipe(find_recipe(args.recipe), _overrides(args) | {"train.out": args.out})
     result = run_sweep(base, args.widths, args.steps, args.out, args.count,
                        log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
-    fit = result["fit"]
-    law = f"L = {fit['E']:.3f} + {fit['A']:.3g}/N^{fit['alpha']:.3f}"
-    if fit.get("B") is not None:
-        law += f" + {fit['B']:.3g}/D^{fit['beta']:.3f}"
-    print(json.dumps(result) if args.json else f"fitted {result['law']} over {len(result['points'])} runs: {law}\n"
+    print(json.dumps(result) if args.json else f"fitted {result['law']} over {len(result['points'])} runs: "
+          f"{law_text(result['fit'])}\n"
           f"report: {Path(args.out) / 'sweep.md'}")
     return 0
 

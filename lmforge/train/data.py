@@ -46,9 +46,6 @@ class RowStream:
             out.append(self.dataset[int(self._order(k // n)[k % n])])
         return torch.from_numpy(np.stack(out).astype(np.int64))
 
-    def epoch_of(self, position: int) -> float:
-        return position / len(self.dataset)
-
 
 def ensure_dataset(section: Any, log=print) -> Path:
     """The packed directory of ``section.path``; built from ``section.sources`` when missing.

@@ -65,7 +65,9 @@ def init_runtime(mode: str, device: str = "auto") -> Runtime:
         torch.cuda.set_device(dev)
     if world > 1:
         if mode == "none":
-            raise ValueError("train.distributed is 'none' but the program runs on several processes")
+            from lmforge.errors import LmforgeError
+
+            raise LmforgeError("train.distributed is 'none' but the program runs on several processes")
         mode = "ddp" if mode == "auto" else mode
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
@@ -133,10 +135,13 @@ def full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -
 
     osd = get_optimizer_state_dict(unwrap(wrapped), optimizer,
                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not osd:
-        return osd
-    return {"state": {k.removeprefix(PREFIX): v for k, v in osd["state"].items()},
-            "param_groups": [{**g, "params": [p.removeprefix(PREFIX) for p in g["params"]]} for g in osd["param_groups"]]}
+    return _renamed(osd, lambda name: name.removeprefix(PREFIX)) if osd else osd
+
+
+def _renamed(osd: dict, rename) -> dict:
+    """An optimizer state dict whose parameter names (state keys, groups' params) pass through ``rename``."""
+    return {"state": {rename(k): v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [rename(p) for p in g["params"]]} for g in osd["param_groups"]]}
 
 
 def load_full_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
@@ -149,22 +154,17 @@ def load_full_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer | None,
     objective = unwrap(wrapped)
     set_model_state_dict(objective, {PREFIX + k: v for k, v in model_state.items()}, options=options)
     if optimizer is not None and optimizer_state is not None:
-        prefixed = {"state": {PREFIX + k: v for k, v in optimizer_state["state"].items()},
-                    "param_groups": [{**g, "params": [PREFIX + p for p in g["params"]]}
-                                     for g in optimizer_state["param_groups"]]}
-        set_optimizer_state_dict(objective, optimizer, prefixed, options=options)
+        set_optimizer_state_dict(objective, optimizer, _renamed(optimizer_state, lambda name: PREFIX + name),
+                                 options=options)
 
 
 def mean_across(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """The average of a scalar over all processes (the loss every process should report)."""
-    if runtime.distributed:
-        value = value.detach().clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= runtime.world_size
-    return value
+    return sum_across(value, runtime) / runtime.world_size if runtime.distributed else value
 
 
 def sum_across(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """The sum of a tensor over all processes (``value`` itself is left as it is)."""
     if runtime.distributed:
         value = value.detach().clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

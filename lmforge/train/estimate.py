@@ -30,7 +30,6 @@ PyTorch's cross-entropy when the logits are float32).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 

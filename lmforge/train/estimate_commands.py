@@ -26,9 +26,9 @@ def load_config(spec: str | None):
 
             recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
             if isinstance(recipe, dict) and ("train" in recipe or "data" in recipe):  # an `lmforge pretrain` recipe
-                from lmforge.train.recipe import load_recipe, model_config_of
+                from lmforge.train.recipe import from_dict, model_config_of
 
-                pretrain = load_recipe(path)
+                pretrain = from_dict(recipe, str(path))
                 if pretrain.model.init_from:
                     return load_config(pretrain.model.init_from)
                 return model_config_of(pretrain.model, pretrain.data.tokenizer_vocab_size, pretrain.data.seq_len)

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from lmforge.data.pack import PackedDataset
 from lmforge.errors import LmforgeError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.data import RowStream, dataset_tokenizer, ensure_dataset, token_byte_lengths
@@ -89,8 +90,6 @@ class Trainer:
         if self.runtime.is_main:
             ensure_dataset(config.data, self.log)
         barrier(self.runtime)
-        from lmforge.data.pack import PackedDataset
-
         data_dir = Path(config.data.path)
         train_set = PackedDataset(data_dir, "train")
         self.seq_len = train_set.seq_len
@@ -135,8 +134,6 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------
     def _validation_rows(self, data_dir: Path) -> torch.Tensor:
         """The fixed validation rows: eval_batches x global micro-batch, a multiple of world size."""
-        from lmforge.data.pack import PackedDataset
-
         t, world = self.config.train, self.runtime.world_size
         try:
             val = PackedDataset(data_dir, "validation")
@@ -212,10 +209,9 @@ class Trainer:
             total += loss.detach().float()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if t.clip_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        # With no clipping the norm is still measured (an infinite bound changes nothing), for the log.
+        max_norm = t.clip_grad_norm if t.clip_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         if self.scaler is not None:
@@ -290,6 +286,10 @@ class Trainer:
         return path
 
     # -- the run ---------------------------------------------------------------------------
+    def mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation at a rate of ``tokens_per_s`` (all processes together)."""
+        return self.flops_per_token * tokens_per_s / (self.peak * 1e12 * self.runtime.world_size)
+
     def run(self) -> dict[str, Any]:
         t, rt = self.config.train, self.runtime
         n_params = self.model.num_parameters()
@@ -308,9 +308,8 @@ class Trainer:
             self.elapsed += seconds
             window_tokens += self.tokens_per_step
             tokens_per_s = self.tokens_per_step / seconds
-            mfu = self.flops_per_token * tokens_per_s / (self.peak * 1e12 * rt.world_size)
             record = {"kind": "train", "step": self.step, **stats, "tokens": self.tokens_seen,
-                      "tokens_per_s": tokens_per_s, "mfu": mfu, "step_seconds": seconds}
+                      "tokens_per_s": tokens_per_s, "mfu": self.mfu(tokens_per_s), "step_seconds": seconds}
             self.jsonl.write(record)
             spike = self.spikes.check(stats["loss"])
             if spike is not None:
@@ -319,8 +318,8 @@ class Trainer:
             running = max(1e-9, time.perf_counter() - window_start)
             remaining = (stop - self.step) * running / (self.step - started_at_step)
             rate = window_tokens / running
-            progress.update(self.step, stats["loss"], stats["lr"], rate, remaining, force=self.step == t.max_steps)
             final = self.step == t.max_steps
+            progress.update(self.step, stats["loss"], stats["lr"], rate, remaining, force=final)
             if self.step % t.eval_interval == 0 or final:
                 result = self.evaluate()
                 if result is not None:
@@ -360,7 +359,7 @@ class Trainer:
             "seq_len": self.seq_len, "tokens_per_step": self.tokens_per_step, "world_size": self.runtime.world_size,
             "distributed": self.runtime.mode, "device": self.runtime.device.type, "precision": self.precision,
             "train_seconds": self.elapsed, "tokens_per_s": mean_rate, "median_step_tokens_per_s": median_rate,
-            "mfu": self.flops_per_token * mean_rate / (self.peak * 1e12 * self.runtime.world_size),
+            "mfu": self.mfu(mean_rate),
             "peak_tflops": self.peak, "peak_source": self.peak_source, "flops_per_token": self.flops_per_token,
             "final_train_loss": train[-1]["loss"] if train else None,
             "first_train_loss": train[0]["loss"] if train else None,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.train.schedule import SCHEDULES
 
 
 @dataclass
@@ -146,7 +147,7 @@ class PretrainConfig:
         choices = {"train.precision": (t.precision, ("auto", "fp32", "bf16", "fp16")),
                    "train.distributed": (t.distributed, ("auto", "none", "ddp", "fsdp")),
                    "optim.name": (o.name, ("adamw", "adam_l2")),
-                   "schedule.name": (s.name, ("cosine", "wsd", "linear", "constant"))}
+                   "schedule.name": (s.name, SCHEDULES)}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise LmforgeError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")

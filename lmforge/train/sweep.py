@@ -107,11 +107,16 @@ def run_sweep(base: PretrainConfig, widths: Sequence[int], steps: Sequence[int],
     return result
 
 
-def format_sweep(result: dict[str, Any]) -> str:
-    fit = result["fit"]
+def law_text(fit: dict[str, Any]) -> str:
+    """``L = E + A / N^alpha [+ B / D^beta]`` with the fitted constants."""
     law = f"L = {fit['E']:.3f} + {fit['A']:.3g} / N^{fit['alpha']:.3f}"
     if fit.get("B") is not None:
         law += f" + {fit['B']:.3g} / D^{fit['beta']:.3f}"
+    return law
+
+
+def format_sweep(result: dict[str, Any]) -> str:
+    law = law_text(result["fit"])
     lines = ["# Scaling sweep", "", f"Fitted {result['law']} over {len(result['points'])} runs "
              f"(N = {result['count']} parameters): `{law}`", "",
              "| width | steps | N | D (tokens) | validation loss |", "|---:|---:|---:|---:|---:|"]

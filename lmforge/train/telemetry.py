@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import deque
 from pathlib import Path
@@ -207,10 +206,3 @@ def plot_run(records: list[dict[str, Any]], out: Path, baseline: float | None = 
     plt.close(fig)
     return out
 
-
-def environment() -> dict[str, Any]:
-    import platform
-
-    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "pid": os.getpid()}
