@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import lmforge.eval.cli_perplexity
+import lmforge.cli.eval_perplexity
 from lmforge.cli import main
 from lmforge.eval.metrics import compute_metrics
 from lmforge.eval.perplexity import perplexity
@@ -28,7 +28,7 @@ def assert_user_error(code, err, message):
 
 
 def test_perplexity_cli_json_and_report(capsys, monkeypatch, tmp_path, default_lm):
-    monkeypatch.setattr(lmforge.eval.cli_perplexity, "load_model", lambda args: default_lm)  # reuse the session's model
+    monkeypatch.setattr(lmforge.cli.eval_perplexity, "load_model", lambda args, **kw: default_lm)  # reuse the session's model
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")[2000:2400]
     file = tmp_path / "held_out.txt"
     file.write_text(text, encoding="utf-8")
@@ -62,26 +62,6 @@ def test_perplexity_cli_user_errors(capsys, tmp_path, argv, message):
     argv = [str(tmp_path / names[a]) if a in names else a for a in argv]
     code, _, err = run_cli(capsys, "eval", "perplexity", *argv)  # fails before any model is loaded
     assert_user_error(code, err, message)
-
-
-def test_perplexity_progress_line_on_stderr(tmp_path):
-    import io
-
-    from lmforge.eval.report import ProgressLine
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    screen = Terminal()
-    line = ProgressLine(0, "perplexity", unit="windows", stream=screen)
-    for done in range(1, 4):
-        line(done, 3)
-    line.close()
-    assert "perplexity: 3/3 windows" in screen.getvalue() and "eta" in screen.getvalue()
-    quiet = io.StringIO()  # a pipe: nothing for runs shorter than the logging interval
-    ProgressLine(3, "x", stream=quiet)(3)
-    assert quiet.getvalue() == ""
 
 
 def test_metrics_cli(capsys, tmp_path):

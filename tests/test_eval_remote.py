@@ -15,7 +15,7 @@ from test_serve import running_server
 
 import lmforge
 from lmforge.cli import main
-from lmforge.data.tokenizer_spec import resolve_tokenizer
+from lmforge.model.loading import resolve_tokenizer
 from lmforge.eval.perplexity import perplexity
 from lmforge.eval.remote import RemoteScorer
 from lmforge.infer.remote import RemoteModel

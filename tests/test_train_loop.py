@@ -118,8 +118,10 @@ def test_recipe_overrides_and_shipped_recipes():
     assert config.train.max_steps == 50 and config.optim.lr == pytest.approx(3e-4) and config.data.sources == ["wiki"]
     with pytest.raises(LmforgeError, match="unknown option --bogus"):
         load_recipe(None, {"bogus": 1})
-    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-    assert recipes, "the repository ships recipes"
+    from lmforge.cli.train import SHIPPED_RECIPES
+
+    recipes = sorted(SHIPPED_RECIPES.glob("*.yaml"))
+    assert recipes, "the package ships recipes"
     for recipe in recipes:
         load_recipe(recipe)  # every shipped recipe is valid
 

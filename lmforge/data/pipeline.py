@@ -34,48 +34,74 @@ from lmforge.data.dedup import ExactDeduplicator, NearDuplicateIndex, ParagraphD
 from lmforge.data.langid import identify_language
 from lmforge.data.pack import ShardWriter, index_header, write_json_atomic
 from lmforge.data.pii import redact_pii
-from lmforge.data.progress import Progress
+from lmforge.io.progress import Progress
 from lmforge.data.scorecard import Scorecard
 from lmforge.errors import LmforgeError
+from lmforge.options import option
 
 # Preferred end-of-document tokens, before falling back to the tokenizer's EOS.
 DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
 
 
+def _source_weights(values: list[str]) -> dict[str, float]:
+    """``--weight wiki=2 --weight news=0.5`` -> {"wiki": 2.0, "news": 0.5}."""
+    out = {}
+    for item in values:
+        name, sep, weight = item.rpartition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name] = float(weight)
+        except ValueError:
+            raise LmforgeError(f"--weight expects SOURCE=NUMBER, got {item!r}") from None
+    return out
+
+
 @dataclass
 class PrepareConfig:
-    """Every option of ``lmforge data prepare`` (the CLI flags map 1:1 onto these fields)."""
+    """Every option of ``lmforge data prepare``: each field is also its flag."""
 
-    sources: list[str]
-    out: str
-    tokenizer: str | None = None  # tokenizer.json, a directory, a .gguf or a model name (None: default model)
-    pack: bool = True
-    seq_len: int = 1024
-    rows_per_shard: int = 1024
-    val_fraction: float = 0.01
-    test_fraction: float = 0.0
-    split_salt: str = ""
-    eos_token: str | None = None
-    weights: dict[str, float] = field(default_factory=dict)  # source -> sampling weight (train split)
-    split_docs: str = "file"
-    text_field: str = "text"
-    unicode_form: str = "NFC"
-    html: str = "auto"
-    languages: list[str] | None = None  # keep only these (None: all)
-    quality: bool = True
-    min_words: int = 30
-    dedup: bool = True
-    near_dup_threshold: float = 0.8
-    num_perm: int = 128
-    shingle_size: int = 5
-    paragraph_dedup: bool = True
-    redact_pii: bool = True
-    decontaminate: list[str] = field(default_factory=list)
-    decontam_n: int = 13
-    write_text: bool = True
-    max_docs: int | None = None
-    overwrite: bool = False
-    progress: bool = True
+    sources: list[str] = option(flag="--source", repeat=True,
+                                help="wiki, news, bgwiki (gensim test corpora), a file (.txt .md .jsonl .xml[.bz2]) "
+                                     "or a directory; repeatable")
+    out: str = option(help="output directory")
+    tokenizer: str | None = option(None, help="tokenizer.json, a directory with one, a .gguf or a model name "
+                                              "(default: the default model's tokenizer)")
+    pack: bool = option(True, help="clean and score only; write no token shards")
+    seq_len: int = option(1024, help="tokens per packed row")
+    rows_per_shard: int = option(1024, help="rows per .npy shard")
+    val_fraction: float = option(0.01, help="share of documents for validation")
+    test_fraction: float = option(0.0, help="share of documents for test")
+    split_salt: str = option("", help="change to draw a different (still deterministic) split")
+    eos_token: str | None = option(None, help="token appended after each document (default: <|endoftext|> or EOS)")
+    weights: dict[str, float] = option(default_factory=dict, flag="--weight", repeat=True, metavar="SOURCE=W",
+                                       parse=_source_weights,
+                                       help="mixture weight of a source in the train split (2 = twice, 0.5 = half); "
+                                            "repeatable")
+    split_docs: str = option("file", choices=("file", "line", "blank"),
+                             help="plain-text files: one document per file, per line, or per blank-line-separated "
+                                  "block")
+    text_field: str = option("text", help="JSONL field with the text")
+    unicode_form: str = option("NFC", flag="--unicode", choices=("NFC", "NFKC", "none"), help="normalization form")
+    html: str = option("auto", choices=("auto", "always", "never"), help="strip HTML tags")
+    languages: list[str] | None = option(None, parse=lambda text: text.split(","),
+                                         help="keep only these languages, e.g. en,de (default: all)")
+    quality: bool = option(True, help="skip the heuristic quality filters")
+    min_words: int = option(30, help="quality filter: fewest words")
+    dedup: bool = option(True, help="skip exact, near and paragraph deduplication")
+    near_dup_threshold: float = option(0.8, help="Jaccard threshold of near duplicates")
+    num_perm: int = option(128, help="MinHash permutations")
+    shingle_size: int = option(5, help="words per shingle")
+    paragraph_dedup: bool = option(True, help="keep repeated paragraphs")
+    redact_pii: bool = option(True, flag="--no-pii", help="do not redact PII")
+    decontaminate: list[str] = option(default_factory=list, nargs="+", metavar="FILE",
+                                      help="evaluation files (.txt lines, .json, .jsonl, optionally .gz): drop "
+                                           "documents sharing an n-gram with them")
+    decontam_n: int = option(13, help="n-gram length for decontamination")
+    write_text: bool = option(True, flag="--no-text", help="do not write the cleaned text (text/*.jsonl)")
+    max_docs: int | None = option(None, help="stop after reading this many documents")
+    overwrite: bool = option(False, help="replace OUT if it exists")
+    progress: bool = option(True, flag="--quiet", help="no progress on stderr")
 
     def validate(self) -> None:
         if not self.sources:
@@ -145,7 +171,7 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
                       if config.decontaminate else None)
     tokenizer = eos_id = None
     if config.pack:
-        from lmforge.data.tokenizer_spec import resolve_tokenizer
+        from lmforge.model.loading import resolve_tokenizer
 
         tokenizer = resolve_tokenizer(config.tokenizer)
         eos_id = _document_end_id(tokenizer, config.eos_token)
@@ -190,7 +216,7 @@ def _run(config: PrepareConfig, sources: list[tuple[str, Source]], decontaminato
         (tmp / "text").mkdir()
     total_bytes = sum(s.size for _, s in sources)
     done_bytes = 0
-    progress = Progress("prepare", enabled=config.progress)
+    progress = Progress("prepare", unit="docs", enabled=config.progress, log_every=5.0)
     docs_read = bytes_read = 0
     decontam_removed = 0
 
@@ -214,7 +240,7 @@ def _run(config: PrepareConfig, sources: list[tuple[str, Source]], decontaminato
                 card.source(spec, 1, raw_bytes)
                 card.passed("load", raw_bytes, raw_bytes)
                 fraction = (done_bytes + source.progress() * source.size) / total_bytes if total_bytes else None
-                progress.update(fraction, docs_read, bytes_read)
+                progress.update(docs_read, fraction=fraction, nbytes=bytes_read)
 
                 text = clean_text(doc.text, config.unicode_form, config.html)
                 nbytes = len(text.encode("utf-8"))
@@ -316,7 +342,7 @@ def _run(config: PrepareConfig, sources: list[tuple[str, Source]], decontaminato
     write_json_atomic(tmp / "scorecard.json", card.to_dict())
     (tmp / "scorecard.md").write_text(card.to_markdown(), encoding="utf-8")
     summary = card.to_dict()["summary"]
-    progress.done(f"prepared {summary['docs_out']:,} of {summary['docs_in']:,} documents"
+    progress.close(f"prepared {summary['docs_out']:,} of {summary['docs_in']:,} documents"
                   + (f", {sum(e['tokens'] for e in index['splits'].values()):,} tokens" if index["splits"] else ""))
     index["scorecard"] = card.to_dict()
     return index

@@ -170,7 +170,7 @@ def connect_scorer(base_url: str, api_key: str | None, model: str | None, tokeni
     """A `RemoteScorer` for the command line: endpoint, served model name and local tokenizer."""
     import os
 
-    from ..data.tokenizer_spec import resolve_tokenizer
+    from ..model.loading import resolve_tokenizer
     from ..infer.remote import RemoteModel
 
     if timeout <= 0:

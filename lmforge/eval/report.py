@@ -2,7 +2,7 @@
 
 Every evaluation verb ends the same way: a dict of results, a few tables, both written
 atomically (temporary file, then rename) so an interrupted run never leaves half a
-report. `ProgressLine` is the shared stderr progress line (rate and ETA) for long runs.
+report.
 
     >>> table = markdown_table(["metric", "score"], [["bleu", 31.4159], ["chrf", 55.0]])
     >>> write_report("out", "metrics", {"bleu": 31.4159}, "# Metrics\\n\\n" + table)
@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import Any, Iterable, Sequence
 
 from ..errors import LmforgeError
 from ..io import atomic
@@ -78,51 +76,3 @@ def write_report(out_dir: str | os.PathLike[str], name: str, data: dict[str, Any
     """Write `out_dir/name.json` and `out_dir/name.md`; returns both paths."""
     out = Path(out_dir)
     return write_text_atomic(out / f"{name}.json", to_json(data)), write_text_atomic(out / f"{name}.md", markdown)
-
-
-class ProgressLine:
-    """A one-line progress report on stderr: done/total, rate and ETA.
-
-    On a terminal the line is rewritten in place at most a few times per second; on a
-    pipe or a file (logs, CI) a full line is written every `log_every` seconds, so that
-    long runs leave a readable trace. `enabled=False` silences it.
-    """
-
-    def __init__(self, total: int, label: str, unit: str = "items", stream: TextIO | None = None,
-                 enabled: bool = True, log_every: float = 10.0) -> None:
-        self.total, self.label, self.unit = total, label, unit
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval = 0.2 if self.tty else log_every
-        self.started = time.perf_counter()
-        # On a pipe the first line comes after `log_every` seconds: short runs stay quiet.
-        self.last_shown = -math.inf if self.tty else self.started
-        self.shown = False
-        self.done = 0
-
-    def __call__(self, done: int, total: int | None = None) -> None:
-        self.done = done
-        if total is not None:
-            self.total = total
-        now = time.perf_counter()
-        finished = done >= self.total and (self.tty or self.shown)
-        if self.enabled and (now - self.last_shown >= self.interval or finished):
-            self.last_shown = now
-            self.shown = True
-            self._show(now)
-
-    def _show(self, now: float) -> None:
-        elapsed = now - self.started
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else math.inf
-        text = (f"{self.label}: {self.done}/{self.total} {self.unit} ({rate:.1f}/s, "
-                f"elapsed {elapsed:.0f}s, eta {'?' if math.isinf(eta) else f'{eta:.0f}s'})")
-        if self.tty:
-            print("\r" + text + " " * 4, end="", file=self.stream, flush=True)
-        else:
-            print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self.shown:
-            print(file=self.stream, flush=True)

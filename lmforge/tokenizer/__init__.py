@@ -8,7 +8,7 @@
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
 
 Importing this package is cheap: its classes load on first use (so that the CLI, which
-imports ``lmforge.tokenizer.commands`` to build its parser, starts at once), and Jinja and
+builds its parser on every invocation, starts at once), and Jinja and
 gguf are imported only when used.
 """
 

@@ -63,7 +63,7 @@ def ensure_dataset(section: Any, log=print) -> Path:
         raise LmforgeError(f"no packed dataset at {path}: run `lmforge data prepare --out {path} ...` "
                            "or give data.sources to build it")
     from lmforge.data.pipeline import PrepareConfig, run_prepare
-    from lmforge.data.tokenizer_spec import resolve_tokenizer
+    from lmforge.model.loading import resolve_tokenizer
 
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -103,7 +103,7 @@ def ensure_dataset(section: Any, log=print) -> Path:
 
 def dataset_tokenizer(path: Path, index: dict[str, Any], override: str | None):
     """The tokenizer the rows were made with: ``override``, else the one the index names."""
-    from lmforge.data.tokenizer_spec import resolve_tokenizer
+    from lmforge.model.loading import resolve_tokenizer
 
     spec = override or index.get("tokenizer")
     if spec is None:

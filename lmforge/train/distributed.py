@@ -56,7 +56,7 @@ def init_runtime(mode: str, device: str = "auto") -> Runtime:
     """Join the process group when started by torchrun; choose the device for this rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    from lmforge.api import pick_device
+    from lmforge.model.loading import pick_device
 
     dev = pick_device(device)  # auto: cuda, mps or cpu; a bad name is a one-line error
     if dev.type == "cuda" and dev.index is None:

@@ -38,7 +38,8 @@ from lmforge.train.distributed import (Runtime, barrier, full_model_state, full_
 from lmforge.train.optim import build_optimizer
 from lmforge.train.recipe import PretrainConfig, to_yaml
 from lmforge.train.schedule import lr_factor
-from lmforge.train.telemetry import JsonlLog, ProgressLine, SpikeDetector, peak_tflops, plot_run, read_log
+from lmforge.io.progress import Progress
+from lmforge.train.telemetry import JsonlLog, SpikeDetector, peak_tflops, plot_run, read_log
 
 
 def _stderr(message: str) -> None:
@@ -47,7 +48,7 @@ def _stderr(message: str) -> None:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """fp32 | bf16 | fp16; "auto" follows lmforge's dtype policy (bf16 on GPUs that have it, else fp32)."""
-    from lmforge.api import pick_dtype
+    from lmforge.model.loading import pick_dtype
 
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise LmforgeError("train.precision bf16 is not supported by this GPU; use fp16 or fp32")
@@ -152,7 +153,7 @@ class Trainer:
         m = self.config.model
         vocab = self.tokenizer.vocab_size
         if m.init_from:
-            from lmforge.api import load_model
+            from lmforge.model.loading import load_model
             from lmforge.model.registry import resolve
 
             model = load_model(resolve(m.init_from), torch.float32, "cpu")
@@ -296,10 +297,11 @@ class Trainer:
         self.log(f"training {n_params / 1e6:.2f}M parameters on {rt.world_size} process(es) ({rt.mode}, "
                  f"{rt.device.type}, {self.precision}); {self.tokens_per_step:,} tokens per step, "
                  f"steps {self.step}..{t.max_steps}")
-        progress = ProgressLine(t.max_steps, enabled=self.progress_enabled and rt.is_main, every_steps=t.log_interval)
+        started_at_step = self.step
+        progress = Progress("train", t.max_steps, unit="steps", enabled=self.progress_enabled and rt.is_main,
+                            every=t.log_interval, initial=started_at_step)
         last_checkpoint = None
         window_start, window_tokens = time.perf_counter(), 0
-        started_at_step = self.step
         stop = t.stop_at_step or t.max_steps
         while self.step < stop:
             step_start = time.perf_counter()
@@ -319,7 +321,8 @@ class Trainer:
             remaining = (stop - self.step) * running / (self.step - started_at_step)
             rate = window_tokens / running
             final = self.step == t.max_steps
-            progress.update(self.step, stats["loss"], stats["lr"], rate, remaining, force=final)
+            progress.update(self.step, info=f"loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  {rate / 1000:.1f}k tok/s",
+                            eta=remaining, force=final)
             if self.step % t.eval_interval == 0 or final:
                 result = self.evaluate()
                 if result is not None:

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from lmforge.data.progress import format_duration
 
 # Dense bf16 peak TFLOP/s of common accelerators (vendor figures, no sparsity), for MFU.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
@@ -131,41 +130,6 @@ def peak_tflops(device: torch.device, precision: str, configured: float | None) 
             if key in name:
                 return (value if precision in ("bf16", "fp16") else value / 2), f"{key} datasheet"
     return measured_cpu_tflops(), "measured fp32 matmul"
-
-
-class ProgressLine:
-    """``step 120/300 [####------] loss 4.213 lr 2.8e-03 9.1k tok/s ETA 0:41`` on stderr.
-
-    On a terminal the line is redrawn in place a few times a second; in a log file (not a
-    terminal) one line is printed every ``every_steps`` steps.
-    """
-
-    def __init__(self, total: int, enabled: bool = True, stream=None, every_steps: int = 10) -> None:
-        import sys
-
-        self.total, self.enabled, self.every_steps = total, enabled, every_steps
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self._last = 0.0
-
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, eta_s: float, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and (now - self._last < 0.25 if self.tty else step % self.every_steps):
-            return
-        self._last = now
-        width = 20
-        filled = int(width * step / max(1, self.total))
-        line = (f"step {step}/{self.total} [{'#' * filled}{'-' * (width - filled)}] loss {loss:.4f} lr {lr:.2e} "
-                f"{tokens_per_s / 1000:.1f}k tok/s ETA {format_duration(eta_s)}")
-        self.stream.write(("\r" + line + " " * 4) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def plot_run(records: list[dict[str, Any]], out: Path, baseline: float | None = None) -> Path | None:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from ...errors import LmforgeError
+from ...options import option
 from .extract import answers_match, extract_answer, extract_code_block, majority_vote
 from .task import (Task, build_prompt, choice_continuations, gold_answer, gold_index, pick_exemplars,
                    record_id, render)
@@ -33,25 +34,37 @@ from .task import (Task, build_prompt, choice_continuations, gold_answer, gold_i
 Progress = Callable[[int, int], None]
 
 
+def _pass_ks(text: str) -> tuple[int, ...]:
+    """``1,10`` -> (1, 10)."""
+    try:
+        return tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise LmforgeError(f"--k expects comma-separated integers, got {text!r}") from None
+
+
 @dataclass
 class BenchOptions:
-    """Settings of one run; every field is a flag of `lmforge eval bench`."""
+    """Settings of one run; every field is also a flag of `lmforge eval bench`."""
 
-    limit: int | None = None  # first N records only
-    shots: int | None = None  # exemplars before each question (None: the task's default)
-    cot: bool = False  # use the task's chain-of-thought variant (same as variant="cot")
-    variant: str | None = None  # a named variant of the task spec (e.g. "cloze", "cot")
-    samples: int = 1  # generation: votes for self-consistency; code: n samples for pass@k
-    temperature: float | None = None  # None: 0 (greedy) for one sample, else 0.7 (generation) / 0.8 (code)
-    top_p: float = 0.95
-    ks: tuple[int, ...] | None = None  # pass@k values (default: 1, 10, 100 up to `samples`)
-    max_tokens: int | None = None  # None: the task's
-    batch_size: int = 8  # generation rows per batch
-    batch_tokens: int = 4096  # log-likelihood tokens per forward pass
-    seed: int = 1234
-    workers: int | None = None  # sandbox processes at a time (default: CPU count, at most 8)
-    timeout: float | None = None  # sandbox seconds per program (None: the task's)
-    memory_mb: int = 1024  # sandbox address-space limit per program
+    limit: int | None = option(None, help="score only the first N items")
+    shots: int | None = option(None, help="few-shot exemplars per prompt (default: the task's, 0 for built-ins)")
+    cot: bool = option(False, help="chain-of-thought variant (generate reasoning, then the answer)")
+    variant: str | None = option(None, help="another named variant of the task (mmlu-cot-281: cloze, cot; "
+                                            "humaneval: chat)")
+    samples: int = option(1, help="samples per item: majority vote (generation) or n for pass@k (code); "
+                                  "1 = greedy")
+    temperature: float | None = option(None, help="sampling temperature (default 0 for one sample, else 0.7 for "
+                                                  "generation, 0.8 for code)")
+    top_p: float = option(0.95, help="nucleus mass when sampling")
+    ks: tuple[int, ...] | None = option(None, flag="--k", parse=_pass_ks,
+                                        help="pass@k values, comma-separated (default 1,10,100 up to --samples)")
+    max_tokens: int | None = option(None, help="most tokens per generated answer (default: the task's)")
+    batch_size: int = option(8, help="prompts generated together")
+    batch_tokens: int = option(4096, help="tokens per log-likelihood forward pass")
+    seed: int = option(1234, help="base seed for sampled answers")
+    workers: int | None = option(None, help="sandbox programs run at once (default: CPU count, at most 8)")
+    timeout: float | None = option(None, help="sandbox seconds per program (default: the task's, 10 for humaneval)")
+    memory_mb: int = option(1024, help="sandbox memory per program in MiB")
 
     def __post_init__(self) -> None:
         if self.samples < 1:

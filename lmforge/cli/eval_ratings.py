@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..errors import LmforgeError
+from lmforge.errors import LmforgeError
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -27,8 +27,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .human import load_annotations, preference_pairs, summarize
-    from .report import json_safe, write_jsonl, write_report
+    from lmforge.eval.human import load_annotations, preference_pairs, summarize
+    from lmforge.eval.report import json_safe, write_jsonl, write_report
 
     if not 0 < args.confidence < 1:
         raise LmforgeError("--confidence must be between 0 and 1")
@@ -64,7 +64,7 @@ def _kappa_line(name: str, a: dict) -> str:
 
 
 def render_markdown(summary: dict) -> str:
-    from .report import markdown_table
+    from lmforge.eval.report import markdown_table
 
     md = f"# Human evaluation\n\n{summary['ratings']} Likert ratings, {summary['comparisons']} pairwise judgements ({summary['file']}).\n"
     if "likert" in summary:

@@ -4,46 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from ..errors import LmforgeError
+from lmforge.cli.common import (MODEL_HELP, add_config_flags, add_device_flags, add_model_argument, add_remote_flags,
+                                check_remote_arguments, config_from_args, load_model)
+from lmforge.errors import LmforgeError
 
-MODEL_HELP = "registered model name, Hugging Face directory or .gguf file (default: the default model)"
 TASK_HELP = "mmlu-cot-281, humaneval, arith-word-problems, or a task file (.yaml) naming a JSONL data file"
-
-
-def _add_runtime(p: argparse.ArgumentParser, remote: bool = True) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU)")
-    if remote:
-        add_remote_arguments(p, "multiple-choice tasks need /v1/completions with echo + logprobs + max_tokens=0; "
-                                "MODEL is then the served model's name")
-
-
-def add_remote_arguments(p: argparse.ArgumentParser, needs: str) -> None:
-    """--base-url and what scoring through an endpoint needs (shared with `eval perplexity`)."""
-    p.add_argument("--base-url", help=f"use an OpenAI-compatible endpoint instead of a local model ({needs})")
-    p.add_argument("--api-key", default=None, help="API key for --base-url (default: $OPENAI_API_KEY)")
-    p.add_argument("--tokenizer", help="with --base-url: the served model's tokenizer (tokenizer.json, a directory, "
-                                       "a .gguf file or a registered model name; default: the default model's)")
-    p.add_argument("--request-timeout", type=float, default=300.0,
-                   help="with --base-url: seconds to wait for one scoring request (default 300)")
-    p.add_argument("--retries", type=int, default=2,
-                   help="with --base-url: repeat a scoring request this often on network errors or busy answers "
-                        "(default 2)")
-
-
-def check_remote_arguments(args: argparse.Namespace) -> None:
-    if args.tokenizer and not args.base_url:
-        raise LmforgeError("--tokenizer applies to --base-url (a local model brings its own tokenizer)")
-
-
-def _ks(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(k) for k in text.split(",") if k.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -52,28 +21,17 @@ def register(verbs: argparse._SubParsersAction) -> None:
         description="Run a benchmark task. Multiple-choice tasks score each choice by log-likelihood "
                     "(acc and byte-normalized acc_norm); generation tasks extract and compare answers "
                     "(majority vote over --samples); code tasks run tests in a sandbox (pass@k).")
-    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    add_model_argument(p)
     p.add_argument("--task", required=True, help=TASK_HELP)
-    p.add_argument("--limit", type=int, help="score only the first N items")
-    p.add_argument("--shots", type=int, help="few-shot exemplars per prompt (default: the task's, 0 for built-ins)")
-    p.add_argument("--cot", action="store_true", help="chain-of-thought variant (generate reasoning, then the answer)")
-    p.add_argument("--variant", help="another named variant of the task (mmlu-cot-281: cloze, cot; humaneval: chat)")
-    p.add_argument("--samples", type=int, default=1,
-                   help="samples per item: majority vote (generation) or n for pass@k (code); default 1 (greedy)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (default 0 for one sample, else 0.7/0.8)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass when sampling (default 0.95)")
-    p.add_argument("--k", type=_ks, help="pass@k values, comma-separated (default 1,10,100 up to --samples)")
-    p.add_argument("--max-tokens", type=int, help="most tokens per generated answer (default: the task's)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per log-likelihood forward pass (default 4096)")
-    p.add_argument("--seed", type=int, default=1234, help="base seed for sampled answers (default 1234)")
-    p.add_argument("--timeout", type=float, help="sandbox seconds per program (default: the task's, 10 for humaneval)")
-    p.add_argument("--memory-mb", type=int, default=1024, help="sandbox memory per program in MiB (default 1024)")
-    p.add_argument("--workers", type=int, help="sandbox programs run at once (default: CPU count)")
+    from lmforge.eval.bench.runner import BenchOptions
+
+    add_config_flags(p, BenchOptions)
     p.add_argument("--json", action="store_true", help="print the result (without per-item details) as one JSON object")
     p.add_argument("--out", help="directory for bench-TASK.json, .md, -items.jsonl and (with matplotlib) a per-group .png")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
-    _add_runtime(p)
+    add_device_flags(p)
+    add_remote_flags(p, scoring=True, needs="multiple-choice tasks need /v1/completions with echo + logprobs + "
+                                            "max_tokens=0; MODEL is then the served model's name")
     p.set_defaults(func=run_bench)
 
     p = verbs.add_parser(
@@ -135,7 +93,7 @@ def _judge_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--out", help="directory for the report (JSON, markdown, per-item JSONL)")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
-    _add_runtime(p, remote=False)
+    add_device_flags(p)
 
 
 # -- bench ---------------------------------------------------------------------------------------
@@ -145,31 +103,28 @@ def _slug(name: str) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from ..cli import _load
-    from .bench import BenchOptions, evaluate, load_task
-    from .report import ProgressLine, write_jsonl, write_report
+    from lmforge.eval.bench import BenchOptions, evaluate, load_task
+    from lmforge.eval.report import write_jsonl, write_report
+    from lmforge.io.progress import Progress
 
-    options = BenchOptions(limit=args.limit, shots=args.shots, cot=args.cot, variant=args.variant, samples=args.samples,
-                           temperature=args.temperature, top_p=args.top_p, ks=args.k, max_tokens=args.max_tokens,
-                           batch_size=args.batch_size, batch_tokens=args.batch_tokens, seed=args.seed,
-                           workers=args.workers, timeout=args.timeout, memory_mb=args.memory_mb)
+    options = config_from_args(BenchOptions, args)
     task = load_task(args.task)  # bad task names and files fail before the slow model load
     if options.variant:
         task.spec.variant(options.variant)
-    if args.limit is not None and args.limit < 1:
+    if options.limit is not None and options.limit < 1:
         raise LmforgeError("--limit must be at least 1")
     check_remote_arguments(args)
     kind = (task.spec.variant(options.variant) if options.variant else task.spec).kind
     if args.base_url and kind == "multiple_choice":  # scored from the endpoint's prompt log-probs
-        from .remote import connect_scorer
+        from lmforge.eval.remote import connect_scorer
 
-        lm = connect_scorer(args.base_url, args.api_key, args.model, args.tokenizer, batch_tokens=args.batch_tokens,
+        lm = connect_scorer(args.base_url, args.api_key, args.model, args.tokenizer, batch_tokens=options.batch_tokens,
                             timeout=args.request_timeout, retries=args.retries)
     else:
-        lm = _load(args)
-    n = min(args.limit or len(task.records), len(task.records))
+        lm = load_model(args)
+    n = min(options.limit or len(task.records), len(task.records))
     label = task.name + (f" ({options.variant})" if options.variant else "")
-    progress = ProgressLine(n, label, unit="items", enabled=not args.quiet)
+    progress = Progress(label, n, unit="items", enabled=not args.quiet)
     try:
         result = evaluate(lm, task, options, progress=progress)
     finally:
@@ -178,7 +133,7 @@ def run_bench(args: argparse.Namespace) -> int:
         name = f"bench-{_slug(task.name)}" + (f"-{_slug(options.variant)}" if options.variant else "")
         json_path, md_path = write_report(args.out, name, result.to_dict(items=False), result.markdown())
         items_path = write_jsonl(Path(args.out) / f"{name}-items.jsonl", result.items)
-        from .bench.plot import plot_groups
+        from lmforge.eval.bench.plot import plot_groups
 
         chance = 1 / len(task.records[0][task.spec.choices]) if result.kind == "multiple_choice" else None
         png = plot_groups(result, Path(args.out) / f"{name}.png", chance=chance)
@@ -197,9 +152,9 @@ def run_bench(args: argparse.Namespace) -> int:
 # -- contamination -----------------------------------------------------------------------------------
 
 def run_contamination(args: argparse.Namespace) -> int:
-    from .bench import load_task
-    from .contamination import check_contamination
-    from .report import write_jsonl, write_report
+    from lmforge.eval.bench import load_task
+    from lmforge.eval.contamination import check_contamination
+    from lmforge.eval.report import write_jsonl, write_report
 
     task = load_task(args.task).limited(args.limit)
     report = check_contamination(task, args.corpus, n=args.n, threshold=args.threshold)
@@ -221,11 +176,10 @@ def run_contamination(args: argparse.Namespace) -> int:
 
 def _judge_backend(args: argparse.Namespace, loaded: dict):
     if args.judge_base_url:
-        import os
+        from lmforge.infer.remote import RemoteModel
 
-        from ..infer.remote import RemoteModel
-
-        return RemoteModel(args.judge_base_url, args.judge_api_key or os.environ.get("OPENAI_API_KEY"), args.judge)
+        return RemoteModel(args.judge_base_url, args.judge_api_key or os.environ.get("OPENAI_API_KEY"),
+                           args.judge)
     return _load_local(args.judge, args, loaded)
 
 
@@ -237,16 +191,14 @@ def _judge_sampling(args: argparse.Namespace) -> dict:
 
 def _load_local(name: str | None, args: argparse.Namespace, loaded: dict):
     """Load each distinct model once (the judge is often one of the compared models)."""
-    from ..api import load
-
     key = name or ""
     if key not in loaded:
-        loaded[key] = load(name, dtype=args.dtype, device=args.device)
+        loaded[key] = load_model(argparse.Namespace(model=name, dtype=args.dtype, device=args.device), remote=False)
     return loaded[key]
 
 
 def _records(path: str, limit: int | None, required: tuple[str, ...]) -> list[dict]:
-    from .bench.task import read_jsonl
+    from lmforge.eval.bench.task import read_jsonl
 
     records = read_jsonl(Path(path))
     if limit is not None:
@@ -263,7 +215,7 @@ def _records(path: str, limit: int | None, required: tuple[str, ...]) -> list[di
 
 
 def _finish(args: argparse.Namespace, name: str, summary: dict, markdown: str, items: list[dict], line: str) -> None:
-    from .report import write_jsonl, write_report
+    from lmforge.eval.report import write_jsonl, write_report
 
     if args.out:
         json_path, _ = write_report(args.out, name, summary, markdown)
@@ -276,8 +228,9 @@ def _finish(args: argparse.Namespace, name: str, summary: dict, markdown: str, i
 
 
 def run_judge_score(args: argparse.Namespace) -> int:
-    from .judge import DEFAULT_RUBRIC, PointwiseJudge, summarize_scores
-    from .report import ProgressLine, markdown_table
+    from lmforge.eval.judge import DEFAULT_RUBRIC, PointwiseJudge, summarize_scores
+    from lmforge.eval.report import markdown_table
+    from lmforge.io.progress import Progress
 
     records = _records(args.file, args.limit, ("question",))
     rubric = DEFAULT_RUBRIC
@@ -295,7 +248,7 @@ def run_judge_score(args: argparse.Namespace) -> int:
         for r in unanswered:
             r["answer"] = answerer.chat(r["question"], temperature=0, max_tokens=256)
     judge = PointwiseJudge(_judge_backend(args, loaded), rubric=rubric, sampling=_judge_sampling(args))
-    progress = ProgressLine(len(records), "judge score", enabled=not args.quiet)
+    progress = Progress("judge score", len(records), enabled=not args.quiet)
     items = []
     try:
         for i, r in enumerate(records):
@@ -314,12 +267,13 @@ def run_judge_score(args: argparse.Namespace) -> int:
 
 
 def run_judge_compare(args: argparse.Namespace) -> int:
-    from .judge import PairwiseJudge, summarize_pairs
-    from .report import ProgressLine, markdown_table
+    from lmforge.eval.judge import PairwiseJudge, summarize_pairs
+    from lmforge.eval.report import markdown_table
+    from lmforge.io.progress import Progress
 
     records = _records(args.file, args.limit, ("question", "answer_a", "answer_b"))
     judge = PairwiseJudge(_judge_backend(args, {}), sampling=_judge_sampling(args))
-    progress = ProgressLine(len(records), "judge compare", enabled=not args.quiet)
+    progress = Progress("judge compare", len(records), enabled=not args.quiet)
     items = []
     try:
         for i, r in enumerate(records):
@@ -337,8 +291,8 @@ def run_judge_compare(args: argparse.Namespace) -> int:
 
 
 def run_judge_regression(args: argparse.Namespace) -> int:
-    from .judge import GoldenItem, PairwiseJudge, regression_run
-    from .report import ProgressLine
+    from lmforge.eval.judge import GoldenItem, PairwiseJudge, regression_run
+    from lmforge.io.progress import Progress
 
     records = _records(args.golden, args.limit, ("prompt",))
     golden = [GoldenItem(r["prompt"], r.get("reference"), str(r.get("id", i))) for i, r in enumerate(records)]
@@ -346,7 +300,7 @@ def run_judge_regression(args: argparse.Namespace) -> int:
     baseline = _load_local(args.baseline, args, loaded)
     candidate = _load_local(args.candidate, args, loaded)
     judge = PairwiseJudge(_judge_backend(args, loaded), sampling=_judge_sampling(args))
-    progress = ProgressLine(len(golden), "regression", enabled=not args.quiet)
+    progress = Progress("regression", len(golden), enabled=not args.quiet)
     try:
         report = regression_run(golden, baseline, candidate, judge, max_tokens=args.max_answer_tokens,
                                 margin=args.margin, progress=progress,

@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from lmforge.cli.common import int_list
+
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: there in installed copies too
 RECIPE_HELP = ("a recipe YAML file, or the name of one in ./recipes or lmforge's recipes/ "
                "(default: the built-in defaults, a tiny Llama on the offline Wikipedia + news text)")
 
@@ -20,9 +23,7 @@ def find_recipe(spec: str | None) -> Path | None:
         return path
     if path.suffix or "/" in spec:
         raise LmforgeError(f"no such recipe: {spec}")
-    import lmforge
-
-    for folder in (Path.cwd() / "recipes", Path(lmforge.__file__).resolve().parents[1] / "recipes"):
+    for folder in (Path.cwd() / "recipes", SHIPPED_RECIPES):
         candidate = folder / f"{spec}.yaml"
         if candidate.is_file():
             return candidate
@@ -70,16 +71,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
 def cmd_scaling_sweep(args: argparse.Namespace) -> int:
     from lmforge.train.recipe import load_recipe
     from lmforge.train.sweep import law_text, run_sweep
@@ -124,8 +115,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                      "model width and step count; finished runs are skipped on a restart.")
     s.add_argument("recipe", nargs="?", help=RECIPE_HELP)
     s.add_argument("--out", required=True, help="sweep directory (runs/, sweep.json, sweep.md, scaling.png)")
-    s.add_argument("--widths", type=_int_list, default=[32, 64, 96, 128], help="model widths (default 32,64,96,128)")
-    s.add_argument("--steps", type=_int_list, default=[100, 200], help="step counts (default 100,200)")
+    s.add_argument("--widths", type=int_list, default=[32, 64, 96, 128], help="model widths (default 32,64,96,128)")
+    s.add_argument("--steps", type=int_list, default=[100, 200], help="step counts (default 100,200)")
     s.add_argument("--count", choices=("non-embedding", "total"), default="non-embedding",
                    help="which parameters N counts (default non-embedding)")
     s.add_argument("--quiet", action="store_true")

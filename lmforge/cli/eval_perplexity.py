@@ -12,11 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import LmforgeError
-from ..io import text_files
-from .cli_bench import add_remote_arguments, check_remote_arguments
-
-MODEL_HELP = "registered model name, Hugging Face directory or .gguf file (default: the default model)"
+from lmforge.cli.common import MODEL_HELP, add_device_flags, add_remote_flags, check_remote_arguments, load_model
+from lmforge.errors import LmforgeError
+from lmforge.io import text_files
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -35,9 +33,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
                    help="tokens per forward pass, or per request with --base-url (default 4096)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", help="directory for perplexity.json and perplexity.md")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU)")
-    add_remote_arguments(p, "it must answer /v1/completions with echo + logprobs + max_tokens=0 for token-id prompts")
+    add_device_flags(p)
+    add_remote_flags(p, scoring=True,
+                     needs="it must answer /v1/completions with echo + logprobs + max_tokens=0 for token-id prompts")
     p.set_defaults(func=run)
 
 
@@ -49,24 +47,10 @@ def read_texts(path: str) -> list[str]:
     return [text_files.text_of(record, f"{file}:{number}") for number, record in text_files.parse_jsonl(raw.splitlines(), file)]
 
 
-def load_model(args: argparse.Namespace):
-    """The local model named on the command line (perplexity needs its weights, not an endpoint)."""
-    import time
-
-    from ..api import load
-
-    started = time.perf_counter()
-    if sys.stderr.isatty():
-        print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, end="\r", flush=True)
-    lm = load(args.model, dtype=args.dtype, device=args.device)
-    if sys.stderr.isatty():
-        print(f"loaded {lm.name} in {time.perf_counter() - started:.1f}s" + " " * 20, file=sys.stderr)
-    return lm
-
-
 def run(args: argparse.Namespace) -> int:
-    from .perplexity import DEFAULT_MAX_WINDOW, ModelScorer, perplexity, plan_windows
-    from .report import ProgressLine, markdown_table, write_report
+    from lmforge.eval.perplexity import DEFAULT_MAX_WINDOW, ModelScorer, perplexity, plan_windows
+    from lmforge.eval.report import markdown_table, write_report
+    from lmforge.io.progress import Progress
 
     texts = [t for f in args.file for t in read_texts(f)]
     if not texts:
@@ -77,20 +61,20 @@ def run(args: argparse.Namespace) -> int:
         raise LmforgeError("--batch-tokens must be positive")
     check_remote_arguments(args)
     if args.base_url:
-        from .remote import connect_scorer
+        from lmforge.eval.remote import connect_scorer
 
         scorer = connect_scorer(args.base_url, args.api_key, args.model, args.tokenizer,
                                 batch_tokens=args.batch_tokens, timeout=args.request_timeout, retries=args.retries)
         name, tokenizer = scorer.name, scorer.tokenizer
     else:
-        lm = load_model(args)
+        lm = load_model(args, remote=False)
         scorer = ModelScorer(lm.model, batch_tokens=args.batch_tokens)
         name, tokenizer = lm.name, lm.tokenizer
     # An endpoint that does not report its context gets the local default; one that is too
     # long for it is refused by the endpoint with its own message.
     window = args.window or min(scorer.context or DEFAULT_MAX_WINDOW, DEFAULT_MAX_WINDOW)
     stride = args.stride or max(1, window // 2)
-    progress = ProgressLine(0, "perplexity", unit="windows")
+    progress = Progress("perplexity", unit="windows")
     try:
         result = perplexity(scorer, texts, tokenizer=tokenizer, window=window, stride=stride,
                             prefix_token=None if args.no_prefix else "auto", progress=progress)

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import LmforgeError
-from ..io import text_files
+from lmforge.errors import LmforgeError
+from lmforge.io import text_files
 
 SEGMENTS_HELP = ("one segment per line (.txt), or .jsonl with one JSON string, list of strings "
                  "(several references) or object with \"text\"/\"references\" per line")
@@ -46,8 +46,9 @@ def read_segments(path: str, key: str) -> list[str | list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .metrics import METRICS, compute_metrics
-    from .report import ProgressLine, markdown_table, write_report
+    from lmforge.eval.metrics import METRICS, compute_metrics
+    from lmforge.eval.report import markdown_table, write_report
+    from lmforge.io.progress import Progress
 
     names = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in names if m not in METRICS]
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             raise LmforgeError(f"{len(predictions)} predictions but {len(refs)} references in {f}")
     references = [[r for refs in per_file for r in ([refs[i]] if isinstance(refs[i], str) else refs[i])]
                   for i in range(len(predictions))]
-    progress = ProgressLine(0, "metrics", unit="segments")
+    progress = Progress("metrics", unit="segments")
     try:
         scores = compute_metrics(predictions, references, names, lang=args.lang,  # type: ignore[arg-type]
                                  stem=not args.no_stem, progress=progress)

@@ -9,14 +9,13 @@ import signal
 import socket
 import sys
 
-from ..errors import LmforgeError
-
-MODEL_HELP = "registered model name, Hugging Face directory or .gguf file (default: the default model)"
+from lmforge.cli.common import add_device_flags, add_model_argument, load_model
+from lmforge.errors import LmforgeError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=[],
@@ -34,8 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--db", default="lmforge-serve.db", metavar="PATH",
                    help="SQLite file keeping the web chat's conversations and feedback, created if missing "
                         "(default: lmforge-serve.db in the current directory)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    add_device_flags(p)
     p.set_defaults(func=run)
 
 
@@ -62,13 +60,12 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from ..api import load
-    from ..infer.scheduler import Scheduler
-    from .app import ServeSettings, create_app
-    from .feedback import FeedbackStore
+    from lmforge.infer.scheduler import Scheduler
+    from lmforge.serve.app import ServeSettings, create_app
+    from lmforge.serve.feedback import FeedbackStore
 
     store = FeedbackStore(args.db)  # opened first: a bad path fails before the model loads
-    lm = load(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model(args, remote=False)
     max_len = args.max_seq_len or min(lm.config.max_position_embeddings, 4096)
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=args.max_batch, max_seq_len=max_len,
                           max_waiting=args.max_waiting, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20)).start()

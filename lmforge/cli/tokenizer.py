@@ -8,7 +8,7 @@ import time
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmforge.data.progress import Progress
+    from lmforge.io.progress import Progress
     from lmforge.errors import LmforgeError
     from lmforge.tokenizer.train import read_training_texts, train_tokenizer
 
@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     texts = list(read_training_texts(args.input, args.text_field))
 
     def report(done: int, total: int) -> None:
-        progress.update(done / total if total else None, done, 0)
+        progress.update(done, total=total or None)
 
     tok = train_tokenizer(texts, args.algo, args.vocab_size,
                           special_tokens=args.special_tokens, min_frequency=args.min_frequency,
@@ -31,7 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           progress=report, **options)
     seconds = time.perf_counter() - started
     tok.save(args.out)
-    progress.done(f"trained {args.algo} with {tok.vocab_size:,} tokens")
+    progress.close(f"trained {args.algo} with {tok.vocab_size:,} tokens")
     sample = texts[: 200]
     n_tokens = sum(len(tok.encode(t, add_special_tokens=False)) for t in sample)
     n_bytes = sum(len(t.encode("utf-8")) for t in sample)
@@ -56,7 +56,7 @@ def _named(specs: list[str]) -> dict[str, str]:
 def cmd_report(args: argparse.Namespace) -> int:
     from lmforge.data.langid import identify_language
     from lmforge.data.samples import MULTILINGUAL_SAMPLES
-    from lmforge.data.tokenizer_spec import resolve_tokenizer
+    from lmforge.model.loading import resolve_tokenizer
     from lmforge.errors import LmforgeError
     from lmforge.tokenizer.train import read_training_texts
     from lmforge.tokenizer.train.report import quality_report, report_markdown

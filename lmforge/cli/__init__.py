@@ -1,0 +1,53 @@
+"""The `lmforge` command: every verb of lmforge, one module per verb group.
+
+Each module has `register(subparsers)`; a verb is a thin shell over the library: parse
+flags, call the library, print. Errors the user can cause end as one line on stderr and
+exit status 1. Heavy modules (torch, the model code) are imported only inside the verbs
+that need them, so `lmforge --help` answers at once. What the verbs share (model flags,
+loading with progress, flags generated from configuration dataclasses) is in `common`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lmforge.errors import LmforgeError
+
+VERB_MODULES: tuple[str, ...] = (
+    "lmforge.cli.generate",   # generate, chat
+    "lmforge.cli.models",     # convert, models, info
+    "lmforge.cli.serve",      # serve
+    "lmforge.cli.eval",       # eval perplexity | metrics | ratings | bench | judge | ...
+    "lmforge.cli.data",       # data prepare | validate
+    "lmforge.cli.tokenizer",  # tokenizer train | report
+    "lmforge.cli.estimate",   # estimate
+    "lmforge.cli.train",      # pretrain, scaling sweep
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="A hackable end-to-end LLM toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in VERB_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LmforgeError as exc:
+        print(f"lmforge: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""What every verb shares: the model argument and its flags, loading with progress,
+sampling flags, remote endpoints, and flags generated from configuration dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from typing import Any
+
+from lmforge.errors import LmforgeError
+from lmforge.options import flag_spec
+
+MODEL_HELP = "registered model name, Hugging Face directory or .gguf file (default: the default model)"
+TOKENIZER_HELP = "tokenizer.json, a directory with one, a .gguf file or a registered model name"
+
+
+def add_model_argument(p: argparse.ArgumentParser, name: str = "model") -> None:
+    p.add_argument(name, nargs="?", help=MODEL_HELP)
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on recent GPUs)")
+
+
+def add_remote_flags(p: argparse.ArgumentParser, needs: str = "", scoring: bool = False) -> None:
+    """--base-url and --api-key; with `scoring`, what scoring prompts through an endpoint needs too."""
+    p.add_argument("--base-url", help="use an OpenAI-compatible endpoint instead of a local model"
+                                      + (f" ({needs})" if needs else " (MODEL is then the remote model name)"))
+    p.add_argument("--api-key", default=None, help="API key for --base-url (default: $OPENAI_API_KEY)")
+    if scoring:
+        p.add_argument("--tokenizer", help=f"with --base-url: the served model's tokenizer ({TOKENIZER_HELP}; "
+                                           "default: the default model's)")
+        p.add_argument("--request-timeout", type=float, default=300.0,
+                       help="with --base-url: seconds to wait for one scoring request (default 300)")
+        p.add_argument("--retries", type=int, default=2,
+                       help="with --base-url: repeat a scoring request this often on network errors or busy "
+                            "answers (default 2)")
+
+
+def check_remote_arguments(args: argparse.Namespace) -> None:
+    if getattr(args, "tokenizer", None) and not args.base_url:
+        raise LmforgeError("--tokenizer applies to --base-url (a local model brings its own tokenizer)")
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("OPENAI_API_KEY")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+
+
+def load_model(args: argparse.Namespace, remote: bool = True):
+    """The model a verb works on: a `RemoteModel` for --base-url, else `lmforge.load` with a progress line."""
+    if remote and getattr(args, "base_url", None):
+        from lmforge.infer.remote import RemoteModel
+
+        return RemoteModel(args.base_url, api_key(args), args.model)
+    from lmforge.infer.loaded import load
+    from lmforge.io.progress import Progress
+
+    progress = Progress(f"loading {args.model or 'the default model'}", unit="tensors", log_every=5.0)
+    lm = load(args.model, dtype=getattr(args, "dtype", "auto"), device=getattr(args, "device", "auto"),
+              progress=progress)
+    progress.close(f"loaded {lm.name}" if progress.tty else None)
+    return lm
+
+
+def int_list(text: str) -> list[int]:
+    """``1,10,100`` -> [1, 10, 100] (an argparse type)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+# ---- flags from configuration dataclasses -------------------------------------------------
+
+def _scalar(hint: Any) -> tuple[Any, bool]:
+    """(the type a flag converts to, whether None is allowed) from a field's annotation."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return hint, False
+
+
+def config_flags(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if (spec := flag_spec(f)) is not None and spec.cli]
+
+
+def flag_name(field: dataclasses.Field, hint: Any) -> str:
+    spec = flag_spec(field)
+    if spec.flag:
+        return spec.flag
+    name = field.name.replace("_", "-")
+    return f"--no-{name}" if hint is bool and field.default is True else f"--{name}"
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type, title: str | None = None,
+                     skip: tuple[str, ...] = ()) -> None:
+    """One flag per `option(...)` field of `cls`; `config_from_args` reads them back."""
+    group = p.add_argument_group(title) if title else p
+    for field, hint in config_flags(cls):
+        if field.name in skip:
+            continue
+        spec = flag_spec(field)
+        kwargs: dict[str, Any] = {"dest": f"cfg:{field.name}", "help": spec.help, "default": argparse.SUPPRESS}
+        base, _ = _scalar(hint)
+        if base is bool:
+            kwargs["action"] = "store_false" if field.default is True else "store_true"
+        else:
+            if spec.repeat:
+                kwargs["action"] = "append"
+            if spec.nargs:
+                kwargs["nargs"] = spec.nargs
+            if spec.choices:
+                kwargs["choices"] = spec.choices
+            if not spec.choices:
+                kwargs["metavar"] = spec.metavar or field.name.upper()
+            element = typing.get_args(base)[0] if typing.get_origin(base) in (list, tuple) else base
+            if spec.parse is None and element in (int, float):
+                kwargs["type"] = element
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                kwargs["required"] = True
+            elif field.default not in (dataclasses.MISSING, None, "", False) and not spec.repeat:
+                kwargs["help"] += f" (default {field.default})"
+        group.add_argument(flag_name(field, hint), **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **given: Any):
+    """An instance of `cls` from the flags `add_config_flags` made (absent flags keep the defaults)."""
+    values = dict(given)
+    for field, _ in config_flags(cls):
+        key = f"cfg:{field.name}"
+        if key in vars(args) and field.name not in given:
+            raw = getattr(args, key)
+            parse = flag_spec(field).parse
+            values[field.name] = parse(raw) if parse is not None else raw
+    return cls(**values)
+
+
+def warn(message: str) -> None:
+    print(f"lmforge: warning: {message}", file=sys.stderr)

@@ -1,0 +1,97 @@
+"""``lmforge generate`` and ``lmforge chat``: text from a local model or an OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmforge.cli.common import (add_device_flags, add_model_argument, add_remote_flags, add_sampling_flags,
+                                load_model, sampling_kwargs)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmforge.infer.sampling import SamplingParams
+
+    params = SamplingParams(**sampling_kwargs(args))  # validate flags before the slow load
+    lm = load_model(args)
+    if args.json:
+        if lm.model is None:  # remote: the endpoint reports counts, not timings
+            done = lm.complete(args.prompt, **sampling_kwargs(args))[0]
+            print(json.dumps({"model": lm.name, "text": done.text, "finish_reason": done.finish_reason,
+                              "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
+                             ensure_ascii=False))
+            return 0
+        done = lm.generator.generate(args.prompt, params)[0]
+        print(json.dumps({
+            "model": lm.name,
+            "text": done.text,
+            "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "prefill_seconds": round(done.prefill_seconds, 4),
+            "decode_seconds": round(done.decode_seconds, 4),
+            "decode_tokens_per_second": round((done.completion_tokens - 1) / done.decode_seconds, 2)
+            if done.decode_seconds > 0 and done.completion_tokens > 1 else None,
+        }, ensure_ascii=False))
+        return 0
+    for delta in lm.stream(args.prompt, **sampling_kwargs(args)):
+        print(delta, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lmforge.infer.sampling import SamplingParams
+
+    sampling = sampling_kwargs(args)
+    SamplingParams(**sampling)
+    lm = load_model(args)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def answer(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        reply = []
+        for delta in lm.stream_chat(history, **sampling):
+            reply.append(delta)
+            print(delta, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+    if args.message is not None:
+        answer(args.message)
+        return 0
+    print(f"chatting with {lm.name}; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            del history[int(bool(args.system)):]
+            continue
+        if line.strip():
+            answer(line)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete a prompt")
+    add_model_argument(p)
+    p.add_argument("--prompt", required=True, help="text to complete")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, token counts and timings")
+    add_sampling_flags(p, temperature=0.7)
+    add_device_flags(p)
+    add_remote_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model (streaming)")
+    add_model_argument(p)
+    p.add_argument("--message", help="answer this one message and exit")
+    p.add_argument("--system", help="system prompt")
+    add_sampling_flags(p, temperature=0.7)
+    add_device_flags(p)
+    add_remote_flags(p)
+    p.set_defaults(func=cmd_chat)

@@ -1,0 +1,84 @@
+"""A loaded model: a `Transformer`, its `Tokenizer` and the generator that drives them.
+
+`load(...)` goes from a registered name, a Hugging Face directory or a .gguf file to a
+`LoadedModel` whose `generate`/`chat`/`stream` take sampling settings as keyword
+arguments; `lmforge.load` is this function.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from lmforge.infer.engine import Completion, Generator
+from lmforge.infer.layout import optimize_for_cpu_decoding
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model.loading import load_model, load_tokenizer, pick_device, pick_dtype
+from lmforge.model.registry import ModelSpec, resolve
+from lmforge.tokenizer import Tokenizer
+
+Messages = Sequence[dict[str, Any]]
+
+
+class LoadedModel:
+    """A model, its tokenizer and a generator, with sampling settings as keyword arguments."""
+
+    def __init__(self, model, tokenizer: Tokenizer, spec: ModelSpec) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.generator = Generator(model, tokenizer)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def complete(self, prompts: str | Sequence[str], **sampling: Any) -> list[Completion]:
+        """Completions with token counts, finish reasons and timings."""
+        return self.generator.generate(prompts, SamplingParams(**sampling))
+
+    def generate(self, prompt: str, **sampling: Any) -> str:
+        """The text that follows `prompt` (no chat template applied)."""
+        return self.complete(prompt, **sampling)[0].text
+
+    def chat_prompt(self, messages: Messages | str) -> list[int]:
+        """Token ids of the conversation rendered by the model's chat template, ready for the reply."""
+        text = self.tokenizer.apply_chat_template(_as_messages(messages), add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(self, messages: Messages | str, **sampling: Any) -> str:
+        """The assistant's reply to a conversation (a list of {"role", "content"} dicts, or one user message)."""
+        return self.generator.generate([self.chat_prompt(messages)], SamplingParams(**sampling))[0].text
+
+    def stream_chat(self, messages: Messages | str, **sampling: Any) -> Iterator[str]:
+        """The reply as text deltas, as they are generated."""
+        return self.generator.stream(self.chat_prompt(messages), SamplingParams(**sampling))
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        return self.generator.stream(prompt, SamplingParams(**sampling))
+
+
+def _as_messages(messages: Messages | str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+
+
+def load(
+    model: str | Path | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "auto",
+    progress=None,
+) -> LoadedModel:
+    """Load a registered model name, a Hugging Face directory or a .gguf file (default: the default model)."""
+    spec = resolve(model)
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(spec)
+    net = load_model(spec, pick_dtype(dtype, dev), dev, progress=progress)
+    if dev.type == "cpu":
+        optimize_for_cpu_decoding(net)
+    return LoadedModel(net, tokenizer, spec)

@@ -1,0 +1,84 @@
+"""Device, dtype and loading policy: from a name or a path to a `Transformer` and a `Tokenizer`.
+
+Every stage that needs a model (generation, serving, training from a checkpoint,
+evaluation) goes through these functions, so the device and dtype rules live in one
+place: fp32 on CPU (fast and exact there), bf16 on GPUs that support it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model.registry import ModelSpec, resolve
+from lmforge.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    """`auto` (or None): cuda, then mps, then cpu; otherwise the named device, checked."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise LmforgeError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (fast and exact there); bf16 on GPUs that support it."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise LmforgeError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress=None):
+    """Just the `Transformer` for a resolved spec (no tokenizer); `progress(done, total)` per tensor."""
+    if spec.format == "gguf":
+        from lmforge.model.gguf_io import load_gguf_model
+
+        return load_gguf_model(spec.path, dtype, device, progress=progress)
+    from lmforge.model.checkpoint import load_hf_model
+
+    return load_hf_model(spec.path, dtype, device)
+
+
+def load_tokenizer(spec: ModelSpec) -> Tokenizer:
+    """The tokenizer that ships with a resolved model (GGUF metadata or tokenizer.json)."""
+    if spec.format == "gguf":
+        return Tokenizer.from_gguf(spec.path)
+    if not (Path(spec.path) / "tokenizer.json").is_file():
+        raise LmforgeError(f"{spec.path} has no tokenizer.json; lmforge needs it to turn text into tokens")
+    return Tokenizer.from_pretrained_dir(spec.path)
+
+
+def resolve_tokenizer(spec: str | None) -> Tokenizer:
+    """A tokenizer from a ``--tokenizer`` argument: ``tokenizer.json``, a directory holding one,
+    a ``.gguf`` file, or a registered model name (None: the default model's tokenizer)."""
+    if spec is not None:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            if path.suffix.lower() == ".gguf":
+                return Tokenizer.from_gguf(path)
+            return Tokenizer.from_file(path)
+        if path.is_dir():
+            if (path / "tokenizer.json").is_file():
+                return Tokenizer.from_pretrained_dir(path)
+            raise LmforgeError(f"{path} has no tokenizer.json")
+        if path.suffix.lower() in (".json", ".gguf"):
+            raise LmforgeError(f"no such file or directory: {path}")
+    return load_tokenizer(resolve(spec))  # a registered name (or an error saying why the argument is unusable)
