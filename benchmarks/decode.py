@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import lmforge  # noqa: E402
 from lmforge.infer import SamplingParams  # noqa: E402
+from lmforge.io.progress import Progress  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -102,6 +103,7 @@ def main() -> None:
     def record(key: str, value: float) -> None:
         results.setdefault(key, []).append(value)
 
+    progress = Progress("decode benchmark", args.rounds, unit="rounds", log_every=0.0)
     for r in range(args.rounds):
         record("hf_prefill", long.shape[1] / timed(lambda: hf_generate(long, 1)))
         record("lmforge_prefill", long.shape[1] / timed(lambda: ours_generate(lm, long, 1)))
@@ -111,7 +113,8 @@ def main() -> None:
         record("lmforge_decode_b8", args.batch * nb / timed(lambda: ours_generate(lm, batch, nb)))
         if lm_bf16 is not None:
             record("lmforge_bf16_decode_b1", n / timed(lambda: ours_generate(lm_bf16, short, n)))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k}={v[-1]:.1f}" for k, v in results.items()), file=sys.stderr)
+        progress.update(r + 1, info=", ".join(f"{k}={v[-1]:.1f}" for k, v in results.items()))
+    progress.close()
 
     med = {k: statistics.median(v) for k, v in results.items()}
     weight_bytes = lm.model.num_parameters() * 4

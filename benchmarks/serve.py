@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import threading
 import time
 
 import httpx
+
+from lmforge.io.progress import Progress
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -146,16 +147,19 @@ def main() -> None:
             time.sleep(0.5)
         one_request(url, "Hello", 8)  # warm-up
         runs: dict[int, list[dict]] = {c: [] for c in args.clients}
+        progress = Progress("serve benchmark", args.rounds * len(args.clients), unit="phases", log_every=0.0)
         for r in range(args.rounds):
             for clients in args.clients:
                 before = rss_mb(server.pid)
                 row = phase(url, clients, args.requests, args.max_tokens)
                 row["rss_before_mb"], row["rss_after_mb"] = round(before, 1), round(rss_mb(server.pid), 1)
                 runs[clients].append(row)
-                print(f"round {r + 1}: {clients:>3} clients: {row['tokens_per_s']:7.1f} tok/s, TTFT p50 "
-                      f"{row['ttft_p50_s']:.2f}s p95 {row['ttft_p95_s']:.2f}s, latency p50 {row['latency_p50_s']:.2f}s "
-                      f"p95 {row['latency_p95_s']:.2f}s, errors {row['errors']}, "
-                      f"RSS {row['rss_before_mb']:.0f}->{row['rss_after_mb']:.0f} MB", file=sys.stderr)
+                progress.update(progress.done + 1, info=(
+                    f"round {r + 1}: {clients:>3} clients: {row['tokens_per_s']:7.1f} tok/s, TTFT p50 "
+                    f"{row['ttft_p50_s']:.2f}s p95 {row['ttft_p95_s']:.2f}s, latency p50 {row['latency_p50_s']:.2f}s "
+                    f"p95 {row['latency_p95_s']:.2f}s, errors {row['errors']}, "
+                    f"RSS {row['rss_before_mb']:.0f}->{row['rss_after_mb']:.0f} MB"))
+        progress.close()
         rows = []
         for clients in args.clients:
             ordered = sorted(runs[clients], key=lambda row: row["tokens_per_s"])

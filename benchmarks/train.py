@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from lmforge.io.progress import Progress  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.families import hf_config_from, lmforge_to_hf  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
@@ -131,6 +132,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]  # other work on the machine, reported beside the figures
     tokens_per_step = args.batch_size * args.seq_len
     rates: dict[str, list[float]] = {name: [] for name in steps}
+    progress = Progress("train benchmark", args.rounds, unit="rounds", log_every=0.0)
     for r in range(args.rounds):
         order = list(steps) if r % 2 == 0 else list(steps)[::-1]
         if args.interleave == "rounds":
@@ -154,7 +156,8 @@ def main() -> None:
                     spent[name] += time.perf_counter() - start
             for name in steps:
                 rates[name].append(tokens_per_step * args.steps / spent[name])
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {rates[n][-1]:.0f} tok/s" for n in steps), file=sys.stderr)
+        progress.update(r + 1, info=", ".join(f"{n} {rates[n][-1]:.0f} tok/s" for n in steps))
+    progress.close()
     ratios = [a / b for a, b in zip(rates["lmforge"], rates["transformers"])]
     print(f"{config.num_parameters() / 1e6:.1f}M-parameter Llama ({args.preset}), batch {args.batch_size} x {args.seq_len}, "
           f"fp32 CPU, {torch.get_num_threads()} threads; first-step loss {first[0]:.6f} vs {first[1]:.6f}, "
