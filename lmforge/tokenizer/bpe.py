@@ -25,8 +25,12 @@ _MAX_CACHED_LEN = 256
 _MAX_CACHE_ENTRIES = 1_000_000
 
 
-class _PieceCache(dict[str, list[int]]):
-    """pre-token -> ids; a miss computes the ids (and stores them if the piece is short)."""
+class PieceCache(dict[str, list[int]]):
+    """pre-token -> ids; a miss computes the ids (and stores them if the piece is short).
+
+    Every model that encodes each pre-token on its own (BPE, WordPiece, Unigram) keeps one,
+    so a warm cache makes a pre-token cost a dict lookup whatever the model.
+    """
 
     def __init__(self, compute: Callable[[str], list[int]]) -> None:
         super().__init__()
@@ -99,7 +103,7 @@ class BPE:
             except KeyError:
                 continue  # a merge whose tokens are not all in the vocabulary can never apply
         self._byte_ids: list[int | None] = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
-        self._cache = _PieceCache(self._encode_uncached)
+        self._cache = PieceCache(self._encode_uncached)
 
     # ------------------------------------------------------------------ encoding
     def encode_pieces(self, pieces: Iterable[str], out: list[int]) -> None:

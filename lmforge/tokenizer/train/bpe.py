@@ -27,7 +27,7 @@ Hugging Face ``tokenizers``' ``BpeTrainer`` on the same words, which the tests c
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -35,6 +35,23 @@ from dataclasses import dataclass
 class BpeResult:
     vocab: dict[str, int]  # token -> id (special tokens first, then alphabet, then merges)
     merges: list[tuple[str, str]]  # in the order learned (= priority when encoding)
+
+
+class VocabularyBuilder:
+    """Tokens in the order they are first added; a token's id is its position."""
+
+    def __init__(self, tokens: Iterable[str] = ()) -> None:
+        self.id_to_token: list[str] = []
+        self.token_to_id: dict[str, int] = {}
+        for token in tokens:
+            self.add(token)
+
+    def add(self, token: str) -> int:
+        """The token's id, adding it at the end if it is new."""
+        if token not in self.token_to_id:
+            self.token_to_id[token] = len(self.id_to_token)
+            self.id_to_token.append(token)
+        return self.token_to_id[token]
 
 
 def _merge_word(word: list[int], a: int, b: int, new: int) -> list[tuple[tuple[int, int], int]]:
@@ -79,17 +96,8 @@ def train_bpe(
     ``vocab_size`` tokens or when no pair occurs at least ``max(1, min_frequency)`` times.
     ``progress(done, total)`` is called every few hundred merges.
     """
-    id_to_token: list[str] = []
-    token_to_id: dict[str, int] = {}
-
-    def add(token: str) -> int:
-        if token not in token_to_id:
-            token_to_id[token] = len(id_to_token)
-            id_to_token.append(token)
-        return token_to_id[token]
-
-    for token in special_tokens:
-        add(token)
+    vocab = VocabularyBuilder(special_tokens)
+    add, id_to_token, token_to_id = vocab.add, vocab.id_to_token, vocab.token_to_id
     alphabet = set(initial_alphabet)
     for word in word_counts:
         alphabet.update(word)

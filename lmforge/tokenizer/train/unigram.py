@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.tokenizer.bpe import PieceCache
+
 K_UNK_PENALTY = 10.0  # the unknown token scores this much below the rarest piece
 
 
@@ -320,7 +322,7 @@ class UnigramModel:
         self.unk_id, self.byte_fallback = unk_id, byte_fallback
         self.min_score = min(self.scores, default=0.0)
         self.max_len = max((len(p) for p, _ in self.pieces), default=1)
-        self._cache: dict[str, list[int]] = {}
+        self._cache = PieceCache(self.encode_word)
 
     def segment(self, word: str) -> list[str]:
         """The best segmentation as strings (unknown stretches fused into one string)."""
@@ -380,16 +382,8 @@ class UnigramModel:
             ids.append(tid if tid is not None else self.unk_id)  # type: ignore[arg-type]
         return ids
 
-    def _cached(self, word: str) -> list[int]:
-        ids = self._cache.get(word)
-        if ids is None:
-            ids = self.encode_word(word)
-            if len(self._cache) < 500_000:
-                self._cache[word] = ids
-        return ids
-
     def encode_pieces(self, pieces: Iterable[str], out: list[int]) -> None:
-        out += chain.from_iterable(map(self._cached, pieces))
+        out += chain.from_iterable(map(self._cache.__getitem__, pieces))
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "Unigram", "unk_id": self.unk_id, "vocab": [[p, s] for p, s in self.pieces],

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.tokenizer.train.bpe import _merge_word
+from lmforge.tokenizer.bpe import PieceCache
+from lmforge.tokenizer.train.bpe import VocabularyBuilder, _merge_word
 
 
 def train_wordpiece(
@@ -53,17 +54,8 @@ def train_wordpiece(
     """
     if score not in ("ratio", "likelihood"):
         raise ValueError(f"unknown WordPiece score {score!r}: use ratio or likelihood")
-    id_to_token: list[str] = []
-    token_to_id: dict[str, int] = {}
-
-    def add(token: str) -> int:
-        if token not in token_to_id:
-            token_to_id[token] = len(id_to_token)
-            id_to_token.append(token)
-        return token_to_id[token]
-
-    for token in special_tokens:
-        add(token)
+    vocab = VocabularyBuilder(special_tokens)
+    add, id_to_token, token_to_id = vocab.add, vocab.id_to_token, vocab.token_to_id
 
     # Alphabet: the most frequent characters (by occurrences); words with others are left
     # out of training (at encoding time they become [UNK] anyway).
@@ -215,7 +207,7 @@ class WordPieceModel:
         self.max_input_chars_per_word = max_input_chars_per_word
         self.unk_id = vocab.get(unk_token)
         self.max_len = max((len(t) for t in vocab), default=1)
-        self._cache: dict[str, list[int]] = {}
+        self._cache = PieceCache(self.encode_word)
 
     def encode_word(self, word: str) -> list[int]:
         vocab = self.vocab
@@ -246,16 +238,8 @@ class WordPieceModel:
             raise ValueError(f"the vocabulary has no unknown token {self.unk_token!r}")
         return [self.unk_id]
 
-    def _cached(self, word: str) -> list[int]:
-        ids = self._cache.get(word)
-        if ids is None:
-            ids = self.encode_word(word)
-            if len(self._cache) < 500_000:
-                self._cache[word] = ids
-        return ids
-
     def encode_pieces(self, pieces: Iterable[str], out: list[int]) -> None:
-        out += chain.from_iterable(map(self._cached, pieces))
+        out += chain.from_iterable(map(self._cache.__getitem__, pieces))
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "WordPiece", "unk_token": self.unk_token, "continuing_subword_prefix": self.prefix,
