@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer.bytelevel import token_bytes
 from lmforge.tokenizer.normalizers import compile_pattern
+from lmforge.tokenizer.pretokenize import metaspace_fields
 
 
 class Decoder(Protocol):
@@ -216,10 +217,7 @@ def decoder_from_dict(spec: dict[str, Any] | None) -> Decoder | None:
     if kind == "ByteLevel":
         return ByteLevelDecoder()
     if kind == "Metaspace":
-        scheme = spec.get("prepend_scheme", "always")
-        if spec.get("add_prefix_space") is False:
-            scheme = "never"
-        return MetaspaceDecoder(spec.get("replacement", "▁"), scheme, spec.get("split", True))
+        return MetaspaceDecoder(*metaspace_fields(spec))
     if kind == "ByteFallback":
         return ByteFallbackDecoder()
     if kind == "Fuse":

@@ -305,6 +305,18 @@ class Metaspace:
                 "prepend_scheme": self.prepend_scheme, "split": self.split_on_replacement}
 
 
+def metaspace_fields(spec: dict[str, Any]) -> tuple[str, str, bool]:
+    """(replacement, prepend_scheme, split) of a tokenizer.json Metaspace section.
+
+    The pre-tokenizer and the decoder read the same section; files written before
+    ``prepend_scheme`` existed say ``add_prefix_space: false`` for "never".
+    """
+    scheme = spec.get("prepend_scheme", "always")
+    if spec.get("add_prefix_space") is False:
+        scheme = "never"
+    return spec.get("replacement", "▁"), scheme, spec.get("split", True)
+
+
 def _split_before(piece: str, rep: str) -> list[str]:
     """Split so each ``rep`` starts a new piece; runs of ``rep`` keep only the last one attached."""
     parts = piece.split(rep)
@@ -409,10 +421,7 @@ def pre_tokenizer_from_dict(spec: dict[str, Any] | None) -> PreTokenizer | None:
     if kind == "Digits":
         return Digits(spec.get("individual_digits", False))
     if kind == "Metaspace":
-        scheme = spec.get("prepend_scheme", "always")
-        if spec.get("add_prefix_space") is False:
-            scheme = "never"
-        return Metaspace(spec.get("replacement", "▁"), scheme, spec.get("split", True))
+        return Metaspace(*metaspace_fields(spec))
     if kind == "Whitespace":
         return Whitespace()
     if kind == "WhitespaceSplit":
