@@ -197,22 +197,18 @@ def _number_prefix(n: bytes) -> bool:
             i += 1
     else:
         return False
-    if i < len(n) and n[i:i + 1] == b".":
-        i += 1
-        start = i
-        while i < len(n) and n[i:i + 1] in _DIGIT:
+    # The optional fraction, then the optional exponent: a marker, for the exponent an
+    # optional sign, then digits, at least one unless the prefix ends right there.
+    for markers, signs in ((b".", b""), (b"eE", b"+-")):
+        if i < len(n) and n[i:i + 1] in markers:
             i += 1
-        if i == start and i < len(n):
-            return False
-    if i < len(n) and n[i:i + 1] in b"eE":
-        i += 1
-        if i < len(n) and n[i:i + 1] in b"+-":
-            i += 1
-        start = i
-        while i < len(n) and n[i:i + 1] in _DIGIT:
-            i += 1
-        if i == start and i < len(n):
-            return False
+            if signs and i < len(n) and n[i:i + 1] in signs:
+                i += 1
+            start = i
+            while i < len(n) and n[i:i + 1] in _DIGIT:
+                i += 1
+            if i == start and i < len(n):
+                return False
     return i == len(n)
 
 
