@@ -241,8 +241,13 @@ def generate_texts(lm, prompts: Sequence[str], sampling: Sequence[dict[str, Any]
     return texts
 
 
-def _sample_plan(task: Task, shots: int, options: BenchOptions, base: dict[str, Any]):
-    """One prompt per (record, sample), each sample with its own seed."""
+def _sample_texts(lm, task: Task, shots: int, options: BenchOptions, progress: Progress | None,
+                  default_temperature: float) -> tuple[float, list[str], list[int]]:
+    """(temperature, texts, owners): `options.samples` texts per record, each sample with its own seed.
+
+    `owners[i]` is the index of the record `texts[i]` answers; progress counts records.
+    """
+    temperature, base = _sampling(task, options, default_temperature)
     prompts, params, owners = [], [], []
     for index, record in enumerate(task.records):
         prompt = build_prompt(task, record, shots)
@@ -251,21 +256,15 @@ def _sample_plan(task: Task, shots: int, options: BenchOptions, base: dict[str, 
             seed = None if base["temperature"] == 0 else options.seed + 7919 * index + j
             params.append(dict(base, seed=seed))
             owners.append(index)
-    return prompts, params, owners
-
-
-def _progress_per_item(progress: Progress | None, per_item: int, total_items: int) -> Progress | None:
-    if progress is None:
-        return None
-    return lambda done, total: progress(done // per_item, total_items)
+    per_record = None if progress is None else (
+        lambda done, total: progress(done // options.samples, len(task.records)))
+    texts = generate_texts(lm, prompts, params, options.batch_size, per_record, chat=task.spec.chat)
+    return temperature, texts, owners
 
 
 def _generation(lm, task: Task, shots: int, options: BenchOptions, progress: Progress | None):
     spec = task.spec
-    temperature, base = _sampling(task, options, 0.7)
-    prompts, params, owners = _sample_plan(task, shots, options, base)
-    texts = generate_texts(lm, prompts, params, options.batch_size,
-                           _progress_per_item(progress, options.samples, len(task.records)), chat=spec.chat)
+    temperature, texts, owners = _sample_texts(lm, task, shots, options, progress, 0.7)
     items = []
     for index, record in enumerate(task.records):
         outputs = [t for t, o in zip(texts, owners) if o == index]
@@ -289,10 +288,7 @@ def _code(lm, task: Task, shots: int, options: BenchOptions, progress: Progress 
     from .code import run_programs
 
     spec = task.spec
-    temperature, base = _sampling(task, options, 0.8)
-    prompts, params, owners = _sample_plan(task, shots, options, base)
-    texts = generate_texts(lm, prompts, params, options.batch_size,
-                           _progress_per_item(progress, options.samples, len(task.records)), chat=spec.chat)
+    temperature, texts, owners = _sample_texts(lm, task, shots, options, progress, 0.8)
     replies = texts
     if spec.extract == "code_block":
         texts = [extract_code_block(t) for t in texts]
