@@ -17,7 +17,6 @@ Evaluation files may be plain text (each non-empty line is one item), JSON Lines
 from __future__ import annotations
 
 import gzip
-import json
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.io import text_files
 
 _WORD = re.compile(r"\w+")
 
@@ -56,19 +56,9 @@ def read_eval_items(path: str | Path) -> list[str]:
     try:
         with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
             if name.endswith(".jsonl"):
-                items = []
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            items += list(_strings(json.loads(line)))
-                        except json.JSONDecodeError as exc:
-                            raise LmforgeError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-                return items
+                return [text for _, value in text_files.parse_jsonl(f, path) for text in _strings(value)]
             if name.endswith(".json"):
-                try:
-                    return list(_strings(json.load(f)))
-                except json.JSONDecodeError as exc:
-                    raise LmforgeError(f"{path}: not valid JSON ({exc.msg})") from None
+                return list(_strings(text_files.parse_json(f.read(), path)))
             return [line for line in f.read().split("\n") if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise LmforgeError(f"cannot read evaluation file {path}: {exc}") from None

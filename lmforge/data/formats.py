@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.io import text_files
 
 FORMATS = ("alpaca", "chat", "sharegpt", "preference", "classification")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -168,10 +169,7 @@ def _read_raw(path: Path) -> list[tuple[int, Any]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise LmforgeError(f"cannot read {path}: {exc}") from None
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise LmforgeError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        data = text_files.parse_json(raw, path)
         if not isinstance(data, list):
             raise LmforgeError(f"{path}: expected a JSON array of records")
         return [(i + 1, r) for i, r in enumerate(data)]

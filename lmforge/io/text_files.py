@@ -27,6 +27,14 @@ def read_text(path: str | Path, what: str = "input") -> str:
         raise LmforgeError(f"cannot read {path}: {exc}") from None
 
 
+def parse_json(text: str, source: str | Path) -> Any:
+    """The value of a whole-file JSON document; a syntax error names `source` and the line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LmforgeError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
 def parse_jsonl(lines: Iterable[str], source: str | Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for each non-blank line; a bad line names `source:line`."""
     for number, line in enumerate(lines, 1):

@@ -19,7 +19,6 @@ fields that replace the base ones.
 from __future__ import annotations
 
 import dataclasses
-import json
 import string
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -270,10 +269,7 @@ def load_task_file(path: str | Path) -> Task:
     path = Path(path)
     text = text_files.read_text(path, "task")
     if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LmforgeError(f"{path}: not valid JSON ({exc.msg})") from None
+        data = text_files.parse_json(text, path)
     else:
         try:
             import yaml
