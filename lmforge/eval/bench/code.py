@@ -10,10 +10,11 @@ and greedy decoding it is simply the fraction of problems solved.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Sequence
 
-from ..sandbox import SandboxLimits, SandboxResult, run_python
+from ..sandbox import Isolation, SandboxLimits, SandboxResult, require_isolation, run_python
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -35,17 +36,19 @@ def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> float:
 
 
 def run_programs(programs: Sequence[str], limits: SandboxLimits, workers: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> list[SandboxResult]:
-    """Run each program in its own sandbox, `workers` at a time (the work is in the children)."""
-    import os
+                 progress: Callable[[int, int], None] | None = None,
+                 isolation: Isolation | None = None) -> list[SandboxResult]:
+    """Run each program in its own sandbox, `workers` at a time (the work is in the children).
 
+    `isolation` defaults to `require_isolation()`: where the machine cannot isolate, this
+    refuses before running anything.
+    """
+    isolation = isolation or require_isolation()
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     results: list[SandboxResult | None] = [None] * len(programs)
     done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(run_python, code, limits): i for i, code in enumerate(programs)}
-        from concurrent.futures import as_completed
-
+        futures = {pool.submit(run_python, code, limits, None, isolation): i for i, code in enumerate(programs)}
         for future in as_completed(futures):
             results[futures[future]] = future.result()
             done += 1
