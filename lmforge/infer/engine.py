@@ -1,28 +1,32 @@
-"""The generation engine (I1, I2 static batching, M9): prefill, then decode with a KV cache.
+"""Offline generation (I1, M9): the `Scheduler`'s step, driven synchronously.
 
-`Generator.generate` runs a batch of prompts of different lengths together. Each prompt
-is prefilled on its own row of one preallocated `KVCache` (prefill is compute-bound, so
-batching it buys little and would need padding); then every decode step feeds one token
-per row through the model at once, each row at its own position. A row that finishes
-(end-of-sequence token, stop string, token budget) stops advancing while the others go
-on. `Generator.stream` runs one prompt and yields text as it is produced.
+lmforge has one decode loop, `Scheduler.step` (continuous batching over a KV cache; see
+scheduler.py). `Generator` is its synchronous driver, the way an offline engine drives
+the same engine a server runs: `generate` builds a scheduler whose batch holds all of
+its prompts and whose cache is just long enough for the longest one, submits them, and
+calls `step()` on the caller's thread until every request has finished (no background
+thread). `stream` does the same for one prompt and yields the text of each step's events.
+
+Whatever a `Generator` produces, a server running the same scheduler produces for the
+same request, token for token: greedy or seeded (each request has its own random
+generator), with the same end tokens (`request.end_token_ids`), stop strings and budget.
+
+`use_cache=False` runs the same step without a KV cache: each step recomputes every
+row's full sequence. It is slow (quadratic) and exists as the reference that the cached
+path must equal exactly (tests/test_model_parity.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-
-import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
 from ..errors import LmforgeError
-from ..model.kv_cache import KVCache
-from .layout import torch_threads_for, uses_numpy_blas
-from .request import DecodeState, check_prompt
+from .request import check_prompt, end_token_ids
 from .sampling import SamplingParams
+from .scheduler import RequestHandle, Scheduler
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str  # "stop" (end token or stop string) or "length" (token budget)
+    # Time to the first token (queueing and prefill), then from it to the last token.
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -40,97 +45,47 @@ class Completion:
 
 
 class Generator:
-    """Generates text with a `Transformer` and a `Tokenizer`; the one decoding path of lmforge."""
+    """Generates text with a `Transformer` and a `Tokenizer` by stepping a `Scheduler` to completion."""
 
     def __init__(self, model, tokenizer=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = model.config.max_position_embeddings
-        self.numpy_blas = uses_numpy_blas(model)
-        self.eos_ids = set(getattr(tokenizer, "eos_ids", None) or ())
-        if not self.eos_ids:
-            eos = model.config.eos_token_id if tokenizer is None else tokenizer.eos_id
-            self.eos_ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+        self.eos_ids = end_token_ids(model.config, tokenizer)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _requests(self, prompts: Sequence[str | list[int]], params) -> list[DecodeState]:
+    def _submit(
+        self, prompts: Sequence[str | list[int]], params, use_cache: bool, stream: bool
+    ) -> tuple[Scheduler, list[RequestHandle]]:
+        """A scheduler holding every prompt at once, with the prompts submitted to it."""
         if not prompts:
             raise LmforgeError("no prompts given")
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise LmforgeError(f"{len(prompts)} prompts but {len(plist)} sampling settings")
-        requests = []
-        for prompt, p in zip(prompts, plist):
+        ids = []
+        for prompt in prompts:
             if isinstance(prompt, str) and self.tokenizer is None:
                 raise LmforgeError("this generator has no tokenizer: give prompts as token ids")
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            budget = check_prompt(ids, p, self.context_length, self.model.config.vocab_size)
-            requests.append(DecodeState(ids, p, budget, self.tokenizer, self.eos_ids, self.device, self.model.config.vocab_size))
-        return requests
-
-    def _steps(self, requests: list[DecodeState], use_cache: bool, timings: dict) -> Iterator[tuple[int, str]]:
-        """Run prefill and decode, yielding (request index, new text) as tokens arrive."""
-        model, device = self.model, self.device
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            cache = None
-            if use_cache:
-                length = max(len(r.prompt_ids) + r.budget for r in requests)
-                dtype = model.embed.weight.dtype
-                cache = KVCache.for_model(model.config, len(requests), length, dtype, device)
-            # Neighbouring prompts of equal length are prefilled together (no padding needed).
-            i = 0
-            while i < len(requests):
-                j = i + 1
-                while j < len(requests) and len(requests[j].prompt_ids) == len(requests[i].prompt_ids):
-                    j += 1
-                ids = torch.tensor([r.prompt_ids for r in requests[i:j]], dtype=torch.long, device=device)
-                rows_cache = cache.rows(i, j) if cache is not None else None
-                logits = self._forward(ids, cache=rows_cache, start=0)
-                for k in range(i, j):
-                    yield k, requests[k].append(requests[k].choose(logits[k - i]))
-                i = j
-            timings["prefill"] = time.perf_counter() - t0
-            while True:
-                active = [i for i, r in enumerate(requests) if not r.finished]
-                if not active:
-                    break
-                if use_cache:
-                    logits = self._decode_step(requests, cache)
-                else:
-                    logits = {}
-                    for i in active:
-                        ids = torch.tensor([requests[i].prompt_ids + requests[i].generated], device=device)
-                        logits[i] = self._forward(ids)[0]
-                with self._sampling_threads(len(requests)):  # as in Scheduler._decode_step
-                    chosen = [(i, requests[i].choose(logits[i])) for i in active]
-                for i, token in chosen:
-                    yield i, requests[i].append(token)
-        timings["decode"] = time.perf_counter() - t0 - timings["prefill"]
-
-    def _decode_step(self, requests: list[DecodeState], cache: KVCache) -> torch.Tensor:
-        """One token for every row; finished rows rewrite their last slot and are ignored."""
-        last = [r.generated[-1] if r.generated else r.prompt_ids[-1] for r in requests]
-        positions = [r.position for r in requests]
-        tokens = torch.tensor(last, dtype=torch.long, device=self.device).view(-1, 1)
-        if len(set(positions)) == 1:
-            start: int | torch.Tensor = positions[0]
-        else:
-            start = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return self._forward(tokens, cache=cache, start=start)
-
-    def _sampling_threads(self, rows: int):
-        return torch_threads_for(rows) if self.numpy_blas else contextlib.nullcontext()
-
-    def _forward(self, ids: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0) -> torch.Tensor:
-        """Last-position logits [B, V]; small steps run PyTorch single-threaded beside NumPy's BLAS."""
-        if not self.numpy_blas:
-            return self.model(ids, cache=cache, start=start, last_only=True)[:, -1]
-        with torch_threads_for(ids.numel()):
-            return self.model(ids, cache=cache, start=start, last_only=True)[:, -1]
+            ids.append(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
+        vocab = self.model.config.vocab_size
+        longest = max(len(i) + check_prompt(i, p, self.context_length, vocab) for i, p in zip(ids, plist))
+        scheduler = Scheduler(
+            self.model,
+            self.tokenizer,
+            max_batch=len(ids),
+            max_seq_len=self.context_length,
+            max_waiting=len(ids),
+            # Nothing is shared across calls, and a reused prefix may differ from a
+            # recomputed one in the last bits: offline results must not depend on history.
+            prefix_cache_bytes=0,
+            cache_len=longest,
+            use_cache=use_cache,
+        )
+        return scheduler, [scheduler.submit(i, p, stream=stream) for i, p in zip(ids, plist)]
 
     def generate(
         self,
@@ -141,19 +96,28 @@ class Generator:
         """Complete each prompt (a string or a list of token ids); one `Completion` each."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        requests = self._requests(list(prompts), params or SamplingParams())
-        timings: dict[str, float] = {}
-        for _ in self._steps(requests, use_cache, timings):
-            pass
-        return [
-            Completion(r.text, r.generated, len(r.prompt_ids), r.finish_reason, timings["prefill"], timings["decode"])
-            for r in requests
-        ]
+        scheduler, handles = self._submit(list(prompts), params or SamplingParams(), use_cache, stream=False)
+        scheduler.run_until_idle()
+        return [_completion(h) for h in handles]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion of one prompt as text deltas (never a split character)."""
-        requests = self._requests([prompt], params or SamplingParams())
-        self.last_stream = requests[0]
-        for _, delta in self._steps(requests, True, {}):
-            if delta:
-                yield delta
+        scheduler, (handle,) = self._submit([prompt], params or SamplingParams(), True, stream=True)
+        busy = True
+        while busy:
+            busy = scheduler.step()
+            for event in handle.poll():
+                if event.text:
+                    yield event.text
+
+
+def _completion(handle: RequestHandle) -> Completion:
+    state = handle.state
+    return Completion(
+        state.text,
+        state.generated,
+        len(state.prompt_ids),
+        state.finish_reason,
+        handle.first_token_at - handle.submitted_at,
+        handle.finished_at - handle.first_token_at,
+    )

@@ -1,4 +1,4 @@
-"""Per-request decoding state, shared by the static `Generator` and the continuous `Scheduler`.
+"""Per-request decoding state, advanced by the `Scheduler`'s step (which `Generator` drives).
 
 A `DecodeState` owns everything about one sequence that does not live in the model or
 the KV cache: the sampled tokens, the text decoded so far (never split inside a UTF-8
@@ -29,6 +29,23 @@ def check_prompt(ids: list[int], params: SamplingParams, context_length: int, vo
     if max(ids) >= vocab_size or min(ids) < 0:
         raise LmforgeError(f"token ids must lie in [0, {vocab_size})")
     return min(params.max_tokens, context_length - len(ids))
+
+
+def end_token_ids(config, tokenizer) -> frozenset[int]:
+    """Every token that ends a sequence: the tokenizer's end tokens and the model config's.
+
+    A model may declare several (`eos_token_id` in config.json can be a list, e.g. one
+    token ending documents and one ending chat turns), and the tokenizer may know more
+    (end-of-turn specials, generation_config.json). Stopping on the union is what the
+    model's authors meant by any of them.
+    """
+    declared = config.eos_token_id
+    ids = set(declared) if isinstance(declared, (list, tuple, set, frozenset)) else {declared}
+    if tokenizer is not None:  # read leniently: a tokenizer-like object may lack `eos_ids`
+        ids |= set(getattr(tokenizer, "eos_ids", None) or ())
+        ids.add(getattr(tokenizer, "eos_id", None))
+    ids.discard(None)
+    return frozenset(ids)
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, dict[int, float]]:

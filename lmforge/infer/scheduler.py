@@ -10,12 +10,21 @@ fixed pool of KV-cache rows instead. At every step it
 3. retires rows whose request finished (end token, stop string, budget, cancellation)
    so that the next step can admit someone new.
 
-Running rows are kept contiguous (rows 0..n-1): when row i finishes, the last running
-row's cache is moved into it. The move costs one copy of that request's keys and values,
+Running rows are kept contiguous (rows 0..n-1): when row i finishes, a running row from
+the end is moved into it. The move costs one copy of that request's keys and values,
 once; in exchange every decode step reads a plain slice of the cache, with no gather.
 
-One background thread owns the model (PyTorch work is never run from two threads).
-Callers interact through `RequestHandle`s, from plain threads or from asyncio.
+`Scheduler.step` is that round, and it is the only decode loop of lmforge. A server
+calls `start()`: one background thread then owns the model (PyTorch work is never run
+from two threads) and repeats `step()` while there is work; callers interact through
+`RequestHandle`s, from plain threads or from asyncio. Offline generation
+(`lmforge.infer.engine.Generator`) builds a scheduler sized for its prompts, never
+starts the thread, and calls `step()` itself on the caller's thread until all are done.
+
+With `use_cache=False` there is no KV cache: every step recomputes each row's whole
+sequence (prompt and generated tokens) from scratch, one row at a time. Nothing else
+changes, so comparing the two modes tests the cache alone, everything from sampling
+to stop conditions being the same code.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from ..errors import LmforgeError
 from ..model.kv_cache import KVCache
 from .layout import prepack, release_openmp_threads, torch_threads_for, uses_numpy_blas
 from .prefix_cache import PrefixCache
-from .request import DecodeState, check_prompt
+from .request import DecodeState, check_prompt, end_token_ids
 from .sampling import SamplingParams
 
 
@@ -61,12 +70,20 @@ class Event:
 
 
 class RequestHandle:
-    """A submitted request: iterate its events (sync or async), or wait for the result."""
+    """A submitted request: iterate its events (sync or async), or wait for the result.
 
-    def __init__(self, request_id: int, prompt_ids: list[int], loop: asyncio.AbstractEventLoop | None) -> None:
+    A handle submitted with `stream=False` receives one event only, the final one, which
+    carries the whole text, tokens and log-probs.
+    """
+
+    def __init__(
+        self, request_id: int, prompt_ids: list[int], loop: asyncio.AbstractEventLoop | None, stream: bool = True
+    ) -> None:
         self.id = request_id
         self.prompt_ids = prompt_ids
         self.loop = loop
+        self.stream = stream
+        self._sent_tokens = 0  # tokens already handed out in events
         self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
         self.cancelled = False
         self.submitted_at = time.perf_counter()
@@ -92,6 +109,15 @@ class RequestHandle:
             yield event
             if event.final:
                 return
+
+    def poll(self) -> list[Event]:
+        """The events delivered so far, without waiting (for callers that run `Scheduler.step`)."""
+        events = []
+        while True:
+            try:
+                events.append(self._queue.get_nowait())
+            except (queue.Empty, asyncio.QueueEmpty):
+                return events
 
     def result(self) -> Event:
         """Block until done; one event with the whole text, tokens and log-probs."""
@@ -135,7 +161,12 @@ class SchedulerStats:
 
 
 class Scheduler:
-    """Continuous-batching generation over one model, served by one background thread."""
+    """Continuous-batching generation over one model: `step()` by hand, or a background thread.
+
+    `max_seq_len` bounds prompt + completion (the model's context at most). `cache_len`
+    (default `max_seq_len`) is the number of KV-cache positions per row: a caller that
+    knows its requests, like `Generator`, allocates no more than they need.
+    """
 
     def __init__(
         self,
@@ -147,21 +178,26 @@ class Scheduler:
         max_prefill_tokens: int = 2048,
         prefix_cache_bytes: int = 128 << 20,
         on_finish: Callable[[RequestHandle], None] | None = None,
+        cache_len: int | None = None,
+        use_cache: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.cache_len = min(cache_len or self.max_seq_len, self.max_seq_len)
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
-        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and use_cache else None
         self._outbox: list[tuple[RequestHandle, Event]] = []
         self.on_finish = on_finish
         self.device = next(model.parameters()).device
-        self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else {model.config.eos_token_id}
-        self.cache = KVCache.for_model(model.config, max_batch, self.max_seq_len, model.embed.weight.dtype, self.device)
+        self.eos_ids = end_token_ids(model.config, tokenizer)
+        self.cache = None
+        if use_cache:
+            dtype = model.embed.weight.dtype
+            self.cache = KVCache.for_model(model.config, max_batch, self.cache_len, dtype, self.device)
         self.numpy_blas = uses_numpy_blas(model)
-        prepack(model)  # batched steps' weights, made now rather than during the first request
         self.stats = SchedulerStats()
         self._ids = itertools.count(1)
         self._waiting: list[tuple[RequestHandle, SamplingParams, int]] = []
@@ -173,7 +209,9 @@ class Scheduler:
 
     # ----------------------------------------------------------------- public API
     def start(self) -> "Scheduler":
+        """Serve requests from a background thread (without it, call `step()` yourself)."""
         if self._thread is None:
+            prepack(self.model)  # batched steps' weights, made now rather than during the first request
             if self.device.type == "cpu":
                 release_openmp_threads()  # see its docstring: the scheduler thread runs the model from now on
             self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
@@ -181,11 +219,20 @@ class Scheduler:
         return self
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None = None,
+        stream: bool = True,
     ) -> RequestHandle:
         """Queue a request; raises `LmforgeError` for bad input, `QueueFull` when saturated."""
         budget = check_prompt(list(prompt_ids), params, self.max_seq_len, self.model.config.vocab_size)
-        handle = RequestHandle(next(self._ids), list(prompt_ids), loop)
+        if len(prompt_ids) + budget > self.cache_len:
+            raise LmforgeError(
+                f"prompt ({len(prompt_ids)} tokens) and completion ({budget}) need more than the"
+                f" {self.cache_len} cache positions per request of this scheduler"
+            )
+        handle = RequestHandle(next(self._ids), list(prompt_ids), loop, stream)
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
@@ -198,6 +245,8 @@ class Scheduler:
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the scheduler thread between steps (for work that needs the model)."""
+        if self._thread is None:
+            return fn()  # nobody else runs the model: the caller's thread is the scheduler's
         done: queue.Queue = queue.Queue()
         with self._lock:
             self._jobs.append((fn, done))
@@ -225,6 +274,46 @@ class Scheduler:
         return not self._rows and not self._waiting
 
     # --------------------------------------------------------------- the loop
+    def step(self) -> bool:
+        """One round: queued jobs, admission, prefill, one decode step, retirement.
+
+        Events are delivered to the handles before it returns. Returns whether requests
+        remain (running or waiting). An exception ends every request it touched with an
+        `error` event, then propagates.
+        """
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise RuntimeError("this scheduler was started: its own thread runs the steps")
+        with self._lock:
+            jobs, self._jobs = self._jobs, []
+            admitted = []
+            while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
+                admitted.append(self._waiting.pop(0))
+            self.stats.waiting = len(self._waiting)
+        for fn, done in jobs:
+            try:
+                done.put((True, fn()))
+            except BaseException as exc:  # handed back to the caller's thread
+                done.put((False, exc))
+        try:
+            with torch.inference_mode():
+                for group in self._prefill_groups(admitted):
+                    self._prefill(group)
+                self._retire()
+                if self._rows:
+                    self._decode_step()
+                    self._retire()
+        except Exception as exc:
+            self._fail(admitted, f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._flush()
+        return not self.idle
+
+    def run_until_idle(self) -> None:
+        """Step until every submitted request has finished (synchronous use, no thread)."""
+        while self.step():
+            pass
+
     def _loop(self) -> None:
         while True:
             with self._lock:
@@ -232,43 +321,39 @@ class Scheduler:
                     self._lock.wait()
                 if self.idle and not self._jobs and not self._accepting:
                     return
-                jobs, self._jobs = self._jobs, []
-                admitted = []
-                while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
-                    admitted.append(self._waiting.pop(0))
-                self.stats.waiting = len(self._waiting)
-            for fn, done in jobs:
-                try:
-                    done.put((True, fn()))
-                except BaseException as exc:  # handed back to the caller's thread
-                    done.put((False, exc))
-            try:
-                with torch.inference_mode():
-                    for group in self._prefill_groups(admitted):
-                        self._prefill(group)
-                    self._retire()
-                    if self._rows:
-                        self._decode_step()
-                        self._retire()
-            except Exception as exc:  # a bug must not hang every client: fail the running requests
-                error = f"{type(exc).__name__}: {exc}"
-                running = set(map(id, self._rows))
-                stranded = [h for h, _, _ in admitted if id(h) not in running and (h.state is None or not h.state.finished)]
-                for handle in self._rows + stranded:
-                    handle.finished_at = time.perf_counter()
-                    self._post(handle, Event(final=True, finish_reason="error", error=error))
-                    if self.on_finish is not None:
-                        self.on_finish(handle)
-                self._rows.clear()
-                self.stats.running = 0
-            finally:
-                self._flush()
+            # A failed step has already answered its requests with an error event; the
+            # thread goes on serving the others, since a bug must not hang every client.
+            with contextlib.suppress(Exception):
+                self.step()
 
-    def _forward(self, ids: torch.Tensor, cache: KVCache, start, select: torch.Tensor | None = None) -> torch.Tensor:
+    def _fail(self, admitted: list, error: str) -> None:
+        running = set(map(id, self._rows))
+        stranded = [h for h, _, _ in admitted if id(h) not in running and (h.state is None or not h.state.finished)]
+        for handle in self._rows + stranded:
+            handle.finished_at = time.perf_counter()
+            self._post(handle, Event(final=True, finish_reason="error", error=error))
+            if self.on_finish is not None:
+                self.on_finish(handle)
+        self._rows.clear()
+        self.stats.running = 0
+
+    def _forward(
+        self, ids: torch.Tensor, cache: KVCache | None, start, select: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B, V] of the last (or `select`ed) position of every row."""
         if not self.numpy_blas:
             return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
         with torch_threads_for(ids.numel()):
             return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
+
+    def _uncached_logits(self, handles: list[RequestHandle]) -> torch.Tensor:
+        """Without a cache: each row's whole sequence, alone, unpadded (the reference computation)."""
+        rows = []
+        for handle in handles:
+            state = handle.state
+            ids = torch.tensor([state.prompt_ids + state.generated], dtype=torch.long, device=self.device)
+            rows.append(self._forward(ids, None, 0)[0])
+        return torch.stack(rows)
 
     def _prefill_groups(self, admitted: list) -> list[list]:
         """Split admitted requests into prefill batches.
@@ -318,14 +403,18 @@ class Scheduler:
         first = len(self._rows)
         self._rows.extend(live)
         cached = live[0].cached
-        longest = max(len(h.prompt_ids) for h in live) - cached
-        ids = torch.zeros(len(live), longest, dtype=torch.long, device=self.device)
-        for i, handle in enumerate(live):
-            if cached:
-                self.prefix_cache.load(handle.prompt_ids, cached, self.cache.k[:, first + i], self.cache.v[:, first + i])
-            ids[i, : len(handle.prompt_ids) - cached] = torch.tensor(handle.prompt_ids[cached:], dtype=torch.long)
-        lengths = torch.tensor([len(h.prompt_ids) - cached for h in live], device=self.device)
-        logits = self._forward(ids, self.cache.rows(first, first + len(live)), cached, select=lengths - 1)
+        if self.cache is None:
+            logits = self._uncached_logits(live)
+        else:
+            longest = max(len(h.prompt_ids) for h in live) - cached
+            ids = torch.zeros(len(live), longest, dtype=torch.long, device=self.device)
+            for i, handle in enumerate(live):
+                if cached:
+                    k, v = self.cache.k[:, first + i], self.cache.v[:, first + i]
+                    self.prefix_cache.load(handle.prompt_ids, cached, k, v)
+                ids[i, : len(handle.prompt_ids) - cached] = torch.tensor(handle.prompt_ids[cached:], dtype=torch.long)
+            lengths = torch.tensor([len(h.prompt_ids) - cached for h in live], device=self.device)
+            logits = self._forward(ids, self.cache.rows(first, first + len(live)), cached, select=lengths - 1)
         for i, handle in enumerate(live):
             if self.prefix_cache is not None:
                 self.prefix_cache.store(handle.prompt_ids, self.cache.k[:, first + i], self.cache.v[:, first + i])
@@ -334,12 +423,16 @@ class Scheduler:
             self._emit(handle, handle.state.append(handle.state.choose(logits[i])))
 
     def _decode_step(self) -> None:
-        states = [h.state for h in self._rows]
-        last = [s.generated[-1] for s in states]
-        positions = [s.position for s in states]
-        tokens = torch.tensor(last, dtype=torch.long, device=self.device).view(-1, 1)
-        start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
-        logits = self._forward(tokens, self.cache.rows(0, len(self._rows)), start)
+        """One new token for every running row, each at its own position."""
+        if self.cache is None:
+            logits = self._uncached_logits(self._rows)
+        else:
+            states = [h.state for h in self._rows]
+            last = [s.generated[-1] for s in states]
+            positions = [s.position for s in states]
+            tokens = torch.tensor(last, dtype=torch.long, device=self.device).view(-1, 1)
+            start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+            logits = self._forward(tokens, self.cache.rows(0, len(self._rows)), start)
         self.stats.steps += 1
         # Sampling stays on the forward's thread budget: beside NumPy's BLAS threads (one
         # row) a second PyTorch thread for a softmax costs more than it saves.
@@ -353,7 +446,9 @@ class Scheduler:
         if handle.first_token_at is None:
             handle.first_token_at = time.perf_counter()
         self.stats.generated_tokens += 1
-        sent = getattr(handle, "_sent_tokens", 0)
+        if not handle.stream:
+            return
+        sent = handle._sent_tokens
         new_ids = state.generated[sent:]
         handle._sent_tokens = len(state.generated)
         event = Event(
@@ -388,26 +483,45 @@ class Scheduler:
 
     def _retire(self) -> None:
         """Remove finished or cancelled rows, keeping running rows contiguous."""
-        i = 0
-        while i < len(self._rows):
-            handle = self._rows[i]
-            state = handle.state
-            if handle.cancelled and not state.finished:
-                state.finish_reason = "cancelled"
-            if not state.finished:
-                i += 1
-                continue
-            handle.finished_at = time.perf_counter()
-            self._post(handle, Event(text=state._release(), final=True, finish_reason=state.finish_reason))
-            self.stats.finished += 1
-            if self.on_finish is not None:
-                self.on_finish(handle)
-            last = len(self._rows) - 1
-            if i != last:
-                moved = self._rows[last]
-                length = moved.state.position + 1
-                self.cache.k[:, i, :, :length] = self.cache.k[:, last, :, :length]
-                self.cache.v[:, i, :, :length] = self.cache.v[:, last, :, :length]
-                self._rows[i] = moved
-            self._rows.pop()
-        self.stats.running = len(self._rows)
+        rows = self._rows
+        for handle in rows:
+            if handle.cancelled and not handle.state.finished:
+                handle.state.finish_reason = "cancelled"
+        finished = [h for h in rows if h.state.finished]
+        self.stats.running = len(rows) - len(finished)
+        if not finished:
+            return
+        for handle in finished:
+            self._finish(handle)
+        # Fill each hole below the new length with a running row from above it: at most
+        # one cache copy per moved request, none when the finished rows are the last ones.
+        keep = len(rows) - len(finished)
+        holes = [i for i in range(keep) if rows[i].state.finished]
+        movers = [j for j in range(keep, len(rows)) if not rows[j].state.finished]
+        for i, j in zip(holes, movers):
+            if self.cache is not None:
+                length = rows[j].state.position + 1
+                self.cache.k[:, i, :, :length] = self.cache.k[:, j, :, :length]
+                self.cache.v[:, i, :, :length] = self.cache.v[:, j, :, :length]
+            rows[i] = rows[j]
+        del rows[keep:]
+
+    def _finish(self, handle: RequestHandle) -> None:
+        state = handle.state
+        handle.finished_at = time.perf_counter()
+        if handle.stream:
+            event = Event(text=state._release(), final=True, finish_reason=state.finish_reason)
+        else:
+            state._release()
+            event = Event(
+                text=state.text,
+                token_ids=list(state.generated),
+                logprobs=list(state.token_logprobs),
+                top_logprobs=list(state.top_logprobs),
+                final=True,
+                finish_reason=state.finish_reason,
+            )
+        self._post(handle, event)
+        self.stats.finished += 1
+        if self.on_finish is not None:
+            self.on_finish(handle)
