@@ -66,6 +66,17 @@ def test_generator_equals_server_scheduler(tiny_hf_dirs, family):
     assert any(changed)
 
 
+def test_generator_with_fewer_rows_than_prompts_gives_the_same_completions(tiny_hf_dirs):
+    gen = Generator(load_hf_model(tiny_hf_dirs["qwen2"][0]))
+    prompts = random_prompts([3, 17, 9, 30, 5, 22, 12], VOCAB, seed=14)
+    params = mixed_requests(prompts)
+    together = gen.generate(prompts, params)
+    two_rows = gen.generate(prompts, params, max_batch=2)
+    assert [(c.token_ids, c.finish_reason) for c in two_rows] == [(c.token_ids, c.finish_reason) for c in together]
+    with pytest.raises(LmforgeError, match="max_batch"):
+        gen.generate(prompts, params, max_batch=0)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_cached_step_equals_uncached_step_when_sampling(tiny_hf_dirs, family):
     gen = Generator(load_hf_model(tiny_hf_dirs[family][0]))

@@ -3,9 +3,10 @@
 lmforge has one decode loop, `Scheduler.step` (continuous batching over a KV cache; see
 scheduler.py). `Generator` is its synchronous driver, the way an offline engine drives
 the same engine a server runs: `generate` builds a scheduler whose batch holds all of
-its prompts and whose cache is just long enough for the longest one, submits them, and
-calls `step()` on the caller's thread until every request has finished (no background
-thread). `stream` does the same for one prompt and yields the text of each step's events.
+its prompts (or `max_batch` of them, the others joining as rows free up) and whose cache
+is just long enough for the longest one, submits them, and calls `step()` on the
+caller's thread until every request has finished (no background thread). `stream` does
+the same for one prompt and yields the text of each step's events.
 
 Whatever a `Generator` produces, a server running the same scheduler produces for the
 same request, token for token: greedy or seeded (each request has its own random
@@ -58,9 +59,9 @@ class Generator:
         return next(self.model.parameters()).device
 
     def _submit(
-        self, prompts: Sequence[str | list[int]], params, use_cache: bool, stream: bool
+        self, prompts: Sequence[str | list[int]], params, use_cache: bool, stream: bool, max_batch: int | None = None
     ) -> tuple[Scheduler, list[RequestHandle]]:
-        """A scheduler holding every prompt at once, with the prompts submitted to it."""
+        """A scheduler with a row for every prompt (or `max_batch` rows), the prompts submitted to it."""
         if not prompts:
             raise LmforgeError("no prompts given")
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -76,7 +77,7 @@ class Generator:
         scheduler = Scheduler(
             self.model,
             self.tokenizer,
-            max_batch=len(ids),
+            max_batch=min(len(ids), max_batch or len(ids)),
             max_seq_len=self.context_length,
             max_waiting=len(ids),
             # Nothing is shared across calls, and a reused prefix may differ from a
@@ -92,11 +93,18 @@ class Generator:
         prompts: str | list[int] | Sequence[str | list[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_cache: bool = True,
+        max_batch: int | None = None,
     ) -> list[Completion]:
-        """Complete each prompt (a string or a list of token ids); one `Completion` each."""
+        """Complete each prompt (a string or a list of token ids); one `Completion` each.
+
+        `max_batch` bounds the rows decoded together (and so the KV cache's size): the
+        other prompts wait and are admitted as rows free up, each at the next step.
+        """
+        if max_batch is not None and max_batch < 1:
+            raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        scheduler, handles = self._submit(list(prompts), params or SamplingParams(), use_cache, stream=False)
+        scheduler, handles = self._submit(list(prompts), params or SamplingParams(), use_cache, False, max_batch)
         scheduler.run_until_idle()
         return [_completion(h) for h in handles]
 
