@@ -65,6 +65,9 @@ class BenchOptions:
     workers: int | None = option(None, help="sandbox programs run at once (default: CPU count, at most 8)")
     timeout: float | None = option(None, help="sandbox seconds per program (default: the task's, 10 for humaneval)")
     memory_mb: int = option(1024, help="sandbox memory per program in MiB")
+    unsafe_no_sandbox: bool = option(False, help="where the sandbox cannot isolate (no bubblewrap or no namespaces), "
+                                                 "run model-written code directly on this machine instead of "
+                                                 "refusing; it can then read, change and delete your files")
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -284,9 +287,10 @@ def _generation(lm, task: Task, shots: int, options: BenchOptions, progress: Pro
 # -- code ----------------------------------------------------------------------------------------
 
 def _code(lm, task: Task, shots: int, options: BenchOptions, progress: Progress | None):
-    from ..sandbox import SandboxLimits
+    from ..sandbox import SandboxLimits, require_isolation
     from .code import run_programs
 
+    isolation = require_isolation(options.unsafe_no_sandbox)  # refuse before the slow generation
     spec = task.spec
     temperature, texts, owners = _sample_texts(lm, task, shots, options, progress, 0.8)
     replies = texts
@@ -294,7 +298,7 @@ def _code(lm, task: Task, shots: int, options: BenchOptions, progress: Progress 
         texts = [extract_code_block(t) for t in texts]
     programs = [render(spec.program, task.records[o], completion=t) for t, o in zip(texts, owners)]
     limits = SandboxLimits(timeout=options.timeout or spec.timeout, memory_mb=options.memory_mb)
-    results = run_programs(programs, limits, options.workers)
+    results = run_programs(programs, limits, options.workers, isolation=isolation)
     items = []
     for index, record in enumerate(task.records):
         mine = [(t, r) for t, r, o in zip(texts, results, owners) if o == index]
