@@ -271,3 +271,50 @@ def test_non_streaming_client_timeout_cancels_generation(server):
         time.sleep(0.05)
     assert scheduler.stats.finished == finished_before + 1 and scheduler.stats.running == 0
     assert scheduler.stats.generated_tokens - tokens_before < 1000
+
+
+def paris_answer_ids(tokenizer) -> list[int]:
+    """The chat prompt for QUESTION followed by the model's own answer: what comes next is the end token."""
+    text = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True) + "The capital of France is Paris."
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_end_token_is_listed_in_logprobs_but_not_in_the_text(client, default_lm):
+    """lm-evaluation-harness scores a prompt with echo + max_tokens=1 and drops the last entry as
+    the generated token, so that entry must exist even when the generated token is the end token."""
+    tok = default_lm.tokenizer
+    ids = paris_answer_ids(tok)
+    with torch.no_grad():
+        logp = torch.log_softmax(default_lm.model(torch.tensor([ids]))[0, -1].float(), -1)
+    assert int(logp.argmax()) == tok.eos_id  # the premise: greedy decoding ends here
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    choice, lp = r.choices[0], r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids) + 1
+    assert lp.tokens[-1] == "<|im_end|>" and lp.token_logprobs[-1] == pytest.approx(logp[tok.eos_id].item(), abs=1e-4)
+    assert lp.top_logprobs[-1] == {"<|im_end|>": pytest.approx(lp.token_logprobs[-1])}
+    assert choice.text == tok.decode(ids) and lp.text_offset[-1] == len(choice.text)  # listed, not written
+    assert choice.finish_reason == "stop" and r.usage.completion_tokens == 0
+
+    # Generated tokens, then the end token; the same in a stream.
+    r = client.completions.create(model=MODEL, prompt=ids[:-2], max_tokens=10, temperature=0, logprobs=0)
+    assert r.choices[0].text == " Paris." and r.usage.completion_tokens == 2
+    assert r.choices[0].logprobs.tokens == [" Paris", ".", "<|im_end|>"]
+    chunks = list(client.completions.create(model=MODEL, prompt=ids[:-2], max_tokens=10, temperature=0, logprobs=0,
+                                            stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == [" Paris", ".", "<|im_end|>"] and "".join(c.choices[0].text for c in chunks) == " Paris."
+
+
+def test_chat_logprobs_list_the_end_token(client):
+    kwargs = dict(model=MODEL, messages=QUESTION, temperature=0, max_tokens=30, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(**kwargs)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == "The capital of France is Paris." and r.usage.completion_tokens == 7
+    assert len(content) == 8 and content[-1].token == "<|im_end|>" and len(content[-1].top_logprobs) == 2
+    assert "".join(c.token for c in content[:-1]) == r.choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = [c for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for c in chunk.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == "The capital of France is Paris."

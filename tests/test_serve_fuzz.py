@@ -24,7 +24,9 @@ def tiny_app(tokenizer):
                          max_position_embeddings=256, eos_token_id=tokenizer.eos_id)
     model = Transformer(config).eval()
     scheduler = Scheduler(model, tokenizer, max_batch=4, max_waiting=64).start()
-    return create_app(scheduler, tokenizer, "tiny", ServeSettings(max_tokens_limit=8)), scheduler
+    # "testserver": the host name Starlette's test client and schemathesis put in every request.
+    settings = ServeSettings(max_tokens_limit=8, allowed_hosts=["testserver"])
+    return create_app(scheduler, tokenizer, "tiny", settings), scheduler
 
 
 @pytest.fixture(scope="module")

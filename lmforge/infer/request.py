@@ -79,6 +79,12 @@ class DecodeState:
         self.token_logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
         self._pending_logprobs: tuple[float, dict[int, float]] | None = None
+        # The end token that finished the sequence, and its log-probs when asked for. It is
+        # kept apart from `generated` (it is not part of the answer's text or token count),
+        # but clients that score with echo + logprobs expect an entry for every token the
+        # model produced, this one included.
+        self.end_token: int | None = None
+        self.end_logprobs: tuple[float, dict[int, float]] | None = None
         self.json = None
         if params.json_object or params.json_schema is not None:
             if tokenizer is None or tokenizer.token_bytes(0) is None:
@@ -119,6 +125,7 @@ class DecodeState:
     def append(self, token: int) -> str:
         """Record a sampled token; return the text that is now safe to show."""
         if token in self.eos_ids:
+            self.end_token, self.end_logprobs = token, self._pending_logprobs
             self.finish_reason = "stop"
             self._flush()
             return self._release()

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .app import APIError
+from .errors import APIError
 from .feedback import FeedbackStore, NotFound
 
 STATIC_DIR = Path(__file__).parent / "static"

@@ -1,0 +1,423 @@
+"""The OpenAI-compatible routes over the continuous-batching `Scheduler`.
+
+POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health and
+GET /metrics. Response shapes and field names follow the OpenAI API, so the official
+`openai` client and OpenAI-speaking tools (lm-evaluation-harness, which scores with
+`echo` + `logprobs`) work unchanged. The routes are thin: all model work happens on the
+scheduler's thread, and everything they share lives in the app's `ServerState`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Annotated, Any, AsyncIterator
+
+import torch
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from ..errors import LmforgeError
+from ..infer.json_schema import check_schema
+from ..infer.request import check_prompt
+from ..infer.sampling import SamplingParams
+from ..infer.scheduler import Event, QueueFull, RequestHandle, ShuttingDown
+from .errors import APIError, error_body
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .state import ServerState, server_state
+
+log = logging.getLogger("lmforge.serve")
+
+router = APIRouter()
+State = Annotated[ServerState, Depends(server_state)]
+
+
+# ---------------------------------------------------------------------- helpers
+def check_model(state: ServerState, name: str | None) -> None:
+    if name not in (None, "", state.model_name):
+        raise APIError(404, f"model {name!r} does not exist; this server serves {state.model_name!r}",
+                       "not_found_error", "model", "model_not_found")
+
+
+def sampling(state: ServerState, body, max_tokens: int | None, logprobs: int | None, prompt_len: int,
+             index: int) -> SamplingParams:
+    limit = state.settings.max_tokens_limit
+    if max_tokens is not None and max_tokens > limit:
+        raise APIError(400, f"max_tokens is limited to {limit}", param="max_tokens")
+    budget = max_tokens if max_tokens is not None else min(limit, state.context_length - prompt_len)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise APIError(400, "stop must be up to 4 non-empty strings", param="stop")
+    seed = None if body.seed is None else body.seed + index  # n choices: distinct, reproducible
+    try:
+        return SamplingParams(
+            max_tokens=max(1, budget), temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            min_p=body.min_p, repetition_penalty=body.repetition_penalty, stop=stop, seed=seed,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logprobs=logprobs,
+            ignore_eos=body.ignore_eos,
+        )
+    except LmforgeError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+def submit(state: ServerState, ids: list[int], params: SamplingParams) -> RequestHandle:
+    try:
+        return state.scheduler.submit(ids, params, loop=asyncio.get_running_loop())
+    except QueueFull as exc:
+        raise APIError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+    except ShuttingDown as exc:
+        raise APIError(503, str(exc), "server_error", headers={"Retry-After": "5"}) from None
+    except LmforgeError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+
+
+def token_text(state: ServerState, token: int) -> str:
+    return state.tokenizer.decode([token])
+
+
+def top_entries(state: ServerState, top: dict[int, float]) -> list[dict[str, Any]]:
+    return [{"token": token_text(state, t), "logprob": lp, "bytes": list(token_text(state, t).encode())}
+            for t, lp in top.items()]
+
+
+def finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def end_event(handle: RequestHandle) -> Event | None:
+    """The end token that finished `handle`, as an event with its log-probs; None if the
+    generation ended otherwise or no log-probs were asked for.
+
+    The end token is no part of the answer's text or its token count, but OpenAI-style
+    servers list it among the log-probs, and clients rely on that: lm-evaluation-harness
+    asks for echo + max_tokens=1 and drops the last entry as the generated token.
+    """
+    decode = handle.state
+    if decode is None or decode.end_token is None or decode.end_logprobs is None:
+        return None
+    logprob, top = decode.end_logprobs
+    return Event(token_ids=[decode.end_token], logprobs=[logprob], top_logprobs=[top])
+
+
+def with_end(result: Event, handle: RequestHandle) -> Event:
+    """`result`'s tokens and log-probs followed by the end token's, for the logprobs fields."""
+    end = end_event(handle)
+    if end is None:
+        return result
+    return Event(text=result.text, token_ids=result.token_ids + end.token_ids, logprobs=result.logprobs + end.logprobs,
+                 top_logprobs=result.top_logprobs + end.top_logprobs)
+
+
+async def collect(handles: list[RequestHandle], request: Request) -> list[Event]:
+    """Wait for every handle; if the client goes away first, cancel them (frees batch rows)."""
+    gathered = asyncio.ensure_future(asyncio.gather(*(h.aresult() for h in handles)))
+    gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=0.25)
+            if done:
+                results = gathered.result()
+                break
+            if await request.is_disconnected():
+                raise asyncio.CancelledError
+    except asyncio.CancelledError:
+        for h in handles:
+            h.cancel()
+        gathered.cancel()
+        raise
+    for r in results:
+        if r.error:
+            raise APIError(500, "generation failed", "server_error")
+    return results
+
+
+async def stream_events(handles: list[RequestHandle], make_chunk, final_chunk) -> AsyncIterator[str | tuple]:
+    """Merge the handles' events into SSE lines; cancel everything if the client goes away.
+
+    The last item is ("usage", completion tokens) for the caller to report or drop.
+    """
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, handle: RequestHandle) -> None:
+        async for event in handle.events():
+            await merged.put((index, event))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    open_choices = len(handles)
+    completion_tokens = 0
+    try:
+        while open_choices:
+            index, event = await merged.get()
+            completion_tokens += len(event.token_ids)
+            if event.text or event.token_ids:
+                yield f"data: {json.dumps(make_chunk(index, event))}\n\n"
+            if event.final and event.error:
+                log.error(json.dumps({"generation_error": event.error}))
+                yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
+                open_choices -= 1
+            elif event.final:
+                open_choices -= 1
+                end = end_event(handles[index])
+                if end is not None:  # its log-probs only: no text, not counted in usage
+                    yield f"data: {json.dumps(make_chunk(index, end))}\n\n"
+                yield f"data: {json.dumps(final_chunk(index, event))}\n\n"
+        yield ("usage", completion_tokens)
+    finally:
+        for h in handles:
+            h.cancel()
+        for t in tasks:
+            t.cancel()
+
+
+def prompt_lists(state: ServerState, prompt) -> list[list[int]]:
+    encode = state.tokenizer.encode
+    if isinstance(prompt, str):
+        return [encode(prompt)]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [encode(p) for p in prompt]
+    if all(isinstance(p, list) for p in prompt):
+        return [list(p) for p in prompt]
+    raise APIError(400, "prompt must be a string, a list of strings, or token ids", param="prompt")
+
+
+def score_prompt(state: ServerState, ids: list[int], top: int
+                 ) -> tuple[list[float | None], list[dict[int, float] | None]]:
+    """Log-prob of every prompt token given the ones before it (runs on the scheduler thread)."""
+    scheduler = state.scheduler
+
+    def work():
+        with torch.inference_mode():
+            logits = scheduler.model(torch.tensor([ids], device=scheduler.device))[0].float()
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        target = torch.tensor(ids[1:], device=logp.device)
+        chosen = logp.gather(-1, target[:, None])[:, 0].tolist()
+        tops: list[dict[int, float] | None] = [None]
+        if top:
+            values, idx = logp.topk(top, dim=-1)
+            tops += [dict(zip(i.tolist(), v.tolist())) for i, v in zip(idx, values)]
+        else:
+            tops += [{} for _ in chosen]
+        return [None] + chosen, tops
+
+    return scheduler.run(work)
+
+
+def lp_block(state: ServerState, tokens: list[int], lps: list, tops: list, offset0: int) -> dict[str, Any]:
+    """The `logprobs` object of /v1/completions: tokens, their log-probs, alternatives, offsets."""
+    texts = [token_text(state, t) for t in tokens]
+    offsets, pos = [], offset0
+    for t in texts:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": texts, "token_logprobs": lps, "text_offset": offsets,
+            "top_logprobs": [None if tp is None else {token_text(state, i): v for i, v in tp.items()} for tp in tops]}
+
+
+def model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmforge"}
+
+
+# ----------------------------------------------------------------------- routes
+@router.get("/health")
+async def health(state: State):
+    stats = state.scheduler.stats
+    return {"status": "ok", "model": state.model_name, "running": stats.running, "waiting": stats.waiting}
+
+
+@router.get("/metrics")
+async def prometheus(state: State):
+    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models")
+async def list_models(state: State):
+    return {"object": "list", "data": [model_card(state)]}
+
+
+@router.get("/v1/models/{model_id}")
+async def get_model(model_id: str, state: State):
+    check_model(state, model_id)
+    return model_card(state)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
+    check_model(state, body.model)
+    model_name, tokenizer = state.model_name, state.tokenizer
+    json_object = body.response_format is not None and body.response_format.type == "json_object"
+    json_schema = None
+    if body.response_format is not None and body.response_format.type == "json_schema":
+        spec = body.response_format.json_schema
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "response_format json_schema needs {'name': ..., 'schema': {...}}",
+                           param="response_format")
+        json_schema = spec["schema"]
+    try:
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except (ValueError, LmforgeError) as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if state.settings.log_prompts:
+        log.info(json.dumps({"prompt": messages}, ensure_ascii=False))
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens == 0:
+        raise APIError(400, "max_tokens must be at least 1 for chat completions", param="max_tokens")
+    top = body.top_logprobs if body.logprobs else None
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+    logprobs = (top or 0) if body.logprobs else None
+    params = [sampling(state, body, max_tokens, logprobs, len(ids), i) for i in range(body.n)]
+    for p in params:
+        p.json_object = json_object
+        p.json_schema = json_schema
+    if json_schema is not None:
+        try:
+            check_schema(json_schema)
+        except LmforgeError as exc:
+            raise APIError(400, str(exc), param="response_format") from None
+    handles = [submit(state, ids, p) for p in params]
+    rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def logprob_content(event: Event) -> dict[str, Any] | None:
+        if not body.logprobs:
+            return None
+        return {"content": [{"token": token_text(state, t), "logprob": lp,
+                             "bytes": list(token_text(state, t).encode()), "top_logprobs": top_entries(state, tp)}
+                            for t, lp, tp in zip(event.token_ids, event.logprobs, event.top_logprobs)]}
+
+    def frame(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                "choices": choices, **extra}
+
+    if body.stream:
+        def chunk(index, event):
+            return frame([{"index": index, "delta": {"content": event.text}, "logprobs": logprob_content(event),
+                           "finish_reason": None}])
+
+        def final(index, event):
+            return frame([{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish(event.finish_reason)}])
+
+        async def sse():
+            for i in range(body.n):  # the role comes first, as OpenAI sends it
+                yield "data: " + json.dumps(frame([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}])) + "\n\n"
+            async for line in stream_events(handles, chunk, final):
+                if isinstance(line, tuple):
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield "data: " + json.dumps(frame([], usage=usage(len(ids) * body.n, line[1]))) + "\n\n"
+                    continue
+                yield line
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    results = await collect(handles, request)
+    return {
+        "id": rid, "object": "chat.completion", "created": now, "model": model_name,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                     "logprobs": logprob_content(with_end(r, h)), "finish_reason": finish(r.finish_reason)}
+                    for i, (r, h) in enumerate(zip(results, handles))],
+        "usage": usage(len(ids) * body.n, sum(len(r.token_ids) for r in results)),
+    }
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, state: State):
+    check_model(state, body.model)
+    model_name, tokenizer = state.model_name, state.tokenizer
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of not in (None, 1, body.n):
+        raise APIError(400, "best_of is not supported", param="best_of")
+    prompts = prompt_lists(state, body.prompt)
+    vocab = state.scheduler.model.config.vocab_size
+    for ids in prompts:
+        try:
+            check_prompt(ids, SamplingParams(max_tokens=1), state.context_length, vocab)
+        except LmforgeError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
+    rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    generate = body.max_tokens != 0
+    if body.stream and body.echo:
+        raise APIError(400, "echo is not supported with stream", param="echo")
+    if not generate and not body.echo:
+        raise APIError(400, "max_tokens=0 only makes sense with echo=true", param="max_tokens")
+    handles: list[tuple[int, RequestHandle | None]] = []
+    for p_index, ids in enumerate(prompts):
+        for k in range(body.n if generate else 1):
+            if generate:
+                params = sampling(state, body, body.max_tokens, body.logprobs, len(ids), k)
+                handles.append((p_index, submit(state, ids, params)))
+            else:
+                handles.append((p_index, None))
+
+    def frame(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                "choices": choices, **extra}
+
+    if body.stream:
+        plain = [h for _, h in handles]
+
+        def chunk(index, event):
+            return frame([{"index": index, "text": event.text, "finish_reason": None,
+                           "logprobs": lp_block(state, event.token_ids, event.logprobs, event.top_logprobs, 0)
+                           if body.logprobs is not None else None}])
+
+        def final(index, event):
+            return frame([{"index": index, "text": "", "finish_reason": finish(event.finish_reason), "logprobs": None}])
+
+        async def sse():
+            async for line in stream_events(plain, chunk, final):
+                if isinstance(line, tuple):
+                    if body.stream_options and body.stream_options.include_usage:
+                        prompt_tokens = sum(len(p) for p in prompts) * body.n
+                        yield "data: " + json.dumps(frame([], usage=usage(prompt_tokens, line[1]))) + "\n\n"
+                    continue
+                yield line
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    live = [h for _, h in handles if h is not None]
+    results = iter(await collect(live, request)) if live else iter(())
+    scored: dict[int, tuple] = {}
+    if body.echo and body.logprobs is not None:
+        loop = asyncio.get_running_loop()
+        for p_index, ids in enumerate(prompts):
+            scored[p_index] = await loop.run_in_executor(None, score_prompt, state, ids, body.logprobs)
+    choices, completion_tokens = [], 0
+    for i, (p_index, handle) in enumerate(handles):
+        ids = prompts[p_index]
+        result = next(results) if handle is not None else None
+        prompt_text = tokenizer.decode(ids) if body.echo else ""
+        text = prompt_text + (result.text if result else "")
+        logprobs = None
+        if body.logprobs is not None:
+            tokens, lps, tops = [], [], []
+            if body.echo:
+                tokens, (lps, tops) = list(ids), scored[p_index]
+                lps, tops = list(lps), list(tops)
+            if result is not None:
+                listed = with_end(result, handle)
+                tokens += listed.token_ids
+                lps += listed.logprobs
+                tops += listed.top_logprobs
+            logprobs = lp_block(state, tokens, lps, tops, 0)
+        completion_tokens += len(result.token_ids) if result else 0
+        choices.append({"index": i, "text": text, "logprobs": logprobs,
+                        "finish_reason": finish(result.finish_reason) if result else "length"})
+    return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
+            "usage": usage(sum(len(p) for p in prompts), completion_tokens)}
