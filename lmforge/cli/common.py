@@ -138,7 +138,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type, title: str | None = 
             if spec.choices:
                 kwargs["choices"] = spec.choices
             if not spec.choices:
-                kwargs["metavar"] = spec.metavar or field.name.upper()
+                kwargs["metavar"] = spec.metavar or flag_name(field, hint).lstrip("-").upper().replace("-", "_")
             element = typing.get_args(base)[0] if typing.get_origin(base) in (list, tuple) else base
             if spec.parse is None and element in (int, float):
                 kwargs["type"] = element

@@ -1,0 +1,56 @@
+"""What `lmforge serve` is configured by: its service policy and how it runs.
+
+Both dataclasses are the one description of the server's settings: `create_app` takes a
+`ServeSettings`, and `lmforge serve` generates a flag from every field of both. This
+module imports nothing heavy, so building the command line stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.options import option
+
+
+@dataclass
+class ServeSettings:
+    """Service policy: who may call, how much, and what is logged."""
+
+    api_keys: list[str] = option(default_factory=list, flag="--api-key", repeat=True, metavar="KEY",
+                                 help="accepted API key (repeatable; also LMFORGE_API_KEYS, comma-separated); "
+                                      "required when binding to a non-loopback address; none: no authentication")
+    rate_limit_per_minute: int = option(0, flag="--rate-limit", help="requests per minute per API key (0 = unlimited)")
+    max_request_bytes: int = option(1 << 20, help="largest request body accepted")
+    max_tokens_limit: int = option(4096, help="largest max_tokens a client may ask for")
+    log_prompts: bool = option(False, help="include prompt text in request logs (never logged otherwise)")
+    # The address the server is bound to: a name or address given there is a valid Host
+    # header, besides the loopback names.
+    host: str = option("127.0.0.1", help="address to bind; a loopback address serves this machine only")
+    # Checked against the Host header while no API key is set, so a web page cannot reach
+    # a loopback server through DNS rebinding; "*" accepts any.
+    allowed_hosts: list[str] = option(default_factory=list, flag="--allow-host", repeat=True, metavar="NAME",
+                                      help="another host name clients reach this server by, accepted in the Host "
+                                           "header of unauthenticated requests (repeatable; * = any)")
+
+
+@dataclass
+class ServeRuntime:
+    """How the server runs: its port, the decode batch, the caches and the chat database."""
+
+    port: int = option(8000, help="TCP port")
+    max_batch: int = option(16, help="requests decoded together (KV-cache rows)")
+    max_waiting: int = option(64, help="requests queued beyond the batch before answering 429")
+    max_seq_len: int | None = option(None, help="tokens per request, prompt included (default: the model's "
+                                                "context, at most 4096)")
+    prefix_cache_mb: float = option(128.0, help="memory for keys/values of prompt prefixes seen before, reused by "
+                                                "later requests that start the same way (0 = off)")
+    db: str = option("lmforge-serve.db", metavar="PATH",
+                     help="SQLite file keeping the web chat's conversations and feedback, created if missing")
+
+    def __post_init__(self) -> None:
+        from lmforge.errors import LmforgeError
+
+        if self.max_batch < 1 or self.max_waiting < 0 or self.prefix_cache_mb < 0:
+            raise LmforgeError("--max-batch must be >= 1, --max-waiting and --prefix-cache-mb >= 0")
+        if not 0 <= self.port <= 65535:
+            raise LmforgeError(f"--port must be in 0..65535, got {self.port}")
