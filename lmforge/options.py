@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+from lmforge.errors import LmforgeError
+
 OPTION_KEY = "lmforge.option"
 
 
@@ -43,3 +45,14 @@ def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: An
 
 def flag_spec(field: dataclasses.Field) -> FlagSpec | None:
     return field.metadata.get(OPTION_KEY)
+
+
+def int_list(text: str, flag: str = "") -> list[int]:
+    """``1,10,100`` -> [1, 10, 100]; anything else is an error (naming `flag` when given)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise LmforgeError(f"{flag + ': ' if flag else ''}expected comma-separated integers, got {text!r}")
+    return values

@@ -108,3 +108,16 @@ def test_convert_default_model_loads_in_transformers(capsys, tmp_path, default_l
     # The converted directory is itself a model lmforge can load.
     code, out, _ = run_cli(capsys, "info", str(tmp_path / "hf"), "--json")
     assert code == 0 and json.loads(out)["parameters"] == 134_515_008
+
+
+def test_building_the_parser_loads_no_heavy_module():
+    # Flags are generated from configuration dataclasses; those live apart from the code
+    # that uses them, so `lmforge --help` (and every command's start) stays fast.
+    import subprocess
+    import sys
+
+    code = ("import sys; from lmforge.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'jinja2', 'fastapi', 'transformers') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"

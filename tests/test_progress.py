@@ -47,6 +47,11 @@ def test_every_n_items_on_a_pipe_and_the_rate_of_a_resumed_run():
     assert all("loss 1.0000" in ln and "ETA 1:05" in ln for ln in lines)
     rate = float(lines[-1].split()[5].replace(",", ""))  # steps/s: the 20 steps of this invocation only
     assert rate == pytest.approx(20 / (line.last_shown - line.started), rel=0.01, abs=0.1)
+    # Without an explicit ETA it also comes from this invocation's pace: 40 steps left at 20 per elapsed.
+    quiet = Progress("train", 100, unit="steps", stream=io.StringIO(), every=10, initial=40)
+    quiet.update(60)
+    elapsed = quiet.last_shown - quiet.started
+    assert f"ETA {format_duration(40 * elapsed / 20)}" in quiet.line(quiet.last_shown)
 
 
 def test_fraction_bytes_and_summary():

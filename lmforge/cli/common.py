@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import types
 import typing
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge import options
 from lmforge.options import flag_spec
 
 MODEL_HELP = "registered model name, Hugging Face directory or .gguf file (default: the default model)"
@@ -85,24 +85,21 @@ def load_model(args: argparse.Namespace, remote: bool = True):
 
 
 def int_list(text: str) -> list[int]:
-    """``1,10,100`` -> [1, 10, 100] (an argparse type)."""
+    """``1,10,100`` -> [1, 10, 100], as an argparse type."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
+        return options.int_list(text)
+    except LmforgeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ---- flags from configuration dataclasses -------------------------------------------------
 
-def _scalar(hint: Any) -> tuple[Any, bool]:
-    """(the type a flag converts to, whether None is allowed) from a field's annotation."""
+def _without_none(hint: Any) -> Any:
+    """``int | None`` -> int: the type a flag's value converts to."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return (args[0] if len(args) == 1 else str), True
-    return hint, False
+        return args[0] if len(args) == 1 else str
+    return hint
 
 
 def config_flags(cls: type) -> list[tuple[dataclasses.Field, Any]]:
@@ -118,16 +115,13 @@ def flag_name(field: dataclasses.Field, hint: Any) -> str:
     return f"--no-{name}" if hint is bool and field.default is True else f"--{name}"
 
 
-def add_config_flags(p: argparse.ArgumentParser, cls: type, title: str | None = None,
-                     skip: tuple[str, ...] = ()) -> None:
+def add_config_flags(p: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
     """One flag per `option(...)` field of `cls`; `config_from_args` reads them back."""
     group = p.add_argument_group(title) if title else p
     for field, hint in config_flags(cls):
-        if field.name in skip:
-            continue
         spec = flag_spec(field)
         kwargs: dict[str, Any] = {"dest": f"cfg:{field.name}", "help": spec.help, "default": argparse.SUPPRESS}
-        base, _ = _scalar(hint)
+        base = _without_none(hint)
         if base is bool:
             kwargs["action"] = "store_false" if field.default is True else "store_true"
         else:
@@ -137,7 +131,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type, title: str | None = 
                 kwargs["nargs"] = spec.nargs
             if spec.choices:
                 kwargs["choices"] = spec.choices
-            if not spec.choices:
+            else:
                 kwargs["metavar"] = spec.metavar or flag_name(field, hint).lstrip("-").upper().replace("-", "_")
             element = typing.get_args(base)[0] if typing.get_origin(base) in (list, tuple) else base
             if spec.parse is None and element in (int, float):
@@ -159,7 +153,3 @@ def config_from_args(cls: type, args: argparse.Namespace, **given: Any):
             parse = flag_spec(field).parse
             values[field.name] = parse(raw) if parse is not None else raw
     return cls(**values)
-
-
-def warn(message: str) -> None:
-    print(f"lmforge: warning: {message}", file=sys.stderr)

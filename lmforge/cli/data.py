@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="prepare training data: clean, dedup, PII, pack; validate datasets")
     verbs = parser.add_subparsers(dest="data_command", required=True, metavar="VERB")
 
-    from lmforge.data.pipeline import PrepareConfig
+    from lmforge.data.config import PrepareConfig
 
     p = verbs.add_parser("prepare", help="corpora -> cleaned, deduplicated, packed token shards + scorecard")
     add_config_flags(p, PrepareConfig)

@@ -23,7 +23,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
                     "(majority vote over --samples); code tasks run tests in a sandbox (pass@k).")
     add_model_argument(p)
     p.add_argument("--task", required=True, help=TASK_HELP)
-    from lmforge.eval.bench.runner import BenchOptions
+    from lmforge.eval.bench.options import BenchOptions
 
     add_config_flags(p, BenchOptions)
     p.add_argument("--json", action="store_true", help="print the result (without per-item details) as one JSON object")

@@ -13,11 +13,12 @@ from lmforge.cli.common import (add_device_flags, add_model_argument, add_remote
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.infer.sampling import SamplingParams
 
-    params = SamplingParams(**sampling_kwargs(args))  # validate flags before the slow load
+    sampling = sampling_kwargs(args)
+    params = SamplingParams(**sampling)  # validate flags before the slow load
     lm = load_model(args)
     if args.json:
         if lm.model is None:  # remote: the endpoint reports counts, not timings
-            done = lm.complete(args.prompt, **sampling_kwargs(args))[0]
+            done = lm.complete(args.prompt, **sampling)[0]
             print(json.dumps({"model": lm.name, "text": done.text, "finish_reason": done.finish_reason,
                               "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
                              ensure_ascii=False))
@@ -35,7 +36,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if done.decode_seconds > 0 and done.completion_tokens > 1 else None,
         }, ensure_ascii=False))
         return 0
-    for delta in lm.stream(args.prompt, **sampling_kwargs(args)):
+    for delta in lm.stream(args.prompt, **sampling):
         print(delta, end="", flush=True)
     print()
     return 0

@@ -11,12 +11,14 @@ from lmforge.errors import LmforgeError
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from lmforge.model.loading import load_model, load_tokenizer, pick_dtype
+    import torch
+
     from lmforge.model.checkpoint import save_hf_model
+    from lmforge.model.loading import load_model, load_tokenizer, pick_dtype
     from lmforge.model.registry import resolve
 
     spec = resolve(args.src)
-    dtype = pick_dtype(None if args.dtype == "auto" else args.dtype, __import__("torch").device("cpu"))
+    dtype = pick_dtype(args.dtype, torch.device("cpu"))  # converted on the CPU: "auto" is float32
     model = load_model(spec, dtype=dtype)
     try:
         tokenizer = load_tokenizer(spec)

@@ -80,12 +80,15 @@ class Progress:
             filled = int(BAR_WIDTH * fraction)
             parts.append(f"{100 * fraction:3.0f}% [{'#' * filled}{'-' * (BAR_WIDTH - filled)}]")
         count = f"{self.done:,}/{self.total:,}" if self.total else f"{self.done:,}"
-        parts += [f"{count} {self.unit}", f"{(self.done - self.initial) / elapsed:,.1f} {self.unit}/s"]
+        rate = (self.done - self.initial) / elapsed
+        parts += [f"{count} {self.unit}", f"{rate:,.1f} {self.unit}/s"]
         if nbytes:
             parts += [f"{nbytes / 1e6:.1f} MB", f"{nbytes / 1e6 / elapsed:.2f} MB/s"]
         if info:
             parts.append(info)
-        if eta is None and fraction and 0 < fraction < 1:
+        if eta is None and self.total and rate > 0:
+            eta = (self.total - self.done) / rate  # this invocation's pace: a resumed run's earlier work is not in it
+        elif eta is None and fraction and 0 < fraction < 1:
             eta = elapsed * (1 - fraction) / fraction
         if eta is not None and math.isfinite(eta) and (fraction is None or fraction < 1):
             parts.append(f"ETA {format_duration(eta)}")

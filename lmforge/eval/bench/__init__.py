@@ -7,15 +7,24 @@ extraction and self-consistency, code execution with pass@k.
     >>> result.metrics["acc"], result.groups["anatomy"]
 """
 
-from .code import mean_pass_at_k, pass_at_k
-from .extract import answers_match, extract_answer, majority_vote
-from .loglik import LoglikelihoodScorer, LoglikResult, split_continuation
-from .runner import BenchOptions, BenchResult, evaluate, generate_texts
-from .sources import BUILTIN_TASKS, load_task
-from .task import Task, TaskSpec, build_prompt, load_task_file, make_task
+import importlib
 
-__all__ = [
-    "BUILTIN_TASKS", "BenchOptions", "BenchResult", "LoglikResult", "LoglikelihoodScorer", "Task", "TaskSpec",
-    "answers_match", "build_prompt", "evaluate", "extract_answer", "generate_texts", "load_task", "load_task_file",
-    "majority_vote", "make_task", "mean_pass_at_k", "pass_at_k", "split_continuation",
-]
+# Names load with their module on first use: the command line builds `eval bench`'s flags
+# from `options.BenchOptions` without loading the runner, templates or sandbox.
+_HOME = {
+    "mean_pass_at_k": "code", "pass_at_k": "code",
+    "answers_match": "extract", "extract_answer": "extract", "majority_vote": "extract",
+    "LoglikelihoodScorer": "loglik", "LoglikResult": "loglik", "split_continuation": "loglik",
+    "BenchOptions": "options",
+    "BenchResult": "runner", "evaluate": "runner", "generate_texts": "runner",
+    "BUILTIN_TASKS": "sources", "load_task": "sources",
+    "Task": "task", "TaskSpec": "task", "build_prompt": "task", "load_task_file": "task", "make_task": "task",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
