@@ -28,7 +28,7 @@ def assert_user_error(code, err, message):
 
 
 def test_perplexity_cli_json_and_report(capsys, monkeypatch, tmp_path, default_lm):
-    monkeypatch.setattr(lmforge.cli.eval_perplexity, "load_model", lambda args, **kw: default_lm)  # reuse the session's model
+    monkeypatch.setattr(lmforge.cli.eval_perplexity, "load_local", lambda name, args: default_lm)  # reuse the session's model
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")[2000:2400]
     file = tmp_path / "held_out.txt"
     file.write_text(text, encoding="utf-8")

@@ -68,18 +68,22 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
 
 
-def load_model(args: argparse.Namespace, remote: bool = True):
-    """The model a verb works on: a `RemoteModel` for --base-url, else `lmforge.load` with a progress line."""
-    if remote and getattr(args, "base_url", None):
+def load_model(args: argparse.Namespace):
+    """The model a verb works on: a `RemoteModel` for --base-url, else the local MODEL (`load_local`)."""
+    if getattr(args, "base_url", None):
         from lmforge.infer.remote import RemoteModel
 
         return RemoteModel(args.base_url, api_key(args), args.model)
+    return load_local(args.model, args)
+
+
+def load_local(name: str | None, args: argparse.Namespace):
+    """`lmforge.load` of a model name or path on --device/--dtype, with a progress line."""
     from lmforge.infer.loaded import load
     from lmforge.io.progress import Progress
 
-    progress = Progress(f"loading {args.model or 'the default model'}", unit="tensors", log_every=5.0)
-    lm = load(args.model, dtype=getattr(args, "dtype", "auto"), device=getattr(args, "device", "auto"),
-              progress=progress)
+    progress = Progress(f"loading {name or 'the default model'}", unit="tensors", log_every=5.0)
+    lm = load(name, dtype=getattr(args, "dtype", "auto"), device=getattr(args, "device", "auto"), progress=progress)
     progress.close(f"loaded {lm.name}" if progress.tty else None)
     return lm
 

@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 
 from lmforge.cli.common import (MODEL_HELP, add_config_flags, add_device_flags, add_model_argument, add_remote_flags,
-                                check_remote_arguments, config_from_args, load_model)
+                                check_remote_arguments, config_from_args, load_local, load_model)
 from lmforge.errors import LmforgeError
 
 TASK_HELP = "mmlu-cot-281, humaneval, arith-word-problems, or a task file (.yaml) naming a JSONL data file"
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
+    from lmforge.eval.bench.options import BenchOptions
+
     p = verbs.add_parser(
         "bench", help="benchmark accuracy: multiple choice by log-likelihood, generation, code pass@k",
         description="Run a benchmark task. Multiple-choice tasks score each choice by log-likelihood "
@@ -23,8 +25,6 @@ def register(verbs: argparse._SubParsersAction) -> None:
                     "(majority vote over --samples); code tasks run tests in a sandbox (pass@k).")
     add_model_argument(p)
     p.add_argument("--task", required=True, help=TASK_HELP)
-    from lmforge.eval.bench.options import BenchOptions
-
     add_config_flags(p, BenchOptions)
     p.add_argument("--json", action="store_true", help="print the result (without per-item details) as one JSON object")
     p.add_argument("--out", help="directory for bench-TASK.json, .md, -items.jsonl and (with matplotlib) a per-group .png")
@@ -108,14 +108,10 @@ def run_bench(args: argparse.Namespace) -> int:
     from lmforge.io.progress import Progress
 
     options = config_from_args(BenchOptions, args)
-    task = load_task(args.task)  # bad task names and files fail before the slow model load
-    if options.variant:
-        task.spec.variant(options.variant)
-    if options.limit is not None and options.limit < 1:
-        raise LmforgeError("--limit must be at least 1")
+    task = load_task(args.task)  # bad task names, files and variants fail before the slow model load
+    spec = task.spec.variant(options.variant) if options.variant else task.spec
     check_remote_arguments(args)
-    kind = (task.spec.variant(options.variant) if options.variant else task.spec).kind
-    if args.base_url and kind == "multiple_choice":  # scored from the endpoint's prompt log-probs
+    if args.base_url and spec.kind == "multiple_choice":  # scored from the endpoint's prompt log-probs
         from lmforge.eval.remote import connect_scorer
 
         lm = connect_scorer(args.base_url, args.api_key, args.model, args.tokenizer, batch_tokens=options.batch_tokens,
@@ -193,7 +189,7 @@ def _load_local(name: str | None, args: argparse.Namespace, loaded: dict):
     """Load each distinct model once (the judge is often one of the compared models)."""
     key = name or ""
     if key not in loaded:
-        loaded[key] = load_model(argparse.Namespace(model=name, dtype=args.dtype, device=args.device), remote=False)
+        loaded[key] = load_local(name, args)
     return loaded[key]
 
 

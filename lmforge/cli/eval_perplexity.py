@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmforge.cli.common import MODEL_HELP, add_device_flags, add_remote_flags, check_remote_arguments, load_model
+from lmforge.cli.common import MODEL_HELP, add_device_flags, add_remote_flags, check_remote_arguments, load_local
 from lmforge.errors import LmforgeError
 from lmforge.io import text_files
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                                 batch_tokens=args.batch_tokens, timeout=args.request_timeout, retries=args.retries)
         name, tokenizer = scorer.name, scorer.tokenizer
     else:
-        lm = load_model(args, remote=False)
+        lm = load_local(args.model, args)
         scorer = ModelScorer(lm.model, batch_tokens=args.batch_tokens)
         name, tokenizer = lm.name, lm.tokenizer
     # An endpoint that does not report its context gets the local default; one that is too

@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 
-from lmforge.cli.common import add_config_flags, add_device_flags, add_model_argument, config_from_args, load_model
+from lmforge.cli.common import add_config_flags, add_device_flags, add_model_argument, config_from_args, load_local
 from lmforge.errors import LmforgeError
 
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from lmforge.serve.feedback import FeedbackStore
 
     store = FeedbackStore(runtime.db)  # opened first: a bad path fails before the model loads
-    lm = load_model(args, remote=False)
+    lm = load_local(args.model, args)
     max_len = runtime.max_seq_len or min(lm.config.max_position_embeddings, 4096)
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=runtime.max_batch, max_seq_len=max_len,
                           max_waiting=runtime.max_waiting,

@@ -8,8 +8,8 @@ import time
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmforge.io.progress import Progress
     from lmforge.errors import LmforgeError
+    from lmforge.io.progress import Progress
     from lmforge.tokenizer.train import read_training_texts, train_tokenizer
 
     if args.vocab_size < 2:
@@ -21,14 +21,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = Progress(f"train {args.algo}", enabled=not args.quiet,
                         unit="pieces left" if args.algo == "unigram" else "merges")
     texts = list(read_training_texts(args.input, args.text_field))
-
-    def report(done: int, total: int) -> None:
-        progress.update(done, total=total or None)
-
     tok = train_tokenizer(texts, args.algo, args.vocab_size,
                           special_tokens=args.special_tokens, min_frequency=args.min_frequency,
                           pre_tokenization=args.pre_tokenization, lowercase=args.lowercase,
-                          progress=report, **options)
+                          progress=progress, **options)
     seconds = time.perf_counter() - started
     tok.save(args.out)
     progress.close(f"trained {args.algo} with {tok.vocab_size:,} tokens")
@@ -56,8 +52,8 @@ def _named(specs: list[str]) -> dict[str, str]:
 def cmd_report(args: argparse.Namespace) -> int:
     from lmforge.data.langid import identify_language
     from lmforge.data.samples import MULTILINGUAL_SAMPLES
-    from lmforge.model.loading import resolve_tokenizer
     from lmforge.errors import LmforgeError
+    from lmforge.model.loading import resolve_tokenizer
     from lmforge.tokenizer.train import read_training_texts
     from lmforge.tokenizer.train.report import quality_report, report_markdown
 

@@ -56,7 +56,7 @@ class Progress:
                info: str = "", eta: float | None = None, force: bool = False) -> None:
         self.done = done
         if total is not None:
-            self.total = total
+            self.total = total or None  # 0: nothing known yet to measure against
         if not self.enabled:
             return
         now = time.perf_counter()

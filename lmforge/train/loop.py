@@ -31,6 +31,7 @@ import torch
 
 from lmforge.data.pack import PackedDataset
 from lmforge.errors import LmforgeError
+from lmforge.io.progress import Progress
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.data import RowStream, dataset_tokenizer, ensure_dataset, token_byte_lengths
 from lmforge.train.distributed import (Runtime, barrier, full_model_state, full_optimizer_state, init_runtime,
@@ -38,7 +39,6 @@ from lmforge.train.distributed import (Runtime, barrier, full_model_state, full_
 from lmforge.train.optim import build_optimizer
 from lmforge.train.recipe import PretrainConfig, to_yaml
 from lmforge.train.schedule import lr_factor
-from lmforge.io.progress import Progress
 from lmforge.train.telemetry import JsonlLog, SpikeDetector, peak_tflops, plot_run, read_log
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-
 # Dense bf16 peak TFLOP/s of common accelerators (vendor figures, no sparsity), for MFU.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
                    "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}

@@ -40,6 +40,8 @@ class BenchOptions:
                                                  "refusing; it can then read, change and delete your files")
 
     def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise LmforgeError("--limit must be at least 1")
         if self.samples < 1:
             raise LmforgeError("--samples must be at least 1")
         if self.shots is not None and self.shots < 0:
