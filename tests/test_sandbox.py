@@ -687,5 +687,49 @@ def test_unisolated_runs_keep_the_limits_and_the_verdicts(monkeypatch):
 def test_require_isolation_reports_a_missing_bwrap(tmp_path):
     missing = detect_isolation(str(tmp_path / "bwrap"))
     assert not missing.available and "cannot start" in missing.reason
-    with pytest.raises(LmforgeError):
+    with pytest.raises(LmforgeError) as refused:
         require_isolation(bwrap=str(tmp_path / "bwrap"))
+    assert "apt-get install bubblewrap" in str(refused.value)
+
+
+def test_a_bwrap_that_cannot_isolate_is_refused_with_the_right_advice(tmp_path):
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: Creating new namespace failed: Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(LmforgeError) as refused:
+        require_isolation(bwrap=str(fake))
+    message = str(refused.value)
+    assert "\n" not in message and "Operation not permitted" in message and "--unsafe-no-sandbox" in message
+    assert "apt-get" not in message  # it is installed; installing it again would not help
+
+
+def test_the_probe_runs_once_for_concurrent_first_callers(isolation, monkeypatch):
+    import lmforge.eval.sandbox as sandbox
+
+    probes = []
+    real = sandbox.run_python
+    monkeypatch.setattr(sandbox, "run_python", lambda code, *a, **k: (probes.append(code), real(code, *a, **k))[1])
+    sandbox._probe.cache_clear()
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda _: detect_isolation(), range(8)))
+    assert found == [isolation] * 8 and len(probes) == 1
+
+
+def test_a_refused_final_flush_fails_the_run_at_once():
+    """Output the size limit refuses at the end: a failure, and the program's threads do not hold the exit."""
+    code = "import threading, time\nthreading.Thread(target=time.sleep, args=(30,)).start()\nprint('x' * 100)"
+    result = run_python(code, SandboxLimits(timeout=10, output_bytes=50), isolation=UNISOLATED)
+    assert result.status != "ok" and result.returncode == 1 and result.seconds < 5
+
+
+def test_run_programs_starts_no_more_after_an_interrupt():
+    from lmforge.eval.bench.code import run_programs
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_programs(["import time\ntime.sleep(0.5)"] * 40, FAST, workers=2, progress=interrupt,
+                     isolation=UNISOLATED)
+    assert time.perf_counter() - started < 5  # all 40 would take 10 s

@@ -33,9 +33,10 @@ deliberately digs the token out of the interpreter could forge it, but no accide
 Where bwrap is missing or the kernel refuses the namespaces (an unprivileged container
 without user namespaces, for example), `require_isolation` refuses to run model-written
 code with one clear error, unless the caller explicitly allows running it unisolated
-(`lmforge eval bench --unsafe-no-sandbox`); then only the resource limits, the empty
-environment, a temporary working directory and the wall-clock kill of the process group
-remain, and a warning says so.
+(`lmforge eval bench --unsafe-no-sandbox`); then only the resource limits (all but the
+process count, which would include the user's other processes), the empty environment, a
+temporary working directory and the wall-clock kill of the process group remain, and a
+warning says so.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -76,30 +78,36 @@ for name, text in config["files"].items():
 for name, (soft, hard) in config["limits"].items():
     resource.setrlimit(getattr(resource, name), (soft, hard))
 os.set_inheritable(verdict_fd, False)
-source, token = config["program"], config["token"].encode()
+source, token = config["files"]["program.py"], config["token"].encode()
 del config
 sys.argv = ["program.py"]
+
+
+def finish(passed):
+    # os._exit skips flushing, and a flush the file-size limit refuses fails the run.
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if passed:
+            os.write(verdict_fd, token)
+    except BaseException:
+        passed = False
+        traceback.print_exc()
+    finally:
+        os._exit(0 if passed else 1)
+
+
+passed = False
 try:
     exec(compile(source, "program.py", "exec"), {})
-except BaseException as exc:
-    try:
-        try:
-            sys.stdout.flush()
-        finally:
-            traceback.print_exc()
-        if isinstance(exc, SystemExit):
-            print("sandbox: the program exited before its end, which counts as a failure", file=sys.stderr)
-        sys.stderr.flush()
-    finally:
-        os._exit(1)
-try:
-    sys.stdout.flush()
-    sys.stderr.flush()
+    passed = True
+except SystemExit:
+    traceback.print_exc()
+    print("sandbox: the program exited before its end, which counts as a failure", file=sys.stderr)
 except BaseException:
     traceback.print_exc()
-    os._exit(1)
-os.write(verdict_fd, token)
-os._exit(0)
+finally:
+    finish(passed)
 '''
 
 # Host uids the sandbox runs as when started by root: a random one per run from a range no
@@ -147,7 +155,7 @@ class Isolation:
     """
 
     mode: str
-    bwrap: str | None = None
+    bwrap: str | None = None  # the bwrap that runs (or, for "none", was found but cannot isolate)
     proc: bool = True  # a fresh /proc is mounted (some containers forbid it; then there is none)
     reason: str = ""  # for "none": why the sandbox cannot run here
 
@@ -184,22 +192,24 @@ def _python() -> tuple[str, list[str]]:
         libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
         if libdir and soname and os.path.exists(os.path.join(libdir, soname)):
             needed.add(os.path.realpath(os.path.join(libdir, soname)))
-    return interpreter, sorted(p for p in needed if not _under(p, "/usr"))
+    return interpreter, sorted(p for p in needed if not Path(p).is_relative_to("/usr"))
 
 
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
+@lru_cache(maxsize=8)
+def _bwrap_layout(isolation: Isolation) -> tuple[str, ...]:
+    """The bwrap arguments every run under `isolation` shares: namespaces, user, the read-only root.
 
-
-def _bwrap_args(bwrap: str, mode: str, proc: bool, limits: SandboxLimits, info_fd: int) -> list[str]:
-    args = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--info-fd", str(info_fd)]
-    if mode == "root":
+    Built once per process: the host's layout (`/bin` a link or not, the interpreter's paths)
+    does not change between programs.
+    """
+    args = [isolation.bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--hostname", "sandbox", "--die-with-parent", "--new-session"]
+    if isolation.mode == "root":
         # Only what the bootstrap needs to switch to the sandbox uid; bwrap drops the rest.
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         args += ["--unshare-user", "--uid", str(_NOBODY), "--gid", str(_NOBODY)]
-        if _supports(bwrap, "--disable-userns"):  # bwrap 0.8+: no nested user namespaces
+        if _supports(isolation.bwrap, "--disable-userns"):  # bwrap 0.8+: no nested user namespaces
             args.append("--disable-userns")
     args += ["--ro-bind", "/usr", "/usr"]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
@@ -217,14 +227,18 @@ def _bwrap_args(bwrap: str, mode: str, proc: bool, limits: SandboxLimits, info_f
             args += ["--perms", "0755", "--dir", parent]
             made.add(parent)
         args += ["--ro-bind", path, path]
-    if proc:
+    if isolation.proc:
         args += ["--proc", "/proc"]
+    args += ["--dev", "/dev"]
+    return tuple(args)
+
+
+def _bwrap_args(isolation: Isolation, limits: SandboxLimits, info_fd: int) -> list[str]:
     scratch = max(1, int(limits.scratch_mb)) << 20
-    args += ["--dev", "/dev",
-             "--size", str(scratch // 4), "--perms", "1777", "--tmpfs", "/dev/shm",
-             "--size", str(scratch), "--perms", "1777", "--tmpfs", "/tmp",
-             "--remount-ro", "/", "--chdir", "/tmp", "--clearenv", "--"]
-    return args
+    return [*_bwrap_layout(isolation), "--info-fd", str(info_fd),
+            "--size", str(scratch // 4), "--perms", "1777", "--tmpfs", "/dev/shm",
+            "--size", str(scratch), "--perms", "1777", "--tmpfs", "/tmp",
+            "--remount-ro", "/", "--chdir", "/tmp", "--clearenv", "--"]
 
 
 @lru_cache(maxsize=8)
@@ -286,7 +300,7 @@ def run_python(
     token = secrets.token_hex(16)
     isolated = isolation.available
     workdir = "/tmp" if isolated else tempfile.mkdtemp(prefix="lmforge-sandbox-")
-    config = {"program": code, "files": {"program.py": code, **files}, "limits": _rlimits(limits, isolated),
+    config = {"files": {"program.py": code, **files}, "limits": _rlimits(limits, isolated),
               "uid": _UID_BASE + secrets.randbelow(_UID_SPAN) if isolation.mode == "root" else None,
               "workdir": workdir, "token": token}
     interpreter, _ = _python()
@@ -303,7 +317,7 @@ def run_python(
             pass_fds = [config_file.fileno(), verdict.fileno()]
             if isolated:
                 info_r, info_w = os.pipe()
-                command = _bwrap_args(isolation.bwrap, isolation.mode, isolation.proc, limits, info_w) + command
+                command = _bwrap_args(isolation, limits, info_w) + command
                 pass_fds.append(info_w)
             started = time.perf_counter()
             proc = subprocess.Popen(command, cwd=workdir if not isolated else "/", env={}, stdin=stdin,
@@ -312,17 +326,7 @@ def run_python(
             if info_w >= 0:
                 os.close(info_w)
                 info_w = -1
-            timed_out = False
-            try:
-                proc.wait(timeout=limits.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill(proc, info_r)
-            except BaseException:
-                _kill(proc, info_r)
-                raise
-            if not isolated:
-                _kill_group(proc.pid)
+            timed_out = _wait(proc, limits.timeout, info_r)
             seconds = time.perf_counter() - started
             stdout = _read(out, limits.output_bytes)
             stderr = _read(err, limits.output_bytes)
@@ -355,6 +359,21 @@ def _status(timed_out: bool, code: int, completed: bool, stderr: str) -> str:
     if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
         return "timeout"
     return "error"
+
+
+def _wait(proc: subprocess.Popen, timeout: float, info_r: int) -> bool:
+    """Wait for the run to end, True when the time limit ended it; nothing it started outlives it."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc, info_r)
+        return True
+    except BaseException:
+        _kill(proc, info_r)
+        raise
+    if info_r < 0:  # unisolated: what the program left running in its process group
+        _kill_group(proc.pid)
+    return False
 
 
 def _kill(proc: subprocess.Popen, info_r: int) -> None:
@@ -423,14 +442,19 @@ def detect_isolation(bwrap: str | None = None) -> Isolation:
 
     `bwrap` is the bwrap executable (default: `bwrap` on PATH). Root first tries bwrap
     without a user namespace (then switching to an unused uid), others bwrap in a user
-    namespace; each with a fresh /proc, then without one. The answer is cached.
+    namespace; each with a fresh /proc, then without one. The answer is cached: the probe
+    runs once per process, also when the first callers come from several threads at once.
     """
-    path = bwrap or shutil.which("bwrap")
     if not sys.platform.startswith("linux"):
         return Isolation("none", reason="the sandbox needs Linux namespaces")
+    path = bwrap or shutil.which("bwrap")
     if path is None:
         return Isolation("none", reason="bubblewrap (bwrap) is not installed")
-    return _probe(os.path.realpath(path), os.geteuid())
+    with _PROBE_LOCK:
+        return _probe(os.path.realpath(path), os.geteuid())
+
+
+_PROBE_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=8)
@@ -444,7 +468,7 @@ def _probe(bwrap: str, euid: int) -> Isolation:
             try:
                 result = run_python(_PROBE, limits, isolation=candidate)
             except OSError as exc:
-                return Isolation("none", bwrap, reason=f"cannot start {bwrap}: {exc.strerror or exc}")
+                return Isolation("none", reason=f"cannot start {bwrap}: {exc.strerror or exc}")
             if result.passed:
                 return candidate
             if not first_failure:
@@ -463,8 +487,10 @@ def require_isolation(allow_unsafe: bool = False, bwrap: str | None = None) -> I
     if found.available:
         return found
     if not allow_unsafe:
+        fix = ("install bubblewrap (apt-get install bubblewrap)" if found.bwrap is None
+               else "run where bwrap may create namespaces")
         raise LmforgeError(f"refusing to run model-written code without isolation: {found.reason}; "
-                           f"install bubblewrap (apt-get install bubblewrap) or pass --unsafe-no-sandbox")
+                           f"{fix} or pass --unsafe-no-sandbox")
     print(f"WARNING: running model-written code WITHOUT a sandbox ({found.reason}): it can read, change and "
           f"delete your files, see your environment and use the network", file=sys.stderr, flush=True)
-    return Isolation("none", found.bwrap, reason=found.reason)
+    return found

@@ -48,10 +48,14 @@ def run_programs(programs: Sequence[str], limits: SandboxLimits, workers: int | 
     results: list[SandboxResult | None] = [None] * len(programs)
     done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(run_python, code, limits, None, isolation): i for i, code in enumerate(programs)}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            done += 1
-            if progress is not None:
-                progress(done, len(programs))
+        futures = {pool.submit(run_python, code, limits, isolation=isolation): i for i, code in enumerate(programs)}
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                done += 1
+                if progress is not None:
+                    progress(done, len(programs))
+        except BaseException:  # Ctrl-C or a failed run: start no more programs, let the running ones end
+            pool.shutdown(cancel_futures=True)
+            raise
     return results  # type: ignore[return-value]
