@@ -77,6 +77,23 @@ def test_generator_with_fewer_rows_than_prompts_gives_the_same_completions(tiny_
         gen.generate(prompts, params, max_batch=0)
 
 
+def test_generator_cache_fits_its_requests_and_each_keeps_its_budget(tiny_hf_dirs):
+    gen = Generator(load_hf_model(tiny_hf_dirs["llama"][0]))  # context: 128 positions
+    free = dict(temperature=0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=4, **free), SamplingParams(max_tokens=20, **free)]
+    scheduler, _ = gen._submit([[5] * 3, [5] * 10], params, True, False)
+    assert (scheduler.cache.batch, scheduler.cache.max_len) == (2, 30)  # rows: prompts; positions: 10 + 20
+    # A budget cut by the model's context sizes the rows at the context; the others keep theirs.
+    params = [SamplingParams(max_tokens=n, **free) for n in (4, 500, 9)]
+    prompts = [[5] * 3, [5] * 10, [6] * 7]
+    scheduler, _ = gen._submit(prompts, params, True, False, max_batch=2)
+    assert (scheduler.cache.batch, scheduler.cache.max_len) == (2, 128)
+    done = gen.generate(prompts, params, max_batch=2)
+    assert [(c.completion_tokens, c.finish_reason) for c in done] == [(4, "length"), (118, "length"), (9, "length")]
+    with pytest.raises(LmforgeError, match="max_batch must be at least 1"):
+        Scheduler(gen.model, None, max_batch=0)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_cached_step_equals_uncached_step_when_sampling(tiny_hf_dirs, family):
     gen = Generator(load_hf_model(tiny_hf_dirs[family][0]))

@@ -22,10 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import torch
-
 from ..errors import LmforgeError
-from .request import check_prompt, end_token_ids
+from .request import check_prompt
 from .sampling import SamplingParams
 from .scheduler import RequestHandle, Scheduler
 
@@ -51,12 +49,6 @@ class Generator:
     def __init__(self, model, tokenizer=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.context_length = model.config.max_position_embeddings
-        self.eos_ids = end_token_ids(model.config, tokenizer)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def _submit(
         self, prompts: Sequence[str | list[int]], params, use_cache: bool, stream: bool, max_batch: int | None = None
@@ -72,18 +64,20 @@ class Generator:
             if isinstance(prompt, str) and self.tokenizer is None:
                 raise LmforgeError("this generator has no tokenizer: give prompts as token ids")
             ids.append(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
-        vocab = self.model.config.vocab_size
-        longest = max(len(i) + check_prompt(i, p, self.context_length, vocab) for i, p in zip(ids, plist))
+        config = self.model.config
+        # Checked against the model's context here, so that errors name it; the longest
+        # request then bounds the scheduler's sequences, and so its cache rows.
+        longest = max(len(i) + check_prompt(i, p, config.max_position_embeddings, config.vocab_size)
+                      for i, p in zip(ids, plist))
         scheduler = Scheduler(
             self.model,
             self.tokenizer,
-            max_batch=min(len(ids), max_batch or len(ids)),
-            max_seq_len=self.context_length,
+            max_batch=len(ids) if max_batch is None else min(len(ids), max_batch),
+            max_seq_len=longest,
             max_waiting=len(ids),
             # Nothing is shared across calls, and a reused prefix may differ from a
             # recomputed one in the last bits: offline results must not depend on history.
             prefix_cache_bytes=0,
-            cache_len=longest,
             use_cache=use_cache,
         )
         return scheduler, [scheduler.submit(i, p, stream=stream) for i, p in zip(ids, plist)]
@@ -100,8 +94,6 @@ class Generator:
         `max_batch` bounds the rows decoded together (and so the KV cache's size): the
         other prompts wait and are admitted as rows free up, each at the next step.
         """
-        if max_batch is not None and max_batch < 1:
-            raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         scheduler, handles = self._submit(list(prompts), params or SamplingParams(), use_cache, False, max_batch)

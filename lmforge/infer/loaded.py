@@ -39,7 +39,7 @@ class LoadedModel:
     def config(self):
         return self.model.config
 
-    def complete(self, prompts: str | Sequence[str], **sampling: Any) -> list[Completion]:
+    def complete(self, prompts: str | list[int] | Sequence[str | list[int]], **sampling: Any) -> list[Completion]:
         """Completions with token counts, finish reasons and timings."""
         return self.generator.generate(prompts, SamplingParams(**sampling))
 
@@ -54,13 +54,13 @@ class LoadedModel:
 
     def chat(self, messages: Messages | str, **sampling: Any) -> str:
         """The assistant's reply to a conversation (a list of {"role", "content"} dicts, or one user message)."""
-        return self.generator.generate([self.chat_prompt(messages)], SamplingParams(**sampling))[0].text
+        return self.complete([self.chat_prompt(messages)], **sampling)[0].text
 
     def stream_chat(self, messages: Messages | str, **sampling: Any) -> Iterator[str]:
         """The reply as text deltas, as they are generated."""
-        return self.generator.stream(self.chat_prompt(messages), SamplingParams(**sampling))
+        return self.stream(self.chat_prompt(messages), **sampling)
 
-    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
         return self.generator.stream(prompt, SamplingParams(**sampling))
 
 

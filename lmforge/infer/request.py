@@ -40,11 +40,10 @@ def end_token_ids(config, tokenizer) -> frozenset[int]:
     model's authors meant by any of them.
     """
     declared = config.eos_token_id
-    ids = set(declared) if isinstance(declared, (list, tuple, set, frozenset)) else {declared}
-    if tokenizer is not None:  # read leniently: a tokenizer-like object may lack `eos_ids`
-        ids |= set(getattr(tokenizer, "eos_ids", None) or ())
-        ids.add(getattr(tokenizer, "eos_id", None))
+    ids = set(declared) if isinstance(declared, (list, tuple)) else {declared}
     ids.discard(None)
+    if tokenizer is not None:
+        ids |= tokenizer.eos_ids  # its eos_id included
     return frozenset(ids)
 
 

@@ -163,9 +163,9 @@ class SchedulerStats:
 class Scheduler:
     """Continuous-batching generation over one model: `step()` by hand, or a background thread.
 
-    `max_seq_len` bounds prompt + completion (the model's context at most). `cache_len`
-    (default `max_seq_len`) is the number of KV-cache positions per row: a caller that
-    knows its requests, like `Generator`, allocates no more than they need.
+    `max_seq_len` bounds prompt + completion (the model's context at most) and is the
+    number of KV-cache positions per row: a caller that knows its requests, like
+    `Generator`, asks for no more than the longest of them needs.
     """
 
     def __init__(
@@ -178,14 +178,14 @@ class Scheduler:
         max_prefill_tokens: int = 2048,
         prefix_cache_bytes: int = 128 << 20,
         on_finish: Callable[[RequestHandle], None] | None = None,
-        cache_len: int | None = None,
         use_cache: bool = True,
     ) -> None:
+        if max_batch < 1:  # no row could ever be admitted: every request would wait forever
+            raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
-        self.cache_len = min(cache_len or self.max_seq_len, self.max_seq_len)
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and use_cache else None
@@ -196,7 +196,7 @@ class Scheduler:
         self.cache = None
         if use_cache:
             dtype = model.embed.weight.dtype
-            self.cache = KVCache.for_model(model.config, max_batch, self.cache_len, dtype, self.device)
+            self.cache = KVCache.for_model(model.config, max_batch, self.max_seq_len, dtype, self.device)
         self.numpy_blas = uses_numpy_blas(model)
         self.stats = SchedulerStats()
         self._ids = itertools.count(1)
@@ -226,13 +226,9 @@ class Scheduler:
         stream: bool = True,
     ) -> RequestHandle:
         """Queue a request; raises `LmforgeError` for bad input, `QueueFull` when saturated."""
-        budget = check_prompt(list(prompt_ids), params, self.max_seq_len, self.model.config.vocab_size)
-        if len(prompt_ids) + budget > self.cache_len:
-            raise LmforgeError(
-                f"prompt ({len(prompt_ids)} tokens) and completion ({budget}) need more than the"
-                f" {self.cache_len} cache positions per request of this scheduler"
-            )
-        handle = RequestHandle(next(self._ids), list(prompt_ids), loop, stream)
+        prompt_ids = list(prompt_ids)
+        budget = check_prompt(prompt_ids, params, self.max_seq_len, self.model.config.vocab_size)
+        handle = RequestHandle(next(self._ids), prompt_ids, loop, stream)
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
@@ -337,13 +333,15 @@ class Scheduler:
         self._rows.clear()
         self.stats.running = 0
 
+    def _threads(self, rows: int):
+        """One PyTorch thread for single-row work beside NumPy's BLAS (see layout.py)."""
+        return torch_threads_for(rows) if self.numpy_blas else contextlib.nullcontext()
+
     def _forward(
         self, ids: torch.Tensor, cache: KVCache | None, start, select: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits [B, V] of the last (or `select`ed) position of every row."""
-        if not self.numpy_blas:
-            return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
-        with torch_threads_for(ids.numel()):
+        with self._threads(ids.numel()):
             return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
 
     def _uncached_logits(self, handles: list[RequestHandle]) -> torch.Tensor:
@@ -436,7 +434,7 @@ class Scheduler:
         self.stats.steps += 1
         # Sampling stays on the forward's thread budget: beside NumPy's BLAS threads (one
         # row) a second PyTorch thread for a softmax costs more than it saves.
-        with torch_threads_for(len(self._rows)) if self.numpy_blas else contextlib.nullcontext():
+        with self._threads(len(self._rows)):
             for i, handle in enumerate(self._rows):
                 state = handle.state
                 self._emit(handle, state.append(state.choose(logits[i])))

@@ -14,13 +14,14 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from ..infer.scheduler import Scheduler
-from .errors import APIError, error_body, install_error_handlers
+from .config import ServeSettings
+from .errors import install_error_handlers
 from .metrics import ServerMetrics
 from .middleware import Guard, HostCheck, RateLimiter
 from .routes import router
-from .state import ServerState, ServeSettings
+from .state import ServerState
 
-__all__ = ["APIError", "RateLimiter", "ServeSettings", "ServerState", "create_app", "error_body"]
+__all__ = ["ServeSettings", "create_app"]
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: ServeSettings | None = None,
@@ -30,11 +31,10 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
     metrics = ServerMetrics(scheduler)
     scheduler.on_finish = metrics.observe_generation  # every ending counts: done, cancelled or failed
     state = ServerState(scheduler=scheduler, tokenizer=tokenizer, model_name=model_name, settings=settings,
-                        metrics=metrics, limiter=RateLimiter(settings.rate_limit_per_minute), store=store)
+                        metrics=metrics, limiter=RateLimiter(settings.rate_limit_per_minute))
 
     app = FastAPI(title="lmforge", version="0.1.0", description="OpenAI-compatible API served by lmforge")
     app.state.server = state
-    app.state.scheduler, app.state.metrics, app.state.settings = scheduler, metrics, settings
     install_error_handlers(app)
     app.add_middleware(Guard, state=state, hosts=hosts)
     app.include_router(router)

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import Annotated, Any, AsyncIterator
 
 import torch
@@ -63,7 +64,15 @@ def sampling(state: ServerState, body, max_tokens: int | None, logprobs: int | N
         raise APIError(400, str(exc)) from None
 
 
-def submit(state: ServerState, ids: list[int], params: SamplingParams) -> RequestHandle:
+def encode(state: ServerState, text: str, param: str, **kwargs) -> list[int]:
+    """`text`'s token ids; text the tokenizer refuses (a lone surrogate, say) is the client's error."""
+    try:
+        return state.tokenizer.encode(text, **kwargs)
+    except LmforgeError as exc:
+        raise APIError(400, str(exc), param=param) from None
+
+
+def submit(state: ServerState, ids: list[int], params: SamplingParams, param: str) -> RequestHandle:
     try:
         return state.scheduler.submit(ids, params, loop=asyncio.get_running_loop())
     except QueueFull as exc:
@@ -71,16 +80,19 @@ def submit(state: ServerState, ids: list[int], params: SamplingParams) -> Reques
     except ShuttingDown as exc:
         raise APIError(503, str(exc), "server_error", headers={"Retry-After": "5"}) from None
     except LmforgeError as exc:
-        raise APIError(400, str(exc), param="messages") from None
+        raise APIError(400, str(exc), param=param) from None
 
 
 def token_text(state: ServerState, token: int) -> str:
     return state.tokenizer.decode([token])
 
 
-def top_entries(state: ServerState, top: dict[int, float]) -> list[dict[str, Any]]:
-    return [{"token": token_text(state, t), "logprob": lp, "bytes": list(token_text(state, t).encode())}
-            for t, lp in top.items()]
+def token_entry(state: ServerState, token: int, logprob: float) -> dict[str, Any]:
+    """One entry of chat log-probs. `bytes` are the token's own (a token may hold part of a
+    character, which its text can only show as U+FFFD); the text's where the vocabulary has none."""
+    text = token_text(state, token)
+    raw = state.tokenizer.token_bytes(token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode() if raw is None else raw)}
 
 
 def finish(reason: str | None) -> str:
@@ -92,28 +104,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def end_event(handle: RequestHandle) -> Event | None:
-    """The end token that finished `handle`, as an event with its log-probs; None if the
-    generation ended otherwise or no log-probs were asked for.
+def with_end(event: Event, handle: RequestHandle) -> Event:
+    """`handle`'s final `event` with the end token that finished it added to its tokens and
+    log-probs, for the logprobs fields (unchanged if it ended otherwise or no log-probs were asked).
 
     The end token is no part of the answer's text or its token count, but OpenAI-style
     servers list it among the log-probs, and clients rely on that: lm-evaluation-harness
     asks for echo + max_tokens=1 and drops the last entry as the generated token.
     """
     decode = handle.state
-    if decode is None or decode.end_token is None or decode.end_logprobs is None:
-        return None
+    if decode is None or decode.end_logprobs is None:
+        return event
     logprob, top = decode.end_logprobs
-    return Event(token_ids=[decode.end_token], logprobs=[logprob], top_logprobs=[top])
-
-
-def with_end(result: Event, handle: RequestHandle) -> Event:
-    """`result`'s tokens and log-probs followed by the end token's, for the logprobs fields."""
-    end = end_event(handle)
-    if end is None:
-        return result
-    return Event(text=result.text, token_ids=result.token_ids + end.token_ids, logprobs=result.logprobs + end.logprobs,
-                 top_logprobs=result.top_logprobs + end.top_logprobs)
+    return replace(event, token_ids=event.token_ids + [decode.end_token], logprobs=event.logprobs + [logprob],
+                   top_logprobs=event.top_logprobs + [top])
 
 
 async def collect(handles: list[RequestHandle], request: Request) -> list[Event]:
@@ -156,18 +160,18 @@ async def stream_events(handles: list[RequestHandle], make_chunk, final_chunk) -
     try:
         while open_choices:
             index, event = await merged.get()
-            completion_tokens += len(event.token_ids)
-            if event.text or event.token_ids:
-                yield f"data: {json.dumps(make_chunk(index, event))}\n\n"
-            if event.final and event.error:
+            completion_tokens += len(event.token_ids)  # before the end token is listed: it is not counted
+            if event.error:
                 log.error(json.dumps({"generation_error": event.error}))
                 yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
                 open_choices -= 1
-            elif event.final:
+                continue
+            if event.final:
+                event = with_end(event, handles[index])
+            if event.text or event.token_ids:
+                yield f"data: {json.dumps(make_chunk(index, event))}\n\n"
+            if event.final:
                 open_choices -= 1
-                end = end_event(handles[index])
-                if end is not None:  # its log-probs only: no text, not counted in usage
-                    yield f"data: {json.dumps(make_chunk(index, end))}\n\n"
                 yield f"data: {json.dumps(final_chunk(index, event))}\n\n"
         yield ("usage", completion_tokens)
     finally:
@@ -178,15 +182,14 @@ async def stream_events(handles: list[RequestHandle], make_chunk, final_chunk) -
 
 
 def prompt_lists(state: ServerState, prompt) -> list[list[int]]:
-    encode = state.tokenizer.encode
     if isinstance(prompt, str):
-        return [encode(prompt)]
+        return [encode(state, prompt, "prompt")]
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if all(isinstance(p, str) for p in prompt):
-        return [encode(p) for p in prompt]
+        return [encode(state, p, "prompt") for p in prompt]
     if all(isinstance(p, list) for p in prompt):
         return [list(p) for p in prompt]
     raise APIError(400, "prompt must be a string, a list of strings, or token ids", param="prompt")
@@ -214,10 +217,10 @@ def score_prompt(state: ServerState, ids: list[int], top: int
     return scheduler.run(work)
 
 
-def lp_block(state: ServerState, tokens: list[int], lps: list, tops: list, offset0: int) -> dict[str, Any]:
+def lp_block(state: ServerState, tokens: list[int], lps: list, tops: list) -> dict[str, Any]:
     """The `logprobs` object of /v1/completions: tokens, their log-probs, alternatives, offsets."""
     texts = [token_text(state, t) for t in tokens]
-    offsets, pos = [], offset0
+    offsets, pos = [], 0
     for t in texts:
         offsets.append(pos)
         pos += len(t)
@@ -269,16 +272,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except (ValueError, LmforgeError) as exc:
         raise APIError(400, str(exc), param="messages") from None
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = encode(state, text, "messages", add_special_tokens=False)
     if state.settings.log_prompts:
         log.info(json.dumps({"prompt": messages}, ensure_ascii=False))
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens == 0:
         raise APIError(400, "max_tokens must be at least 1 for chat completions", param="max_tokens")
-    top = body.top_logprobs if body.logprobs else None
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-    logprobs = (top or 0) if body.logprobs else None
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = [sampling(state, body, max_tokens, logprobs, len(ids), i) for i in range(body.n)]
     for p in params:
         p.json_object = json_object
@@ -288,14 +290,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             check_schema(json_schema)
         except LmforgeError as exc:
             raise APIError(400, str(exc), param="response_format") from None
-    handles = [submit(state, ids, p) for p in params]
+    handles = [submit(state, ids, p, "messages") for p in params]
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def logprob_content(event: Event) -> dict[str, Any] | None:
         if not body.logprobs:
             return None
-        return {"content": [{"token": token_text(state, t), "logprob": lp,
-                             "bytes": list(token_text(state, t).encode()), "top_logprobs": top_entries(state, tp)}
+        return {"content": [{**token_entry(state, t, lp),
+                             "top_logprobs": [token_entry(state, i, v) for i, v in tp.items()]}
                             for t, lp, tp in zip(event.token_ids, event.logprobs, event.top_logprobs)]}
 
     def frame(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -343,6 +345,8 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     if body.best_of not in (None, 1, body.n):
         raise APIError(400, "best_of is not supported", param="best_of")
     prompts = prompt_lists(state, body.prompt)
+    if state.settings.log_prompts:
+        log.info(json.dumps({"prompt": body.prompt}, ensure_ascii=False))
     vocab = state.scheduler.model.config.vocab_size
     for ids in prompts:
         try:
@@ -360,7 +364,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         for k in range(body.n if generate else 1):
             if generate:
                 params = sampling(state, body, body.max_tokens, body.logprobs, len(ids), k)
-                handles.append((p_index, submit(state, ids, params)))
+                handles.append((p_index, submit(state, ids, params, "prompt")))
             else:
                 handles.append((p_index, None))
 
@@ -373,7 +377,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
 
         def chunk(index, event):
             return frame([{"index": index, "text": event.text, "finish_reason": None,
-                           "logprobs": lp_block(state, event.token_ids, event.logprobs, event.top_logprobs, 0)
+                           "logprobs": lp_block(state, event.token_ids, event.logprobs, event.top_logprobs)
                            if body.logprobs is not None else None}])
 
         def final(index, event):
@@ -392,7 +396,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     live = [h for _, h in handles if h is not None]
-    results = iter(await collect(live, request)) if live else iter(())
+    results = iter(await collect(live, request))
     scored: dict[int, tuple] = {}
     if body.echo and body.logprobs is not None:
         loop = asyncio.get_running_loop()
@@ -415,7 +419,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
                 tokens += listed.token_ids
                 lps += listed.logprobs
                 tops += listed.top_logprobs
-            logprobs = lp_block(state, tokens, lps, tops, 0)
+            logprobs = lp_block(state, tokens, lps, tops)
         completion_tokens += len(result.token_ids) if result else 0
         choices.append({"index": i, "text": text, "logprobs": logprobs,
                         "finish_reason": finish(result.finish_reason) if result else "length"})

@@ -17,7 +17,6 @@ from .config import ServeSettings
 
 if TYPE_CHECKING:
     from ..infer.scheduler import Scheduler
-    from .feedback import FeedbackStore
     from .metrics import ServerMetrics
     from .middleware import RateLimiter
 
@@ -30,7 +29,6 @@ class ServerState:
     settings: ServeSettings
     metrics: ServerMetrics
     limiter: RateLimiter
-    store: FeedbackStore | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
