@@ -1,0 +1,226 @@
+"""Okapi BM25 keyword search over chunks, with an analyzer for English and Chinese.
+
+**Analyzer.** Text is NFKC-normalized (full-width letters and digits become ASCII, so
+"ＢＭ２５" is "bm25") and case-folded, then cut into tokens:
+
+* Latin (and other alphabetic) text: words of letters and digits; a possessive "'s" is
+  dropped and other apostrophes joined ("don't" -> "dont"); English stopwords (the 33 of
+  Lucene's English analyzer) are removed and the remaining words pass through a light
+  stemmer (Harman's S-stemmer: plural "-ies", "-es", "-s" to the singular). Both are
+  switches on `Analyzer`; benchmarks/rag_bm25.py measures each choice.
+* CJK text (Han, kana, Hangul): Chinese is written without spaces and a dictionary-free
+  index cannot know the word boundaries, so each run of CJK characters gives its character
+  unigrams and overlapping bigrams ("退款政策" -> 退 款 政 策 退款 款政 政策). A bigram
+  matches a two-character word exactly; unigrams keep single-character words and partial
+  matches findable. Traditional and Simplified characters are indexed as written (no
+  conversion): "退貨" does not match "退货".
+* punctuation, ASCII or full-width (，。「」), is never a token; mixed text ("用 BM25 搜尋")
+  gives both kinds of tokens.
+
+**Scoring.** For a query q and a chunk d of length |d| (tokens) in a collection of N chunks
+with average length avgdl:
+
+    score(q, d) = sum over query tokens t of  idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
+
+with k1 = 1.2 and b = 0.75 by default (Lucene's and Elasticsearch's). A query token that
+appears twice counts twice. The IDF variants (n(t) = chunks containing t):
+
+* "lucene" (default): ln(1 + (N - n + 0.5) / (n + 0.5)), Lucene's BM25Similarity: always
+  positive, so a term in most chunks still adds a little;
+* "okapi": ln((N - n + 0.5) / (n + 0.5)), Robertson-Sparck Jones, which is negative for a
+  term in more than half the chunks; negative values are replaced by epsilon times the
+  mean IDF of the vocabulary, as the rank-bm25 package's BM25Okapi does.
+
+The index is the chunk's `search_text()`: titles, key terms (English and Chinese), heading
+path and text, so a question that names a page's subject finds its passages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import regex
+
+from ..errors import LmforgeError
+from .fusion import Filters, make_filter
+from .types import Chunk, Hit
+
+# Lucene's EnglishAnalyzer stop set.
+ENGLISH_STOPWORDS = frozenset(
+    "a an and are as at be but by for if in into is it no not of on or such that the their then there these "
+    "they this to was will with".split()
+)
+
+_CJK_CLASS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}"
+_TOKENS = regex.compile(
+    rf"(?P<cjk>[{_CJK_CLASS}]+)"
+    rf"|(?P<word>[^\W_{_CJK_CLASS}]+(?:['\u2019][^\W_{_CJK_CLASS}]+)*)"
+)
+
+
+def s_stem(word: str) -> str:
+    """Harman's S-stemmer: English plurals to the singular, nothing else."""
+    if len(word) <= 3 or not word.isalpha():
+        return word
+    if word.endswith("ies") and not word.endswith(("eies", "aies")):
+        return word[:-3] + "y"
+    if word.endswith("es") and not word.endswith(("aes", "ees", "oes")):
+        return word[:-1]
+    if word.endswith("s") and not word.endswith(("us", "ss")):
+        return word[:-1]
+    return word
+
+
+@dataclass(frozen=True)
+class Analyzer:
+    """Text to index terms (see the module's description)."""
+
+    stopwords: frozenset[str] = ENGLISH_STOPWORDS
+    stem: Callable[[str], str] | None = s_stem
+    cjk_unigrams: bool = True
+    cjk_bigrams: bool = True
+
+    def __call__(self, text: str) -> list[str]:
+        text = unicodedata.normalize("NFKC", text).casefold()
+        tokens: list[str] = []
+        for match in _TOKENS.finditer(text):
+            run = match.group("cjk")
+            if run is not None:
+                if self.cjk_unigrams or len(run) == 1:
+                    tokens.extend(run)
+                if self.cjk_bigrams:
+                    tokens.extend(run[i:i + 2] for i in range(len(run) - 1))
+                continue
+            word = match.group("word")
+            if word.endswith(("'s", "\u2019s")):
+                word = word[:-2]
+            word = word.replace("'", "").replace("\u2019", "")
+            if not word or word in self.stopwords:
+                continue
+            tokens.append(self.stem(word) if self.stem is not None else word)
+        return tokens
+
+
+DEFAULT_ANALYZER = Analyzer()
+
+
+@dataclass
+class BM25Index:
+    """An inverted index of chunks scored by Okapi BM25 (see the module's description)."""
+
+    k1: float = 1.2
+    b: float = 0.75
+    idf_variant: str = "lucene"  # or "okapi" (rank-bm25's BM25Okapi)
+    epsilon: float = 0.25  # "okapi": negative IDFs become epsilon * mean IDF
+    analyzer: Callable[[str], list[str]] = field(default=DEFAULT_ANALYZER, repr=False)
+    chunks: list[Chunk] = field(default_factory=list, repr=False)
+    build_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.k1 < 0 or not 0.0 <= self.b <= 1.0:
+            raise LmforgeError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={self.k1}, b={self.b}")
+        if self.idf_variant not in ("lucene", "okapi"):
+            raise LmforgeError(f"unknown BM25 IDF variant {self.idf_variant!r}: use 'lucene' or 'okapi'")
+        self._postings: dict[str, tuple[Any, Any]] = {}
+        self.idf: dict[str, float] = {}
+        self._norm: Any = None
+        self._doc_len: Any = None
+
+    @classmethod
+    def build(cls, chunks: Iterable[Chunk], progress: Callable[[int], None] | None = None,
+              **options: Any) -> BM25Index:
+        """An index over `chunks` (their `search_text()`); `options` are the dataclass fields."""
+        index = cls(**options)
+        chunks = list(chunks)
+        start = time.perf_counter()
+        tokens = []
+        for n, chunk in enumerate(chunks, 1):
+            tokens.append(index.analyzer(chunk.search_text()))
+            if progress is not None and n % 256 == 0:
+                progress(n)
+        index._index(chunks, tokens)
+        index.build_seconds = time.perf_counter() - start
+        if progress is not None:
+            progress(len(chunks))
+        return index
+
+    @classmethod
+    def from_tokens(cls, chunks: Sequence[Chunk], tokens: Sequence[Sequence[str]], **options: Any) -> BM25Index:
+        """An index over chunks whose terms were produced elsewhere (one token list per chunk)."""
+        if len(chunks) != len(tokens):
+            raise LmforgeError(f"{len(tokens)} token lists for {len(chunks)} chunks")
+        index = cls(**options)
+        index._index(list(chunks), [list(t) for t in tokens])
+        return index
+
+    def _index(self, chunks: list[Chunk], tokens: list[list[str]]) -> None:
+        self.chunks = chunks
+        n = len(chunks)
+        postings: dict[str, tuple[list[int], list[int]]] = {}
+        lengths = np.zeros(n, dtype=np.float64)
+        for doc, terms in enumerate(tokens):
+            lengths[doc] = len(terms)
+            for term, tf in Counter(terms).items():
+                ids, tfs = postings.setdefault(term, ([], []))
+                ids.append(doc)
+                tfs.append(tf)
+        self._postings = {t: (np.asarray(ids, dtype=np.int64), np.asarray(tfs, dtype=np.float64))
+                          for t, (ids, tfs) in postings.items()}
+        self._doc_len = lengths
+        avgdl = float(lengths.mean()) if n and lengths.sum() else 1.0
+        self.avgdl = avgdl
+        # The length normalization k1 * (1 - b + b |d| / avgdl) of every chunk, computed once.
+        self._norm = self.k1 * (1.0 - self.b + self.b * lengths / avgdl)
+        self.idf = self._idf({t: len(ids) for t, (ids, _) in self._postings.items()}, n)
+
+    def _idf(self, df: dict[str, int], n: int) -> dict[str, float]:
+        if self.idf_variant == "lucene":
+            return {t: math.log(1.0 + (n - f + 0.5) / (f + 0.5)) for t, f in df.items()}
+        idf = {t: math.log(n - f + 0.5) - math.log(f + 0.5) for t, f in df.items()}
+        floor = self.epsilon * (sum(idf.values()) / len(idf)) if idf else 0.0
+        return {t: (v if v >= 0 else floor) for t, v in idf.items()}
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def scores(self, query: str | Sequence[str]) -> Any:
+        """The BM25 score of every chunk for `query` (a string, or its terms), as a NumPy array."""
+        terms = self.analyzer(query) if isinstance(query, str) else list(query)
+        out = np.zeros(len(self.chunks), dtype=np.float64)
+        for term in terms:
+            posting = self._postings.get(term)
+            if posting is None:
+                continue
+            ids, tf = posting
+            out[ids] += self.idf[term] * tf * (self.k1 + 1.0) / (tf + self._norm[ids])
+        return out
+
+    def search(self, query: str, k: int = 10, filters: Filters | None = None) -> list[Hit]:
+        """The `k` best chunks that share a term with `query` and pass `filters`.
+
+        Hits carry `ranks={"bm25": place}` (1-based); equal scores keep index order.
+        """
+        if k <= 0 or not self.chunks:
+            return []
+        keep = make_filter(filters)
+        terms = self.analyzer(query)
+        matched = np.zeros(len(self.chunks), dtype=bool)
+        for term in terms:
+            posting = self._postings.get(term)
+            if posting is not None:
+                matched[posting[0]] = True
+        candidates = np.flatnonzero(matched)
+        if filters:
+            candidates = np.asarray([i for i in candidates if keep(self.chunks[i])], dtype=np.int64)
+        if not candidates.size:
+            return []
+        scores = self.scores(terms)[candidates]
+        order = np.lexsort((candidates, -scores))[:k]  # score descending, then index ascending
+        return [Hit(chunk=self.chunks[int(candidates[i])], score=float(scores[i]), ranks={"bm25": place})
+                for place, i in enumerate(order, 1)]
