@@ -1,4 +1,4 @@
-"""Every handbook page carries the front matter the knowledge base indexes.
+"""Every handbook page carries the front matter the knowledge base indexes, and an ecosystem section.
 
 The retriever prepends a page's `zh_title`, `zh_terms` and `terms` to each of its chunks
 (`Chunk.search_text`), so they are what lets a question in Traditional Chinese find an
@@ -64,3 +64,10 @@ def test_front_matter(page: Path):
 
     assert body.startswith("# "), f"{page.name}: the title line must follow the front matter"
 
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_ecosystem_section(page: Path):
+    _, body = front_matter(page)
+    section = re.search(r"^## In the wider ecosystem\n(.*?)(?=^## |\Z)", body, re.DOTALL | re.MULTILINE)
+    assert section, f"{page.name}: no '## In the wider ecosystem' section"
+    assert len(section.group(1).split()) >= 60, f"{page.name}: the ecosystem section is too short to say anything"
