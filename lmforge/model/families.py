@@ -6,8 +6,11 @@ never changes.
 
 lmforge's own parameter names (one layer shown):
     embed.weight, pos_embed.weight (learned positions only), norm.weight/.bias, lm_head.weight
+    type_embed.weight, embed_norm.weight/.bias (encoders only)
     layers.{i}.attn_norm.*, layers.{i}.attn.qkv.*, layers.{i}.attn.out.*,
     layers.{i}.mlp_norm.*, layers.{i}.mlp.fc.* (SwiGLU: gate rows then up rows), layers.{i}.mlp.proj.*
+In a post-norm block (BERT) attn_norm follows the attention's residual add and mlp_norm
+the feed-forward's.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ class Family:
     top_map: dict[str, str]  # non-layer weights: lmforge name -> HF name
     hf_layer_prefix: str
     transposed: tuple[str, ...] = ()  # HF weights stored [in, out] (GPT-2's Conv1D)
+    # Checkpoints with a task head keep the base model under this prefix (BertForMaskedLM:
+    # "bert.encoder..."); it is dropped when present. Names missing from the maps (poolers,
+    # task heads) are ignored.
+    optional_prefix: str = ""
+    # Old spellings of weight-name endings, rewritten on load (TF-era BERT: LayerNorm.gamma).
+    legacy_suffixes: tuple[tuple[str, str], ...] = ()
     to_config: Callable[[dict[str, Any]], ModelConfig] | None = None
     from_config: Callable[[ModelConfig], dict[str, Any]] | None = None
 
@@ -162,6 +171,57 @@ def _gpt2_hf(c: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _bert_config(hf: dict[str, Any]) -> ModelConfig:
+    act = hf.get("hidden_act", "gelu")
+    approx = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}.get(act)
+    if approx is None:
+        raise LmforgeError(f"unsupported BERT activation {act!r} (expected gelu)")
+    kind = hf.get("position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise LmforgeError(f"unsupported BERT position_embedding_type {kind!r} (lmforge reads absolute positions)")
+    if hf.get("is_decoder"):
+        raise LmforgeError("this BERT checkpoint is configured as a decoder (is_decoder=true); lmforge reads BERT encoders")
+    return ModelConfig(
+        family="bert",
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_embd=hf["hidden_size"],
+        n_head=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 512),
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        mlp="gelu",
+        gelu_approximate=approx,
+        position="learned",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+        pad_token_id=hf.get("pad_token_id"),
+        causal=False,
+        norm_position="post",
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        embedding_norm=True,
+        lm_head=False,
+    )
+
+
+def _bert_hf(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": c.vocab_size,
+        "num_hidden_layers": c.n_layer,
+        "hidden_size": c.n_embd,
+        "num_attention_heads": c.n_head,
+        "intermediate_size": c.intermediate_size,
+        "max_position_embeddings": c.max_position_embeddings,
+        "type_vocab_size": c.type_vocab_size,
+        "layer_norm_eps": c.norm_eps,
+        "hidden_act": "gelu" if c.gelu_approximate == "none" else "gelu_pytorch_tanh",
+        "position_embedding_type": "absolute",
+    }
+
+
 _LLAMA_LAYER = {
     "attn_norm.weight": ("input_layernorm.weight",),
     "attn.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
@@ -224,6 +284,37 @@ FAMILIES: dict[str, Family] = {
         to_config=_gpt2_config,
         from_config=_gpt2_hf,
     ),
+    "bert": Family(
+        name="bert",
+        hf_model_type="bert",
+        hf_architecture="BertModel",
+        layer_map={
+            "attn.qkv.weight": ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight"),
+            "attn.qkv.bias": ("attention.self.query.bias", "attention.self.key.bias", "attention.self.value.bias"),
+            "attn.out.weight": ("attention.output.dense.weight",),
+            "attn.out.bias": ("attention.output.dense.bias",),
+            "attn_norm.weight": ("attention.output.LayerNorm.weight",),
+            "attn_norm.bias": ("attention.output.LayerNorm.bias",),
+            "mlp.fc.weight": ("intermediate.dense.weight",),
+            "mlp.fc.bias": ("intermediate.dense.bias",),
+            "mlp.proj.weight": ("output.dense.weight",),
+            "mlp.proj.bias": ("output.dense.bias",),
+            "mlp_norm.weight": ("output.LayerNorm.weight",),
+            "mlp_norm.bias": ("output.LayerNorm.bias",),
+        },
+        top_map={
+            "embed.weight": "embeddings.word_embeddings.weight",
+            "pos_embed.weight": "embeddings.position_embeddings.weight",
+            "type_embed.weight": "embeddings.token_type_embeddings.weight",
+            "embed_norm.weight": "embeddings.LayerNorm.weight",
+            "embed_norm.bias": "embeddings.LayerNorm.bias",
+        },
+        hf_layer_prefix="encoder.layer.{i}.",
+        to_config=_bert_config,
+        from_config=_bert_hf,
+        optional_prefix="bert.",
+        legacy_suffixes=(("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias")),
+    ),
 }
 
 
@@ -265,6 +356,11 @@ def hf_to_lmforge(config: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dic
     family = FAMILIES[config.family]
     if family.name == "gpt2" and not any(k.startswith("transformer.") for k in hf_state):
         hf_state = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in hf_state.items()}
+    if family.optional_prefix:
+        cut = len(family.optional_prefix)
+        hf_state = {(k[cut:] if k.startswith(family.optional_prefix) else k): v for k, v in hf_state.items()}
+    for old, new in family.legacy_suffixes:
+        hf_state = {(k[: -len(old)] + new if k.endswith(old) else k): v for k, v in hf_state.items()}
     out: dict[str, torch.Tensor] = {}
     for ours, theirs in family.top_map.items():
         if theirs in hf_state:

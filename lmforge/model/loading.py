@@ -46,14 +46,22 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return DTYPES[dtype]
 
 
-def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress=None):
-    """Just the `Transformer` for a resolved spec (no tokenizer); `progress(done, total)` per tensor."""
+def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress=None,
+               need_lm_head: bool = True):
+    """Just the `Transformer` for a resolved spec (no tokenizer); `progress(done, total)` per tensor.
+
+    Encoders (BERT) have no vocabulary head and cannot generate text; unless the caller
+    only wants hidden states (``need_lm_head=False``, embeddings), loading one is an error.
+    """
     if spec.format == "gguf":
         from lmforge.model.gguf_io import load_gguf_model
 
         return load_gguf_model(spec.path, dtype, device, progress=progress)
-    from lmforge.model.checkpoint import load_hf_model
+    from lmforge.model.checkpoint import load_hf_model, read_hf_config
 
+    if need_lm_head and not read_hf_config(Path(spec.path)).lm_head:
+        raise LmforgeError(f"{spec.name} is an encoder model (it makes embeddings, not text): "
+                           f"use it with `lmforge embed --model {spec.name}` or lmforge.load_embedder()")
     return load_hf_model(spec.path, dtype, device)
 
 

