@@ -184,8 +184,9 @@ def evaluate_retrieval(questions: Sequence[Question], rankings: Sequence[Iterabl
 
     Retrieval metrics average over in-scope questions; `refused[i]` (optional) says whether
     the system declined questions[i], giving the refusal rate on out-of-scope questions and
-    the false-refusal rate on in-scope ones. The report holds `overall` (the mean over all
-    questions), `by_lang` and `macro` (the mean over languages), each a dict of metric ->
+    the false-refusal rate on in-scope ones. The report holds `overall` (each metric averaged
+    over the questions it applies to, whatever their language), `by_lang` (the same per
+    language) and `macro` (the mean of the per-language figures), each a dict of metric ->
     value, where `mrr` is the mean reciprocal rank; a metric with no question to average
     over is None.
     """
