@@ -37,7 +37,6 @@ path and text, so a question that names a page's subject finds its passages.
 
 from __future__ import annotations
 
-import math
 import time
 import unicodedata
 from collections import Counter
@@ -127,10 +126,9 @@ class BM25Index:
             raise LmforgeError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={self.k1}, b={self.b}")
         if self.idf_variant not in ("lucene", "okapi"):
             raise LmforgeError(f"unknown BM25 IDF variant {self.idf_variant!r}: use 'lucene' or 'okapi'")
-        self._postings: dict[str, tuple[Any, Any]] = {}
-        self.idf: dict[str, float] = {}
-        self._norm: Any = None
-        self._doc_len: Any = None
+        self.avgdl = 1.0
+        self._vocabulary: dict[str, int] = {}
+        self._offsets = self._docs = self._tf = self._idf = self._norm = np.zeros(0)
 
     @classmethod
     def build(cls, chunks: Iterable[Chunk], progress: Callable[[int], None] | None = None,
@@ -156,71 +154,98 @@ class BM25Index:
         if len(chunks) != len(tokens):
             raise LmforgeError(f"{len(tokens)} token lists for {len(chunks)} chunks")
         index = cls(**options)
-        index._index(list(chunks), [list(t) for t in tokens])
+        index._index(list(chunks), tokens)
         return index
 
-    def _index(self, chunks: list[Chunk], tokens: list[list[str]]) -> None:
+    def _index(self, chunks: list[Chunk], tokens: Sequence[Sequence[str]]) -> None:
+        # Postings as one CSR-like layout: every (term, chunk, tf) triple sorted by term, and
+        # for each term id the offset of its run; a term's postings are one slice, no copies.
         self.chunks = chunks
         n = len(chunks)
-        postings: dict[str, tuple[list[int], list[int]]] = {}
-        lengths = np.zeros(n, dtype=np.float64)
+        vocabulary: dict[str, int] = {}
+        term_ids: list[int] = []
+        tfs: list[int] = []
+        distinct = np.zeros(n, dtype=np.int64)
         for doc, terms in enumerate(tokens):
-            lengths[doc] = len(terms)
-            for term, tf in Counter(terms).items():
-                ids, tfs = postings.setdefault(term, ([], []))
-                ids.append(doc)
-                tfs.append(tf)
-        self._postings = {t: (np.asarray(ids, dtype=np.int64), np.asarray(tfs, dtype=np.float64))
-                          for t, (ids, tfs) in postings.items()}
-        self._doc_len = lengths
-        avgdl = float(lengths.mean()) if n and lengths.sum() else 1.0
-        self.avgdl = avgdl
+            counts = Counter(terms)
+            for term in counts:
+                if term not in vocabulary:
+                    vocabulary[term] = len(vocabulary)
+            term_ids.extend(map(vocabulary.__getitem__, counts))
+            tfs.extend(counts.values())
+            distinct[doc] = len(counts)
+        ids = np.asarray(term_ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")  # stable: chunk order within each term
+        self._docs = np.repeat(np.arange(n, dtype=np.int64), distinct)[order]
+        self._tf = np.asarray(tfs, dtype=np.float64)[order]
+        df = np.bincount(ids, minlength=len(vocabulary))
+        self._offsets = np.concatenate(([0], np.cumsum(df)))
+        self._vocabulary = vocabulary
+        lengths = np.asarray([len(t) for t in tokens], dtype=np.float64)
+        self.avgdl = float(lengths.mean()) if n and lengths.sum() else 1.0
         # The length normalization k1 * (1 - b + b |d| / avgdl) of every chunk, computed once.
-        self._norm = self.k1 * (1.0 - self.b + self.b * lengths / avgdl)
-        self.idf = self._idf({t: len(ids) for t, (ids, _) in self._postings.items()}, n)
+        self._norm = self.k1 * (1.0 - self.b + self.b * lengths / self.avgdl)
+        self._idf = self._idf_values(df.astype(np.float64), n)
 
-    def _idf(self, df: dict[str, int], n: int) -> dict[str, float]:
+    @property
+    def idf(self) -> dict[str, float]:
+        """Each indexed term's IDF (built on demand, for inspection)."""
+        return dict(zip(self._vocabulary, self._idf.tolist()))
+
+    def _idf_values(self, df: Any, n: int) -> Any:
         if self.idf_variant == "lucene":
-            return {t: math.log(1.0 + (n - f + 0.5) / (f + 0.5)) for t, f in df.items()}
-        idf = {t: math.log(n - f + 0.5) - math.log(f + 0.5) for t, f in df.items()}
-        floor = self.epsilon * (sum(idf.values()) / len(idf)) if idf else 0.0
-        return {t: (v if v >= 0 else floor) for t, v in idf.items()}
+            return np.log1p((n - df + 0.5) / (df + 0.5))
+        idf = np.log(n - df + 0.5) - np.log(df + 0.5)
+        floor = self.epsilon * float(idf.mean()) if idf.size else 0.0
+        return np.where(idf < 0, floor, idf)
+
+    def _posting(self, term: str) -> tuple[Any, Any, float] | None:
+        """(chunk indices, term frequencies, idf) of a term, or None when no chunk has it."""
+        tid = self._vocabulary.get(term)
+        if tid is None:
+            return None
+        a, b = self._offsets[tid], self._offsets[tid + 1]
+        return self._docs[a:b], self._tf[a:b], float(self._idf[tid])
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def scores(self, query: str | Sequence[str]) -> Any:
         """The BM25 score of every chunk for `query` (a string, or its terms), as a NumPy array."""
-        terms = self.analyzer(query) if isinstance(query, str) else list(query)
+        return self._scores(self.analyzer(query) if isinstance(query, str) else query)[0]
+
+    def _scores(self, terms: Sequence[str]) -> tuple[Any, Any]:
+        """(score of every chunk, whether it shares a term with the query)."""
         out = np.zeros(len(self.chunks), dtype=np.float64)
+        matched = np.zeros(len(self.chunks), dtype=bool)
         for term in terms:
-            posting = self._postings.get(term)
+            posting = self._posting(term)
             if posting is None:
                 continue
-            ids, tf = posting
-            out[ids] += self.idf[term] * tf * (self.k1 + 1.0) / (tf + self._norm[ids])
-        return out
+            ids, tf, idf = posting
+            out[ids] += idf * tf * (self.k1 + 1.0) / (tf + self._norm[ids])
+            matched[ids] = True
+        return out, matched
 
     def search(self, query: str, k: int = 10, filters: Filters | None = None) -> list[Hit]:
         """The `k` best chunks that share a term with `query` and pass `filters`.
 
         Hits carry `ranks={"bm25": place}` (1-based); equal scores keep index order.
         """
+        return self.search_terms(self.analyzer(query), k, filters)
+
+    def search_terms(self, terms: Sequence[str], k: int = 10, filters: Filters | None = None) -> list[Hit]:
+        """`search` for a query already analyzed into terms."""
         if k <= 0 or not self.chunks:
             return []
         keep = make_filter(filters)
-        terms = self.analyzer(query)
-        matched = np.zeros(len(self.chunks), dtype=bool)
-        for term in terms:
-            posting = self._postings.get(term)
-            if posting is not None:
-                matched[posting[0]] = True
+        all_scores, matched = self._scores(terms)
         candidates = np.flatnonzero(matched)
         if filters:
             candidates = np.asarray([i for i in candidates if keep(self.chunks[i])], dtype=np.int64)
         if not candidates.size:
             return []
-        scores = self.scores(terms)[candidates]
+        scores = all_scores[candidates]
         order = np.lexsort((candidates, -scores))[:k]  # score descending, then index ascending
         return [Hit(chunk=self.chunks[int(candidates[i])], score=float(scores[i]), ranks={"bm25": place})
                 for place, i in enumerate(order, 1)]
