@@ -114,6 +114,63 @@ class StripAccents:
         return {"type": "StripAccents"}
 
 
+# BERT's text cleaning, as Hugging Face `tokenizers` does it: drop NUL, U+FFFD, control
+# characters (Cc) other than tab and newlines, private-use characters (Co) and format
+# characters (Cf), then turn every White_Space character into a plain space. Unassigned
+# code points stay. The format characters are those of the Unicode tables `tokenizers` is
+# built with (newer ones, such as U+0890, stay as well), so they are listed here.
+_FORMAT_CHARS = ("\u00ad\u0600-\u0605\u061c\u06dd\u070f\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+                 "\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+                 "\U000e0001\U000e0020-\U000e007f")
+_BERT_DROP = regex.compile(f"[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f\\ufffd\\p{{Co}}{_FORMAT_CHARS}]")
+_BERT_SPACE = regex.compile(r"\p{White_Space}")
+_ASCII_DROP = regex.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_ASCII_SPACE = regex.compile(r"[\t\n\r]")
+# The CJK Unified Ideograph blocks BERT surrounds with spaces (so each becomes a word). The
+# ranges are those of `tokenizers`, which starts Extension E at U+2B920 (not U+2B820).
+_CJK = regex.compile(
+    "([\u4e00-\u9fff\u3400-\u4dbf\U00020000-\U0002a6df\U0002a700-\U0002b81f"
+    "\U0002b920-\U0002ceaf\uf900-\ufaff\U0002f800-\U0002fa1f])"
+)
+_NONSPACING_MARKS = regex.compile(r"\p{Mn}+")
+
+
+@dataclass(frozen=True)
+class BertNormalizer:
+    """BERT's normalizer: clean control characters, space out CJK ideographs, strip accents
+    (NFD, then drop non-spacing marks) and lowercase, each optional, in that order.
+
+    ``strip_accents=None`` follows ``lowercase`` (uncased models strip accents). Lowercasing
+    is per character, as in `tokenizers`: a final capital sigma becomes σ, not ς.
+    """
+
+    clean_text: bool = True
+    handle_chinese_chars: bool = True
+    strip_accents: bool | None = None
+    lowercase: bool = True
+
+    def normalize(self, text: str) -> str:
+        ascii_only = text.isascii()
+        if self.clean_text:
+            if ascii_only:
+                text = _ASCII_SPACE.sub(" ", _ASCII_DROP.sub("", text))
+            else:
+                text = _BERT_SPACE.sub(" ", _BERT_DROP.sub("", text))
+        if self.handle_chinese_chars and not ascii_only:
+            text = _CJK.sub(r" \1 ", text)
+        strip = self.lowercase if self.strip_accents is None else self.strip_accents
+        if strip and not ascii_only:
+            text = _NONSPACING_MARKS.sub("", unicodedata.normalize("NFD", text))
+        if self.lowercase:
+            text = text.lower() if "\u03a3" not in text else "".join(c.lower() for c in text)
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "BertNormalizer", "clean_text": self.clean_text,
+                "handle_chinese_chars": self.handle_chinese_chars, "strip_accents": self.strip_accents,
+                "lowercase": self.lowercase}
+
+
 @dataclass(frozen=True)
 class NormalizerSequence:
     """Apply several normalizers in order."""
@@ -158,6 +215,9 @@ def normalizer_from_dict(spec: dict[str, Any] | None) -> Normalizer | None:
         return Strip(spec.get("strip_left", True), spec.get("strip_right", True))
     if kind == "StripAccents":
         return StripAccents()
+    if kind == "BertNormalizer":
+        return BertNormalizer(bool(spec.get("clean_text", True)), bool(spec.get("handle_chinese_chars", True)),
+                              spec.get("strip_accents"), bool(spec.get("lowercase", True)))
     if kind == "Sequence":
         return NormalizerSequence(tuple(n for n in map(normalizer_from_dict, spec["normalizers"]) if n))
     raise LmforgeError(f"unsupported normalizer type {kind!r} in tokenizer.json")

@@ -376,6 +376,30 @@ class Punctuation:
         return {"type": "Punctuation", "behavior": "Isolated"}
 
 
+# BERT: runs of non-space, non-punctuation characters, and every punctuation character on
+# its own. Punctuation is Unicode's P categories plus all ASCII punctuation (so $, +, <, =,
+# >, ^, `, | and ~, which Unicode calls symbols, split too); spaces are White_Space. U+166D
+# and U+111C9 were punctuation in the older Unicode tables `tokenizers` follows.
+_BERT_PUNCT = r"\p{P}!-/:-@\[-`{-~\u166d\U000111c9"
+_BERT_PIECES = regex.compile(rf"[^\p{{White_Space}}{_BERT_PUNCT}]+|[{_BERT_PUNCT}]")
+
+
+@dataclass(frozen=True)
+class BertPreTokenizer:
+    """Split on whitespace (dropped) and isolate each punctuation character."""
+
+    def split(self, pieces: list[str], at_start: bool) -> list[str]:
+        if len(pieces) == 1:
+            return _BERT_PIECES.findall(pieces[0])
+        out: list[str] = []
+        for piece in pieces:
+            out += _BERT_PIECES.findall(piece)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "BertPreTokenizer"}
+
+
 # Digits(individual_digits) followed by GPT-2's ByteLevel regex, as one regex. Splitting the
 # digits out first only changes two things for the GPT-2 rule: a number can no longer follow
 # a space (` ?\p{N}+` goes, `\p{N}` comes first), and whitespace right before a digit now
@@ -429,7 +453,7 @@ def pre_tokenizer_from_dict(spec: dict[str, Any] | None) -> PreTokenizer | None:
     if kind == "Punctuation":
         return Punctuation()
     if kind == "BertPreTokenizer":
-        return PreTokenizerSequence((WhitespaceSplit(), Punctuation()))
+        return BertPreTokenizer()
     if kind == "Sequence":
         stages = tuple(s for s in map(pre_tokenizer_from_dict, spec["pretokenizers"]) if s)
         return PreTokenizerSequence(stages)

@@ -21,6 +21,10 @@ class PostProcessor:
     suffix: list[int] = field(default_factory=list)
     spec: dict[str, Any] | None = None  # the tokenizer.json form, written back on save
 
+    def added_count(self) -> int:
+        """How many ids `apply` adds around a sequence (what truncation must leave room for)."""
+        return len(self.prefix) + len(self.suffix)
+
     def apply(self, ids: list[int]) -> list[int]:
         if not self.prefix and not self.suffix:
             return ids

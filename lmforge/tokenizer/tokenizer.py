@@ -6,6 +6,9 @@ metadata) describes::
     text -> added tokens split out -> normalizer -> pre-tokenizer -> BPE -> post-processor -> ids
     ids  -> token strings -> decoder -> text
 
+Batches for encoders add two steps (see `padding.py`): truncation to the model's longest
+input (``max_length``) and padding to a rectangle with an attention mask (`pad`).
+
 Each stage lives in its own module; this one only wires them together and offers the small
 public API the rest of lmforge uses (encode/decode, special ids, chat templates, save).
 """
@@ -23,6 +26,7 @@ from lmforge.tokenizer.bpe import BPE
 from lmforge.tokenizer.bytelevel import token_bytes
 from lmforge.tokenizer.decoders import ByteLevelDecoder, Decoder
 from lmforge.tokenizer.normalizers import Normalizer
+from lmforge.tokenizer.padding import Batch, Padding, Truncation, pad, truncate
 from lmforge.tokenizer.pretokenize import PreTokenizer, defers_byte_spelling
 from lmforge.tokenizer.processors import PostProcessor
 
@@ -62,6 +66,8 @@ class Tokenizer:
         extra_eos_ids: Iterable[int] = (),
         add_bos_token: bool | None = None,
         add_eos_token: bool | None = None,
+        truncation: Truncation | None = None,
+        padding: Padding | None = None,
     ) -> None:
         self.model = model
         self.normalizer = normalizer
@@ -75,6 +81,9 @@ class Tokenizer:
         # Only written back on save when they were stated: transformers rebuilds the
         # post-processor from them when present.
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+        # tokenizer.json's own truncation/padding sections: the defaults `max_length=True`
+        # and `pad` use (encoding never truncates unless asked, as in transformers).
+        self.truncation, self.padding = truncation, padding
 
         if defers_byte_spelling(pre_tokenizer):
             model.byte_level = True
@@ -168,12 +177,16 @@ class Tokenizer:
         return self._special_id(self.unk_token)
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | bool | None = None) -> list[int]:
         """Token ids of ``text``.
 
         Added tokens written in the text (``<|im_start|>``) always become their single id, as
         in Hugging Face ``tokenizers``; ``add_special_tokens`` only controls the BOS/EOS-style
         tokens the post-processor wraps around the text.
+
+        ``max_length`` truncates: the result, special tokens included, has at most that many
+        ids; the text's tokens are cut from the end the tokenizer's truncation section names
+        (the right one by default). ``True`` uses that section's own length.
         """
         if not isinstance(text, str):
             raise LmforgeError(f"encode() takes a str, got {type(text).__name__}")
@@ -190,7 +203,21 @@ class Tokenizer:
                 f"text contains a lone surrogate ({exc.object[exc.start]!r} at {exc.start}), which is not "
                 "valid unicode; decode the input with errors='replace' first"
             ) from None
+        if max_length is not None and max_length is not False:
+            limit, direction = self._truncation_limit(max_length)
+            reserved = self.post_processor.added_count() if add_special_tokens else 0
+            ids = truncate(ids, limit, reserved, direction)
         return self.post_processor.apply(ids) if add_special_tokens else ids
+
+    def _truncation_limit(self, max_length: int | bool) -> tuple[int, str]:
+        direction = self.truncation.direction if self.truncation else "right"
+        if max_length is True:
+            if self.truncation is None:
+                raise LmforgeError("this tokenizer has no truncation settings; pass max_length as a number")
+            return self.truncation.max_length, direction
+        if max_length < 1:
+            raise LmforgeError(f"max_length must be at least 1, got {max_length}")
+        return int(max_length), direction
 
     def _encode_segment(self, text: str, at_start: bool, out: list[int]) -> None:
         if self.normalizer is not None:
@@ -207,9 +234,22 @@ class Tokenizer:
             else:
                 self.model.encode_pieces((part,), out)
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True,
+                     max_length: int | bool | None = None) -> list[list[int]]:
         """Encode several texts (sequentially: the per-piece cache makes that fast enough)."""
-        return [self.encode(t, add_special_tokens) for t in texts]
+        return [self.encode(t, add_special_tokens, max_length) for t in texts]
+
+    def pad(self, sequences: Sequence[Sequence[int]], length: int | None = None,
+            pad_to_multiple_of: int | None = None) -> Batch:
+        """Pad encoded sequences to the longest (or to ``length``) with an attention mask.
+
+        The pad id, side and default multiple come from the tokenizer's padding section, or
+        else its pad token (id 0 when it has none), on the right.
+        """
+        base = self.padding or Padding(self.pad_id if self.pad_id is not None else 0, self.pad_token or "")
+        settings = Padding(base.pad_id, base.pad_token, base.pad_type_id, base.direction, length,
+                           pad_to_multiple_of if pad_to_multiple_of is not None else base.pad_to_multiple_of)
+        return pad(sequences, settings)
 
     # ------------------------------------------------------------------ decoding
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:

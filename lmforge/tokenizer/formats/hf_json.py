@@ -17,6 +17,7 @@ from lmforge.tokenizer.added_tokens import AddedToken
 from lmforge.tokenizer.bpe import BPE
 from lmforge.tokenizer.decoders import decoder_from_dict
 from lmforge.tokenizer.normalizers import normalizer_from_dict
+from lmforge.tokenizer.padding import Padding, Truncation
 from lmforge.tokenizer.pretokenize import pre_tokenizer_from_dict
 from lmforge.tokenizer.processors import post_processor_from_dict, template_processing
 from lmforge.tokenizer.tokenizer import Tokenizer
@@ -81,6 +82,8 @@ def tokenizer_from_dict(data: dict[str, Any], **extra: Any) -> Tokenizer:
             decoder=decoder_from_dict(data.get("decoder")),
             post_processor=post_processor_from_dict(data.get("post_processor")),
             added_tokens=added,
+            truncation=Truncation.from_dict(data.get("truncation")),
+            padding=Padding.from_dict(data.get("padding")),
             **extra,
         )
     except (KeyError, TypeError, IndexError, ValueError) as exc:
@@ -167,8 +170,8 @@ def tokenizer_to_dict(tok: Tokenizer) -> dict[str, Any]:
     """The tokenizer.json content for ``tok``."""
     return {
         "version": "1.0",
-        "truncation": None,
-        "padding": None,
+        "truncation": tok.truncation.to_dict() if tok.truncation else None,
+        "padding": tok.padding.to_dict() if tok.padding else None,
         "added_tokens": [t.to_dict() for t in tok.added_tokens],
         "normalizer": tok.normalizer.to_dict() if tok.normalizer else None,
         "pre_tokenizer": tok.pre_tokenizer.to_dict() if tok.pre_tokenizer else None,
