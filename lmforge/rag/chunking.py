@@ -400,8 +400,10 @@ class Chunker:
             same_next = i + 1 < n and atoms[i + 1].block == atoms[i].block
             block_end[i] = block_end[i + 1] if same_next else i + 1
 
+        tokens_of = self._span_counter(text, atoms)
+
         def fits(a: int, b: int) -> bool:  # atoms a .. b-1 together
-            return self._fits(text, atoms[a].start, atoms[b - 1].end, budget)
+            return tokens_of(a, b) <= budget
 
         out: list[tuple[int, int]] = []
         first = pos = 0  # first atom of the chunk (overlap included), first atom not yet in a chunk
@@ -425,16 +427,27 @@ class Chunker:
                 end = pos + 1  # a counter that is not monotone: never loop forever
             out.append((atoms[first].start, atoms[end - 1].end))
             pos = end
-            first = self._overlap_start(text, atoms, first, end, min(self.overlap, budget // 2)) if pos < n else pos
+            overlap = min(self.overlap, budget // 2)
+            previous, first = first, end
+            while (overlap and pos < n and first - 1 > previous and not atoms[first - 1].heading
+                   and tokens_of(first - 1, end) <= overlap):
+                first -= 1  # carry whole sentences (or lines) back while they fit the overlap
         return out
 
-    def _overlap_start(self, text: str, atoms: list[_Atom], first: int, end: int, overlap: int) -> int:
-        """The first atom of the overlap carried from chunk atoms[first:end] into the next chunk."""
-        start = end
-        while (overlap and start - 1 > first and not atoms[start - 1].heading
-               and self.count_tokens(text[atoms[start - 1].start:atoms[end - 1].end]) <= overlap):
-            start -= 1
-        return start
+    def _span_counter(self, text: str, atoms: list[_Atom]) -> Callable[[int, int], int]:
+        """tokens_of(a, b): the tokens of the text from atom a to atom b - 1.
+
+        The default estimate counts whitespace-separated units, so the sum over atoms (which
+        meet at whitespace, or inside a word too long for any chunk, where the parts cost
+        at least the whole) never undercounts: prefix sums make each question O(1). An
+        injected counter gets the exact slice.
+        """
+        if self.count_tokens is estimate_tokens:
+            sums = [0]
+            for atom in atoms:
+                sums.append(sums[-1] + estimate_tokens(text[atom.start:atom.end]))
+            return lambda a, b: sums[b] - sums[a]
+        return lambda a, b: self.count_tokens(text[atoms[a].start:atoms[b - 1].end])
 
 
 def chunk_document(document: Document, max_tokens: int = DEFAULT_MAX_TOKENS, overlap: int = DEFAULT_OVERLAP,
