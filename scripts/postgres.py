@@ -152,7 +152,8 @@ def start(directory: str | Path = DEFAULT_DIR, *, port: int | None = None, bin_d
     account = service_user(user)
     directory.mkdir(parents=True, exist_ok=True)
     if account is not None:
-        for path, what in ((directory, "the data directory"), (bins, "the PostgreSQL binaries")):
+        # The directory itself becomes theirs; the directories above it must let them through.
+        for path, what in ((directory.parent, "the data directory"), (bins, "the PostgreSQL binaries")):
             blocked = _reachable_by(path, account)
             if blocked is not None:
                 raise LmforgeError(f"PostgreSQL runs as {account.pw_name} (it refuses root), who cannot enter "

@@ -136,7 +136,11 @@ def postgres_url():
     try:
         url = server.start(directory)
     except LmforgeError as exc:
+        failure = str(exc)
+    else:
+        failure = None
+    if failure is not None:
         shutil.rmtree(directory, ignore_errors=True)
-        pytest.fail(f"PostgreSQL with pgvector did not start: {exc}", pytrace=False)
+        pytest.fail(f"PostgreSQL with pgvector did not start: {failure}", pytrace=False)
     yield url
     server.stop(directory, remove=True)

@@ -137,20 +137,39 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return (rows / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
+def _seed_centroids(vectors: np.ndarray, nlist: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeds (each next seed drawn with probability growing with its squared distance
+    from the seeds so far), on a subsample of at most 8 vectors per list to keep it cheap.
+
+    Random seeds often put two seeds in one natural cluster and none in another, and
+    k-means then stays in that local minimum; spreading the seeds avoids most of that.
+    """
+    m = min(vectors.shape[0], max(nlist * 8, 1024))
+    pool = vectors[rng.choice(vectors.shape[0], m, replace=False)] if m < vectors.shape[0] else vectors
+    picked = [int(rng.integers(pool.shape[0]))]
+    distance = np.maximum(0.0, 2.0 - 2.0 * (pool @ pool[picked[0]]))  # squared distance of unit vectors
+    for _ in range(1, nlist):
+        total = float(distance.sum())
+        nxt = int(rng.choice(pool.shape[0], p=distance / total)) if total > 0 else int(rng.integers(pool.shape[0]))
+        picked.append(nxt)
+        np.minimum(distance, np.maximum(0.0, 2.0 - 2.0 * (pool @ pool[nxt])), out=distance)
+    return pool[picked].copy()
+
+
 def train_centroids(vectors: np.ndarray, nlist: int, params: IvfParams, *,
                     progress: Progress | None = None) -> np.ndarray:
     """Spherical k-means on a sample of `vectors` (unit rows): `nlist` unit centroids.
 
-    Starts from distinct random vectors; a list that runs empty takes over half of the
-    largest list (its centroid nudged apart from the big one's), as faiss does, so no
-    list is wasted.
+    Starts from k-means++ seeds; a list that runs empty takes over half of the largest
+    list (its centroid nudged apart from the big one's), as faiss does, so no list is
+    wasted.
     """
     rng = np.random.default_rng(params.seed)
     n = vectors.shape[0]
     nlist = max(1, min(nlist, n))
     sample_size = min(n, nlist * params.sample_per_list)
     sample = vectors[np.sort(rng.choice(n, sample_size, replace=False))] if sample_size < n else vectors
-    centroids = sample[rng.choice(sample.shape[0], nlist, replace=False)].copy()
+    centroids = _seed_centroids(sample, nlist, rng)
     previous = None
     for iteration in range(params.iterations):
         labels, _ = assign(sample, centroids)
