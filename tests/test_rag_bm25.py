@@ -134,7 +134,7 @@ def test_filter_semantics():
     assert matches(c, None) and matches(c, {})
     assert matches(c, {"source": "a.md"}) and not matches(c, {"source": "b.md"})
     assert matches(c, {"source": ["b.md", "a.md"]}) and not matches(c, {"source": []})
-    assert matches(c, {"id": c.id})
+    assert not matches(c, {"id": c.id})  # a metadata key, as in the stores' SQL: chunks have none
     assert matches(c, {"terms": "rrf"}) and matches(c, {"terms": ["x", "bm25"]}) and not matches(c, {"terms": "x"})
     assert matches(c, {"page": 2}) and matches(c, {"page": 2.0}) and not matches(c, {"page": "2"})
     assert matches(c, {"draft": False}) and not matches(c, {"draft": 0}) and not matches(c, {"page": True})

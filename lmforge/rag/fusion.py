@@ -4,7 +4,7 @@
 `{"source": "refunds.md"}` or `{"kind": ["markdown", "html"], "lang": "zh"}`. Every store
 and BM25 give it the same meaning (the SQL stores translate it into their own WHERE):
 
-* a key is `source` or `id` (the chunk's own fields), or else a key of `chunk.metadata`;
+* a key is `source` (the chunk's document), or else a key of `chunk.metadata`;
 * a scalar value matches a field equal to it; a list (or tuple or set) matches a field
   equal to any of its values, so an empty list matches nothing;
 * values compare as JSON values: a string never equals a number, `true` never equals 1;
@@ -36,7 +36,7 @@ from ..errors import LmforgeError
 from .types import Chunk, Hit
 
 Filters = Mapping[str, Any]
-_CHUNK_FIELDS = ("source", "id")
+_CHUNK_FIELDS = ("source",)
 
 
 def normalize_filters(filters: Filters | None) -> dict[str, tuple[Any, ...]]:
