@@ -14,9 +14,11 @@ range of lines) of the file it came from, and PDF text knows its pages.
   chunker sees the page's structure. `script`, `style`, `nav`, `template`, `noscript`,
   `svg`, the `head` (but its `title`) and elements marked `hidden` are dropped; character
   references are decoded.
-* PDF (`.pdf`): the text layer of each page, read with pypdf. A PDF with no text on any
-  page (a scan) or one that needs a password is refused with a clear error: run OCR, or
-  remove the password, first.
+* PDF (`.pdf`): the text layer of each page, read with pypdf, pages separated by a blank
+  line. A PDF has no lines of its own: line numbers count lines of this extracted text,
+  and the page (`page_of`) is what a citation should name. A PDF with no text on any page
+  (a scan) or one that needs a password is refused with a clear error: run OCR, or remove
+  the password, first.
 
 `iter_documents` walks files and directories. What is an error and what is skipped:
 
@@ -33,6 +35,7 @@ range of lines) of the file it came from, and PDF text knows its pages.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import datetime
 import hashlib
@@ -85,13 +88,7 @@ class Document:
         """The 1-based page of the text's 0-based line `index` (PDF only, else None)."""
         if not self.page_starts:
             return None
-        page = 0
-        for number, start in enumerate(self.page_starts, 1):
-            if start <= index:
-                page = number
-            else:
-                break
-        return max(page, 1)
+        return max(bisect.bisect_right(self.page_starts, index), 1)
 
 
 def load_document(path: str | os.PathLike[str], source: str | None = None) -> Document:
