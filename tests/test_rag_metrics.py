@@ -336,9 +336,7 @@ def test_a_bad_groundedness_line_names_the_file_and_line(tmp_path):
     assert load_groundedness_labels(write_lines(tmp_path / "ok.jsonl", [good]))[0].supported is True
 
 
-@pytest.mark.xfail(strict=True, reason='pyproject.toml needs `"lmforge.rag" = ["data/*.jsonl"]` under '
-                                       "[tool.setuptools.package-data]; remove this marker when it is there")
-def test_the_wheel_would_ship_the_labelled_sets():
+def test_the_wheel_ships_the_labelled_sets():
     config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     package_data = config["tool"]["setuptools"]["package-data"]
     shipped = [f"lmforge/{pattern}" for pattern in package_data.get("lmforge", [])]
