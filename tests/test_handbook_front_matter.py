@@ -25,6 +25,9 @@ SIMPLIFIED_ONLY = set(
     "词训练据记忆体络网图视频库务无从书读写认识决实验线类过还进样将么没动会经义细节转换链连误错顺质稳态标"
     "约简单压缩释译导级总报让输览丢载册极统适设备"
 )
+# Question words match every question that contains them, whatever it asks about (keyword
+# search indexes Chinese characters and their bigrams), so titles and terms leave them out.
+QUESTION_WORDS = ("什麼", "為什麼", "如何", "怎麼", "怎樣", "嗎", "呢")
 
 
 def front_matter(page: Path) -> tuple[dict, str]:
@@ -61,6 +64,9 @@ def test_front_matter(page: Path):
 
     simplified = sorted({c for s in [title, *zh_terms] for c in s if c in SIMPLIFIED_ONLY})
     assert not simplified, f"{page.name}: Simplified characters {simplified} in the Traditional Chinese title or terms"
+
+    asking = sorted({w for s in [title, *zh_terms] for w in QUESTION_WORDS if w in s})
+    assert not asking, f"{page.name}: question words {asking} in the title or terms"
 
     assert body.startswith("# "), f"{page.name}: the title line must follow the front matter"
 
