@@ -8,7 +8,12 @@ the vocabulary.
 Encoders are the same pieces configured differently (`ModelConfig.causal=False`, BERT):
 attention sees the whole sequence except padding, token-type embeddings join the token
 and position embeddings, a norm follows the embeddings, `PostNormBlock`s normalize after
-each residual add, and `encode` returns the hidden states [B, T, D] (no vocabulary head). Attention runs through PyTorch's fused `scaled_dot_product_attention`,
+each residual add, and `encode` returns the hidden states [B, T, D] (no vocabulary head).
+`encode_packed` is the same computation on sequences packed end to end without padding
+(see `Packing`): every per-token operation (projections, feed-forward, norms) runs on real
+tokens only, and only attention sees a padded view. With bias, GELU and residual adds fused
+into the matrix products there (`onednn.linear_gelu`, `onednn.linear_add`), the activations
+are also read and written fewer times. Attention runs through PyTorch's fused `scaled_dot_product_attention`,
 which uses a FlashAttention-style tiled kernel where the platform has one (M8). With a
 `KVCache` (M9) the same forward does prefill (many tokens) and decode (one token).
 
@@ -25,6 +30,8 @@ are. Losses read `hidden_states` and apply the vocabulary head themselves
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.utils.checkpoint
 import torch.nn.functional as F
@@ -32,7 +39,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .onednn import project
+from .onednn import linear_add, linear_gelu, project
 from .rope import RotaryTable, apply_rotary
 
 
@@ -54,6 +61,66 @@ def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))
     return torch.matmul(scores.softmax(-1), v)
+
+
+@dataclass
+class Packing:
+    """Where the tokens of sequences of different lengths sit when packed end to end.
+
+    The packed stream is [N, F] with N = sum(lengths); the padded view is [B, T, F] with
+    B = len(lengths) and T = max(lengths). `index` holds, for each packed token, its row in
+    the flattened padded view, so packing and unpacking are one index copy each.
+
+    Consecutive sequences of equal length form `runs`; each run is already a rectangle in
+    the packed stream ([count, length, F], no copy), so attention can also run run by run
+    with no padding and no mask. Sorted by length, a batch has few runs.
+    """
+
+    lengths: list[int]
+    index: torch.Tensor  # [N] row of each token in the [B * T] padded layout
+    positions: torch.Tensor  # [N] position of each token inside its sequence
+    key_mask: torch.Tensor | None  # [B, 1, 1, T] True = a real key; None when nothing is padded
+    runs: list[tuple[int, int, int]]  # (first packed token, sequences, length) of equal-length neighbours
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device: torch.device | str = "cpu") -> "Packing":
+        if not lengths or min(lengths) < 1:
+            raise ValueError("every packed sequence needs at least one token")
+        width = max(lengths)
+        lens = torch.tensor(lengths, device=device)
+        starts = torch.arange(len(lengths), device=device) * width
+        offsets = torch.cumsum(lens, 0) - lens  # first packed token of each sequence
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens)
+        positions = torch.arange(int(lens.sum()), device=device) - offsets[row]
+        key_mask = None
+        if min(lengths) != width:
+            key_mask = (torch.arange(width, device=device) < lens[:, None]).view(len(lengths), 1, 1, width)
+        runs: list[tuple[int, int, int]] = []
+        token = 0
+        for n in lengths:
+            if runs and runs[-1][2] == n:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1, n)
+            else:
+                runs.append((token, 1, n))
+            token += n
+        return cls(list(lengths), starts[row] + positions, positions, key_mask, runs)
+
+    @property
+    def width(self) -> int:
+        return max(self.lengths)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, F] -> [B, T, F], zeros at padded positions."""
+        batch, width = len(self.lengths), self.width
+        if self.key_mask is None:
+            return x.view(batch, width, x.shape[-1])
+        out = x.new_zeros(batch * width, x.shape[-1])
+        return out.index_copy_(0, self.index, x).view(batch, width, x.shape[-1])
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, T, F] -> [N, F], the real tokens in packed order."""
+        flat = y.reshape(-1, y.shape[-1])
+        return flat if self.key_mask is None else flat.index_select(0, self.index)
 
 
 class Attention(nn.Module):
@@ -98,6 +165,43 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=group > 1)
         return project(self.out, y.transpose(1, 2).reshape(batch, length, self.q_size))
 
+    def attend_packed(self, x: torch.Tensor, packing: Packing, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of packed tokens x [N, D], before the output projection: [N, q_size].
+
+        q, k and v come from one product over the real tokens; only the attention itself
+        runs on the padded view, with `mask` hiding padded keys (and, for a causal model,
+        later ones).
+        """
+        qkv = self.qkv(x)
+        if len(packing.runs) <= self.max_attention_runs and (mask is None or mask.dim() == 4 and mask.shape[2] == 1):
+            # Run by run: each run of equal-length sequences is a rectangle already; only
+            # the causal structure (not padding) needs masking there.
+            if len(packing.runs) == 1:
+                return self._attend(qkv, packing.runs[0][1], packing.runs[0][2], rope, None)
+            out = qkv.new_empty(qkv.shape[0], self.q_size)
+            for start, count, length in packing.runs:
+                stop = start + count * length
+                out[start:stop] = self._attend(qkv[start:stop], count, length, rope, None)
+            return out
+        return packing.unpad(self._attend(packing.pad(qkv), len(packing.lengths), packing.width, rope, mask))
+
+    # Above this many runs of equal lengths in a packed batch, one padded attention call is
+    # cheaper than a call per run.
+    max_attention_runs = 8
+
+    def _attend(self, qkv: torch.Tensor, batch: int, width: int, rope, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over `batch` rows of `width` tokens whose q/k/v are rows of `qkv`: [batch * width, q_size]."""
+        heads = qkv.view(batch, width, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        qk, v = heads.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=1)
+        if rope is not None:
+            qk = apply_rotary(qk, rope[0][:, :, :width], rope[1][:, :, :width])
+        q, k = qk.split((self.n_head, self.n_kv_head), dim=1)
+        causal = self.causal and mask is None and width > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_head != self.n_kv_head)
+        return y.transpose(1, 2).reshape(batch * width, self.q_size)
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -132,6 +236,11 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, start, end)
         return x + self.mlp(self.mlp_norm(x))
 
+    def forward_packed(self, x: torch.Tensor, packing: Packing, rope, mask) -> torch.Tensor:
+        """`forward` on packed tokens x [N, D] (see `Packing`)."""
+        x = x + self.attn.out(self.attn.attend_packed(self.attn_norm(x), packing, rope, mask))
+        return x + self.mlp(self.mlp_norm(x))
+
 
 class PostNormBlock(Block):
     """Post-norm residual block (BERT, the original Transformer): norm(x + attn(x)), then
@@ -141,6 +250,15 @@ class PostNormBlock(Block):
     def forward(self, x, rope, mask, cache, layer, start, end):
         x = self.attn_norm(x + self.attn(x, rope, mask, cache, layer, start, end))
         return self.mlp_norm(x + self.mlp(x))
+
+    def forward_packed(self, x: torch.Tensor, packing: Packing, rope, mask) -> torch.Tensor:
+        """`forward` on packed tokens, with each projection's bias, the GELU and the residual
+        add computed inside the matrix product where oneDNN can (CPU float32 inference)."""
+        x = self.attn_norm(linear_add(self.attn.out, self.attn.attend_packed(x, packing, rope, mask), x))
+        if self.mlp.swiglu:
+            return self.mlp_norm(x + self.mlp(x))
+        h = linear_gelu(self.mlp.fc, x, self.mlp.gelu_approximate)
+        return self.mlp_norm(linear_add(self.mlp.proj, h, x))
 
 
 class Transformer(nn.Module):
@@ -251,6 +369,40 @@ class Transformer(nn.Module):
             mask = causal if mask is None else mask & causal
         for i, block in enumerate(self.layers):
             x = block(x, rope, mask, None, i, 0, length)
+        return self.norm(x)
+
+    def encode_packed(self, input_ids: torch.Tensor, lengths: list[int],
+                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`encode` for sequences packed end to end: ids [N] (N = sum(lengths)) -> [N, n_embd].
+
+        Equal to `encode` on the right-padded batch at every real token, without computing
+        anything for padding outside attention (see `Packing`).
+        """
+        config = self.config
+        if int(input_ids.numel()) != sum(lengths):
+            raise ValueError(f"{input_ids.numel()} packed ids for lengths summing to {sum(lengths)}")
+        packing = Packing.from_lengths(lengths, input_ids.device)
+        width = packing.width
+        if width > config.max_position_embeddings and config.position == "learned":
+            raise ValueError(f"sequence of {width} tokens exceeds the {config.max_position_embeddings} learned positions")
+        x = self.embed(input_ids)
+        rope = None
+        if self.rope is None:
+            x = x + self.pos_embed(packing.positions)
+        else:
+            rope = self.rope.slice(0, width, x.dtype)
+        if self.type_embed is not None:
+            x = x + (self.type_embed.weight[0] if token_type_ids is None else self.type_embed(token_type_ids))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        mask = packing.key_mask
+        if config.causal and (mask is not None or config.sliding_window is not None):
+            causal = torch.ones(width, width, dtype=torch.bool, device=x.device).tril()
+            if config.sliding_window is not None:
+                causal &= torch.ones_like(causal).triu(1 - config.sliding_window)
+            mask = causal if mask is None else mask & causal
+        for block in self.layers:
+            x = block.forward_packed(x, packing, rope, mask)
         return self.norm(x)
 
     def _residual_stream(self, input_ids: torch.Tensor, cache: KVCache | None,
