@@ -436,6 +436,8 @@ def test_postgres_without_an_index_and_the_server_script(postgres_url, tmp_path)
 
 
 def test_sqlite_and_postgres_give_the_same_results(tmp_path, postgres_url):
+    import psycopg
+
     docs = corpus(docs=40, per_doc=10, seed=5)
     # Two chunks with identical vectors: equal scores, so both stores must order them by id.
     source, digest, chunks, vectors = docs[0]
@@ -468,6 +470,21 @@ def test_sqlite_and_postgres_give_the_same_results(tmp_path, postgres_url):
                     ['{"lang": "zh"}', queries[3]]).fetchall())
             assert "Index Scan using chunks_embedding" in plan and "Filter" in plan, plan
             assert [h.chunk.id for h in forced.search(queries[3], k=10, filters=narrow)] == expected
+        # psycopg prepares a statement run five times, and a prepared plan keeps the settings it
+        # was planned under: exact search must still scan every row after many HNSW searches,
+        # and HNSW searches must still use the index after many exact ones.
+        def index_scans() -> int:
+            stores[1]._db.execute("SELECT pg_stat_force_next_flush()")  # the searches' counts, now
+            with psycopg.connect(postgres_url, autocommit=True) as conn:
+                return conn.execute("SELECT idx_scan FROM pg_stat_user_indexes WHERE schemaname = %s AND "
+                                    "indexrelname = 'chunks_embedding'", [schema]).fetchone()[0]
+
+        stores[1]._db.execute("SET plan_cache_mode = force_generic_plan")  # what a larger table gets
+        for exact_mode, runs in ((False, 12), (True, 12), (False, 12), (True, 4)):
+            before = index_scans()
+            for q in queries[:runs]:
+                stores[1].search(q, k=10, exact=exact_mode)
+            assert index_scans() - before == (0 if exact_mode else runs), exact_mode
         # The approximate query really goes through the HNSW index.
         with stores[1]._db.transaction():
             plan = "\n".join(row[0] for row in stores[1]._db.execute(
@@ -480,7 +497,5 @@ def test_sqlite_and_postgres_give_the_same_results(tmp_path, postgres_url):
     finally:
         for store in stores:
             store.close()
-        import psycopg
-
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

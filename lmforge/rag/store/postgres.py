@@ -343,15 +343,17 @@ class PostgresStore(VectorStore):
             sql = (f"SELECT {COLUMNS}, embedding <=> %s AS distance FROM chunks WHERE {where} "
                    f"ORDER BY embedding <=> %s LIMIT {limit}")
             args = [query, *params, query]
+            # Never prepared: a prepared statement keeps the plan it got under the settings of its
+            # first runs, so exact queries would go on using the HNSW index (or the reverse).
             rows: list[Any] = []
             if not exact:
                 with self._db.transaction():
                     self._db.execute(f"SET LOCAL hnsw.ef_search = {min(1000, max(self.hnsw.ef_search, limit))}")
-                    rows = self._db.execute(sql, args).fetchall()
+                    rows = self._db.execute(sql, args, prepare=False).fetchall()
             if exact or len(rows) < k:
                 with self._db.transaction():
                     self._db.execute("SET LOCAL enable_indexscan = off")  # a scan of every row: exact
-                    rows = self._db.execute(sql, args).fetchall()
+                    rows = self._db.execute(sql, args, prepare=False).fetchall()
                     self._db.execute("SET LOCAL enable_indexscan = on")  # inside a run the setting would outlive us
         return rank_hits(((self._chunk(row), 1.0 - float(row[-1])) for row in rows), k)
 
