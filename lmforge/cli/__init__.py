@@ -19,6 +19,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.generate",   # generate, chat
     "lmforge.cli.models",     # convert, models, info
     "lmforge.cli.serve",      # serve
+    "lmforge.cli.embed",      # embed
     "lmforge.cli.eval",       # eval perplexity | metrics | ratings | bench | judge | ...
     "lmforge.cli.data",       # data prepare | validate
     "lmforge.cli.tokenizer",  # tokenizer train | report
