@@ -51,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
     from lmforge.infer.scheduler import Scheduler
     from lmforge.serve.app import create_app
+    from lmforge.serve.embeddings import embedding_model_from
     from lmforge.serve.feedback import FeedbackStore
 
+    embeddings = embedding_model_from(settings)  # a bad --embedding-model fails before the model loads
     store = FeedbackStore(runtime.db)  # opened first: a bad path fails before the model loads
     lm = load_local(args.model, args)
     max_len = runtime.max_seq_len or min(lm.config.max_position_embeddings, 4096)
@@ -63,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(f"lmforge serving {lm.name} at http://{shown}:{runtime.port}/ (OpenAI API at /v1)", file=sys.stderr, flush=True)
+    if embeddings is not None:
+        print(f"embeddings: {embeddings.name} at /v1/embeddings (loaded on the first request)", file=sys.stderr,
+              flush=True)
     # uvicorn stops accepting on SIGTERM, lets in-flight requests (and streams) finish, then
     # re-raises the signal; this handler turns that into a clean exit instead of a kill.
     signal.signal(signal.SIGTERM, _exit_cleanly)

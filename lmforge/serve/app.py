@@ -6,6 +6,8 @@ The parts live in their own modules and share one `ServerState` (state.py):
 - middleware.py: `Guard`, in front of every route: the Host check against DNS
   rebinding, body size, API keys and rate limits, request metrics and logs.
 - routes.py: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+- embeddings.py: /v1/embeddings, with the embedding model `ServeSettings.embedding_model`
+  names (loaded on the first request).
 - webui.py: the web chat page and its /api/* storage routes, when a store is given.
 """
 
@@ -15,6 +17,8 @@ from fastapi import FastAPI
 
 from ..infer.scheduler import Scheduler
 from .config import ServeSettings
+from .embeddings import embedding_model_from
+from .embeddings import router as embeddings_router
 from .errors import install_error_handlers
 from .metrics import ServerMetrics
 from .middleware import Guard, HostCheck, RateLimiter
@@ -31,13 +35,15 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
     metrics = ServerMetrics(scheduler)
     scheduler.on_finish = metrics.observe_generation  # every ending counts: done, cancelled or failed
     state = ServerState(scheduler=scheduler, tokenizer=tokenizer, model_name=model_name, settings=settings,
-                        metrics=metrics, limiter=RateLimiter(settings.rate_limit_per_minute))
+                        metrics=metrics, limiter=RateLimiter(settings.rate_limit_per_minute),
+                        embeddings=embedding_model_from(settings))
 
     app = FastAPI(title="lmforge", version="0.1.0", description="OpenAI-compatible API served by lmforge")
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(Guard, state=state, hosts=hosts)
     app.include_router(router)
+    app.include_router(embeddings_router)
     if store is not None:  # the web chat and its conversation/feedback storage
         from .webui import register_webui
 

@@ -31,6 +31,20 @@ class ServeSettings:
     allowed_hosts: list[str] = option(default_factory=list, flag="--allow-host", repeat=True, metavar="NAME",
                                       help="another host name clients reach this server by, accepted in the Host "
                                            "header of unauthenticated requests (repeatable; * = any)")
+    # POST /v1/embeddings. The model is loaded on the first embeddings request (not at
+    # start), so a server that never embeds never holds it; the name is checked at start.
+    embedding_model: str = option("auto", metavar="MODEL",
+                                  help="model for /v1/embeddings: a registered name or a sentence-transformers/BERT "
+                                       "directory; auto: all-minilm-l6-v2 when its package is installed; none: no "
+                                       "embeddings")
+    embedding_max_inputs: int = option(2048, help="most inputs in one embeddings request (OpenAI's limit)")
+    embedding_max_tokens: int = option(65536, help="most tokens in one embeddings request, all inputs together")
+
+    def __post_init__(self) -> None:
+        if self.embedding_max_inputs < 1 or self.embedding_max_tokens < 1:
+            from lmforge.errors import LmforgeError
+
+            raise LmforgeError("--embedding-max-inputs and --embedding-max-tokens must be >= 1")
 
 
 @dataclass

@@ -82,3 +82,16 @@ class CompletionRequest(_Body):
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
     stream_options: StreamOptions | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings: texts (or token ids of texts) to vectors."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    # One text, several texts, one text as token ids, or several as lists of ids.
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None

@@ -17,6 +17,7 @@ from .config import ServeSettings
 
 if TYPE_CHECKING:
     from ..infer.scheduler import Scheduler
+    from .embeddings import EmbeddingModel
     from .metrics import ServerMetrics
     from .middleware import RateLimiter
 
@@ -29,6 +30,7 @@ class ServerState:
     settings: ServeSettings
     metrics: ServerMetrics
     limiter: RateLimiter
+    embeddings: EmbeddingModel | None = None  # POST /v1/embeddings; None: not served
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

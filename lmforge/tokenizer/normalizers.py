@@ -116,13 +116,14 @@ class StripAccents:
 
 # BERT's text cleaning, as Hugging Face `tokenizers` does it: drop NUL, U+FFFD, control
 # characters (Cc) other than tab and newlines, private-use characters (Co) and format
-# characters (Cf), then turn every White_Space character into a plain space. Unassigned
+# characters (Cf), then turn every White_Space character into a plain space. (Lone
+# surrogates (Cs), which Python strings but not Rust ones can hold, go too.) Unassigned
 # code points stay. The format characters are those of the Unicode tables `tokenizers` is
 # built with (newer ones, such as U+0890, stay as well), so they are listed here.
 _FORMAT_CHARS = ("\u00ad\u0600-\u0605\u061c\u06dd\u070f\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
                  "\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
                  "\U000e0001\U000e0020-\U000e007f")
-_BERT_DROP = regex.compile(f"[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f\\ufffd\\p{{Co}}{_FORMAT_CHARS}]")
+_BERT_DROP = regex.compile(f"[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f\\ufffd\\p{{Co}}\\p{{Cs}}{_FORMAT_CHARS}]")
 _BERT_SPACE = regex.compile(r"\p{White_Space}")
 _ASCII_DROP = regex.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ASCII_SPACE = regex.compile(r"[\t\n\r]")
