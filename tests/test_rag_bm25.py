@@ -46,13 +46,17 @@ def test_analyzer_english():
 def test_analyzer_chinese_traditional_simplified_and_mixed():
     analyze = Analyzer()
     assert analyze("退款政策，請問「退貨」？") == [
-        "退", "款", "政", "策", "退款", "款政", "政策", "請", "問", "請問", "退", "貨", "退貨"]
+        "退", "款", "政", "策", "退款", "款政", "政策", "退", "貨", "退貨"]  # 請問 is no term
     assert analyze("退货") == ["退", "货", "退货"]  # Simplified, indexed as written
     assert analyze("用BM25搜尋文件。") == ["用", "bm25", "搜", "尋", "文", "件", "搜尋", "尋文", "文件"]
     assert analyze("，。「」！？、；：（）") == []  # full-width punctuation is never a token
     assert analyze("句") == ["句"]
     assert Analyzer(cjk_unigrams=False)("句向量") == ["句向", "向量"]
     assert Analyzer(cjk_unigrams=False)("量") == ["量"]  # a lone character still counts
+    # Function characters are no terms, nor a bigram of two of them; a content word holding one stays.
+    assert analyze("什麼是效能？") == ["效", "效能"]
+    assert analyze("如何對齊我們的模型") == ["齊", "模", "型", "對齊", "模型"]
+    assert Analyzer(cjk_particles=frozenset(), cjk_function_chars=frozenset())("什麼") == ["什", "麼", "什麼"]
 
 
 # ---------------------------------------------------------------------------------------- scores

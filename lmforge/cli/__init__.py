@@ -25,6 +25,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.tokenizer",  # tokenizer train | report
     "lmforge.cli.estimate",   # estimate
     "lmforge.cli.train",      # pretrain, scaling sweep
+    "lmforge.cli.rag",        # rag index | ask | eval, ask
 )
 
 

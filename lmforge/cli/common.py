@@ -119,12 +119,17 @@ def flag_name(field: dataclasses.Field, hint: Any) -> str:
     return f"--no-{name}" if hint is bool and field.default is True else f"--{name}"
 
 
+def _dest(cls: type, field: dataclasses.Field) -> str:
+    """Where a field's flag value is kept: per class, so two configurations on one parser may share field names."""
+    return f"cfg:{cls.__qualname__}:{field.name}"
+
+
 def add_config_flags(p: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
     """One flag per `option(...)` field of `cls`; `config_from_args` reads them back."""
     group = p.add_argument_group(title) if title else p
     for field, hint in config_flags(cls):
         spec = flag_spec(field)
-        kwargs: dict[str, Any] = {"dest": f"cfg:{field.name}", "help": spec.help, "default": argparse.SUPPRESS}
+        kwargs: dict[str, Any] = {"dest": _dest(cls, field), "help": spec.help, "default": argparse.SUPPRESS}
         base = _without_none(hint)
         if base is bool:
             kwargs["action"] = "store_false" if field.default is True else "store_true"
@@ -151,7 +156,7 @@ def config_from_args(cls: type, args: argparse.Namespace, **given: Any):
     """An instance of `cls` from the flags `add_config_flags` made (absent flags keep the defaults)."""
     values = dict(given)
     for field, _ in config_flags(cls):
-        key = f"cfg:{field.name}"
+        key = _dest(cls, field)
         if key in vars(args) and field.name not in given:
             raw = getattr(args, key)
             parse = flag_spec(field).parse

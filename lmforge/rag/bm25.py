@@ -10,7 +10,8 @@
   switches on `Analyzer`; benchmarks/rag_bm25.py measures each choice.
 * CJK text (Han, kana, Hangul): Chinese is written without spaces and a dictionary-free
   index cannot know the word boundaries, so each run of CJK characters gives its character
-  unigrams and overlapping bigrams ("退款政策" -> 退 款 政 策 退款 款政 政策). A bigram
+  unigrams and overlapping bigrams ("退款政策" -> 退 款 政 策 退款 款政 政策), function
+  characters (的, 什麼, 如何 ...) left out as described at `CJK_FUNCTION_CHARS`. A bigram
   matches a two-character word exactly; unigrams keep single-character words and partial
   matches findable. Traditional and Simplified characters are indexed as written (no
   conversion): "退貨" does not match "退货".
@@ -56,6 +57,16 @@ ENGLISH_STOPWORDS = frozenset(
     "they this to was will with".split()
 )
 
+# Chinese function characters, Traditional and Simplified. In an English collection they are
+# rare, so their IDF is high and any Chinese text in a page would attract every question that
+# contains them. None of them is a term alone. Particles, pronouns and question words never
+# make a useful bigram either (是效, 的模, 什麼); the others (對, 能, 有, 過 ...) also start
+# content words (對齊, 效能, 過擬合), so a bigram goes only when both of its characters are
+# function characters (如何, 可以).
+CJK_PARTICLES = frozenset("的了是在和與及或嗎呢吧啊呀什麼甚怎哪這那我你您他她它們請也都就很么这们吗")
+CJK_FUNCTION_CHARS = CJK_PARTICLES | frozenset(
+    "為樣如何些個要會能可以有把被讓從對於一該還又得地著過之其而且但問为对会个样让从该还过时问")
+
 _CJK_CLASS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}"
 _TOKENS = regex.compile(
     rf"(?P<cjk>[{_CJK_CLASS}]+)"
@@ -84,6 +95,8 @@ class Analyzer:
     stem: Callable[[str], str] | None = s_stem
     cjk_unigrams: bool = True
     cjk_bigrams: bool = True
+    cjk_particles: frozenset[str] = CJK_PARTICLES
+    cjk_function_chars: frozenset[str] = CJK_FUNCTION_CHARS
 
     def __call__(self, text: str) -> list[str]:
         text = unicodedata.normalize("NFKC", text).casefold()
@@ -91,10 +104,13 @@ class Analyzer:
         for match in _TOKENS.finditer(text):
             run = match.group("cjk")
             if run is not None:
+                function, particles = self.cjk_function_chars, self.cjk_particles
                 if self.cjk_unigrams or len(run) == 1:
-                    tokens.extend(run)
+                    tokens.extend(c for c in run if c not in function)
                 if self.cjk_bigrams:
-                    tokens.extend(run[i:i + 2] for i in range(len(run) - 1))
+                    for a, b in zip(run, run[1:]):
+                        if a not in particles and b not in particles and (a not in function or b not in function):
+                            tokens.append(a + b)
                 continue
             word = match.group("word")
             if word.endswith(("'s", "\u2019s")):

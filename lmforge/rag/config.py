@@ -1,0 +1,128 @@
+"""The settings of indexing, retrieval and answering: the Python API and the flags of `lmforge rag`.
+
+Kept apart from the code that uses them (and free of NumPy), so that the command line
+builds its flags without loading the retrieval stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import LmforgeError
+from ..options import option
+from .chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP
+from .documents import SUFFIXES
+
+RETRIEVAL_MODES = ("hybrid", "dense", "bm25")
+ANSWER_MODES = ("auto", "generate", "extractive")
+
+
+def _suffixes(raw: str | tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(raw, tuple):
+        return raw
+    values = tuple(s.strip() if s.strip().startswith(".") else f".{s.strip()}" for s in raw.split(",") if s.strip())
+    if not values:
+        raise LmforgeError(f"--suffixes: expected comma-separated file types like md,txt, got {raw!r}")
+    return values
+
+
+@dataclass
+class IndexOptions:
+    """How documents become chunks in an index."""
+
+    max_tokens: int = option(DEFAULT_MAX_TOKENS, help="most tokens of a chunk's text, by the embedder's tokenizer")
+    overlap: int = option(DEFAULT_OVERLAP, help="tokens shared by consecutive chunks of one section")
+    suffixes: tuple[str, ...] = option(SUFFIXES, parse=_suffixes, metavar="LIST",
+                                       help="document types a directory walk picks up (default: all supported)")
+    keep_missing: bool = option(False, help="keep indexed documents that are no longer under the paths")
+    batch_size: int = option(32, help="texts per embedding batch")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise LmforgeError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class RetrieverOptions:
+    """How chunks are found and when retrieval counts as confident."""
+
+    mode: str = option("hybrid", flag="--retrieval", choices=RETRIEVAL_MODES,
+                       help="hybrid: dense + BM25 by reciprocal rank fusion")
+    depth: int = option(30, help="hits each list contributes to the fusion")
+    rrf_k: float = option(60.0, help="the reciprocal rank fusion constant")
+    mmr: float | None = option(None, metavar="LAMBDA",
+                               help="re-rank for diversity by maximal marginal relevance (1 = relevance only)")
+    min_cosine: float | None = option(None, help="confidence threshold on the best dense cosine "
+                                                 "(default: the index's calibrated value)")
+    min_strength: float | None = option(None, help="confidence threshold on the BM25 strength "
+                                                   "(default: the index's calibrated value)")
+
+    def __post_init__(self) -> None:
+        if self.mode not in RETRIEVAL_MODES:
+            raise LmforgeError(f"retrieval mode must be one of {', '.join(RETRIEVAL_MODES)}, got {self.mode!r}")
+        if self.depth < 1:
+            raise LmforgeError(f"--depth must be at least 1, got {self.depth}")
+        if self.mmr is not None and not 0.0 <= self.mmr <= 1.0:
+            raise LmforgeError(f"the MMR lambda must be between 0 and 1, got {self.mmr}")
+
+
+@dataclass
+class AnswerOptions:
+    """How an answer is made from the retrieved chunks."""
+
+    mode: str = option("auto", flag="--answer", choices=ANSWER_MODES,
+                       help="auto: generate, keep the supported sentences, else extract from the sources")
+    sources: int = option(4, help="chunks given to the model and listed as citations")
+    max_tokens: int = option(160, help="most tokens of a generated answer")
+    source_chars: int = option(1200, help="each source is cut to this many characters in the prompt")
+    verify: bool = option(True, help="drop generated sentences the cited sources do not support")
+    extract_sentences: int = option(3, help="sentences of an extractive answer")
+
+    def __post_init__(self) -> None:
+        if self.mode not in ANSWER_MODES:
+            raise LmforgeError(f"answer mode must be one of {', '.join(ANSWER_MODES)}, got {self.mode!r}")
+        if self.sources < 1:
+            raise LmforgeError(f"--sources must be at least 1, got {self.sources}")
+
+
+EVAL_MODES = ("none",) + RETRIEVAL_MODES
+
+
+def _modes(raw: str | tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(raw, tuple):
+        return raw
+    values = tuple(m.strip() for m in raw.split(",") if m.strip())
+    unknown = [m for m in values if m not in EVAL_MODES]
+    if not values or unknown:
+        raise LmforgeError(f"--modes: expected a comma-separated subset of {','.join(EVAL_MODES)}, got {raw!r}")
+    return values
+
+
+def _ks(raw: str | tuple[int, ...]) -> tuple[int, ...]:
+    from ..options import int_list
+
+    values = raw if isinstance(raw, tuple) else tuple(int_list(raw, "--k"))
+    if any(k < 1 for k in values):
+        raise LmforgeError(f"--k: every k must be at least 1, got {raw!r}")
+    return values
+
+
+@dataclass
+class EvalOptions:
+    """What `lmforge rag eval` measures."""
+
+    questions: str | None = option(None, metavar="FILE",
+                                   help="labelled questions (JSONL; default: the packaged handbook questions)")
+    modes: tuple[str, ...] = option(EVAL_MODES, parse=_modes, metavar="LIST",
+                                    help="retrieval modes to compare (default: none,hybrid,dense,bm25)")
+    k: tuple[int, ...] = option((1, 3, 5, 10), parse=_ks, metavar="LIST", help="cut-offs for recall and nDCG")
+    calibrate: bool = option(False, help="fit the refusal thresholds on the questions and store them in the index")
+    answers: int = option(0, help="also answer this many questions (spread over languages and kinds) and "
+                                  "measure groundedness (0: retrieval only)")
+    answer_mode: str = option("auto", choices=ANSWER_MODES, help="how those answers are made")
+    out: str | None = option(None, metavar="DIR", help="write report.json, report.md and plots here")
+    seed: int = option(0, help="which questions are answered and how calibration folds are drawn")
+
+    def __post_init__(self) -> None:
+        if self.answers < 0:
+            raise LmforgeError(f"--answers must be zero or positive, got {self.answers}")
