@@ -30,7 +30,7 @@ from ..io.atomic import write_text_atomic
 from .config import AnswerOptions, EvalOptions, RetrieverOptions
 from .groundedness import SupportChecker, calibrate as calibrate_support, groundedness
 from .metrics import Question, evaluate_retrieval, load_groundedness_labels, load_questions, ranked_pages
-from .retriever import Retriever
+from .retriever import Retriever, query_lang
 
 MAX_FALSE_REFUSALS = 0.05
 
@@ -68,20 +68,32 @@ def fit_thresholds(signals: Sequence[dict[str, float]], in_scope: Sequence[bool]
     return float(best[2]), float(best[3])
 
 
-def refusals(signals: Sequence[dict[str, float]], min_cosine: float, min_strength: float) -> list[bool]:
-    return [s["cosine"] < min_cosine and s["strength"] < min_strength for s in signals]
+def fit_by_language(questions: Sequence[Question], signals: Sequence[dict[str, float]],
+                    indices: Sequence[int] | None = None) -> dict[str, tuple[float, float]]:
+    """`fit_thresholds` for each language group of the questions (the groups `Retriever` judges by)."""
+    indices = range(len(questions)) if indices is None else indices
+    groups: dict[str, list[int]] = {}
+    for i in indices:
+        groups.setdefault(query_lang(questions[i].question), []).append(i)
+    return {lang: fit_thresholds([signals[i] for i in members], [questions[i].in_scope for i in members])
+            for lang, members in groups.items()}
+
+
+def _refused(question: Question, signal: dict[str, float], thresholds: dict[str, tuple[float, float]]) -> bool:
+    min_cosine, min_strength = thresholds[query_lang(question.question)]
+    return signal["cosine"] < min_cosine and signal["strength"] < min_strength
 
 
 def _two_fold(questions: Sequence[Question], signals: Sequence[dict[str, float]], seed: int) -> list[bool]:
-    """Each question's refusal decided by thresholds fitted on the other half."""
+    """Each question's refusal decided by thresholds fitted on the other half (split within each language)."""
     order = list(range(len(questions)))
     random.Random(seed).shuffle(order)
     halves = [order[::2], order[1::2]]
     refused = [False] * len(questions)
     for fit, score in (halves, halves[::-1]):
-        tc, ts = fit_thresholds([signals[i] for i in fit], [questions[i].in_scope for i in fit])
+        thresholds = fit_by_language(questions, signals, fit)
         for i in score:
-            refused[i] = signals[i]["cosine"] < tc and signals[i]["strength"] < ts
+            refused[i] = _refused(questions[i], signals[i], thresholds)
     return refused
 
 
@@ -130,12 +142,13 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
                          "pages": {m: rankings[m][-1][:5] for m in options.modes if m != "none"}})
             if progress is not None:
                 progress(n, len(questions))
-        in_scope = [q.in_scope for q in questions]
         if options.calibrate:
-            tc, ts = fit_thresholds(signals, in_scope)
-            store.set_meta(model_id=embedder.model_id, dim=embedder.dim, min_cosine=tc, min_strength=ts)
-            retriever.min_cosine, retriever.min_strength = tc, ts
-        refused = refusals(signals, retriever.min_cosine, retriever.min_strength)
+            fitted = fit_by_language(questions, signals)
+            retriever.thresholds.update(fitted)
+            store.set_meta(model_id=embedder.model_id, dim=embedder.dim,
+                           **{f"min_{name}_{lang}": value for lang, pair in fitted.items()
+                              for name, value in zip(("cosine", "strength"), pair)})
+        refused = [_refused(q, s, retriever.thresholds) for q, s in zip(questions, signals)]
         for row, flag in zip(rows, refused):
             row["refused"] = flag
         report["per_question"] = rows
@@ -143,8 +156,9 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
             result = evaluate_retrieval(questions, rankings[mode], options.k,
                                         refused=None if mode == "none" else refused)
             report["modes"][mode] = result
-        report["thresholds"] = {"min_cosine": retriever.min_cosine, "min_strength": retriever.min_strength,
-                                "calibrated": bool(options.calibrate or "min_cosine" in store.meta)}
+        report["thresholds"] = {lang: {"min_cosine": c, "min_strength": s}
+                                for lang, (c, s) in retriever.thresholds.items()}
+        report["thresholds"]["calibrated"] = bool(options.calibrate or "min_cosine_en" in store.meta)
         held_out = _two_fold(questions, signals, options.seed)
         report["refusal_two_fold"] = evaluate_retrieval(questions, [[] for _ in questions], options.k,
                                                         refused=held_out)["by_lang"]
@@ -244,9 +258,11 @@ def _text(report: dict[str, Any]) -> str:
                          f"{_fmt(v.get('refusal_rate'))} | {_fmt(v.get('false_refusal_rate'))} |")
     t = report["thresholds"]
     two = report["refusal_two_fold_overall"]
-    lines += ["", f"refusal thresholds: cosine {t['min_cosine']:.3f}, BM25 strength {t['min_strength']:.3f}"
-                  f" ({'calibrated' if t['calibrated'] else 'defaults'}); two-fold held-out: refusal "
-                  f"{_fmt(two['refusal_rate'])}, false refusal {_fmt(two['false_refusal_rate'])}"]
+    pairs = "; ".join(f"{lang}: cosine {v['min_cosine']:.3f}, BM25 strength {v['min_strength']:.3f}"
+                      for lang, v in t.items() if lang != "calibrated")
+    lines += ["", f"refusal thresholds ({'calibrated' if t['calibrated'] else 'defaults'}): {pairs}",
+              f"two-fold held-out refusal decisions: refusal {_fmt(two['refusal_rate'])}, "
+              f"false refusal {_fmt(two['false_refusal_rate'])}"]
     if "answers" in report:
         a = report["answers"]
         s = a["support_check"]

@@ -13,8 +13,9 @@ neighbour. Two signals say whether that neighbour is an answer: the best dense c
 BM25 score divided by the most the query's terms could score (every term matched, at its
 IDF): near 1 when one chunk holds all the rare terms of the question, near 0 when the
 question's words are unknown to the collection. The retrieval is confident when either
-passes its threshold; the thresholds are calibrated on the labelled questions
-(`lmforge rag eval --calibrate`) and stored in the index's metadata.
+passes its threshold. The thresholds are calibrated on the labelled questions, separately
+for English and for Chinese questions (`lmforge rag eval --calibrate`), and stored in the
+index's metadata.
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ from .bm25 import BM25Index
 from .config import RETRIEVAL_MODES as MODES
 from .config import RetrieverOptions
 from .fusion import mmr_hits, reciprocal_rank_fusion
+from .text import is_chinese
 from .types import Hit
+
+LANGS = ("en", "zh")
+
+
+def query_lang(query: str) -> str:
+    """The language group whose thresholds judge `query`: "zh" for mostly-CJK text, else "en"."""
+    return "zh" if is_chinese(query) else "en"
+
 
 # Used when an index has not been calibrated: permissive values that refuse only questions
 # far from everything (see `lmforge rag eval --calibrate` for measured ones).
@@ -66,10 +76,15 @@ class Retriever:
         self.options = options or RetrieverOptions()
         self._bm25: BM25Index | None = None
         meta = store.meta
-        self.min_cosine = self.options.min_cosine if self.options.min_cosine is not None else float(
-            meta.get("min_cosine", DEFAULT_MIN_COSINE))
-        self.min_strength = self.options.min_strength if self.options.min_strength is not None else float(
-            meta.get("min_strength", DEFAULT_MIN_STRENGTH))
+        # Thresholds per question language: an English embedder's cosine means little for a
+        # Chinese question, so each language gets the pair calibrated on its own questions.
+        self.thresholds: dict[str, tuple[float, float]] = {}
+        for lang in LANGS:
+            cos = self.options.min_cosine
+            strength = self.options.min_strength
+            cos = float(meta.get(f"min_cosine_{lang}", DEFAULT_MIN_COSINE)) if cos is None else cos
+            strength = float(meta.get(f"min_strength_{lang}", DEFAULT_MIN_STRENGTH)) if strength is None else strength
+            self.thresholds[lang] = (cos, strength)
 
     @property
     def bm25(self) -> BM25Index:
@@ -87,7 +102,8 @@ class Retriever:
         started = time.perf_counter()
         lists = self.search_lists(query, max(k, self.options.depth), filters)
         hits = self.combine(lists, mode, k)
-        return Retrieval(hits, *self.judge(lists.signals), lists.signals, time.perf_counter() - started)
+        return Retrieval(hits, *self.judge(lists.signals, query_lang(query)), lists.signals,
+                         time.perf_counter() - started)
 
     def search_lists(self, query: str, depth: int, filters: dict[str, Any] | None = None) -> SearchLists:
         """Both ranked lists for `query` and the confidence signals (measured whatever the mode)."""
@@ -111,10 +127,11 @@ class Retriever:
             hits = self._diverse(hits[: max(k, self.options.depth)], lists.query_vector, k)
         return hits[:k]
 
-    def judge(self, signals: dict[str, float]) -> tuple[float, bool]:
+    def judge(self, signals: dict[str, float], lang: str = "en") -> tuple[float, bool]:
         """(confidence, confident): each signal over its threshold, the larger counts; >= 1 is confident."""
-        confidence = max(signals["cosine"] / self.min_cosine if self.min_cosine > 0 else math.inf,
-                         signals["strength"] / self.min_strength if self.min_strength > 0 else math.inf)
+        min_cosine, min_strength = self.thresholds[lang]
+        confidence = max(signals["cosine"] / min_cosine if min_cosine > 0 else math.inf,
+                         signals["strength"] / min_strength if min_strength > 0 else math.inf)
         return confidence, confidence >= 1.0
 
     def strength(self, terms: list[str], top_score: float) -> float:
