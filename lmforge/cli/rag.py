@@ -57,8 +57,13 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _generator(args: argparse.Namespace, mode: str):
-    """The chat model that writes answers (None when only extractive answers are asked for)."""
-    if mode == "extractive":
+    """The chat model that writes answers, or None for extractive answers.
+
+    In auto mode a model writes only when one is named (--model or --base-url): the 135M
+    default model does not follow its sources, so loading it would only cost time before the
+    extractive fallback.
+    """
+    if mode == "extractive" or (mode == "auto" and not args.model and not args.base_url):
         return None
     if args.base_url:
         from lmforge.infer.remote import RemoteModel
@@ -118,8 +123,10 @@ def _add_ask_flags(p: argparse.ArgumentParser, index_required: bool) -> None:
     p.add_argument("question", nargs="+", help="the question ('-' reads it from stdin)")
     if index_required:
         p.add_argument("--index", required=True, help="an index made by `lmforge rag index` (file or postgresql:// URL)")
-    p.add_argument("--model", help="the model that writes answers: registered name, HF directory or .gguf "
-                                   "(default: the default model), or the remote model name with --base-url")
+    p.add_argument("--model", help="the model that writes answers (verified sentence by sentence): registered "
+                                   "name, HF directory or .gguf, or the remote model name with --base-url "
+                                   "(default: none, the answer quotes the sources; with --answer generate: the "
+                                   "default model)")
     p.add_argument("--embedding-model", help=EMBEDDER_HELP)
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="only chunks whose metadata KEY equals VALUE (repeatable; the same KEY twice means either)")

@@ -9,12 +9,15 @@ The answer path, for one question:
    ...>`), with rules: use only the sources, cite them as [n], say the refusal when they do
    not answer. The blocks are fenced so that text inside a document ("ignore the rules
    above") reads as data, not as instructions (a mitigation, not a guarantee).
-3. **Generate and verify**: the model's answer streams sentence by sentence; each sentence
-   is checked against the sources it cites (`groundedness.SupportChecker`) and dropped
-   when they do not support it. Citations to sources that were not given are removed.
-4. **Extract** when generation gives nothing supported (a small model often will), or
-   when asked: the sentences of the sources closest to the question, each cited. Questions
-   in Chinese get this form with the key passages quoted, since the passages are English.
+3. **Generate and verify** (when a model is given): the model's answer streams sentence by
+   sentence; each sentence is checked against the sources it cites
+   (`groundedness.SupportChecker`) and dropped when they do not support it. Citations to
+   sources that were not given are removed.
+4. **Extract** when there is no model, when generation gives nothing supported (the 135M
+   default model nearly never does: it does not follow its sources), or when asked: the
+   prose sentences of the sources closest to the question, each cited. Questions in Chinese
+   get this form, a pointer to the page and the key passages quoted, since the passages are
+   English and the checker cannot compare meanings across the two languages.
 
 Every answer carries its `citations`: the numbered sources with file, heading path and
 line range, so a reader can check each claim.
@@ -79,6 +82,7 @@ class Answer:
     confidence: float = 0.0
     dropped: list[str] = field(default_factory=list)  # generated sentences the sources did not support
     signals: dict[str, float] = field(default_factory=dict)  # the retrieval's confidence signals
+    verified: bool = True  # every sentence was checked against the sources (or quoted from them)
 
     def cited(self) -> list[Citation]:
         """The citations the answer's text refers to (all of them when it names none)."""
@@ -90,7 +94,7 @@ class Answer:
 
     def to_dict(self) -> dict[str, Any]:
         return {"question": self.question, "answer": self.text, "refused": self.refused, "mode": self.mode,
-                "confidence": round(self.confidence, 6), "signals": self.signals, "citations": [c.to_dict() for c in self.cited()],
+                "confidence": round(self.confidence, 6), "signals": self.signals, "verified": self.verified, "citations": [c.to_dict() for c in self.cited()],
                 "dropped": self.dropped}
 
 
@@ -167,8 +171,12 @@ class Answerer:
         if mode in ("auto", "generate"):
             if self.model is None:
                 raise LmforgeError("answer mode 'generate' needs a model")
+            # The checker compares meanings with an English embedder: a Chinese answer to English
+            # sources cannot be checked that way, so it is passed through and marked unverified.
+            verify = self.options.verify and not chinese
+            answer.verified = verify
             sentences = []
-            for sentence in self._generated(question, citations, answer, sampling):
+            for sentence in self._generated(question, citations, answer, sampling, verify):
                 if sentences:
                     sentence = " " + sentence
                 sentences.append(sentence)
@@ -179,16 +187,14 @@ class Answerer:
                 if answer.text in (REFUSAL, REFUSAL_ZH):  # the model found no answer in the sources
                     answer.refused, answer.mode, answer.citations = True, "refused", []
                 return
-            if mode == "generate":
-                answer.text, answer.refused, answer.mode, answer.citations = REFUSAL, True, "refused", []
-                yield answer.text
-                return
+            # Nothing the model wrote was supported: the sources' own sentences answer instead.
+        answer.verified = True
         answer.text = self._extract(question, citations, chinese)
         answer.mode = "extractive"
         yield answer.text
 
     def _generated(self, question: str, citations: list[Citation], answer: Answer,
-                   sampling: dict[str, Any]) -> Iterator[str]:
+                   sampling: dict[str, Any], verify: bool) -> Iterator[str]:
         """The model's sentences, each yielded once it is complete and (when verifying) supported."""
         params = {"temperature": 0.0, "max_tokens": self.options.max_tokens, **sampling}
         messages = grounded_messages(question, citations, self.options.source_chars)
@@ -200,22 +206,23 @@ class Answerer:
             if len(parts) > 1 or buffer.endswith("\n\n"):  # all but the last are complete
                 complete, buffer = (parts, "") if buffer.endswith("\n\n") else (parts[:-1], parts[-1])
                 for sentence in complete:
-                    checked = self._checked(sentence, citations, allowed, answer)
+                    checked = self._checked(sentence, citations, allowed, answer, verify)
                     if checked:
                         yield checked
         for sentence in split_sentences(buffer):
-            checked = self._checked(sentence, citations, allowed, answer)
+            checked = self._checked(sentence, citations, allowed, answer, verify)
             if checked:
                 yield checked
 
-    def _checked(self, sentence: str, citations: list[Citation], allowed: set[int], answer: Answer) -> str | None:
+    def _checked(self, sentence: str, citations: list[Citation], allowed: set[int], answer: Answer,
+                 verify: bool) -> str | None:
         sentence = keep_citations(sentence, allowed).strip()
         if not sentence:
             return None
         if sentence.strip().rstrip(".") == REFUSAL.rstrip("."):
             return REFUSAL
-        if not self.options.verify or not answer_sentences(sentence):
-            return sentence if not self.options.verify else None
+        if not verify or not answer_sentences(sentence):
+            return sentence if not verify else None
         cited = citation_numbers(sentence)
         pool = [c for c in citations if c.number in cited] or citations
         support = self.checker.check(sentence, [c.chunk.text for c in pool])
