@@ -182,7 +182,7 @@ class Attention(nn.Module):
             out = qkv.new_empty(qkv.shape[0], self.q_size)
             for start, count, length in packing.runs:
                 stop = start + count * length
-                out[start:stop] = self._attend(qkv[start:stop], count, length, rope, None)
+                self._attend(qkv[start:stop], count, length, rope, None, out=out[start:stop])
             return out
         return packing.unpad(self._attend(packing.pad(qkv), len(packing.lengths), packing.width, rope, mask))
 
@@ -190,8 +190,10 @@ class Attention(nn.Module):
     # cheaper than a call per run.
     max_attention_runs = 8
 
-    def _attend(self, qkv: torch.Tensor, batch: int, width: int, rope, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention over `batch` rows of `width` tokens whose q/k/v are rows of `qkv`: [batch * width, q_size]."""
+    def _attend(self, qkv: torch.Tensor, batch: int, width: int, rope, mask: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over `batch` rows of `width` tokens whose q/k/v are rows of `qkv`: [batch * width, q_size]
+        (written into `out` when given, saving a copy)."""
         heads = qkv.view(batch, width, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         qk, v = heads.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=1)
         if rope is not None:
@@ -200,6 +202,8 @@ class Attention(nn.Module):
         causal = self.causal and mask is None and width > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_head != self.n_kv_head)
+        if out is not None:
+            return out.view(batch, width, self.n_head, self.head_dim).copy_(y.transpose(1, 2)).view(out.shape)
         return y.transpose(1, 2).reshape(batch * width, self.q_size)
 
 
