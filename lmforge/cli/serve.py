@@ -56,18 +56,30 @@ def run(args: argparse.Namespace) -> int:
 
     embeddings = embedding_model_from(settings)  # a bad --embedding-model fails before the model loads
     store = FeedbackStore(runtime.db)  # opened first: a bad path fails before the model loads
-    lm = load_local(args.model, args)
+    knowledge = None
+    try:
+        if settings.rag is not None:  # a bad index fails before the model loads, too
+            knowledge = _open_knowledge_base(settings, args)
+        lm = load_local(args.model, args)
+    except BaseException:
+        store.close()
+        if knowledge is not None:
+            knowledge.close()
+        raise
     max_len = runtime.max_seq_len or min(lm.config.max_position_embeddings, 4096)
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=runtime.max_batch, max_seq_len=max_len,
                           max_waiting=runtime.max_waiting,
                           prefix_cache_bytes=int(runtime.prefix_cache_mb * 2**20)).start()
-    app = create_app(scheduler, lm.tokenizer, lm.name, settings, store=store)
+    app = create_app(scheduler, lm.tokenizer, lm.name, settings, store=store, knowledge=knowledge)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(f"lmforge serving {lm.name} at http://{shown}:{runtime.port}/ (OpenAI API at /v1)", file=sys.stderr, flush=True)
     if embeddings is not None:
         print(f"embeddings: {embeddings.name} at /v1/embeddings (loaded on the first request)", file=sys.stderr,
               flush=True)
+    if knowledge is not None:
+        print(f"knowledge base: {knowledge.describe()}; chat answers cite it ({settings.rag_answer} answers; "
+              "\"rag\": false in a request talks to the bare model)", file=sys.stderr, flush=True)
     # uvicorn stops accepting on SIGTERM, lets in-flight requests (and streams) finish, then
     # re-raises the signal; this handler turns that into a clean exit instead of a kill.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -79,8 +91,25 @@ def run(args: argparse.Namespace) -> int:
     finally:
         scheduler.shutdown(drain=False, timeout=10)
         store.close()
+        if knowledge is not None:
+            knowledge.close()
     print("lmforge server stopped", file=sys.stderr)
     return 0
+
+
+def _open_knowledge_base(settings, args: argparse.Namespace):
+    """The --rag index with its embedder; the handbook is indexed on first use, with a progress line."""
+    from lmforge.io.progress import Progress
+    from lmforge.serve.app import explicit_embedding_model
+    from lmforge.serve.rag import KnowledgeBase
+
+    line = Progress("indexing the handbook (first use)", unit="chunks")
+    device = None if getattr(args, "device", "auto") == "auto" else args.device
+    try:
+        return KnowledgeBase.open(settings.rag, explicit_embedding_model(settings), device=device,
+                                  progress=lambda stage, done, total: line.update(done, total=total))
+    finally:
+        line.close()
 
 
 def _exit_cleanly(signum, frame) -> None:

@@ -8,6 +8,8 @@ The parts live in their own modules and share one `ServerState` (state.py):
 - routes.py: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
 - embeddings.py: /v1/embeddings, with the embedding model `ServeSettings.embedding_model`
   names (loaded on the first request).
+- rag.py: with `ServeSettings.rag`, chat answers from a knowledge base with numbered
+  sources, and the sources' pages (GET /v1/rag/sources/{id}, /rag/sources/{id}).
 - webui.py: the web chat page and its /api/* storage routes, when a store is given.
 """
 
@@ -22,21 +24,34 @@ from .embeddings import router as embeddings_router
 from .errors import install_error_handlers
 from .metrics import ServerMetrics
 from .middleware import Guard, HostCheck, RateLimiter
+from .rag import KnowledgeBase
+from .rag import router as rag_router
 from .routes import router
 from .state import ServerState
 
 __all__ = ["ServeSettings", "create_app"]
 
 
+def explicit_embedding_model(settings: ServeSettings) -> str | None:
+    """--embedding-model when it names a model (not auto or none): what --rag may try too."""
+    name = settings.embedding_model.strip()
+    return None if name.lower() in ("auto", "none") else name
+
+
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: ServeSettings | None = None,
-               store=None) -> FastAPI:
+               store=None, knowledge: KnowledgeBase | None = None) -> FastAPI:
+    """The server's application. `store`: the web chat's `FeedbackStore` (no web chat without it).
+    `knowledge`: the opened `settings.rag` index (opened here when not given; its owner closes it)."""
     settings = settings or ServeSettings()
     hosts = HostCheck(settings)  # a malformed --host / --allow-host fails here, before serving
+    embeddings = embedding_model_from(settings)
+    if knowledge is None and settings.rag is not None:
+        knowledge = KnowledgeBase.open(settings.rag, explicit_embedding_model(settings))
     metrics = ServerMetrics(scheduler)
     scheduler.on_finish = metrics.observe_generation  # every ending counts: done, cancelled or failed
     state = ServerState(scheduler=scheduler, tokenizer=tokenizer, model_name=model_name, settings=settings,
-                        metrics=metrics, limiter=RateLimiter(settings.rate_limit_per_minute),
-                        embeddings=embedding_model_from(settings))
+                        metrics=metrics, limiter=RateLimiter(settings.rate_limit_per_minute), embeddings=embeddings,
+                        knowledge=knowledge, retriever=knowledge.served_by(scheduler) if knowledge else None)
 
     app = FastAPI(title="lmforge", version="0.1.0", description="OpenAI-compatible API served by lmforge")
     app.state.server = state
@@ -44,6 +59,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
     app.add_middleware(Guard, state=state, hosts=hosts)
     app.include_router(router)
     app.include_router(embeddings_router)
+    app.include_router(rag_router)
     if store is not None:  # the web chat and its conversation/feedback storage
         from .webui import register_webui
 

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 from lmforge.options import option
 
+# AnswerOptions.mode's choices (lmforge/rag/config.py), repeated here so that building the
+# command line does not import the retrieval stack; a test keeps the two equal.
+RAG_ANSWER_MODES = ("auto", "generate", "extractive")
+
 
 @dataclass
 class ServeSettings:
@@ -39,12 +43,26 @@ class ServeSettings:
                                        "embeddings")
     embedding_max_inputs: int = option(2048, help="most inputs in one embeddings request (OpenAI's limit)")
     embedding_max_tokens: int = option(65536, help="most tokens in one embeddings request, all inputs together")
+    # Retrieval-augmented chat: /v1/chat/completions answers the last user message from this
+    # index, with numbered sources (see rag.py). Opened, and checked, when the server starts.
+    rag: str | None = option(None, metavar="INDEX",
+                             help="answer chat requests from a knowledge base: an index made by `lmforge rag index` "
+                                  "(a .sqlite file or a postgresql:// URL), or handbook for lmforge's own handbook "
+                                  "(indexed on first use); a request sends \"rag\": false to talk to the bare model")
+    rag_answer: str = option("auto", choices=RAG_ANSWER_MODES,
+                             help="how --rag answers are made: auto and generate let the served model write and keep "
+                                  "the sentences the sources support (else quote the sources); extractive quotes the "
+                                  "sources' own sentences")
 
     def __post_init__(self) -> None:
-        if self.embedding_max_inputs < 1 or self.embedding_max_tokens < 1:
-            from lmforge.errors import LmforgeError
+        from lmforge.errors import LmforgeError
 
+        if self.embedding_max_inputs < 1 or self.embedding_max_tokens < 1:
             raise LmforgeError("--embedding-max-inputs and --embedding-max-tokens must be >= 1")
+        if self.rag_answer not in RAG_ANSWER_MODES:
+            raise LmforgeError(f"--rag-answer must be one of {', '.join(RAG_ANSWER_MODES)}, got {self.rag_answer!r}")
+        if self.rag is not None and not self.rag.strip():
+            raise LmforgeError("--rag needs an index: a file, a postgresql:// URL or handbook")
 
 
 @dataclass

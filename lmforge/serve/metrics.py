@@ -35,6 +35,9 @@ class ServerMetrics:
         self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens processed", registry=r)
         self.cached_prompt_tokens = Counter("lmforge_prompt_tokens_cached",
                                             "Prompt tokens whose keys/values came from the prefix cache", registry=r)
+        # A rising share of refusals says the questions drifted away from what the index holds.
+        self.answers = Counter("lmforge_rag_answers", "Answers from the knowledge base by how they were made "
+                               "(generated, extractive, refused)", ["mode"], registry=r)
         Gauge("lmforge_queue_depth", "Requests waiting for a batch slot", registry=r).set_function(
             lambda: scheduler.stats.waiting)
         Gauge("lmforge_running_batch_size", "Requests in the running batch", registry=r).set_function(
@@ -60,6 +63,9 @@ class ServerMetrics:
         end = handle.finished_at or time.perf_counter()
         self.generation_latency.observe(end - handle.submitted_at)
         self._recent.append((time.monotonic(), n))
+
+    def observe_answer(self, mode: str) -> None:
+        self.answers.labels(mode).inc()
 
     def tokens_per_second(self) -> float:
         now = time.monotonic()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 
 class _Body(BaseModel):
@@ -72,6 +72,9 @@ class ChatCompletionRequest(_Body):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     stream_options: StreamOptions | None = None
+    # lmforge extension: on a server started with --rag, false talks to the bare model;
+    # omitted, a server with a knowledge base answers from it.
+    rag: StrictBool | None = None
 
 
 class CompletionRequest(_Body):

@@ -28,6 +28,7 @@ from ..infer.sampling import SamplingParams
 from ..infer.scheduler import Event, QueueFull, RequestHandle, ShuttingDown
 from .errors import APIError, error_body
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .rag import answer_from_knowledge_base, wants_knowledge_base
 from .state import ServerState, server_state
 
 log = logging.getLogger("lmforge.serve")
@@ -236,7 +237,8 @@ def model_card(state: ServerState) -> dict[str, Any]:
 @router.get("/health")
 async def health(state: State):
     stats = state.scheduler.stats
-    return {"status": "ok", "model": state.model_name, "running": stats.running, "waiting": stats.waiting}
+    return {"status": "ok", "model": state.model_name, "running": stats.running, "waiting": stats.waiting,
+            "knowledge_base": state.knowledge is not None}
 
 
 @router.get("/metrics")
@@ -290,6 +292,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             check_schema(json_schema)
         except LmforgeError as exc:
             raise APIError(400, str(exc), param="response_format") from None
+    if wants_knowledge_base(state, body):  # everything above was checked as for any chat request
+        return await answer_from_knowledge_base(state, body, request)
     handles = [submit(state, ids, p, "messages") for p in params]
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .embeddings import EmbeddingModel
     from .metrics import ServerMetrics
     from .middleware import RateLimiter
+    from .rag import KnowledgeBase
 
 
 @dataclass
@@ -31,6 +32,8 @@ class ServerState:
     metrics: ServerMetrics
     limiter: RateLimiter
     embeddings: EmbeddingModel | None = None  # POST /v1/embeddings; None: not served
+    knowledge: KnowledgeBase | None = None  # chat answers from an index (--rag); None: the bare model
+    retriever: Any = None  # the knowledge base's retriever, its embedder run on the scheduler's thread
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

@@ -1,8 +1,10 @@
 // lmforge web chat: streams answers from /v1/chat/completions and keeps conversations
-// and ratings through /api/*. Plain browser JavaScript, no build step, no dependencies.
+// and ratings through /api/*. On a server with a knowledge base (--rag), an answer's
+// sources arrive with its last chunk and are listed under it as links; its [n] markers
+// link to them too. Plain browser JavaScript, no build step, no dependencies.
 "use strict";
 
-const DEFAULTS = { system_prompt: "", temperature: 0.7, top_p: 0.95, max_tokens: 512 };
+const DEFAULTS = { system_prompt: "", temperature: 0.7, top_p: 0.95, max_tokens: 512, use_rag: true };
 const SETTINGS_KEY = "lmforge.chat.settings";
 const API_KEY_KEY = "lmforge.chat.apiKey";
 
@@ -10,6 +12,7 @@ const state = {
   conversationId: null,
   messages: [],       // {id, role, content, feedback} as the server stored them
   model: null,
+  knowledgeBase: false, // the server answers from a knowledge base (GET /health says so)
   streaming: null,    // AbortController of the answer being streamed
 };
 
@@ -25,6 +28,7 @@ function loadSettings() {
   el.temperature.value = s.temperature;
   el.topP.value = s.top_p;
   el.maxTokens.value = s.max_tokens;
+  el.useRag.checked = s.use_rag !== false;
   el.apiKey.value = localStorage.getItem(API_KEY_KEY) || "";
   showSliderValues();
 }
@@ -40,6 +44,7 @@ function readSettings() {
     temperature: Math.min(2, Math.max(0, num(el.temperature, DEFAULTS.temperature))),
     top_p: Math.min(1, Math.max(0.05, num(el.topP, DEFAULTS.top_p))),
     max_tokens: Math.min(4096, Math.max(1, maxTokens)),
+    use_rag: el.useRag.checked,
   };
 }
 
@@ -158,6 +163,74 @@ function renderMessage(message) {
   el.messages.append(article);
   return view;
 }
+
+// The answer's [n] markers as links to its sources, and the sources listed under it. Built
+// from DOM nodes and text only: nothing the server sends is parsed as HTML.
+function sourceLink(source) {
+  const a = document.createElement("a");
+  a.href = "/rag/sources/" + encodeURIComponent(source.id);  // this server's page, whatever url says
+  a.target = "_blank";
+  a.rel = "noopener noreferrer";
+  return a;
+}
+
+function linkMarkers(content, text, byNumber) {
+  const nodes = [];
+  let last = 0;
+  for (const match of text.matchAll(/\[(\d+)\]/g)) {
+    const source = byNumber.get(Number(match[1]));
+    if (!source) continue;
+    if (match.index > last) nodes.push(document.createTextNode(text.slice(last, match.index)));
+    const a = sourceLink(source);
+    a.className = "cite";
+    a.textContent = match[0];
+    a.title = sourceLabel(source);
+    nodes.push(a);
+    last = match.index + match[0].length;
+  }
+  if (!nodes.length) return;
+  if (last < text.length) nodes.push(document.createTextNode(text.slice(last)));
+  content.replaceChildren(...nodes);
+}
+
+function sourceLabel(source) {
+  const lines = source.line_start === source.line_end
+    ? `line ${source.line_start}` : `lines ${source.line_start}–${source.line_end}`;
+  const path = (source.headings || []).slice(1).filter(Boolean).join(" › ");
+  return `${source.source}, ${lines}` + (path ? ` (${path})` : "");
+}
+
+function showSources(view, text, sources) {
+  if (!Array.isArray(sources) || !sources.length) return;
+  const byNumber = new Map(sources.map((s) => [Number(s.number), s]));
+  linkMarkers(view.content, text, byNumber);
+  const nav = document.createElement("nav");
+  nav.className = "sources";
+  const id = "sources-" + ++sourceLists;
+  nav.setAttribute("aria-labelledby", id);
+  const heading = document.createElement("h3");
+  heading.id = id;
+  heading.textContent = "Sources";
+  const list = document.createElement("ol");
+  for (const source of sources) {
+    const li = document.createElement("li");
+    li.value = Number(source.number);
+    const a = sourceLink(source);
+    const title = document.createElement("span");
+    title.className = "source-title";
+    title.textContent = source.title || source.source;
+    const where = document.createElement("span");
+    where.className = "source-where";
+    where.textContent = sourceLabel(source);
+    a.append(title, where);
+    li.append(a);
+    list.append(li);
+  }
+  nav.append(heading, list);
+  view.content.after(nav);
+}
+
+let sourceLists = 0;
 
 function thumbButton(rating) {
   const b = document.createElement("button");
@@ -395,6 +468,7 @@ async function streamAnswer(settings) {
   state.streaming = controller;
   setBusy(true);
   let text = "";
+  let sources = null;
   let failure = null;
   try {
     const response = await fetch("/v1/chat/completions", {
@@ -408,6 +482,7 @@ async function streamAnswer(settings) {
         temperature: settings.temperature,
         top_p: settings.top_p,
         max_tokens: settings.max_tokens,
+        rag: state.knowledgeBase ? settings.use_rag : undefined,
       }),
     });
     if (!response.ok) throw await errorFrom(response);
@@ -415,6 +490,7 @@ async function streamAnswer(settings) {
       if (data === "[DONE]") break;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message || "generation failed");
+      if (Array.isArray(chunk.sources)) sources = chunk.sources;
       const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
       if (delta && delta.content) {
         const follow = nearBottom();
@@ -442,6 +518,7 @@ async function streamAnswer(settings) {
     view.feedback.bar.hidden = true;
     return;
   }
+  if (!failure) showSources(view, text, sources);
   try {
     const added = await api(`/api/conversations/${encodeURIComponent(conversationId)}/messages`, {
       method: "POST", body: { messages: [{ role: "assistant", content: text }] },
@@ -466,6 +543,17 @@ function openMenu(open) {
   el.menuToggle.setAttribute("aria-expanded", String(open));
 }
 
+async function loadKnowledgeBase() {
+  try {
+    const response = await fetch("/health");
+    state.knowledgeBase = response.ok && (await response.json()).knowledge_base === true;
+  } catch (_) {
+    state.knowledgeBase = false;
+  }
+  el.ragField.hidden = !state.knowledgeBase;
+  el.ragHint.hidden = !state.knowledgeBase;
+}
+
 async function loadModel() {
   try {
     const models = await api("/v1/models");
@@ -481,10 +569,10 @@ function init() {
     empty: $("empty-state"), notice: $("notice"), title: $("chat-title"), prompt: $("prompt"), send: $("send"),
     stop: $("stop"), settings: $("settings"), systemPrompt: $("system-prompt"), temperature: $("temperature"),
     topP: $("top-p"), maxTokens: $("max-tokens"), apiKey: $("api-key"), modelName: $("model-name"),
-    menuToggle: $("menu-toggle"),
+    menuToggle: $("menu-toggle"), useRag: $("use-rag"), ragField: $("rag-field"), ragHint: $("rag-hint"),
   });
   loadSettings();
-  for (const input of [el.systemPrompt, el.temperature, el.topP, el.maxTokens]) {
+  for (const input of [el.systemPrompt, el.temperature, el.topP, el.maxTokens, el.useRag]) {
     input.addEventListener("input", saveSettings);
   }
   el.apiKey.addEventListener("change", () => {
@@ -518,6 +606,7 @@ function init() {
     }
   });
   loadModel();
+  loadKnowledgeBase();
   loadConversationList();
   el.prompt.focus();
 }
