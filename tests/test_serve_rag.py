@@ -68,6 +68,7 @@ def serving(lm, settings: ServeSettings, knowledge=None, store=None, max_seq_len
 
     scheduler = Scheduler(lm.model, lm.tokenizer, max_seq_len=max_seq_len, **scheduler_kwargs).start()
     app = create_app(scheduler, lm.tokenizer, MODEL, settings, store=store, knowledge=knowledge)
+    opened = app.state.server.knowledge if knowledge is None else None  # create_app opened it: closed here
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,6 +84,8 @@ def serving(lm, settings: ServeSettings, knowledge=None, store=None, max_seq_len
         server.should_exit = True
         thread.join(10)
         scheduler.shutdown(drain=False, timeout=10)
+        if opened is not None:
+            opened.close()
 
 
 @pytest.fixture(scope="module")
@@ -369,6 +372,76 @@ def test_cli_serve_refuses_a_missing_index_before_loading_the_model(tmp_path, ca
     with pytest.raises(SystemExit):  # argparse lists the choices
         main(["serve", "--rag-answer", "guess"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_serves_answers_from_the_index(rag_index, tmp_path):
+    """`lmforge serve --rag INDEX` as a process: the banner names the knowledge base, the official
+    client gets a cited answer, and SIGTERM stops it cleanly."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--rag", str(rag_index), "--rag-answer",
+                             "extractive", "--port", str(port), "--max-batch", "2", "--db", str(tmp_path / "chat.db")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model=MODEL, messages=KV_QUESTION)
+        check_sources(r.choices[0].message.content, r.model_extra["sources"], url)
+        assert httpx.get(r.model_extra["sources"][0]["url"]).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        err = proc.stderr.read()
+        assert f"knowledge base: {rag_index}" in err and "extractive answers" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_postgres_index_answers_like_the_sqlite_one(default_lm, postgres_url, server, client, tmp_path_factory):
+    """The same pages indexed into PostgreSQL (pgvector): the server answers the same, with the same sources."""
+    import uuid
+
+    import psycopg
+
+    from lmforge.rag.embedder import load_embedder
+    from lmforge.rag.index import build_index
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    location = f"{postgres_url}?schema={schema}"
+    pages = tmp_path_factory.mktemp("pg-pages")
+    for name in PAGES:
+        shutil.copy(HANDBOOK / name, pages / name)
+    try:
+        build_index(pages, location, load_embedder())
+        settings = ServeSettings(rag=location, rag_answer="extractive")
+        with serving(default_lm, settings, max_batch=2) as (url, _):  # create_app opens the URL itself
+            pg = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            for question in (KV_QUESTION, OFF_TOPIC):
+                a = client.chat.completions.create(model=MODEL, messages=question)
+                b = pg.chat.completions.create(model=MODEL, messages=question)
+                assert b.choices[0].message.content == a.choices[0].message.content
+                assert [s["id"] for s in b.model_extra["sources"]] == [s["id"] for s in a.model_extra["sources"]]
+            chunk_id = pg.chat.completions.create(model=MODEL, messages=KV_QUESTION).model_extra["sources"][0]["id"]
+            assert httpx.get(f"{url}/v1/rag/sources/{chunk_id}").json()["id"] == chunk_id
+            assert "text/html" in httpx.get(f"{url}/rag/sources/{chunk_id}").headers["content-type"]
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 # ------------------------------------------------------------------------ fuzzing
