@@ -261,6 +261,19 @@ def test_malformed_json_and_a_server_without_knowledge_base(default_lm, server):
         assert r.status_code == 200 and "sources" not in r.json()
 
 
+def test_a_full_queue_is_429_or_an_error_event(default_lm, knowledge, rag_index):
+    settings = ServeSettings(rag=str(rag_index), rag_answer="generate")
+    with serving(default_lm, settings, knowledge, max_batch=1, max_waiting=0) as (url, _):  # no room to wait
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": KV_QUESTION}, timeout=60)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": KV_QUESTION, "stream": True}, timeout=60)
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert r.status_code == 200 and events[-1]["error"]["code"] == "queue_full"
+        assert not any("sources" in e for e in events)
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": OFF_TOPIC}, timeout=60)
+        assert r.status_code == 200 and r.json()["rag"]["refused"]  # a refusal needs no generation
+
+
 # ----------------------------------------------------------------------- sources
 def test_source_endpoints_return_the_cited_chunk(server, client, knowledge):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "How does attention "

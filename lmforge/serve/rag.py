@@ -20,7 +20,9 @@ How the work is split, so that the event loop never waits and the model has one 
 - The embedder (question vectors, support checks, extractive answers) runs on the
   scheduler's thread too, between decode steps (`OnSchedulerThread`): one thread runs
   PyTorch, as the scheduler expects, instead of two OpenMP thread pools fighting over the
-  cores.
+  cores. Beside clients asking back to back, plain requests decoded 1.4-1.8x faster this
+  way than with the embedder on the answers' threads, and answers took 1.3-1.6x longer
+  (benchmarks/serve_rag.py, docs/benchmarks.md).
 
 GET /v1/rag/sources/{id} returns a cited chunk as JSON; GET /rag/sources/{id} is a small
 page showing it (the link the web chat opens, so like the page at / it needs no API key: a
