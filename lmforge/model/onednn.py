@@ -111,46 +111,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _Linear.apply(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-@functools.cache
-def fused_available() -> bool:
-    """Whether oneDNN's linear op takes a GELU epilogue and a fused residual add here."""
-    if not available():
-        return False
-    try:
-        x, w, b = torch.ones(2, 3), torch.ones(4, 3), torch.zeros(4)
-        gelu = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
-        added = torch.ops.mkldnn._linear_pointwise.binary(x, torch.ones(2, 4), w, b, "add")
-        return bool(torch.allclose(gelu, F.gelu(torch.full((2, 4), 3.0)))) and bool(torch.equal(added, torch.full((2, 4), 4.0)))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-def _fusable(layer: nn.Linear, x: torch.Tensor) -> bool:
-    """Inference on 2-D float32 CPU tensors (no autograd), where the fused ops apply."""
-    return (x.dim() == 2 and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
-            and usable(x, layer.weight) and x.numel() > 0 and fused_available())
-
-
-def linear_gelu(layer: nn.Linear, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """gelu(layer(x)) with the bias and GELU applied as the product's results are written.
-
-    Unfused, the product's output is written, read and written again by the bias, read and
-    written again by GELU; fused, it is written once. Values equal the unfused ones up to
-    float rounding. Falls back to the plain ops wherever oneDNN's op does not apply.
-    """
-    if _fusable(layer, x):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), layer.weight, layer.bias, "gelu", [], approximate)
-    return F.gelu(layer(x), approximate=approximate)
-
-
-def linear_add(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """layer(x) + residual in one pass over the output (a post-norm block's residual add)."""
-    if _fusable(layer, x) and residual.shape == (x.shape[0], layer.out_features) and residual.dtype == x.dtype:
-        return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), residual.contiguous(), layer.weight,
-                                                         layer.bias, "add")
-    return layer(x) + residual
-
-
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`, except that a training forward (train mode, autograd on) uses `linear`.
 

@@ -3,7 +3,9 @@
 Read top to bottom: `Transformer` embeds tokens (M1), adds learned positions or rotates
 q/k with RoPE (M3), runs `n_layer` pre-norm `Block`s of attention (M2, grouped-query when
 n_kv_head < n_head) and a feed-forward network (M4), normalizes (M5) and projects back to
-the vocabulary.
+the vocabulary. Attention runs through PyTorch's fused `scaled_dot_product_attention`,
+which uses a FlashAttention-style tiled kernel where the platform has one (M8). With a
+`KVCache` (M9) the same forward does prefill (many tokens) and decode (one token).
 
 Encoders are the same pieces configured differently (`ModelConfig.causal=False`, BERT):
 attention sees the whole sequence except padding, token-type embeddings join the token
@@ -11,11 +13,7 @@ and position embeddings, a norm follows the embeddings, `PostNormBlock`s normali
 each residual add, and `encode` returns the hidden states [B, T, D] (no vocabulary head).
 `encode_packed` is the same computation on sequences packed end to end without padding
 (see `Packing`): every per-token operation (projections, feed-forward, norms) runs on real
-tokens only, and only attention sees a padded view. With bias, GELU and residual adds fused
-into the matrix products there (`onednn.linear_gelu`, `onednn.linear_add`), the activations
-are also read and written fewer times. Attention runs through PyTorch's fused `scaled_dot_product_attention`,
-which uses a FlashAttention-style tiled kernel where the platform has one (M8). With a
-`KVCache` (M9) the same forward does prefill (many tokens) and decode (one token).
+tokens only, and only attention sees a padded view.
 
 Fused projections: q, k and v come from one matrix (`attn.qkv`), and SwiGLU's gate and
 up projections from one matrix (`mlp.fc`). One large matrix-vector product per step is
@@ -39,7 +37,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .onednn import linear_add, linear_gelu, project
+from .onednn import project
 from .rope import RotaryTable, apply_rotary
 
 
@@ -256,13 +254,9 @@ class PostNormBlock(Block):
         return self.mlp_norm(x + self.mlp(x))
 
     def forward_packed(self, x: torch.Tensor, packing: Packing, rope, mask) -> torch.Tensor:
-        """`forward` on packed tokens, with each projection's bias, the GELU and the residual
-        add computed inside the matrix product where oneDNN can (CPU float32 inference)."""
-        x = self.attn_norm(linear_add(self.attn.out, self.attn.attend_packed(x, packing, rope, mask), x))
-        if self.mlp.swiglu:
-            return self.mlp_norm(x + self.mlp(x))
-        h = linear_gelu(self.mlp.fc, x, self.mlp.gelu_approximate)
-        return self.mlp_norm(linear_add(self.mlp.proj, h, x))
+        """`forward` on packed tokens x [N, D] (see `Packing`)."""
+        x = self.attn_norm(x + self.attn.out(self.attn.attend_packed(x, packing, rope, mask)))
+        return self.mlp_norm(x + self.mlp(x))
 
 
 class Transformer(nn.Module):
