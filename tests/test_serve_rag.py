@@ -344,6 +344,75 @@ def test_source_api_needs_the_key_when_the_server_has_keys(default_lm, knowledge
         assert httpx.get(source["url"]).status_code == 200  # the page is a link: its id is the capability
 
 
+# ------------------------------------------------- the web chat's store keeps sources
+OLD_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE conversations (id TEXT PRIMARY KEY, created REAL NOT NULL, updated REAL NOT NULL,
+                            title TEXT NOT NULL DEFAULT '', model TEXT, settings TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL REFERENCES conversations (id)
+                       ON DELETE CASCADE, idx INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
+                       created REAL NOT NULL, UNIQUE (conversation_id, idx));
+CREATE TABLE feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, message_id INTEGER NOT NULL UNIQUE REFERENCES messages (id)
+                       ON DELETE CASCADE, rating INTEGER NOT NULL, comment TEXT NOT NULL DEFAULT '', created REAL NOT NULL);
+INSERT INTO schema_version VALUES (1);
+INSERT INTO conversations VALUES ('c1', 1.0, 1.0, 'old', NULL, '{}');
+INSERT INTO messages VALUES (1, 'c1', 0, 'user', 'What is a KV cache?', 1.0);
+INSERT INTO messages VALUES (2, 'c1', 1, 'assistant', 'It stores keys and values. [1]', 1.0);
+INSERT INTO feedback VALUES (1, 2, 1, '', 1.0);
+"""
+
+SOURCE = {"number": 1, "id": "754f7afe0bfe738f", "source": "kv-cache.md", "title": "The KV cache",
+          "headings": ["The KV cache", "What it is"], "line_start": 6, "line_end": 18,
+          "url": "http://127.0.0.1:8000/rag/sources/754f7afe0bfe738f"}
+
+
+def test_feedback_store_keeps_an_answers_sources_and_migrates_older_files(tmp_path):
+    import sqlite3
+
+    from lmforge.serve.feedback import SCHEMA_VERSION, FeedbackStore
+
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        raw.executescript(OLD_SCHEMA)
+    with FeedbackStore(path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        old = store.get_conversation("c1")["messages"]
+        assert [m["sources"] for m in old] == [None, None] and old[1]["feedback"]["rating"] == 1
+        added = store.append_messages("c1", [{"role": "user", "content": "And paging?"},
+                                             {"role": "assistant", "content": "Blocks. [1]", "sources": [SOURCE]}])
+        assert [m["sources"] for m in added] == [None, [SOURCE]]
+        assert store.get_conversation("c1")["messages"][-1]["sources"] == [SOURCE]
+        store.add_feedback(added[-1]["id"], -1, "wrong page")
+        assert [r["sources"] for r in store.export()] == [None, [SOURCE]]
+        with pytest.raises(ValueError, match="assistant"):
+            store.append_messages("c1", [{"role": "user", "content": "x", "sources": [SOURCE]}])
+    with FeedbackStore(path) as again:  # reopened: already current, nothing migrated twice
+        assert again.schema_version == 2 and again.get_conversation("c1")["message_count"] == 4
+
+
+def test_web_chat_api_stores_sources_with_answers(default_lm, knowledge, rag_index, tmp_path):
+    from lmforge.serve.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "chat.db")
+    settings = ServeSettings(rag=str(rag_index), rag_answer="extractive")
+    with serving(default_lm, settings, knowledge, store=store, max_batch=1) as (url, _):
+        conv = httpx.post(url + "/api/conversations", json={"messages": KV_QUESTION}).json()
+        answer = httpx.post(url + "/v1/chat/completions", json={"messages": KV_QUESTION}).json()
+        message = {"role": "assistant", "content": answer["choices"][0]["message"]["content"],
+                   "sources": [{**s, "later_field": 1} for s in answer["sources"]]}
+        r = httpx.post(f"{url}/api/conversations/{conv['id']}/messages", json={"messages": [message]})
+        assert r.status_code == 201 and r.json()["data"][0]["sources"] == answer["sources"]
+        got = httpx.get(f"{url}/api/conversations/{conv['id']}").json()["messages"]
+        assert got[-1]["sources"] == answer["sources"] and got[0]["sources"] is None
+        for bad in ({"role": "user", "content": "x", "sources": answer["sources"]},
+                    {"role": "assistant", "content": "x", "sources": [{"number": "1", "id": "a", "source": "b"}]},
+                    {"role": "assistant", "content": "x", "sources": [{"number": 1, "source": "b"}]},
+                    {"role": "assistant", "content": "x", "sources": [SOURCE] * 65}):
+            r = httpx.post(f"{url}/api/conversations/{conv['id']}/messages", json={"messages": [bad]})
+            assert r.status_code == 422 and r.json()["error"]["message"], bad
+    store.close()
+
+
 # ------------------------------------------------------------------ settings, CLI
 def test_settings_and_answer_modes():
     from lmforge.rag.config import ANSWER_MODES
@@ -627,8 +696,16 @@ def test_web_chat_lists_the_sources_as_links(browser, default_lm, knowledge, rag
         assert answer == client_answer(url)  # the links changed nothing in the text
         _shot(d, tmp_path / "web-chat-sources.png")
 
+        # Stored with the answer: a fresh page, the conversation reopened, shows the same links.
+        wait.until(lambda d: test_webui_browser._enabled(d, ".message.assistant .thumb.up"))
+        d.get(url + "/")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#conversation-list button"))[0].click()
+        reopened = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant .sources li a"))
+        assert [a.get_attribute("href") for a in reopened] == [s["url"] for s in expected]
+        assert len(d.find_elements(By.CSS_SELECTOR, ".message.assistant .content a.cite")) == len(cites)
+
         # The source page opens and shows the passage.
-        d.get(links[0].get_attribute("href"))
+        d.get(reopened[0].get_attribute("href"))
         passage = d.find_element(By.CSS_SELECTOR, "pre.passage").text
         assert " ".join(passage.split()) == " ".join(knowledge.chunk(expected[0]["id"]).text.split())
         _shot(d, tmp_path / "source-page.png")

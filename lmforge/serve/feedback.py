@@ -10,6 +10,11 @@ its own committed transaction before the method returns. The HTTP layer answers 
 after that, so a rating the client saw acknowledged survives a crash of the server
 process, and with FULL also a power cut (the WAL is fsynced at each commit).
 
+An answer from a knowledge base (`lmforge serve --rag`) keeps the sources it cited in
+`messages.sources` (JSON), so a reopened conversation shows them again and the export
+says which passages a rated answer rested on. Schema 2 added that column; a file of
+schema 1 gains it when opened.
+
 One connection is shared by all threads behind a lock: writes are serialized anyway
 by SQLite, and the web chat's traffic is small next to the model's work.
 """
@@ -26,7 +31,7 @@ from typing import Any, Iterable
 
 from ..errors import LmforgeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: messages.sources, the sources an answer from a knowledge base cited
 ROLES = ("system", "user", "assistant")
 TITLE_CHARS = 60
 
@@ -50,6 +55,7 @@ CREATE TABLE IF NOT EXISTS messages (
     role            TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
     content         TEXT NOT NULL,
     created         REAL NOT NULL,
+    sources         TEXT,
     UNIQUE (conversation_id, idx)
 );
 CREATE TABLE IF NOT EXISTS feedback (
@@ -102,6 +108,15 @@ class FeedbackStore:
             elif found > SCHEMA_VERSION:
                 raise LmforgeError(f"{self.path} was written by a newer lmforge (schema {found}, "
                                    f"this one knows {SCHEMA_VERSION})")
+            elif found < SCHEMA_VERSION:
+                self._migrate(found)
+
+    def _migrate(self, found: int) -> None:
+        """Bring an older file up to this schema, inside the opening transaction (all or nothing)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+        if found < 2 and "sources" not in columns:
+            self._db.execute("ALTER TABLE messages ADD COLUMN sources TEXT")
+        self._db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     @property
     def schema_version(self) -> int:
@@ -182,12 +197,16 @@ class FeedbackStore:
                 raise ValueError(f"role must be one of {', '.join(ROLES)}")
             if not isinstance(m.get("content"), str):
                 raise ValueError("content must be a string")
+            if m.get("sources") is not None and (m["role"] != "assistant" or not isinstance(m["sources"], list)):
+                raise ValueError("sources must be a list, on assistant messages only")
         start = self._db.execute("SELECT coalesce(max(idx) + 1, 0) FROM messages WHERE conversation_id = ?",
                                  (conv_id,)).fetchone()[0]
         ids = []
         for k, m in enumerate(messages):
-            cur = self._db.execute("INSERT INTO messages (conversation_id, idx, role, content, created) "
-                                   "VALUES (?, ?, ?, ?, ?)", (conv_id, start + k, m["role"], m["content"], now))
+            sources = json.dumps(m["sources"], ensure_ascii=False) if m.get("sources") is not None else None
+            cur = self._db.execute("INSERT INTO messages (conversation_id, idx, role, content, created, sources) "
+                                   "VALUES (?, ?, ?, ?, ?, ?)",
+                                   (conv_id, start + k, m["role"], m["content"], now, sources))
             ids.append(cur.lastrowid)
         first_user = next((m["content"] for m in messages if m["role"] == "user" and m["content"].strip()), None)
         if first_user is not None:  # untitled conversations are named after their first question
@@ -230,7 +249,7 @@ class FeedbackStore:
         with self._lock:
             rated = self._db.execute(
                 "SELECT f.id, f.message_id, f.rating, f.comment, f.created, m.conversation_id, m.idx, m.content, "
-                "c.model, c.settings FROM feedback f JOIN messages m ON m.id = f.message_id "
+                "m.sources, c.model, c.settings FROM feedback f JOIN messages m ON m.id = f.message_id "
                 f"JOIN conversations c ON c.id = m.conversation_id {where} ORDER BY f.created, f.id", args).fetchall()
             history: dict[str, list[sqlite3.Row]] = {}
             for conv_id in {r["conversation_id"] for r in rated}:
@@ -243,6 +262,7 @@ class FeedbackStore:
             "prompt": [{"role": m["role"], "content": m["content"]} for m in history[r["conversation_id"]]
                        if m["idx"] < r["idx"]],
             "completion": r["content"], "rating": r["rating"], "comment": r["comment"], "created": r["created"],
+            "sources": json.loads(r["sources"]) if r["sources"] else None,
         } for r in rated]
 
 
@@ -277,5 +297,7 @@ def _message(row: sqlite3.Row) -> dict[str, Any]:
     feedback = None
     if "rating" in keys and row["rating"] is not None:
         feedback = {"rating": row["rating"], "comment": row["feedback_comment"], "created": row["feedback_created"]}
+    sources = row["sources"] if "sources" in keys else None
     return {"id": row["id"], "conversation_id": row["conversation_id"], "index": row["idx"], "role": row["role"],
-            "content": row["content"], "created": row["created"], "feedback": feedback}
+            "content": row["content"], "created": row["created"], "feedback": feedback,
+            "sources": json.loads(sources) if sources else None}

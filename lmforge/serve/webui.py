@@ -19,7 +19,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Query
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import APIError
 from .feedback import FeedbackStore, NotFound
@@ -37,15 +37,39 @@ PAGE_HEADERS = {
 
 MAX_CONTENT_CHARS = 200_000
 MAX_MESSAGES = 1000
+MAX_SOURCES = 64
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SourceIn(BaseModel):
+    """A source an answer cited, as `/v1/chat/completions` listed it (fields added later are dropped)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    number: int = Field(ge=1, le=1000, strict=True)
+    id: str = Field(min_length=1, max_length=200)
+    source: str = Field(max_length=2000)
+    title: str = Field(default="", max_length=2000)
+    headings: list[str] = Field(default_factory=list, max_length=32)
+    line_start: int = Field(default=1, ge=0, strict=True)
+    line_end: int = Field(default=1, ge=0, strict=True)
+    url: str | None = Field(default=None, max_length=4000)
+
+
 class MessageIn(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=MAX_CONTENT_CHARS)
+    # An answer from a knowledge base: its sources, shown again when the conversation is reopened.
+    sources: list[SourceIn] | None = Field(default=None, max_length=MAX_SOURCES)
+
+    @model_validator(mode="after")
+    def _sources_on_answers(self) -> MessageIn:
+        if self.sources is not None and self.role != "assistant":
+            raise ValueError("sources belong to assistant messages only")
+        return self
 
 
 class ConversationIn(_Strict):

@@ -159,6 +159,7 @@ function renderMessage(message) {
   content.textContent = message.content;
   article.append(role, content);
   const view = { article, content, message };
+  if (message.role === "assistant" && message.sources) showSources(view, message.content, message.sources);
   if (message.role === "assistant") addFeedbackControls(view);
   el.messages.append(article);
   return view;
@@ -520,8 +521,10 @@ async function streamAnswer(settings) {
   }
   if (!failure) showSources(view, text, sources);
   try {
+    const answer = { role: "assistant", content: text };
+    if (!failure && Array.isArray(sources) && sources.length) answer.sources = sources;  // shown again on reopening
     const added = await api(`/api/conversations/${encodeURIComponent(conversationId)}/messages`, {
-      method: "POST", body: { messages: [{ role: "assistant", content: text }] },
+      method: "POST", body: { messages: [answer] },
     });
     view.message = added.data[0];
     if (conversationId === state.conversationId) state.messages.push(added.data[0]);
