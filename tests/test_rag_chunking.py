@@ -98,8 +98,8 @@ def test_default_budget_fits_the_embedder_window(handbook):
         for chunk in exact.chunk(doc):
             budget = exact.budget(doc.source, chunk.headings, chunk.metadata)
             assert real(chunk.text) <= budget
-            if budget > exact.max_tokens // 2:  # the prefix left room: the whole search text fits
-                assert len(tok.encode(chunk.search_text()).ids) <= 256, chunk.id
+            if budget > exact.max_tokens // 2:  # the prefix left room: the whole embedded text fits
+                assert len(tok.encode(chunk.embed_text()).ids) <= 256, chunk.id
                 checked += 1
     assert checked > 50
     assert len(over) <= total // 200 and max(over, default=1.0) <= 1.06, (len(over), total, over)
@@ -305,15 +305,18 @@ def test_html_and_pdf_chunks_point_at_file_lines_and_pages(tmp_path):
 
 
 def test_window_shrinks_the_budget_of_long_prefixes():
-    doc = Document(source="w.md", text="# W\n\n" + " ".join(["word"] * 200), title="W", kind="markdown",
-                   metadata={"terms": ["term"] * 30})
+    heading = " ".join(["head"] * 30)  # a long heading path: the embedded prefix of every chunk below it
+    doc = Document(source="w.md", text=f"# W\n\n## {heading}\n\n" + " ".join(["word"] * 200), title="W",
+                   kind="markdown", metadata={"terms": ["term"] * 30})
     chunker = Chunker(max_tokens=100, overlap=0, count_tokens=words, window=120)
-    prefix = words(Chunk(source="w.md", text="", headings=("W",), metadata={**doc.metadata, "title": "W",
-                                                                               "kind": "markdown"}).search_text())
-    assert chunker.budget("w.md", ("W",), {**doc.metadata, "title": "W", "kind": "markdown"}) == 120 - prefix
-    assert all(words(c.search_text()) <= 120 for c in chunker.chunk(doc))
+    meta = {**doc.metadata, "title": "W", "kind": "markdown"}
+    prefix = words(Chunk(source="w.md", text="", headings=("W", heading), metadata=meta).embed_text())
+    assert chunker.budget("w.md", ("W", heading), meta) == 120 - prefix
+    assert all(words(c.embed_text()) <= 120 for c in chunker.chunk(doc))
+    # Key terms are for keyword search only: they take nothing from the embedder's window.
+    assert chunker.budget("w.md", ("W",), meta) == 100
     # A prefix that would leave less than half of max_tokens gets half.
-    assert Chunker(max_tokens=100, count_tokens=words, window=40).budget("w.md", ("W",), doc.metadata) == 50
+    assert Chunker(max_tokens=100, count_tokens=words, window=40).budget("w.md", ("W", heading), doc.metadata) == 50
 
 
 @pytest.mark.parametrize("options, message", [

@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import LmforgeError
 from .config import AnswerOptions
 from .groundedness import SupportChecker, answer_sentences
-from .text import citation_numbers, content_words, is_chinese, keep_citations, split_sentences
+from .text import citation_numbers, content_words, is_chinese, keep_citations, split_sentences, strip_citations
 from .types import Chunk
 
 REFUSAL = "That is not in the knowledge base."
@@ -225,7 +225,7 @@ class Answerer:
             return sentence if not verify else None
         cited = citation_numbers(sentence)
         pool = [c for c in citations if c.number in cited] or citations
-        support = self.checker.check(sentence, [c.chunk.text for c in pool])
+        support = self.checker.check(strip_citations(sentence), [c.chunk.text for c in pool])
         if not support.supported:
             answer.dropped.append(sentence)
             return None

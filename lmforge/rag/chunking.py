@@ -239,10 +239,10 @@ class Chunker:
 
     max_tokens: int = DEFAULT_MAX_TOKENS  # the most tokens of a chunk's text
     overlap: int = DEFAULT_OVERLAP  # tokens shared by consecutive chunks of one section
-    # The most tokens of a chunk's `search_text()` (titles, key terms, heading path, text), which
+    # The most tokens of a chunk's `embed_text()` (title, heading path, text), which
     # is what the embedder reads: all-MiniLM-L6-v2's 256 positions less [CLS] and [SEP]. A
     # section whose prefix is long gets a smaller text budget, but never under half of
-    # `max_tokens` (a page with very long key-term lists then overflows the window, and the
+    # `max_tokens` (a very long title and heading path then overflow the window, and the
     # embedder truncates the end of the text). None: no window.
     window: int | None = DEFAULT_WINDOW
     count_tokens: Callable[[str], int] = field(default=estimate_tokens, repr=False)
@@ -260,7 +260,7 @@ class Chunker:
         """Tokens left for the text of a chunk with this heading path and metadata."""
         if self.window is None:
             return self.max_tokens
-        prefix = Chunk(source=source, text="", headings=headings, metadata=metadata, id="-").search_text()
+        prefix = Chunk(source=source, text="", headings=headings, metadata=metadata, id="-").embed_text()
         return max(self.max_tokens // 2, min(self.max_tokens, self.window - self.count_tokens(prefix + "\n")))
 
     # -- public

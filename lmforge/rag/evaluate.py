@@ -84,16 +84,23 @@ def _refused(question: Question, signal: dict[str, float], thresholds: dict[str,
     return signal["cosine"] < min_cosine and signal["strength"] < min_strength
 
 
-def _two_fold(questions: Sequence[Question], signals: Sequence[dict[str, float]], seed: int) -> list[bool]:
-    """Each question's refusal decided by thresholds fitted on the other half (split within each language)."""
+def _two_fold(questions: Sequence[Question], signals: Sequence[dict[str, float]], seed: int) -> list[bool | None]:
+    """Each question's refusal decided by thresholds fitted on the other half (split within each language).
+
+    None where a half holds no in-scope question of that language to fit on (tiny sets).
+    """
     order = list(range(len(questions)))
     random.Random(seed).shuffle(order)
     halves = [order[::2], order[1::2]]
-    refused = [False] * len(questions)
+    refused: list[bool | None] = [None] * len(questions)
     for fit, score in (halves, halves[::-1]):
-        thresholds = fit_by_language(questions, signals, fit)
+        try:
+            thresholds = fit_by_language(questions, signals, fit)
+        except LmforgeError:
+            continue
         for i in score:
-            refused[i] = _refused(questions[i], signals[i], thresholds)
+            if query_lang(questions[i].question) in thresholds:
+                refused[i] = _refused(questions[i], signals[i], thresholds)
     return refused
 
 
@@ -135,7 +142,7 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
         for n, q in enumerate(questions, 1):
             lists = retriever.search_lists(q.question, max(depth, retriever.options.depth))
             for mode in options.modes:
-                hits = [] if mode == "none" else retriever.combine(lists, mode, depth)
+                hits = [] if mode == "none" else retriever.combine(lists, mode, depth, query_lang(q.question))
                 rankings[mode].append(ranked_pages(hits))
             signals.append(lists.signals)
             rows.append({"id": q.id, "lang": q.lang, "gold": list(q.gold), "signals": lists.signals,
@@ -160,11 +167,9 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
                                 for lang, (c, s) in retriever.thresholds.items()}
         report["thresholds"]["calibrated"] = bool(options.calibrate or "min_cosine_en" in store.meta)
         held_out = _two_fold(questions, signals, options.seed)
-        report["refusal_two_fold"] = evaluate_retrieval(questions, [[] for _ in questions], options.k,
-                                                        refused=held_out)["by_lang"]
         report["refusal_two_fold_overall"] = {
-            "refusal_rate": _rate([r for r, q in zip(held_out, questions) if not q.in_scope]),
-            "false_refusal_rate": _rate([r for r, q in zip(held_out, questions) if q.in_scope])}
+            "refusal_rate": _rate([r for r, q in zip(held_out, questions) if not q.in_scope and r is not None]),
+            "false_refusal_rate": _rate([r for r, q in zip(held_out, questions) if q.in_scope and r is not None])}
         if options.answers:
             report["answers"] = _answers(options, retriever, model, questions)
     report["seconds"] = round(time.perf_counter() - started, 2)

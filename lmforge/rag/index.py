@@ -21,6 +21,9 @@ from .config import IndexOptions
 from .documents import iter_documents
 from .store import open_store
 
+# What a chunk's vector is made from (see `Chunk.embed_text`); a new layout re-embeds every chunk.
+CHUNK_LAYOUT = "title+path+text/1"
+
 
 @dataclass
 class IndexReport:
@@ -66,7 +69,12 @@ def build_index(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
         report = IndexReport(str(location))
         store.check_model(embedder.model_id)
         known = store.documents()
-        stale = [d for d in documents if known.get(d.source) != d.digest]
+        # Chunks made another way (other budgets, another layout of the embedded text) are
+        # rebuilt even where the files did not change.
+        chunking = {"max_tokens": chunker.max_tokens, "overlap": chunker.overlap, "window": chunker.window,
+                    "layout": CHUNK_LAYOUT}
+        rechunk = store.meta.get("chunking") != chunking
+        stale = [d for d in documents if rechunk or known.get(d.source) != d.digest]
         report.unchanged = len(documents) - len(stale)
         pending = [(d, chunker.chunk(d)) for d in stale]
         total = sum(len(chunks) for _, chunks in pending)
@@ -76,13 +84,11 @@ def build_index(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
         present = {d.source for d in documents}
         gone = [] if options.keep_missing else sorted(set(known) - present)
         with store.indexing():
-            if store.meta.get("model_id") is None:
-                store.set_meta(model_id=embedder.model_id, dim=embedder.dim, embedder=embedder.name, **meta)
-            elif meta:
-                store.set_meta(model_id=embedder.model_id, dim=embedder.dim, **meta)
+            store.set_meta(model_id=embedder.model_id, dim=embedder.dim, embedder=embedder.name, chunking=chunking,
+                           **meta)
             done = 0
             for document, chunks in pending:
-                texts = [c.search_text() for c in chunks]
+                texts = [c.embed_text() for c in chunks]
                 vectors = embedder.encode(texts, batch_size=options.batch_size, normalize=True) if texts else None
                 if chunks:
                     store.replace_document(document.source, document.digest, chunks, vectors)

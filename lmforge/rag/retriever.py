@@ -101,7 +101,7 @@ class Retriever:
             raise LmforgeError(f"retrieval mode must be one of {', '.join(MODES)}, got {mode!r}")
         started = time.perf_counter()
         lists = self.search_lists(query, max(k, self.options.depth), filters)
-        hits = self.combine(lists, mode, k)
+        hits = self.combine(lists, mode, k, query_lang(query))
         return Retrieval(hits, *self.judge(lists.signals, query_lang(query)), lists.signals,
                          time.perf_counter() - started)
 
@@ -115,14 +115,20 @@ class Retriever:
                    "strength": self.strength(terms, keyword[0].score if keyword else 0.0)}
         return SearchLists(query_vector, dense, keyword, signals)
 
-    def combine(self, lists: SearchLists, mode: str, k: int) -> list[Hit]:
-        """The hits of one mode from the two lists: one of them, or their fusion (then MMR, when on)."""
+    def combine(self, lists: SearchLists, mode: str, k: int, lang: str = "en") -> list[Hit]:
+        """The hits of one mode from the two lists: one of them, or their fusion (then MMR, when on).
+
+        For a Chinese question the dense list counts `dense_weight_zh` (an English embedder
+        places Chinese text poorly, while BM25 matches the pages' Chinese key terms exactly).
+        """
         if mode == "dense":
             hits = lists.dense
         elif mode == "bm25":
             hits = lists.keyword
         else:
-            hits = reciprocal_rank_fusion({"dense": lists.dense, "bm25": lists.keyword}, k=self.options.rrf_k)
+            weights = {"dense": self.options.dense_weight_zh if lang == "zh" else 1.0, "bm25": 1.0}
+            hits = reciprocal_rank_fusion({"dense": lists.dense, "bm25": lists.keyword}, k=self.options.rrf_k,
+                                          weights=weights)
         if self.options.mmr is not None and len(hits) > k:
             hits = self._diverse(hits[: max(k, self.options.depth)], lists.query_vector, k)
         return hits[:k]
@@ -148,5 +154,5 @@ class Retriever:
         return float(top_score / total) if total > 0 else 0.0
 
     def _diverse(self, hits: list[Hit], query_vector: np.ndarray, k: int) -> list[Hit]:
-        vectors = self.embedder.encode([h.chunk.search_text() for h in hits], normalize=True)
+        vectors = self.embedder.encode([h.chunk.embed_text() for h in hits], normalize=True)
         return mmr_hits(hits, vectors, query_vector, k, lambda_=self.options.mmr, use_scores=True)

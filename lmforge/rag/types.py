@@ -59,6 +59,16 @@ class Chunk:
         path = " > ".join(h for h in self.headings[1:] if h)
         return "\n".join(part for part in (" | ".join(head), path, self.text) if part)
 
+    def embed_text(self) -> str:
+        """What the embedder reads: the page's title, the heading path and the text.
+
+        The key-term lists stay out: repeated on every chunk of a page they would pull all
+        of its chunks to one point and leave little of the embedder's window for the text.
+        Keyword search reads them (`search_text`), which is where exact terms pay off.
+        """
+        path = " > ".join(h for h in self.headings[1:] if h)
+        return "\n".join(part for part in (self.title, path, self.text) if part)
+
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "source": self.source, "text": self.text, "headings": list(self.headings),
                 "line_start": self.line_start, "line_end": self.line_end, "metadata": dict(self.metadata)}
