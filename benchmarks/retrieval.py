@@ -15,8 +15,10 @@ product over every vector). Figures:
       - faiss IndexIVFFlat with lmforge's nlist and nprobe, faiss IndexHNSWFlat (M=32).
   * a filtered query (metadata lang=en, a quarter of the chunks): recall against exact
     search of the filtered set;
-  * an incremental update: 1% of the documents re-indexed with new vectors (new vectors
-    join their nearest lists; no retraining), its time and the recall after it;
+  * an incremental update: 1% of the documents re-indexed with new vectors (for the mixture,
+    vectors of another mixture: new content), its time, whether it retrained the index
+    (only on growth or measured drift; otherwise new vectors join their nearest lists) and
+    the recall after it;
   * optionally (--postgres URL, or --postgres start for a private server) the same
     through the PostgreSQL + pgvector store, on the first --postgres-n vectors.
 
@@ -33,7 +35,9 @@ similar than real ones (mean top-1 / top-10 / top-100 cosine 0.50 / 0.32 / 0.20 
 `file:PATH.npy`: your own (n, dim) vectors. Queries are held out from the same vectors.
 
 Threads: every library runs on --threads threads (default 1: OMP/OpenBLAS/MKL and
-hnswlib's num_threads), so the ratios compare algorithms, not thread pools.
+hnswlib's num_threads), so the ratios compare algorithms, not thread pools. Queries are
+interleaved: each query goes to every index in turn (the first one rotating), so that the
+changing load of a shared machine falls on all of them alike; builds run one after another.
 
 Run:  python benchmarks/retrieval.py [--n 100000] [--queries 1000] [--threads 1]
 The last line printed is one JSON object with every figure.
@@ -142,17 +146,38 @@ def recall(found: list[list[int]], truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[:k]) & set(t.tolist())) / k for f, t in zip(found, truth)]))
 
 
+def percentiles(times: list[float]) -> dict[str, float]:
+    ms = np.array(times) * 1e3
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 4), "p95_ms": round(float(np.percentile(ms, 95)), 4)}
+
+
 def timed_queries(fn, queries: np.ndarray, warmup: int = 20) -> tuple[list[list[int]], dict[str, float]]:
     for q in queries[:warmup]:
         fn(q)
     found, times = [], []
     for q in queries:
         start = time.perf_counter()
-        ids = fn(q)
+        found.append(fn(q))
         times.append(time.perf_counter() - start)
-        found.append(ids)
-    ms = np.array(times) * 1e3
-    return found, {"p50_ms": round(float(np.percentile(ms, 50)), 4), "p95_ms": round(float(np.percentile(ms, 95)), 4)}
+    return found, percentiles(times)
+
+
+def interleaved(methods: dict, queries: np.ndarray, warmup: int = 20) -> dict[str, tuple[list, dict[str, float]]]:
+    """name -> (fn, number of queries): each query to every method in turn, the first one rotating."""
+    names = list(methods)
+    for q in queries[:warmup]:
+        for name in names:
+            methods[name][0](q)
+    found: dict[str, list] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i, q in enumerate(queries):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            fn, count = methods[name]
+            if i < count:
+                start = time.perf_counter()
+                found[name].append(fn(q))
+                times[name].append(time.perf_counter() - start)
+    return {name: (found[name], percentiles(times[name])) for name in names}
 
 
 def build_store(path: Path, base: np.ndarray, lang: np.ndarray, params, per_doc: int = 100):
@@ -212,102 +237,100 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     params = IvfParams(exact_below=min(20_000, n), nprobe=args.nprobe)
-    with tempfile.TemporaryDirectory() as tmp:
-        # lmforge: the store end to end, then the IVF training alone on the same vectors.
-        start = time.perf_counter()
-        store = build_store(Path(tmp) / "index.sqlite", base, lang, params)
-        build_store_s = time.perf_counter() - start
-        from lmforge.rag.store import ann
+    tmp = tempfile.TemporaryDirectory()
+    from lmforge.rag.store import ann
 
-        start = time.perf_counter()
-        nlist = params.lists_for(n)
-        centroids = ann.train_centroids(base, nlist, params)
-        labels, _ = ann.assign(base, centroids)
-        index = ann.IvfIndex.build(centroids, base, labels)
-        train_s = time.perf_counter() - start
-        nprobe = params.probes_for(nlist)
+    # Builds, one after the other.
+    start = time.perf_counter()
+    store = build_store(Path(tmp.name) / "index.sqlite", base, lang, params)
+    builds = {"lmforge_store_ivf": time.perf_counter() - start}
+    store.search(queries[0], k=k)  # loads the vectors into memory once
+    start = time.perf_counter()  # the IVF training alone, on the same vectors
+    nlist = params.lists_for(n)
+    centroids = ann.train_centroids(base, nlist, params)
+    index = ann.IvfIndex.build(centroids, base, ann.assign(base, centroids)[0])
+    builds["lmforge_ivf_index"] = time.perf_counter() - start
+    nprobe = params.probes_for(nlist)
 
-        def store_ids(q):
-            return [int(h.chunk.text.split()[1]) for h in store.search(q, k=k)]
-
-        store.search(queries[0], k=k)  # loads the vectors into memory once
-        found, lat = timed_queries(store_ids, queries)
-        results["lmforge_store_ivf"] = {**lat, "recall": round(recall(found, truth), 4), "build_s": round(build_store_s, 2)}
-        found, lat = timed_queries(lambda q: index.search(q, k, nprobe)[0][:k].tolist(), queries)
-        results["lmforge_ivf_index"] = {**lat, "recall": round(recall(found, truth), 4), "build_s": round(train_s, 2)}
-        found, lat = timed_queries(lambda q: [int(h.chunk.text.split()[1]) for h in store.search(q, k=k, exact=True)],
-                                   queries[:200])
-        results["lmforge_store_exact"] = {**lat, "recall": round(recall(found, truth[:200]), 4)}
-
-        # Filtered: lang=en (a quarter of the chunks), against exact search of that subset.
-        subset = np.flatnonzero(lang == "en")
-        sub_truth = subset[exact_top(base[subset], queries, k)]
-        found, lat = timed_queries(
-            lambda q: [int(h.chunk.text.split()[1]) for h in store.search(q, k=k, filters={"lang": "en"})], queries[:300])
-        results["lmforge_store_ivf_filtered"] = {**lat, "recall": round(recall(found, sub_truth[:300]), 4),
-                                                 "filter_fraction": round(subset.size / n, 3)}
-
-        # Incremental: re-index 1% of the documents with new vectors; no retraining expected.
-        from lmforge.rag.types import Chunk
-
-        updated = base.copy()
-        docs = sorted(store.documents())
-        changed = docs[:: 100]
-        fresh = mixture(len(changed) * 100, seed=7)
-        start = time.perf_counter()
-        with store.indexing():
-            for j, source in enumerate(changed):
-                d = int(source[3:8])
-                rows = range(d * 100, min(d * 100 + 100, n))
-                updated[list(rows)] = fresh[j * 100: j * 100 + len(rows)]
-                store.replace_document(source, f"digest-{d}-v2",
-                                       [Chunk(source=source, text=f"chunk {i}", metadata={"lang": str(lang[i]), "n": i})
-                                        for i in rows], updated[list(rows)])
-        update_s = time.perf_counter() - start
-        state = json.loads(store._db.execute("SELECT value FROM ann WHERE key = 'state'").fetchone()[0])
-        store.search(queries[0], k=k)
-        found, _ = timed_queries(store_ids, queries[:300])
-        results["lmforge_store_after_update"] = {
-            "update_s": round(update_s, 2), "documents": len(changed), "retrained": state["added"] == 0,
-            "recall": round(recall(found, exact_top(updated, queries[:300], k)), 4)}
-        store.close()
-
-    # hnswlib
     start = time.perf_counter()
     hnsw = hnswlib.Index(space="ip", dim=dim)
     hnsw.init_index(max_elements=n, M=16, ef_construction=200, random_seed=0)
     hnsw.add_items(base, np.arange(n), num_threads=THREADS)
-    hnsw_build = time.perf_counter() - start
+    builds["hnswlib"] = time.perf_counter() - start
     hnsw.set_ef(max(args.hnsw_ef, k))
     hnsw.set_num_threads(1)
-    found, lat = timed_queries(lambda q: hnsw.knn_query(q, k=k)[0][0].tolist(), queries)
-    results["hnswlib"] = {**lat, "recall": round(recall(found, truth), 4), "build_s": round(hnsw_build, 2),
-                          "M": 16, "ef_construction": 200, "ef": max(args.hnsw_ef, k)}
 
-    # faiss
     faiss.omp_set_num_threads(THREADS)
     flat = faiss.IndexFlatIP(dim)
     flat.add(base)
-    found, lat = timed_queries(lambda q: flat.search(q[None, :], k)[1][0].tolist(), queries[:200])
-    results["faiss_flat"] = {**lat, "recall": round(recall(found, truth[:200]), 4)}
     start = time.perf_counter()
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.train(base)
     ivf.add(base)
-    ivf_build = time.perf_counter() - start
+    builds["faiss_ivf_flat"] = time.perf_counter() - start
     ivf.nprobe = nprobe
-    found, lat = timed_queries(lambda q: ivf.search(q[None, :], k)[1][0].tolist(), queries)
-    results["faiss_ivf_flat"] = {**lat, "recall": round(recall(found, truth), 4), "build_s": round(ivf_build, 2),
-                                 "nlist": nlist, "nprobe": nprobe}
     start = time.perf_counter()
     fh = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
     fh.hnsw.efConstruction = 200
     fh.add(base)
-    fh_build = time.perf_counter() - start
+    builds["faiss_hnsw"] = time.perf_counter() - start
     fh.hnsw.efSearch = max(args.hnsw_ef, k)
-    found, lat = timed_queries(lambda q: fh.search(q[None, :], k)[1][0].tolist(), queries)
-    results["faiss_hnsw"] = {**lat, "recall": round(recall(found, truth), 4), "build_s": round(fh_build, 2),
-                             "M": 32, "ef": max(args.hnsw_ef, k)}
+
+    def chunk_numbers(hits) -> list[int]:
+        return [int(h.chunk.text.split()[1]) for h in hits]
+
+    # Queries, interleaved: each query goes to every index in turn (rotating who goes first), so
+    # that the load of a shared machine falls on all of them alike.
+    subset = np.flatnonzero(lang == "en")  # the filtered case: lang=en, a quarter of the chunks
+    sub_truth = subset[exact_top(base[subset], queries, k)]
+    methods = {
+        "lmforge_store_ivf": (lambda q: chunk_numbers(store.search(q, k=k)), len(queries), truth),
+        "lmforge_ivf_index": (lambda q: index.search(q, k, nprobe)[0][:k].tolist(), len(queries), truth),
+        "lmforge_store_exact": (lambda q: chunk_numbers(store.search(q, k=k, exact=True)), 200, truth),
+        "lmforge_store_ivf_filtered": (lambda q: chunk_numbers(store.search(q, k=k, filters={"lang": "en"})), 300,
+                                       sub_truth),
+        "hnswlib": (lambda q: hnsw.knn_query(q, k=k)[0][0].tolist(), len(queries), truth),
+        "faiss_flat": (lambda q: flat.search(q[None, :], k)[1][0].tolist(), 200, truth),
+        "faiss_ivf_flat": (lambda q: ivf.search(q[None, :], k)[1][0].tolist(), len(queries), truth),
+        "faiss_hnsw": (lambda q: fh.search(q[None, :], k)[1][0].tolist(), len(queries), truth),
+    }
+    for name, (found, latency) in interleaved({m: (fn, count) for m, (fn, count, _) in methods.items()},
+                                              queries).items():
+        results[name] = {**latency, "recall": round(recall(found, methods[name][2]), 4)}
+        if name in builds:
+            results[name]["build_s"] = round(builds[name], 2)
+    results["lmforge_store_ivf_filtered"]["filter_fraction"] = round(subset.size / n, 3)
+    results["hnswlib"].update(M=16, ef_construction=200, ef=max(args.hnsw_ef, k))
+    results["faiss_ivf_flat"].update(nlist=nlist, nprobe=nprobe)
+    results["faiss_hnsw"].update(M=32, ef_construction=200, ef=max(args.hnsw_ef, k))
+
+    # Incremental: re-index 1% of the documents with new vectors.
+    from lmforge.rag.types import Chunk
+
+    updated = base.copy()
+    changed = sorted(store.documents())[::100]
+    if args.vectors == "mixture":  # new content from another mixture: off the trained distribution
+        fresh = mixture(len(changed) * 100, dim=dim, seed=7)
+    else:  # new versions that resemble other documents
+        picks = rng.choice(n, len(changed) * 100)
+        fresh = unit(base[picks] + 0.1 * rng.standard_normal((picks.size, dim)).astype(np.float32) / np.sqrt(dim))
+    start = time.perf_counter()
+    with store.indexing():
+        for j, source in enumerate(changed):
+            d = int(source[3:8])
+            rows = list(range(d * 100, min(d * 100 + 100, n)))
+            updated[rows] = fresh[j * 100: j * 100 + len(rows)]
+            store.replace_document(source, f"digest-{d}-v2",
+                                   [Chunk(source=source, text=f"chunk {i}", metadata={"lang": str(lang[i]), "n": i})
+                                    for i in rows], updated[rows])
+    update_s = time.perf_counter() - start
+    state = json.loads(store._db.execute("SELECT value FROM ann WHERE key = 'state'").fetchone()[0])
+    found = [chunk_numbers(store.search(q, k=k)) for q in queries[:300]]
+    results["lmforge_store_after_update"] = {
+        "update_s": round(update_s, 2), "documents": len(changed), "retrained": state["added"] == 0,
+        "recall": round(recall(found, exact_top(updated, queries[:300], k)), 4)}
+    store.close()
+    tmp.cleanup()
 
     if args.postgres:
         results["pgvector_store"] = postgres_figures(args, base, lang, queries, k)

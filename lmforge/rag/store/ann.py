@@ -41,7 +41,7 @@ class IvfParams:
 
     exact_below: int = 20_000  # fewer vectors: exact search, no index
     nlist: int = 0  # lists; 0: about 2 * sqrt(n) at training time
-    nprobe: int = 0  # lists probed per query; 0: about nlist / 12, at least 8
+    nprobe: int = 0  # lists probed per query; 0: nlist / 8, at least 8
     iterations: int = 12  # k-means iterations (it stops earlier once the assignment settles)
     sample_per_list: int = 64  # k-means trains on at most nlist * this many vectors
     seed: int = 0
@@ -67,7 +67,7 @@ class IvfParams:
         return max(1, min(nlist, n))
 
     def probes_for(self, nlist: int) -> int:
-        return max(1, min(nlist, self.nprobe or max(8, nlist // 12)))
+        return max(1, min(nlist, self.nprobe or max(8, nlist // 8)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
