@@ -84,7 +84,8 @@ def test_openai_client_gets_the_embedders_vectors(client, embedder, served):
     assert r.usage.prompt_tokens == r.usage.total_tokens == sum(embedder.count_tokens(t) for t in TEXTS)
     assert served[1].state.server.embeddings._embedder is not None  # loaded by that first request
     floats = client.embeddings.create(model=EMBEDDER, input=TEXTS[0], encoding_format="float", dimensions=384)
-    assert len(floats.data) == 1 and np.abs(np.array(floats.data[0].embedding) - got[0]).max() < 1e-7
+    # Alone or in a batch, a text gets the same vector up to float rounding (batches are packed differently).
+    assert len(floats.data) == 1 and np.abs(np.array(floats.data[0].embedding) - got[0]).max() < 1e-6
 
 
 def test_raw_base64_is_little_endian_float32(served, embedder):
