@@ -152,6 +152,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_reranker(args: argparse.Namespace) -> int:
+    from lmforge.rag.config import RerankTrainOptions
+    from lmforge.rag.rerank_train import format_summary, train_reranker
+
+    options = config_from_args(RerankTrainOptions, args)
+    embedder = _embedder(args)
+    summary = train_reranker(options, embedder, index=args.index, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(summary, ensure_ascii=False) if args.json else format_summary(summary))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmforge.rag.config import IndexOptions
 
@@ -174,6 +185,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("eval", help="retrieval and answer quality on a labelled question set")
     _add_eval_flags(p)
 
+    p = verbs.add_parser("train-reranker", help="train the cross-encoder that reranks hits and checks support, "
+                                                "on pairs generated from an index (a few minutes on a CPU)")
+    _add_train_reranker_flags(p)
+
     p = subparsers.add_parser("ask", help="ask the handbook (lmforge's own knowledge base), with citations")
     _add_ask_flags(p, index_required=False)
 
@@ -189,3 +204,14 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     add_device_flags(p)
     add_config_flags(p, EvalOptions, "evaluation")
     p.set_defaults(func=cmd_eval)
+
+
+def _add_train_reranker_flags(p: argparse.ArgumentParser) -> None:
+    from lmforge.rag.config import RerankTrainOptions
+
+    p.add_argument("--index", help="the index whose chunks the training pairs come from (default: the handbook's)")
+    p.add_argument("--embedding-model", help=EMBEDDER_HELP + "; it finds the hard negatives")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_device_flags(p)
+    add_config_flags(p, RerankTrainOptions, "training")
+    p.set_defaults(func=cmd_train_reranker)

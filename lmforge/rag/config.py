@@ -58,12 +58,20 @@ class RetrieverOptions:
                                                  "(default: the index's calibrated value)")
     min_strength: float | None = option(None, help="confidence threshold on the BM25 strength "
                                                    "(default: the index's calibrated value)")
+    rerank: str | None = option(None, metavar="DIR|auto",
+                                help="rerank the fused hits with a cross-encoder: a model directory, or auto for "
+                                     "the one `lmforge rag train-reranker` saved (default: off)")
+    rerank_depth: int = option(20, help="fused hits the cross-encoder reads (with --rerank)")
+    min_rerank: float | None = option(None, help="with --rerank, also answer when the best relevance logit reaches "
+                                                 "this (default: the index's calibrated value; none: not used)")
 
     def __post_init__(self) -> None:
         if self.mode not in RETRIEVAL_MODES:
             raise LmforgeError(f"retrieval mode must be one of {', '.join(RETRIEVAL_MODES)}, got {self.mode!r}")
         if self.depth < 1:
             raise LmforgeError(f"--depth must be at least 1, got {self.depth}")
+        if self.rerank_depth < 1:
+            raise LmforgeError(f"--rerank-depth must be at least 1, got {self.rerank_depth}")
         if self.mmr is not None and not 0.0 <= self.mmr <= 1.0:
             raise LmforgeError(f"the MMR lambda must be between 0 and 1, got {self.mmr}")
 
@@ -87,8 +95,9 @@ class AnswerOptions:
             raise LmforgeError(f"--sources must be at least 1, got {self.sources}")
 
 
-EVAL_MODES = ("none",) + RETRIEVAL_MODES
-DEFAULT_EVAL_MODES = EVAL_MODES
+RERANK_MODE = "hybrid+rerank"  # hybrid retrieval, its top hits reordered by a cross-encoder
+EVAL_MODES = ("none",) + RETRIEVAL_MODES + (RERANK_MODE,)
+DEFAULT_EVAL_MODES = ("none",) + RETRIEVAL_MODES
 
 
 def _modes(raw: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -117,7 +126,12 @@ class EvalOptions:
     questions: str | None = option(None, metavar="FILE",
                                    help="labelled questions (JSONL; default: the packaged handbook questions)")
     modes: tuple[str, ...] = option(DEFAULT_EVAL_MODES, parse=_modes, metavar="LIST",
-                                    help="retrieval modes to compare (default: none,hybrid,dense,bm25)")
+                                    help="retrieval modes to compare (default: none,hybrid,dense,bm25, and "
+                                         "hybrid+rerank with --rerank)")
+    rerank: str | None = option(None, metavar="DIR|auto",
+                                help="the cross-encoder of the hybrid+rerank mode, and of support checks with "
+                                     "--answers (auto: the one `lmforge rag train-reranker` saved)")
+    rerank_depth: int = option(20, help="fused hits the cross-encoder reads")
     k: tuple[int, ...] = option((1, 3, 5, 10), parse=_ks, metavar="LIST", help="cut-offs for recall and nDCG")
     calibrate: bool = option(False, help="fit the refusal thresholds on the questions and store them in the index")
     answers: int = option(0, help="also answer this many questions (spread over languages and kinds) and "
@@ -129,6 +143,12 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if self.answers < 0:
             raise LmforgeError(f"--answers must be zero or positive, got {self.answers}")
+        if self.rerank_depth < 1:
+            raise LmforgeError(f"--rerank-depth must be at least 1, got {self.rerank_depth}")
+        if self.rerank and RERANK_MODE not in self.modes:
+            self.modes = tuple(self.modes) + (RERANK_MODE,)
+        if RERANK_MODE in self.modes and not self.rerank:
+            self.rerank = "auto"
 
 
 @dataclass
@@ -143,6 +163,8 @@ class RerankTrainOptions:
     lr: float = option(1e-4, help="peak learning rate of the trained layers (warmup, then cosine decay)")
     head_lr_scale: float = option(10.0, help="the new head's learning rate as a multiple of --lr")
     weight_decay: float = option(0.01, help="AdamW weight decay of the matrices")
+    listwise: float = option(1.0, help="weight of the listwise loss (a query's positive against its own negatives) "
+                                       "beside the pairwise one; 0: pairwise only")
     train_layers: int = option(2, help="top encoder layers that learn; the ones below are frozen and run once")
     max_length: int = option(256, help="most tokens of a pair, special tokens included")
     dev_fraction: float = option(0.1, help="share of the pages held out as a development set")

@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 from ..errors import LmforgeError
 from ..io.atomic import write_text_atomic
-from .config import AnswerOptions, EvalOptions, RetrieverOptions
-from .groundedness import SupportChecker, calibrate as calibrate_support, groundedness
+from .config import RERANK_MODE, AnswerOptions, EvalOptions, RetrieverOptions
+from .groundedness import CrossEncoderSupportChecker, SupportChecker, calibrate as calibrate_support, groundedness
 from .metrics import Question, evaluate_retrieval, load_groundedness_labels, load_questions, ranked_pages
 from .retriever import Retriever, query_lang
 
@@ -133,19 +133,40 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
         index = str(handbook_index(embedder))
     started = time.perf_counter()
     report: dict[str, Any] = {"index": index, "questions": len(questions), "modes": {}}
+    reranker = None
+    if RERANK_MODE in options.modes:
+        from .rerank import load_reranker, resolve_reranker
+
+        reranker = load_reranker(options.rerank)
+        report["reranker"] = str(resolve_reranker(options.rerank))
     with open_store(index) as store:
         retriever = Retriever(store, embedder, RetrieverOptions())
         depth = max(options.k)
         rankings: dict[str, list[list[str]]] = {m: [] for m in options.modes}
         signals = []
         rows = []
+        seconds: dict[str, list[float]] = {"retrieval": [], "rerank": []}
         for n, q in enumerate(questions, 1):
-            lists = retriever.search_lists(q.question, max(depth, retriever.options.depth))
+            t0 = time.perf_counter()
+            lists = retriever.search_lists(q.question, max(depth, retriever.options.depth,
+                                                           options.rerank_depth if reranker else 0))
+            seconds["retrieval"].append(time.perf_counter() - t0)
+            signal = dict(lists.signals)
+            lang = query_lang(q.question)
             for mode in options.modes:
-                hits = [] if mode == "none" else retriever.combine(lists, mode, depth, query_lang(q.question))
+                if mode == "none":
+                    hits = []
+                elif mode == RERANK_MODE:
+                    t0 = time.perf_counter()
+                    hits = reranked(retriever, reranker, lists, q.question, max(depth, options.rerank_depth),
+                                    options.rerank_depth, lang)
+                    seconds["rerank"].append(time.perf_counter() - t0)
+                    signal["rerank"] = hits[0].score if hits else -100.0
+                else:
+                    hits = retriever.combine(lists, mode, depth, lang)
                 rankings[mode].append(ranked_pages(hits))
-            signals.append(lists.signals)
-            rows.append({"id": q.id, "lang": q.lang, "gold": list(q.gold), "signals": lists.signals,
+            signals.append(signal)
+            rows.append({"id": q.id, "lang": q.lang, "gold": list(q.gold), "signals": signal,
                          "pages": {m: rankings[m][-1][:5] for m in options.modes if m != "none"}})
             if progress is not None:
                 progress(n, len(questions))
@@ -170,8 +191,30 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
         report["refusal_two_fold_overall"] = {
             "refusal_rate": _rate([r for r, q in zip(held_out, questions) if not q.in_scope and r is not None]),
             "false_refusal_rate": _rate([r for r, q in zip(held_out, questions) if q.in_scope and r is not None])}
+        if reranker is not None and options.calibrate:
+            # The three signals calibrated together, stored apart from the two-signal thresholds
+            # (which retrieval without a cross-encoder keeps using).
+            joint = {}
+            for lang in sorted({query_lang(q.question) for q in questions}):
+                members = [i for i, q in enumerate(questions) if query_lang(q.question) == lang]
+                if not any(questions[i].in_scope for i in members):
+                    continue
+                joint[lang] = fit_rule([[signals[i][k] for k in ("cosine", "strength", "rerank")] for i in members],
+                                       [questions[i].in_scope for i in members])
+            retriever.rerank_thresholds.update(joint)
+            store.set_meta(model_id=embedder.model_id, dim=embedder.dim,
+                           **{f"{key}_{lang}": value for lang, values in joint.items()
+                              for key, value in zip(("rerank_min_cosine", "rerank_min_strength", "min_rerank"),
+                                                    values)})
+        if reranker is not None:
+            report["rerank"] = {
+                "depth": options.rerank_depth,
+                "seconds_per_question": {"hybrid_retrieval": _latency(seconds["retrieval"]),
+                                         "rerank": _latency(seconds["rerank"])},
+                "refusal_rules": refusal_rules(questions, signals, options.seed)}
+            report["support_check"] = support_check(retriever.embedder, reranker)
         if options.answers:
-            report["answers"] = _answers(options, retriever, model, questions)
+            report["answers"] = _answers(options, retriever, model, questions, reranker)
     report["seconds"] = round(time.perf_counter() - started, 2)
     report["summary"] = _summary(report)
     report["text"] = _text(report)
@@ -184,10 +227,125 @@ def _rate(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def _answers(options: EvalOptions, retriever: Retriever, model, questions: Sequence[Question]) -> dict[str, Any]:
+def reranked(retriever: Retriever, model, lists, query: str, k: int, depth: int, lang: str = "en") -> list:
+    """Hybrid hits for `query` with the top `depth` reordered by the cross-encoder (then the rest), the top `k`."""
+    from .rerank import rerank
+
+    fused = retriever.combine(lists, "hybrid", max(k, depth), lang)
+    return (rerank(fused[:depth], query, model) + fused[depth:])[:k]
+
+
+def _latency(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return {"mean": round(sum(values) / len(values), 4), "p50": round(ordered[len(ordered) // 2], 4),
+            "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 4)}
+
+
+REFUSAL_RULES = {"cosine+strength": ("cosine", "strength"), "rerank": ("rerank",),
+                 "cosine+strength+rerank": ("cosine", "strength", "rerank")}
+
+
+def fit_rule(values: Sequence[Sequence[float]], in_scope: Sequence[bool],
+             max_false: float = MAX_FALSE_REFUSALS) -> tuple[float, ...]:
+    """One threshold per signal (columns of `values`) for the rule "refuse when every signal is
+    below its threshold": the most out-of-scope questions refused with at most `max_false` of
+    the in-scope ones. Exhaustive over the observed values; the last signal's threshold is found
+    by sorting for each combination of the others. Ties keep the lowest thresholds."""
+    import itertools
+
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    inside = np.asarray(in_scope, dtype=bool)
+    if not inside.any():
+        raise LmforgeError("calibration needs in-scope questions")
+    n_in = int(inside.sum())
+    grids = [np.append(np.unique(x[:, j]), x[:, j].max() + 1e-6) for j in range(x.shape[1])]
+    last = x[:, -1]
+    best: tuple = (-1, 0, ())
+    for combo in itertools.product(*grids[:-1]):
+        below = np.all(x[:, :-1] < np.asarray(combo), axis=1) if combo else np.ones(len(x), dtype=bool)
+        false = np.searchsorted(np.sort(last[below & inside]), grids[-1], side="left")
+        refused = np.searchsorted(np.sort(last[below & ~inside]), grids[-1], side="left")
+        allowed = np.flatnonzero(false <= max_false * n_in)
+        if not len(allowed):
+            continue
+        top = allowed[np.lexsort((false[allowed], -refused[allowed]))[0]]
+        key = (int(refused[top]), -int(false[top]))
+        if key > best[:2]:
+            best = (*key, tuple(float(c) for c in combo) + (float(grids[-1][top]),))
+    return best[2]
+
+
+def _refuse(values: Sequence[float], thresholds: Sequence[float]) -> bool:
+    return all(v < t for v, t in zip(values, thresholds))
+
+
+def refusal_rules(questions: Sequence[Question], signals: Sequence[dict[str, float]], seed: int) -> dict[str, Any]:
+    """Refusal and false-refusal rates of each rule in `REFUSAL_RULES`, per language: with
+    thresholds fitted on all the questions (in sample) and fitted on one half, scored on the
+    other (two-fold, the same split as `_two_fold`)."""
+    order = list(range(len(questions)))
+    random.Random(seed).shuffle(order)
+    halves = [order[::2], order[1::2]]
+    langs = sorted({query_lang(q.question) for q in questions})
+    out: dict[str, Any] = {}
+    for name, keys in REFUSAL_RULES.items():
+        if any(k not in signals[0] for k in keys):
+            continue
+        values = [[s[k] for k in keys] for s in signals]
+        result: dict[str, Any] = {}
+        for lang in langs:
+            members = [i for i in range(len(questions)) if query_lang(questions[i].question) == lang]
+            if not any(questions[i].in_scope for i in members):
+                continue  # nothing to calibrate against (tiny question sets)
+            fitted = fit_rule([values[i] for i in members], [questions[i].in_scope for i in members])
+            in_sample = {i: _refuse(values[i], fitted) for i in members}
+            held: dict[int, bool] = {}
+            for fit, score in (halves, halves[::-1]):
+                part = [i for i in fit if i in in_sample]
+                if not any(questions[i].in_scope for i in part):
+                    continue
+                t = fit_rule([values[i] for i in part], [questions[i].in_scope for i in part])
+                held.update({i: _refuse(values[i], t) for i in score if i in in_sample})
+            result[lang] = {"thresholds": dict(zip(keys, fitted))}
+            for label, refused in (("in_sample", in_sample), ("two_fold", held)):
+                result[lang][label] = {
+                    "refusal_rate": _rate([r for i, r in refused.items() if not questions[i].in_scope]),
+                    "false_refusal_rate": _rate([r for i, r in refused.items() if questions[i].in_scope])}
+        out[name] = result
+    return out
+
+
+def support_check(embedder, reranker) -> dict[str, Any]:
+    """Accuracy of the support decisions on the hand-labelled pairs, by language: the embedding
+    checker (default thresholds) and the cross-encoder (with and without the number check).
+    The cross-encoder never trains on these pairs."""
+    labels = load_groundedness_labels()
+    checkers = {"embedding": SupportChecker(embedder),
+                "cross_encoder": CrossEncoderSupportChecker(reranker),
+                "cross_encoder_no_number_check": CrossEncoderSupportChecker(reranker, check_numbers=False)}
+    out: dict[str, Any] = {"pairs": len(labels)}
+    for name, checker in checkers.items():
+        by_lang: dict[str, list[bool]] = {}
+        for label in labels:
+            ok = checker.check(label.sentence, [label.passage]).supported == label.supported
+            by_lang.setdefault(label.lang, []).append(ok)
+        out[name] = {lang: round(sum(v) / len(v), 4) for lang, v in sorted(by_lang.items())}
+        out[name]["all"] = round(sum(sum(v) for v in by_lang.values()) / len(labels), 4)
+    return out
+
+
+def _answers(options: EvalOptions, retriever: Retriever, model, questions: Sequence[Question],
+             reranker=None) -> dict[str, Any]:
     from .answer import Answerer, grounded_messages
 
     checker = SupportChecker(retriever.embedder)
+    # With a trained cross-encoder the answers' groundedness is judged by it (the embedding
+    # checker's thresholds are still fitted and reported below, for comparison).
+    judge = CrossEncoderSupportChecker(reranker) if reranker is not None else checker
     labels = load_groundedness_labels()
     pairs = [(label.sentence, label.passage, label.supported) for label in labels]
     # The support decision, checked on the hand labels: fitted on one half, scored on the other.
@@ -206,7 +364,7 @@ def _answers(options: EvalOptions, retriever: Retriever, model, questions: Seque
         evidence = retriever.retrieve(q.question, k=4, mode="hybrid")
         passages = [h.chunk.text for h in evidence.hits]
         answer = answerer.answer(q.question)
-        rag_score, _ = groundedness(checker, "" if answer.refused else answer.text,
+        rag_score, _ = groundedness(judge, "" if answer.refused else answer.text,
                                     [c.chunk.text for c in answer.cited()] or passages)
         row = {"id": q.id, "lang": q.lang, "in_scope": q.in_scope, "refused": answer.refused, "mode": answer.mode,
                "answer": answer.text, "groundedness": rag_score, "dropped": len(answer.dropped)}
@@ -214,10 +372,10 @@ def _answers(options: EvalOptions, retriever: Retriever, model, questions: Seque
             alone = model.chat(grounded_messages(q.question, [])[:1] + [{"role": "user", "content": q.question}],
                                temperature=0.0, max_tokens=AnswerOptions().max_tokens)
             row["baseline_answer"] = alone
-            row["baseline_groundedness"], _ = groundedness(checker, alone, passages)
+            row["baseline_groundedness"], _ = groundedness(judge, alone, passages)
         rows.append(row)
     answered = [r for r in rows if r["in_scope"] and not r["refused"]]
-    out = {"support_check": {"pairs": len(pairs), "accuracy_default_thresholds": default_accuracy,
+    out = {"groundedness_judge": "cross-encoder" if reranker is not None else "embedding","support_check": {"pairs": len(pairs), "accuracy_default_thresholds": default_accuracy,
                              "fitted_thresholds": vars(fitted), "fit_accuracy": fit_accuracy,
                              "held_out_accuracy": held_accuracy},
            "answered": len(answered), "rows": rows,
@@ -235,9 +393,19 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"index": report["index"], "questions": report["questions"], "seconds": report["seconds"]}
     for mode, result in report["modes"].items():
         for lang, values in result["by_lang"].items():
-            for metric in ("recall@3", "mrr", "ndcg@10", "refusal_rate", "false_refusal_rate"):
+            for metric in ("recall@1", "recall@3", "mrr", "ndcg@10", "refusal_rate", "false_refusal_rate"):
                 if values.get(metric) is not None:
                     out[f"{mode}/{lang}/{metric}"] = round(values[metric], 4)
+    if "rerank" in report:
+        out["rerank_seconds_per_question"] = (report["rerank"]["seconds_per_question"]["rerank"] or {}).get("mean")
+        for rule, by_lang in report["rerank"]["refusal_rules"].items():
+            for lang, values in by_lang.items():
+                for metric in ("refusal_rate", "false_refusal_rate"):
+                    out[f"refusal/{rule}/{lang}/two_fold/{metric}"] = values["two_fold"][metric]
+    if "support_check" in report:
+        for name in ("embedding", "cross_encoder"):
+            for lang, value in report["support_check"][name].items():
+                out[f"support_check/{name}/{lang}"] = value
     out["thresholds"] = report["thresholds"]
     out["refusal_two_fold"] = report["refusal_two_fold_overall"]
     if "answers" in report:
@@ -268,6 +436,25 @@ def _text(report: dict[str, Any]) -> str:
     lines += ["", f"refusal thresholds ({'calibrated' if t['calibrated'] else 'defaults'}): {pairs}",
               f"two-fold held-out refusal decisions: refusal {_fmt(two['refusal_rate'])}, "
               f"false refusal {_fmt(two['false_refusal_rate'])}"]
+    if "rerank" in report:
+        r = report["rerank"]
+        lat = r["seconds_per_question"]
+        lines += ["", f"cross-encoder {report.get('reranker')} over the fused top {r['depth']}: "
+                      f"{_fmt_s(lat['rerank'])} per question (hybrid retrieval itself {_fmt_s(lat['hybrid_retrieval'])})",
+                  "", "| refusal rule | lang | refusal, in sample | false refusal, in sample | refusal, two-fold | "
+                      "false refusal, two-fold |", "|" + "---|" * 6]
+        for rule, by_lang in r["refusal_rules"].items():
+            for lang, v in by_lang.items():
+                lines.append(f"| {rule} | {lang} | {_fmt(v['in_sample']['refusal_rate'])} | "
+                             f"{_fmt(v['in_sample']['false_refusal_rate'])} | {_fmt(v['two_fold']['refusal_rate'])} | "
+                             f"{_fmt(v['two_fold']['false_refusal_rate'])} |")
+    if "support_check" in report:
+        sc = report["support_check"]
+        langs = [k for k in sc["embedding"] if k != "all"]
+        lines += ["", f"support check on {sc['pairs']} hand-labelled pairs (accuracy): "
+                  + "; ".join(f"{name.replace('_', ' ')}: " + ", ".join(f"{lang} {sc[name][lang]:.3f}"
+                                                                       for lang in langs + ["all"])
+                              for name in ("embedding", "cross_encoder", "cross_encoder_no_number_check"))]
     if "answers" in report:
         a = report["answers"]
         s = a["support_check"]
@@ -276,6 +463,10 @@ def _text(report: dict[str, Any]) -> str:
                   f"support check vs {s['pairs']} hand labels: accuracy {s['accuracy_default_thresholds']:.3f} "
                   f"(default thresholds), {s['held_out_accuracy']:.3f} held out (thresholds fitted on the other half)"]
     return "\n".join(lines)
+
+
+def _fmt_s(latency: dict[str, float] | None) -> str:
+    return "-" if not latency else f"{latency['mean'] * 1000:.0f} ms mean, {latency['p95'] * 1000:.0f} ms p95"
 
 
 def _write(report: dict[str, Any], out: Path) -> None:
@@ -292,14 +483,14 @@ def _write(report: dict[str, Any], out: Path) -> None:
         return
     modes = list(report["modes"])
     langs = sorted({lang for r in report["modes"].values() for lang in r["by_lang"]})
-    metrics = ("recall@3", "mrr", "ndcg@10")
+    metrics = ("recall@1", "recall@3", "mrr", "ndcg@10")
     fig, axes = plt.subplots(1, len(langs), figsize=(5 * len(langs), 3.6), squeeze=False)
     for ax, lang in zip(axes[0], langs):
         width = 0.8 / len(metrics)
         for j, metric in enumerate(metrics):
             values = [report["modes"][m]["by_lang"].get(lang, {}).get(metric) or 0.0 for m in modes]
             ax.bar([i + j * width for i in range(len(modes))], values, width, label=metric)
-        ax.set_xticks([i + width for i in range(len(modes))], modes)
+        ax.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(modes))], modes)
         ax.set_ylim(0, 1)
         ax.set_title(f"retrieval, {lang}")
         ax.legend(loc="lower right", fontsize=8)

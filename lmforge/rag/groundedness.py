@@ -18,6 +18,9 @@ see `calibrate`) and checked on the pairs they were not fitted on. Groundedness 
 is then the share of its (non-trivial) sentences that are supported. This is a cheap judge
 with known blind spots (a negation flips meaning but barely moves the cosine; support spread
 over three sentences is missed), so it is reported beside retrieval metrics, not instead.
+
+`CrossEncoderSupportChecker` makes the same decision with a cross-encoder trained for it
+(`lmforge rag train-reranker`), which reads the sentence and the passage together.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Support:
     cosine: float
     coverage: float
     numbers_ok: bool
+    score: float | None = None  # the cross-encoder's support logit (CrossEncoderSupportChecker only)
 
 
 def _windows(passage: str) -> list[str]:
@@ -114,6 +118,60 @@ class SupportChecker:
         return Support(sentence, passage >= 0 and self._decide(cosine, coverage, ok), passage, cosine, coverage, ok)
 
 
+class CrossEncoderSupportChecker:
+    """Support decided by a cross-encoder that reads sentence and passage together (lmforge/rag/rerank.py).
+
+    The model's ``supported`` output is a logit for "the passage states what the sentence
+    says"; it sees a swapped word ("half" for "a quarter", "overestimates" for
+    "underestimates") that barely moves an embedding's cosine. The number check stays in
+    front of it, as in `SupportChecker`: a stated figure missing from the passage is never
+    supported. `check` and `scores` have `SupportChecker`'s signatures, so answering and
+    evaluation take either; the "cosine" they report is the sigmoid of the logit.
+
+        supported = numbers_ok and logit >= threshold   (default: the model's stored threshold, else 0)
+    """
+
+    def __init__(self, model, threshold: float | None = None, check_numbers: bool = True) -> None:
+        self.model = model
+        self.threshold = float(model.info.get("support_threshold", 0.0)) if threshold is None else float(threshold)
+        self.check_numbers = check_numbers
+        self._cache: dict[tuple[str, str], float] = {}
+
+    def logits(self, sentence: str, passages: Sequence[str]) -> list[float]:
+        missing = [p for p in dict.fromkeys(passages) if (sentence, p) not in self._cache]
+        if missing:
+            scores = self.model.score([(sentence, p) for p in missing], "supported")
+            for passage, score in zip(missing, scores):
+                self._cache[(sentence, passage)] = float(score)
+        return [self._cache[(sentence, p)] for p in passages]
+
+    def scores(self, sentence: str, passages: Sequence[str]) -> tuple[int, float, float, bool]:
+        """(best passage, sigmoid of its logit, word coverage, numbers ok), as `SupportChecker.scores`."""
+        best, logit, ok = self._best(sentence, passages)
+        if best < 0:
+            return -1, 0.0, 0.0, False
+        return best, float(1.0 / (1.0 + np.exp(-logit))), _coverage(sentence, passages[best]), ok
+
+    def _best(self, sentence: str, passages: Sequence[str]) -> tuple[int, float, bool]:
+        if not passages:
+            return -1, float("-inf"), False
+        wanted = numbers(sentence)
+        keys = []
+        for i, (passage, logit) in enumerate(zip(passages, self.logits(sentence, passages))):
+            ok = not self.check_numbers or wanted <= numbers(passage)
+            keys.append(((ok, logit), i))
+        (ok, logit), best = max(keys)
+        return best, logit, ok
+
+    def check(self, sentence: str, passages: Sequence[str]) -> Support:
+        best, logit, ok = self._best(sentence, passages)
+        if best < 0:
+            return Support(sentence, False, -1, 0.0, 0.0, False, None)
+        supported = ok and logit >= self.threshold
+        return Support(sentence, supported, best, float(1.0 / (1.0 + np.exp(-logit))),
+                       _coverage(sentence, passages[best]), ok, logit)
+
+
 def answer_sentences(text: str) -> list[str]:
     """The sentences of an answer worth checking: citation markers removed, fragments of fewer than
     three content words skipped (headings, "Sources:", a lone "Yes.")."""
@@ -125,7 +183,7 @@ def answer_sentences(text: str) -> list[str]:
     return out
 
 
-def groundedness(checker: SupportChecker, answer: str, passages: Sequence[str]) -> tuple[float, list[Support]]:
+def groundedness(checker: SupportChecker | CrossEncoderSupportChecker, answer: str, passages: Sequence[str]) -> tuple[float, list[Support]]:
     """The share of `answer`'s sentences supported by `passages` (1.0 for an answer with none to check)."""
     checks = [checker.check(s, passages) for s in answer_sentences(answer)]
     if not checks:

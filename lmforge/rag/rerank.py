@@ -80,22 +80,20 @@ def resolve_reranker(spec: str | os.PathLike[str] | None) -> Path | None:
 
 
 def truncate_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
-    """Lengths kept of two token lists so that they fit `budget`, by "longest first".
+    """Lengths kept of two token lists so that together they fit `budget` (tokens come off the ends).
 
-    Tokens come off the end of the longer text one at a time (the second on ties), as
-    Hugging Face tokenizers' default pair truncation does: a short question is kept whole
-    and a long passage loses its tail.
+    The rule of Hugging Face tokenizers' default pair truncation ("longest first"): the
+    shorter text keeps up to half the budget, the longer one the rest (on equal lengths the
+    first text is the "shorter"). A short question is kept whole and a long passage loses
+    its tail; two long texts share the budget about equally.
     """
-    excess = len_a + len_b - budget
-    if excess <= 0:
+    if len_a + len_b <= budget:
         return len_a, len_b
-    gap = min(excess, abs(len_a - len_b))
     if len_a > len_b:
-        len_a -= gap
-    else:
-        len_b -= gap
-    excess -= gap
-    return len_a - excess // 2, len_b - (excess + 1) // 2
+        keep_b = min(len_b, budget // 2)
+        return min(len_a, budget - keep_b), keep_b
+    keep_a = min(len_a, budget // 2)
+    return keep_a, min(len_b, budget - keep_a)
 
 
 @dataclass
@@ -439,22 +437,42 @@ def load_reranker(spec: str | os.PathLike[str] | None, device: str | torch.devic
     return None if path is None else CrossEncoder.load(path, device)
 
 
-def rerank(hits: Sequence[Hit], query: str, model: CrossEncoder, k: int | None = None,
-           batch_size: int = 16) -> list[Hit]:
-    """`hits` reordered by the cross-encoder's relevance logit for `query`, best first, the top `k`.
-
-    Each passage is read as `CrossEncoder.passage_text` (titles, key terms, heading path,
-    text: what keyword search indexed, less what the model's vocabulary cannot read). A hit's score becomes the logit; its ranks keep the lists
-    that found it and add ``fused`` (its place before) and ``rerank`` (its place now). Ties
-    keep the earlier order, so the result is deterministic.
-    """
+def rerank_hits(hits: Sequence[Hit], query: str, model: CrossEncoder, k: int | None = None,
+                fusion_k: float | None = 60.0, batch_size: int = 16) -> tuple[list[Hit], np.ndarray]:
+    """`rerank`, and the cross-encoder's relevance logit of every incoming hit (in their order)."""
     hits = list(hits)
     if not hits:
-        return []
-    scores = model.score([(query, model.passage_text(h.chunk)) for h in hits], "relevant", batch_size)
-    order = sorted(range(len(hits)), key=lambda i: (-float(scores[i]), i))
+        return [], np.zeros(0, dtype=np.float32)
+    logits = model.score([(query, model.passage_text(h.chunk)) for h in hits], "relevant", batch_size)
+    by_model = sorted(range(len(hits)), key=lambda i: (-float(logits[i]), i))
+    model_rank = {i: r for r, i in enumerate(by_model, 1)}
+    if fusion_k is None:
+        score = {i: float(logits[i]) for i in range(len(hits))}
+    else:
+        score = {i: 1.0 / (fusion_k + i + 1) + 1.0 / (fusion_k + model_rank[i]) for i in range(len(hits))}
+    order = sorted(range(len(hits)), key=lambda i: (-score[i], i))
     out = []
     for place, i in enumerate(order[: len(hits) if k is None else k], 1):
-        ranks = {**hits[i].ranks, "fused": i + 1, "rerank": place}
-        out.append(Hit(hits[i].chunk, float(scores[i]), ranks))
-    return out
+        ranks = {**hits[i].ranks, "fused": i + 1, "cross_encoder": model_rank[i], "rerank": place}
+        out.append(Hit(hits[i].chunk, score[i], ranks))
+    return out, logits
+
+
+def rerank(hits: Sequence[Hit], query: str, model: CrossEncoder, k: int | None = None,
+           fusion_k: float | None = 60.0, batch_size: int = 16) -> list[Hit]:
+    """`hits` (best first) reordered with the cross-encoder's relevance for `query`; the top `k`.
+
+    Each passage is read as `CrossEncoder.passage_text` (titles, key terms, heading path,
+    text: what keyword search indexed, less what the model's vocabulary cannot read).
+
+    With `fusion_k` (default 60, the retriever's RRF constant) the new order is the
+    reciprocal rank fusion of the incoming order and the cross-encoder's order,
+    ``1/(fusion_k + rank_before) + 1/(fusion_k + rank_by_model)``, and that is each hit's
+    new score: measured on the handbook questions, the model trained here ranks worse than
+    hybrid retrieval alone on English questions and better on Chinese ones, and the fusion
+    beats both (docs/benchmarks.md). With ``fusion_k=None`` the order is the model's
+    alone and the score its logit. Ties keep the incoming order, so the result is
+    deterministic. Ranks keep the lists that found a hit and add ``fused`` (its place
+    before), ``cross_encoder`` (its place by the model alone) and ``rerank`` (its place now).
+    """
+    return rerank_hits(hits, query, model, k, fusion_k, batch_size)[0]

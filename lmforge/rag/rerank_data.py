@@ -30,12 +30,15 @@ and Chinese; their retrieved chunks are negatives.
 **Support** (head ``supported``; sentence first, passage second): a passage is a window
 of one to three consecutive prose sentences of a chunk. Positives are one of its own
 sentences as written (``copy``), with a parenthesis or a trailing clause dropped
-(``clause-dropped``), with words swapped for synonyms from a list (``synonyms``), or two
-neighbouring sentences joined (``joined``). Negatives are the same sentence perturbed: a
-number changed (``number``), a word swapped for its opposite from a list (``antonym``:
-"overestimates"/"underestimates", "half"/"a quarter", "character"/"word", ...), one of the
-page's key terms swapped for another of its terms (``term-swap``), a negation added or
-removed (``negation``), or a sentence of another section of the same page (``other-section``).
+(``clause-dropped``), with words swapped for synonyms from a list (``synonyms``), two
+neighbouring sentences joined (``joined``), one clause of it alone (``clause``), or all of
+the rewordings at once (``reworded``). Negatives are the positive itself perturbed, so that
+the changed fact is the only difference: a number changed (``number``), a word swapped for
+its opposite from a list (``antonym``: "overestimates"/"underestimates", "half"/"a quarter",
+"character"/"word", ...), one of the page's key terms swapped for another of its terms
+(``term-swap``), a negation added or removed (``negation``); or a sentence of another
+section of the same page (``other-section``), or a clause of the positive joined to such a
+sentence (``mixed``: half stated, half not).
 No Chinese support pairs are made: with no translation model, a Chinese sentence that a
 passage supports cannot be produced here (see the handbook page on groundedness).
 
@@ -324,7 +327,7 @@ def _swap_word(sentence: str, pairs: Sequence[tuple[str, str]], rng: random.Rand
 
 
 def _change_number(sentence: str, passage: str, rng: random.Random) -> str | None:
-    found = list(_NUMBER.finditer(sentence))
+    found = [m for m in _NUMBER.finditer(sentence) if m.group(0).replace(",", "").count(".") <= 1]
     if not found:
         return None
     match = rng.choice(found)
@@ -385,6 +388,28 @@ def _drop_clause(sentence: str, rng: random.Random) -> str | None:
     return rng.choice(options) if options else None
 
 
+def _one_clause(sentence: str, rng: random.Random) -> str | None:
+    """One clause of `sentence` (cut at "; ", ", and ", ", but ", ": " or ", so "), as a sentence of its own."""
+    parts = [p.strip() for p in re.split(r"; |, and |, but |: |, so ", sentence.rstrip("."))]
+    parts = [p for p in parts if len(p.split()) >= 5]
+    if len(parts) < 2:
+        return None
+    part = rng.choice(parts)
+    return part[:1].upper() + part[1:] + "."
+
+
+def _reword(sentence: str, rng: random.Random) -> str | None:
+    """`sentence` with parentheses dropped, every listed synonym swapped and clauses around "; " swapped."""
+    text = re.sub(r"\s?\([^()]{3,}\)", "", sentence)
+    for a, b in SYNONYMS:
+        text = re.sub(rf"(?<![\w-]){re.escape(a)}(?![\w-])", b, text)
+    parts = text.rstrip(".").split("; ")
+    if len(parts) == 2 and rng.random() < 0.7:
+        parts = parts[::-1]
+        text = "; ".join(p[:1].upper() + p[1:] if k == 0 else p[:1].lower() + p[1:] for k, p in enumerate(parts)) + "."
+    return text if text != sentence and len(text.split()) >= 5 else None
+
+
 def _support_pairs(page: Page, rng: random.Random, n: int) -> list[Pair]:
     """Up to `n` (positive, negative) support pairs from one page (see the module docstring)."""
     windows: list[tuple[list[str], int, Chunk]] = []
@@ -402,7 +427,7 @@ def _support_pairs(page: Page, rng: random.Random, n: int) -> list[Pair]:
         hi = min(len(sentences), i + 1 + rng.randint(0, 2))
         passage = " ".join(sentences[lo:hi])
         sentence = sentences[i]
-        positive_kind = rng.choice(("copy", "clause-dropped", "synonyms", "joined"))
+        positive_kind = rng.choice(("copy", "clause-dropped", "synonyms", "joined", "clause", "reworded"))
         positive = None
         if positive_kind == "clause-dropped":
             positive = _drop_clause(sentence, rng)
@@ -412,18 +437,28 @@ def _support_pairs(page: Page, rng: random.Random, n: int) -> list[Pair]:
                 positive = _swap_word(positive, SYNONYMS, rng) or positive
         elif positive_kind == "joined" and i + 1 < hi:
             positive = sentence.rstrip(".") + "; " + sentences[i + 1][:1].lower() + sentences[i + 1][1:]
+        elif positive_kind == "clause":
+            positive = _one_clause(sentence, rng)
+        elif positive_kind == "reworded":
+            positive = _reword(sentence, rng)
         if positive is None:
             positive_kind, positive = "copy", sentence
-        negatives = [("number", _change_number(sentence, passage, rng)),
-                     ("antonym", _swap_word(sentence, ANTONYMS, rng)),
-                     ("term-swap", _swap_term(sentence, page, rng)),
-                     ("negation", _negate(sentence, rng))]
-        negatives = [(kind, text) for kind, text in negatives if text and text != sentence]
-        if not negatives or rng.random() < 0.15:
+        # The negative perturbs the positive itself, so that the one difference between the two
+        # is the changed fact, not the wording.
+        negatives = [("number", _change_number(positive, passage, rng)),
+                     ("antonym", _swap_word(positive, ANTONYMS, rng)),
+                     ("term-swap", _swap_term(positive, page, rng)),
+                     ("negation", _negate(positive, rng))]
+        negatives = [(kind, text) for kind, text in negatives if text and text != positive]
+        if not negatives or rng.random() < 0.2:
             other = [s for c in page.chunks if c.headings != chunk.headings for s in _prose_sentences(c.text)
                      if s not in passage]
             if other:
-                negatives.append(("other-section", rng.choice(other)))
+                foreign = rng.choice(other)
+                negatives.append(("other-section", foreign))
+                clause = _one_clause(positive, rng)
+                if clause is not None:  # half stated, half not: not supported
+                    negatives.append(("mixed", clause.rstrip(".") + ", and " + foreign[:1].lower() + foreign[1:]))
         if not negatives:
             continue
         kind, negative = rng.choice(negatives)

@@ -28,7 +28,6 @@ the rest. This loop reuses its optimizer groups (`parameter_groups`) and schedul
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -100,16 +99,29 @@ class PairTrainer:
         x = torch.cat([states[i] for i in indices]).float()
         return self.model.logits_from(x, [len(states[i]) for i in indices], self.first)
 
-    def batches(self, lengths: Sequence[int], rng: random.Random) -> list[list[int]]:
-        """Shuffled batches of pairs of similar length (sorted within groups of 32 batches)."""
+    def batches(self, lengths: Sequence[int], rng: random.Random,
+                groups: Sequence[int] | None = None) -> list[list[int]]:
+        """Shuffled batches of about `batch_size` pairs of similar length (sorted within groups of
+        32 batches); the pairs of one query (same group id >= 0) stay in one batch."""
         size = self.options.batch_size
-        order = list(range(len(lengths)))
+        units: dict[object, list[int]] = {}
+        for i in range(len(lengths)):
+            key = groups[i] if groups is not None and groups[i] >= 0 else ("single", i)
+            units.setdefault(key, []).append(i)
+        order = list(units.values())
         rng.shuffle(order)
-        out = []
-        group = size * 32
-        for start in range(0, len(order), group):
-            members = sorted(order[start:start + group], key=lambda i: lengths[i])
-            out += [members[i:i + size] for i in range(0, len(members), size)]
+        out: list[list[int]] = []
+        span = max(1, 32 * size // max(1, round(len(lengths) / max(1, len(order)))))
+        for start in range(0, len(order), span):
+            members = sorted(order[start:start + span], key=lambda u: sum(lengths[i] for i in u) / len(u))
+            batch: list[int] = []
+            for unit in members:
+                batch += unit
+                if len(batch) >= size:
+                    out.append(batch)
+                    batch = []
+            if batch:
+                out.append(batch)
         rng.shuffle(out)
         return out
 
@@ -129,8 +141,15 @@ class PairTrainer:
         return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
 
     def fit(self, states: Sequence[torch.Tensor], heads: Sequence[int], labels: Sequence[float],
-            progress: Callable[..., None] | None = None) -> list[float]:
-        """Train on cached states; returns the loss of every step."""
+            groups: Sequence[int] | None = None, progress: Callable[..., None] | None = None) -> list[float]:
+        """Train on cached states; returns the loss of every step.
+
+        The loss of a batch is the binary cross-entropy of every pair's own output, plus
+        (weighted by `listwise`) for each query group with one positive the cross-entropy of
+        a softmax over the group's logits with the positive as the answer: ranking the
+        positive above its own negatives is what reranking needs, and the pointwise term keeps
+        the logits' scale meaningful for thresholds (out of scope, support).
+        """
         from lmforge.train.schedule import lr_factor
 
         opts = self.options
@@ -139,15 +158,16 @@ class PairTrainer:
         lengths = [len(s) for s in states]
         head_t = torch.tensor(heads)
         label_t = torch.tensor(labels, dtype=torch.float32)
+        group_t = torch.tensor(list(groups) if groups is not None else [-1] * len(states))
         optimizer = self.optimizer()
-        steps_per_epoch = math.ceil(len(states) / opts.batch_size)
-        total = steps_per_epoch * opts.epochs
+        epochs = [self.batches(lengths, rng, groups) for _ in range(opts.epochs)]
+        total = sum(len(e) for e in epochs)
         warmup = max(1, round(0.06 * total))
         losses: list[float] = []
         self.model.train()
         step = 0
-        for _ in range(opts.epochs):
-            for batch in self.batches(lengths, rng):
+        for batches in epochs:
+            for batch in batches:
                 factor = lr_factor(step, total, "cosine", warmup, min_lr_ratio=0.0)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
@@ -155,16 +175,31 @@ class PairTrainer:
                 logits = self.logits(states, batch)
                 chosen = logits.gather(1, head_t[index].view(-1, 1)).squeeze(1)
                 loss = F.binary_cross_entropy_with_logits(chosen, label_t[index])
+                if opts.listwise > 0:
+                    loss = loss + opts.listwise * self._listwise(chosen, label_t[index], group_t[index])
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 step += 1
                 if progress is not None:
                     progress(step, total, float(np.mean(losses[-20:])))
         self.model.eval()
         return losses
+
+    @staticmethod
+    def _listwise(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        terms = []
+        for g in torch.unique(groups):
+            if g < 0:
+                continue
+            member = groups == g
+            if int(labels[member].sum()) != 1 or int(member.sum()) < 2:
+                continue
+            target = torch.nonzero(labels[member] > 0)[0]
+            terms.append(F.cross_entropy(logits[member].view(1, -1), target))
+        return torch.stack(terms).mean() if terms else logits.new_zeros(())
 
     def predict(self, states: Sequence[torch.Tensor], batch_size: int = 64) -> np.ndarray:
         """Logits [len(states), labels] from cached states."""
@@ -286,6 +321,9 @@ def _train(options: RerankTrainOptions, embedder, index: str | None, exclude: Se
     trainer = PairTrainer(model, options)
     heads = [model.head_index(p.head) for p in train_pairs]
     labels = [float(p.label) for p in train_pairs]
+    group_ids: dict[tuple[str, str], int] = {}
+    groups = [group_ids.setdefault((p.first, p.source), len(group_ids)) if p.head == "relevant" and p.source
+              else -1 for p in train_pairs]
 
     t0 = time.perf_counter()
     line = Progress("lower layers, once", unit="pairs", enabled=progress)
@@ -296,7 +334,7 @@ def _train(options: RerankTrainOptions, embedder, index: str | None, exclude: Se
 
     t0 = time.perf_counter()
     line = Progress("train-reranker", unit="steps", enabled=progress)
-    losses = trainer.fit(states, heads, labels,
+    losses = trainer.fit(states, heads, labels, groups,
                          progress=lambda step, total, loss: line.update(step, total=total, info=f"loss {loss:.4f}"))
     line.close()
     fit_seconds = time.perf_counter() - t0

@@ -16,6 +16,13 @@ question's words are unknown to the collection. The retrieval is confident when 
 passes its threshold. The thresholds are calibrated on the labelled questions, separately
 for English and for Chinese questions (`lmforge rag eval --calibrate`), and stored in the
 index's metadata.
+
+**Reranking** (`RetrieverOptions.rerank`): the top `rerank_depth` hits are read again by a
+cross-encoder (`rerank.py`), which sees question and passage together, and reordered by
+the fusion of the two orders. Its best relevance logit becomes a third signal, ``rerank``;
+when the index holds thresholds calibrated with it (`lmforge rag eval --rerank ...
+--calibrate`), the three are judged together: the retrieval is confident when any of
+them passes its threshold of that joint calibration.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ def query_lang(query: str) -> str:
 # far from everything (see `lmforge rag eval --calibrate` for measured ones).
 DEFAULT_MIN_COSINE = 0.30
 DEFAULT_MIN_STRENGTH = 0.25
+NO_RERANK_SCORE = -100.0  # the rerank signal when there was nothing to rerank
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, x))))
 
 
 @dataclass
@@ -85,6 +97,16 @@ class Retriever:
             cos = float(meta.get(f"min_cosine_{lang}", DEFAULT_MIN_COSINE)) if cos is None else cos
             strength = float(meta.get(f"min_strength_{lang}", DEFAULT_MIN_STRENGTH)) if strength is None else strength
             self.thresholds[lang] = (cos, strength)
+        # With a cross-encoder: thresholds of the three signals calibrated together, when stored.
+        self.rerank_thresholds: dict[str, tuple[float, float, float]] = {}
+        for lang in LANGS:
+            keys = (f"rerank_min_cosine_{lang}", f"rerank_min_strength_{lang}", f"min_rerank_{lang}")
+            if all(key in meta for key in keys):
+                self.rerank_thresholds[lang] = tuple(float(meta[key]) for key in keys)  # type: ignore[assignment]
+            if self.options.min_rerank is not None:
+                cos, strength = self.rerank_thresholds.get(lang, self.thresholds[lang])[:2]
+                self.rerank_thresholds[lang] = (cos, strength, self.options.min_rerank)
+        self._reranker = None
 
     @property
     def bm25(self) -> BM25Index:
@@ -93,6 +115,15 @@ class Retriever:
             self._bm25 = BM25Index.build(self.store.all_chunks())
         return self._bm25
 
+    @property
+    def reranker(self):
+        """The cross-encoder `options.rerank` names (loaded on first use), or None."""
+        if self._reranker is None and self.options.rerank:
+            from .rerank import load_reranker
+
+            self._reranker = load_reranker(self.options.rerank, device=getattr(self.embedder, "device", None))
+        return self._reranker
+
     def retrieve(self, query: str, k: int = 5, filters: dict[str, Any] | None = None,
                  mode: str | None = None) -> Retrieval:
         """The `k` best chunks for `query` and whether they are likely to answer it."""
@@ -100,10 +131,26 @@ class Retriever:
         if mode not in MODES:
             raise LmforgeError(f"retrieval mode must be one of {', '.join(MODES)}, got {mode!r}")
         started = time.perf_counter()
-        lists = self.search_lists(query, max(k, self.options.depth), filters)
-        hits = self.combine(lists, mode, k, query_lang(query))
-        return Retrieval(hits, *self.judge(lists.signals, query_lang(query)), lists.signals,
-                         time.perf_counter() - started)
+        model = self.reranker
+        depth = self.options.rerank_depth if model is not None else 0
+        lists = self.search_lists(query, max(k, self.options.depth, depth), filters)
+        lang = query_lang(query)
+        if model is None:
+            hits = self.combine(lists, mode, k, lang)
+        else:
+            hits = self.rerank(lists, mode, query, k, lang)
+        return Retrieval(hits, *self.judge(lists.signals, lang), lists.signals, time.perf_counter() - started)
+
+    def rerank(self, lists: SearchLists, mode: str, query: str, k: int, lang: str = "en") -> list[Hit]:
+        """The hits of `mode` with the top `rerank_depth` reordered by the cross-encoder; adds the
+        ``rerank`` signal (its best relevance logit) to `lists.signals`."""
+        from .rerank import rerank_hits
+
+        depth = self.options.rerank_depth
+        hits = self.combine(lists, mode, max(k, depth), lang)
+        reranked, logits = rerank_hits(hits[:depth], query, self.reranker)
+        lists.signals["rerank"] = float(logits.max()) if len(logits) else NO_RERANK_SCORE
+        return (reranked + hits[depth:])[:k]
 
     def search_lists(self, query: str, depth: int, filters: dict[str, Any] | None = None) -> SearchLists:
         """Both ranked lists for `query` and the confidence signals (measured whatever the mode)."""
@@ -134,10 +181,18 @@ class Retriever:
         return hits[:k]
 
     def judge(self, signals: dict[str, float], lang: str = "en") -> tuple[float, bool]:
-        """(confidence, confident): each signal over its threshold, the larger counts; >= 1 is confident."""
+        """(confidence, confident): each signal over its threshold, the larger counts; >= 1 is confident.
+
+        With a ``rerank`` signal and thresholds calibrated with it, the three joint thresholds
+        apply; the logit enters through its sigmoid, so that its ratio is positive too.
+        """
         min_cosine, min_strength = self.thresholds[lang]
+        extra = -math.inf
+        if "rerank" in signals and lang in self.rerank_thresholds:
+            min_cosine, min_strength, min_rerank = self.rerank_thresholds[lang]
+            extra = _sigmoid(signals["rerank"]) / _sigmoid(min_rerank)
         confidence = max(signals["cosine"] / min_cosine if min_cosine > 0 else math.inf,
-                         signals["strength"] / min_strength if min_strength > 0 else math.inf)
+                         signals["strength"] / min_strength if min_strength > 0 else math.inf, extra)
         return confidence, confidence >= 1.0
 
     def strength(self, terms: list[str], top_score: float) -> float:
