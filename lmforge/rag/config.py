@@ -165,10 +165,12 @@ class RerankTrainOptions:
     weight_decay: float = option(0.01, help="AdamW weight decay of the matrices")
     listwise: float = option(1.0, help="weight of the listwise loss (a query's positive against its own negatives) "
                                        "beside the pairwise one; 0: pairwise only")
-    train_layers: int = option(2, help="top encoder layers that learn; the ones below are frozen and run once")
+    train_layers: int = option(6, help="top encoder layers that learn; the ones below are frozen and run once "
+                                       "(6: all of all-MiniLM-L6-v2's; 2-3 train in half the time and rank worse)")
     max_length: int = option(256, help="most tokens of a pair, special tokens included")
     dev_fraction: float = option(0.1, help="share of the pages held out as a development set")
     max_pairs: int | None = option(None, help="train on at most this many pairs (a random sample)")
+    support_per_page: int = option(6, help="support examples per page (each a supported and an unsupported pair)")
     seed: int = option(0, help="data generation, split, initialisation and batch order")
     threads: int | None = option(None, help="CPU threads (default: PyTorch's choice; on a machine busy with "
                                             "other work, 1 can be several times faster)")

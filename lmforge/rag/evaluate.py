@@ -343,9 +343,13 @@ def _answers(options: EvalOptions, retriever: Retriever, model, questions: Seque
     from .answer import Answerer, grounded_messages
 
     checker = SupportChecker(retriever.embedder)
-    # With a trained cross-encoder the answers' groundedness is judged by it (the embedding
-    # checker's thresholds are still fitted and reported below, for comparison).
-    judge = CrossEncoderSupportChecker(reranker) if reranker is not None else checker
+    # The answers' groundedness is judged by the checker that does better on the hand labels
+    # (`support_check`): the cross-encoder trained here only when it beats the embedding checker.
+    judge = checker
+    if reranker is not None:
+        scores = support_check(retriever.embedder, reranker)
+        if scores["cross_encoder"]["all"] > scores["embedding"]["all"]:
+            judge = CrossEncoderSupportChecker(reranker)
     labels = load_groundedness_labels()
     pairs = [(label.sentence, label.passage, label.supported) for label in labels]
     # The support decision, checked on the hand labels: fitted on one half, scored on the other.
@@ -375,7 +379,7 @@ def _answers(options: EvalOptions, retriever: Retriever, model, questions: Seque
             row["baseline_groundedness"], _ = groundedness(judge, alone, passages)
         rows.append(row)
     answered = [r for r in rows if r["in_scope"] and not r["refused"]]
-    out = {"groundedness_judge": "cross-encoder" if reranker is not None else "embedding","support_check": {"pairs": len(pairs), "accuracy_default_thresholds": default_accuracy,
+    out = {"groundedness_judge": "cross-encoder" if judge is not checker else "embedding","support_check": {"pairs": len(pairs), "accuracy_default_thresholds": default_accuracy,
                              "fitted_thresholds": vars(fitted), "fit_accuracy": fit_accuracy,
                              "held_out_accuracy": held_accuracy},
            "answered": len(answered), "rows": rows,

@@ -306,7 +306,8 @@ def _train(options: RerankTrainOptions, embedder, index: str | None, exclude: Se
             return [h.chunk for h in retriever.combine(lists, "hybrid", n)]
 
         line = Progress("making pairs", unit="pages", enabled=progress)
-        dataset: Dataset = generate(chunks, retrieve, DataOptions(seed=options.seed), exclude,
+        dataset: Dataset = generate(chunks, retrieve, DataOptions(seed=options.seed,
+                                                                  support_sentences=options.support_per_page), exclude,
                                     progress=lambda done, total: line.update(done, total=total),
                                     passage=model.passage_text)
         line.close()
