@@ -44,7 +44,8 @@ def normalized(text: str) -> str:
 
 
 def test_the_heldout_file_loads_by_path_and_ships_in_the_package(heldout):
-    assert len(heldout) == len(HELDOUT.read_text(encoding="utf-8").splitlines()) == 160
+    # 160 questions written with the set, then 40 more out-of-scope ones (ho-oos-*) for the refusal figures.
+    assert len(heldout) == len(HELDOUT.read_text(encoding="utf-8").splitlines()) == 200
     first = heldout[0]
     assert (first.id, first.lang, first.kind) == ("ho-en-001", "en", "concept")
     assert first.gold == ("api-vs-self-hosting.md", "cost-estimation.md")
@@ -71,7 +72,9 @@ def test_the_heldout_set_is_balanced_across_languages_kinds_and_pages(heldout):
     pages = {p.name for p in HANDBOOK.glob("*.md")} - {"README.md"}
     for lang, prefix in (("en", "ho-en-"), ("zh-Hant", "ho-zh-")):
         questions = [q for q in heldout if q.lang == lang]
-        assert all(q.id.startswith(prefix) for q in questions), lang
+        oos_prefix = prefix.replace("ho-", "ho-oos-")
+        assert all(q.id.startswith(prefix) or (q.id.startswith(oos_prefix) and not q.in_scope)
+                   for q in questions), lang
         in_scope = [q for q in questions if q.in_scope]
         out_of_scope = [q for q in questions if not q.in_scope]
         assert 55 <= len(in_scope) <= 75 and len(out_of_scope) >= 15, (lang, len(in_scope), len(out_of_scope))
