@@ -28,7 +28,8 @@ from typing import Any, Sequence
 from ..errors import LmforgeError
 from ..io.atomic import write_text_atomic
 from .config import RERANK_MODE, AnswerOptions, EvalOptions, RetrieverOptions
-from .groundedness import CrossEncoderSupportChecker, SupportChecker, calibrate as calibrate_support, groundedness
+from .groundedness import (CrossEncoderSupportChecker, SupportChecker, answer_sentences,
+                           calibrate as calibrate_support, groundedness)
 from .metrics import Question, evaluate_retrieval, load_groundedness_labels, load_questions, ranked_pages
 from .retriever import Retriever, query_lang
 
@@ -417,6 +418,9 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         out["groundedness_rag"] = a["groundedness_rag"]
         out["groundedness_no_retrieval"] = a.get("groundedness_no_retrieval")
         out["support_check_held_out_accuracy"] = a["support_check"]["held_out_accuracy"]
+        for lang, g in answer_breakdown(a).items():
+            for key in ("groundedness_rag", "groundedness_no_retrieval", "fallback", "refused_in_scope"):
+                out[f"answers/{lang}/{key}"] = g[key]
     return out
 
 
@@ -462,11 +466,51 @@ def _text(report: dict[str, Any]) -> str:
     if "answers" in report:
         a = report["answers"]
         s = a["support_check"]
-        lines += [f"groundedness of {a['answered']} answered in-scope questions: with retrieval "
-                  f"{_fmt(a['groundedness_rag'])}, without {_fmt(a.get('groundedness_no_retrieval'))}",
+        lines += ["", f"groundedness of {a['answered']} answered in-scope questions: with retrieval "
+                      f"{_fmt(a['groundedness_rag'])}, without {_fmt(a.get('groundedness_no_retrieval'))} "
+                      f"(judge: {a.get('groundedness_judge', 'embedding')} support check)",
                   f"support check vs {s['pairs']} hand labels: accuracy {s['accuracy_default_thresholds']:.3f} "
-                  f"(default thresholds), {s['held_out_accuracy']:.3f} held out (thresholds fitted on the other half)"]
+                  f"(default thresholds), {s['held_out_accuracy']:.3f} held out (thresholds fitted on the other half)",
+                  "", "| answers, lang | asked | in scope | refused (in scope / out of scope) | generated | "
+                      "extractive (after dropped sentences) | model's sentences kept / written | "
+                      "groundedness, with retrieval | groundedness, no retrieval |", "|" + "---|" * 9]
+        for lang, g in answer_breakdown(a).items():
+            lines.append(f"| {lang} | {g['asked']} | {g['in_scope']} | {g['refused_in_scope']} / "
+                         f"{g['refused_out_of_scope']} | {g['generated']} | {g['extractive']} "
+                         f"({g['fallback']}) | {g['sentences_kept']} / {g['sentences_written']} | "
+                         f"{_fmt(g['groundedness_rag'])} | {_fmt(g['groundedness_no_retrieval'])} |")
     return "\n".join(lines)
+
+
+def answer_breakdown(answers: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The `--answers` rows counted by language, then over all: how each answer was made, the refusals,
+    and the mean groundedness with retrieval (in-scope answers not refused) and without it (in-scope
+    questions). A *fallback* is an extractive answer whose generated sentences were all dropped."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in answers["rows"]:
+        groups.setdefault(row["lang"], []).append(row)
+    if len(groups) > 1:
+        groups["all"] = list(answers["rows"])
+    out = {}
+    for lang, rows in groups.items():
+        inside = [r for r in rows if r["in_scope"]]
+        answered = [r for r in inside if not r["refused"]]
+        baseline = [r["baseline_groundedness"] for r in inside if "baseline_groundedness" in r]
+        out[lang] = {"asked": len(rows), "in_scope": len(inside),
+                     "refused_in_scope": sum(r["refused"] for r in inside),
+                     "refused_out_of_scope": sum(r["refused"] for r in rows if not r["in_scope"]),
+                     "generated": sum(r["mode"] == "generated" for r in rows),
+                     "extractive": sum(r["mode"] == "extractive" for r in rows),
+                     "fallback": sum(r["mode"] == "extractive" and r.get("dropped", 0) > 0 for r in rows),
+                     "groundedness_rag": _mean([r["groundedness"] for r in answered]),
+                     "groundedness_no_retrieval": _mean(baseline)}
+        # The model's own sentences with the sources in its prompt, before the check removed any:
+        # kept (in generated answers) and dropped (in those and in fallbacks).
+        kept = sum(len(answer_sentences(r["answer"])) for r in rows if r["mode"] == "generated")
+        written = kept + sum(r.get("dropped", 0) for r in rows)
+        out[lang].update(sentences_written=written, sentences_kept=kept,
+                         sentences_kept_share=kept / written if written else None)
+    return out
 
 
 def _fmt_s(latency: dict[str, float] | None) -> str:
@@ -488,18 +532,42 @@ def _write(report: dict[str, Any], out: Path) -> None:
     modes = list(report["modes"])
     langs = sorted({lang for r in report["modes"].values() for lang in r["by_lang"]})
     metrics = ("recall@1", "recall@3", "mrr", "ndcg@10")
-    fig, axes = plt.subplots(1, len(langs), figsize=(5 * len(langs), 3.6), squeeze=False)
+    grounded = answer_breakdown(report["answers"]) if "answers" in report else {}
+    panels = len(langs) + bool(grounded)
+    fig, axes = plt.subplots(1, panels, figsize=(max(5.0, 0.9 * len(modes) + 1.4) * panels, 3.6), squeeze=False)
+    if grounded:
+        _plot_groundedness(axes[0][-1], grounded, report["answers"])
     for ax, lang in zip(axes[0], langs):
         width = 0.8 / len(metrics)
         for j, metric in enumerate(metrics):
             values = [report["modes"][m]["by_lang"].get(lang, {}).get(metric) or 0.0 for m in modes]
             ax.bar([i + j * width for i in range(len(modes))], values, width, label=metric)
-        ax.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(modes))], modes)
+        ax.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(modes))], modes, fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(f"retrieval, {lang}")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     tmp = out / "retrieval.png.tmp"
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     tmp.replace(out / "retrieval.png")
+
+
+def _plot_groundedness(ax, grounded: dict[str, dict[str, Any]], answers: dict[str, Any]) -> None:
+    """Bars of answer groundedness with retrieval and without it, by language."""
+    names = list(grounded)
+    width = 0.27
+    for j, (key, label) in enumerate((("groundedness_rag", "with retrieval: answers as given"),
+                                      ("sentences_kept_share", "with retrieval: model's sentences before the check"),
+                                      ("groundedness_no_retrieval", "no retrieval: the model alone"))):
+        values = [grounded[name][key] for name in names]
+        bars = ax.bar([i + j * width for i in range(len(names))], [v or 0.0 for v in values], width, label=label)
+        for bar, value in zip(bars, values):
+            ax.annotate("-" if value is None else f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([i + width for i in range(len(names))],
+                  [f"{name}\n({grounded[name]['in_scope']} in scope)" for name in names], fontsize=8)
+    ax.set_ylim(0, 1.25)
+    ax.set_title(f"answers: share of sentences supported\n(judge: {answers.get('groundedness_judge', 'embedding')})",
+                 fontsize=9)
+    ax.legend(loc="upper right", fontsize=7)
