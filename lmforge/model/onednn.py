@@ -117,6 +117,6 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     Everything else calls the module itself, so inference keeps whatever forward the
     module has (lmforge.infer.layout swaps in its own kernels by changing the class).
     """
-    if layer.training and torch.is_grad_enabled():
+    if layer.training and torch.is_grad_enabled() and isinstance(layer, nn.Linear):
         return linear(x, layer.weight, layer.bias)
     return layer(x)
