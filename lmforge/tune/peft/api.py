@@ -118,17 +118,21 @@ def sites_of(config, site: Site) -> list[Part]:
 
 
 def _apply_bitfit(model: nn.Module) -> None:
-    """Every bias trainable; linear layers without one get a zero bias (the config says so, for saving)."""
+    """Every bias trainable. A Llama model has none; it gets zero biases on every linear layer
+    (Hugging Face's attention_bias / mlp_bias express them, so the result still saves)."""
     config = model.config
-    for site in sites(config):
-        layer = model.get_submodule(site.name)
-        if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
-                                                  device=layer.weight.device))
-    config.qkv_bias = config.out_bias = config.mlp_bias = True
-    for name, p in model.named_parameters():
-        if name.endswith(".bias"):
-            p.requires_grad_(True)
+    if config.family == "llama":
+        for site in sites(config):
+            layer = model.get_submodule(site.name)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
+                                                      device=layer.weight.device))
+        config.qkv_bias = config.out_bias = config.mlp_bias = True
+    biases = [p for name, p in model.named_parameters() if name.endswith(".bias")]
+    if not biases:
+        raise LmforgeError(f"this {config.family} model has no biases for BitFit to train")
+    for p in biases:
+        p.requires_grad_(True)
 
 
 # ---- counting ------------------------------------------------------------------------------
