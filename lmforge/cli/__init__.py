@@ -26,6 +26,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.estimate",   # estimate
     "lmforge.cli.train",      # pretrain, scaling sweep
     "lmforge.cli.rag",        # rag index | ask | eval, ask
+    "lmforge.cli.merge",      # merge
 )
 
 
