@@ -98,9 +98,12 @@ class TrainingObjective(nn.Module):
 PREFIX = "model."
 
 
-def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """The objective the loop calls: plain, inside a DDP wrapper, or sharded in place (FSDP)."""
-    objective = TrainingObjective(model)
+def wrap_model(model: nn.Module, runtime: Runtime, objective: nn.Module | None = None) -> nn.Module:
+    """The objective the loop calls: plain, inside a DDP wrapper, or sharded in place (FSDP).
+
+    ``objective`` (default ``TrainingObjective(model)``) must hold ``model`` as its ``model``
+    attribute, so checkpoint names stay ``model.*`` whatever the loss."""
+    objective = TrainingObjective(model) if objective is None else objective
     if runtime.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

@@ -15,6 +15,24 @@ every ``save_interval`` steps (atomic, keep-last-N, see checkpoint.py) and a fin
 with plots. ``--resume`` restores weights, optimizer moments, RNG states, the data
 position and the loop's counters from the newest complete checkpoint, so a run killed at
 any point continues with exactly the losses it would have had.
+
+One loop for every objective. What differs between pretraining and fine-tuning is a
+*task* (`TrainingTask`): it makes the model, hands out the micro-batches of an endless,
+seeded stream (`Batch`: input ids, labels with -100 where no loss is taken, optional
+packed-sequence lengths) as a pure function of the data position, and evaluates. The loop
+owns everything else: wrapping for DDP/FSDP, precision, accumulation, clipping, the
+schedule, checkpoints and exact resume, telemetry, spike detection, plots and the report.
+`PretrainTask` is pretraining on packed token rows; lmforge/tune/sft.py is supervised
+fine-tuning on chat data; alignment objectives reuse the loop the same way::
+
+    trainer = Trainer(config, task=MyTask(...))   # config: .train/.optim/.schedule sections
+    report = trainer.run()
+
+A task with ``token_mean = True`` has its loss averaged over the counted target tokens of
+the whole optimizer step (all micro-batches, all processes): micro-batches of different
+numbers of targets then weigh by their tokens, and accumulation still equals one larger
+batch. Pretraining rows all have the same number of targets, so a mean of means is the
+same thing there and its path stays as it was.
 """
 
 from __future__ import annotations
@@ -23,8 +41,9 @@ import contextlib
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -34,8 +53,10 @@ from lmforge.errors import LmforgeError
 from lmforge.io.progress import Progress
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.data import RowStream, dataset_tokenizer, ensure_dataset, token_byte_lengths
-from lmforge.train.distributed import (Runtime, barrier, full_model_state, full_optimizer_state, init_runtime,
-                                       load_full_state, mean_across, shutdown, sum_across, wrap_model)
+from lmforge.train.fused_ce import linear_cross_entropy
+from lmforge.train.loss import IGNORE_INDEX
+from lmforge.train.distributed import (Runtime, TrainingObjective, barrier, full_model_state, full_optimizer_state,
+                                       init_runtime, load_full_state, mean_across, shutdown, sum_across, wrap_model)
 from lmforge.train.optim import build_optimizer
 from lmforge.train.recipe import PretrainConfig, to_yaml
 from lmforge.train.schedule import lr_factor
@@ -66,11 +87,200 @@ def unigram_baseline(train: RowStream, val_rows: torch.Tensor, vocab_size: int, 
     return float(-logp[targets].mean())
 
 
+# -- the task interface -----------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """One micro-batch for one process.
+
+    ``labels`` are the targets (None: ``input_ids`` themselves); position t is trained to
+    predict ``labels[:, t+1]``, and -100 marks positions that carry no loss (prompts,
+    padding). ``lengths`` (None: one sequence per row) lists, for each row, the lengths of
+    the sequences packed end to end in it: attention and next-token targets stay inside
+    each sequence, and whatever follows the last one in a row is padding. ``tokens`` is the
+    number of real (non-padding) tokens, for throughput.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor | None = None
+    lengths: list[list[int]] | None = None
+    tokens: int = 0
+
+    def to(self, device: torch.device) -> "Batch":
+        labels = None if self.labels is None else self.labels.to(device, non_blocking=True)
+        return Batch(self.input_ids.to(device, non_blocking=True), labels, self.lengths, self.tokens)
+
+    def target_count(self) -> int:
+        """Positions whose next-token target counts (what a token-mean loss divides by)."""
+        targets = (self.input_ids if self.labels is None else self.labels)[:, 1:]
+        if self.lengths is None:
+            return int((targets != IGNORE_INDEX).sum())
+        count = 0
+        for row, lengths in enumerate(self.lengths):
+            start = 0
+            for n in lengths:  # the target after a sequence's last token belongs to the next one
+                count += int((targets[row, start:start + n - 1] != IGNORE_INDEX).sum())
+                start += n
+        return count
+
+
+class TrainingTask(Protocol):
+    """What the loop asks of an objective (see the module docstring).
+
+    ``setup`` runs once per process after the runtime is known (rank 0 may build data
+    there; a barrier follows). ``build_model`` runs after the seed is set, so every process
+    builds the same weights. ``batch(position, count)`` returns stream items
+    position..position+count-1 and must depend on nothing else (exact resume, and the same
+    rows on 1 or N processes). ``evaluate`` runs on every process (it may use collectives)
+    and returns the validation record or None.
+    """
+
+    title: str  # the report's heading
+    token_mean: bool  # average the loss over the step's counted targets (see the module docstring)
+    tokenizer: Any
+    seq_len: int  # the longest row, for the FLOPs estimate
+
+    def setup(self, trainer: "Trainer") -> None: ...
+    def build_model(self, trainer: "Trainer") -> torch.nn.Module: ...
+    def batch(self, position: int, count: int) -> Batch: ...
+    def evaluate(self, trainer: "Trainer") -> dict[str, float] | None: ...
+    def baseline(self, trainer: "Trainer") -> float | None: ...
+    def report_extra(self, trainer: "Trainer") -> dict[str, Any]: ...
+    # Optional: ``checkpoint_state(trainer, model_state) -> state`` of a plain Transformer for the
+    # checkpoint's Hugging Face files (e.g. adapters merged into the base weights).
+
+
+def packed_causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                          lengths: list[list[int]], reduction: str = "mean") -> torch.Tensor:
+    """`causal_lm_loss` for rows that each hold several sequences end to end.
+
+    The real tokens of all rows become one packed stream, which the model runs with
+    attention confined to each sequence and positions restarting at 0 in each
+    (`Transformer.encode_packed`); each sequence's last token predicts nothing. The result
+    equals the sum (or token mean) of the sequences' losses computed one by one.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    targets_of = input_ids if labels is None else labels
+    ids, targets, flat = [], [], []
+    for row, row_lengths in enumerate(lengths):
+        used = sum(row_lengths)
+        ids.append(input_ids[row, :used])
+        shifted = torch.full((used,), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
+        shifted[:used - 1] = targets_of[row, 1:used]
+        ends = torch.tensor(row_lengths, device=input_ids.device).cumsum(0) - 1
+        shifted[ends] = IGNORE_INDEX
+        targets.append(shifted)
+        flat += row_lengths
+    hidden = model.encode_packed(torch.cat(ids), flat)
+    head = model.lm_head
+    return linear_cross_entropy(hidden, head.weight, torch.cat(targets), ignore_index=IGNORE_INDEX,
+                                reduction=reduction)
+
+
+class SequenceObjective(TrainingObjective):
+    """`TrainingObjective` that also takes packed rows: ``objective(ids, labels, lengths=...)``."""
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean",
+                lengths: list[list[int]] | None = None):
+        if lengths is None:
+            return super().forward(input_ids, labels, reduction=reduction)
+        return packed_causal_lm_loss(self.model, input_ids, labels, lengths, reduction)
+
+
+class PretrainTask:
+    """Pretraining: packed token rows of ``config.data`` (built on first use), next-token loss on
+    every position; validation loss, perplexity and bits per byte on fixed validation rows."""
+
+    title = "Pretraining run"
+    token_mean = False
+
+    def __init__(self, config: PretrainConfig) -> None:
+        self.config = config
+
+    def setup(self, trainer: "Trainer") -> None:
+        config, t = self.config, self.config.train
+        # Data: built once (by rank 0) if the recipe names sources instead of a ready directory.
+        if trainer.runtime.is_main:
+            ensure_dataset(config.data, trainer.log)
+        barrier(trainer.runtime)
+        data_dir = Path(config.data.path)
+        train_set = PackedDataset(data_dir, "train")
+        self.seq_len = train_set.seq_len
+        self.stream = RowStream(train_set, t.seed)
+        self.tokenizer = dataset_tokenizer(data_dir, train_set.index, config.data.tokenizer)
+        self.val_rows = self._validation_rows(data_dir, trainer)
+        self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer))
+
+    def _validation_rows(self, data_dir: Path, trainer: "Trainer") -> torch.Tensor:
+        """The fixed validation rows: eval_batches x global micro-batch, a multiple of world size."""
+        t, world = self.config.train, trainer.runtime.world_size
+        try:
+            val = PackedDataset(data_dir, "validation")
+        except LmforgeError:
+            trainer.log(f"{data_dir} has no validation split: no validation loss")
+            return torch.zeros(0, self.seq_len, dtype=torch.int64)
+        n = min(len(val), t.eval_batches * t.batch_size * world) // world * world
+        if n == 0:
+            return torch.zeros(0, self.seq_len, dtype=torch.int64)
+        return torch.from_numpy(np.stack([val[i] for i in range(n)]).astype(np.int64))
+
+    def build_model(self, trainer: "Trainer"):
+        from lmforge.model.transformer import Transformer
+        from lmforge.train.recipe import model_config_of
+
+        m = self.config.model
+        vocab = self.tokenizer.vocab_size
+        if m.init_from:
+            from lmforge.model.loading import load_model
+            from lmforge.model.registry import resolve
+
+            model = load_model(resolve(m.init_from), torch.float32, "cpu")
+            if model.config.vocab_size < vocab:
+                raise LmforgeError(f"model.init_from has {model.config.vocab_size} token ids, the data's tokenizer {vocab}")
+            return model.float()
+        return Transformer(model_config_of(m, vocab, self.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id))
+
+    def batch(self, position: int, count: int) -> Batch:
+        rows = self.stream.rows(position, count)
+        return Batch(rows, tokens=rows.numel())
+
+    def baseline(self, trainer: "Trainer") -> float | None:
+        return unigram_baseline(self.stream, self.val_rows, trainer.model.config.vocab_size) \
+            if len(self.val_rows) else None
+
+    @torch.no_grad()
+    def evaluate(self, trainer: "Trainer") -> dict[str, float] | None:
+        if not len(self.val_rows):
+            return None
+        runtime = trainer.runtime
+        world, rank, batch = runtime.world_size, runtime.rank, self.config.train.batch_size
+        mine = self.val_rows[rank::world]
+        nats = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        tokens = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        nbytes = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        for i in range(0, len(mine), batch):
+            rows = mine[i:i + batch]
+            with trainer.autocast():
+                loss = trainer.wrapped(rows.to(runtime.device), reduction="sum")
+            nats += loss.double()
+            tokens += rows[:, 1:].numel()
+            nbytes += float(self.byte_lengths[rows[:, 1:]].sum())
+        nats, tokens, nbytes = (sum_across(v, runtime) for v in (nats, tokens, nbytes))
+        val_loss = float(nats / tokens)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+                "val_bpb": float(nats / math.log(2) / nbytes) if float(nbytes) else float("nan")}
+
+    def report_extra(self, trainer: "Trainer") -> dict[str, Any]:
+        return {}
+
+
 class Trainer:
     def __init__(self, config: PretrainConfig, resume: bool = False, progress: bool = True,
-                 log: Callable[[str], None] = _stderr) -> None:
+                 log: Callable[[str], None] = _stderr, task: TrainingTask | None = None) -> None:
         config.validate()
         self.config, self.progress_enabled = config, progress
+        self.task: TrainingTask = task if task is not None else PretrainTask(config)
         t = config.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -87,24 +297,16 @@ class Trainer:
         if resume and resume_dir is None:
             self.log(f"no complete checkpoint in {self.ckpt_root}: starting from step 0")
 
-        # Data: built once (by rank 0) if the recipe names sources instead of a ready directory.
-        if self.runtime.is_main:
-            ensure_dataset(config.data, self.log)
-        barrier(self.runtime)
-        data_dir = Path(config.data.path)
-        train_set = PackedDataset(data_dir, "train")
-        self.seq_len = train_set.seq_len
-        self.stream = RowStream(train_set, t.seed)
-        self.tokenizer = dataset_tokenizer(data_dir, train_set.index, config.data.tokenizer)
-        self.val_rows = self._validation_rows(data_dir)
-        self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer))
+        self.task.setup(self)
+        self.seq_len = self.task.seq_len
+        self.tokenizer = self.task.tokenizer
 
         torch.manual_seed(t.seed)  # the same initial weights on every process
-        self.model = self._build_model()
+        self.model = self.task.build_model(self)
         self.model.to(self.runtime.device)
         self.model.gradient_checkpointing = t.gradient_checkpointing
         self.model.train()
-        self.wrapped = wrap_model(self.model, self.runtime)
+        self.wrapped = wrap_model(self.model, self.runtime, SequenceObjective(self.model))
         o = config.optim
         self.optimizer = build_optimizer(self.model, o.name, o.lr, o.betas, o.eps, o.weight_decay, o.decay_embeddings,
                                          fused=self.runtime.mode != "fsdp")
@@ -117,15 +319,14 @@ class Trainer:
         if resume_dir is not None:
             self._restore(resume_dir)
         self.global_micro = t.batch_size * self.runtime.world_size
-        self.tokens_per_step = self.global_micro * t.grad_accum * self.seq_len
+        self.tokens_per_step = self.global_micro * t.grad_accum * self.seq_len  # the most a step can hold
         from lmforge.train.estimate import training_flops_per_token
 
         self.flops_per_token = training_flops_per_token(self.model.config, self.seq_len)["total"]
         self.peak, self.peak_source = peak_tflops(self.runtime.device, self.precision, t.peak_tflops)
         self.jsonl = JsonlLog(self.out / "logs" / "train.jsonl", self.step if resume_dir is not None else None,
                               enabled=self.runtime.is_main)
-        self.baseline = unigram_baseline(self.stream, self.val_rows, self.model.config.vocab_size) \
-            if len(self.val_rows) else None
+        self.baseline = self.task.baseline(self)
         if self.runtime.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             from lmforge.io.atomic import write_text_atomic
@@ -133,35 +334,6 @@ class Trainer:
             write_text_atomic(self.out / "recipe.yaml", to_yaml(config))
 
     # -- setup -------------------------------------------------------------------------
-    def _validation_rows(self, data_dir: Path) -> torch.Tensor:
-        """The fixed validation rows: eval_batches x global micro-batch, a multiple of world size."""
-        t, world = self.config.train, self.runtime.world_size
-        try:
-            val = PackedDataset(data_dir, "validation")
-        except LmforgeError:
-            self.log(f"{data_dir} has no validation split: no validation loss")
-            return torch.zeros(0, self.seq_len, dtype=torch.int64)
-        n = min(len(val), t.eval_batches * t.batch_size * world) // world * world
-        if n == 0:
-            return torch.zeros(0, self.seq_len, dtype=torch.int64)
-        return torch.from_numpy(np.stack([val[i] for i in range(n)]).astype(np.int64))
-
-    def _build_model(self):
-        from lmforge.model.transformer import Transformer
-        from lmforge.train.recipe import model_config_of
-
-        m = self.config.model
-        vocab = self.tokenizer.vocab_size
-        if m.init_from:
-            from lmforge.model.loading import load_model
-            from lmforge.model.registry import resolve
-
-            model = load_model(resolve(m.init_from), torch.float32, "cpu")
-            if model.config.vocab_size < vocab:
-                raise LmforgeError(f"model.init_from has {model.config.vocab_size} token ids, the data's tokenizer {vocab}")
-            return model.float()
-        return Transformer(model_config_of(m, vocab, self.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id))
-
     def _restore(self, directory: Path) -> None:
         saved = ckpt.load_checkpoint(directory)
         if saved["config"].to_dict() | {"extra": {}} != self.model.config.to_dict() | {"extra": {}}:
@@ -177,11 +349,13 @@ class Trainer:
         self.log(f"resumed from {directory} (step {self.step})")
 
     # -- one step ------------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.runtime.device.type, dtype=dtype)
+
+    _autocast = autocast
 
     def _grad_sync(self, enabled: bool):
         """Skip DDP's all-reduce / FSDP's reduce-scatter on all but the last micro-batch."""
@@ -191,6 +365,12 @@ class Trainer:
             self.wrapped.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
+    def loss(self, batch: Batch, reduction: str = "mean") -> torch.Tensor:
+        """The wrapped objective on one micro-batch (already on the device)."""
+        if batch.labels is None and batch.lengths is None:
+            return self.wrapped(batch.input_ids, reduction=reduction)
+        return self.wrapped(batch.input_ids, batch.labels, reduction=reduction, lengths=batch.lengths)
+
     def train_step(self) -> dict[str, float]:
         t = self.config.train
         lr = self.config.optim.lr * lr_factor(self.step, t.max_steps, self.config.schedule.name,
@@ -198,14 +378,25 @@ class Trainer:
                                               self.config.schedule.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        batches = [self.task.batch(self.data_position + micro * self.global_micro + self.runtime.rank * t.batch_size,
+                                   t.batch_size) for micro in range(t.grad_accum)]
         total = torch.zeros((), device=self.runtime.device)
-        for micro in range(t.grad_accum):
-            position = self.data_position + micro * self.global_micro + self.runtime.rank * t.batch_size
-            ids = self.stream.rows(position, t.batch_size).to(self.runtime.device, non_blocking=True)
+        if self.task.token_mean:
+            # Every process divides its summed loss by the step's targets on all processes;
+            # data-parallel gradient averaging divides by the world size again, hence the factor.
+            count = sum_across(torch.tensor(float(sum(b.target_count() for b in batches)),
+                                            device=self.runtime.device), self.runtime)
+            divisor = max(float(count), 1.0) / self.runtime.world_size
+        for micro, batch in enumerate(batches):
+            batch = batch.to(self.runtime.device)
             with self._grad_sync(micro == t.grad_accum - 1):
-                with self._autocast():
-                    loss = self.wrapped(ids)
-                scaled = loss / t.grad_accum
+                with self.autocast():
+                    if self.task.token_mean:
+                        loss = self.loss(batch, reduction="sum")
+                        scaled = loss / divisor
+                    else:
+                        loss = self.loss(batch)
+                        scaled = loss / t.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.detach().float()
         if self.scaler is not None:
@@ -223,35 +414,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.data_position += t.grad_accum * self.global_micro
-        self.tokens_seen += self.tokens_per_step
-        loss_value = float(mean_across(total / t.grad_accum, self.runtime))
-        return {"loss": loss_value, "lr": lr, "grad_norm": float(norm)}
+        if self.task.token_mean:
+            step_tokens = int(sum_across(torch.tensor(float(sum(b.tokens for b in batches)),
+                                                      device=self.runtime.device), self.runtime))
+            loss_value = float(sum_across(total, self.runtime)) / max(float(count), 1.0)
+        else:
+            step_tokens = self.tokens_per_step
+            loss_value = float(mean_across(total / t.grad_accum, self.runtime))
+        self.tokens_seen += step_tokens
+        return {"loss": loss_value, "lr": lr, "grad_norm": float(norm), "step_tokens": step_tokens}
 
     # -- evaluation ----------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        if not len(self.val_rows):
-            return None
-        world, rank, batch = self.runtime.world_size, self.runtime.rank, self.config.train.batch_size
-        mine = self.val_rows[rank::world]
-        nats = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
-        tokens = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
-        nbytes = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
+        """The task's validation record, with the model in eval mode."""
         self.model.eval()
         try:
-            for i in range(0, len(mine), batch):
-                rows = mine[i:i + batch]
-                with self._autocast():
-                    loss = self.wrapped(rows.to(self.runtime.device), reduction="sum")
-                nats += loss.double()
-                tokens += rows[:, 1:].numel()
-                nbytes += float(self.byte_lengths[rows[:, 1:]].sum())
+            return self.task.evaluate(self)
         finally:
             self.model.train()
-        nats, tokens, nbytes = (sum_across(v, self.runtime) for v in (nats, tokens, nbytes))
-        val_loss = float(nats / tokens)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-                "val_bpb": float(nats / math.log(2) / nbytes) if float(nbytes) else float("nan")}
 
     def samples(self) -> list[dict[str, str]]:
         """Greedy continuations of the recipe's prompts (rank 0; not under FSDP, whose shards need every rank)."""
@@ -277,6 +457,10 @@ class Trainer:
         optimizer_state = full_optimizer_state(self.wrapped, self.optimizer)
         path = None
         if self.runtime.is_main:
+            # A task whose model is not a plain Transformer (adapters) says what the checkpoint's model files hold.
+            to_files = getattr(self.task, "checkpoint_state", None)
+            if to_files is not None:
+                model_state = to_files(self, model_state)
             loop_state = {"tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                           "data_position": self.data_position,
                           "spike_history": self.spikes.state(), "world_size": self.runtime.world_size,
@@ -306,10 +490,11 @@ class Trainer:
         while self.step < stop:
             step_start = time.perf_counter()
             stats = self.train_step()
+            step_tokens = stats.pop("step_tokens")
             seconds = time.perf_counter() - step_start
             self.elapsed += seconds
-            window_tokens += self.tokens_per_step
-            tokens_per_s = self.tokens_per_step / seconds
+            window_tokens += step_tokens
+            tokens_per_s = step_tokens / seconds
             record = {"kind": "train", "step": self.step, **stats, "tokens": self.tokens_seen,
                       "tokens_per_s": tokens_per_s, "mfu": self.mfu(tokens_per_s), "step_seconds": seconds}
             self.jsonl.write(record)
@@ -329,7 +514,9 @@ class Trainer:
                     self.jsonl.write({"kind": "eval", "step": self.step, **result})
                     if not progress.tty:
                         self.log(f"step {self.step}: validation loss {result['val_loss']:.4f}, "
-                                 f"{result['val_bpb']:.3f} bits/byte")
+                                 + (f"{result['val_bpb']:.3f} bits/byte" if "val_bpb" in result else
+                                    ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                              if k not in ("val_loss", "val_ppl") and isinstance(v, float))))
                 for sample in self.samples():
                     self.jsonl.write({"kind": "sample", "step": self.step, **sample})
             if self.step % t.save_interval == 0 or final or self.step == stop:
@@ -369,6 +556,7 @@ class Trainer:
             "validation": evals, "unigram_baseline_loss": self.baseline, "spikes": spikes, "samples": samples,
             "checkpoint": str(last_checkpoint) if last_checkpoint else None,
             "plot": str(plot) if plot else None,
+            **self.task.report_extra(self),
         }
         write_json_atomic(self.out / "report.json", report)
         write_text_atomic(self.out / "report.md", format_report(report))
@@ -376,7 +564,7 @@ class Trainer:
 
 
 def format_report(r: dict[str, Any]) -> str:
-    lines = ["# Pretraining run", "",
+    lines = [f"# {r.get('title', 'Pretraining run')}", "",
              f"- model: {r['model']['family']}, {r['parameters'] / 1e6:.2f}M parameters "
              f"({r['model']['n_layer']} layers, width {r['model']['n_embd']}, vocabulary {r['model']['vocab_size']})",
              f"- trained {r['steps']} steps, {r['tokens']:,} tokens ({r['tokens_per_step']:,} per step, "
@@ -390,9 +578,15 @@ def format_report(r: dict[str, Any]) -> str:
     if r["unigram_baseline_loss"] is not None:
         lines.append(f"- unigram baseline (no context) on the validation rows: {r['unigram_baseline_loss']:.4f} nats/token")
     lines.append(f"- loss spikes detected: {len(r['spikes'])}")
-    if r["validation"]:
+    if r["validation"] and "val_bpb" in r["validation"][0]:
         lines += ["", "| step | validation loss | perplexity | bits/byte |", "|---:|---:|---:|---:|"]
         lines += [f"| {e['step']} | {e['val_loss']:.4f} | {e['val_ppl']:.2f} | {e['val_bpb']:.4f} |" for e in r["validation"]]
+    elif r["validation"]:  # another task's figures: one column each
+        keys = [k for k in r["validation"][0] if k not in ("kind", "step")]
+        lines += ["", "| step | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+                  "|---:|" + "---:|" * len(keys)]
+        lines += ["| " + " | ".join([str(e["step"])] + [f"{e[k]:.4f}" if isinstance(e.get(k), float) else str(e.get(k))
+                                                       for k in keys]) + " |" for e in r["validation"]]
     if r["plot"]:
         lines += ["", f"![training curves](plots/{Path(r['plot']).name})"]
     if r["samples"]:
