@@ -25,7 +25,9 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.tokenizer",  # tokenizer train | report
     "lmforge.cli.estimate",   # estimate
     "lmforge.cli.train",      # pretrain, scaling sweep
+    "lmforge.cli.finetune",   # finetune RECIPE | data NAME | eval
     "lmforge.cli.rag",        # rag index | ask | eval, ask
+    "lmforge.cli.align",      # align data | reward | dpo
     "lmforge.cli.merge",      # merge
 )
 

@@ -1,0 +1,156 @@
+"""``lmforge finetune``: supervised fine-tuning from a recipe, its datasets, and exact-match scoring.
+
+    lmforge finetune sft-arithmetic [--section.field VALUE ...]   train (lmforge/tune/sft.py)
+    lmforge finetune data arithmetic --out runs/data/arithmetic    write a dataset's splits
+    lmforge finetune eval [MODEL] --data FILE.jsonl               greedy exact match on a split
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lmforge.cli.train import find_recipe
+
+USAGE = "RECIPE | data NAME | eval [MODEL]"
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    import yaml
+
+    values = {}
+    for key, raw in vars(args).items():
+        if key.startswith("set:"):
+            try:
+                values[key[4:]] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                values[key[4:]] = raw
+    if args.out is not None:
+        values["train.out"] = args.out
+    return values
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lmforge.errors import LmforgeError
+
+    what = list(args.what)
+    if what and what[0] == "data":
+        return _data(args, what[1:])
+    if what and what[0] == "eval":
+        return _eval(args, what[1:])
+    if len(what) > 1:
+        raise LmforgeError(f"expected {USAGE}, got {' '.join(what)}")
+    from lmforge.tune.sft import finetune, load_finetune_recipe, to_yaml
+
+    config = load_finetune_recipe(find_recipe(what[0] if what else None), _overrides(args))
+    if args.print_recipe:
+        print(to_yaml(config), end="")
+        return 0
+    report = finetune(config, resume=args.resume, progress=not args.quiet)
+    if not report:  # not the main process of a distributed run
+        return 0
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    summary = f"trained {report['steps']} steps ({report['tokens']:,} tokens) in {report['train_seconds']:.0f} s"
+    last = report["validation"][-1] if report["validation"] else None
+    if last:
+        if "val_loss" in last:
+            summary += f"; validation loss {last['val_loss']:.4f}"
+        if "exact_match" in last:
+            summary += f", exact match {100 * last['exact_match']:.1f}%"
+    print(summary)
+    print(f"model: {report['output']}\nreport: {Path(config.train.out) / 'report.md'}")
+    return 0
+
+
+def _data(args: argparse.Namespace, names: list[str]) -> int:
+    from lmforge.errors import LmforgeError
+    from lmforge.tune.datasets import NAMES, write_dataset
+
+    if len(names) != 1:
+        raise LmforgeError(f"finetune data: name one dataset ({', '.join(NAMES)})")
+    if args.out is None:
+        raise LmforgeError("finetune data: --out DIR is required (it receives train/validation/test.jsonl)")
+    sizes = {k: v for k, v in (("train", args.train_size), ("validation", args.validation_size),
+                               ("test", args.test_size)) if v is not None}
+    info = write_dataset(names[0], args.out, args.seed, sizes)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
+        print(f"{names[0]}: {counts} -> {args.out}/{{train,validation,test}}.jsonl")
+        for split, balance in info.get("class_balance", {}).items():
+            print(f"  {split}: " + ", ".join(f"{k} {v}" for k, v in balance.items()))
+    return 0
+
+
+def _eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmforge.errors import LmforgeError
+
+    if len(rest) > 1:
+        raise LmforgeError("finetune eval: at most one MODEL")
+    if not args.data:
+        raise LmforgeError("finetune eval: --data FILE.jsonl is required")
+    from lmforge.cli.common import load_local
+    from lmforge.tune.sft import exact_match, read_template
+    from lmforge.tune.sft_data import read_jsonl
+
+    records = read_jsonl(args.data)[:args.limit]
+    args.dtype, args.device = "float32", "cpu"
+    lm = load_local(rest[0] if rest else None, args)
+    template = read_template(args.chat_template)
+    scores = exact_match(lm.model, lm.tokenizer, records, args.max_new_tokens, template, progress=not args.quiet)
+    scores["model"], scores["data"] = lm.name, args.data
+    if args.out:
+        from lmforge.io.atomic import write_json_atomic
+
+        write_json_atomic(args.out, scores)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print(f"{lm.name} on {args.data}: exact match {100 * scores['exact_match']:.1f}%, answer in output "
+              f"{100 * scores['answer_in_output']:.1f}% ({scores['examples']} examples)")
+        for s in scores["samples"][:3]:
+            print(f"  reference {s['reference']!r} -> {s['output']!r}")
+    return 0
+
+
+def _add_recipe_fields(p: argparse.ArgumentParser) -> None:
+    from lmforge.tune.sft import option_names
+
+    fields = p.add_argument_group("recipe fields")
+    for name in option_names():
+        section, field = name.split(".")
+        flags = [f"--{section}.{field.replace('_', '-')}"] + ([f"--{name}"] if "_" in field else [])
+        fields.add_argument(*flags, dest=f"set:{name}", default=argparse.SUPPRESS, metavar="V", help=argparse.SUPPRESS)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "finetune", help="supervised fine-tuning on chat data (loss on the answers), its datasets and scoring",
+        description="lmforge finetune RECIPE: train from a recipe (lmforge/recipes/sft-*.yaml); every field is "
+                    "also a flag --SECTION.FIELD VALUE (VALUE is YAML), e.g. --train.max-steps 50 --data.no-pack "
+                    "is --data.pack false. lmforge finetune data NAME --out DIR: write a dataset (arithmetic, "
+                    "word-problems, units, dates, json-extraction, format, mixed, sentiment, bible-en-es). "
+                    "lmforge finetune eval [MODEL] --data FILE: greedy exact match of a model's answers.")
+    p.add_argument("what", nargs="*", metavar=USAGE, help="a recipe (file or name), or data NAME, or eval [MODEL]")
+    p.add_argument("--out", help="training: output directory (same as --train.out); data: the dataset directory; "
+                                 "eval: a JSON file for the scores")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit (checks it too)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    g = p.add_argument_group("data NAME")
+    g.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    g.add_argument("--train-size", type=int, help="training items (default 2000; sentiment 140)")
+    g.add_argument("--validation-size", type=int, help="validation items (default 100; sentiment 20)")
+    g.add_argument("--test-size", type=int, help="test items (default 200; sentiment 40)")
+    g = p.add_argument_group("eval [MODEL]")
+    g.add_argument("--data", help="JSON-lines chat records to answer")
+    g.add_argument("--limit", type=int, default=None, help="only the first N records")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
+    g.add_argument("--chat-template", help="a Jinja chat template (file or text) instead of the model's")
+    _add_recipe_fields(p)
+    p.set_defaults(func=cmd_finetune)
