@@ -89,6 +89,13 @@ def test_info_reports_parameters_and_memory(capsys):
     assert info["kv_cache_bytes_per_token"]["float32"] == 2 * 30 * 3 * 64 * 4
 
 
+def test_info_of_an_encoder_has_no_kv_cache(capsys, minilm_dir):
+    code, out, _ = run_cli(capsys, "info", "all-minilm-l6-v2")
+    assert code == 0
+    # BertModel counts 22,713,216 with its pooler, which sentence embeddings do not use (nor load)
+    assert "parameters: 22,565,376" in out and "KV cache: none" in out
+
+
 def test_convert_default_model_loads_in_transformers(capsys, tmp_path, default_lm, hf_default_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

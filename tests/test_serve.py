@@ -122,7 +122,8 @@ def test_completion_token_prompts_and_generated_logprobs(client, default_lm):
 
 
 def test_models_health_metrics(server, client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    # The chat model first; then the embedding model /v1/embeddings serves (auto: the default one, installed).
+    assert [m.id for m in client.models.list().data] == [MODEL, "all-minilm-l6-v2"]
     assert httpx.get(server[0] + "/health").json()["status"] == "ok"
     body = httpx.get(server[0] + "/metrics").text
     for name in ("lmforge_requests_total", "lmforge_time_to_first_token_seconds_bucket", "lmforge_generated_tokens_total",

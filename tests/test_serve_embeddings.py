@@ -88,6 +88,14 @@ def test_openai_client_gets_the_embedders_vectors(client, embedder, served):
     assert len(floats.data) == 1 and np.abs(np.array(floats.data[0].embedding) - got[0]).max() < 1e-6
 
 
+def test_models_lists_the_embedding_model(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-chat", EMBEDDER]
+    assert client.models.retrieve(EMBEDDER).id == EMBEDDER
+    assert client.models.retrieve("tiny-chat").id == "tiny-chat"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("not-served")
+
+
 def test_raw_base64_is_little_endian_float32(served, embedder):
     r = httpx.post(served[0] + "/v1/embeddings", json={"input": "hello", "encoding_format": "base64"})
     import base64

@@ -58,7 +58,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("weights in memory:")
     for dtype, size in info["weight_bytes"].items():
         print(f"  {dtype:>9}: {size / 2**20:8.1f} MiB")
-    kv = info["kv_cache_bytes_per_token"]
+    kv = info.get("kv_cache_bytes_per_token")
+    if kv is None:
+        print("KV cache: none (an encoder reads its whole input in one pass)")
+        return 0
     print(f"KV cache per token: {kv['float32'] / 1024:.1f} KiB fp32, {kv['bfloat16'] / 1024:.1f} KiB bf16 "
           f"({kv['float32'] * info['config']['max_position_embeddings'] / 2**20:.0f} MiB fp32 for the full context)")
     return 0

@@ -22,12 +22,14 @@ def read_config(spec) -> ModelConfig:
 
 def memory_report(config: ModelConfig) -> dict[str, Any]:
     n = config.num_parameters()
-    per_token = 2 * config.n_layer * config.kv_size  # k and v, every layer
-    return {
+    report: dict[str, Any] = {
         "parameters": n,
         "weight_bytes": {dtype: int(n * b) for dtype, b in BYTES_PER_PARAM.items()},
-        "kv_cache_bytes_per_token": {"float32": per_token * 4, "bfloat16": per_token * 2},
     }
+    if config.causal:  # an encoder reads its whole input at once: it keeps no cache
+        per_token = 2 * config.n_layer * config.kv_size  # k and v, every layer
+        report["kv_cache_bytes_per_token"] = {"float32": per_token * 4, "bfloat16": per_token * 2}
+    return report
 
 
 def describe(model: str | None) -> dict[str, Any]:

@@ -229,8 +229,16 @@ def lp_block(state: ServerState, tokens: list[int], lps: list, tops: list) -> di
             "top_logprobs": [None if tp is None else {token_text(state, i): v for i, v in tp.items()} for tp in tops]}
 
 
-def model_card(state: ServerState) -> dict[str, Any]:
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmforge"}
+def model_card(state: ServerState, name: str | None = None) -> dict[str, Any]:
+    return {"id": name or state.model_name, "object": "model", "created": state.created, "owned_by": "lmforge"}
+
+
+def model_cards(state: ServerState) -> list[dict[str, Any]]:
+    """The chat model first, then the embedding model /v1/embeddings serves (if any)."""
+    cards = [model_card(state)]
+    if state.embeddings is not None and state.embeddings.name != state.model_name:
+        cards.append(model_card(state, state.embeddings.name))
+    return cards
 
 
 # ----------------------------------------------------------------------- routes
@@ -248,11 +256,14 @@ async def prometheus(state: State):
 
 @router.get("/v1/models")
 async def list_models(state: State):
-    return {"object": "list", "data": [model_card(state)]}
+    return {"object": "list", "data": model_cards(state)}
 
 
 @router.get("/v1/models/{model_id}")
 async def get_model(model_id: str, state: State):
+    for card in model_cards(state):
+        if card["id"] == model_id:
+            return card
     check_model(state, model_id)
     return model_card(state)
 
