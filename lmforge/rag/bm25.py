@@ -67,6 +67,16 @@ CJK_PARTICLES = frozenset("的了是在和與及或嗎呢吧啊呀什麼甚怎�
 CJK_FUNCTION_CHARS = CJK_PARTICLES | frozenset(
     "為樣如何些個要會能可以有把被讓從對於一該還又得地著過之其而且但問为对会个样让从该还过时问")
 
+# Two-character words that frame a Chinese question (when, after, how many, the difference,
+# one's own ...) rather than name its subject. BM25 keeps them (their IDF prices them); the
+# refusal signals (`question_terms`) leave them out, since sharing one of them with a passage
+# is no evidence that the passage is about the question.
+CJK_SCAFFOLDING = frozenset(
+    "時候 之後 之前 一直 一樣 不同 需要 比較 多少 問題 方法 處理 差別 差在 哪裡 為何 請問 到底 真的 還是 應該 "
+    "怎樣 是否 能否 有沒 沒有 一下 一些 一個 一種 幾個 這樣 那樣 大概 通常 常常 一起 一定 自己 東西 事情 情況 "
+    "出來 起來 下來".split())
+_SCAFFOLDING = regex.compile("|".join(sorted(CJK_SCAFFOLDING)))
+
 _CJK_CLASS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}"
 _TOKENS = regex.compile(
     rf"(?P<cjk>[{_CJK_CLASS}]+)"
@@ -265,3 +275,41 @@ class BM25Index:
         order = np.lexsort((candidates, -scores))[:k]  # score descending, then index ascending
         return [Hit(chunk=self.chunks[int(candidates[i])], score=float(scores[i]), ranks={"bm25": place})
                 for place, i in enumerate(order, 1)]
+
+
+@dataclass(frozen=True)
+class QuestionTerms:
+    """What the refusal signals read of a question (see `question_terms`)."""
+
+    content: tuple[str, ...]  # distinct words and CJK bigrams that can name a subject
+    han: tuple[str, ...]  # distinct Han characters outside the function characters
+    latin: tuple[str, ...]  # distinct analyzed Latin-script words of two letters or more
+
+
+def question_terms(text: str, analyzer: Analyzer = DEFAULT_ANALYZER) -> QuestionTerms:
+    """The content terms of a question, for deciding whether a collection can answer it.
+
+    Unlike the analyzer's output, CJK unigrams are left out (single characters match by
+    chance: an English collection's few Chinese key terms share some character with almost
+    any Chinese question), and question scaffolding (`CJK_SCAFFOLDING`) is cut out of the text
+    first, so that neither it nor the bigrams across its edges count (時候需要 gives none).
+    Latin words are analyzed as for indexing (stopwords out, stemmed).
+    """
+    text = unicodedata.normalize("NFKC", text).casefold()
+    particles, function = analyzer.cjk_particles, analyzer.cjk_function_chars
+    content: list[str] = []
+    han: list[str] = []
+    latin: list[str] = []
+    for match in _TOKENS.finditer(text):
+        run = match.group("cjk")
+        if run is None:
+            words = analyzer(match.group("word"))
+            content.extend(words)
+            latin.extend(w for w in words if len(w) >= 2 and w.isascii() and w.isalpha())
+            continue
+        han.extend(c for c in run if c not in function and regex.match(r"\p{Han}", c))
+        for piece in _SCAFFOLDING.split(run):  # a scaffolding word splits the run like punctuation
+            for a, b in zip(piece, piece[1:]):
+                if a not in particles and b not in particles and (a not in function or b not in function):
+                    content.append(a + b)
+    return QuestionTerms(tuple(dict.fromkeys(content)), tuple(dict.fromkeys(han)), tuple(dict.fromkeys(latin)))

@@ -6,6 +6,7 @@ builds its flags without loading the retrieval stack.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import LmforgeError
@@ -15,6 +16,20 @@ from .documents import SUFFIXES
 
 RETRIEVAL_MODES = ("hybrid", "dense", "bm25")
 ANSWER_MODES = ("auto", "generate", "extractive")
+
+# The refusal thresholds of an index that holds no calibrated ones (see retriever.py), per
+# question language. Retrieval is confident when the best cosine, the BM25 strength or the term
+# overlap reaches its threshold, unless the question holds `unknown_veto` or more Latin-script
+# names that no chunk contains (0: no veto). English: permissive values that refuse only
+# questions far from everything, for any collection (the handbook's calibrated ones, cosine
+# 0.417 or strength 0.19, answer off-topic questions on a collection of a few pages, where
+# strengths run higher). Chinese: the values `lmforge rag eval --calibrate` fitted on the
+# handbook's questions (docs/benchmarks.md, 2026-12-06); an English collection's few Chinese
+# terms make the cosine and the strength weak evidence there whatever its size.
+DEFAULT_REFUSAL = {
+    "en": {"min_cosine": 0.30, "min_strength": 0.25, "min_overlap": math.inf, "unknown_veto": 0},
+    "zh": {"min_cosine": 0.371, "min_strength": 0.063, "min_overlap": 1.8, "unknown_veto": 1},
+}
 
 
 def _suffixes(raw: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -58,6 +73,12 @@ class RetrieverOptions:
                                                  "(default: the index's calibrated value)")
     min_strength: float | None = option(None, help="confidence threshold on the BM25 strength "
                                                    "(default: the index's calibrated value)")
+    min_overlap: float | None = option(None, help="confidence threshold on the term overlap: question terms one "
+                                                  "chunk shares, plus the share of its Han characters the index "
+                                                  "knows (default: the index's calibrated value)")
+    unknown_veto: int | None = option(None, help="refuse questions with this many Latin-script words no chunk "
+                                                 "contains, whatever the other signals (0: never; default: the "
+                                                 "index's calibrated value)")
     rerank: str | None = option(None, metavar="DIR|auto",
                                 help="rerank the fused hits with a cross-encoder: a model directory, or auto for "
                                      "the one `lmforge rag train-reranker` saved (default: off)")
@@ -74,6 +95,8 @@ class RetrieverOptions:
             raise LmforgeError(f"--rerank-depth must be at least 1, got {self.rerank_depth}")
         if self.mmr is not None and not 0.0 <= self.mmr <= 1.0:
             raise LmforgeError(f"the MMR lambda must be between 0 and 1, got {self.mmr}")
+        if self.unknown_veto is not None and self.unknown_veto < 0:
+            raise LmforgeError(f"--unknown-veto must be zero or positive, got {self.unknown_veto}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ The automatic support decision is itself checked against the hand-labelled pairs
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from .config import RERANK_MODE, AnswerOptions, EvalOptions, RetrieverOptions
 from .groundedness import (CrossEncoderSupportChecker, SupportChecker, answer_sentences,
                            calibrate as calibrate_support, groundedness)
 from .metrics import Question, evaluate_retrieval, load_groundedness_labels, load_questions, ranked_pages
-from .retriever import Retriever, query_lang
+from .retriever import LANGS, Retriever, query_lang
 
 MAX_FALSE_REFUSALS = 0.05
 
@@ -69,20 +70,78 @@ def fit_thresholds(signals: Sequence[dict[str, float]], in_scope: Sequence[bool]
     return float(best[2]), float(best[3])
 
 
+def fit_refusal(signals: Sequence[dict[str, float]], in_scope: Sequence[bool],
+                max_false: float = MAX_FALSE_REFUSALS) -> tuple[float, float, float, int]:
+    """(min_cosine, min_strength, min_overlap, unknown_veto) refusing the most out-of-scope questions
+    with at most `max_false` false refusals, for `Retriever.judge`'s rule: refused when the question
+    holds at least `unknown_veto` unknown Latin names (0: never), or when the cosine, the strength
+    and the overlap are all below their thresholds.
+
+    Exhaustive: each veto (none, then from the largest count observed down to 1), and for each the
+    three thresholds by `fit_rule` on the questions it leaves, with the false refusals it left to
+    spend. Ties keep the milder veto and the lowest thresholds.
+    """
+    if not any(in_scope):
+        raise LmforgeError("calibration needs in-scope questions")
+    n_in = sum(in_scope)
+    unknown = [int(s.get("unknown", 0.0)) for s in signals]
+    best: tuple | None = None
+    for veto in [0] + sorted({u for u in unknown if u > 0}, reverse=True):
+        vetoed = [veto > 0 and u >= veto for u in unknown]
+        vetoed_in = sum(v and inside for v, inside in zip(vetoed, in_scope))
+        budget = max_false * n_in - vetoed_in
+        rest = [i for i, v in enumerate(vetoed) if not v]
+        rest_in = sum(in_scope[i] for i in rest)
+        if budget < 0:
+            continue
+        if rest_in:
+            thresholds = fit_rule([[signals[i][k] for k in TERM_RULE] for i in rest], [in_scope[i] for i in rest],
+                                  max_false=budget / rest_in)
+        else:
+            thresholds = (0.0, 0.0, 0.0)
+        fit = (*thresholds, veto)
+        refused = [_refuse_by(signals[i], fit) for i in range(len(signals))]
+        key = (sum(r and not inside for r, inside in zip(refused, in_scope)),
+               -sum(r and inside for r, inside in zip(refused, in_scope)))
+        if best is None or key > best[0]:
+            best = (key, fit)
+    assert best is not None
+    c, s, o, v = best[1]
+    return float(c), float(s), float(o), int(v)
+
+
+TERM_RULE = ("cosine", "strength", "overlap")
+
+
+def _refuse_by(signal: dict[str, float], fit: Sequence[float]) -> bool:
+    """`Retriever.judge`'s refusal for thresholds (min_cosine, min_strength, min_overlap, unknown_veto)."""
+    cos, strength, overlap, veto = fit
+    if veto > 0 and signal.get("unknown", 0.0) >= veto:
+        return True
+    return signal["cosine"] < cos and signal["strength"] < strength and signal.get("overlap", 0.0) < overlap
+
+
 def fit_by_language(questions: Sequence[Question], signals: Sequence[dict[str, float]],
-                    indices: Sequence[int] | None = None) -> dict[str, tuple[float, float]]:
-    """`fit_thresholds` for each language group of the questions (the groups `Retriever` judges by)."""
+                    indices: Sequence[int] | None = None) -> dict[str, tuple[float, float, float, int]]:
+    """`fit_refusal` for each language group of the questions (the groups `Retriever` judges by)."""
     indices = range(len(questions)) if indices is None else indices
     groups: dict[str, list[int]] = {}
     for i in indices:
         groups.setdefault(query_lang(questions[i].question), []).append(i)
-    return {lang: fit_thresholds([signals[i] for i in members], [questions[i].in_scope for i in members])
+    return {lang: fit_refusal([signals[i] for i in members], [questions[i].in_scope for i in members])
             for lang, members in groups.items()}
 
 
-def _refused(question: Question, signal: dict[str, float], thresholds: dict[str, tuple[float, float]]) -> bool:
-    min_cosine, min_strength = thresholds[query_lang(question.question)]
-    return signal["cosine"] < min_cosine and signal["strength"] < min_strength
+def _refused(question: Question, signal: dict[str, float], retriever: Retriever) -> bool:
+    """The retriever's decision on a question's signals (without the cross-encoder's)."""
+    plain = {k: v for k, v in signal.items() if k != "rerank"}
+    return not retriever.judge(plain, query_lang(question.question))[1]
+
+
+def _halves(n: int, seed: int) -> list[list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[::2], order[1::2]]
 
 
 def _two_fold(questions: Sequence[Question], signals: Sequence[dict[str, float]], seed: int) -> list[bool | None]:
@@ -90,19 +149,60 @@ def _two_fold(questions: Sequence[Question], signals: Sequence[dict[str, float]]
 
     None where a half holds no in-scope question of that language to fit on (tiny sets).
     """
-    order = list(range(len(questions)))
-    random.Random(seed).shuffle(order)
-    halves = [order[::2], order[1::2]]
+    halves = _halves(len(questions), seed)
     refused: list[bool | None] = [None] * len(questions)
     for fit, score in (halves, halves[::-1]):
-        try:
-            thresholds = fit_by_language(questions, signals, fit)
-        except LmforgeError:
-            continue
+        thresholds = {}
+        for lang in LANGS:
+            part = [i for i in fit if query_lang(questions[i].question) == lang]
+            if any(questions[i].in_scope for i in part):
+                thresholds.update(fit_by_language(questions, signals, part))
         for i in score:
-            if query_lang(questions[i].question) in thresholds:
-                refused[i] = _refused(questions[i], signals[i], thresholds)
+            lang = query_lang(questions[i].question)
+            if lang in thresholds:
+                refused[i] = _refuse_by(signals[i], thresholds[lang])
     return refused
+
+
+def refusal_by_language(questions: Sequence[Question], signals: Sequence[dict[str, float]],
+                        seed: int) -> dict[str, Any]:
+    """Refusal and false-refusal rates per language of the rule the retriever uses (cosine, strength
+    and term overlap, with the unknown-name veto) beside the earlier two-signal rule (cosine,
+    strength): thresholds fitted on all the questions (in sample) and two-fold (`_two_fold`'s split)."""
+    halves = _halves(len(questions), seed)
+    rules = {"cosine+strength+overlap+veto": lambda rows: fit_refusal([signals[i] for i in rows],
+                                                                      [questions[i].in_scope for i in rows]),
+             "cosine+strength": lambda rows: (*fit_rule([[signals[i]["cosine"], signals[i]["strength"]] for i in rows],
+                                                        [questions[i].in_scope for i in rows]), math.inf, 0)}
+    out: dict[str, Any] = {}
+    for lang in LANGS:
+        members = [i for i, q in enumerate(questions) if query_lang(q.question) == lang]
+        if not any(questions[i].in_scope for i in members):
+            continue
+        out[lang] = {"out_of_scope": sum(not questions[i].in_scope for i in members),
+                     "in_scope": sum(questions[i].in_scope for i in members)}
+        for name, fit in rules.items():
+            fitted = fit(members)
+            decisions = {"in_sample": {i: _refuse_by(signals[i], fitted) for i in members}, "two_fold": {}}
+            for part, score in (halves, halves[::-1]):
+                part = [i for i in part if i in decisions["in_sample"]]
+                if any(questions[i].in_scope for i in part):
+                    t = fit(part)
+                    decisions["two_fold"].update({i: _refuse_by(signals[i], t) for i in score
+                                                  if i in decisions["in_sample"]})
+            out[lang][name] = {"thresholds": _threshold_dict(fitted)}
+            for label, refused in decisions.items():
+                out[lang][name][label] = {
+                    "refusal_rate": _rate([r for i, r in refused.items() if not questions[i].in_scope]),
+                    "false_refusal_rate": _rate([r for i, r in refused.items() if questions[i].in_scope])}
+    return out
+
+
+def _threshold_dict(fit: Sequence[float]) -> dict[str, Any]:
+    """Thresholds as the report and the index metadata hold them (an unused overlap threshold as None)."""
+    c, s, o, v = fit
+    return {"min_cosine": float(c), "min_strength": float(s), "min_overlap": None if math.isinf(o) else float(o),
+            "unknown_veto": int(v)}
 
 
 def _pick(questions: Sequence[Question], n: int, seed: int) -> list[Question]:
@@ -173,11 +273,16 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
                 progress(n, len(questions))
         if options.calibrate:
             fitted = fit_by_language(questions, signals)
-            retriever.thresholds.update(fitted)
-            store.set_meta(model_id=embedder.model_id, dim=embedder.dim,
-                           **{f"min_{name}_{lang}": value for lang, pair in fitted.items()
-                              for name, value in zip(("cosine", "strength"), pair)})
-        refused = [_refused(q, s, retriever.thresholds) for q, s in zip(questions, signals)]
+            meta: dict[str, float] = {}
+            for lang, fit in fitted.items():
+                retriever.thresholds[lang] = fit[:2]
+                retriever.term_thresholds[lang] = fit[2:]
+                values = _threshold_dict(fit)
+                # JSON has no infinity: an unused overlap threshold is stored as a value no question reaches
+                values["min_overlap"] = 1e9 if values["min_overlap"] is None else values["min_overlap"]
+                meta.update({f"{key}_{lang}": value for key, value in values.items()})
+            store.set_meta(model_id=embedder.model_id, dim=embedder.dim, **meta)
+        refused = [_refused(q, s, retriever) for q, s in zip(questions, signals)]
         for row, flag in zip(rows, refused):
             row["refused"] = flag
         report["per_question"] = rows
@@ -185,13 +290,14 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
             result = evaluate_retrieval(questions, rankings[mode], options.k,
                                         refused=None if mode == "none" else refused)
             report["modes"][mode] = result
-        report["thresholds"] = {lang: {"min_cosine": c, "min_strength": s}
-                                for lang, (c, s) in retriever.thresholds.items()}
+        report["thresholds"] = {lang: _threshold_dict((*retriever.thresholds[lang], *retriever.term_thresholds[lang]))
+                                for lang in retriever.thresholds}
         report["thresholds"]["calibrated"] = bool(options.calibrate or "min_cosine_en" in store.meta)
         held_out = _two_fold(questions, signals, options.seed)
         report["refusal_two_fold_overall"] = {
             "refusal_rate": _rate([r for r, q in zip(held_out, questions) if not q.in_scope and r is not None]),
             "false_refusal_rate": _rate([r for r, q in zip(held_out, questions) if q.in_scope and r is not None])}
+        report["refusal_by_language"] = refusal_by_language(questions, signals, options.seed)
         if reranker is not None and options.calibrate:
             # The three signals calibrated together, stored apart from the two-signal thresholds
             # (which retrieval without a cross-encoder keeps using).

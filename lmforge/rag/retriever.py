@@ -13,9 +13,28 @@ neighbour. Two signals say whether that neighbour is an answer: the best dense c
 BM25 score divided by the most the query's terms could score (every term matched, at its
 IDF): near 1 when one chunk holds all the rare terms of the question, near 0 when the
 question's words are unknown to the collection. The retrieval is confident when either
-passes its threshold. The thresholds are calibrated on the labelled questions, separately
-for English and for Chinese questions (`lmforge rag eval --calibrate`), and stored in the
-index's metadata.
+passes its threshold. 
+Both are weak for Chinese questions over an English collection: the embedder knows few
+Chinese characters (most become [UNK]), and single characters match the pages' few Chinese
+key terms by chance. Two signals read the question's *terms* instead (`bm25.question_terms`:
+words and CJK bigrams, question scaffolding such as 時候/需要/比較 left out):
+
+* ``overlap``: how many of those terms the best-sharing chunk holds, plus the share of the
+  question's Han characters that occur anywhere in the collection (a fraction, so it only
+  separates questions with the same count). A question the collection answers names a
+  couple of its terms in one passage; an unrelated one shares at most one by chance.
+* ``unknown``: how many Latin-script words of the question occur in no chunk. In a Chinese
+  question the Latin words are usually the names of the things asked about (CNN, XGBoost,
+  Excel); a name an English collection never uses says the question is about something
+  else. With a veto calibrated for the language, that many unknown names refuse whatever
+  the other signals say.
+
+The retrieval is confident when the cosine, the strength or the overlap passes its
+threshold and no veto applies. The thresholds are calibrated on the labelled questions,
+separately for English and for Chinese questions (`lmforge rag eval --calibrate`), and
+stored in the index's metadata; an index without them uses `config.DEFAULT_REFUSAL`
+(calibrated on the handbook's questions). An index calibrated before the term signals
+existed keeps its two thresholds and judges by them alone.
 
 **Reranking** (`RetrieverOptions.rerank`): the top `rerank_depth` hits are read again by a
 cross-encoder (`rerank.py`), which sees question and passage together, and reordered by
@@ -35,9 +54,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import LmforgeError
-from .bm25 import BM25Index
+from .bm25 import Analyzer, BM25Index, question_terms
+from .config import DEFAULT_REFUSAL
 from .config import RETRIEVAL_MODES as MODES
 from .config import RetrieverOptions
+from .fusion import make_filter
 from .fusion import mmr_hits, reciprocal_rank_fusion
 from .text import is_chinese
 from .types import Hit
@@ -50,10 +71,9 @@ def query_lang(query: str) -> str:
     return "zh" if is_chinese(query) else "en"
 
 
-# Used when an index has not been calibrated: permissive values that refuse only questions
-# far from everything (see `lmforge rag eval --calibrate` for measured ones).
-DEFAULT_MIN_COSINE = 0.30
-DEFAULT_MIN_STRENGTH = 0.25
+# Kept for code that reads them: the English defaults (see config.DEFAULT_REFUSAL).
+DEFAULT_MIN_COSINE = DEFAULT_REFUSAL["en"]["min_cosine"]
+DEFAULT_MIN_STRENGTH = DEFAULT_REFUSAL["en"]["min_strength"]
 NO_RERANK_SCORE = -100.0  # the rerank signal when there was nothing to rerank
 
 
@@ -72,9 +92,9 @@ class SearchLists:
 @dataclass
 class Retrieval:
     hits: list[Hit]
-    confidence: float  # the larger of the two signals, each divided by its threshold (>= 1: confident)
+    confidence: float  # the largest signal divided by its threshold (>= 1: confident, unless vetoed)
     confident: bool
-    signals: dict[str, float] = field(default_factory=dict)  # best dense cosine, BM25 strength
+    signals: dict[str, float] = field(default_factory=dict)  # cosine, strength, overlap, unknown (, rerank)
     seconds: float = 0.0
 
 
@@ -91,12 +111,26 @@ class Retriever:
         # Thresholds per question language: an English embedder's cosine means little for a
         # Chinese question, so each language gets the pair calibrated on its own questions.
         self.thresholds: dict[str, tuple[float, float]] = {}
+        # (min_overlap, unknown_veto) per language; inf / 0 turn a signal off.
+        self.term_thresholds: dict[str, tuple[float, int]] = {}
         for lang in LANGS:
+            default = DEFAULT_REFUSAL[lang]
+            calibrated = f"min_cosine_{lang}" in meta
             cos = self.options.min_cosine
             strength = self.options.min_strength
-            cos = float(meta.get(f"min_cosine_{lang}", DEFAULT_MIN_COSINE)) if cos is None else cos
-            strength = float(meta.get(f"min_strength_{lang}", DEFAULT_MIN_STRENGTH)) if strength is None else strength
+            cos = float(meta.get(f"min_cosine_{lang}", default["min_cosine"])) if cos is None else cos
+            strength = float(meta.get(f"min_strength_{lang}", default["min_strength"])) if strength is None else strength
             self.thresholds[lang] = (cos, strength)
+            if calibrated and f"min_overlap_{lang}" not in meta:
+                overlap, veto = math.inf, 0  # calibrated before the term signals: judged as it was
+            else:
+                overlap = float(meta.get(f"min_overlap_{lang}", default["min_overlap"]))
+                veto = int(meta.get(f"unknown_veto_{lang}", default["unknown_veto"]))
+            if self.options.min_overlap is not None:
+                overlap = self.options.min_overlap
+            if self.options.unknown_veto is not None:
+                veto = self.options.unknown_veto
+            self.term_thresholds[lang] = (overlap, veto)
         # With a cross-encoder: thresholds of the three signals calibrated together, when stored.
         self.rerank_thresholds: dict[str, tuple[float, float, float]] = {}
         for lang in LANGS:
@@ -159,8 +193,13 @@ class Retriever:
         terms = self.bm25.analyzer(query)
         keyword = self.bm25.search_terms(terms, k=depth, filters=filters)
         signals = {"cosine": dense[0].score if dense else 0.0,
-                   "strength": self.strength(terms, keyword[0].score if keyword else 0.0)}
+                   "strength": self.strength(terms, keyword[0].score if keyword else 0.0),
+                   **self.term_signals(query, filters)}
         return SearchLists(query_vector, dense, keyword, signals)
+
+    def term_signals(self, query: str, filters: dict[str, Any] | None = None) -> dict[str, float]:
+        """The ``overlap`` and ``unknown`` signals of `query` over this retriever's chunks."""
+        return term_signals(self.bm25, query, filters)
 
     def combine(self, lists: SearchLists, mode: str, k: int, lang: str = "en") -> list[Hit]:
         """The hits of one mode from the two lists: one of them, or their fusion (then MMR, when on).
@@ -187,12 +226,18 @@ class Retriever:
         apply; the logit enters through its sigmoid, so that its ratio is positive too.
         """
         min_cosine, min_strength = self.thresholds[lang]
+        min_overlap, veto = self.term_thresholds[lang]
         extra = -math.inf
         if "rerank" in signals and lang in self.rerank_thresholds:
+            # The joint calibration with the cross-encoder predates the term signals: its rule alone.
             min_cosine, min_strength, min_rerank = self.rerank_thresholds[lang]
             extra = _sigmoid(signals["rerank"]) / _sigmoid(min_rerank)
+            min_overlap, veto = math.inf, 0
         confidence = max(signals["cosine"] / min_cosine if min_cosine > 0 else math.inf,
-                         signals["strength"] / min_strength if min_strength > 0 else math.inf, extra)
+                         signals["strength"] / min_strength if min_strength > 0 else math.inf, extra,
+                         signals.get("overlap", 0.0) / min_overlap if min_overlap > 0 else math.inf)
+        if veto > 0 and signals.get("unknown", 0.0) >= veto:
+            confidence = min(confidence, 0.999)  # names the collection never uses: refused whatever else
         return confidence, confidence >= 1.0
 
     def strength(self, terms: list[str], top_score: float) -> float:
@@ -211,3 +256,22 @@ class Retriever:
     def _diverse(self, hits: list[Hit], query_vector: np.ndarray, k: int) -> list[Hit]:
         vectors = self.embedder.encode([h.chunk.embed_text() for h in hits], normalize=True)
         return mmr_hits(hits, vectors, query_vector, k, lambda_=self.options.mmr, use_scores=True)
+
+
+def term_signals(index: BM25Index, query: str, filters: dict[str, Any] | None = None) -> dict[str, float]:
+    """``overlap`` (the most content terms of `query` one chunk holds, plus the share of its Han
+    characters found in any chunk; 1 when it has none) and ``unknown`` (its Latin-script words no
+    chunk holds) over the chunks of `index` that pass `filters`. See the module's description."""
+    analyzer = index.analyzer if isinstance(index.analyzer, Analyzer) else Analyzer()
+    terms = question_terms(query, analyzer)
+    shared = np.zeros(len(index), dtype=np.int64)
+    for term in terms.content:
+        posting = index._posting(term)
+        if posting is not None:
+            shared[posting[0]] += 1
+    if filters and len(shared):
+        keep = make_filter(filters)
+        shared = np.where(np.asarray([keep(chunk) for chunk in index.chunks]), shared, 0)
+    known = sum(index._posting(c) is not None for c in terms.han) / len(terms.han) if terms.han else 1.0
+    unknown = sum(index._posting(w) is None for w in terms.latin)
+    return {"overlap": float(shared.max() if len(shared) else 0) + known, "unknown": float(unknown)}

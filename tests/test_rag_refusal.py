@@ -1,0 +1,177 @@
+"""Out-of-scope refusal: the term signals (overlap, unknown names), the judge, calibration, real pages.
+
+The signal tests use small hand-made collections whose values can be counted by hand; the
+last tests index four real handbook pages with the real all-MiniLM-L6-v2 and ask Chinese
+questions of the kind the labelled sets hold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lmforge.rag.bm25 import BM25Index, question_terms
+from lmforge.rag.config import DEFAULT_REFUSAL, RetrieverOptions
+from lmforge.rag.evaluate import _refuse_by, fit_refusal
+from lmforge.rag.retriever import Retriever, term_signals
+from lmforge.rag.types import Chunk
+
+HANDBOOK = Path(__file__).resolve().parents[1] / "docs" / "handbook"
+PAGES = ("kv-cache.md", "attention.md", "decoding.md", "grouped-query-attention.md")
+
+
+def collection() -> BM25Index:
+    return BM25Index.build([
+        Chunk(source="kv.md", text="The KV cache stores the keys and values of earlier tokens.",
+              metadata={"title": "KV cache", "zh_title": "KV 快取", "zh_terms": ["快取", "注意力"]}),
+        Chunk(source="decoding.md", text="Top-p sampling keeps the smallest set of likely tokens.",
+              metadata={"title": "Decoding", "zh_title": "解碼", "zh_terms": ["取樣", "溫度"]}),
+    ])
+
+
+def test_question_terms_drop_scaffolding_single_characters_and_stopwords():
+    terms = question_terms("什麼時候需要 KV 快取？")
+    # 時候 and 需要 frame the question; 什麼 is function characters; no single characters.
+    assert terms.content == ("kv", "快取")
+    assert terms.han == ("時", "候", "需", "快", "取")  # 什, 麼, 要 are function characters
+    assert terms.latin == ("kv",)
+    english = question_terms("How are the caches of the keys reused?")
+    assert english.content == ("how", "cache", "key", "reused") and english.latin == english.content
+    assert question_terms("用 8B 模型").latin == ()  # digits are not names
+
+
+def test_overlap_counts_shared_terms_of_the_best_chunk_plus_the_known_character_share():
+    index = collection()
+    # kv, 快取, 注意, 意力 in the first chunk (4); 取跟/關係 nowhere. Han characters known: 快 取 注 意 力 of
+    # 快 取 跟 注 意 力 關 係 -> 5/8.
+    assert term_signals(index, "KV 快取跟注意力有什麼關係？") == {"overlap": 4 + 5 / 8, "unknown": 0.0}
+    # One shared term (快取); of 時 候 需 快 取 only 快 and 取 are known.
+    assert term_signals(index, "什麼時候需要快取？")["overlap"] == pytest.approx(1 + 2 / 5)
+    # Nothing shared, no character known; Latin names the collection never uses are counted.
+    assert term_signals(index, "滷肉飯要怎麼滷才會香？") == {"overlap": 0.0, "unknown": 0.0}
+    assert term_signals(index, "CNN 的卷積核大小要怎麼選？") == {"overlap": 0.0, "unknown": 1.0}
+    assert term_signals(index, "XGBoost 跟 LightGBM 的 KV 快取")["unknown"] == 2.0
+    # A filter leaves only the chunks it keeps: the decoding page shares nothing with this question.
+    assert term_signals(index, "KV 快取", filters={"source": "decoding.md"})["overlap"] == 1.0
+
+
+def test_an_index_calibrated_before_the_term_signals_is_judged_as_before(tmp_path):
+    meta = {"min_cosine_en": 0.4, "min_strength_en": 0.2, "min_cosine_zh": 0.3, "min_strength_zh": 0.06}
+    retriever = _bare_retriever(meta)
+    assert retriever.thresholds["zh"] == (0.3, 0.06) and retriever.term_thresholds["zh"] == (math.inf, 0)
+    weak = {"cosine": 0.2, "strength": 0.03, "overlap": 5.0, "unknown": 3.0}
+    assert retriever.judge(weak, "zh") == (pytest.approx(0.2 / 0.3), False)
+    assert retriever.judge({**weak, "strength": 0.09}, "zh")[1]  # unknown names do not veto there
+    # Calibrated with them: the overlap answers, the veto refuses whatever the rest says.
+    retriever = _bare_retriever({**meta, "min_overlap_zh": 1.8, "unknown_veto_zh": 1})
+    assert retriever.judge({**weak, "unknown": 0.0}, "zh") == (pytest.approx(5.0 / 1.8), True)
+    confidence, confident = retriever.judge({**weak, "strength": 0.6}, "zh")
+    assert not confident and confidence < 1.0
+    # No calibration at all: the defaults, per language; options override the index.
+    retriever = _bare_retriever({})
+    for lang in ("en", "zh"):
+        d = DEFAULT_REFUSAL[lang]
+        assert retriever.thresholds[lang] == (d["min_cosine"], d["min_strength"])
+        assert retriever.term_thresholds[lang] == (d["min_overlap"], d["unknown_veto"])
+    retriever = _bare_retriever({}, RetrieverOptions(min_overlap=3.0, unknown_veto=0))
+    assert retriever.term_thresholds["zh"] == (3.0, 0)
+
+
+class _Store:
+    """Only what `Retriever.__init__` reads of a store: its model check and metadata."""
+
+    def __init__(self, meta):
+        self.meta = meta
+
+    def check_model(self, model_id):
+        pass
+
+
+class _NoEmbedder:
+    model_id = "none"
+
+
+def _bare_retriever(meta, options=None) -> Retriever:
+    return Retriever(_Store(meta), _NoEmbedder(), options)
+
+
+def _brute_force(signals, in_scope, max_false=0.05):
+    """The best (refused out of scope, -false refusals) over every combination of candidate thresholds."""
+    grids = [sorted({s[k] for s in signals}) + [max(s[k] for s in signals) + 1e-6]
+             for k in ("cosine", "strength", "overlap")]
+    vetoes = [0] + sorted({int(s["unknown"]) for s in signals if s["unknown"] > 0})
+    best = None
+    for fit in itertools.product(*grids, vetoes):
+        refused = [_refuse_by(s, fit) for s in signals]
+        false = sum(r and i for r, i in zip(refused, in_scope))
+        if false > max_false * sum(in_scope):
+            continue
+        key = (sum(r and not i for r, i in zip(refused, in_scope)), -false)
+        best = key if best is None or key > best else best
+    return best
+
+
+def test_fit_refusal_finds_the_exhaustive_optimum_and_vetoes_only_when_it_pays():
+    import random
+
+    rng = random.Random(3)
+    for trial in range(6):
+        signals, in_scope = [], []
+        for n in range(40):
+            inside = n >= 10
+            signals.append({"cosine": round(rng.uniform(0.2, 0.5) + 0.1 * inside, 2),
+                            "strength": round(rng.uniform(0.0, 0.1) + 0.03 * inside, 3),
+                            "overlap": float(rng.randint(0, 2) + inside),
+                            "unknown": float(rng.random() < (0.1 if inside and trial % 2 else 0.02 if inside else 0.4))})
+            in_scope.append(inside)
+        fit = fit_refusal(signals, in_scope)
+        refused = [_refuse_by(s, fit) for s in signals]
+        key = (sum(r and not i for r, i in zip(refused, in_scope)), -sum(r and i for r, i in zip(refused, in_scope)))
+        assert key == _brute_force(signals, in_scope), trial
+        assert -key[1] <= 0.05 * sum(in_scope)
+    # Names unknown to in-scope questions too (as in English): no veto.
+    signals = [{"cosine": 0.5, "strength": 0.1, "overlap": 3.0, "unknown": 1.0}] * 20 + \
+              [{"cosine": 0.1, "strength": 0.01, "overlap": 0.0, "unknown": 1.0}] * 2
+    assert fit_refusal(signals, [True] * 20 + [False] * 2)[3] == 0
+
+
+@pytest.fixture(scope="module")
+def pages_retriever(tmp_path_factory):
+    from lmforge.rag.embedder import load_embedder
+    from lmforge.rag.index import build_index
+    from lmforge.rag.store import open_store
+
+    root = tmp_path_factory.mktemp("pages")
+    for name in PAGES:
+        shutil.copy(HANDBOOK / name, root / name)
+    path = tmp_path_factory.mktemp("index") / "pages.sqlite"
+    embedder = load_embedder()
+    build_index(root, path, embedder)
+    store = open_store(path)
+    yield Retriever(store, embedder)
+    store.close()
+
+
+@pytest.mark.parametrize("question", [
+    "CNN 的卷積核大小要怎麼選？",            # a name the pages never use
+    "房東不還押金，可以去哪裡申訴？",          # everyday life: no term shared
+    "機票買了之後還可以改乘客名字嗎？",
+])
+def test_off_topic_chinese_questions_are_refused_on_real_pages(pages_retriever, question):
+    result = pages_retriever.retrieve(question)
+    assert not result.confident, result.signals
+
+
+@pytest.mark.parametrize("question", [
+    "KV 快取為什麼能讓生成變快？",
+    "注意力分數為什麼要除以根號 d？",
+    "GQA 讓幾個 query head 共用一組 key/value，可以省多少記憶體？",
+])
+def test_on_topic_chinese_questions_are_answered_on_real_pages(pages_retriever, question):
+    result = pages_retriever.retrieve(question)
+    assert result.confident, result.signals
+    assert result.signals["overlap"] >= 2 and result.signals["unknown"] == 0
