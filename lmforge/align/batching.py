@@ -61,9 +61,9 @@ def encode_single(tokenizer, prompt: str, response: str, max_length: int,
     head, tail = render(tokenizer, prompt, response, system)
     prompt_ids = tokenizer.encode(head, add_special_tokens=False)
     response_ids = tokenizer.encode(tail, add_special_tokens=False)
-    ids = (prompt_ids + response_ids)[-max_length:] if len(prompt_ids) + len(response_ids) > max_length \
-        else prompt_ids + response_ids
-    return ids, max(0, len(ids) - len(response_ids))
+    response_ids = response_ids[:max(1, max_length - 1)]
+    prompt_ids = prompt_ids[-max(1, max_length - len(response_ids)):]  # as encode_pair: keep the response start
+    return prompt_ids + response_ids, len(prompt_ids)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,35 +35,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmforge.errors import LmforgeError
-from lmforge.options import option
+from lmforge.align.config import LOSS_TYPES, PreferenceLossConfig
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo")
-
-
-@dataclass
-class PreferenceLossConfig:
-    """Which preference loss and its constants."""
-
-    loss_type: str = option("sigmoid", choices=LOSS_TYPES,
-                            help="sigmoid (DPO), robust, hinge, ipo or simpo (reference-free, length-normalised)")
-    beta: float = option(0.1, help="inverse temperature: larger keeps the policy closer to the reference")
-    label_smoothing: float = option(0.0, help="assumed probability that a pair's label is flipped (sigmoid, robust, simpo)")
-    simpo_gamma: float = option(0.5, help="simpo: target reward margin")
-    reference_free: bool = option(False, help="score responses by the policy alone (no reference model)")
-
-    def validate(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise LmforgeError(f"unknown preference loss {self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-        if not self.beta > 0:
-            raise LmforgeError(f"beta must be positive, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise LmforgeError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-
-    @property
-    def needs_reference(self) -> bool:
-        return not self.reference_free and self.loss_type != "simpo"
-
+__all__ = ["LOSS_TYPES", "PreferenceLossConfig", "PreferenceOutput", "preference_loss", "sequence_logps", "token_logps"]
 
 @dataclass
 class PreferenceOutput:

@@ -27,6 +27,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.train",      # pretrain, scaling sweep
     "lmforge.cli.finetune",   # finetune RECIPE | data NAME | eval
     "lmforge.cli.rag",        # rag index | ask | eval, ask
+    "lmforge.cli.align",      # align data | reward | dpo
     "lmforge.cli.merge",      # merge
 )
 
