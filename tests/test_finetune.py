@@ -334,7 +334,11 @@ def test_bad_input_errors(tokenizer, tmp_path, tiny_model_dir):
     unstable = "{% for m in messages|reverse %}{{ m['content'] }}|{% endfor %}"
     with pytest.raises(LmforgeError, match="prefix by prefix"):
         encode_chat(tokenizer, CHAT, chat_template=unstable)
-    # On the command line: one clear line, no traceback.
+
+
+@pytest.mark.slow
+def test_bad_input_errors_on_the_command_line(tmp_path, tiny_model_dir):
+    # One clear line and exit status 1, no traceback.
     result = _run(["finetune", "--data.train", str(tmp_path / "missing.jsonl"), "--data.generate", "null",
                    "--model.init-from", str(tiny_model_dir), "--out", str(tmp_path / "r")], timeout=120)
     assert result.returncode == 1 and "no such data file" in result.stderr and "Traceback" not in result.stderr
@@ -342,3 +346,25 @@ def test_bad_input_errors(tokenizer, tmp_path, tiny_model_dir):
     assert result.returncode == 1 and "must fit a packed row" in result.stderr
     result = _run(["finetune", "data", "no-such-set", "--out", str(tmp_path / "d")], timeout=60)
     assert result.returncode == 1 and "unknown dataset" in result.stderr
+
+
+def test_peft_section_trains_an_adapter_and_checkpoints_the_merged_model(tiny_model_dir, arithmetic_dir, tmp_path):
+    from lmforge.model.checkpoint import load_hf_model
+    from lmforge.tune.peft import load_adapter
+    from lmforge.tune.sft import finetune
+
+    out = tmp_path / "lora"
+    config = _config(tiny_model_dir, arithmetic_dir, out, **{
+        "train.max_steps": 2, "train.eval_interval": 2, "train.save_interval": 2, "optim.lr": 1e-2,
+        "eval.exact_match_examples": 0, "peft.method": "lora", "peft.target_modules": ["q_proj", "v_proj"]})
+    report = finetune(config, progress=False, log=lambda _m: None)
+    assert Path(report["output"]) == out / "adapter" and report["peft"] == "lora"
+    adapted = load_adapter(load_hf_model(tiny_model_dir), out / "adapter")
+    merged = load_hf_model(out / "checkpoints" / "step-0000002")  # a complete model, loadable as is
+    base = load_hf_model(tiny_model_dir)
+    ids = torch.tensor([[1, 20, 300, 4000, 5]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids), adapted(ids), atol=1e-5)
+        assert (base(ids) - adapted(ids)).abs().max() > 1e-4  # the adapter learned something
+    with pytest.raises(LmforgeError, match="not supported for adapter"):
+        finetune(config, resume=True, progress=False, log=lambda _m: None)
