@@ -8,6 +8,7 @@ questions of the kind the labelled sets hold.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import shutil
 from pathlib import Path
@@ -140,10 +141,9 @@ def test_fit_refusal_finds_the_exhaustive_optimum_and_vetoes_only_when_it_pays()
 
 
 @pytest.fixture(scope="module")
-def pages_retriever(tmp_path_factory):
+def pages_index(tmp_path_factory):
     from lmforge.rag.embedder import load_embedder
     from lmforge.rag.index import build_index
-    from lmforge.rag.store import open_store
 
     root = tmp_path_factory.mktemp("pages")
     for name in PAGES:
@@ -151,11 +151,20 @@ def pages_retriever(tmp_path_factory):
     path = tmp_path_factory.mktemp("index") / "pages.sqlite"
     embedder = load_embedder()
     build_index(root, path, embedder)
+    return path, embedder
+
+
+@pytest.fixture(scope="module")
+def pages_retriever(pages_index):
+    from lmforge.rag.store import open_store
+
+    path, embedder = pages_index
     store = open_store(path)
     yield Retriever(store, embedder)
     store.close()
 
 
+@pytest.mark.slow  # the module's index of four real pages takes a few seconds to embed
 @pytest.mark.parametrize("question", [
     "CNN 的卷積核大小要怎麼選？",            # a name the pages never use
     "房東不還押金，可以去哪裡申訴？",          # everyday life: no term shared
@@ -166,6 +175,7 @@ def test_off_topic_chinese_questions_are_refused_on_real_pages(pages_retriever, 
     assert not result.confident, result.signals
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("question", [
     "KV 快取為什麼能讓生成變快？",
     "注意力分數為什麼要除以根號 d？",
@@ -175,3 +185,42 @@ def test_on_topic_chinese_questions_are_answered_on_real_pages(pages_retriever, 
     result = pages_retriever.retrieve(question)
     assert result.confident, result.signals
     assert result.signals["overlap"] >= 2 and result.signals["unknown"] == 0
+
+
+@pytest.mark.slow
+def test_calibration_stores_the_term_thresholds_and_reports_both_rules(pages_index, tmp_path):
+    from lmforge.rag.config import EvalOptions
+    from lmforge.rag.evaluate import run_eval
+    from lmforge.rag.store import open_store
+
+    path, embedder = pages_index
+    copy = tmp_path / "pages.sqlite"
+    shutil.copy(path, copy)
+    rows = [("zh-1", "KV 快取為什麼能讓生成變快？", ["kv-cache.md"]),
+            ("zh-2", "注意力分數為什麼要除以根號 d？", ["attention.md"]),
+            ("zh-3", "top-p 取樣跟溫度有什麼關係？", ["decoding.md"]),
+            ("zh-4", "GQA 的 key/value head 要分幾組？", ["grouped-query-attention.md"]),
+            ("zh-5", "CNN 的卷積核大小要怎麼選？", []),
+            ("zh-6", "機票買了之後還可以改乘客名字嗎？", []),
+            ("en-1", "What does the KV cache store?", ["kv-cache.md"]),
+            ("en-2", "How do I boil an egg?", [])]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"id": i, "lang": "en" if i.startswith("en") else "zh-Hant",
+                                             "question": q, "gold": g, "kind": "concept" if g else "out_of_scope"},
+                                            ensure_ascii=False) + "\n" for i, q, g in rows), encoding="utf-8")
+    report = run_eval(EvalOptions(questions=str(questions), modes=("hybrid",), calibrate=True), embedder,
+                      index=str(copy))
+    zh = report["thresholds"]["zh"]
+    assert set(zh) == {"min_cosine", "min_strength", "min_overlap", "unknown_veto"}
+    # Four answerable and two off-topic Chinese questions: all six decided right in sample.
+    assert report["modes"]["hybrid"]["by_lang"]["zh-Hant"]["refusal_rate"] == 1.0
+    assert report["modes"]["hybrid"]["by_lang"]["zh-Hant"]["false_refusal_rate"] == 0.0
+    assert set(report["refusal_by_language"]["zh"]) >= {"cosine+strength+overlap+veto", "cosine+strength"}
+    with open_store(copy) as store:
+        meta = store.meta
+        assert meta["unknown_veto_zh"] == zh["unknown_veto"]
+        assert meta["min_overlap_zh"] == (1e9 if zh["min_overlap"] is None else zh["min_overlap"])
+        again = Retriever(store, embedder)
+        assert again.term_thresholds["zh"][1] == zh["unknown_veto"]
+        assert not again.retrieve("CNN 的卷積核大小要怎麼選？").confident
+        assert again.retrieve("KV 快取為什麼能讓生成變快？").confident
