@@ -368,3 +368,30 @@ def test_peft_section_trains_an_adapter_and_checkpoints_the_merged_model(tiny_mo
         assert (base(ids) - adapted(ids)).abs().max() > 1e-4  # the adapter learned something
     with pytest.raises(LmforgeError, match="not supported for adapter"):
         finetune(config, resume=True, progress=False, log=lambda _m: None)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(tiny_model_dir, arithmetic_dir, tmp_path):
+    """2 processes x 2 rows = 1 process x 4 rows: the token-mean loss divides by the answer tokens of
+    the whole step on both processes, so the losses agree to float rounding."""
+    from lmforge.tune.sft import finetune
+
+    finetune(_config(tiny_model_dir, arithmetic_dir, tmp_path / "one", **{"train.max_steps": 3,
+                                                                          "eval.exact_match_examples": 0}),
+             progress=False, log=lambda _m: None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(torchrun + [
+        "finetune", "--quiet", "--out", str(tmp_path / "two"), "--model.init-from", str(tiny_model_dir),
+        "--data.train", str(arithmetic_dir / "train.jsonl"), "--data.validation", str(arithmetic_dir / "validation.jsonl"),
+        "--train.max-steps", "3", "--train.eval-interval", "3", "--train.save-interval", "3", "--train.batch-size", "2",
+        "--train.distributed", "ddp", "--eval.exact-match-examples", "0", "--eval.loss-examples", "8",
+        "--optim.lr", "1e-3", "--schedule.warmup-steps", "1", "--train.plots", "false"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    assert _losses(tmp_path / "two", "val_loss", "eval")[3] == pytest.approx(_losses(tmp_path / "one", "val_loss", "eval")[3],
+                                                                               rel=1e-5)
