@@ -265,7 +265,7 @@ class PreferenceRun:
             random.Random(f"{self.config.seed}:{epoch}").shuffle(perm)
             order += perm
             epoch += 1
-        return order
+        return order[:need]
 
     def _write(self, jsonl, record: dict) -> None:
         self.records_log.append(record)
