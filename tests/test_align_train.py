@@ -41,6 +41,7 @@ def _tiny_config(cls, tmp_path, **kw):
     return cls(**(base | kw))
 
 
+@pytest.mark.slow
 def test_tiny_dpo_run_learns_its_pairs(tmp_path, tokenizer, pairs):
     config = _tiny_config(DPOConfig, tmp_path, loss=PreferenceLossConfig(beta=0.5))
     from lmforge.align.train import train_dpo
@@ -56,6 +57,7 @@ def test_tiny_dpo_run_learns_its_pairs(tmp_path, tokenizer, pairs):
     assert (tmp_path / "run" / "report.md").read_text().startswith("# DPO run")
 
 
+@pytest.mark.slow
 def test_tiny_reward_run_and_its_saved_model(tmp_path, tokenizer, pairs):
     from lmforge.align.reward import encode_for_reward, load_reward_model, score_rows
     from lmforge.align.train import train_reward
@@ -123,3 +125,19 @@ def test_cli_dpo_end_to_end(tmp_path, tokenizer, capsys):
     assert report["steps"] == 4 and len(report["evaluations"]) == 3
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "plots" / "training.png").is_file()
+
+
+def test_initial_evaluation_reuses_the_reference_pass(tokenizer, pairs):
+    from lmforge.align.batching import encode_pair
+    from lmforge.align.train import DPOObjective
+
+    model = _tiny(tokenizer).eval()
+    encoded = {"validation": [encode_pair(tokenizer, p, 48) for p in pairs]}
+    objective = DPOObjective(PreferenceLossConfig(), tokenizer.pad_id)
+    objective.prepare(model, encoded, 5)
+    reused = objective.evaluate(model, encoded["validation"], pairs, "validation", 5, initial=True)
+    computed = objective.evaluate(model, encoded["validation"], pairs, "validation", 5)
+    assert reused.keys() == computed.keys()
+    for key, value in computed.items():
+        assert reused[key] == pytest.approx(value, abs=1e-5), key
+

@@ -115,16 +115,24 @@ class DPOObjective:
         return out.loss, out.metrics()
 
     def evaluate(self, model, pairs: list[EncodedPair], records: list[dict], split: str,
-                 batch_size: int) -> dict[str, Any]:
+                 batch_size: int, initial: bool = False) -> dict[str, Any]:
+        """Held-out metrics. With ``initial`` (the model has not moved: it is the reference) the
+        reference pass already holds the log-probabilities, and nothing is recomputed."""
         was_training = model.training
         model.eval()
         sums, counts, losses, chosen_r, rejected_r = [], [], [], [], []
+        reuse = initial and split in self.reference and not bool(self.reference[split].isnan().any())
         with torch.no_grad():
             for i in range(0, len(pairs), batch_size):
                 idx = list(range(i, min(i + batch_size, len(pairs))))
-                batch = collate_pairs([pairs[j] for j in idx], self.pad_id).to(_device(model))
-                c, r, nc, nr = pair_logps(model, batch)
                 ref_c, ref_r = self._ref(split, idx)
+                nc = torch.tensor([len(pairs[j].chosen) for j in idx])
+                nr = torch.tensor([len(pairs[j].rejected) for j in idx])
+                if reuse:
+                    c, r = ref_c, ref_r
+                else:
+                    batch = collate_pairs([pairs[j] for j in idx], self.pad_id).to(_device(model))
+                    c, r, nc, nr = pair_logps(model, batch)
                 out = preference_loss(c, r, ref_c, ref_r, nc, nr, self.loss_config)
                 sums.append(torch.stack([c, r]).cpu())
                 counts.append(torch.stack([nc, nr]).cpu())
@@ -184,7 +192,7 @@ class RewardObjective:
         return loss, {"loss": float(loss.detach()), "reward_accuracy": pair_accuracy(chosen.detach(), rejected.detach()),
                       "reward_margin": float((chosen - rejected).detach().mean())}
 
-    def evaluate(self, model, pairs, records, split, batch_size) -> dict[str, Any]:
+    def evaluate(self, model, pairs, records, split, batch_size, initial: bool = False) -> dict[str, Any]:
         from lmforge.align.reward import bradley_terry_loss
 
         was_training = model.training
@@ -272,11 +280,11 @@ class PreferenceRun:
         jsonl.write(json.dumps(record) + "\n")
         jsonl.flush()
 
-    def evaluate(self) -> dict[str, Any] | None:
+    def evaluate(self, initial: bool = False) -> dict[str, Any] | None:
         if not self.encoded["validation"]:
             return None
         return self.objective.evaluate(self.model, self.encoded["validation"], self.records["validation"],
-                                       "validation", self.config.eval_batch_size)
+                                       "validation", self.config.eval_batch_size, initial)
 
     def run(self) -> dict[str, Any]:
         from lmforge.train.schedule import lr_factor
@@ -298,7 +306,7 @@ class PreferenceRun:
         ref_progress.close()
         started = time.perf_counter()
         with open(self.out / "logs" / "train.jsonl", "w", encoding="utf-8") as jsonl:
-            first = self.evaluate()
+            first = self.evaluate(initial=True)
             if first is not None:
                 self._write(jsonl, {"kind": "eval", "step": 0, **first})
                 self.log(f"step 0: held-out {self._summary(first)}")
