@@ -132,8 +132,7 @@ class FinetuneConfig:
         if e.exact_match_examples < 0 or e.loss_examples < 0 or e.max_new_tokens < 1:
             raise LmforgeError("eval.exact_match_examples and eval.loss_examples must be >= 0, "
                                "eval.max_new_tokens >= 1")
-        if self.peft is not None and getattr(self.peft, "method", "none") not in ("none",) and d.pack \
-                and self.peft.method in ("prompt", "prefix"):
+        if self.peft_method in ("prompt", "prefix") and d.pack:
             raise LmforgeError("prompt and prefix tuning add virtual tokens to each row: use --data.no-pack")
 
     @property
