@@ -395,3 +395,22 @@ def test_ddp_two_processes_equal_one(tiny_model_dir, arithmetic_dir, tmp_path):
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
     assert _losses(tmp_path / "two", "val_loss", "eval")[3] == pytest.approx(_losses(tmp_path / "one", "val_loss", "eval")[3],
                                                                                rel=1e-5)
+
+
+def test_shipped_sft_recipes_load_and_every_field_is_a_flag():
+    from lmforge.cli.train import SHIPPED_RECIPES
+    from lmforge.tune.sft import load_finetune_recipe, option_names
+
+    recipes = sorted(SHIPPED_RECIPES.glob("sft-*.yaml"))
+    assert len(recipes) >= 2
+    for recipe in recipes:
+        config = load_finetune_recipe(recipe)
+        assert config.data.generate and config.train.out.startswith("runs/")
+    assert {"data.pack", "data.chat_template", "eval.exact_match_examples", "peft.method", "train.max_steps"} \
+        <= set(option_names())
+    config = load_finetune_recipe(recipes[0], {"data.pack": False, "peft.method": "lora", "optim.lr": "2e-4"})
+    assert not config.data.pack and config.peft_method == "lora" and config.optim.lr == pytest.approx(2e-4)
+    with pytest.raises(LmforgeError, match="unknown field data.bogus"):
+        load_finetune_recipe(None, {"data.bogus": 1})
+    with pytest.raises(LmforgeError, match="unknown option --nosection"):
+        load_finetune_recipe(None, {"nosection": 1})
