@@ -13,13 +13,25 @@ computes it 1.2-2x faster than MKL, so it goes through oneDNN as well (`weight_g
 `linear` is what the Transformer's training forward calls in place of `F.linear`. It
 falls back to `F.linear` wherever oneDNN's op is missing, the tensors are not float32 on
 CPU, or autocast is on, so other devices, dtypes and mixed precision see no difference.
-Inference never comes here: outside training the model calls its `nn.Linear` modules
-directly (see `project`), so lmforge.infer.layout's kernels still apply.
+Decoder inference never comes here: outside training the model calls its `nn.Linear`
+modules directly (see `project`), so lmforge.infer.layout's kernels still apply.
+
+Encoder inference (`Transformer.encode_packed`: embeddings, the reranker) uses the
+`packed_*` functions: oneDNN products whose weights were reordered once into oneDNN's
+blocked layout (`packed_weight`), with the bias, the GELU or the residual add applied as
+the product's results are written (post-ops). Unfused, a [tokens, 1536] feed-forward
+activation is written by the product, read and rewritten by the bias, read and rewritten
+by GELU; fused it is written once. With plain weights oneDNN reorders every weight at
+every call, which costs what the fusion saves (the reason an earlier unpacked version of
+this gained nothing); with the packed copy the fused layer is faster than MKL's product
+plus separate passes (see docs/benchmarks.md, sentence embeddings). Values equal the
+unfused ones up to float rounding (summation order, about 1e-6 relative).
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -120,3 +132,81 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if layer.training and torch.is_grad_enabled() and isinstance(layer, nn.Linear):
         return linear(x, layer.weight, layer.bias)
     return layer(x)
+
+
+# -- encoder inference: packed weights, fused epilogues --------------------------------
+
+# id(weight) -> (weakref to the weight, (data pointer, version), packed copy); an entry
+# leaves when its weight is freed. (Tensors compare element-wise, so they cannot be the
+# keys of a WeakKeyDictionary.)
+_PACKED: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+
+
+@functools.cache
+def fused_inference_available() -> bool:
+    """Whether this build runs oneDNN's linear op on packed weights with GELU and add epilogues,
+    and gets the unfused values (checked once, on small random matrices)."""
+    if not available():
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(5, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+        other = torch.randn(5, 24, generator=g)
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w)
+            plain = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+            gelu = torch.ops.mkldnn._linear_pointwise(x, packed, b, "gelu", [], "none")
+            gelu_tanh = torch.ops.mkldnn._linear_pointwise(x, packed, b, "gelu", [], "tanh")
+            added = torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, b, "add")
+            ref = F.linear(x, w, b)
+        close = functools.partial(torch.allclose, rtol=1e-5, atol=1e-5)
+        return (close(plain, ref) and close(gelu, F.gelu(ref)) and close(gelu_tanh, F.gelu(ref, approximate="tanh"))
+                and close(added, ref + other))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def packed_usable(x: torch.Tensor, *layers: nn.Linear) -> bool:
+    """Inference (no autograd) on a 2-D float32 CPU tensor, oneDNN's fused ops present."""
+    return (ENABLED and x.dim() == 2 and x.numel() > 0 and x.device.type == "cpu" and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(m.weight.requires_grad for m in layers)))
+            and not torch.is_autocast_enabled("cpu")
+            and all(m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" for m in layers)
+            and fused_inference_available())
+
+
+def packed_weight(layer: nn.Linear) -> torch.Tensor:
+    """oneDNN's blocked copy of `layer.weight`, made on first use and remade whenever the
+    weight changes (another tensor, or its version counter moved: an optimizer step or any
+    in-place write). Kept beside the module, not in it: state_dict and copies never see it."""
+    w = layer.weight
+    key = (w.data_ptr(), w._version)
+    cached = _PACKED.get(id(w))
+    if cached is None or cached[0]() is not w or cached[1] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        if cached is None or cached[0]() is not w:
+            weakref.finalize(w, _PACKED.pop, id(w), None)
+        cached = _PACKED[id(w)] = (weakref.ref(w), key, packed)
+    return cached[2]
+
+
+def _bias(layer: nn.Linear) -> torch.Tensor | None:
+    return None if layer.bias is None else layer.bias.detach()
+
+
+def packed_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for x [rows, in] (see `packed_usable`), bias added as results are written."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight(layer), _bias(layer), "none", [], "")
+
+
+def packed_linear_gelu(layer: nn.Linear, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """`gelu(layer(x))` with bias and GELU (erf, or tanh with approximate="tanh") in the product's epilogue."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight(layer), _bias(layer), "gelu", [],
+                                              approximate)
+
+
+def packed_linear_add(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`layer(x) + residual` (a residual connection) in the product's epilogue."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), residual.contiguous(), packed_weight(layer),
+                                                     _bias(layer), "add")

@@ -37,6 +37,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from . import onednn
 from .onednn import project
 from .rope import RotaryTable, apply_rotary
 
@@ -164,14 +165,15 @@ class Attention(nn.Module):
         return project(self.out, y.transpose(1, 2).reshape(batch, length, self.q_size))
 
     def attend_packed(self, x: torch.Tensor, packing: Packing, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                      mask: torch.Tensor | None) -> torch.Tensor:
+                      mask: torch.Tensor | None, qkv: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of packed tokens x [N, D], before the output projection: [N, q_size].
 
-        q, k and v come from one product over the real tokens; only the attention itself
-        runs on the padded view, with `mask` hiding padded keys (and, for a causal model,
-        later ones).
+        q, k and v come from one product over the real tokens (or are given as `qkv`); only
+        the attention itself runs on the padded view, with `mask` hiding padded keys (and,
+        for a causal model, later ones).
         """
-        qkv = self.qkv(x)
+        if qkv is None:
+            qkv = self.qkv(x)
         if len(packing.runs) <= self.max_attention_runs and (mask is None or mask.dim() == 4 and mask.shape[2] == 1):
             # Run by run: each run of equal-length sequences is a rectangle already; only
             # the causal structure (not padding) needs masking there.
@@ -254,7 +256,20 @@ class PostNormBlock(Block):
         return self.mlp_norm(x + self.mlp(x))
 
     def forward_packed(self, x: torch.Tensor, packing: Packing, rope, mask) -> torch.Tensor:
-        """`forward` on packed tokens x [N, D] (see `Packing`)."""
+        """`forward` on packed tokens x [N, D] (see `Packing`).
+
+        CPU float32 inference takes the fused path: each product reads its weight from
+        oneDNN's packed copy and applies its bias, the GELU or the residual add while
+        writing its results (`onednn.packed_*`), so the only passes over the activations
+        outside the products are attention and the two norms.
+        """
+        attn, mlp = self.attn, self.mlp
+        if not mlp.swiglu and onednn.packed_usable(x, attn.qkv, attn.out, mlp.fc, mlp.proj):
+            qkv = onednn.packed_linear(attn.qkv, x)
+            y = attn.attend_packed(x, packing, rope, mask, qkv=qkv)
+            x = self.attn_norm(onednn.packed_linear_add(attn.out, y, x))
+            h = onednn.packed_linear_gelu(mlp.fc, x, mlp.gelu_approximate)
+            return self.mlp_norm(onednn.packed_linear_add(mlp.proj, h, x))
         x = self.attn_norm(x + self.attn.out(self.attn.attend_packed(x, packing, rope, mask)))
         return self.mlp_norm(x + self.mlp(x))
 
