@@ -1,0 +1,319 @@
+"""LoRA fine-tuning tokens/s: lmforge vs peft + transformers on the same base, same run.
+
+Both sides train the same LoRA (rank, alpha, targets; dropout 0) on the same frozen
+float32 base with the same batches and `torch.optim.AdamW(fused=True)` over the trainable
+parameters. The base is the default model (SmolLM2-135M-Instruct, GGUF, dequantized to
+float32 by lmforge's loader); transformers gets the very same weights through lmforge's
+Hugging Face name map (what `lmforge convert` writes), and peft gets lmforge's initial
+adapter through `save_adapter` -> `PeftModel.from_pretrained(is_trainable=True)`. Each side
+computes its loss the way its users do: lmforge through `causal_lm_loss` (what lmforge's
+training code runs), transformers through `model(input_ids=ids, labels=ids).loss`. Before
+timing, one loss and backward must agree: losses within 1e-4 and every LoRA gradient
+within 1e-3 of its largest entry (B is nudged off zero first so that A has gradients).
+
+What lmforge does differently (the method, not the measurement): the frozen base
+computes no weight gradients in either library, but lmforge's q/k/v and gate/up are one
+product each, and their LoRA is one product with the stacked A and one with the
+block-laid B (targets.py, layers.py); the head's loss is computed in chunks without
+keeping the logits (lmforge/train/fused_ce.py); there is less Python per step.
+
+Rounds alternate the order of the two sides; the table gives medians and spread, and the
+JSON line the median ratio. `--memory` also runs LoRA and QLoRA training in child
+processes and reports each one's peak resident memory (ru_maxrss) and tokens/s.
+
+    python benchmarks/finetune.py                       # 5 rounds, batch 4 x 128, all-linear r 8
+    python benchmarks/finetune.py --targets q_proj v_proj --rounds 3 --memory
+    python benchmarks/finetune.py --methods       # every method on a small random Llama, vs peft where it has one
+
+`--methods` trains each method (LoRA, QLoRA, (IA)3, prompt, prefix, bottleneck, BitFit)
+on a small random Llama (4 layers, width 256, 8192 words) with lmforge, and the four
+PEFT also has (LoRA, (IA)3, prompt, prefix) with peft + transformers from lmforge's saved
+adapter; rounds alternate the methods' order, and tokens/s count real tokens only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from lmforge.io.progress import Progress  # noqa: E402
+from lmforge.model.families import hf_config_from, lmforge_to_hf  # noqa: E402
+from lmforge.train.loss import causal_lm_loss  # noqa: E402
+from lmforge.tune.peft import PeftOptions, apply_peft, save_adapter, trainable_parameters  # noqa: E402
+
+
+def load_base(dtype=torch.float32):
+    from lmforge.model.loading import load_model
+    from lmforge.model.registry import resolve
+
+    return load_model(resolve(None), dtype=dtype).train()
+
+
+def hf_copy(model):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = hf_config_from(model.config)
+    for key in ("architectures", "model_type", "torch_dtype"):
+        cfg.pop(key, None)
+    with torch.device("meta"):
+        theirs = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
+    state = lmforge_to_hf(model.config, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    theirs.load_state_dict(state, strict=True, assign=True)
+    theirs.tie_weights()
+    theirs.model.rotary_emb = type(theirs.model.rotary_emb)(theirs.config)  # buffers were on meta
+    return theirs.train()
+
+
+def nudge(model, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+
+
+def loss_fn(model, ids, hf: bool):
+    return model(input_ids=ids, labels=ids).loss if hf else causal_lm_loss(model, ids)
+
+
+def lora_grads(model, hf: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            if hf:  # base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight
+                out[name.replace(".default", "")] = p.grad
+    return out
+
+
+def check_agreement(ours, theirs, ids):
+    from lmforge.tune.peft.api import adapter_state
+
+    losses = []
+    for model, hf in ((ours, False), (theirs, True)):
+        loss = loss_fn(model, ids, hf)
+        loss.backward()
+        losses.append(float(loss.detach()))
+    if abs(losses[0] - losses[1]) > 1e-4:
+        raise SystemExit(f"first-step losses differ: lmforge {losses[0]:.6f}, peft {losses[1]:.6f}")
+    # Gradients of lmforge's adapter under peft's names: adapter_state names the live tensors.
+    from lmforge.tune.peft.layers import LoraLinear
+
+    ours_grads = {}
+    for m in ours.modules():
+        if isinstance(m, LoraLinear):
+            for p in m.parts:
+                ours_grads[f"base_model.model.{p.path}.lora_A.weight"] = m.lora_A[p.leaf].grad
+                ours_grads[f"base_model.model.{p.path}.lora_B.weight"] = m.lora_B[p.leaf].grad
+    theirs_grads = lora_grads(theirs, True)
+    assert set(ours_grads) == set(theirs_grads), (sorted(ours_grads)[:3], sorted(theirs_grads)[:3])
+    assert adapter_state(ours)[1].keys() == ours_grads.keys()
+    worst = 0.0
+    for name, g in ours_grads.items():
+        ref = theirs_grads[name]
+        rel = float((g - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+        worst = max(worst, rel)
+        if rel > 1e-3:
+            raise SystemExit(f"gradients of {name} differ: {rel:.2e} of the largest entry")
+    ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)
+    return losses, worst
+
+
+def make_step(model, hf: bool, lr=1e-4):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, fused=True)
+
+    def step(ids):
+        loss = loss_fn(model, ids, hf)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def child(method: str, args) -> None:
+    """Train `method` (lora or qlora) for a few steps and print peak RSS and tokens/s as JSON."""
+    model = apply_peft(load_base(), PeftOptions(method=method, r=args.r, alpha=args.alpha,
+                                                target_modules=args.targets, seed=0))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=gen)
+    step = make_step(model, False)
+    step(ids)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step(ids)
+    rate = args.batch_size * args.seq_len * args.steps / (time.perf_counter() - start)
+    trainable, total = trainable_parameters(model)
+    print(json.dumps({"method": method, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "tok_s": rate, "trainable": trainable, "total": total}))
+
+
+METHOD_OPTIONS = {
+    "lora": dict(r=8, alpha=16, target_modules=["all-linear"]),
+    "qlora": dict(r=8, alpha=16, target_modules=["all-linear"]),
+    "ia3": {},
+    "prompt": dict(num_virtual_tokens=16),
+    "prefix": dict(num_virtual_tokens=16),
+    "bottleneck": dict(bottleneck_size=64),
+    "bitfit": {},
+}
+
+
+def methods(args) -> None:
+    """tokens/s of one training step per method, lmforge and (where it exists) peft."""
+    import copy
+
+    import peft
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    config = ModelConfig(family="llama", n_layer=4, n_embd=256, n_head=4, n_kv_head=2, intermediate_size=688,
+                         vocab_size=8192)
+    torch.manual_seed(0)
+    base = Transformer(config).train()
+    hf = hf_copy(base)
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=gen)
+    steps, counts = {}, {}
+    for method, extra in METHOD_OPTIONS.items():
+        ours = apply_peft(copy.deepcopy(base), PeftOptions(method=method, seed=0, **extra)).train()
+        counts[method] = trainable_parameters(ours)
+        steps[f"lmforge {method}"] = make_step(ours, False)
+        if method in ("lora", "ia3", "prompt", "prefix"):
+            with tempfile.TemporaryDirectory() as tmp:
+                save_adapter(ours, tmp)
+                theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp, is_trainable=True).train()
+            steps[f"peft {method}"] = make_step(theirs, True)
+    rates: dict[str, list[float]] = {n: [] for n in steps}
+    names = list(steps)
+    load_before = os.getloadavg()[0]
+    progress = Progress("PEFT methods", args.rounds, unit="rounds", log_every=0.0)
+    for r in range(args.rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            for _ in range(args.warmup):
+                steps[name](batch)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                steps[name](batch)
+            rates[name].append(batch.numel() * args.steps / (time.perf_counter() - start))
+        progress.update(r + 1)
+    progress.close()
+    print(f"{config.num_parameters() / 1e6:.1f}M-parameter random Llama, batch {args.batch_size} x {args.seq_len}, fp32, "
+          f"{torch.get_num_threads()} threads; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(f"{'method':12}{'trainable':>12}{'lmforge tok/s':>15}{'peft tok/s':>12}{'ratio':>8}")
+    rows = {}
+    for method in METHOD_OPTIONS:
+        ours = statistics.median(rates[f"lmforge {method}"])
+        theirs = statistics.median(rates[f"peft {method}"]) if f"peft {method}" in rates else None
+        ratio = statistics.median(a / b for a, b in zip(rates[f"lmforge {method}"], rates[f"peft {method}"])) if theirs else None
+        rows[method] = {"trainable": counts[method][0], "lmforge_tok_s": ours, "peft_tok_s": theirs, "ratio": ratio}
+        print(f"{method:12}{counts[method][0]:>12,}{ours:>15.0f}" + (f"{theirs:>12.0f}{ratio:>8.2f}" if theirs else f"{'-':>12}{'-':>8}"))
+    print(json.dumps({"benchmark": "finetune-methods", "batch_size": args.batch_size, "seq_len": args.seq_len,
+                      "rounds": args.rounds, "steps": args.steps, "methods": rows}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16.0)
+    ap.add_argument("--targets", nargs="+", default=["all-linear"])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per round and side")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per round and side")
+    ap.add_argument("--memory", action="store_true", help="also peak RSS of LoRA vs QLoRA (child processes)")
+    ap.add_argument("--methods", action="store_true", help="compare every PEFT method on a small random Llama")
+    ap.add_argument("--child", choices=("lora", "qlora"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args)
+    if args.methods:
+        return methods(args)
+    import peft
+    import transformers
+
+    ours = load_base()
+    theirs_base = hf_copy(ours)
+    options = PeftOptions(method="lora", r=args.r, alpha=args.alpha, target_modules=args.targets, seed=0)
+    ours = apply_peft(ours, options)
+    nudge(ours)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(ours, tmp)
+        theirs = peft.PeftModel.from_pretrained(theirs_base, tmp, is_trainable=True).train()
+    trainable = trainable_parameters(ours)
+    theirs_trainable = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert trainable[0] == theirs_trainable, (trainable, theirs_trainable)
+    gen = torch.Generator().manual_seed(1)
+    vocab = ours.config.vocab_size
+    batches = [torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen) for _ in range(4)]
+    first, grad_diff = check_agreement(ours, theirs, batches[0])
+    steps = {"lmforge": make_step(ours, False), "peft": make_step(theirs, True)}
+    load_before = os.getloadavg()[0]
+    tokens = args.batch_size * args.seq_len
+    rates: dict[str, list[float]] = {n: [] for n in steps}
+    progress = Progress("finetune benchmark", args.rounds, unit="rounds", log_every=0.0)
+    for r in range(args.rounds):
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            step = steps[name]
+            for i in range(args.warmup):
+                step(batches[i % 4])
+            start = time.perf_counter()
+            for i in range(args.steps):
+                step(batches[i % 4])
+            rates[name].append(tokens * args.steps / (time.perf_counter() - start))
+        progress.update(r + 1, info=", ".join(f"{n} {rates[n][-1]:.0f} tok/s" for n in steps))
+    progress.close()
+    load_after = os.getloadavg()[0]
+    ratios = [a / b for a, b in zip(rates["lmforge"], rates["peft"])]
+    print(f"LoRA r={args.r} alpha={args.alpha:g} on {' '.join(args.targets)} of SmolLM2-135M (fp32), "
+          f"{trainable[0]:,} trainable of {trainable[1]:,}; batch {args.batch_size} x {args.seq_len}, "
+          f"{torch.get_num_threads()} threads; first loss {first[0]:.6f} vs {first[1]:.6f}, LoRA gradients within "
+          f"{grad_diff:.1e} of their largest entry")
+    print(f"load average (1 min) {load_before:.1f} before, {load_after:.1f} after")
+    print(f"{'':14}{'median tok/s':>14}{'min':>10}{'max':>10}")
+    for name in steps:
+        v = rates[name]
+        print(f"{name:14}{statistics.median(v):>14.0f}{min(v):>10.0f}{max(v):>10.0f}")
+    print(f"{'ratio':14}{statistics.median(ratios):>14.2f}{min(ratios):>10.2f}{max(ratios):>10.2f}")
+    print("per-round ratios: " + ", ".join(f"{x:.2f}" for x in ratios))
+    memory = {}
+    if args.memory:
+        del ours, theirs, theirs_base, steps
+        for method in ("lora", "qlora"):
+            cmd = [sys.executable, __file__, "--child", method, "--batch-size", str(args.batch_size), "--seq-len",
+                   str(args.seq_len), "--r", str(args.r), "--alpha", str(args.alpha), "--steps", str(args.steps),
+                   "--targets", *args.targets]
+            memory[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            m = memory[method]
+            print(f"{method:6} peak RSS {m['peak_rss_mib']:7.0f} MiB, {m['tok_s']:6.0f} tok/s (one process, after a warm-up step)")
+    print(json.dumps({
+        "benchmark": "finetune-lora", "r": args.r, "alpha": args.alpha, "targets": args.targets,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "rounds": args.rounds, "steps": args.steps,
+        "threads": torch.get_num_threads(), "trainable": trainable[0], "total": trainable[1],
+        "lmforge_tok_s": statistics.median(rates["lmforge"]), "peft_tok_s": statistics.median(rates["peft"]),
+        "ratio": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios], "first_loss": first,
+        "grad_rel_diff": grad_diff, "load_avg": [round(load_before, 2), round(load_after, 2)], "memory": memory,
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
