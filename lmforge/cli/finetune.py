@@ -75,7 +75,7 @@ def _data(args: argparse.Namespace, names: list[str]) -> int:
         raise LmforgeError("finetune data: --out DIR is required (it receives train/validation/test.jsonl)")
     sizes = {k: v for k, v in (("train", args.train_size), ("validation", args.validation_size),
                                ("test", args.test_size)) if v is not None}
-    info = write_dataset(names[0], args.out, args.seed, sizes)
+    info = write_dataset(names[0], args.out, args.seed, sizes, args.augment_copies, args.balance)
     if args.json:
         print(json.dumps(info))
     else:
@@ -147,6 +147,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--train-size", type=int, help="training items (default 2000; sentiment 140)")
     g.add_argument("--validation-size", type=int, help="validation items (default 100; sentiment 20)")
     g.add_argument("--test-size", type=int, help="test items (default 200; sentiment 40)")
+    g.add_argument("--augment-copies", type=int, default=0,
+                   help="classification sets: EDA variants (swap / delete words) added per training record")
+    g.add_argument("--balance", choices=("oversample", "undersample"), help="classification sets: equalise classes")
     g = p.add_argument_group("eval [MODEL]")
     g.add_argument("--data", help="JSON-lines chat records to answer")
     g.add_argument("--limit", type=int, default=None, help="only the first N records")

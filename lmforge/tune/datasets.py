@@ -280,15 +280,34 @@ def describe(splits: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return info
 
 
-def write_dataset(name: str, out: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, Any]:
-    """Write ``out/{train,validation,test}.jsonl`` and ``out/dataset.json``; returns the description."""
-    from lmforge.io.atomic import write_json_atomic, write_text_atomic
+LABEL_PRESERVING = ("sentiment",)  # datasets whose answer survives rewording the question (augmentation)
 
+
+def write_dataset(name: str, out: str | Path, seed: int = 0, sizes: dict[str, int] | None = None,
+                  augment_copies: int = 0, balance: str | None = None) -> dict[str, Any]:
+    """Write ``out/{train,validation,test}.jsonl`` and ``out/dataset.json``; returns the description.
+
+    ``augment_copies`` adds that many EDA variants of every training record and ``balance``
+    (oversample | undersample) equalises the training classes (lmforge/tune/augment.py);
+    validation and test stay as drawn.
+    """
+    from lmforge.io.atomic import write_json_atomic, write_text_atomic
+    from lmforge.tune import augment
+
+    if (augment_copies or balance) and name not in LABEL_PRESERVING:
+        raise LmforgeError(f"augmentation and class balancing apply to classification sets ({', '.join(LABEL_PRESERVING)}), "
+                           f"not to {name!r}, whose answers are computed from the exact question")
+    if balance not in (None, "oversample", "undersample"):
+        raise LmforgeError(f"balance must be oversample or undersample, got {balance!r}")
     splits = make_dataset(name, seed, sizes)
+    if balance:
+        splits["train"] = getattr(augment, balance)(splits["train"], seed)
+    if augment_copies:
+        splits["train"] = augment.augment_records(splits["train"], augment_copies, seed)
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
         write_text_atomic(directory / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    info = {"name": name, "seed": seed, **describe(splits)}
+    info = {"name": name, "seed": seed, "augment_copies": augment_copies, "balance": balance, **describe(splits)}
     write_json_atomic(directory / "dataset.json", info)
     return info
