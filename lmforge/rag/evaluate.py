@@ -519,6 +519,12 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
                 out[f"support_check/{name}/{lang}"] = value
     out["thresholds"] = report["thresholds"]
     out["refusal_two_fold"] = report["refusal_two_fold_overall"]
+    for lang, rules in report.get("refusal_by_language", {}).items():
+        for rule, values in rules.items():
+            if isinstance(values, dict):
+                for fold in ("in_sample", "two_fold"):
+                    for metric in ("refusal_rate", "false_refusal_rate"):
+                        out[f"refusal_by_language/{lang}/{rule}/{fold}/{metric}"] = values[fold][metric]
     if "answers" in report:
         a = report["answers"]
         out["groundedness_rag"] = a["groundedness_rag"]
