@@ -33,8 +33,9 @@ The retrieval is confident when the cosine, the strength or the overlap passes i
 threshold and no veto applies. The thresholds are calibrated on the labelled questions,
 separately for English and for Chinese questions (`lmforge rag eval --calibrate`), and
 stored in the index's metadata; an index without them uses `config.DEFAULT_REFUSAL`
-(calibrated on the handbook's questions). An index calibrated before the term signals
-existed keeps its two thresholds and judges by them alone.
+(permissive for English questions; for Chinese ones, the values calibrated on the handbook).
+An index calibrated before the term signals existed keeps its two thresholds and judges by
+them alone.
 
 **Reranking** (`RetrieverOptions.rerank`): the top `rerank_depth` hits are read again by a
 cross-encoder (`rerank.py`), which sees question and passage together, and reordered by
