@@ -102,3 +102,20 @@ def test_merge_errors_are_one_line(base_dir, tiny_hf_dirs, tmp_path, capsys):
     code, _, err = run(capsys, "merge", "--model", base_dir, "--adapter", tmp_path / "none", "--out", tmp_path / "o")
     assert code == 1 and "no adapter_config.json" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_peft_options_are_flags():
+    import argparse
+
+    from lmforge.cli.common import add_config_flags, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, PeftOptions)
+    args = parser.parse_args(["--peft", "qlora", "--lora-r", "16", "--lora-alpha", "32", "--rslora",
+                              "--target-modules", "q_proj,k_proj", "v_proj", "--no-double-quant"])
+    options = config_from_args(PeftOptions, args)
+    assert (options.method, options.r, options.alpha, options.rslora) == ("qlora", 16, 32.0, True)
+    assert options.target_modules == ["q_proj", "k_proj", "v_proj"] and options.double_quant is False
+    assert config_from_args(PeftOptions, parser.parse_args([])) == PeftOptions()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--peft", "dora"])
