@@ -11,10 +11,12 @@ The vectors must agree (cosine >= 0.99999) or the script fails.
     python benchmarks/embed.py --rounds 7 --bf16    # also lmforge in bfloat16
     python benchmarks/embed.py --ablation           # where the difference comes from
     python benchmarks/embed.py --threads 1          # one core each (steadier on a busy machine)
+    python benchmarks/embed.py --unfused            # also lmforge without its fused oneDNN products
     python benchmarks/embed.py --corpus handbook    # docs/handbook paragraphs (longer, with code)
 
 Printed: sentences/s of each, the ratio, the tokens each computes on (real and padded),
-and one JSON line. `--ablation` also times lmforge's model on sentence-transformers'
+the ratio of this process's CPU time per round (steadier on a busy machine), the load
+average, and one JSON line. `--ablation` also times lmforge's model on sentence-transformers'
 batches (sorted by characters, padded) and on token-sorted padded batches.
 """
 
@@ -39,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lmforge.io.progress import Progress  # noqa: E402
+from lmforge.model import onednn  # noqa: E402
 from lmforge.rag.embedder import load_embedder, pool  # noqa: E402
 
 
@@ -93,6 +96,17 @@ def padded_encoder(embedder, order_key: str, batch: int):
     return run
 
 
+def unfused(run):
+    """`run` with lmforge's oneDNN products off: plain nn.Linear, separate bias, GELU and add passes."""
+    def call():
+        onednn.ENABLED = False
+        try:
+            return run()
+        finally:
+            onednn.ENABLED = True
+    return call
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sentences", type=int, default=1024, help="how many texts of the corpus")
@@ -102,6 +116,8 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="also time lmforge in bfloat16 (AMX where the CPU has it)")
     ap.add_argument("--ablation", action="store_true", help="also time lmforge's model on other batchings")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's own)")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also time lmforge without the packed-weight fused products (onednn.ENABLED off)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,6 +138,8 @@ def main() -> None:
     if args.bf16:
         bf16 = load_embedder(dtype="bfloat16", device="cpu")
         runners["lmforge_bf16"] = lambda: bf16.encode(texts, batch_size=batch)
+    if args.unfused:
+        runners["lmforge_unfused_products"] = unfused(lambda: embedder.encode(texts, batch_size=batch))
     if args.ablation:
         runners["lmforge_model_st_batches"] = lambda: padded_encoder(embedder, "chars", batch)(texts)
         runners["lmforge_model_token_sorted_padded"] = lambda: padded_encoder(embedder, "tokens", batch)(texts)
@@ -139,15 +157,19 @@ def main() -> None:
                                          / np.linalg.norm(theirs, axis=1)).min())
 
     seconds: dict[str, list[float]] = {name: [] for name in runners}
-    ratios = []
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in runners}  # this process's CPU time
+    ratios, cpu_ratios = [], []
+    load_before = os.getloadavg()
     progress = Progress("embed", total=args.rounds, unit="rounds")
     names = list(runners)
     for r in range(args.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             runners[name]()
             seconds[name].append(time.perf_counter() - start)
+            cpu_seconds[name].append(time.process_time() - cpu_start)
         ratios.append(seconds["sentence_transformers"][-1] / seconds["lmforge"][-1])
+        cpu_ratios.append(cpu_seconds["sentence_transformers"][-1] / cpu_seconds["lmforge"][-1])
         progress(r + 1)
     progress.close()
 
@@ -171,6 +193,10 @@ def main() -> None:
         "ratio_median": round(statistics.median(ratios), 3),
         "ratio_of_medians": round(rate["lmforge"] / rate["sentence_transformers"], 3),
         "ratio_per_round": [round(x, 3) for x in ratios],
+        # CPU time is steadier than wall time on a shared machine (time spent waiting for a
+        # core is not counted); with several threads it also counts their spinning.
+        "cpu_time_ratio_median": round(statistics.median(cpu_ratios), 3),
+        "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "min_cosine": round(cosine, 7),
         **{f"min_cosine_{k}": round(v, 6) for k, v in extra_cosines.items()},
         "cpu": cpu_name(),
@@ -184,6 +210,8 @@ def main() -> None:
         print(f"  {name:36s} {v:8.1f} sentences/s  ({v / rate['sentence_transformers']:.2f}x)")
     print(f"lmforge / sentence-transformers: {out['ratio_median']:.2f}x (median of per-round ratios "
           f"{', '.join(f'{x:.2f}' for x in ratios)}); min cosine {cosine:.7f}")
+    print(f"  CPU time ratio {out['cpu_time_ratio_median']:.2f}x (per round {', '.join(f'{x:.2f}' for x in cpu_ratios)}); "
+          f"1-minute load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(json.dumps(out))
 
 

@@ -211,3 +211,74 @@ def test_real_minilm_matches_transformers(minilm_dir):
         got = ours.encode(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
     real = enc["attention_mask"].bool()
     assert (got - expected)[real].abs().max().item() <= 2e-5
+
+
+def _packed_inputs():
+    lengths = [9, 9, 7, 3]
+    g = torch.Generator().manual_seed(5)
+    return torch.randint(1, VOCAB, (sum(lengths),), generator=g), lengths
+
+
+def _unfused(fn):
+    from lmforge.model import onednn
+
+    onednn.ENABLED = False
+    try:
+        return fn()
+    finally:
+        onednn.ENABLED = True
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fused_packed_products_equal_plain_ones(tiny_bert, approximate):
+    """CPU float32 inference multiplies by oneDNN's packed weights with bias, GELU and the
+    residual add in the products; the values equal the plain nn.Linear path's."""
+    from lmforge.model import onednn
+
+    if not onednn.fused_inference_available():
+        pytest.skip("this PyTorch build has no oneDNN linear op with post-ops")
+    ours = load_hf_model(tiny_bert[0]).eval()
+    for block in ours.layers:
+        block.mlp.gelu_approximate = approximate
+    ids, lengths = _packed_inputs()
+    with torch.inference_mode():
+        fused = ours.encode_packed(ids, lengths)
+        plain = _unfused(lambda: ours.encode_packed(ids, lengths))
+    assert all(id(m.weight) in onednn._PACKED for m in (ours.layers[0].attn.qkv, ours.layers[1].mlp.proj))
+    assert (fused - plain).abs().max().item() <= ATOL
+    # The plain path is the reference BertModel agrees with (test_hidden_states_match_transformers_bert);
+    # GELU's form matters: erf and tanh differ by far more than the tolerance.
+    for block in ours.layers:
+        block.mlp.gelu_approximate = "tanh" if approximate == "none" else "none"
+    with torch.inference_mode():
+        other = ours.encode_packed(ids, lengths)
+    assert (other - fused).abs().max().item() > 10 * ATOL
+
+
+def test_packed_weights_follow_weight_changes_and_training_takes_autograd(tiny_bert):
+    """An in-place weight update (an optimizer step) repacks; with autograd on the block
+    takes the plain products, and gradients flow."""
+    from lmforge.model import onednn
+
+    ours = load_hf_model(tiny_bert[0]).eval()
+    ids, lengths = _packed_inputs()
+    with torch.inference_mode():
+        before = ours.encode_packed(ids, lengths)
+    with torch.no_grad():
+        ours.layers[1].mlp.fc.weight.mul_(1.5)
+    with torch.inference_mode():
+        after = ours.encode_packed(ids, lengths)
+        plain = _unfused(lambda: ours.encode_packed(ids, lengths))
+    assert (after - before).abs().max().item() > 1e-2
+    assert (after - plain).abs().max().item() <= ATOL
+    ours.train()
+    out = ours.encode_packed(ids, lengths)
+    assert out.requires_grad
+    out.square().mean().backward()
+    assert ours.layers[0].attn.qkv.weight.grad is not None and ours.layers[0].attn.qkv.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        ours.eval()
+        assert (ours.encode_packed(ids, lengths) - plain).abs().max().item() <= ATOL
+    if onednn.fused_inference_available():
+        w = ours.layers[0].attn.qkv.weight
+        assert onednn._PACKED[id(w)][1] == (w.data_ptr(), w._version)
