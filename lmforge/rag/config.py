@@ -28,7 +28,7 @@ ANSWER_MODES = ("auto", "generate", "extractive")
 # terms make the cosine and the strength weak evidence there whatever its size.
 DEFAULT_REFUSAL = {
     "en": {"min_cosine": 0.30, "min_strength": 0.25, "min_overlap": math.inf, "unknown_veto": 0},
-    "zh": {"min_cosine": 0.371, "min_strength": 0.063, "min_overlap": 1.8, "unknown_veto": 1},
+    "zh": {"min_cosine": 0.3708, "min_strength": 0.0646, "min_overlap": 1.8, "unknown_veto": 1},
 }
 
 
