@@ -211,6 +211,7 @@ def test_finetune_resumes_exactly_and_accumulation_equals_one_batch(tiny_model_d
         assert value == pytest.approx(reference[step], rel=1e-5), step
 
 
+@pytest.mark.slow
 def test_unpacked_rows_are_length_bucketed(tiny_model_dir, arithmetic_dir, tmp_path):
     from lmforge.train.loop import Trainer
     from lmforge.tune.sft import SftTask
