@@ -285,7 +285,7 @@ def test_finetune_command_end_to_end(tiny_model_dir, tmp_path):
                    "--model.init-from", str(tiny_model_dir), "--data.train", str(data / "train.jsonl"),
                    "--data.validation", str(data / "validation.jsonl"), "--train.max-steps", "4",
                    "--train.eval-interval", "2", "--train.save-interval", "2", "--schedule.warmup-steps", "1",
-                   "--eval.exact-match-examples", "3", "--eval.max-new-tokens", "3", "--data.pack", "false"])
+                   "--eval.exact-match-examples", "3", "--eval.max-new-tokens", "3", "--no-pack"])
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["steps"] == 4 and report["data"]["kept"] == 60 and not report["data"]["packed"]

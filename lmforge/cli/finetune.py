@@ -28,6 +28,8 @@ def _overrides(args: argparse.Namespace) -> dict:
                 values[key[4:]] = raw
     if args.out is not None:
         values["train.out"] = args.out
+    if args.no_pack:
+        values["data.pack"] = False
     return values
 
 
@@ -140,6 +142,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                  "eval: a JSON file for the scores")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit (checks it too)")
+    p.add_argument("--no-pack", action="store_true", help="one conversation per row, length-bucketed batches "
+                                                          "(same as --data.pack false)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     g = p.add_argument_group("data NAME")
