@@ -13,7 +13,9 @@ BERT directory works too (mean pooling, no normalization, as sentence-transforme
 
 Speed: texts are tokenized first, sorted by token count and batched in that order, so a
 batch holds texts of nearly equal length; the encoder then runs on the batch packed end to
-end without padding (`Transformer.encode_packed`), and pooling reads the packed tokens.
+end without padding (`Transformer.encode_packed`), and pooling reads the packed tokens. On
+CPU in float32 each of the encoder's products reads a packed copy of its weight and applies
+its bias, GELU or residual add as it writes (lmforge/model/onednn.py, `packed_*`).
 
     >>> from lmforge.rag.embedder import load_embedder
     >>> embedder = load_embedder()          # all-MiniLM-L6-v2, offline
