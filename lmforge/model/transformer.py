@@ -13,7 +13,9 @@ and position embeddings, a norm follows the embeddings, `PostNormBlock`s normali
 each residual add, and `encode` returns the hidden states [B, T, D] (no vocabulary head).
 `encode_packed` is the same computation on sequences packed end to end without padding
 (see `Packing`): every per-token operation (projections, feed-forward, norms) runs on real
-tokens only, and only attention sees a padded view.
+tokens only, and only attention sees a padded view. In CPU float32 inference its post-norm
+blocks multiply by oneDNN's packed weights with the bias, GELU and residual add done as the
+products write (`PostNormBlock.forward_packed`, lmforge/model/onednn.py).
 
 Fused projections: q, k and v come from one matrix (`attn.qkv`), and SwiGLU's gate and
 up projections from one matrix (`mlp.fc`). One large matrix-vector product per step is
