@@ -120,7 +120,10 @@ def test_recipe_overrides_and_shipped_recipes():
         load_recipe(None, {"bogus": 1})
     from lmforge.cli.train import SHIPPED_RECIPES
 
-    recipes = sorted(SHIPPED_RECIPES.glob("*.yaml"))
+    # The fine-tuning and alignment verbs' recipes sit beside pretraining's, named by their verb
+    # (their own tests load them with their own configuration classes).
+    others = ("sft-", "dpo-", "reward-", "grpo-", "ppo-")
+    recipes = [r for r in sorted(SHIPPED_RECIPES.glob("*.yaml")) if not r.name.startswith(others)]
     assert recipes, "the package ships recipes"
     for recipe in recipes:
         load_recipe(recipe)  # every shipped recipe is valid
