@@ -19,7 +19,9 @@ keeping the logits (lmforge/train/fused_ce.py); there is less Python per step.
 
 Rounds alternate the order of the two sides; the table gives medians and spread, and the
 JSON line the median ratio. `--memory` also runs LoRA and QLoRA training in child
-processes and reports each one's peak resident memory (ru_maxrss) and tokens/s.
+processes and reports each one's resident memory after loading and its peak while
+training (the kernel's peak mark is reset after loading, so the float32 load that QLoRA
+quantizes does not count), and tokens/s.
 
     python benchmarks/finetune.py                       # 5 rounds, batch 4 x 128, all-linear r 8
     python benchmarks/finetune.py --targets q_proj v_proj --rounds 3 --memory
@@ -34,6 +36,7 @@ adapter; rounds alternate the methods' order, and tokens/s count real tokens onl
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -150,6 +153,9 @@ def child(method: str, args) -> None:
     """Train `method` (lora or qlora) for a few steps and print peak RSS and tokens/s as JSON."""
     model = apply_peft(load_base(), PeftOptions(method=method, r=args.r, alpha=args.alpha,
                                                 target_modules=args.targets, seed=0))
+    gc.collect()
+    after_load = _status_mib("VmRSS")
+    reset = _reset_peak()  # from here on the peak is training's, not the loader's
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=gen)
     step = make_step(model, False)
@@ -159,8 +165,27 @@ def child(method: str, args) -> None:
         step(ids)
     rate = args.batch_size * args.seq_len * args.steps / (time.perf_counter() - start)
     trainable, total = trainable_parameters(model)
-    print(json.dumps({"method": method, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "tok_s": rate, "trainable": trainable, "total": total}))
+    peak = _status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"method": method, "rss_after_load_mib": after_load, "peak_rss_mib": peak,
+                      "peak_is_training_only": reset, "tok_s": rate, "trainable": trainable, "total": total}))
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux: 5 > /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 METHOD_OPTIONS = {
@@ -195,10 +220,15 @@ def methods(args) -> None:
         ours = apply_peft(copy.deepcopy(base), PeftOptions(method=method, seed=0, **extra)).train()
         counts[method] = trainable_parameters(ours)
         steps[f"lmforge {method}"] = make_step(ours, False)
-        if method in ("lora", "ia3", "prompt", "prefix"):
+        if method in ("lora", "ia3"):
             with tempfile.TemporaryDirectory() as tmp:
                 save_adapter(ours, tmp)
                 theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp, is_trainable=True).train()
+        elif method in ("prompt", "prefix"):  # peft loads saved prompt adapters only frozen: a fresh one
+            kind = peft.PromptTuningConfig if method == "prompt" else peft.PrefixTuningConfig
+            theirs = peft.get_peft_model(copy.deepcopy(hf), kind(num_virtual_tokens=16, task_type="CAUSAL_LM")).train()
+        if method in ("lora", "ia3", "prompt", "prefix"):
+            assert sum(p.numel() for p in theirs.parameters() if p.requires_grad) == counts[method][0]
             steps[f"peft {method}"] = make_step(theirs, True)
     rates: dict[str, list[float]] = {n: [] for n in steps}
     names = list(steps)
@@ -302,7 +332,8 @@ def main() -> None:
                    "--targets", *args.targets]
             memory[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             m = memory[method]
-            print(f"{method:6} peak RSS {m['peak_rss_mib']:7.0f} MiB, {m['tok_s']:6.0f} tok/s (one process, after a warm-up step)")
+            print(f"{method:6} RSS after loading {m['rss_after_load_mib']:7.0f} MiB, peak while training "
+                  f"{m['peak_rss_mib']:7.0f} MiB, {m['tok_s']:6.1f} tok/s (one process, after a warm-up step)")
     print(json.dumps({
         "benchmark": "finetune-lora", "r": args.r, "alpha": args.alpha, "targets": args.targets,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "rounds": args.rounds, "steps": args.steps,
