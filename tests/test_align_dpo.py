@@ -147,6 +147,7 @@ def test_matches_trl_dpo(trl_setup, loss_type, eps):
         assert torch.allclose(g, ref, atol=TOL * max(1.0, float(ref.abs().max())), rtol=0), name
 
 
+@pytest.mark.slow  # importing trl takes several seconds
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_simpo_matches_trl_cpo(eps):
     cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
