@@ -205,6 +205,9 @@ def test_bert_lora_both_ways(tmp_path):
     save_adapter(ours, tmp_path / "ours")
     with torch.no_grad():
         torch.testing.assert_close(ours.eval().encode(ids), hf_states(tmp_path / "ours"), atol=1e-4, rtol=0)
+        # The packed inference path (fused oneDNN products) must not bypass the adapter.
+        packed = ours.encode_packed(ids.reshape(-1), [ids.shape[1]] * ids.shape[0]).view(*ids.shape, -1)
+        torch.testing.assert_close(packed, hf_states(tmp_path / "ours"), atol=1e-4, rtol=0)
 
     theirs = peft.get_peft_model(T.BertModel.from_pretrained(base_dir, add_pooling_layer=False),
                                  peft.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))

@@ -169,6 +169,7 @@ def fused_inference_available() -> bool:
 def packed_usable(x: torch.Tensor, *layers: nn.Linear) -> bool:
     """Inference (no autograd) on a 2-D float32 CPU tensor, oneDNN's fused ops present."""
     return (ENABLED and x.dim() == 2 and x.numel() > 0 and x.device.type == "cpu" and x.dtype == torch.float32
+            and all(isinstance(m, nn.Linear) for m in layers)  # adapter wrappers run their own forward
             and not (torch.is_grad_enabled() and (x.requires_grad or any(m.weight.requires_grad for m in layers)))
             and not torch.is_autocast_enabled("cpu")
             and all(m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" for m in layers)
