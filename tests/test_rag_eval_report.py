@@ -74,3 +74,17 @@ def test_the_report_tabulates_answers_and_the_plot_has_a_groundedness_panel(repo
     # Two panels of retrieval (one per language), and a third for the answers when there are any.
     assert with_answers[0] == without[0]
     assert with_answers[1] / without[1] == pytest.approx(1.5, abs=0.02)
+
+
+def test_an_answer_with_nothing_to_check_has_no_groundedness(minilm_dir):
+    from lmforge.rag.embedder import load_embedder
+    from lmforge.rag.evaluate import _mean
+    from lmforge.rag.groundedness import SupportChecker, groundedness
+
+    checker = SupportChecker(load_embedder())
+    passage = "The KV cache stores the keys and values of earlier tokens, so each step runs only the new token."
+    assert groundedness(checker, "The [1] is a [2]. Yes.", [passage]) == (None, [])
+    share, checks = groundedness(checker, "The cache keeps the keys and values of earlier tokens [1].", [passage])
+    assert len(checks) == 1 and share == float(checks[0].supported)
+    # Averages leave such answers out instead of counting them as fully supported.
+    assert _mean([None, 0.5, 0.0]) == 0.25 and _mean([None]) is None

@@ -496,7 +496,9 @@ def _answers(options: EvalOptions, retriever: Retriever, model, questions: Seque
     return out
 
 
-def _mean(values: list[float]) -> float | None:
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the values that exist (an answer with nothing to check has no groundedness)."""
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 

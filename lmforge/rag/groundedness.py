@@ -183,11 +183,16 @@ def answer_sentences(text: str) -> list[str]:
     return out
 
 
-def groundedness(checker: SupportChecker | CrossEncoderSupportChecker, answer: str, passages: Sequence[str]) -> tuple[float, list[Support]]:
-    """The share of `answer`'s sentences supported by `passages` (1.0 for an answer with none to check)."""
+def groundedness(checker: SupportChecker | CrossEncoderSupportChecker, answer: str,
+                 passages: Sequence[str]) -> tuple[float | None, list[Support]]:
+    """The share of `answer`'s sentences supported by `passages`.
+
+    None for an answer with no sentence to check (empty, a refusal, placeholders like "The [1]
+    is a [2]."): such an answer is neither grounded nor not, and averages leave it out rather
+    than count it as fully supported."""
     checks = [checker.check(s, passages) for s in answer_sentences(answer)]
     if not checks:
-        return 1.0, checks
+        return None, checks
     return sum(c.supported for c in checks) / len(checks), checks
 
 
