@@ -256,9 +256,10 @@ def test_cli_index_ask_and_eval(corpus, tmp_path, capsys):
         {"id": "c", "lang": "en", "question": "Best pizza dough hydration?", "gold": [], "kind": "out_of_scope"},
     ]) + "\n", encoding="utf-8")
     assert main(["rag", "eval", "--index", str(out), "--questions", str(questions), "--json",
-                 "--out", str(tmp_path / "eval")]) == 0
+                 "--out", str(tmp_path / "eval"), "--answers", "3", "--answer-mode", "extractive"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["hybrid/en/recall@3"] == 1.0 and summary["none/en/recall@3"] == 0.0
+    assert 0.0 <= summary["groundedness_rag"] <= 1.0
     assert {"report.json", "report.md"} <= {p.name for p in (tmp_path / "eval").iterdir()}
     # Bad input: one line, exit 1, nothing written.
     assert main(["rag", "ask", "What?", "--index", str(tmp_path / "missing.sqlite")]) == 1

@@ -147,7 +147,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = None
     if options.answers:
         model = _generator(args, "generate" if options.answer_mode != "extractive" else "extractive")
-    report = run_eval(options, embedder, model=model, index=args.index)
+    from lmforge.io.progress import Progress
+
+    lines: dict[str, Progress] = {}
+
+    def progress(done: int, total: int, stage: str = "questions") -> None:
+        if stage not in lines:
+            for previous in list(lines):
+                lines.pop(previous).close()
+            lines[stage] = Progress(f"rag eval: {stage}", total=total, unit=stage)
+        lines[stage].update(done, total=total)
+
+    try:
+        report = run_eval(options, embedder, model=model, index=args.index, progress=progress)
+    finally:
+        for line in lines.values():
+            line.close()
     print(json.dumps(report["summary"], ensure_ascii=False) if args.json else report["text"])
     return 0
 

@@ -224,7 +224,10 @@ def _pick(questions: Sequence[Question], n: int, seed: int) -> list[Question]:
 
 def run_eval(options: EvalOptions, embedder, model=None, index: str | None = None,
              progress=None) -> dict[str, Any]:
-    """The report of `lmforge rag eval` (a dict with `summary`, `text` and everything measured)."""
+    """The report of `lmforge rag eval` (a dict with `summary`, `text` and everything measured).
+
+    ``progress(done, total, stage="questions")`` is called as questions are retrieved and,
+    with ``--answers``, as answers are made (stage ``"answers"``)."""
     from .store import open_store
 
     questions = load_questions(options.questions)
@@ -321,7 +324,7 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
                 "refusal_rules": refusal_rules(questions, signals, options.seed)}
             report["support_check"] = support_check(retriever.embedder, reranker)
         if options.answers:
-            report["answers"] = _answers(options, retriever, model, questions, reranker)
+            report["answers"] = _answers(options, retriever, model, questions, reranker, progress)
     report["seconds"] = round(time.perf_counter() - started, 2)
     report["summary"] = _summary(report)
     report["text"] = _text(report)
@@ -446,7 +449,7 @@ def support_check(embedder, reranker) -> dict[str, Any]:
 
 
 def _answers(options: EvalOptions, retriever: Retriever, model, questions: Sequence[Question],
-             reranker=None) -> dict[str, Any]:
+             reranker=None, progress=None) -> dict[str, Any]:
     from .answer import Answerer, grounded_messages
 
     checker = SupportChecker(retriever.embedder)
@@ -471,7 +474,10 @@ def _answers(options: EvalOptions, retriever: Retriever, model, questions: Seque
 
     answerer = Answerer(retriever, model, AnswerOptions(mode=options.answer_mode))
     rows = []
-    for q in _pick(questions, options.answers, options.seed):
+    picked = _pick(questions, options.answers, options.seed)
+    for q in picked:
+        if progress is not None:
+            progress(len(rows), len(picked), "answers")
         evidence = retriever.retrieve(q.question, k=4, mode="hybrid")
         passages = [h.chunk.text for h in evidence.hits]
         answer = answerer.answer(q.question)
@@ -485,6 +491,8 @@ def _answers(options: EvalOptions, retriever: Retriever, model, questions: Seque
             row["baseline_answer"] = alone
             row["baseline_groundedness"], _ = groundedness(judge, alone, passages)
         rows.append(row)
+    if progress is not None:
+        progress(len(rows), len(picked), "answers")
     answered = [r for r in rows if r["in_scope"] and not r["refused"]]
     out = {"groundedness_judge": "cross-encoder" if judge is not checker else "embedding","support_check": {"pairs": len(pairs), "accuracy_default_thresholds": default_accuracy,
                              "fitted_thresholds": vars(fitted), "fit_accuracy": fit_accuracy,
