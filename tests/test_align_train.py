@@ -125,6 +125,13 @@ def test_cli_dpo_end_to_end(tmp_path, tokenizer, capsys):
     assert report["steps"] == 4 and len(report["evaluations"]) == 3
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "plots" / "training.png").is_file()
+    # The run left its checkpoint: a second run into the same directory is refused, --resume is not.
+    args = ["align", "dpo", "--model", str(tmp_path / "tiny"), "--data", str(data), "--out", str(tmp_path / "run"),
+            "--max-steps", "4", "--eval-pairs", "8", "--max-length", "48", "--quiet", "--json", "--no-save"]
+    assert main(args) == 1
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 4
 
 
 def test_initial_evaluation_reuses_the_reference_pass(tokenizer, pairs):
@@ -141,3 +148,66 @@ def test_initial_evaluation_reuses_the_reference_pass(tokenizer, pairs):
     for key, value in computed.items():
         assert reused[key] == pytest.approx(value, abs=1e-5), key
 
+
+
+def _train_log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+
+
+def _loop_run(config, tokenizer, pairs, **train):
+    """A DPO run on the training loop with some of the loop's own settings changed."""
+    from lmforge.align.train import DPOObjective, PreferenceTask, loop_config
+    from lmforge.train.loop import Trainer, shutdown
+
+    sections = loop_config(config)
+    for key, value in train.items():
+        setattr(sections.train, key, value)
+    task = PreferenceTask(config, DPOObjective(config.loss, tokenizer.pad_id), _tiny(tokenizer), tokenizer,
+                          {"train": pairs, "validation": pairs[:4]}, progress=False)
+    trainer = Trainer(sections, resume=config.resume, progress=False, log=lambda _m: None, task=task)
+    try:
+        return trainer.run()
+    finally:
+        shutdown(trainer.runtime)
+
+
+@pytest.mark.slow
+def test_dpo_on_the_loop_first_step_accumulation_and_resume(tmp_path, tokenizer, pairs):
+    """At step 1 the policy is its reference: every margin is 0 and the sigmoid loss is log 2. Two
+    micro-batches of 2 pairs equal one batch of 4, and a run stopped after step 3 and resumed
+    continues with exactly the losses of an uninterrupted run."""
+    import math
+
+    config = _tiny_config(DPOConfig, tmp_path, max_steps=6, eval_interval=100, loss=PreferenceLossConfig(beta=0.5))
+    report = _loop_run(config, tokenizer, pairs)
+    whole = [r for r in _train_log(tmp_path / "run") if r["kind"] == "train"]
+    assert whole[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert whole[0]["reward_margin"] == 0.0 and whole[0]["reward_accuracy"] == 0.0
+    assert whole[-1]["loss"] < whole[0]["loss"]
+    assert report["objective"] == "dpo" and report["steps"] == 6 and report["heldout_start"]["step"] == 0
+
+    accumulated = _tiny_config(DPOConfig, tmp_path, out=str(tmp_path / "acc"), max_steps=6, eval_interval=100,
+                               loss=PreferenceLossConfig(beta=0.5))
+    _loop_run(accumulated, tokenizer, pairs, batch_size=2, grad_accum=2)
+    acc = [r for r in _train_log(tmp_path / "acc") if r["kind"] == "train"]
+    for a, b in zip(acc, whole, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["reward_margin"] == pytest.approx(b["reward_margin"], rel=1e-3, abs=2e-5)  # padding widths differ
+
+    resumed = _tiny_config(DPOConfig, tmp_path, out=str(tmp_path / "resumed"), max_steps=6, eval_interval=100,
+                           loss=PreferenceLossConfig(beta=0.5))
+    _loop_run(resumed, tokenizer, pairs, stop_at_step=3)
+    resumed.resume = True
+    _loop_run(resumed, tokenizer, pairs)
+    again = [r for r in _train_log(tmp_path / "resumed") if r["kind"] == "train"]
+    assert [r["step"] for r in again] == list(range(1, 7))
+    for a, b in zip(again, whole, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_reward_resume_is_refused_with_one_message(tmp_path, tokenizer, pairs):
+    from lmforge.align.train import train_reward
+
+    config = _tiny_config(RewardConfig, tmp_path, resume=True)
+    with pytest.raises(LmforgeError, match="--resume is not supported for reward"):
+        train_reward(config, _tiny(tokenizer), tokenizer, {"train": pairs}, progress=False)

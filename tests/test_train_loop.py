@@ -398,3 +398,48 @@ def test_scaling_sweep_fits_and_resumes(tiny_data, tmp_path):
     again: list[str] = []
     run_sweep(base, [16, 32, 64], [4], out, log=again.append)
     assert all("done before" in m for m in again)
+
+
+# -- a task with its own loss --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_task_with_its_own_loss_trains_like_the_token_loss(tiny_data, tmp_path):
+    """A task that supplies its loss (summed next-token loss over a batch's counted targets, plus a
+    summed metric) trains exactly as pretraining does, with and without accumulation, and its
+    metric is averaged over the step's items and logged."""
+    from lmforge.train.loop import Batch, PretrainTask, Trainer, shutdown
+    from lmforge.train.loss import causal_lm_loss
+
+    class OwnLossTask(PretrainTask):
+        def batch(self, position, count):
+            rows = self.stream.rows(position, count)
+            first_token = rows[:, :1].clone()
+            return Batch(rows, tokens=rows.numel(), count=rows[:, 1:].numel(), extra={"first": first_token})
+
+        def loss(self, model, batch):
+            assert batch.extra["first"].equal(batch.input_ids[:, :1])  # extras travel with the batch
+            loss_sum = causal_lm_loss(model, batch.input_ids, None, reduction="sum")
+            return loss_sum, {"row_starts": float(batch.input_ids.shape[0])}
+
+    def run(out, **extra):
+        options = {**TINY, "data.path": str(tiny_data), "train.out": str(out), "train.max_steps": 4,
+                   "train.eval_interval": 100, "train.save_interval": 100, "train.plots": False,
+                   "schedule.warmup_steps": 1, **extra}
+        config = load_recipe(None, options)
+        trainer = Trainer(config, progress=False, task=OwnLossTask(config))
+        try:
+            trainer.run()
+        finally:
+            shutdown(trainer.runtime)
+        return [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+
+    base = _in_process_losses(tiny_data, tmp_path / "base", **{"train.batch_size": 8})
+    own = run(tmp_path / "own", **{"train.batch_size": 8})
+    accumulated = run(tmp_path / "acc", **{"train.batch_size": 4, "train.grad_accum": 2})
+    for records in (own, accumulated):
+        train = [r for r in records if r["kind"] == "train"]
+        assert [r["step"] for r in train] == [1, 2, 3, 4]
+        for r in train:
+            assert r["loss"] == pytest.approx(base[r["step"]], rel=1e-5)
+            # 8 rows per step over 8 x 63 targets: the metric is a per-item mean
+            assert r["row_starts"] == pytest.approx(8 / (8 * 63))

@@ -78,6 +78,8 @@ class AlignConfig:
     device: str = option("auto", help="cpu, cuda, mps or auto")
     save: bool = option(True, help="write the trained model into OUT/model")
     plots: bool = option(True, help="write OUT/plots/*.png")
+    resume: bool = option(False, help="continue the run from the newest checkpoint in OUT/checkpoints "
+                                      "(DPO runs; the same losses as an uninterrupted run)")
 
     def validate(self) -> None:
         positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "eval_interval": self.eval_interval,

@@ -55,6 +55,9 @@ class RewardModel(nn.Module):
     def config(self):
         return self.backbone.config
 
+    def num_parameters(self) -> int:
+        return self.backbone.num_parameters() + self.score.weight.numel()
+
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards of rows whose real tokens are input_ids[i, :lengths[i]] (None: full rows)."""
         batch, width = input_ids.shape

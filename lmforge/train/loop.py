@@ -33,6 +33,14 @@ the whole optimizer step (all micro-batches, all processes): micro-batches of di
 numbers of targets then weigh by their tokens, and accumulation still equals one larger
 batch. Pretraining rows all have the same number of targets, so a mean of means is the
 same thing there and its path stays as it was.
+
+A task whose objective is not next-token loss (preference pairs, a reward head) defines
+``loss(model, batch) -> (loss_sum, metric_sums)``: the loss summed over the batch's
+``count`` items (``Batch.count``; pairs, say) and a dict of per-item metrics summed the
+same way. Its batches may carry any tensors in ``Batch.extra`` (response masks,
+precomputed reference log-probabilities). The loop then averages loss and metrics over the
+items of the whole optimizer step, as for a token-mean task, and logs the metrics with the
+loss; the loss runs inside the wrapped (DDP/FSDP) call like the token loss does.
 """
 
 from __future__ import annotations
@@ -105,13 +113,19 @@ class Batch:
     labels: torch.Tensor | None = None
     lengths: list[list[int]] | None = None
     tokens: int = 0
+    extra: dict[str, torch.Tensor] | None = None  # a task's own tensors (see the module docstring)
+    count: int | None = None  # items a task's own loss is summed over (None: counted targets)
 
     def to(self, device: torch.device) -> "Batch":
         labels = None if self.labels is None else self.labels.to(device, non_blocking=True)
-        return Batch(self.input_ids.to(device, non_blocking=True), labels, self.lengths, self.tokens)
+        extra = None if self.extra is None else {k: v.to(device, non_blocking=True) for k, v in self.extra.items()}
+        return Batch(self.input_ids.to(device, non_blocking=True), labels, self.lengths, self.tokens, extra, self.count)
 
     def target_count(self) -> int:
-        """Positions whose next-token target counts (what a token-mean loss divides by)."""
+        """Positions whose next-token target counts (what a token-mean loss divides by); for a
+        task with its own loss, ``count``."""
+        if self.count is not None:
+            return self.count
         targets = (self.input_ids if self.labels is None else self.labels)[:, 1:]
         if self.lengths is None:
             return int((targets != IGNORE_INDEX).sum())
@@ -148,6 +162,9 @@ class TrainingTask(Protocol):
     def report_extra(self, trainer: "Trainer") -> dict[str, Any]: ...
     # Optional: ``checkpoint_state(trainer, model_state) -> state`` of a plain Transformer for the
     # checkpoint's Hugging Face files (e.g. adapters merged into the base weights).
+    # Optional: ``loss(model, batch) -> (loss_sum, metric_sums)``, the task's own objective;
+    # ``evaluate_at_start = True`` (evaluate the starting model as step 0);
+    # ``format_report(report) -> markdown`` for report.md.
 
 
 def packed_causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None,
@@ -186,6 +203,20 @@ class SequenceObjective(TrainingObjective):
         if lengths is None:
             return super().forward(input_ids, labels, reduction=reduction)
         return packed_causal_lm_loss(self.model, input_ids, labels, lengths, reduction)
+
+
+class TaskObjective(SequenceObjective):
+    """The model and a task's own loss as one module (what DDP/FSDP wrap): ``objective(batch)``
+    runs the task's loss; called with ids it is still the next-token loss (for evaluation)."""
+
+    def __init__(self, model: torch.nn.Module, task: Any) -> None:
+        super().__init__(model)
+        self.task_loss = task.loss
+
+    def forward(self, batch, *args, **kwargs):
+        if isinstance(batch, Batch):
+            return self.task_loss(self.model, batch)
+        return super().forward(batch, *args, **kwargs)
 
 
 class PretrainTask:
@@ -306,7 +337,9 @@ class Trainer:
         self.model.to(self.runtime.device)
         self.model.gradient_checkpointing = t.gradient_checkpointing
         self.model.train()
-        self.wrapped = wrap_model(self.model, self.runtime, SequenceObjective(self.model))
+        self.own_loss = callable(getattr(self.task, "loss", None))
+        self.wrapped = wrap_model(self.model, self.runtime, TaskObjective(self.model, self.task) if self.own_loss
+                                  else SequenceObjective(self.model))
         o = config.optim
         self.optimizer = build_optimizer(self.model, o.name, o.lr, o.betas, o.eps, o.weight_decay, o.decay_embeddings,
                                          fused=self.runtime.mode != "fsdp")
@@ -381,7 +414,9 @@ class Trainer:
         batches = [self.task.batch(self.data_position + micro * self.global_micro + self.runtime.rank * t.batch_size,
                                    t.batch_size) for micro in range(t.grad_accum)]
         total = torch.zeros((), device=self.runtime.device)
-        if self.task.token_mean:
+        metric_sums: dict[str, torch.Tensor] = {}
+        token_mean = self.task.token_mean or self.own_loss
+        if token_mean:
             # Every process divides its summed loss by the step's targets on all processes;
             # data-parallel gradient averaging divides by the world size again, hence the factor.
             count = sum_across(torch.tensor(float(sum(b.target_count() for b in batches)),
@@ -391,7 +426,13 @@ class Trainer:
             batch = batch.to(self.runtime.device)
             with self._grad_sync(micro == t.grad_accum - 1):
                 with self.autocast():
-                    if self.task.token_mean:
+                    if self.own_loss:
+                        loss, metrics = self.wrapped(batch)
+                        scaled = loss / divisor
+                        for key, value in metrics.items():
+                            value = torch.as_tensor(value, dtype=torch.float32).detach().to(self.runtime.device)
+                            metric_sums[key] = metric_sums.get(key, 0.0) + value
+                    elif self.task.token_mean:
                         loss = self.loss(batch, reduction="sum")
                         scaled = loss / divisor
                     else:
@@ -414,7 +455,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.data_position += t.grad_accum * self.global_micro
-        if self.task.token_mean:
+        if token_mean:
             step_tokens = int(sum_across(torch.tensor(float(sum(b.tokens for b in batches)),
                                                       device=self.runtime.device), self.runtime))
             loss_value = float(sum_across(total, self.runtime)) / max(float(count), 1.0)
@@ -422,7 +463,10 @@ class Trainer:
             step_tokens = self.tokens_per_step
             loss_value = float(mean_across(total / t.grad_accum, self.runtime))
         self.tokens_seen += step_tokens
-        return {"loss": loss_value, "lr": lr, "grad_norm": float(norm), "step_tokens": step_tokens}
+        means = {key: float(sum_across(value, self.runtime)) / max(float(count), 1.0)
+                 for key, value in metric_sums.items()}
+        return {"loss": loss_value, **{k: v for k, v in means.items() if k != "loss"}, "lr": lr,
+                "grad_norm": float(norm), "step_tokens": step_tokens}
 
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float] | None:
@@ -487,6 +531,8 @@ class Trainer:
         last_checkpoint = None
         window_start, window_tokens = time.perf_counter(), 0
         stop = t.stop_at_step or t.max_steps
+        if self.step == 0 and getattr(self.task, "evaluate_at_start", False):
+            self._evaluate_and_log(progress)
         while self.step < stop:
             step_start = time.perf_counter()
             stats = self.train_step()
@@ -509,14 +555,7 @@ class Trainer:
             progress.update(self.step, info=f"loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  {rate / 1000:.1f}k tok/s",
                             eta=remaining, force=final)
             if self.step % t.eval_interval == 0 or final:
-                result = self.evaluate()
-                if result is not None:
-                    self.jsonl.write({"kind": "eval", "step": self.step, **result})
-                    if not progress.tty:
-                        self.log(f"step {self.step}: validation loss {result['val_loss']:.4f}, "
-                                 + (f"{result['val_bpb']:.3f} bits/byte" if "val_bpb" in result else
-                                    ", ".join(f"{k} {v:.4f}" for k, v in result.items()
-                                              if k not in ("val_loss", "val_ppl") and isinstance(v, float))))
+                self._evaluate_and_log(progress)
                 for sample in self.samples():
                     self.jsonl.write({"kind": "sample", "step": self.step, **sample})
             if self.step % t.save_interval == 0 or final or self.step == stop:
@@ -525,6 +564,16 @@ class Trainer:
         report = self.report(last_checkpoint)
         self.jsonl.close()
         return report
+
+    def _evaluate_and_log(self, progress: Progress) -> None:
+        result = self.evaluate()
+        if result is not None:
+            self.jsonl.write({"kind": "eval", "step": self.step, **result})
+            if not progress.tty:
+                self.log(f"step {self.step}: validation loss {result['val_loss']:.4f}, "
+                         + (f"{result['val_bpb']:.3f} bits/byte" if "val_bpb" in result else
+                            ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                      if k not in ("val_loss", "val_ppl") and isinstance(v, float))))
 
     def report(self, last_checkpoint: Path | None) -> dict[str, Any]:
         """report.json + report.md + plots/training.png, from the run's JSONL log (rank 0)."""
@@ -559,7 +608,7 @@ class Trainer:
             **self.task.report_extra(self),
         }
         write_json_atomic(self.out / "report.json", report)
-        write_text_atomic(self.out / "report.md", format_report(report))
+        write_text_atomic(self.out / "report.md", getattr(self.task, "format_report", format_report)(report))
         return report
 
 
