@@ -85,12 +85,17 @@ def main() -> None:
         d_margin = max(abs(a["reward_margin"] - b["reward_margin"]) for a, b in zip(train["old"], train["new"], strict=True))
         d_eval = max(abs(a["loss"] - b["loss"]) for a, b in zip(evals["old"], evals["new"], strict=True))
         ratio = statistics.median(times["new"]) / statistics.median(times["old"])
+        # Per optimizer step (the old driver logged "seconds", the loop "step_seconds"): the fixed
+        # costs of a run (the loop's peak-FLOPs probe, its final checkpoint) are not in these.
+        step_old = statistics.median(r["seconds"] for r in train["old"][1:])
+        step_new = statistics.median(r["step_seconds"] for r in train["new"][1:])
         print(f"{kind}: {len(train['new'])} steps; max |train loss diff| {d_loss:.2e}, |margin diff| {d_margin:.2e}, "
               f"|held-out loss diff| {d_eval:.2e}; final loss old {train['old'][-1]['loss']:.5f} "
               f"new {train['new'][-1]['loss']:.5f}; wall time new/old {ratio:.2f} "
-              f"(medians {statistics.median(times['new']):.2f} s / {statistics.median(times['old']):.2f} s)")
+              f"(medians {statistics.median(times['new']):.2f} s / {statistics.median(times['old']):.2f} s); "
+              f"per step new/old {step_new / step_old:.2f} ({1000 * step_new:.0f} ms / {1000 * step_old:.0f} ms)")
         result[kind] = {"max_train_loss_diff": d_loss, "max_margin_diff": d_margin, "max_heldout_loss_diff": d_eval,
-                        "time_ratio_new_over_old": ratio}
+                        "time_ratio_new_over_old": ratio, "step_time_ratio_new_over_old": step_new / step_old}
     result["load_after"] = os.getloadavg()[0]
     print(json.dumps(result))
 
