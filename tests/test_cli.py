@@ -96,6 +96,7 @@ def test_info_of_an_encoder_has_no_kv_cache(capsys, minilm_dir):
     assert "parameters: 22,565,376" in out and "KV cache: none" in out
 
 
+@pytest.mark.slow
 def test_convert_default_model_loads_in_transformers(capsys, tmp_path, default_lm, hf_default_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

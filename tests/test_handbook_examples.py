@@ -28,6 +28,9 @@ def test_handbook_has_pages():
     assert PAGES, f"no handbook pages found in {HANDBOOK}"
 
 
+# Each page starts an interpreter and imports torch: together they take minutes, so they run
+# with the slow tests (in CI, after the everyday suite).
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_page_examples_run(page: Path):
     blocks = python_blocks(page)

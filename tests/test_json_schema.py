@@ -150,6 +150,7 @@ def test_unsupported_or_malformed_schemas_are_refused_up_front(schema, message):
         SamplingParams(json_schema=schema)
 
 
+@pytest.mark.slow
 def test_default_model_output_always_conforms(default_lm):
     schema = {
         "type": "object",

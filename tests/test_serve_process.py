@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from lmforge.cli import main
 
@@ -25,6 +26,7 @@ def test_non_loopback_bind_requires_api_key(capsys):
     assert code == 1 and "--api-key" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_inflight_stream_then_exits(tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--port", str(port)], cwd=tmp_path,

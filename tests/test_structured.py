@@ -32,6 +32,7 @@ def test_prefixes_of_valid_objects_stay_open():
     assert state.feed(text[-1:]) and state.done
 
 
+@pytest.mark.slow
 def test_default_model_json_mode_always_parses(default_lm):
     from lmforge.infer import SamplingParams
 

@@ -251,6 +251,7 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(reference_run, tiny_data):
     assert (reference_run / "logs" / "train.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_is_exact(tiny_data, reference_run, tmp_path):
     out = tmp_path / "killed"
     kill_after = random.Random().randint(4, 10)
@@ -291,6 +292,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_in_the_middle_of_a_checkpoint_write(tiny_data, reference_run, tmp_path):
     out = tmp_path / "dies-saving"
     options = {**TINY, "data.path": str(tiny_data), "train.out": str(out), "train.batch_size": 8,
@@ -307,6 +309,7 @@ def test_kill_in_the_middle_of_a_checkpoint_write(tiny_data, reference_run, tmp_
 
 # -- distributed ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fsdp_then_ddp_resume_match_one_process(tiny_data, reference_run, tmp_path):
     """2 processes x batch 4 = the reference's batch 8: FSDP for steps 1-6, then DDP resumes to 12."""
     out = tmp_path / "dist"
