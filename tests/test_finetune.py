@@ -399,7 +399,7 @@ def test_ddp_two_processes_equal_one(tiny_model_dir, arithmetic_dir, tmp_path):
 
 
 def test_shipped_sft_recipes_load_and_every_field_is_a_flag():
-    from lmforge.cli.train import SHIPPED_RECIPES
+    from lmforge.cli.common import SHIPPED_RECIPES
     from lmforge.tune.sft import load_finetune_recipe, option_names
 
     recipes = sorted(SHIPPED_RECIPES.glob("sft-*.yaml"))

@@ -118,7 +118,7 @@ def test_recipe_overrides_and_shipped_recipes():
     assert config.train.max_steps == 50 and config.optim.lr == pytest.approx(3e-4) and config.data.sources == ["wiki"]
     with pytest.raises(LmforgeError, match="unknown option --bogus"):
         load_recipe(None, {"bogus": 1})
-    from lmforge.cli.train import SHIPPED_RECIPES
+    from lmforge.cli.common import SHIPPED_RECIPES
 
     # The fine-tuning and alignment verbs' recipes sit beside pretraining's, named by their verb
     # (their own tests load them with their own configuration classes).

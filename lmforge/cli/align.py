@@ -20,7 +20,7 @@ from lmforge.cli.common import _dest, add_config_flags, config_flags, config_fro
 
 
 def _recipe_values(spec: str | None) -> dict:
-    from lmforge.cli.train import find_recipe
+    from lmforge.cli.common import find_recipe
     from lmforge.errors import LmforgeError
 
     path = find_recipe(spec)

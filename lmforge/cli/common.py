@@ -8,6 +8,7 @@ import dataclasses
 import os
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
@@ -162,3 +163,49 @@ def config_from_args(cls: type, args: argparse.Namespace, **given: Any):
             parse = flag_spec(field).parse
             values[field.name] = parse(raw) if parse is not None else raw
     return cls(**values)
+
+
+# -------------------------------------------------------------- recipes (pretrain, finetune, align)
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: there in installed copies too
+
+
+def find_recipe(spec: str | None) -> Path | None:
+    """A recipe file: a path, or NAME for ./recipes/NAME.yaml or lmforge's recipes/NAME.yaml."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix or "/" in spec:
+        raise LmforgeError(f"no such recipe: {spec}")
+    for folder in (Path.cwd() / "recipes", SHIPPED_RECIPES):
+        candidate = folder / f"{spec}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise LmforgeError(f"no recipe named {spec!r} (looked for {spec}.yaml in ./recipes and lmforge's recipes/)")
+
+
+def add_recipe_fields(p: argparse.ArgumentParser, names: list[str]) -> None:
+    """A hidden flag --SECTION.FIELD (and --SECTION.FIELD_NAME) for every recipe field in `names`."""
+    fields = p.add_argument_group("recipe fields")
+    for name in names:
+        section, field = name.split(".")
+        flags = [f"--{section}.{field.replace('_', '-')}"] + ([f"--{name}"] if "_" in field else [])
+        fields.add_argument(*flags, dest=f"set:{name}", default=argparse.SUPPRESS, metavar="V", help=argparse.SUPPRESS)
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe fields given as flags, values read as YAML (text that is not YAML stays text),
+    plus --out as train.out."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for key, raw in vars(args).items():
+        if key.startswith("set:"):
+            try:
+                values[key[4:]] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                values[key[4:]] = raw
+    if getattr(args, "out", None) is not None:
+        values["train.out"] = args.out
+    return values

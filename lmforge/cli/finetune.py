@@ -11,23 +11,13 @@ import argparse
 import json
 from pathlib import Path
 
-from lmforge.cli.train import find_recipe
+from lmforge.cli.common import add_recipe_fields, find_recipe, recipe_overrides
 
 USAGE = "RECIPE | data NAME | eval [MODEL]"
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    import yaml
-
-    values = {}
-    for key, raw in vars(args).items():
-        if key.startswith("set:"):
-            try:
-                values[key[4:]] = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                values[key[4:]] = raw
-    if args.out is not None:
-        values["train.out"] = args.out
+    values = recipe_overrides(args)
     if args.no_pack:
         values["data.pack"] = False
     return values
@@ -119,17 +109,9 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def _add_recipe_fields(p: argparse.ArgumentParser) -> None:
-    from lmforge.tune.sft import option_names
-
-    fields = p.add_argument_group("recipe fields")
-    for name in option_names():
-        section, field = name.split(".")
-        flags = [f"--{section}.{field.replace('_', '-')}"] + ([f"--{name}"] if "_" in field else [])
-        fields.add_argument(*flags, dest=f"set:{name}", default=argparse.SUPPRESS, metavar="V", help=argparse.SUPPRESS)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmforge.tune.sft import option_names as sft_option_names
+
     p = subparsers.add_parser(
         "finetune", help="supervised fine-tuning on chat data (loss on the answers), its datasets and scoring",
         description="lmforge finetune RECIPE: train from a recipe (lmforge/recipes/sft-*.yaml); every field is "
@@ -159,5 +141,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--limit", type=int, default=None, help="only the first N records")
     g.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
     g.add_argument("--chat-template", help="a Jinja chat template (file or text) instead of the model's")
-    _add_recipe_fields(p)
+    add_recipe_fields(p, sft_option_names())
     p.set_defaults(func=cmd_finetune)

@@ -6,49 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from lmforge.cli.common import int_list
+from lmforge.cli.common import add_recipe_fields, find_recipe, int_list, recipe_overrides
 
-SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: there in installed copies too
 RECIPE_HELP = ("a recipe YAML file, or the name of one in ./recipes or lmforge's recipes/ "
                "(default: the built-in defaults, a tiny Llama on the offline Wikipedia + news text)")
-
-
-def find_recipe(spec: str | None) -> Path | None:
-    from lmforge.errors import LmforgeError
-
-    if spec is None:
-        return None
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path
-    if path.suffix or "/" in spec:
-        raise LmforgeError(f"no such recipe: {spec}")
-    for folder in (Path.cwd() / "recipes", SHIPPED_RECIPES):
-        candidate = folder / f"{spec}.yaml"
-        if candidate.is_file():
-            return candidate
-    raise LmforgeError(f"no recipe named {spec!r} (looked for {spec}.yaml in ./recipes and lmforge's recipes/)")
-
-
-def _overrides(args: argparse.Namespace) -> dict:
-    import yaml
-
-    values = {}
-    for key, raw in vars(args).items():
-        if key.startswith("set:"):
-            try:
-                values[key[4:]] = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                values[key[4:]] = raw
-    if getattr(args, "out", None) is not None:
-        values["train.out"] = args.out
-    return values
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from lmforge.train.recipe import load_recipe, to_yaml
 
-    config = load_recipe(find_recipe(args.recipe), _overrides(args))  # every check before any work
+    config = load_recipe(find_recipe(args.recipe), recipe_overrides(args))  # every check before any work
     if args.print_recipe:
         print(to_yaml(config), end="")
         return 0
@@ -75,7 +42,7 @@ def cmd_scaling_sweep(args: argparse.Namespace) -> int:
     from lmforge.train.recipe import load_recipe
     from lmforge.train.sweep import law_text, run_sweep
 
-    base = load_recipe(find_recipe(args.recipe), _overrides(args) | {"train.out": args.out})
+    base = load_recipe(find_recipe(args.recipe), recipe_overrides(args) | {"train.out": args.out})
     result = run_sweep(base, args.widths, args.steps, args.out, args.count,
                        log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
     print(json.dumps(result) if args.json else f"fitted {result['law']} over {len(result['points'])} runs: "
@@ -84,17 +51,9 @@ def cmd_scaling_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_recipe_fields(p: argparse.ArgumentParser) -> None:
-    from lmforge.train.recipe import option_names
-
-    fields = p.add_argument_group("recipe fields")
-    for name in option_names():
-        section, field = name.split(".")
-        flags = [f"--{section}.{field.replace('_', '-')}"] + ([f"--{name}"] if "_" in field else [])
-        fields.add_argument(*flags, dest=f"set:{name}", default=argparse.SUPPRESS, metavar="V", help=argparse.SUPPRESS)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmforge.train.recipe import option_names as recipe_option_names
+
     p = subparsers.add_parser(
         "pretrain", help="train a language model from a YAML recipe (also under torchrun: DDP / FSDP)",
         description="Train a model from a recipe. Every recipe field is also a flag --SECTION.FIELD VALUE "
@@ -105,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit (checks it too)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--json", action="store_true", help="print the final report as one JSON object")
-    _add_recipe_fields(p)
+    add_recipe_fields(p, recipe_option_names())
     p.set_defaults(func=cmd_pretrain)
 
     p = subparsers.add_parser("scaling", help="scaling laws: sweep small pretraining runs and fit L(N, D)")
@@ -121,5 +80,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="which parameters N counts (default non-embedding)")
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    _add_recipe_fields(s)
+    add_recipe_fields(s, recipe_option_names())
     s.set_defaults(func=cmd_scaling_sweep)
