@@ -249,30 +249,37 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     raise LmforgeError(f"{key} must be {_type_name(hint)}, got {value!r}")
 
 
-def from_dict(data: dict[str, Any], source: str = "recipe") -> PretrainConfig:
-    """A `PretrainConfig` from nested dicts (a parsed YAML recipe), strictly checked."""
+def build_sections(data: Any, classes: dict[str, type], source: str,
+                   optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Each section's dataclass from nested dicts (a parsed YAML recipe), strictly checked.
+
+    A section missing from `data` gets its defaults, except the `optional` ones, which are left out.
+    """
     if not isinstance(data, dict):
-        raise LmforgeError(f"{source}: a recipe is a mapping of sections ({', '.join(_CLASSES)})")
-    unknown = sorted(set(data) - set(_CLASSES))
+        raise LmforgeError(f"{source}: a recipe is a mapping of sections ({', '.join(classes)})")
+    unknown = sorted(set(data) - set(classes))
     if unknown:
-        raise LmforgeError(f"{source}: unknown section {unknown[0]!r} (sections: {', '.join(_CLASSES)})")
+        raise LmforgeError(f"{source}: unknown section {unknown[0]!r} (sections: {', '.join(classes)})")
     sections = {}
-    for name, cls in _CLASSES.items():
-        values = data.get(name) or {}
+    for name, cls in classes.items():
+        values = data.get(name)
+        if values is None and name in optional:
+            continue
+        values = values or {}
         if not isinstance(values, dict):
             raise LmforgeError(f"{source}: section {name!r} must be a mapping of fields")
-        hints = _HINTS[name]
+        hints = typing.get_type_hints(cls)
         bad = sorted(set(values) - set(hints))
         if bad:
             raise LmforgeError(f"{source}: unknown field {name}.{bad[0]} (known: {', '.join(hints)})")
         sections[name] = cls(**{k: coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
-    config = PretrainConfig(**sections)
-    config.validate()
-    return config
+    return sections
 
 
-def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
-    """Read a YAML recipe (None: the defaults), apply ``{"section.field": value}`` overrides."""
+def read_recipe(path: str | Path | None, overrides: dict[str, Any] | None,
+                classes: dict[str, type]) -> tuple[dict[str, Any], str]:
+    """A YAML recipe's nested dicts (None: no file, the defaults) with ``{"section.field": value}``
+    overrides applied, and the name of its source for messages."""
     import yaml
 
     data: dict[str, Any] = {}
@@ -289,17 +296,29 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise LmforgeError(f"{file}: not valid YAML{where}") from None
         if not isinstance(data, dict):
-            raise LmforgeError(f"{file}: a recipe is a mapping of sections ({', '.join(_CLASSES)})")
+            raise LmforgeError(f"{file}: a recipe is a mapping of sections ({', '.join(classes)})")
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
-        if section not in _CLASSES or not name:
-            raise LmforgeError(f"unknown option --{key} (options are --SECTION.FIELD, sections {', '.join(_CLASSES)})")
+        if section not in classes or not name:
+            raise LmforgeError(f"unknown option --{key} (options are --SECTION.FIELD, sections {', '.join(classes)})")
         if data.get(section) is None:
             data[section] = {}
         if not isinstance(data[section], dict):
             raise LmforgeError(f"{source}: section {section!r} must be a mapping of fields")
         data[section][name.replace("-", "_")] = value
-    return from_dict(data, source)
+    return data, source
+
+
+def from_dict(data: dict[str, Any], source: str = "recipe") -> PretrainConfig:
+    """A `PretrainConfig` from nested dicts (a parsed YAML recipe), strictly checked."""
+    config = PretrainConfig(**build_sections(data, _CLASSES, source))
+    config.validate()
+    return config
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
+    """Read a YAML recipe (None: the defaults), apply ``{"section.field": value}`` overrides."""
+    return from_dict(*read_recipe(path, overrides, _CLASSES))
 
 
 def option_names() -> list[str]:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
-from lmforge.train.recipe import OptimSection, ScheduleSection, TrainSection, coerce
+from lmforge.train.recipe import OptimSection, ScheduleSection, TrainSection, build_sections, read_recipe
 
 # -- the recipe ---------------------------------------------------------------------------------------
 
@@ -163,61 +163,16 @@ def option_names() -> list[str]:
 def config_from_dict(data: dict[str, Any], source: str = "recipe") -> FinetuneConfig:
     """A `FinetuneConfig` from nested dicts (a parsed YAML recipe), strictly checked."""
     classes = _section_classes()
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{source}: a recipe is a mapping of sections ({', '.join(classes)})")
-    unknown = sorted(set(data) - set(classes))
-    if unknown:
-        hint = " (the adapters package is not available)" if unknown[0] == "peft" else ""
-        raise LmforgeError(f"{source}: unknown section {unknown[0]!r}{hint} (sections: {', '.join(classes)})")
-    sections: dict[str, Any] = {}
-    for name, cls in classes.items():
-        values = data.get(name)
-        if values is None:
-            if name != "peft":
-                sections[name] = cls()
-            continue
-        if not isinstance(values, dict):
-            raise LmforgeError(f"{source}: section {name!r} must be a mapping of fields")
-        hints = typing.get_type_hints(cls)
-        bad = sorted(set(values) - set(hints))
-        if bad:
-            raise LmforgeError(f"{source}: unknown field {name}.{bad[0]} (known: {', '.join(hints)})")
-        try:
-            sections[name] = cls(**{k: coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
-        except TypeError as exc:  # pragma: no cover - coerce covers the field types used
-            raise LmforgeError(f"{source}: section {name}: {exc}") from None
-    config = FinetuneConfig(**sections)
+    if isinstance(data, dict) and "peft" in data and "peft" not in classes:
+        raise LmforgeError(f"{source}: unknown section 'peft' (the adapters package is not available)")
+    config = FinetuneConfig(**build_sections(data, classes, source, optional=("peft",)))
     config.validate()
     return config
 
 
 def load_finetune_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
     """Read a YAML recipe (None: the defaults) and apply ``{"section.field": value}`` overrides."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        file = Path(path)
-        source = str(file)
-        try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise LmforgeError(f"no such recipe: {file}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise LmforgeError(f"{file}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
-    classes = _section_classes()
-    for key, value in (overrides or {}).items():
-        section, _, name = key.partition(".")
-        if section not in classes or not name:
-            raise LmforgeError(f"unknown option --{key} (options are --SECTION.FIELD, sections {', '.join(classes)})")
-        if not isinstance(data.get(section), dict):
-            if data.get(section) is not None:
-                raise LmforgeError(f"{source}: section {section!r} must be a mapping of fields")
-            data[section] = {}
-        data[section][name.replace("-", "_")] = value
-    return config_from_dict(data, source)
+    return config_from_dict(*read_recipe(path, overrides, _section_classes()))
 
 
 def to_yaml(config: FinetuneConfig) -> str:
