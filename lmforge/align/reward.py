@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from itertools import combinations
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.io.atomic import atomic_directory
 
 
 class RewardModel(nn.Module):
@@ -176,19 +174,11 @@ def save_reward_model(model: RewardModel, directory: str | Path, tokenizer=None,
                      torch_dtype=str(hf_state["score.weight"].dtype).removeprefix("torch."))
     if model.pad_token_id is not None:
         hf_config["pad_token_id"] = model.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         save_file(hf_state, staging / "model.safetensors", metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

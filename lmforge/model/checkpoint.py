@@ -8,14 +8,12 @@ interrupted save never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import LmforgeError
+from ..io.atomic import atomic_directory
 from .config import ModelConfig
 from .families import config_from_hf, hf_config_from, hf_to_lmforge, lmforge_to_hf
 from .transformer import Transformer
@@ -114,14 +112,6 @@ def save_hf_model(model: Transformer, directory: str | Path, tokenizer=None, ove
     target = Path(directory)
     if target.exists() and not overwrite:
         raise LmforgeError(f"{target} already exists (choose another path or remove it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         write_hf_files(model.config, model.state_dict(), staging, tokenizer)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LmforgeError
+from ..io.atomic import atomic_directory
 from .types import Chunk, Hit
 
 LABELS = ("relevant", "supported")
@@ -358,8 +357,7 @@ class CrossEncoder(nn.Module):
                        "supported": "the second text (a passage) states what the first (a sentence) says"},
             **{k: v for k, v in self.info.items() if k not in ("max_length", "input", "head", "labels")},
         }
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_directory(target) as staging:
             save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
             (staging / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n",
                                                  encoding="utf-8")
@@ -377,12 +375,6 @@ class CrossEncoder(nn.Module):
                 if token is not None:
                     tok_config.setdefault(key, token)
             config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return target
 
 
