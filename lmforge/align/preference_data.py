@@ -476,18 +476,10 @@ def validate_records(records: Iterable[dict], where: str = "preference data") ->
 
 def read_pairs(path: str | Path) -> list[dict]:
     """Preference pairs from a JSONL file (one {"prompt", "chosen", "rejected", ...} object per line)."""
+    from lmforge.io.text_files import read_jsonl
+
     path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"no such preference file: {path}")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise LmforgeError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+    records = [record for _, record in read_jsonl(path, "preference")]
     return validate_records(records, str(path))
 
 

@@ -40,7 +40,6 @@ Interface (reused by lmforge/align/ for preference data):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -97,18 +96,10 @@ def messages_of(record: Mapping[str, Any], where: str = "record") -> list[dict[s
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Every record of a JSON-lines file (blank lines skipped); errors name the line."""
+    from lmforge.io.text_files import read_jsonl as read_numbered
+
     file = Path(path)
-    if not file.is_file():
-        raise LmforgeError(f"no such data file: {file}")
-    records = []
-    with file.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise LmforgeError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
+    records = [record for _, record in read_numbered(file, "data")]
     if not records:
         raise LmforgeError(f"{file} holds no records")
     return records
