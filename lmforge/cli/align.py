@@ -74,30 +74,26 @@ def _print_result(report: dict, as_json: bool) -> None:
     print(f"report: {out / 'report.md'}" + (f"\nmodel: {report['model']}" if report["model"] else ""))
 
 
-def cmd_dpo(args: argparse.Namespace) -> int:
-    config = _config(DPOConfig, args)
+def _run(cls: type, train: str, args: argparse.Namespace) -> int:
+    """`lmforge align dpo|reward`: the config from recipe + flags, then lmforge.align.train's `train`."""
+    config = _config(cls, args)
     if args.print_config:
         from dataclasses import asdict
 
         print(json.dumps(asdict(config), indent=2))
         return 0
-    from lmforge.align.train import train_dpo
+    from lmforge.align import train as training
 
-    _print_result(train_dpo(config, progress=not args.quiet), args.json)
+    _print_result(getattr(training, train)(config, progress=not args.quiet), args.json)
     return 0
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    return _run(DPOConfig, "train_dpo", args)
 
 
 def cmd_reward(args: argparse.Namespace) -> int:
-    config = _config(RewardConfig, args)
-    if args.print_config:
-        from dataclasses import asdict
-
-        print(json.dumps(asdict(config), indent=2))
-        return 0
-    from lmforge.align.train import train_reward
-
-    _print_result(train_reward(config, progress=not args.quiet), args.json)
-    return 0
+    return _run(RewardConfig, "train_reward", args)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
