@@ -173,30 +173,26 @@ class IA3Linear(_Wrapped):
         return base_forward(self.base, x) * self.scale_vector()
 
     @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
+    def _rescale_base(self, inverse: bool) -> None:
+        """Multiply the base weight (and bias, on outputs) by the scale vector, or divide by it."""
         s = self.scale_vector().to(self.base.weight.dtype)
+        apply = torch.Tensor.div_ if inverse else torch.Tensor.mul_  # a division undoes the product more exactly than a reciprocal
         if self.feedforward:
-            self.base.weight.mul_(s[None, :])
+            apply(self.base.weight, s[None, :])
         else:
-            self.base.weight.mul_(s[:, None])
+            apply(self.base.weight, s[:, None])
             if self.base.bias is not None:
-                self.base.bias.mul_(s)
-        self.merged = True
+                apply(self.base.bias, s)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
+    def merge(self) -> None:
         if not self.merged:
-            return
-        s = self.scale_vector().to(self.base.weight.dtype)
-        if self.feedforward:
-            self.base.weight.div_(s[None, :])
-        else:
-            self.base.weight.div_(s[:, None])
-            if self.base.bias is not None:
-                self.base.bias.div_(s)
-        self.merged = False
+            self._rescale_base(inverse=False)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._rescale_base(inverse=True)
+            self.merged = False
 
 
 class BottleneckAdapter(nn.Module):
