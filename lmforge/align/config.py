@@ -1,8 +1,9 @@
 """Configuration of the alignment runs and losses: plain dataclasses, no torch import.
 
 Every `option(...)` field is a flag of ``lmforge align`` (lmforge/cli/align.py) and a key
-of a recipe (lmforge/recipes/dpo-*.yaml, reward-*.yaml); the loss settings of a DPO run
-are the recipe's ``loss:`` section and the flags --loss-type, --beta, ...
+of a recipe (lmforge/recipes/dpo-*.yaml, reward-*.yaml, ppo-*.yaml, grpo-*.yaml); the loss
+settings of a DPO run are the recipe's ``loss:`` section and the flags --loss-type, --beta,
+...; the adapters of an RL run are its ``peft:`` section and the flags --peft, --lora-r, ...
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from lmforge.align.preference_data import KINDS
 from lmforge.errors import LmforgeError
 from lmforge.options import option
+from lmforge.tune.peft.options import PeftOptions
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo")
 
@@ -115,8 +117,118 @@ class RewardConfig(AlignConfig):
     center_coefficient: float = option(0.01, help="weight of the (r_chosen + r_rejected)^2 centring penalty")
 
 
-def config_from_dict(cls: type, values: dict[str, Any]) -> AlignConfig:
-    """A DPOConfig / RewardConfig from a recipe mapping (unknown keys are refused)."""
+RL_REWARDS = ("checker", "model")
+GRPO_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo")
+
+
+@dataclass
+class RLConfig:
+    """A reinforcement-learning run from rewards (``lmforge align ppo|grpo``; every field is a flag)."""
+
+    model: str | None = option(None, help="registered model, HF directory or .gguf to start from (default: the default model)")
+    out: str = option("runs/rl", help="output directory")
+    task: str = option("addition", help="prompt source: addition (operands 0..--max-operand) or a generated task of "
+                                        "lmforge/tune/datasets.py (arithmetic, format, units, ...)")
+    max_operand: int = option(9, help="addition: largest operand")
+    reward: str = option("checker", choices=RL_REWARDS,
+                         help="checker (1 if the answer is right, else 0) or model (--reward-model scores it)")
+    reward_model: str | None = option(None, help="reward model directory (from `lmforge align reward`) for --reward model")
+    reward_max_length: int = option(128, help="most tokens of prompt + response the reward model reads")
+    system: str | None = option(None, help="system message for the chat template (default: the template's own)")
+    max_steps: int = option(20, help="RL steps (sample, then update)")
+    prompts_per_step: int = option(4, help="prompts sampled per step")
+    group_size: int = option(1, help="responses sampled per prompt")
+    max_new_tokens: int = option(12, help="most tokens per response")
+    temperature: float = option(1.0, help="sampling temperature of the rollouts")
+    lr: float = option(1e-5, help="policy learning rate (AdamW, constant)")
+    weight_decay: float = option(0.0, help="AdamW weight decay")
+    clip_grad_norm: float = option(1.0, help="global gradient-norm bound")
+    beta: float = option(0.04, help="weight of the KL penalty to the reference (0: none)")
+    epsilon: float = option(0.2, help="clip range of the probability ratio")
+    trainable_layers: int = option(0, help="train only the top N blocks and the final norm (0: all weights)")
+    eval_prompts: int = option(32, help="prompts answered greedily to measure the checked accuracy (0: none)")
+    eval_interval: int = option(10, help="steps between accuracy measurements (also at the start and the end)")
+    seed: int = option(0, help="seed of prompts, sampling and new weights")
+    threads: int | None = option(None, help="CPU threads (default: PyTorch's)")
+    device: str = option("auto", help="cpu, cuda, mps or auto")
+    save: bool = option(True, help="write the trained policy into OUT/model (an adapter with --peft)")
+    plots: bool = option(True, help="write OUT/plots/*.png")
+    peft: PeftOptions = option(default_factory=PeftOptions, cli=False,
+                       help="adapters to train instead of the weights (flags: --peft lora, --lora-r, ...)")
+
+    def validate(self) -> None:
+        positive = {"max_steps": self.max_steps, "prompts_per_step": self.prompts_per_step,
+                    "group_size": self.group_size, "max_new_tokens": self.max_new_tokens,
+                    "eval_interval": self.eval_interval, "max_operand": self.max_operand,
+                    "reward_max_length": self.reward_max_length}
+        for key, value in positive.items():
+            if value < 1:
+                raise LmforgeError(f"{key} must be positive, got {value}")
+        if not self.lr > 0:
+            raise LmforgeError("lr must be positive")
+        if not self.epsilon > 0:
+            raise LmforgeError(f"epsilon (the clip range) must be positive, got {self.epsilon}")
+        if self.beta < 0 or self.temperature < 0 or self.eval_prompts < 0 or self.trainable_layers < 0:
+            raise LmforgeError("beta, temperature, eval_prompts and trainable_layers must be >= 0")
+        if self.reward not in RL_REWARDS:
+            raise LmforgeError(f"unknown reward source {self.reward!r}; choose one of {', '.join(RL_REWARDS)}")
+        if self.reward == "model" and not self.reward_model:
+            raise LmforgeError("--reward model needs --reward-model DIR (train one with `lmforge align reward`)")
+        from lmforge.align.rl_tasks import task_names
+
+        if self.task not in task_names():
+            raise LmforgeError(f"unknown RL task {self.task!r}; choose one of {', '.join(task_names())}")
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    out: str = option("runs/ppo", help="output directory")
+    beta: float = option(0.05, help="initial weight of the per-token KL penalty in the reward")
+    ppo_epochs: int = option(4, help="passes over each rollout")
+    minibatch_size: int = option(4, help="responses per update")
+    value_clip: float = option(0.2, help="clip range of the value update")
+    vf_coef: float = option(0.1, help="weight of the value loss")
+    value_lr: float = option(1e-3, help="learning rate of the value head (it starts at zero)")
+    entropy_coef: float = option(0.0, help="weight of the entropy bonus")
+    gamma: float = option(1.0, help="discount")
+    lam: float = option(0.95, help="GAE lambda")
+    whiten_advantages: bool = option(True, help="normalise advantages over each rollout")
+    target_kl: float | None = option(None, help="adaptive KL controller: per-response KL to aim for (default: fixed beta)")
+    kl_horizon: float = option(10000.0, help="adaptive KL controller horizon (responses)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ppo_epochs < 1 or self.minibatch_size < 1:
+            raise LmforgeError("ppo_epochs and minibatch_size must be positive")
+        if not self.value_clip > 0 or not self.value_lr > 0 or self.vf_coef < 0 or self.entropy_coef < 0:
+            raise LmforgeError("value_clip and value_lr must be positive; vf_coef and entropy_coef >= 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise LmforgeError("gamma and lam must lie in [0, 1]")
+        if self.target_kl is not None and not self.target_kl > 0:
+            raise LmforgeError("target_kl must be positive")
+        if not self.kl_horizon > 0:
+            raise LmforgeError("kl_horizon must be positive")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    out: str = option("runs/grpo", help="output directory")
+    group_size: int = option(8, help="responses sampled per prompt (the group; at least 2)")
+    aggregation: str = option("grpo", choices=GRPO_AGGREGATIONS,
+                              help="loss average: per response then over responses (grpo), over all tokens (bnpo), "
+                                   "or over responses x max_new_tokens (dr_grpo)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.group_size < 2:
+            raise LmforgeError(f"GRPO needs groups of at least 2 responses per prompt (got group_size "
+                               f"{self.group_size}): the group mean is the baseline, so one response has advantage 0")
+        if self.aggregation not in GRPO_AGGREGATIONS:
+            raise LmforgeError(f"unknown GRPO aggregation {self.aggregation!r}")
+
+
+def config_from_dict(cls: type, values: dict[str, Any]):
+    """A DPOConfig / RewardConfig / PPOConfig / GRPOConfig from a recipe mapping (unknown keys are refused)."""
     import dataclasses
 
     names = {f.name: f for f in dataclasses.fields(cls)}
@@ -130,6 +242,15 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> AlignConfig:
         if not isinstance(loss, dict) or set(loss) - loss_names:
             raise LmforgeError(f"recipe 'loss' takes the keys {', '.join(sorted(loss_names))}")
         values["loss"] = PreferenceLossConfig(**loss)
+    if "peft" in values:
+        peft = values["peft"] or {}
+        peft_names = {f.name for f in dataclasses.fields(PeftOptions)}
+        if isinstance(peft, PeftOptions):
+            pass
+        elif not isinstance(peft, dict) or set(peft) - peft_names:
+            raise LmforgeError(f"recipe 'peft' takes the keys {', '.join(sorted(peft_names))}")
+        else:
+            values["peft"] = PeftOptions(**peft)
     if "kinds" in values:
         values["kinds"] = _kinds(values["kinds"])
     try:
