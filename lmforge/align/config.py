@@ -227,6 +227,57 @@ class GRPOConfig(RLConfig):
             raise LmforgeError(f"unknown GRPO aggregation {self.aggregation!r}")
 
 
+SAFETY_SETS = ("harmful", "benign", "reworded", "bias_pairs", "bias_generation", "ability")
+
+
+def _safety_sets(text: Any) -> list[str]:
+    values = text if isinstance(text, list) else [v.strip() for v in str(text).split(",") if v.strip()]
+    unknown = [v for v in values if v not in SAFETY_SETS]
+    if unknown or not values:
+        raise LmforgeError(f"unknown evaluation set(s) {', '.join(unknown) or '(none)'}; "
+                           f"choose from {', '.join(SAFETY_SETS)}")
+    return values
+
+
+@dataclass
+class SafetyEvalConfig:
+    """`lmforge align safety-eval`: every field is a flag."""
+
+    model: str | None = option(None, help="registered model, HF directory or .gguf (default: the default model)")
+    adapter: str | None = option(None, help="a PEFT adapter directory (lmforge or peft format) applied to --model")
+    out: str = option("runs/safety-eval", help="output directory (report.json, report.md, safety.png)")
+    sets: list[str] = option(default_factory=lambda: list(SAFETY_SETS), parse=_safety_sets, metavar="SET,...",
+                             help=f"what to measure ({','.join(SAFETY_SETS)})")
+    system: str | None = option("You are a helpful assistant.",
+                                help="system message of the chat template (the safety recipes train with this one; "
+                                     "empty: the template's own)")
+    max_new_tokens: int = option(48, help="tokens generated per answer (a refusal shows in its first sentence)")
+    batch_size: int = option(16, help="prompts decoded together")
+    limit: int = option(0, help="use only the first N prompts of each set (0: all)")
+    ability_examples: int = option(24, help="generated tasks (arithmetic, units, dates, JSON, format) answered "
+                                           "for the general-ability check")
+    ability_chars: int = option(12000, help="characters of held-out Wikipedia text for the perplexity check "
+                                            "(0: none)")
+    confidence: float = option(0.95, help="confidence of the intervals")
+    resamples: int = option(2000, help="bootstrap resamples")
+    seed: int = option(0, help="seed of the bootstrap and of the generated tasks")
+    threads: int | None = option(None, help="CPU threads (default: PyTorch's)")
+    device: str = option("auto", help="cpu, cuda, mps or auto")
+    plots: bool = option(True, help="write OUT/safety.png")
+
+    def validate(self) -> None:
+        for key in ("max_new_tokens", "batch_size", "resamples"):
+            if getattr(self, key) < 1:
+                raise LmforgeError(f"{key} must be positive")
+        if self.limit < 0 or self.ability_examples < 0 or self.ability_chars < 0:
+            raise LmforgeError("limit, ability_examples and ability_chars must be >= 0")
+        if not 0 < self.confidence < 1:
+            raise LmforgeError(f"confidence must be between 0 and 1, got {self.confidence}")
+        if self.threads is not None and self.threads < 1:
+            raise LmforgeError("threads must be positive")
+        _safety_sets(self.sets)
+
+
 def config_from_dict(cls: type, values: dict[str, Any]):
     """A DPOConfig / RewardConfig / PPOConfig / GRPOConfig from a recipe mapping (unknown keys are refused)."""
     import dataclasses
