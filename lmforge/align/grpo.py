@@ -132,23 +132,48 @@ def sample_groups(model, tokenizer, prompt_ids: Sequence[list[int]], group_size:
     return GroupSample(ids, response_mask, [c.text for c in done], rewards)
 
 
+def _logps_and_entropy(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token log-probabilities with gradient and, for lmforge's Transformer, the entropies (same pass)."""
+    if hasattr(model, "hidden_states") and isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
+        from lmforge.align.ppo import policy_forward
+
+        logps, _, entropy = policy_forward(model, None, ids, mask, with_entropy=True)
+        return logps, entropy
+    return token_logps(model, ids, mask), None
+
+
 def grpo_update(model, reference, optimizer, sample: GroupSample, group_size: int, beta: float = 0.04,
-                epsilon: float = 0.2, aggregation: str = "grpo", clip_grad_norm: float = 1.0) -> dict[str, float]:
-    """One optimizer step on a sampled batch (pi_old = the policy that sampled it)."""
+                epsilon: float = 0.2, aggregation: str = "grpo", clip_grad_norm: float = 1.0,
+                max_tokens: int | None = None) -> dict[str, float]:
+    """One optimizer step on a sampled batch (pi_old = the policy that sampled it).
+
+    ``reference`` None with LoRA adapters on ``model``: the reference is the base with the
+    adapters switched off. ``max_tokens`` is dr_grpo's token budget per response."""
+    from lmforge.align.ppo import adapters_disabled, masked_mean
+
     device = next(model.parameters()).device
     ids, mask = sample.input_ids.to(device), sample.response_mask.to(device)
     advantages = group_advantages(sample.rewards, group_size).to(device)
     with torch.no_grad():
         old = token_logps(model, ids, mask)
-        ref = token_logps(reference, ids, mask) if reference is not None and beta else None
-    logps = token_logps(model, ids, mask)
-    out = grpo_loss(logps, old, ref, advantages, mask[:, 1:], epsilon, epsilon, beta, aggregation)
+        ref = None
+        if beta and reference is not None:
+            ref = token_logps(reference, ids, mask)
+        elif beta:
+            with adapters_disabled(model) as had:
+                ref = token_logps(model, ids, mask) if had else None
+    logps, entropy = _logps_and_entropy(model, ids, mask)
+    out = grpo_loss(logps, old, ref, advantages, mask[:, 1:], epsilon, epsilon, beta, aggregation, max_tokens)
     out.loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad_norm)
+    norm = torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]
+                                           if p.requires_grad], clip_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     grouped = sample.rewards.view(-1, group_size)
-    return {"loss": float(out.loss.detach()), "reward": float(sample.rewards.mean()), "kl": out.kl,
-            "clip_fraction": out.clip_fraction, "grad_norm": float(norm),
-            "groups_without_signal": float((grouped.std(1) == 0).float().mean()) if group_size > 1 else 1.0,
-            "response_tokens": float(mask.sum(1).float().mean())}
+    figures = {"loss": float(out.loss.detach()), "reward": float(sample.rewards.mean()), "kl": out.kl,
+               "clip_fraction": out.clip_fraction, "grad_norm": float(norm),
+               "groups_without_signal": float((grouped.std(1) == 0).float().mean()) if group_size > 1 else 1.0,
+               "response_tokens": float(mask.sum(1).float().mean())}
+    if entropy is not None:
+        figures["entropy"] = float(masked_mean(entropy.detach(), mask[:, 1:]))
+    return figures

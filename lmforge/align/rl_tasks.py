@@ -10,7 +10,8 @@ A run draws its prompts from a *task*:
 and scores every sampled response with a *reward source*:
 
     checker      1.0 when the response's answer equals the computed one, else 0.0: a number
-                 answer is the first number in the response, any other answer the first line
+                 answer is the last number in the response ("3 + 5 = 8" answers 8; a response cut
+                 off before its answer is wrong), any other answer the first line
                  compared without case, spaces and a final full stop (format answers keep case)
     model        a reward model directory (lmforge/align/reward.py, a sequence classifier with one
                  label) scoring the prompt + response rendered through the chat template
@@ -73,8 +74,8 @@ def _normalise(text: str, keep_case: bool) -> str:
 def is_correct(response: str, answer: str, task: str = "") -> bool:
     """The checker: the response's answer equals the computed ``answer``."""
     if _NUMBER.fullmatch(answer):
-        found = _NUMBER.search(response.replace(",", ""))
-        return bool(found) and float(found.group()) == float(answer)
+        found = _NUMBER.findall(response.replace(",", ""))
+        return bool(found) and float(found[-1]) == float(answer)
     return _normalise(response, keep_case=task == "format") == _normalise(answer, keep_case=task == "format")
 
 
