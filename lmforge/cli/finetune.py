@@ -3,6 +3,7 @@
     lmforge finetune sft-arithmetic [--section.field VALUE ...]   train (lmforge/tune/sft.py)
     lmforge finetune data arithmetic --out runs/data/arithmetic    write a dataset's splits
     lmforge finetune eval [MODEL] --data FILE.jsonl               greedy exact match on a split
+    lmforge finetune classify RECIPE [--section.field VALUE ...]  a task head (lmforge/tune/classify.py)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from lmforge.cli.common import add_recipe_fields, find_recipe, recipe_overrides
 
-USAGE = "RECIPE | data NAME | eval [MODEL]"
+USAGE = "RECIPE | data NAME | eval [MODEL] | classify RECIPE"
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -31,6 +32,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return _data(args, what[1:])
     if what and what[0] == "eval":
         return _eval(args, what[1:])
+    if what and what[0] == "classify":
+        return _classify(args, what[1:])
     if len(what) > 1:
         raise LmforgeError(f"expected {USAGE}, got {' '.join(what)}")
     from lmforge.tune.sft import finetune, load_finetune_recipe, to_yaml
@@ -57,10 +60,60 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classify(args: argparse.Namespace, rest: list[str]) -> int:
+    from lmforge.errors import LmforgeError
+    from lmforge.tune.classify import classify, load_classify_recipe, to_yaml
+
+    if len(rest) > 1:
+        raise LmforgeError(f"finetune classify: at most one RECIPE, got {' '.join(rest)}")
+    overrides = recipe_overrides(args)
+    if args.no_pack:
+        raise LmforgeError("finetune classify: --no-pack applies to chat fine-tuning, not to classification")
+    config = load_classify_recipe(find_recipe(rest[0] if rest else None), overrides)
+    if args.print_recipe:
+        print(to_yaml(config), end="")
+        return 0
+    report = classify(config, resume=args.resume, progress=not args.quiet)
+    if not report:  # not the main process of a distributed run
+        return 0
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"trained {report['steps']} steps in {report['train_seconds']:.0f} s; "
+          f"{100 * report['trainable_fraction']:.2f}% of the parameters trainable ({report['peft']})")
+    test = report.get("test")
+    if test and report["task"] == "sequence":
+        print(f"test split ({test['examples']} texts): accuracy {test['accuracy']:.3f}, macro F1 {test['macro_f1']:.3f}, "
+              f"micro F1 {test['micro_f1']:.3f}")
+    elif test:
+        print(f"test split ({test['examples']} sentences): entity F1 {test['entity_f1']:.3f} (precision "
+              f"{test['entity_precision']:.3f}, recall {test['entity_recall']:.3f}), word accuracy "
+              f"{test['token_accuracy']:.3f}")
+    out = Path(config.train.out)
+    if test:
+        from lmforge.eval.metrics.classification import format_confusion
+
+        print(format_confusion(test["confusion_matrix"], test["labels"]))
+        print(f"metrics: {out / 'metrics.md'}" + (f", plot: {test['confusion_plot']}" if test.get("confusion_plot") else ""))
+    print(f"model: {report['output']}\nreport: {out / 'report.md'}")
+    return 0
+
+
 def _data(args: argparse.Namespace, names: list[str]) -> int:
     from lmforge.errors import LmforgeError
     from lmforge.tune.datasets import NAMES, write_dataset
 
+    if names == ["entities"]:  # the generated tagging set of the classification heads
+        from lmforge.tune.classify import entity_splits, write_splits
+
+        if args.out is None:
+            raise LmforgeError("finetune data: --out DIR is required (it receives train/validation/test.jsonl)")
+        sizes = {k: v for k, v in (("train", args.train_size), ("validation", args.validation_size),
+                                   ("test", args.test_size)) if v is not None}
+        info = write_splits(entity_splits(args.seed, sizes), args.out)
+        print(json.dumps(info) if args.json else
+              "entities: " + ", ".join(f"{k} {v}" for k, v in info["counts"].items()) + f" -> {args.out}")
+        return 0
     if len(names) != 1:
         raise LmforgeError(f"finetune data: name one dataset ({', '.join(NAMES)})")
     if args.out is None:
@@ -110,6 +163,7 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmforge.tune.classify import option_names as classify_option_names
     from lmforge.tune.sft import option_names as sft_option_names
 
     p = subparsers.add_parser(
@@ -118,8 +172,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "also a flag --SECTION.FIELD VALUE (VALUE is YAML), e.g. --train.max-steps 50 --data.no-pack "
                     "is --data.pack false. lmforge finetune data NAME --out DIR: write a dataset (arithmetic, "
                     "word-problems, units, dates, json-extraction, format, mixed, sentiment, bible-en-es). "
-                    "lmforge finetune eval [MODEL] --data FILE: greedy exact match of a model's answers.")
-    p.add_argument("what", nargs="*", metavar=USAGE, help="a recipe (file or name), or data NAME, or eval [MODEL]")
+                    "lmforge finetune eval [MODEL] --data FILE: greedy exact match of a model's answers. "
+                    "lmforge finetune classify RECIPE: a sequence or token classification head on an encoder or "
+                    "a decoder (lmforge/recipes/classify-*.yaml, tag-*.yaml; sections model, data, head, optim, "
+                    "schedule, train, eval, peft); lmforge finetune data entities --out DIR: the generated "
+                    "entity-tagging set.")
+    p.add_argument("what", nargs="*", metavar=USAGE,
+                   help="a recipe (file or name), or data NAME, or eval [MODEL], or classify RECIPE")
     p.add_argument("--out", help="training: output directory (same as --train.out); data: the dataset directory; "
                                  "eval: a JSON file for the scores")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output")
@@ -141,5 +200,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--limit", type=int, default=None, help="only the first N records")
     g.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
     g.add_argument("--chat-template", help="a Jinja chat template (file or text) instead of the model's")
-    add_recipe_fields(p, sft_option_names())
+    add_recipe_fields(p, sorted(set(sft_option_names()) | set(classify_option_names())))
     p.set_defaults(func=cmd_finetune)
