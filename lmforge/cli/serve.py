@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lmforge.infer.scheduler import Scheduler
+    from lmforge.serve.adapters import install_adapters
     from lmforge.serve.app import create_app
     from lmforge.serve.embeddings import embedding_model_from
     from lmforge.serve.feedback import FeedbackStore
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if settings.rag is not None:  # a bad index fails before the model loads, too
             knowledge = _open_knowledge_base(settings, args)
         lm = load_local(args.model, args)
+        adapters = install_adapters(lm.model, lm.spec, runtime.adapters)  # checked before serving
     except BaseException:
         store.close()
         if knowledge is not None:
@@ -69,11 +71,14 @@ def run(args: argparse.Namespace) -> int:
     max_len = runtime.max_seq_len or min(lm.config.max_position_embeddings, 4096)
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=runtime.max_batch, max_seq_len=max_len,
                           max_waiting=runtime.max_waiting,
-                          prefix_cache_bytes=int(runtime.prefix_cache_mb * 2**20)).start()
+                          prefix_cache_bytes=int(runtime.prefix_cache_mb * 2**20), adapters=adapters).start()
     app = create_app(scheduler, lm.tokenizer, lm.name, settings, store=store, knowledge=knowledge)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(f"lmforge serving {lm.name} at http://{shown}:{runtime.port}/ (OpenAI API at /v1)", file=sys.stderr, flush=True)
+    for adapter in adapters.adapters if adapters is not None else []:
+        print(f"adapter: {adapter.name} (LoRA r={adapter.rank}, {len(adapter.layers)} layers, from {adapter.source}); "
+              f"request it as model {adapter.name} or {lm.name}:{adapter.name}", file=sys.stderr, flush=True)
     if embeddings is not None:
         print(f"embeddings: {embeddings.name} at /v1/embeddings (loaded on the first request)", file=sys.stderr,
               flush=True)

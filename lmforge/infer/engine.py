@@ -46,12 +46,14 @@ class Completion:
 class Generator:
     """Generates text with a `Transformer` and a `Tokenizer` by stepping a `Scheduler` to completion."""
 
-    def __init__(self, model, tokenizer=None) -> None:
+    def __init__(self, model, tokenizer=None, adapters=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.adapters = adapters  # an AdapterBank installed on `model` (lmforge/infer/adapters.py), or None
 
     def _submit(
-        self, prompts: Sequence[str | list[int]], params, use_cache: bool, stream: bool, max_batch: int | None = None
+        self, prompts: Sequence[str | list[int]], params, use_cache: bool, stream: bool, max_batch: int | None = None,
+        adapter: int | Sequence[int] = 0,
     ) -> tuple[Scheduler, list[RequestHandle]]:
         """A scheduler with a row for every prompt (or `max_batch` rows), the prompts submitted to it."""
         if not prompts:
@@ -59,6 +61,9 @@ class Generator:
         plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise LmforgeError(f"{len(prompts)} prompts but {len(plist)} sampling settings")
+        alist = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
+        if len(alist) != len(prompts):
+            raise LmforgeError(f"{len(prompts)} prompts but {len(alist)} adapters")
         ids = []
         for prompt in prompts:
             if isinstance(prompt, str) and self.tokenizer is None:
@@ -79,8 +84,9 @@ class Generator:
             # recomputed one in the last bits: offline results must not depend on history.
             prefix_cache_bytes=0,
             use_cache=use_cache,
+            adapters=self.adapters,
         )
-        return scheduler, [scheduler.submit(i, p, stream=stream) for i, p in zip(ids, plist)]
+        return scheduler, [scheduler.submit(i, p, stream=stream, adapter=a) for i, p, a in zip(ids, plist, alist)]
 
     def generate(
         self,
@@ -88,15 +94,19 @@ class Generator:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_cache: bool = True,
         max_batch: int | None = None,
+        adapter: int | Sequence[int] = 0,
     ) -> list[Completion]:
         """Complete each prompt (a string or a list of token ids); one `Completion` each.
 
         `max_batch` bounds the rows decoded together (and so the KV cache's size): the
         other prompts wait and are admitted as rows free up, each at the next step.
+        `adapter`: the LoRA adapter (index in the generator's `AdapterBank`; 0 the base) of
+        every prompt, or one per prompt; rows of different adapters share each step.
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        scheduler, handles = self._submit(list(prompts), params or SamplingParams(), use_cache, False, max_batch)
+        scheduler, handles = self._submit(list(prompts), params or SamplingParams(), use_cache, False, max_batch,
+                                          adapter)
         scheduler.run_until_idle()
         return [_completion(h) for h in handles]
 

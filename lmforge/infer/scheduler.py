@@ -21,6 +21,11 @@ from two threads) and repeats `step()` while there is work; callers interact thr
 (`lmforge.infer.engine.Generator`) builds a scheduler sized for its prompts, never
 starts the thread, and calls `step()` itself on the caller's thread until all are done.
 
+With an `AdapterBank` (lmforge/infer/adapters.py) each request may name a LoRA adapter;
+rows with different adapters (and base rows) share the same prefill and decode forwards,
+the bank told before each forward which adapter each row uses. Prefix-cache entries are
+kept per adapter, since an adapter changes every key and value after the first layer.
+
 With `use_cache=False` there is no KV cache: every step recomputes each row's whole
 sequence (prompt and generated tokens) from scratch, one row at a time. Nothing else
 changes, so comparing the two modes tests the cache alone, everything from sampling
@@ -91,6 +96,7 @@ class RequestHandle:
         self.finished_at: float | None = None
         self.state: DecodeState | None = None
         self.cached = 0  # prompt tokens served from the prefix cache
+        self.adapter = 0  # index in the scheduler's AdapterBank; 0: the base model
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client disconnected); the row is freed at the next step."""
@@ -179,11 +185,13 @@ class Scheduler:
         prefix_cache_bytes: int = 128 << 20,
         on_finish: Callable[[RequestHandle], None] | None = None,
         use_cache: bool = True,
+        adapters=None,
     ) -> None:
         if max_batch < 1:  # no row could ever be admitted: every request would wait forever
             raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
         self.tokenizer = tokenizer
+        self.adapters = adapters  # an AdapterBank installed on `model`, or None
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.max_waiting = max_waiting
@@ -224,11 +232,20 @@ class Scheduler:
         params: SamplingParams,
         loop: asyncio.AbstractEventLoop | None = None,
         stream: bool = True,
+        adapter: int = 0,
     ) -> RequestHandle:
-        """Queue a request; raises `LmforgeError` for bad input, `QueueFull` when saturated."""
+        """Queue a request; raises `LmforgeError` for bad input, `QueueFull` when saturated.
+
+        `adapter`: the index of a LoRA adapter in the scheduler's `AdapterBank` (0: the base).
+        """
         prompt_ids = list(prompt_ids)
         budget = check_prompt(prompt_ids, params, self.max_seq_len, self.model.config.vocab_size)
+        if adapter:
+            if self.adapters is None:
+                raise LmforgeError(f"adapter {adapter} requested, but this scheduler serves no adapters")
+            self.adapters.check(adapter)
         handle = RequestHandle(next(self._ids), prompt_ids, loop, stream)
+        handle.adapter = adapter
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
@@ -338,10 +355,14 @@ class Scheduler:
         return torch_threads_for(rows) if self.numpy_blas else contextlib.nullcontext()
 
     def _forward(
-        self, ids: torch.Tensor, cache: KVCache | None, start, select: torch.Tensor | None = None
+        self, ids: torch.Tensor, cache: KVCache | None, start, select: torch.Tensor | None = None,
+        handles: list[RequestHandle] | None = None,
     ) -> torch.Tensor:
-        """Logits [B, V] of the last (or `select`ed) position of every row."""
+        """Logits [B, V] of the last (or `select`ed) position of every row (row i: `handles[i]`)."""
         with self._threads(ids.numel()):
+            if self.adapters is not None and handles is not None:
+                with self.adapters.rows([h.adapter for h in handles], self.device):
+                    return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
             return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
 
     def _uncached_logits(self, handles: list[RequestHandle]) -> torch.Tensor:
@@ -350,7 +371,7 @@ class Scheduler:
         for handle in handles:
             state = handle.state
             ids = torch.tensor([state.prompt_ids + state.generated], dtype=torch.long, device=self.device)
-            rows.append(self._forward(ids, None, 0)[0])
+            rows.append(self._forward(ids, None, 0, handles=[handle])[0])
         return torch.stack(rows)
 
     def _prefill_groups(self, admitted: list) -> list[list]:
@@ -367,7 +388,7 @@ class Scheduler:
             # drift from there. A request with an explicit seed asks for reproducibility,
             # so it is always computed in full (its blocks are still stored for others).
             reuse = self.prefix_cache is not None and params.seed is None
-            handle.cached = self.prefix_cache.match(handle.prompt_ids) if reuse else 0
+            handle.cached = self.prefix_cache.match(handle.prompt_ids, handle.adapter) if reuse else 0
         for item in sorted(admitted, key=lambda a: (a[0].cached, len(a[0].prompt_ids))):
             handle = item[0]
             batches = groups.setdefault(handle.cached, [])
@@ -409,13 +430,15 @@ class Scheduler:
             for i, handle in enumerate(live):
                 if cached:
                     k, v = self.cache.k[:, first + i], self.cache.v[:, first + i]
-                    self.prefix_cache.load(handle.prompt_ids, cached, k, v)
+                    self.prefix_cache.load(handle.prompt_ids, cached, k, v, handle.adapter)
                 ids[i, : len(handle.prompt_ids) - cached] = torch.tensor(handle.prompt_ids[cached:], dtype=torch.long)
             lengths = torch.tensor([len(h.prompt_ids) - cached for h in live], device=self.device)
-            logits = self._forward(ids, self.cache.rows(first, first + len(live)), cached, select=lengths - 1)
+            logits = self._forward(ids, self.cache.rows(first, first + len(live)), cached, select=lengths - 1,
+                                   handles=live)
         for i, handle in enumerate(live):
             if self.prefix_cache is not None:
-                self.prefix_cache.store(handle.prompt_ids, self.cache.k[:, first + i], self.cache.v[:, first + i])
+                self.prefix_cache.store(handle.prompt_ids, self.cache.k[:, first + i], self.cache.v[:, first + i],
+                                        handle.adapter)
             self.stats.prompt_tokens += len(handle.prompt_ids)
             self.stats.cached_prompt_tokens += cached
             self._emit(handle, handle.state.append(handle.state.choose(logits[i])))
@@ -430,7 +453,7 @@ class Scheduler:
             positions = [s.position for s in states]
             tokens = torch.tensor(last, dtype=torch.long, device=self.device).view(-1, 1)
             start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
-            logits = self._forward(tokens, self.cache.rows(0, len(self._rows)), start)
+            logits = self._forward(tokens, self.cache.rows(0, len(self._rows)), start, handles=self._rows)
         self.stats.steps += 1
         # Sampling stays on the forward's thread budget: beside NumPy's BLAS threads (one
         # row) a second PyTorch thread for a softmax costs more than it saves.

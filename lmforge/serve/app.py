@@ -5,7 +5,9 @@ The parts live in their own modules and share one `ServerState` (state.py):
 - errors.py: `APIError` and the OpenAI-shaped error bodies; no request ends in a trace.
 - middleware.py: `Guard`, in front of every route: the Host check against DNS
   rebinding, body size, API keys and rate limits, request metrics and logs.
-- routes.py: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+- routes.py: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics; a
+  request's model may name a LoRA adapter the scheduler's `AdapterBank` serves
+  (adapters.py reads and checks them for `lmforge serve --adapter NAME=PATH`).
 - embeddings.py: /v1/embeddings, with the embedding model `ServeSettings.embedding_model`
   names (loaded on the first request).
 - rag.py: with `ServeSettings.rag`, chat answers from a knowledge base with numbered
@@ -47,7 +49,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
     embeddings = embedding_model_from(settings)
     if knowledge is None and settings.rag is not None:
         knowledge = KnowledgeBase.open(settings.rag, explicit_embedding_model(settings))
-    metrics = ServerMetrics(scheduler)
+    metrics = ServerMetrics(scheduler, model_name=model_name)
     scheduler.on_finish = metrics.observe_generation  # every ending counts: done, cancelled or failed
     state = ServerState(scheduler=scheduler, tokenizer=tokenizer, model_name=model_name, settings=settings,
                         metrics=metrics, limiter=RateLimiter(settings.rate_limit_per_minute), embeddings=embeddings,

@@ -16,6 +16,19 @@ from lmforge.options import option
 RAG_ANSWER_MODES = ("auto", "generate", "extractive")
 
 
+def parse_adapter_flag(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` of --adapter -> (NAME, PATH); NAME is what clients send as the model."""
+    from lmforge.errors import LmforgeError
+
+    name, sep, path = text.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name or not path:
+        raise LmforgeError(f"--adapter takes NAME=PATH, got {text!r}")
+    if ":" in name or any(c.isspace() for c in name):
+        raise LmforgeError(f"adapter name {name!r} may not contain ':' or spaces (clients send NAME or BASE:NAME)")
+    return name, path
+
+
 @dataclass
 class ServeSettings:
     """Service policy: who may call, how much, and what is logged."""
@@ -76,6 +89,11 @@ class ServeRuntime:
                                                 "context, at most 4096)")
     prefix_cache_mb: float = option(128.0, help="memory for keys/values of prompt prefixes seen before, reused by "
                                                 "later requests that start the same way (0 = off)")
+    # LoRA adapters served beside the base model, each picked by a request's model name
+    # (NAME or BASE:NAME); rows of different adapters share every batch step.
+    adapters: list[str] = option(default_factory=list, flag="--adapter", repeat=True, metavar="NAME=PATH",
+                                 help="serve a LoRA adapter (a PEFT directory: adapter_config.json + "
+                                      "adapter_model.safetensors) as model NAME beside the base (repeatable)")
     db: str = option("lmforge-serve.db", metavar="PATH",
                      help="SQLite file keeping the web chat's conversations and feedback, created if missing")
 
@@ -86,3 +104,7 @@ class ServeRuntime:
             raise LmforgeError("--max-batch must be >= 1, --max-waiting and --prefix-cache-mb >= 0")
         if not 0 <= self.port <= 65535:
             raise LmforgeError(f"--port must be in 0..65535, got {self.port}")
+        names = [parse_adapter_flag(a)[0] for a in self.adapters]  # malformed flags fail before the model loads
+        for name in names:
+            if names.count(name) > 1:
+                raise LmforgeError(f"--adapter name {name!r} given twice")

@@ -1,7 +1,10 @@
 """The OpenAI-compatible routes over the continuous-batching `Scheduler`.
 
 POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health and
-GET /metrics. Response shapes and field names follow the OpenAI API, so the official
+GET /metrics. With LoRA adapters (`lmforge serve --adapter NAME=PATH`), a request's
+`model` picks one: NAME, or BASE:NAME with BASE the served model's id; the base model's id
+(or no model) is the base. /v1/models lists each adapter with the base as its `parent`
+and `root`, as OpenAI lists fine-tuned models. Response shapes and field names follow the OpenAI API, so the official
 `openai` client and OpenAI-speaking tools (lm-evaluation-harness, which scores with
 `echo` + `logprobs`) work unchanged. The routes are thin: all model work happens on the
 scheduler's thread, and everything they share lives in the app's `ServerState`.
@@ -10,6 +13,7 @@ scheduler's thread, and everything they share lives in the app's `ServerState`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -38,10 +42,23 @@ State = Annotated[ServerState, Depends(server_state)]
 
 
 # ---------------------------------------------------------------------- helpers
-def check_model(state: ServerState, name: str | None) -> None:
-    if name not in (None, "", state.model_name):
-        raise APIError(404, f"model {name!r} does not exist; this server serves {state.model_name!r}",
-                       "not_found_error", "model", "model_not_found")
+def check_model(state: ServerState, name: str | None) -> int:
+    """The adapter a request's model name picks (0: the base model); 404 for a name not served."""
+    if name in (None, "", state.model_name):
+        return 0
+    bank = state.scheduler.adapters
+    if bank is not None:
+        index = bank.index(name.removeprefix(state.model_name + ":"))
+        if index is not None:
+            return index
+    served = ", ".join(repr(c["id"]) for c in model_cards(state) if c["id"] != getattr(state.embeddings, "name", None))
+    raise APIError(404, f"model {name!r} does not exist; this server serves {served}",
+                   "not_found_error", "model", "model_not_found")
+
+
+def served_name(state: ServerState, adapter: int) -> str:
+    """The model id a response names: the base's, or the adapter's."""
+    return state.model_name if adapter == 0 else state.scheduler.adapters.adapters[adapter - 1].name
 
 
 def sampling(state: ServerState, body, max_tokens: int | None, logprobs: int | None, prompt_len: int,
@@ -73,9 +90,9 @@ def encode(state: ServerState, text: str, param: str, **kwargs) -> list[int]:
         raise APIError(400, str(exc), param=param) from None
 
 
-def submit(state: ServerState, ids: list[int], params: SamplingParams, param: str) -> RequestHandle:
+def submit(state: ServerState, ids: list[int], params: SamplingParams, param: str, adapter: int = 0) -> RequestHandle:
     try:
-        return state.scheduler.submit(ids, params, loop=asyncio.get_running_loop())
+        return state.scheduler.submit(ids, params, loop=asyncio.get_running_loop(), adapter=adapter)
     except QueueFull as exc:
         raise APIError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
     except ShuttingDown as exc:
@@ -196,13 +213,14 @@ def prompt_lists(state: ServerState, prompt) -> list[list[int]]:
     raise APIError(400, "prompt must be a string, a list of strings, or token ids", param="prompt")
 
 
-def score_prompt(state: ServerState, ids: list[int], top: int
+def score_prompt(state: ServerState, ids: list[int], top: int, adapter: int = 0
                  ) -> tuple[list[float | None], list[dict[int, float] | None]]:
     """Log-prob of every prompt token given the ones before it (runs on the scheduler thread)."""
     scheduler = state.scheduler
 
     def work():
-        with torch.inference_mode():
+        bank = scheduler.adapters
+        with torch.inference_mode(), bank.rows([adapter], scheduler.device) if bank else contextlib.nullcontext():
             logits = scheduler.model(torch.tensor([ids], device=scheduler.device))[0].float()
         logp = torch.log_softmax(logits[:-1], dim=-1)
         target = torch.tensor(ids[1:], device=logp.device)
@@ -229,13 +247,19 @@ def lp_block(state: ServerState, tokens: list[int], lps: list, tops: list) -> di
             "top_logprobs": [None if tp is None else {token_text(state, i): v for i, v in tp.items()} for tp in tops]}
 
 
-def model_card(state: ServerState, name: str | None = None) -> dict[str, Any]:
-    return {"id": name or state.model_name, "object": "model", "created": state.created, "owned_by": "lmforge"}
+def model_card(state: ServerState, name: str | None = None, parent: str | None = None) -> dict[str, Any]:
+    card = {"id": name or state.model_name, "object": "model", "created": state.created, "owned_by": "lmforge"}
+    if (state.scheduler.adapters is not None and name is None) or parent is not None:
+        card.update(root=parent or state.model_name, parent=parent)  # a fine-tune names the model it was made from
+    return card
 
 
 def model_cards(state: ServerState) -> list[dict[str, Any]]:
-    """The chat model first, then the embedding model /v1/embeddings serves (if any)."""
+    """The chat model first, its LoRA adapters, then the embedding model /v1/embeddings serves (if any)."""
     cards = [model_card(state)]
+    bank = state.scheduler.adapters
+    for name in bank.names() if bank is not None else []:
+        cards.append(model_card(state, name, parent=state.model_name))
     if state.embeddings is not None and state.embeddings.name != state.model_name:
         cards.append(model_card(state, state.embeddings.name))
     return cards
@@ -264,14 +288,14 @@ async def get_model(model_id: str, state: State):
     for card in model_cards(state):
         if card["id"] == model_id:
             return card
-    check_model(state, model_id)
-    return model_card(state)
+    adapter = check_model(state, model_id)  # BASE:NAME, or a 404
+    return model_cards(state)[adapter]
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
-    check_model(state, body.model)
-    model_name, tokenizer = state.model_name, state.tokenizer
+    adapter = check_model(state, body.model)
+    model_name, tokenizer = served_name(state, adapter), state.tokenizer
     json_object = body.response_format is not None and body.response_format.type == "json_object"
     json_schema = None
     if body.response_format is not None and body.response_format.type == "json_schema":
@@ -304,8 +328,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         except LmforgeError as exc:
             raise APIError(400, str(exc), param="response_format") from None
     if wants_knowledge_base(state, body):  # everything above was checked as for any chat request
+        if adapter:
+            raise APIError(400, f"the knowledge base answers with the base model {state.model_name!r}; send "
+                                f"\"rag\": false to chat with {model_name!r}", param="model")
         return await answer_from_knowledge_base(state, body, request)
-    handles = [submit(state, ids, p, "messages") for p in params]
+    handles = [submit(state, ids, p, "messages", adapter) for p in params]
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def logprob_content(event: Event) -> dict[str, Any] | None:
@@ -353,8 +380,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: State):
-    check_model(state, body.model)
-    model_name, tokenizer = state.model_name, state.tokenizer
+    adapter = check_model(state, body.model)
+    model_name, tokenizer = served_name(state, adapter), state.tokenizer
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of not in (None, 1, body.n):
@@ -379,7 +406,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         for k in range(body.n if generate else 1):
             if generate:
                 params = sampling(state, body, body.max_tokens, body.logprobs, len(ids), k)
-                handles.append((p_index, submit(state, ids, params, "prompt")))
+                handles.append((p_index, submit(state, ids, params, "prompt", adapter)))
             else:
                 handles.append((p_index, None))
 
@@ -416,7 +443,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     if body.echo and body.logprobs is not None:
         loop = asyncio.get_running_loop()
         for p_index, ids in enumerate(prompts):
-            scored[p_index] = await loop.run_in_executor(None, score_prompt, state, ids, body.logprobs)
+            scored[p_index] = await loop.run_in_executor(None, score_prompt, state, ids, body.logprobs, adapter)
     choices, completion_tokens = [], 0
     for i, (p_index, handle) in enumerate(handles):
         ids = prompts[p_index]
