@@ -39,8 +39,13 @@ def _args(verb: str, model, out, *extra: str) -> list[str]:
 
 
 def test_checker_and_prompts():
-    assert is_correct("3 + 5 = 8", "8") and is_correct("8", "8") and is_correct("The sum is 1,024.", "1024")
-    assert not is_correct("8 + 1", "8") and not is_correct("eight", "8") and not is_correct("", "8")
+    q = "What is 3 + 5?"
+    assert is_correct("3 + 5 = 8", "8", question=q) and is_correct("8", "8", question=q)
+    assert is_correct("The sum is 1,024.", "1024", question="What is 1000 + 24?")
+    assert not is_correct("8 or 9", "8", question=q) and not is_correct("9, no, 8", "8", question=q)  # no hedging
+    assert not is_correct("3 + 5 =", "8", question=q) and not is_correct("eight", "8") and not is_correct("", "8")
+    assert is_correct("5 + 0 = 5", "5", question="What is 5 + 0?")  # every number echoes the question
+    assert not is_correct("5 + 0 = 0", "5", question="What is 5 + 0?")
     assert is_correct("RIVER,MAPLE", "RIVER,MAPLE", "format") and not is_correct("river,maple", "RIVER,MAPLE", "format")
     assert is_correct("river, maple.", "river,maple", "format")
     prompts = draw_prompts("addition", 50, 0, max_operand=9)

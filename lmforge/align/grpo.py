@@ -155,7 +155,6 @@ def grpo_update(model, reference, optimizer, sample: GroupSample, group_size: in
     ids, mask = sample.input_ids.to(device), sample.response_mask.to(device)
     advantages = group_advantages(sample.rewards, group_size).to(device)
     with torch.no_grad():
-        old = token_logps(model, ids, mask)
         ref = None
         if beta and reference is not None:
             ref = token_logps(reference, ids, mask)
@@ -163,6 +162,8 @@ def grpo_update(model, reference, optimizer, sample: GroupSample, group_size: in
             with adapters_disabled(model) as had:
                 ref = token_logps(model, ids, mask) if had else None
     logps, entropy = _logps_and_entropy(model, ids, mask)
+    # One update per sampled batch: pi_old is the policy as it is now (no second forward for it).
+    old = logps.detach()
     out = grpo_loss(logps, old, ref, advantages, mask[:, 1:], epsilon, epsilon, beta, aggregation, max_tokens)
     out.loss.backward()
     norm = torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]

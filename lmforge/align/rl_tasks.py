@@ -9,9 +9,12 @@ A run draws its prompts from a *task*:
 
 and scores every sampled response with a *reward source*:
 
-    checker      1.0 when the response's answer equals the computed one, else 0.0: a number
-                 answer is the last number in the response ("3 + 5 = 8" answers 8; a response cut
-                 off before its answer is wrong), any other answer the first line
+    checker      1.0 when the response's answer equals the computed one, else 0.0. For a number
+                 answer, the numbers of the response that are not in the question must all
+                 equal it ("3 + 5 = 8" and "The sum is 8." are right; "8 or 9" is wrong, so
+                 hedging earns nothing; a response cut off before its answer is wrong); when
+                 every number echoes the question ("5 + 0 = 5") the last one counts. Any other
+                 answer is the first line
                  compared without case, spaces and a final full stop (format answers keep case)
     model        a reward model directory (lmforge/align/reward.py, a sequence classifier with one
                  label) scoring the prompt + response rendered through the chat template
@@ -71,11 +74,15 @@ def _normalise(text: str, keep_case: bool) -> str:
     return line if keep_case else line.lower()
 
 
-def is_correct(response: str, answer: str, task: str = "") -> bool:
-    """The checker: the response's answer equals the computed ``answer``."""
+def is_correct(response: str, answer: str, task: str = "", question: str = "") -> bool:
+    """The checker: the response's answer equals the computed ``answer`` (see the module docstring)."""
     if _NUMBER.fullmatch(answer):
-        found = _NUMBER.findall(response.replace(",", ""))
-        return bool(found) and float(found[-1]) == float(answer)
+        found = [float(n) for n in _NUMBER.findall(response.replace(",", ""))]
+        given = {float(n) for n in _NUMBER.findall(question.replace(",", ""))}
+        new = [n for n in found if n not in given]
+        if new:
+            return all(n == float(answer) for n in new)
+        return bool(found) and found[-1] == float(answer)
     return _normalise(response, keep_case=task == "format") == _normalise(answer, keep_case=task == "format")
 
 
@@ -109,7 +116,7 @@ class RewardScorer:
 
     def __call__(self, prompts: list[Prompt], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(rewards [N], correct [N] in {0, 1}) of N responses to their prompts."""
-        correct = torch.tensor([float(is_correct(r, p.answer, p.task)) for p, r in zip(prompts, responses)])
+        correct = torch.tensor([float(is_correct(r, p.answer, p.task, p.text)) for p, r in zip(prompts, responses)])
         if self.model is None:
             return correct.clone(), correct
         from lmforge.align.reward import encode_for_reward, score_rows
