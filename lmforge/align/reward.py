@@ -37,24 +37,16 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.io.atomic import atomic_directory
+from lmforge.tune.heads import ClassifierModel, backbone_of, hf_head_architecture
 
 
-class RewardModel(nn.Module):
-    """``forward(input_ids, lengths)`` -> rewards [B] of right-padded rows."""
+class RewardModel(ClassifierModel):
+    """``forward(input_ids, lengths)`` -> rewards [B] of right-padded rows: the one-output,
+    last-token case of lmforge/tune/heads.py's sequence classifier, without dropout."""
 
     def __init__(self, backbone: nn.Module, pad_token_id: int | None = None) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.pad_token_id = pad_token_id
-        self.score = nn.Linear(backbone.config.n_embd, 1, bias=False)
-        nn.init.normal_(self.score.weight, std=1.0 / (backbone.config.n_embd + 1) ** 0.5)
-
-    @property
-    def config(self):
-        return self.backbone.config
-
-    def num_parameters(self) -> int:
-        return self.backbone.num_parameters() + self.score.weight.numel()
+        super().__init__(backbone, ["LABEL_0"], "sequence", "last", dropout=0.0, pad_token_id=pad_token_id,
+                         init_std=1.0 / (backbone.config.n_embd + 1) ** 0.5)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards of rows whose real tokens are input_ids[i, :lengths[i]] (None: full rows)."""
@@ -128,11 +120,7 @@ def score_rows(model: RewardModel, rows: Sequence[Sequence[int]], pad_id: int, b
 
 def from_language_model(model: nn.Module, pad_token_id: int | None = None, seed: int = 0) -> RewardModel:
     """A reward model on the weights of a causal LM (its vocabulary head is dropped)."""
-    config = dataclasses.replace(model.config, lm_head=False)
-    backbone_state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
-    from lmforge.model.checkpoint import build_model
-
-    backbone = build_model(config, backbone_state, next(model.parameters()).dtype, next(model.parameters()).device)
+    backbone = backbone_of(model)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -140,17 +128,6 @@ def from_language_model(model: nn.Module, pad_token_id: int | None = None, seed:
     finally:
         torch.random.set_rng_state(generator_state)
     return reward.to(next(model.parameters()).device)
-
-
-def _classification_architecture(config) -> str:
-    from lmforge.model.families import FAMILIES
-
-    arch = FAMILIES[config.family].hf_architecture
-    if arch.endswith("ForCausalLM"):
-        return arch.removesuffix("ForCausalLM") + "ForSequenceClassification"
-    if arch == "GPT2LMHeadModel":
-        return "GPT2ForSequenceClassification"
-    raise LmforgeError(f"no sequence-classification layout for the {config.family} family")
 
 
 def save_reward_model(model: RewardModel, directory: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
@@ -169,7 +146,7 @@ def save_reward_model(model: RewardModel, directory: str | Path, tokenizer=None,
     hf_state.pop("lm_head.weight", None)
     hf_state["score.weight"] = model.score.weight.detach().to("cpu").clone()
     hf_config = hf_config_from(config)
-    hf_config.update(architectures=[_classification_architecture(config)], num_labels=1,
+    hf_config.update(architectures=[hf_head_architecture(config, "sequence")], num_labels=1,
                      id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
                      torch_dtype=str(hf_state["score.weight"].dtype).removeprefix("torch."))
     if model.pad_token_id is not None:

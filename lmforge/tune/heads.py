@@ -63,7 +63,7 @@ class ClassifierModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, labels: Sequence[str], task: str = "sequence", pooling: str = "auto",
-                 dropout: float = 0.1, pad_token_id: int | None = None) -> None:
+                 dropout: float = 0.1, pad_token_id: int | None = None, init_std: float = 0.02) -> None:
         super().__init__()
         if task not in TASKS:
             raise LmforgeError(f"unknown head task {task!r} (choose {', '.join(TASKS)})")
@@ -86,7 +86,7 @@ class ClassifierModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # A decoder's sequence head has no bias in transformers' layout (score.weight only).
         self.score = nn.Linear(width, len(self.labels), bias=not (task == "sequence" and config.causal))
-        nn.init.normal_(self.score.weight, std=0.02)
+        nn.init.normal_(self.score.weight, std=init_std)
         if self.score.bias is not None:
             nn.init.zeros_(self.score.bias)
         if self.pooler is not None:
