@@ -29,6 +29,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.rag",        # rag index | ask | eval, ask
     "lmforge.cli.align",      # align data | reward | dpo
     "lmforge.cli.merge",      # merge
+    "lmforge.cli.distill",    # distill RECIPE
 )
 
 
