@@ -5,6 +5,7 @@ and bad input ends in one clear message."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_checker_and_prompts():
         draw_prompts("poetry", 1, 0)
 
 
-def test_grpo_and_ppo_end_to_end(tiny_dir, tmp_path, capsys):
+def test_grpo_end_to_end(tiny_dir, tmp_path, capsys):
     model_dir, _, _ = tiny_dir
     assert main(_args("grpo", model_dir, tmp_path / "grpo")) == 0
     report = json.loads(capsys.readouterr().out)
@@ -72,8 +73,11 @@ def test_grpo_and_ppo_end_to_end(tiny_dir, tmp_path, capsys):
     for key in ("reward", "kl", "entropy", "clip_fraction", "correct"):
         assert all(isinstance(r[key], float) for r in train), key
 
+
+def test_ppo_end_to_end(tiny_dir, tmp_path, capsys):
+    model_dir, _, _ = tiny_dir
     assert main(_args("ppo", model_dir, tmp_path / "ppo", "--ppo-epochs", "2", "--minibatch-size", "2",
-                      "--target-kl", "0.1", "--kl-horizon", "10")) == 0
+                      "--target-kl", "0.1", "--kl-horizon", "10", "--no-plots")) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["objective"] == "ppo" and report["steps"] == 2
     assert report["value_loss"]["first"] >= 0 and report["final_beta"] > 0
@@ -84,8 +88,36 @@ def test_grpo_and_ppo_end_to_end(tiny_dir, tmp_path, capsys):
     assert train[1]["beta"] < train[0]["beta"]
     assert (tmp_path / "ppo" / "value_head.safetensors").is_file()
     assert (tmp_path / "ppo" / "model" / "config.json").is_file()
+    assert not (tmp_path / "ppo" / "plots").exists()
 
 
+def test_grpo_update_with_lora_takes_the_base_as_reference():
+    """No reference model given: the KL is measured against the model with its adapters off."""
+    from lmforge.align.grpo import GroupSample, grpo_update
+    from lmforge.tune.peft import PeftOptions, apply_peft
+
+    torch.manual_seed(0)
+    model = apply_peft(Transformer(ModelConfig(vocab_size=16, n_embd=32, n_head=4, n_layer=1, intermediate_size=64,
+                                               max_position_embeddings=32)),
+                       PeftOptions(method="lora", r=2, target_modules=["q_proj", "v_proj"], seed=0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    ids = torch.tensor([[1, 5, 3, 3], [1, 5, 4, 2], [1, 6, 3, 2], [1, 6, 7, 7]])
+    mask = torch.tensor([[0, 0, 1, 1]] * 4)
+    sample = GroupSample(ids, mask, ["", "", "", ""], torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    first = grpo_update(model, None, optimizer, sample, 2, beta=0.1)
+    second = grpo_update(model, None, optimizer, sample, 2, beta=0.1)
+    assert first["kl"] == 0.0  # LoRA's B starts at zero: the adapted model is the base
+    assert second["kl"] > 0 and "entropy" in second
+    # dr_grpo: the loss is normalised by the token budget given, not by the padded width. With
+    # pi_old = pi the ratio is 1 and the loss is -sum_i A_i n_i / (responses x budget).
+    longer = GroupSample(ids, torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]] * 2), sample.texts, sample.rewards)
+    a = grpo_update(model, None, optimizer, longer, 2, beta=0.0, aggregation="dr_grpo", max_tokens=3)["loss"]
+    b = grpo_update(model, None, optimizer, longer, 2, beta=0.0, aggregation="dr_grpo", max_tokens=6)["loss"]
+    adv = 0.5 / (math.sqrt(0.5) + 1e-4)  # rewards (1, 0) in a group: centred +-0.5, Bessel std sqrt(0.5)
+    assert math.isclose(a, -(adv * 3 - adv * 2) * 2 / (4 * 3), rel_tol=1e-5) and math.isclose(a / b, 2, rel_tol=1e-5)
+
+
+@pytest.mark.slow
 def test_lora_run_saves_an_adapter_and_reward_model_scores(tiny_dir, tmp_path, capsys):
     from lmforge.align.reward import from_language_model, save_reward_model
 
