@@ -195,3 +195,15 @@ def test_cli_classify_end_to_end(tiny_bert_dir, tmp_path):
     assert report["steps"] == 4 and [e["step"] for e in report["validation"]] == [2, 4]
     bad = subprocess.run(cmd[:6] + ["--head.focal-gamma", "-1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "focal_gamma" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_writes_the_entity_set(tmp_path, capsys):
+    from lmforge.cli import main
+
+    assert main(["finetune", "data", "entities", "--out", str(tmp_path / "ent"), "--train-size", "40",
+                 "--validation-size", "10", "--test-size", "20", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["counts"] == {"train": 40, "validation": 10, "test": 20} and info["task"] == "token"
+    rows = [json.loads(line) for line in (tmp_path / "ent" / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(len(r["tokens"]) == len(r["tags"]) for r in rows)
+    assert info["entities"]["test"] == sum(t.startswith("B-") for r in rows for t in r["tags"])
