@@ -174,9 +174,8 @@ def test_bad_recipes_are_refused(tiny_bert_dir, tmp_path):
         classify(config, progress=False, log=lambda _m: None, splits=_keyword_splits()[0])
 
 
-def test_cli_classify_end_to_end(tiny_bert_dir, tmp_path):
-    import subprocess
-    import sys
+def test_cli_classify_end_to_end(tiny_bert_dir, tmp_path, capsys):
+    from lmforge.cli import main
 
     seq, _ = _keyword_splits()
     data = tmp_path / "data"
@@ -184,17 +183,17 @@ def test_cli_classify_end_to_end(tiny_bert_dir, tmp_path):
     for split, rows in seq.items():
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lmforge", "finetune", "classify", "classify-sentiment-minilm",
-           "--model.init-from", str(tiny_bert_dir), "--data.dataset", str(data), "--train.max-steps", "4",
-           "--train.eval-interval", "2", "--schedule.warmup-steps", "1", "--out", str(out), "--quiet"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "test split (16 texts): accuracy" in done.stdout and "| true \\ predicted |" in done.stdout
+    args = ["finetune", "classify", "classify-sentiment-minilm", "--model.init-from", str(tiny_bert_dir),
+            "--data.dataset", str(data), "--train.max-steps", "4", "--train.eval-interval", "2",
+            "--schedule.warmup-steps", "1", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "test split (16 texts): accuracy" in printed and "| true \\ predicted |" in printed
     assert (out / "model" / "config.json").is_file() and (out / "plots" / "confusion.png").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 4 and [e["step"] for e in report["validation"]] == [2, 4]
-    bad = subprocess.run(cmd[:6] + ["--head.focal-gamma", "-1"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "focal_gamma" in bad.stderr and "Traceback" not in bad.stderr
+    assert main(args[:3] + ["--head.focal-gamma", "-1"]) == 1
+    assert "focal_gamma" in capsys.readouterr().err
 
 
 def test_cli_writes_the_entity_set(tmp_path, capsys):
