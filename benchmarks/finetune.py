@@ -135,11 +135,21 @@ def check_agreement(ours, theirs, ids):
     return losses, worst
 
 
-def make_step(model, hf: bool, lr=1e-4):
+# lmforge's training paths that `--variants` can time beside the default (each sets these
+# switches of lmforge/tune/peft/lora_kernel.py for its own steps only).
+VARIANTS = {"default": {}, "unfused": {"ENABLED": False}, "unpacked": {"PACK_FROZEN": False}}
+
+
+def make_step(model, hf: bool, lr=1e-4, variant: str = "default"):
+    from lmforge.tune.peft import lora_kernel
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, fused=True)
+    switches = {"ENABLED": True, "PACK_FROZEN": True, **VARIANTS[variant]}
 
     def step(ids):
+        for name, value in switches.items():
+            setattr(lora_kernel, name, value)
         loss = loss_fn(model, ids, hf)
         loss.backward()
         opt.step()
@@ -268,10 +278,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and side")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per round and side")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--variants", nargs="*", default=[], choices=[v for v in VARIANTS if v != "default"],
+                    help="also time these lmforge paths in the same rounds (the ratio stays default vs peft)")
     ap.add_argument("--memory", action="store_true", help="also peak RSS of LoRA vs QLoRA (child processes)")
     ap.add_argument("--methods", action="store_true", help="compare every PEFT method on a small random Llama")
     ap.add_argument("--child", choices=("lora", "qlora"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         return child(args.child, args)
     if args.methods:
@@ -295,6 +310,8 @@ def main() -> None:
     batches = [torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen) for _ in range(4)]
     first, grad_diff = check_agreement(ours, theirs, batches[0])
     steps = {"lmforge": make_step(ours, False), "peft": make_step(theirs, True)}
+    for variant in args.variants:  # the same adapted model; the steps differ in the path they take
+        steps[f"lmforge {variant}"] = make_step(ours, False, variant=variant)
     load_before = os.getloadavg()[0]
     tokens = args.batch_size * args.seq_len
     rates: dict[str, list[float]] = {n: [] for n in steps}
@@ -317,11 +334,14 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; first loss {first[0]:.6f} vs {first[1]:.6f}, LoRA gradients within "
           f"{grad_diff:.1e} of their largest entry")
     print(f"load average (1 min) {load_before:.1f} before, {load_after:.1f} after")
-    print(f"{'':14}{'median tok/s':>14}{'min':>10}{'max':>10}")
+    print(f"{'':18}{'median tok/s':>14}{'min':>10}{'max':>10}")
     for name in steps:
         v = rates[name]
-        print(f"{name:14}{statistics.median(v):>14.0f}{min(v):>10.0f}{max(v):>10.0f}")
-    print(f"{'ratio':14}{statistics.median(ratios):>14.2f}{min(ratios):>10.2f}{max(ratios):>10.2f}")
+        print(f"{name:18}{statistics.median(v):>14.1f}{min(v):>10.1f}{max(v):>10.1f}")
+    print(f"{'ratio':18}{statistics.median(ratios):>14.2f}{min(ratios):>10.2f}{max(ratios):>10.2f}")
+    for variant in args.variants:
+        r = [a / b for a, b in zip(rates[f"lmforge {variant}"], rates["peft"])]
+        print(f"{'ratio ' + variant:18}{statistics.median(r):>14.2f}{min(r):>10.2f}{max(r):>10.2f}")
     print("per-round ratios: " + ", ".join(f"{x:.2f}" for x in ratios))
     memory = {}
     if args.memory:
@@ -340,6 +360,8 @@ def main() -> None:
         "threads": torch.get_num_threads(), "trainable": trainable[0], "total": trainable[1],
         "lmforge_tok_s": statistics.median(rates["lmforge"]), "peft_tok_s": statistics.median(rates["peft"]),
         "ratio": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios], "first_loss": first,
+        "variants": {v: statistics.median(a / b for a, b in zip(rates[f"lmforge {v}"], rates["peft"]))
+                     for v in args.variants},
         "grad_rel_diff": grad_diff, "load_avg": [round(load_before, 2), round(load_after, 2)], "memory": memory,
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "machine": platform.processor() or platform.machine(),

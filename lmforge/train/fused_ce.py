@@ -29,6 +29,8 @@ import torch
 
 from lmforge.model import onednn
 
+from . import frozen_weights
+
 # Rows of logits per chunk: as many as fit in 2**22 floats (16 MB in float32), but at least
 # MIN_ROWS. A chunk's three matrix products are only as efficient as they are tall (with
 # 128 rows the logits product ran about 10% slower than with 512), so small chunks cost
@@ -69,6 +71,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dnn = onednn.usable(hidden, weight)
             mm_nt = onednn.mm_nt if dnn else (lambda a, b: torch.mm(a, b.t()))
             transposed = dnn and onednn.transposed_weight_grad_is_cheaper(rows, vocab, hidden.shape[1])
+            # W^T for dh = g W: a frozen head (a tied embedding while adapters train) keeps
+            # oneDNN's blocked copy of W^T across steps (frozen_weights.py) instead of
+            # re-laying the [vocab, n_embd] matrix from its transposed view in every chunk.
+            weight_t = weight.t()
+            if dnn and need_hidden and not weight.requires_grad and frozen_weights.PACK_HEAD:
+                weight_t = frozen_weights.packed(weight, transposed=True)
             for lo in range(0, rows, step):
                 h, t = hidden[lo : lo + step], targets[lo : lo + step].unsqueeze(1)
                 logits = mm_nt(h, weight).float()
@@ -86,7 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.scatter_add_(1, t, torch.full_like(target_logit, -scale))
                 g = probs.to(weight.dtype)
                 if need_hidden:
-                    hidden_parts.append(mm_nt(g, weight.t()))  # dh = g W; W^T's view is read in place
+                    hidden_parts.append(mm_nt(g, weight_t))  # dh = g W
                 if need_weight:
                     # dW = g^T h, summed over chunks in the weight's dtype; the first chunk
                     # writes it (no zero fill). With `transposed`, the sum is of h^T g = dW^T.
