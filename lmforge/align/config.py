@@ -278,6 +278,25 @@ class SafetyEvalConfig:
         _safety_sets(self.sets)
 
 
+@dataclass
+class SafetySftDataConfig:
+    """`lmforge align safety-data OUT`: chat records for safety SFT (every field is a flag)."""
+
+    seed: int = option(0, help="seed of the generated pairs and tasks")
+    harmful: int = option(100, help="harmful requests (answer: a refusal with a safe alternative)")
+    benign: int = option(60, help="benign look-alikes (answer: the helpful answer)")
+    bias: int = option(60, help="stereotype questions (answer: the information does not say)")
+    general: int = option(200, help="general instructions (generated tasks with checkable answers) mixed in so "
+                                    "that the model does not learn to refuse everything")
+    system: str | None = option("You are a helpful assistant.", help="system message of every record (empty: none)")
+
+    def validate(self) -> None:
+        if min(self.harmful, self.benign, self.bias, self.general) < 0:
+            raise LmforgeError("the numbers of harmful, benign, bias and general records must be >= 0")
+        if self.harmful + self.benign + self.bias + self.general == 0:
+            raise LmforgeError("no records asked for")
+
+
 def config_from_dict(cls: type, values: dict[str, Any]):
     """A DPOConfig / RewardConfig / PPOConfig / GRPOConfig from a recipe mapping (unknown keys are refused)."""
     import dataclasses

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmforge.align.config import SafetyEvalConfig
+from lmforge.align.config import SafetyEvalConfig, SafetySftDataConfig
 from lmforge.align.preference_data import is_refusal
 from lmforge.errors import LmforgeError
 
@@ -184,6 +184,54 @@ def score_bias_pairs(model, tokenizer, pairs: list[dict], confidence: float = 0.
     return {"by_dimension": table, "pairs": items}
 
 
+# ---- safety SFT data ------------------------------------------------------------------------
+
+def safety_sft_records(config: SafetySftDataConfig) -> dict[str, list[dict]]:
+    """train / validation chat records: the generated safety pairs' *chosen* answers (refusals for
+    harmful requests, helpful answers for look-alikes, "nothing here tells us" for stereotype
+    questions) mixed with generated general tasks. The pairs keep preference_data's split (by
+    subject), so validation never shares an item with training; the held-out evaluation sets
+    share nothing with either."""
+    import random
+
+    from lmforge.align.preference_data import PreferenceDataConfig, generate_pairs
+    from lmforge.tune.datasets import make_dataset
+
+    config.validate()
+    pairs = generate_pairs(PreferenceDataConfig(seed=config.seed, arithmetic=0, format=0, json=0,
+                                                harmful=config.harmful, benign=config.benign, bias=config.bias,
+                                                validation_fraction=0.1, test_fraction=0.0))
+    system = [{"role": "system", "content": config.system}] if config.system else []
+    out: dict[str, list[dict]] = {"train": [], "validation": []}
+    for split in out:
+        for rec in pairs.get(split, []):
+            out[split].append({"messages": system + [{"role": "user", "content": rec["prompt"]},
+                                                     {"role": "assistant", "content": rec["chosen"]}],
+                               "task": f"safety/{rec['kind']}", "source": rec["source"]})
+    n_val = max(1, config.general // 10) if config.general else 0
+    general = make_dataset("mixed", seed=config.seed, sizes={"train": config.general, "validation": n_val, "test": 0})
+    for split in out:
+        for rec in general[split]:
+            out[split].append({**rec, "messages": system + rec["messages"]})
+    for split, records in out.items():
+        random.Random(f"{config.seed}:{split}").shuffle(records)
+    return out
+
+
+def write_safety_sft(out: str | Path, config: SafetySftDataConfig) -> dict[str, Path]:
+    """OUT/train.jsonl and OUT/validation.jsonl, written atomically."""
+    from lmforge.io.atomic import write_text_atomic
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LmforgeError(f"cannot create {out}: {exc}") from None
+    return {split: write_text_atomic(out / f"{split}.jsonl",
+                                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            for split, records in safety_sft_records(config).items()}
+
+
 # ---- the model -------------------------------------------------------------------------------
 
 def load_for_eval(model: str | None, adapter: str | None = None, device: str = "auto"):
@@ -194,6 +242,8 @@ def load_for_eval(model: str | None, adapter: str | None = None, device: str = "
     from lmforge.model.loading import load_model, load_tokenizer, pick_device, pick_dtype
     from lmforge.model.registry import resolve
 
+    if adapter is not None and not Path(adapter).is_dir():
+        raise LmforgeError(f"adapter directory {adapter} does not exist")
     spec = resolve(model)
     dev = pick_device(device)
     tokenizer = load_tokenizer(spec)
@@ -201,8 +251,6 @@ def load_for_eval(model: str | None, adapter: str | None = None, device: str = "
     if adapter is not None:
         from lmforge.tune.peft import load_adapter, merge_and_unload
 
-        if not Path(adapter).is_dir():
-            raise LmforgeError(f"adapter directory {adapter} does not exist")
         net = merge_and_unload(load_adapter(net, adapter))
     net.eval()
     if dev.type == "cpu":

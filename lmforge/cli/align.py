@@ -6,6 +6,7 @@
     lmforge align ppo [RECIPE] [--flags]         # PPO from rewards: value head, GAE, KL penalty
     lmforge align grpo [RECIPE] [--flags]        # GRPO: group-relative advantages, no value head
     lmforge align safety-eval [--model M] [--adapter DIR]   # refusal, over-refusal, bias probes
+    lmforge align safety-data OUT                # chat records for safety SFT (refusals + look-alikes + tasks)
 
 A RECIPE is a YAML file (or the name of one in ./recipes or lmforge's recipes/, e.g.
 ``dpo-smollm2``) whose keys are the run's fields; flags override it.
@@ -156,6 +157,15 @@ def cmd_safety_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_safety_data(args: argparse.Namespace) -> int:
+    from lmforge.align.config import SafetySftDataConfig
+    from lmforge.align.safety import write_safety_sft
+
+    for split, path in write_safety_sft(args.out, config_from_args(SafetySftDataConfig, args)).items():
+        print(f"{split}: {sum(1 for _ in open(path, encoding='utf-8'))} records -> {path}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from lmforge.align.preference_data import generate_pairs, write_pairs
 
@@ -193,7 +203,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "clipped objective, KL penalty to the start", loss=False, peft=True).set_defaults(func=cmd_ppo)
     _run_parser(verbs, "grpo", GRPOConfig, "GRPO from rewards: group-relative advantages, clipped objective, "
                 "KL penalty to the start", loss=False, peft=True).set_defaults(func=cmd_grpo)
-    from lmforge.align.config import SafetyEvalConfig
+    from lmforge.align.config import SafetyEvalConfig, SafetySftDataConfig
 
     s = verbs.add_parser("safety-eval", help="refusal rate on held-out harmful requests, over-refusal on benign "
                          "look-alikes, reworded requests, bias probes (writes OUT/report.json and a plot)")
@@ -201,6 +211,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="print the report (without the answers) as one JSON object")
     add_config_flags(s, SafetyEvalConfig)
     s.set_defaults(func=cmd_safety_eval)
+    sd = verbs.add_parser("safety-data", help="write chat records for safety SFT: refusals, helpful answers to "
+                          "look-alikes, stereotype answers and general tasks (train/validation.jsonl)")
+    sd.add_argument("out", help="output directory")
+    add_config_flags(sd, SafetySftDataConfig)
+    sd.set_defaults(func=cmd_safety_data)
     d = verbs.add_parser("data", help="write the generated preference pairs as JSONL (train/validation/test)")
     d.add_argument("out", help="output directory")
     add_config_flags(d, PreferenceDataConfig)
