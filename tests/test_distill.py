@@ -393,6 +393,7 @@ def test_student_with_another_vocabulary_or_tokenizer_is_refused(tokenizer, tiny
     assert info == {"init": str(teacher_dir)} and student.config.n_layer == 4
 
 
+@pytest.mark.slow
 def test_bad_input_on_the_command_line_is_one_line(tmp_path, teacher_dir):
     result = _run(["distill", "--distill.temperature", "-1", "--out", str(tmp_path / "r")], timeout=60)
     assert result.returncode == 1 and "distill.temperature must be > 0" in result.stderr
