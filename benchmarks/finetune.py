@@ -15,7 +15,18 @@ What lmforge does differently (the method, not the measurement): the frozen base
 computes no weight gradients in either library, but lmforge's q/k/v and gate/up are one
 product each, and their LoRA is one product with the stacked A and one with the
 block-laid B (targets.py, layers.py); the head's loss is computed in chunks without
-keeping the logits (lmforge/train/fused_ce.py); there is less Python per step.
+keeping the logits (lmforge/train/fused_ce.py); there is less Python per step. In training,
+each LoRA'd layer is one autograd function (lmforge/tune/peft/lora_kernel.py): the adapter's
+product is added by the base product as it writes, the input gradient g W + (g s B) A is
+one output, and the frozen W and W^T are kept in oneDNN's packed layout
+(lmforge/train/frozen_weights.py); a frozen (tied) head keeps its W^T packed for the loss.
+
+`--variants unfused unpacked` also times, in the same rounds, lmforge without that
+function (plain autograd over the same products) and with it but without the packed
+copies; `--threads N` fixes the thread count (on a machine shared with other jobs, one
+thread per side is the least disturbed). Besides wall-clock tokens/s the script reports
+tokens per CPU second of the process and their ratio: under load the wall clock also
+counts the time a side waited for a core.
 
 Rounds alternate the order of the two sides; the table gives medians and spread, and the
 JSON line the median ratio. `--memory` also runs LoRA and QLoRA training in child
@@ -315,16 +326,20 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     tokens = args.batch_size * args.seq_len
     rates: dict[str, list[float]] = {n: [] for n in steps}
+    # Tokens per CPU second of this process as well: on a machine shared with other jobs the
+    # wall clock also counts time the process waited for a core; CPU time counts the work.
+    cpu_rates: dict[str, list[float]] = {n: [] for n in steps}
     progress = Progress("finetune benchmark", args.rounds, unit="rounds", log_every=0.0)
     for r in range(args.rounds):
         for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
             step = steps[name]
             for i in range(args.warmup):
                 step(batches[i % 4])
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for i in range(args.steps):
                 step(batches[i % 4])
             rates[name].append(tokens * args.steps / (time.perf_counter() - start))
+            cpu_rates[name].append(tokens * args.steps / (time.process_time() - cpu_start))
         progress.update(r + 1, info=", ".join(f"{n} {rates[n][-1]:.0f} tok/s" for n in steps))
     progress.close()
     load_after = os.getloadavg()[0]
@@ -343,6 +358,13 @@ def main() -> None:
         r = [a / b for a, b in zip(rates[f"lmforge {variant}"], rates["peft"])]
         print(f"{'ratio ' + variant:18}{statistics.median(r):>14.2f}{min(r):>10.2f}{max(r):>10.2f}")
     print("per-round ratios: " + ", ".join(f"{x:.2f}" for x in ratios))
+    cpu_ratios = [a / b for a, b in zip(cpu_rates["lmforge"], cpu_rates["peft"])]
+    print(f"tokens per CPU second: lmforge {statistics.median(cpu_rates['lmforge']):.1f}, peft "
+          f"{statistics.median(cpu_rates['peft']):.1f}; CPU-time ratio {statistics.median(cpu_ratios):.2f} "
+          f"(per round " + ", ".join(f"{x:.2f}" for x in cpu_ratios) + ")")
+    for variant in args.variants:
+        r = [a / b for a, b in zip(cpu_rates[f"lmforge {variant}"], cpu_rates["peft"])]
+        print(f"CPU-time ratio {variant}: {statistics.median(r):.2f} (per round " + ", ".join(f"{x:.2f}" for x in r) + ")")
     memory = {}
     if args.memory:
         del ours, theirs, theirs_base, steps
@@ -362,6 +384,9 @@ def main() -> None:
         "ratio": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios], "first_loss": first,
         "variants": {v: statistics.median(a / b for a, b in zip(rates[f"lmforge {v}"], rates["peft"]))
                      for v in args.variants},
+        "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratios": [round(x, 3) for x in cpu_ratios],
+        "cpu_variants": {v: statistics.median(a / b for a, b in zip(cpu_rates[f"lmforge {v}"], cpu_rates["peft"]))
+                         for v in args.variants},
         "grad_rel_diff": grad_diff, "load_avg": [round(load_before, 2), round(load_after, 2)], "memory": memory,
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "machine": platform.processor() or platform.machine(),

@@ -14,7 +14,7 @@ from lmforge.train.loss import causal_lm_loss
 from lmforge.tune.peft import PeftOptions, apply_peft, lora_kernel
 from lmforge.tune.peft.layers import LoraLinear
 
-pytestmark = pytest.mark.skipif(not lora_kernel.available(), reason="oneDNN's linear op with an add post-op is missing")
+pytestmark = pytest.mark.skipif(not lora_kernel.available(), reason="oneDNN's linear op on packed weights is missing")
 
 
 def _tiny(family="llama", **extra) -> Transformer:
