@@ -192,6 +192,7 @@ def test_cli_classify_end_to_end(tiny_bert_dir, tmp_path, capsys):
     assert (out / "model" / "config.json").is_file() and (out / "plots" / "confusion.png").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 4 and [e["step"] for e in report["validation"]] == [2, 4]
+    assert "Test split (16 texts): accuracy" in (out / "report.md").read_text()
     assert main(args[:3] + ["--head.focal-gamma", "-1"]) == 1
     assert "focal_gamma" in capsys.readouterr().err
 

@@ -664,10 +664,28 @@ def classify(config: ClassifyConfig, resume: bool = False, progress: bool = True
         if config.eval.test and task.encoded.get("test"):
             report["test"] = write_metrics(task.score(model, "test"), out, task.task)
         write_json_atomic(out / "report.json", report)
+        write_text_atomic(out / "report.md", format_report(report))
         write_text_atomic(out / "classify.yaml", to_yaml(config))
         return report
     finally:
         shutdown(trainer.runtime)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The loop's run report with the trainable share and the test split's headline figures."""
+    from lmforge.train.loop import format_report as loop_report
+
+    lines = [loop_report(report).rstrip("\n"), "",
+             f"Trainable: {report['trainable_parameters']:,} of {report['total_parameters']:,} parameters "
+             f"({100 * report['trainable_fraction']:.2f}%, peft {report['peft']})."]
+    test = report.get("test")
+    if test and report["task"] == "sequence":
+        lines.append(f"Test split ({test['examples']} texts): accuracy {test['accuracy']:.4f}, "
+                     f"macro F1 {test['macro_f1']:.4f}; details in [metrics.md](metrics.md).")
+    elif test:
+        lines.append(f"Test split ({test['examples']} sentences): entity F1 {test['entity_f1']:.4f}, word accuracy "
+                     f"{test['token_accuracy']:.4f}; details in [metrics.md](metrics.md).")
+    return "\n".join(lines) + "\n"
 
 
 def write_metrics(result: dict[str, Any], out: Path, task: str) -> dict[str, Any]:
