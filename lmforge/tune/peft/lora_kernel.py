@@ -27,11 +27,13 @@ by part, so no cat/pad/split bookkeeping appears in the autograd graph.
 
 The frozen W is a constant while training, so it can be kept in the layout its products
 want: oneDNN's blocked copy of W for the forward and of W^T for the input gradient
-(lmforge/train/frozen_weights.py), made once and remade only when the weight changes (merge, load). Without
-them oneDNN re-lays the plain weight at every call, which for the transposed view of the
-backward costs 10-30% of the product on the machines we measured. The price is memory:
-two more copies of every adapted frozen weight (`PACK_FROZEN = False` trades that speed
-back for the memory). Values equal plain autograd's up to float summation order.
+(lmforge/train/frozen_weights.py), made once and remade only when the weight changes
+(merge, load). Without them oneDNN re-lays the plain weight at every call; for the
+transposed view the input gradient reads, that cost 10-15% of the default model's
+largest products on one core of a shared Xeon (docs/benchmarks.md). The price is
+memory: two more copies of every adapted frozen weight (`PACK_FROZEN = False` trades
+that speed back for the memory). Values equal plain autograd's up to float summation
+order (tests/test_peft_speed_paths.py).
 """
 
 from __future__ import annotations
@@ -120,11 +122,11 @@ class _LoraLinear(torch.autograd.Function):
             grad_x = op(grad, ctx.weight_t, None, "none", [], "").addmm_(gz, a)
         grad_a = onednn.weight_grad(gz, x)  # [n r, in]; part i is rows i r .. (i + 1) r
         grads_a = [grad_a[i * r:(i + 1) * r] for i in range(n)] if n > 1 else [grad_a]
-        grads_b = []
-        for i in range(n):
-            g_i = grad[:, starts[i]:stops[i]] if n > 1 or stops[0] - starts[0] != out else grad
-            z_i = z[:, i * r:(i + 1) * r] if n > 1 else z
-            grads_b.append(onednn.weight_grad(g_i.contiguous(), z_i.contiguous()).mul_(ctx.scaling))
+        # dB_i = s g_i^T z_i is block i of s g^T z [out, n r]: one product over the whole
+        # gradient instead of a copy of each part's columns of g (the off-diagonal blocks
+        # it also computes cost n r / out of a base product; the copies cost more).
+        grad_b = onednn.weight_grad(grad, z).mul_(ctx.scaling)
+        grads_b = [grad_b[starts[i]:stops[i], i * r:(i + 1) * r] for i in range(n)]
         return (grad_x, None, None, None, *grads_a, *grads_b)
 
 
