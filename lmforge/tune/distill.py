@@ -362,29 +362,20 @@ def chosen_layers(section: StudentSection, n_teacher: int) -> list[int]:
 def student_from_layers(teacher, layers: Sequence[int]):
     """A student of the teacher's configuration with ``len(layers)`` blocks, holding copies of
     the teacher's embeddings, final norm, head and blocks ``layers`` (DistilBERT's init)."""
-    import torch
+    from lmforge.model.transformer import Transformer
 
     config = dataclasses.replace(teacher.config, n_layer=len(layers), extra=dict(teacher.config.extra))
+    student = Transformer(config)
     source = teacher.state_dict()
     state = {}
-    for name in _state_names(config):
+    for name in student.state_dict():
         if name.startswith("layers."):
             index, rest = name.split(".", 2)[1:]
             state[name] = source[f"layers.{layers[int(index)]}.{rest}"]
         else:
             state[name] = source[name]
-    from lmforge.model.checkpoint import build_model
-
-    return build_model(config, {k: v.detach().clone() for k, v in state.items()}, torch.float32).train()
-
-
-def _state_names(config) -> list[str]:
-    import torch
-
-    from lmforge.model.transformer import Transformer
-
-    with torch.device("meta"):
-        return list(Transformer(config).state_dict())
+    student.load_state_dict(state)  # copies the values: training the student leaves the teacher as it is
+    return student.float().train()
 
 
 def random_student(teacher_config, section: StudentSection):
