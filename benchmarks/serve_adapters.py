@@ -134,6 +134,7 @@ def main() -> None:
         order = list(ways) if r % 2 == 0 else list(reversed(ways))
         for k in order:
             results[k].append(ways[k]())
+            print(f"round {r + 1} {k}: {results[k][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
         progress.update(r + 1)
     progress.close()
     med = {k: statistics.median(v) for k, v in results.items()}

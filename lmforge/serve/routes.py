@@ -42,11 +42,16 @@ State = Annotated[ServerState, Depends(server_state)]
 
 
 # ---------------------------------------------------------------------- helpers
+def adapter_bank(state: ServerState):
+    """The LoRA adapters the scheduler serves (lmforge/infer/adapters.py), or None."""
+    return getattr(state.scheduler, "adapters", None)
+
+
 def check_model(state: ServerState, name: str | None) -> int:
     """The adapter a request's model name picks (0: the base model); 404 for a name not served."""
     if name in (None, "", state.model_name):
         return 0
-    bank = state.scheduler.adapters
+    bank = adapter_bank(state)
     if bank is not None:
         index = bank.index(name.removeprefix(state.model_name + ":"))
         if index is not None:
@@ -58,7 +63,7 @@ def check_model(state: ServerState, name: str | None) -> int:
 
 def served_name(state: ServerState, adapter: int) -> str:
     """The model id a response names: the base's, or the adapter's."""
-    return state.model_name if adapter == 0 else state.scheduler.adapters.adapters[adapter - 1].name
+    return state.model_name if adapter == 0 else adapter_bank(state).adapters[adapter - 1].name
 
 
 def sampling(state: ServerState, body, max_tokens: int | None, logprobs: int | None, prompt_len: int,
@@ -219,7 +224,7 @@ def score_prompt(state: ServerState, ids: list[int], top: int, adapter: int = 0
     scheduler = state.scheduler
 
     def work():
-        bank = scheduler.adapters
+        bank = adapter_bank(state)
         with torch.inference_mode(), bank.rows([adapter], scheduler.device) if bank else contextlib.nullcontext():
             logits = scheduler.model(torch.tensor([ids], device=scheduler.device))[0].float()
         logp = torch.log_softmax(logits[:-1], dim=-1)
@@ -249,7 +254,7 @@ def lp_block(state: ServerState, tokens: list[int], lps: list, tops: list) -> di
 
 def model_card(state: ServerState, name: str | None = None, parent: str | None = None) -> dict[str, Any]:
     card = {"id": name or state.model_name, "object": "model", "created": state.created, "owned_by": "lmforge"}
-    if (state.scheduler.adapters is not None and name is None) or parent is not None:
+    if (adapter_bank(state) is not None and name is None) or parent is not None:
         card.update(root=parent or state.model_name, parent=parent)  # a fine-tune names the model it was made from
     return card
 
@@ -257,7 +262,7 @@ def model_card(state: ServerState, name: str | None = None, parent: str | None =
 def model_cards(state: ServerState) -> list[dict[str, Any]]:
     """The chat model first, its LoRA adapters, then the embedding model /v1/embeddings serves (if any)."""
     cards = [model_card(state)]
-    bank = state.scheduler.adapters
+    bank = adapter_bank(state)
     for name in bank.names() if bank is not None else []:
         cards.append(model_card(state, name, parent=state.model_name))
     if state.embeddings is not None and state.embeddings.name != state.model_name:
