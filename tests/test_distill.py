@@ -417,3 +417,30 @@ def test_shipped_distill_recipes_load_and_every_field_is_a_flag():
         assert config.train.out.startswith("runs/") and config.distill.alpha > 0
     assert {"distill.alpha", "distill.temperature", "distill.kl", "distill.top_k", "student.keep_every",
             "student.n_layer", "data.kind", "eval.draft_tokens"} <= set(option_names())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(teacher_dir, text_source, tmp_path):
+    """2 processes x 2 rows = 1 process x 4 rows, for the distilled run and the baseline after it
+    (both runs share one process group); the comparison is rank 0's."""
+    from lmforge.tune.distill import distill
+
+    options = {"train.max_steps": 3, "train.eval_interval": 3, "train.save_interval": 3, "train.batch_size": 4,
+               "eval.heldout_tokens": 0, "eval.decode_rounds": 1}
+    distill(_config(teacher_dir, text_source, tmp_path / "one", **options), **QUIET)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge"]
+    flags = _flags({"teacher.model": str(teacher_dir), "student.keep-every": 2, "data.path": str(tmp_path / "rows"),
+                    "data.sources": [str(text_source)], "data.seq-len": 32, "data.val-fraction": 0.1,
+                    "train.max-steps": 3, "train.batch-size": 2, "train.eval-interval": 3, "train.save-interval": 3,
+                    "train.eval-batches": 2, "schedule.warmup-steps": 1, "optim.lr": 3e-3, "train.plots": False,
+                    "train.distributed": "ddp", "eval.heldout-tokens": 0, "eval.decode-tokens": 4,
+                    "eval.decode-rounds": 1, "eval.prompts": ["The river", "A city"]})
+    result = subprocess.run(torchrun + ["distill", "--quiet", "--out", str(tmp_path / "two"), *flags],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for run in ("", "baseline"):
+        one, two = _losses(tmp_path / "one" / run), _losses(tmp_path / "two" / run)
+        assert sorted(two) == [1, 2, 3]
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-5), (run, step)
+    assert (tmp_path / "two" / "comparison.json").is_file()

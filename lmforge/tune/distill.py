@@ -601,10 +601,11 @@ def _stderr(message: str) -> None:
 
 
 def train_student(config: DistillConfig, teacher=None, resume: bool = False, progress: bool = True,
-                  log=_stderr) -> dict[str, Any]:
+                  log=_stderr, leave_group: bool = True) -> dict[str, Any]:
     """One run of the loop with `DistillTask`; writes OUT/model. Returns the report (rank 0).
 
-    A resumed run whose report already covers ``train.max_steps`` is not run again."""
+    A resumed run whose report already covers ``train.max_steps`` is not run again. With
+    ``leave_group=False`` a distributed run keeps its process group for a run that follows."""
     import json
 
     from lmforge.train.distributed import shutdown
@@ -629,7 +630,8 @@ def train_student(config: DistillConfig, teacher=None, resume: bool = False, pro
             write_text_atomic(out / "distill.yaml", to_yaml(config))
         return report
     finally:
-        shutdown(trainer.runtime)
+        if leave_group:
+            shutdown(trainer.runtime)
 
 
 def baseline_config(config: DistillConfig) -> DistillConfig:
@@ -645,14 +647,22 @@ def distill(config: DistillConfig, resume: bool = False, progress: bool = True, 
     other processes of a distributed run return {})."""
     from lmforge.io.atomic import write_json_atomic, write_text_atomic
 
+    import torch.distributed as dist
+
     teacher = load_teacher(teacher_spec(config))
-    distilled = train_student(config, teacher, resume, progress, log)
-    if not distilled:
+    try:
+        # Every process trains both students (one process group for both runs); rank 0 compares.
+        distilled = train_student(config, teacher, resume, progress, log, leave_group=False)
+        baseline = None
+        if config.distill.baseline and config.distill.alpha > 0:
+            if distilled:
+                log("training the same student on hard labels only (alpha 0), the baseline")
+            baseline = train_student(baseline_config(config), teacher, resume, progress, log, leave_group=False)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if not distilled:  # not the main process of a distributed run
         return {}
-    baseline = None
-    if config.distill.baseline and config.distill.alpha > 0:
-        log("training the same student on hard labels only (alpha 0), the baseline")
-        baseline = train_student(baseline_config(config), teacher, resume, progress, log)
     comparison = compare(config, teacher.cpu(), Path(distilled["output"]),
                          Path(baseline["output"]) if baseline else None, progress=progress, log=log)
     comparison["distilled_run"] = {k: distilled[k] for k in ("steps", "tokens", "train_seconds", "tokens_per_s")}
