@@ -207,6 +207,11 @@ def test_safety_sft_records_mix_refusals_lookalikes_and_general_tasks(tmp_path, 
     assert not prompts["train"] & prompts["validation"]
     held = {p.prompt for p in safety.heldout_harmful() + safety.heldout_benign() + safety.reworded_harmful()}
     assert not held & (prompts["train"] | prompts["validation"])
+    # The general-ability check of safety-eval asks none of the trained general tasks.
+    from lmforge.tune.datasets import make_dataset
+
+    ability = make_dataset("mixed", seed=config.seed, sizes={"train": 0, "validation": 0, "test": 100})["test"]
+    assert not {r["messages"][0]["content"] for r in ability} & prompts["train"]
     assert main(["align", "safety-data", str(tmp_path / "sft"), "--harmful", "10", "--benign", "5", "--bias", "0",
                  "--general", "10"]) == 0
     lines = (tmp_path / "sft" / "train.jsonl").read_text().splitlines()

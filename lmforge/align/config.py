@@ -271,6 +271,9 @@ class SafetyEvalConfig:
                 raise LmforgeError(f"{key} must be positive")
         if self.limit < 0 or self.ability_examples < 0 or self.ability_chars < 0:
             raise LmforgeError("limit, ability_examples and ability_chars must be >= 0")
+        if self.ability_examples > 100:
+            raise LmforgeError("ability_examples must be at most 100 "
+                               "(the generated tasks that safety data never trains on)")
         if not 0 < self.confidence < 1:
             raise LmforgeError(f"confidence must be between 0 and 1, got {self.confidence}")
         if self.threads is not None and self.threads < 1:

@@ -52,6 +52,7 @@ DATA_DIR = Path(__file__).parent / "data"
 HELDOUT_FILE = DATA_DIR / "safety_heldout.json"
 BIAS_FILE = DATA_DIR / "bias_probes.json"
 LABELS_FILE = DATA_DIR / "refusal_labels.jsonl"
+ABILITY_RESERVE = 100  # generated tasks at the head of a seed's stream that safety SFT data never trains on
 # ---- the prompt sets -------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
@@ -209,7 +210,11 @@ def safety_sft_records(config: SafetySftDataConfig) -> dict[str, list[dict]]:
                                                      {"role": "assistant", "content": rec["chosen"]}],
                                "task": f"safety/{rec['kind']}", "source": rec["source"]})
     n_val = max(1, config.general // 10) if config.general else 0
-    general = make_dataset("mixed", seed=config.seed, sizes={"train": config.general, "validation": n_val, "test": 0})
+    # The stream's first items are the validation and test splits; the test split is never
+    # written here: it is the general-ability check of `lmforge align safety-eval` (which takes
+    # the first ABILITY_RESERVE items of the same seed), so that check sees no trained item.
+    general = make_dataset("mixed", seed=config.seed,
+                           sizes={"train": config.general, "validation": n_val, "test": ABILITY_RESERVE})
     for split in out:
         for rec in general[split]:
             out[split].append({**rec, "messages": system + rec["messages"]})
