@@ -9,6 +9,9 @@ separate LoRA modules on q_proj, k_proj and v_proj (what PEFT runs on a Hugging 
 Llama) cost six small products and three base products; here it is one base product and
 two small ones.
 
+In training (float32 on CPU, a frozen plain base, no dropout) `LoraLinear` runs as one
+autograd function instead (lora_kernel.py): same values, fewer passes over activations.
+
 The wrapped layer stays reachable as ``.base`` and its ``weight``/``bias`` read through,
 so code that inspects weights keeps working.
 """
