@@ -13,9 +13,9 @@ of the whole token prefix that ends with it (a chain: the hash of the previous b
 key and this block's tokens), so equal blocks at different places never collide by
 content alone. A chain may start from a salt: the scheduler salts it with the request's
 LoRA adapter, whose keys and values differ from the base model's for the same tokens
-(salt 0, the base, is the unsalted chain). Lookups walk the chain until the first miss. Blocks are evicted least
-recently used once the store exceeds its byte budget; a hit refreshes every block of
-the matched chain.
+(salt 0, the base, is the unsalted chain). Lookups walk the chain until the first miss.
+Blocks are evicted least recently used once the store exceeds its byte budget; a hit
+refreshes every block of the matched chain.
 """
 
 from __future__ import annotations

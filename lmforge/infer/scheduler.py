@@ -24,7 +24,8 @@ starts the thread, and calls `step()` itself on the caller's thread until all ar
 With an `AdapterBank` (lmforge/infer/adapters.py) each request may name a LoRA adapter;
 rows with different adapters (and base rows) share the same prefill and decode forwards,
 the bank told before each forward which adapter each row uses. Prefix-cache entries are
-kept per adapter, since an adapter changes every key and value after the first layer.
+kept per adapter, since an adapter changes the keys and values from its first adapted
+layer on.
 
 With `use_cache=False` there is no KV cache: every step recomputes each row's whole
 sequence (prompt and generated tokens) from scratch, one row at a time. Nothing else
