@@ -19,11 +19,13 @@ keeping the logits (lmforge/train/fused_ce.py); there is less Python per step. I
 each LoRA'd layer is one autograd function (lmforge/tune/peft/lora_kernel.py): the adapter's
 product is added by the base product as it writes, the input gradient g W + (g s B) A is
 one output, and the frozen W and W^T are kept in oneDNN's packed layout
-(lmforge/train/frozen_weights.py); a frozen (tied) head keeps its W^T packed for the loss.
+(lmforge/train/frozen_weights.py) when `--pack-frozen` asks for them (they cost two more
+copies of every adapted weight, so `PeftOptions.pack_frozen` is off by default); a frozen
+(tied) head keeps its W^T packed for the loss.
 
 `--variants unfused unpacked` also times, in the same rounds, lmforge without that
-function (plain autograd over the same products) and with it but without the packed
-copies; `--threads N` fixes the thread count (on a machine shared with other jobs, one
+function (plain autograd over the same products) and, with `--pack-frozen`, with it but
+without the packed copies; `--threads N` fixes the thread count (on a machine shared with other jobs, one
 thread per side is the least disturbed). Besides wall-clock tokens/s the script reports
 tokens per CPU second of the process and their ratio: under load the wall clock also
 counts the time a side waited for a core.
@@ -292,6 +294,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     ap.add_argument("--variants", nargs="*", default=[], choices=[v for v in VARIANTS if v != "default"],
                     help="also time these lmforge paths in the same rounds (the ratio stays default vs peft)")
+    ap.add_argument("--pack-frozen", action="store_true",
+                    help="lmforge keeps oneDNN-packed copies of the frozen weights (PeftOptions.pack_frozen)")
     ap.add_argument("--memory", action="store_true", help="also peak RSS of LoRA vs QLoRA (child processes)")
     ap.add_argument("--methods", action="store_true", help="compare every PEFT method on a small random Llama")
     ap.add_argument("--child", choices=("lora", "qlora"), help=argparse.SUPPRESS)
@@ -307,7 +311,8 @@ def main() -> None:
 
     ours = load_base()
     theirs_base = hf_copy(ours)
-    options = PeftOptions(method="lora", r=args.r, alpha=args.alpha, target_modules=args.targets, seed=0)
+    options = PeftOptions(method="lora", r=args.r, alpha=args.alpha, target_modules=args.targets, seed=0,
+                          pack_frozen=args.pack_frozen)
     ours = apply_peft(ours, options)
     nudge(ours)
     with tempfile.TemporaryDirectory() as tmp:
@@ -377,7 +382,7 @@ def main() -> None:
             print(f"{method:6} RSS after loading {m['rss_after_load_mib']:7.0f} MiB, peak while training "
                   f"{m['peak_rss_mib']:7.0f} MiB, {m['tok_s']:6.1f} tok/s (one process, after a warm-up step)")
     print(json.dumps({
-        "benchmark": "finetune-lora", "r": args.r, "alpha": args.alpha, "targets": args.targets,
+        "benchmark": "finetune-lora", "r": args.r, "alpha": args.alpha, "targets": args.targets, "pack_frozen": args.pack_frozen,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "rounds": args.rounds, "steps": args.steps,
         "threads": torch.get_num_threads(), "trainable": trainable[0], "total": trainable[1],
         "lmforge_tok_s": statistics.median(rates["lmforge"]), "peft_tok_s": statistics.median(rates["peft"]),

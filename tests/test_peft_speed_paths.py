@@ -26,7 +26,7 @@ def _tiny(family="llama", **extra) -> Transformer:
 
 def _adapted(base, targets, r=4, alpha=7.0, **extra):
     model = apply_peft(copy.deepcopy(base), PeftOptions(method="lora", r=r, alpha=alpha, target_modules=targets,
-                                                        seed=0, **extra)).train()
+                                                        seed=0, pack_frozen=True, **extra)).train()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # B off zero, so that A has gradients too
         for name, p in model.named_parameters():

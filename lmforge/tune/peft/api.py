@@ -80,7 +80,8 @@ def apply_peft(model: nn.Module, options: PeftOptions) -> nn.Module:
                                                             options.double_quant))
             for site in chosen:
                 _set_module(model, site.name, LoraLinear(model.get_submodule(site.name), site.parts, options.r,
-                                                         options.alpha, options.dropout, options.rslora))
+                                                         options.alpha, options.dropout, options.rslora,
+                                                         pack_frozen=options.pack_frozen))
         elif method == "ia3":
             _apply_ia3(model, options)
         elif method == "bottleneck":

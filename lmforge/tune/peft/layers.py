@@ -88,9 +88,10 @@ class LoraLinear(_Wrapped):
     """
 
     def __init__(self, base: nn.Module, parts: list[Part], r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False) -> None:
+                 rslora: bool = False, pack_frozen: bool = False) -> None:
         super().__init__(base, parts)
         self.r = r
+        self.pack_frozen = pack_frozen  # lora_kernel.py: packed frozen weights while training
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         if isinstance(base, nn.Linear):
             dtype, device = base.weight.dtype, base.weight.device

@@ -31,9 +31,9 @@ want: oneDNN's blocked copy of W for the forward and of W^T for the input gradie
 (merge, load). Without them oneDNN re-lays the plain weight at every call; for the
 transposed view the input gradient reads, that cost 10-15% of the default model's
 largest products on one core of a shared Xeon (docs/benchmarks.md). The price is
-memory: two more copies of every adapted frozen weight (`PACK_FROZEN = False` trades
-that speed back for the memory). Values equal plain autograd's up to float summation
-order (tests/test_peft_speed_paths.py).
+memory: two more copies of every adapted frozen weight, so it is opt-in
+(`PeftOptions.pack_frozen`, `--peft.pack-frozen true`; `PACK_FROZEN = False` turns it off
+for every layer). Values equal plain autograd's up to float summation order (tests/test_peft_speed_paths.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from torch import nn
 from lmforge.model import onednn
 from lmforge.train import frozen_weights
 
-# Switches, for comparing paths and for memory-bound runs.
+# Switches, for comparing paths (a layer packs only when its `pack_frozen` is set too).
 ENABLED = True
 PACK_FROZEN = True
 
@@ -133,7 +133,7 @@ class _LoraLinear(torch.autograd.Function):
 def lora_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """`LoraLinear.forward` for an unmerged layer without dropout on the fused path (see `usable`)."""
     base = layer.base
-    if PACK_FROZEN:
+    if PACK_FROZEN and getattr(layer, "pack_frozen", False):
         weight, weight_t = frozen_weights.packed(base.weight), frozen_weights.packed(base.weight, transposed=True)
     else:
         weight, weight_t = base.weight, base.weight.t()

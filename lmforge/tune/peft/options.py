@@ -33,6 +33,9 @@ class PeftOptions:
     bottleneck_size: int = option(64, help="bottleneck adapter width")
     bottleneck_style: str = option("houlsby", choices=("houlsby", "pfeiffer"),
                                    help="houlsby: after attention and feed-forward; pfeiffer: after feed-forward only")
+    pack_frozen: bool = option(False, help="LoRA training on CPU: keep oneDNN-packed copies of each adapted frozen "
+                                           "weight and its transpose (about 5%% faster steps, two more weight "
+                                           "copies in memory)")
     quant_block: int = option(64, help="QLoRA: weights per NF4 absmax block")
     double_quant: bool = option(True, help="QLoRA: quantize the absmax constants to 8 bits (blocks of 256)")
     seed: int | None = option(None, cli=False, help="seed for the adapters' initialization")
