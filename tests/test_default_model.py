@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from lmforge.infer import SamplingParams
@@ -64,6 +65,7 @@ def test_stop_string_cuts_output(default_lm):
     assert streamed == cut.text
 
 
+@pytest.mark.slow  # starts the model or a process: seconds
 def test_cli_generate_says_paris():
     out = subprocess.run(
         [sys.executable, "-m", "lmforge", "generate", "--prompt", "The capital of France is",
@@ -76,6 +78,7 @@ def test_cli_generate_says_paris():
     assert result["completion_tokens"] <= 8 and result["prompt_tokens"] == 5
 
 
+@pytest.mark.slow  # starts the model or a process: seconds
 def test_cli_chat_single_message():
     out = subprocess.run(
         [sys.executable, "-m", "lmforge", "chat", "--message", "What is the capital of France?", "--temperature", "0"],
@@ -85,6 +88,7 @@ def test_cli_chat_single_message():
     assert out.stdout.strip() == "The capital of France is Paris."
 
 
+@pytest.mark.slow  # starts the model or a process: seconds
 def test_stream_never_splits_multibyte_characters(default_lm):
     """Emoji and CJK characters span several byte-level tokens; deltas must hold whole characters."""
     prompt = "Translate to Chinese and add emoji: I love cats. 我爱猫 😺 我爱狗 🐶 我爱"

@@ -100,6 +100,7 @@ def test_raw_is_a_zero_copy_view(ours):
     assert not t.raw.flags.owndata and not t.raw.flags.writeable
 
 
+@pytest.mark.slow  # starts the model or a process: seconds
 def test_to_numpy_matches_gguf_dequantize(ours, reader):
     by_type: dict[QT, list] = {}
     for ref in reader.tensors:

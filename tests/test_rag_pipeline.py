@@ -14,7 +14,7 @@ import pytest
 
 from lmforge.errors import LmforgeError
 from lmforge.rag.answer import REFUSAL, REFUSAL_ZH, Answerer
-from lmforge.rag.config import AnswerOptions, IndexOptions, RetrieverOptions
+from lmforge.rag.config import AnswerOptions, RetrieverOptions
 from lmforge.rag.index import build_index
 from lmforge.rag.retriever import Retriever
 from lmforge.rag.store import open_store
@@ -234,6 +234,7 @@ def test_documents_cannot_close_their_source_block():
     assert block.count("</source>") == 1 and block.endswith("</source>")
 
 
+@pytest.mark.slow  # starts the model or a process: seconds
 def test_cli_index_ask_and_eval(corpus, tmp_path, capsys):
     from lmforge.cli import main
 

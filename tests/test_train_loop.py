@@ -378,6 +378,7 @@ def test_trained_checkpoint_loads_in_lmforge_and_transformers(reference_run):
 
 # -- scaling sweep ------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # starts the model or a process: seconds
 def test_scaling_sweep_fits_and_resumes(tiny_data, tmp_path):
     from lmforge.train.sweep import run_sweep
 
