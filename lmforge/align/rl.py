@@ -284,12 +284,10 @@ def format_report(r: dict[str, Any]) -> str:
 def plot_rl_run(records: list[dict[str, Any]], out: Path, title: str = "RL") -> Path | None:
     """Reward (sampled, checked, greedy accuracy), KL to the reference, entropy and clip fraction
     against the step, as one PNG."""
-    try:
-        import matplotlib
+    from lmforge.io.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     from lmforge.io.atomic import atomic_path
 

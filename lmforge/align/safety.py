@@ -451,16 +451,18 @@ def write_report(report: dict, out: str | Path, plots: bool = True) -> dict[str,
     paths = {"json": write_json_atomic(out / "report.json", report)}
     title = f"# Safety evaluation of {report['model']}" + (f" + {report['adapter']}" if report.get("adapter") else "")
     paths["md"] = write_text_atomic(out / "report.md", f"{title}\n\n```\n{format_table(report)}\n```\n")
-    if plots:
-        paths["png"] = plot_report(report, out / "safety.png")
+    if plots and (png := plot_report(report, out / "safety.png")) is not None:
+        paths["png"] = png
     return paths
 
 
-def plot_report(report: dict, path: Path) -> Path:
-    import matplotlib
+def plot_report(report: dict, path: Path) -> Path | None:
+    """The bar plot of the report's rates (None where matplotlib is not installed)."""
+    from lmforge.io.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return None
 
     from lmforge.io.atomic import atomic_path
 

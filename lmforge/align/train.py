@@ -448,12 +448,10 @@ def format_report(r: dict[str, Any]) -> str:
 
 def plot_preference_run(records: list[dict], out: Path) -> Path | None:
     """Loss, reward margin and accuracy against the step (train and held-out), as one PNG."""
-    try:
-        import matplotlib
+    from lmforge.io.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     from lmforge.io.atomic import atomic_path
 

@@ -644,12 +644,10 @@ def _write(report: dict[str, Any], out: Path) -> None:
     data = {k: v for k, v in report.items() if k != "text"}
     write_text_atomic(out / "report.json", json.dumps(data, ensure_ascii=False, indent=1) + "\n")
     write_text_atomic(out / "report.md", report["text"] + "\n")
-    try:
-        import matplotlib
+    from lmforge.io.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     modes = list(report["modes"])
     langs = sorted({lang for r in report["modes"].values() for lang in r["by_lang"]})

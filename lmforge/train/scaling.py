@@ -134,13 +134,11 @@ def fit_scaling_law(points: Sequence[Any], with_tokens: bool | None = None, hube
 
 def plot_scaling(points: Sequence[Any], fit: ScalingFit, path: str, title: str = "scaling law") -> str:
     """Loss against N (one colour per token count when the law has D) with the fitted curves, as a PNG."""
-    try:
-        import matplotlib
+    from lmforge.io.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ValueError("plotting needs matplotlib (pip install matplotlib)") from exc
+    plt = pyplot()
+    if plt is None:
+        raise ValueError("plotting needs matplotlib (pip install matplotlib)")
     ns, ds, ls = _points(points, fit.B is not None)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     groups = sorted(set(ds)) if fit.B is not None else [None]

@@ -133,12 +133,10 @@ def peak_tflops(device: torch.device, precision: str, configured: float | None) 
 
 def plot_run(records: list[dict[str, Any]], out: Path, baseline: float | None = None) -> Path | None:
     """loss (train and validation), learning rate and throughput against the step, as one PNG."""
-    try:
-        import matplotlib
+    from lmforge.io.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     from lmforge.io.atomic import atomic_path
 

@@ -17,12 +17,10 @@ def main_metric(result: BenchResult) -> str:
 
 def plot_groups(result: BenchResult, path: str | Path, chance: float | None = None) -> Path | None:
     """Write a horizontal bar chart of the main metric per group; None when matplotlib or groups are missing."""
-    try:
-        import matplotlib
+    from lmforge.io.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     if not result.groups:
         return None

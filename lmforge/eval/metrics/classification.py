@@ -156,12 +156,10 @@ def format_report(report: dict[str, Any]) -> str:
 def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path,
                    title: str = "confusion matrix") -> Path | None:
     """A PNG heat map with the counts written in (None when matplotlib is missing)."""
-    try:
-        import matplotlib
+    from lmforge.io.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     from ...io.atomic import atomic_path
 
