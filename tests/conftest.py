@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 
@@ -144,3 +145,30 @@ def postgres_url():
         pytest.fail(f"PostgreSQL with pgvector did not start: {failure}", pytrace=False)
     yield url
     server.stop(directory, remove=True)
+
+
+@contextlib.contextmanager
+def live_server(app, scheduler):
+    """`app` served on a free loopback port by uvicorn in a thread: yields its base URL; on exit
+    the server stops and `scheduler` is shut down."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        scheduler.shutdown(drain=False, timeout=10)

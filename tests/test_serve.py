@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
 import time
 
 import httpx
@@ -14,31 +12,17 @@ import torch
 
 from lmforge.infer.scheduler import Scheduler
 from lmforge.serve.app import ServeSettings, create_app
+from tests.conftest import live_server
 
 MODEL = "smollm2-135m-instruct"
 
 
 @contextlib.contextmanager
 def running_server(lm, settings=None, store=None, **scheduler_kwargs):
-    import uvicorn
-
     scheduler = Scheduler(lm.model, lm.tokenizer, max_seq_len=2048, **scheduler_kwargs).start()
     app = create_app(scheduler, lm.tokenizer, MODEL, settings or ServeSettings(), store=store)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", scheduler
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        scheduler.shutdown(drain=False, timeout=10)
+    with live_server(app, scheduler) as url:
+        yield url, scheduler
 
 
 @pytest.fixture(scope="module")

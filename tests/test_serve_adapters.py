@@ -6,9 +6,6 @@ import concurrent.futures
 import contextlib
 import json
 import shutil
-import socket
-import threading
-import time
 
 import httpx
 import pytest
@@ -18,6 +15,7 @@ from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler
+from tests.conftest import live_server
 
 PROMPTS = ["The capital of France is", "Low rank adapters", "One two three"]
 
@@ -177,27 +175,12 @@ def test_unknown_adapter_index_is_refused(served):
 
 @contextlib.contextmanager
 def running_server(lm, bank, **scheduler_kwargs):
-    import uvicorn
-
     from lmforge.serve.app import ServeSettings, create_app
 
     scheduler = Scheduler(lm.model, lm.tokenizer, max_seq_len=128, adapters=bank, **scheduler_kwargs).start()
     app = create_app(scheduler, lm.tokenizer, "tiny", ServeSettings(embedding_model="none"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", scheduler
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        scheduler.shutdown(drain=False, timeout=10)
+    with live_server(app, scheduler) as url:
+        yield url, scheduler
 
 
 def test_openai_client_concurrent_requests_equal_sequential(served):

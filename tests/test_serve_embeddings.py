@@ -3,11 +3,7 @@ schemathesis; the vectors come from the real all-MiniLM-L6-v2."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
-import time
 
 import httpx
 import numpy as np
@@ -20,6 +16,7 @@ from lmforge.infer.scheduler import Scheduler
 from lmforge.model import ModelConfig, Transformer
 from lmforge.serve.app import ServeSettings, create_app
 from lmforge.serve.embeddings import embedding_model_from
+from tests.conftest import live_server
 
 EMBEDDER = "all-minilm-l6-v2"
 TEXTS = ["The ferry leaves at seven.", "Boats cross to the island every morning.", "機器學習需要資料。"]
@@ -42,32 +39,11 @@ def make_app(tokenizer, **settings):
     return create_app(scheduler, tokenizer, "tiny-chat", ServeSettings(**{**defaults, **settings})), scheduler
 
 
-@contextlib.contextmanager
-def live(app, scheduler):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        scheduler.shutdown(drain=False, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def served(embedder):
     app, scheduler = make_app(embedder.tokenizer, embedding_max_inputs=8, embedding_max_tokens=600)
     assert app.state.server.embeddings._embedder is None  # nothing loaded before the first request
-    with live(app, scheduler) as url:
+    with live_server(app, scheduler) as url:
         yield url, app
 
 
@@ -156,7 +132,7 @@ def test_bad_bodies_get_openai_error_bodies(served, payload, status, words):
 
 def test_server_without_an_embedding_model(embedder):
     app, scheduler = make_app(embedder.tokenizer, embedding_model="none")
-    with live(app, scheduler) as url:
+    with live_server(app, scheduler) as url:
         r = httpx.post(url + "/v1/embeddings", json={"input": "hi"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 

@@ -29,6 +29,7 @@ from lmforge.rag.answer import REFUSAL
 from lmforge.rag.types import Chunk
 from lmforge.serve.app import ServeSettings, create_app
 from lmforge.serve.rag import KnowledgeBase, source_page
+from tests.conftest import live_server
 
 MODEL = "smollm2-135m-instruct"
 PAGES = ("kv-cache.md", "attention.md", "decoding.md")
@@ -64,26 +65,13 @@ def knowledge(rag_index):
 @contextlib.contextmanager
 def serving(lm, settings: ServeSettings, knowledge=None, store=None, max_seq_len=2048, **scheduler_kwargs):
     """A live server on loopback (uvicorn in a thread) over `lm`, answering from `knowledge`."""
-    import uvicorn
-
     scheduler = Scheduler(lm.model, lm.tokenizer, max_seq_len=max_seq_len, **scheduler_kwargs).start()
     app = create_app(scheduler, lm.tokenizer, MODEL, settings, store=store, knowledge=knowledge)
     opened = app.state.server.knowledge if knowledge is None else None  # create_app opened it: closed here
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}", scheduler
+        with live_server(app, scheduler) as url:
+            yield url, scheduler
     finally:
-        server.should_exit = True
-        thread.join(10)
-        scheduler.shutdown(drain=False, timeout=10)
         if opened is not None:
             opened.close()
 
