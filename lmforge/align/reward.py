@@ -25,8 +25,6 @@ pad-id tokens (a tokenizer whose pad is its end-of-turn token) so that both rule
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from itertools import combinations
 from pathlib import Path
 from typing import Sequence
@@ -36,8 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.io.atomic import atomic_directory
-from lmforge.tune.heads import ClassifierModel, backbone_of, hf_head_architecture
+from lmforge.tune.heads import ClassifierModel, backbone_of, load_classifier, save_classifier
 
 
 class RewardModel(ClassifierModel):
@@ -131,50 +128,20 @@ def from_language_model(model: nn.Module, pad_token_id: int | None = None, seed:
 
 
 def save_reward_model(model: RewardModel, directory: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write a Hugging Face sequence-classification directory (num_labels 1), atomically."""
-    from safetensors.torch import save_file
-
-    from lmforge.model.families import hf_config_from, lmforge_to_hf
-
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise LmforgeError(f"{target} already exists (choose another path or remove it)")
-    config = model.config
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.backbone.state_dict().items()
-             if not k.startswith("lm_head.")}
-    hf_state = lmforge_to_hf(dataclasses.replace(config, lm_head=False), state)
-    hf_state.pop("lm_head.weight", None)
-    hf_state["score.weight"] = model.score.weight.detach().to("cpu").clone()
-    hf_config = hf_config_from(config)
-    hf_config.update(architectures=[hf_head_architecture(config, "sequence")], num_labels=1,
-                     id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
-                     torch_dtype=str(hf_state["score.weight"].dtype).removeprefix("torch."))
-    if model.pad_token_id is not None:
-        hf_config["pad_token_id"] = model.pad_token_id
-    with atomic_directory(target) as staging:
-        save_file(hf_state, staging / "model.safetensors", metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save(staging)
-    return target
+    """Write a Hugging Face sequence-classification directory (num_labels 1), atomically: the
+    classifier's own layout (lmforge/tune/heads.py)."""
+    return save_classifier(model, directory, tokenizer, overwrite)
 
 
 def load_reward_model(directory: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> RewardModel:
     """A sequence-classification directory with one label (ours or one transformers saved)."""
-    from lmforge.model.checkpoint import build_model, read_hf_config, read_safetensors
-    from lmforge.model.families import hf_to_lmforge
-
-    directory = Path(directory)
-    hf = json.loads((directory / "config.json").read_text(encoding="utf-8")) \
-        if (directory / "config.json").is_file() else {}
-    config = dataclasses.replace(read_hf_config(directory), lm_head=False)
-    state = read_safetensors(directory)
-    score = state.pop("score.weight", None)
-    if score is None or score.shape[0] != 1:
-        found = "no score.weight" if score is None else f"score.weight of {score.shape[0]} labels"
+    try:
+        classifier = load_classifier(directory, dtype, device)
+    except LmforgeError as exc:
+        raise LmforgeError(f"{directory} is not a reward model (a sequence classifier with one label): {exc}") from None
+    if classifier.task != "sequence" or classifier.num_labels != 1 or classifier.pooler is not None:
+        found = f"a {classifier.task} classifier of {classifier.num_labels} labels"
         raise LmforgeError(f"{directory} is not a reward model (a sequence classifier with one label): {found}")
-    backbone = build_model(config, hf_to_lmforge(config, state), dtype, device)
-    model = RewardModel(backbone, hf.get("pad_token_id"))
-    with torch.no_grad():
-        model.score.weight.copy_(score.to(dtype))
+    model = RewardModel(classifier.backbone, classifier.pad_token_id)
+    model.score = classifier.score
     return model.to(device).eval()
