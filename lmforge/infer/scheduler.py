@@ -360,10 +360,9 @@ class Scheduler:
         handles: list[RequestHandle] | None = None,
     ) -> torch.Tensor:
         """Logits [B, V] of the last (or `select`ed) position of every row (row i: `handles[i]`)."""
-        with self._threads(ids.numel()):
-            if self.adapters is not None and handles is not None:
-                with self.adapters.rows([h.adapter for h in handles], self.device):
-                    return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
+        rows = contextlib.nullcontext() if self.adapters is None or handles is None else \
+            self.adapters.rows([h.adapter for h in handles], self.device)  # which adapter each row uses
+        with self._threads(ids.numel()), rows:
             return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
 
     def _uncached_logits(self, handles: list[RequestHandle]) -> torch.Tensor:
