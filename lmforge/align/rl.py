@@ -94,7 +94,15 @@ class RLRun:
                                    config.reward_max_length, device)
         self.eval_prompts = draw_prompts(config.task, config.eval_prompts, f"eval:{config.seed}", config.max_operand)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.beta = config.beta
+        if isinstance(config, PPOConfig):  # PPO's update settings and its KL weight, adapted across steps
+            from lmforge.align.ppo import AdaptiveKLController, PPOSettings
+
+            self.ppo_settings = PPOSettings(
+                epochs=config.ppo_epochs, minibatch_size=config.minibatch_size, epsilon=config.epsilon,
+                value_clip=config.value_clip, vf_coef=config.vf_coef, entropy_coef=config.entropy_coef,
+                gamma=config.gamma, lam=config.lam, whiten_advantages=config.whiten_advantages,
+                clip_grad_norm=config.clip_grad_norm)
+            self.kl_controller = AdaptiveKLController(config.beta, config.target_kl, config.kl_horizon)
 
     # ---- sampling and scoring ------------------------------------------------------------------
     def sample(self, prompts, group_size: int, temperature: float, seed: int):
@@ -137,16 +145,11 @@ class RLRun:
                 "example": sample.texts[0]}
 
     def _ppo(self, sample) -> dict[str, float]:
-        from lmforge.align.ppo import AdaptiveKLController, PPOSettings, ppo_update
+        from lmforge.align.ppo import ppo_update
 
-        c: PPOConfig = self.config  # type: ignore[assignment]
-        settings = PPOSettings(epochs=c.ppo_epochs, minibatch_size=c.minibatch_size, epsilon=c.epsilon,
-                               value_clip=c.value_clip, vf_coef=c.vf_coef, entropy_coef=c.entropy_coef, gamma=c.gamma,
-                               lam=c.lam, whiten_advantages=c.whiten_advantages, clip_grad_norm=c.clip_grad_norm)
-        if not hasattr(self, "kl_controller"):
-            self.kl_controller = AdaptiveKLController(c.beta, c.target_kl, c.kl_horizon)
         figures = ppo_update(self.model, self.value_head, self.reference, self.optimizer, sample.input_ids,
-                             sample.response_mask, sample.rewards, self.kl_controller.beta, settings, self.generator)
+                             sample.response_mask, sample.rewards, self.kl_controller.beta, self.ppo_settings,
+                             self.generator)
         self.kl_controller.update(figures["kl_per_response"], sample.input_ids.shape[0])
         return figures
 
