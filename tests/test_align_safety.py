@@ -219,3 +219,27 @@ def test_safety_sft_records_mix_refusals_lookalikes_and_general_tasks(tmp_path, 
     assert "train:" in capsys.readouterr().out
     assert main(["align", "safety-data", str(tmp_path / "none"), "--harmful", "0", "--benign", "0", "--bias", "0",
                  "--general", "0"]) == 1
+
+
+def test_load_for_eval_merges_the_adapter_before_the_decoding_layout(tmp_path):
+    from lmforge.model.checkpoint import load_hf_model, save_hf_model
+    from lmforge.model.loading import resolve_tokenizer
+    from lmforge.tune.peft import PeftOptions, apply_peft, load_adapter, merge_and_unload, save_adapter
+    from tests.test_serve_adapters import random_llama
+
+    tokenizer = resolve_tokenizer(None)
+    base = save_hf_model(random_llama(tokenizer, 0), tmp_path / "base", tokenizer)
+    adapted = apply_peft(load_hf_model(base), PeftOptions(method="lora", r=4, alpha=8, target_modules=["all-linear"]))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    adapter = save_adapter(adapted, tmp_path / "adapter", base_model_name_or_path=str(base))
+    ids = torch.tensor([tokenizer.encode("Adapters change the answer")])
+    expected = merge_and_unload(load_adapter(load_hf_model(base), adapter)).eval()(ids)
+    lm = safety.load_for_eval(str(base), str(adapter), device="cpu")
+    plain = safety.load_for_eval(str(base), device="cpu")
+    with torch.no_grad():
+        ours, theirs, without = lm.model(ids), expected, plain.model(ids)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    assert not torch.allclose(without, theirs, atol=1e-2)  # the adapter changed the outputs

@@ -242,25 +242,15 @@ def write_safety_sft(out: str | Path, config: SafetySftDataConfig) -> dict[str, 
 def load_for_eval(model: str | None, adapter: str | None = None, device: str = "auto"):
     """A LoadedModel; with an adapter, applied and merged before the CPU decoding layout is built
     (the packed layout covers plain linear layers only)."""
-    from lmforge.infer.layout import optimize_for_cpu_decoding
-    from lmforge.infer.loaded import LoadedModel
-    from lmforge.model.loading import load_model, load_tokenizer, pick_device, pick_dtype
-    from lmforge.model.registry import resolve
+    from lmforge.infer.loaded import load
 
-    if adapter is not None and not Path(adapter).is_dir():
+    if adapter is None:
+        return load(model, device=device)
+    if not Path(adapter).is_dir():
         raise LmforgeError(f"adapter directory {adapter} does not exist")
-    spec = resolve(model)
-    dev = pick_device(device)
-    tokenizer = load_tokenizer(spec)
-    net = load_model(spec, pick_dtype("auto", dev), dev)
-    if adapter is not None:
-        from lmforge.tune.peft import load_adapter, merge_and_unload
+    from lmforge.tune.peft import load_adapter, merge_and_unload
 
-        net = merge_and_unload(load_adapter(net, adapter))
-    net.eval()
-    if dev.type == "cpu":
-        optimize_for_cpu_decoding(net)
-    return LoadedModel(net, tokenizer, spec)
+    return load(model, device=device, prepare=lambda net: merge_and_unload(load_adapter(net, adapter)))
 
 
 def answer(lm, prompts: Sequence[str], system: str | None, max_new_tokens: int, batch_size: int,

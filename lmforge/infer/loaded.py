@@ -8,7 +8,7 @@ arguments; `lmforge.load` is this function.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -73,12 +73,19 @@ def load(
     dtype: str | torch.dtype | None = "auto",
     device: str | None = "auto",
     progress=None,
+    prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> LoadedModel:
-    """Load a registered model name, a Hugging Face directory or a .gguf file (default: the default model)."""
+    """Load a registered model name, a Hugging Face directory or a .gguf file (default: the default model).
+
+    `prepare` changes the loaded network before the CPU decoding layout is built (which covers
+    plain linear layers only), e.g. merging an adapter into it.
+    """
     spec = resolve(model)
     dev = pick_device(device)
     tokenizer = load_tokenizer(spec)
     net = load_model(spec, pick_dtype(dtype, dev), dev, progress=progress)
+    if prepare is not None:
+        net = prepare(net).eval()
     if dev.type == "cpu":
         optimize_for_cpu_decoding(net)
     return LoadedModel(net, tokenizer, spec)
