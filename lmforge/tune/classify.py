@@ -35,7 +35,6 @@ recall, the confusion matrix; entity F1 for tags), ``OUT/metrics.md``,
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 import typing
@@ -200,12 +199,10 @@ def sentiment_splits(seed: int = 0) -> dict[str, list[dict[str, Any]]]:
     """The Pang & Lee sentences as ``{"text", "label", "source"}`` in lmforge's sentiment splits."""
     from lmforge.tune.datasets import make_dataset
 
-    out = {}
-    for split, records in make_dataset("sentiment", seed).items():
-        # The chat record asks a question first; the sentence is what follows the blank line.
-        out[split] = [{"text": r["messages"][0]["content"].partition("\n\n")[2], "label": r["answer"],
-                       "source": r["source"]} for r in records]
-    return out
+    # The chat record asks a question first; the sentence is what follows the blank line.
+    return {split: [{"text": r["messages"][0]["content"].partition("\n\n")[2], "label": r["answer"],
+                     "source": r["source"]} for r in records]
+            for split, records in make_dataset("sentiment", seed).items()}
 
 
 # Fillers of the generated tagging set. Names and cities come in two disjoint lists: the
@@ -732,12 +729,6 @@ def describe_splits(splits: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def write_splits(splits: dict[str, list[dict[str, Any]]], out: str | Path) -> dict[str, Any]:
     """``out/{train,validation,test}.jsonl`` and ``out/dataset.json``."""
-    from lmforge.io.atomic import write_json_atomic, write_text_atomic
+    from lmforge.tune.datasets import write_splits as write
 
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, rows in splits.items():
-        write_text_atomic(directory / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    info = describe_splits(splits)
-    write_json_atomic(directory / "dataset.json", info)
-    return info
+    return write(splits, out, describe_splits(splits))

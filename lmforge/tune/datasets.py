@@ -291,7 +291,6 @@ def write_dataset(name: str, out: str | Path, seed: int = 0, sizes: dict[str, in
     (oversample | undersample) equalises the training classes (lmforge/tune/augment.py);
     validation and test stay as drawn.
     """
-    from lmforge.io.atomic import write_json_atomic, write_text_atomic
     from lmforge.tune import augment
 
     if (augment_copies or balance) and name not in LABEL_PRESERVING:
@@ -304,10 +303,17 @@ def write_dataset(name: str, out: str | Path, seed: int = 0, sizes: dict[str, in
         splits["train"] = getattr(augment, balance)(splits["train"], seed)
     if augment_copies:
         splits["train"] = augment.augment_records(splits["train"], augment_copies, seed)
+    return write_splits(splits, out, {"name": name, "seed": seed, "augment_copies": augment_copies,
+                                      "balance": balance, **describe(splits)})
+
+
+def write_splits(splits: dict[str, list[dict[str, Any]]], out: str | Path, info: dict[str, Any]) -> dict[str, Any]:
+    """``out/{split}.jsonl`` for every split and ``out/dataset.json`` holding ``info``, each written atomically."""
+    from lmforge.io.atomic import write_json_atomic, write_text_atomic
+
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
         write_text_atomic(directory / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    info = {"name": name, "seed": seed, "augment_copies": augment_copies, "balance": balance, **describe(splits)}
     write_json_atomic(directory / "dataset.json", info)
     return info
