@@ -15,6 +15,17 @@ an address), so each kind has a validator:
   checksum, with a known issuer prefix (Visa, Mastercard, Amex, Discover, JCB, Diners);
 * IBAN: country code, two check digits, 11-30 letters/digits, passing ISO 13616's
   mod-97 check;
+* US social security number: ``AAA-GG-SSSS`` (dashes or spaces), or nine bare digits
+  right after "SSN" / "social security"; area 000, 666 and 900-999, group 00 and serial
+  0000 were never issued, nor were the numbers printed on sample cards (078-05-1120,
+  219-09-9999), so those are not reported;
+* UK National Insurance number: two prefix letters (not D F I Q U V; second not O; not
+  BG GB KN NK NT TN ZZ), six digits in pairs, a suffix A-D;
+* street address: a house number, one to four capitalised words and a street type
+  (Street, St., Avenue, Road, Lane, Drive, Boulevard, ...), optionally an apartment or
+  suite, a city, a two-letter state and a ZIP code; or the continental order, a street
+  word ending in -straße/-strasse/-weg/-gasse/-platz (or "Rue", "Via", "Calle" first) and a
+  house number;
 * phone: international (``+`` country code) or grouped national numbers with 10-15
   digits, or 8+ digits when an area code in parentheses makes the intent clear. Year
   ranges and plain long numbers are not phones.
@@ -32,7 +43,8 @@ from dataclasses import dataclass, field
 
 PLACEHOLDERS = {
     "url_credentials": "[CREDENTIALS]", "email": "[EMAIL]", "iban": "[IBAN]",
-    "credit_card": "[CREDIT_CARD]", "ip_address": "[IP]", "phone": "[PHONE]",
+    "credit_card": "[CREDIT_CARD]", "ip_address": "[IP]", "us_ssn": "[SSN]", "uk_nino": "[NATIONAL_ID]",
+    "street_address": "[ADDRESS]", "phone": "[PHONE]",
 }
 
 _URL_CREDENTIALS = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]{1,15}://([^\s/?#@:]+(?::[^\s/?#@]*)?)@[\w.-]+")
@@ -50,6 +62,19 @@ _IPV6 = re.compile(
 _PHONE = re.compile(
     r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .-]\d{2,5}){1,5}(?![\w])"
     r"|(?<![\w+])\+\d{8,15}(?!\w)")
+_SSN = re.compile(r"(?<![\w-])\d{3}([- ])\d{2}\1\d{4}(?![\w-])")
+_SSN_BARE = re.compile(r"(?i:\b(?:ssn|social security(?: number| no\.?)?)\s*(?:#|:|is)?\s*)(\d{9})\b")
+_NINO = re.compile(r"\b([A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]) ?(\d{2}) ?(\d{2}) ?(\d{2}) ?([A-D])\b")
+_STREET_TYPES = (r"Street|St\.?|Avenue|Ave\.?|Road|Rd\.?|Boulevard|Blvd\.?|Lane|Ln\.?|Drive|Dr\.?|Court|Ct\.?|"
+                 r"Place|Pl\.?|Terrace|Way|Parkway|Pkwy\.?|Highway|Hwy\.?|Square|Sq\.?|Circle|Close|Crescent")
+_ADDRESS = re.compile(
+    r"\b\d{1,5}[A-Za-z]?\s+(?:[A-Z][a-z]+\.?\s+|[A-Z]\.\s+|\d{1,3}(?:st|nd|rd|th)\s+){1,4}"
+    rf"(?:{_STREET_TYPES})(?![\w])(?:\s+(?:N|S|E|W|NE|NW|SE|SW)\b)?"
+    r"(?:,?\s+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|#)\s*[\w-]{1,6})?"
+    r"(?:,\s*[A-Z][a-z]+(?:\s[A-Z][a-z]+){0,2}(?:,\s*[A-Z]{2})?(?:\s+\d{5}(?:-\d{4})?)?)?"
+    r"|\b(?:[A-ZÄÖÜ][a-zäöüß]+(?:straße|strasse|weg|gasse|platz|allee)|(?:Rue|Via|Calle|Avenida|Rua)"
+    r"(?:\s+(?:de|del|della|da|des|du|la|le)?\s*[A-Z][a-zà-ÿ]+){1,3})\s+\d{1,4}[a-z]?\b"
+    r"(?:,\s*\d{4,5}\s+[A-Z][a-zà-ÿäöüß]+)?")
 _YEAR_RANGE = re.compile(r"^(?:1[5-9]|20)\d\d\s*[-–]\s*(?:1[5-9]|20)?\d\d$")
 _CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2(?:2[2-9]|[3-6]\d|7[01]|720)|3[47]|6(?:011|5|4[4-9])|35|3(?:0[0-5]|[68]))")
 
@@ -98,6 +123,30 @@ def _phone_ok(match: str) -> bool:
     return not (len(groups) == 3 and len(groups[0]) == 4 and all(len(g) <= 2 for g in groups[1:]))
 
 
+# Numbers printed on sample cards and in advertisements, used by many people as if their own.
+_SSN_SAMPLES = {"078051120", "219099999"}
+_NINO_BAD_PREFIXES = {"BG", "GB", "KN", "NK", "NT", "TN", "ZZ"}
+
+
+def ssn_valid(candidate: str) -> bool:
+    """Whether nine digits (separators ignored) could be an issued US social security number."""
+    digits = re.sub(r"\D", "", candidate)
+    if len(digits) != 9 or digits in _SSN_SAMPLES:
+        return False
+    area, group, serial = int(digits[:3]), int(digits[3:5]), int(digits[5:])
+    return area != 0 and area != 666 and area < 900 and group != 0 and serial != 0
+
+
+def _ssn_ok(match: str) -> bool:
+    return ssn_valid(match[-11:] if re.search(r"\d{3}[- ]\d{2}[- ]\d{4}$", match) else match[-9:])
+
+
+def nino_valid(candidate: str) -> bool:
+    """A UK National Insurance number's shape rules (prefix letters and suffix)."""
+    s = candidate.replace(" ", "").upper()
+    return bool(re.fullmatch(r"[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]\d{6}[A-D]", s)) and s[:2] not in _NINO_BAD_PREFIXES
+
+
 def _ipv6_ok(match: str) -> bool:
     # "ab::cd" in prose or code is not an address; real ones nearly always contain a digit.
     return match.count(":") >= 2 and any(ch.isdigit() for ch in match)
@@ -118,6 +167,10 @@ KINDS: tuple[_Kind, ...] = (
     _Kind("credit_card", _CARD, _card_ok),
     _Kind("ip_address", _IPV4),
     _Kind("ip_address", _IPV6, _ipv6_ok),
+    _Kind("us_ssn", _SSN, _ssn_ok),
+    _Kind("us_ssn", _SSN_BARE, _ssn_ok, group=1),
+    _Kind("uk_nino", _NINO, nino_valid),
+    _Kind("street_address", _ADDRESS),
     _Kind("phone", _PHONE, _phone_ok),
 )
 
