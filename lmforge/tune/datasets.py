@@ -22,7 +22,10 @@ Real data:
                      splits stratified by class, the class balance reported per split
     bible-en-es      English (KJV) -> Spanish (Reina-Valera 1909) verse translation from the
                      Debian ``sword-text-kjv`` / ``sword-text-sparv`` modules through
-                     ``diatheke``; refused with a clear message when they are not installed
+                     ``diatheke`` (lmforge.data.bible); split by BOOK, so test verses come
+                     from books never seen in training (test: Ruth, Proverbs, Micah, Mark,
+                     Galatians, I John; validation: Esther, Philippians, James); refused
+                     with a clear message when the modules are not installed
 
 Every record is ``{"messages": [user, assistant], "answer": ..., "task": ..., "source": ...}``
 (`lmforge.tune.sft_data` reads it). `make_dataset(name, seed, sizes)` returns the splits;
@@ -35,8 +38,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
@@ -218,40 +219,21 @@ def _sentiment(seed: int, sizes: dict[str, int]) -> dict[str, list[dict[str, Any
 
 
 def _bible(seed: int, sizes: dict[str, int]) -> dict[str, list[dict[str, Any]]]:
-    if shutil.which("diatheke") is None:
-        raise LmforgeError("bible-en-es needs the Debian packages sword-text-kjv and sword-text-sparv with diatheke "
-                           "(apt-get install diatheke sword-text-kjv sword-text-sparv); they are not installed here")
-    books = ["Genesis", "Psalms", "Proverbs", "Matthew", "John", "Acts", "Romans"]
+    from lmforge.data.bible import parallel_verses, split_books
 
-    def verses(module: str, book: str) -> dict[str, str]:
-        try:
-            text = subprocess.run(["diatheke", "-b", module, "-f", "plain", "-k", book], capture_output=True,
-                                  text=True, timeout=300, check=True).stdout
-        except (subprocess.SubprocessError, OSError) as exc:
-            raise LmforgeError(f"diatheke could not read {module} ({exc}); is sword-text-{module.lower()} installed?") \
-                from None
-        out = {}
-        for line in text.splitlines():
-            ref, sep, verse = line.partition(": ")
-            if sep and ref[:1].isalpha() and ":" in ref and verse.strip():
-                out[ref.strip()] = verse.strip()
-        return out
-
-    pairs = []
-    for book in books:
-        english, spanish = verses("KJV", book), verses("SpaRV1909", book)
-        pairs += [(ref, english[ref], spanish[ref]) for ref in english if ref in spanish]
-    if not pairs:
-        raise LmforgeError("diatheke returned no aligned verses (KJV / SpaRV1909 modules missing?)")
+    pairs = parallel_verses("kjv", "rv1909")
+    books = split_books()
     rng = random.Random(f"{seed}:bible")
-    rng.shuffle(pairs)
-    out, start = {}, 0
-    for split in ("validation", "test", "train"):
-        out[split] = [record(f"Translate this verse into Spanish: {en}", es, "bible-en-es",
-                             f"{ref}: KJV and Reina-Valera 1909 (SWORD modules, public domain)")
-                      for ref, en, es in pairs[start:start + sizes[split]]]
-        start += sizes[split]
-    return {s: out[s] for s in SPLITS}
+    out = {}
+    for split in SPLITS:
+        held = set(books[split])
+        chosen = [(en, es) for en, es in pairs if en.book in held]
+        rng.shuffle(chosen)
+        out[split] = [{**record(f"Translate this verse into Spanish: {en.text}", es.text, "bible-en-es",
+                                "King James Version and Reina-Valera 1909 (SWORD modules, public domain)"),
+                       "reference": en.reference, "book": en.book}
+                      for en, es in chosen[:sizes[split]]]
+    return out
 
 
 def make_dataset(name: str, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, list[dict[str, Any]]]:
