@@ -39,14 +39,24 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from . import onednn
+from . import fused_ops, onednn
 from .onednn import project
 from .rope import RotaryTable, apply_rotary
 
 
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` whose training forward (a backward will follow) is lmforge/model/fused_ops.py's
+    one-function version; everything else runs PyTorch's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ops.wants_grad(x, self.weight):
+            return fused_ops.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
 
 
