@@ -154,11 +154,16 @@ class Attention(nn.Module):
         end: int,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        heads = project(self.qkv, x).view(batch, length, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-        qk, v = heads.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=1)
-        if rope is not None:
-            qk = apply_rotary(qk, *rope)  # q and k heads rotated in one pass
-        q, k = qk.split((self.n_head, self.n_kv_head), dim=1)
+        qkv = project(self.qkv, x)
+        if rope is not None and cache is None and fused_ops.wants_grad(qkv):
+            # Training: one function from the projection's output to rotated q, k and v.
+            q, k, v = fused_ops.rotary_qkv(qkv, *rope, self.n_head, self.n_kv_head, self.head_dim)
+        else:
+            heads = qkv.view(batch, length, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+            qk, v = heads.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=1)
+            if rope is not None:
+                qk = apply_rotary(qk, *rope)  # q and k heads rotated in one pass
+            q, k = qk.split((self.n_head, self.n_kv_head), dim=1)
         if cache is not None:
             k, v = cache.update(layer, k, v, start, end)
         group = self.n_head // self.n_kv_head
