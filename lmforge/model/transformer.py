@@ -235,7 +235,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = project(self.fc, x)
-        if self.swiglu:
+        if self.swiglu and fused_ops.wants_grad(h):
+            h = fused_ops.swiglu(h)  # training: one function, no chunk/cat in the backward
+        elif self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
