@@ -415,3 +415,24 @@ def test_shipped_sft_recipes_load_and_every_field_is_a_flag():
         load_finetune_recipe(None, {"data.bogus": 1})
     with pytest.raises(LmforgeError, match="unknown option --nosection"):
         load_finetune_recipe(None, {"nosection": 1})
+
+
+def test_translation_records_are_scored_by_bleu_and_chrf(tokenizer, tiny_model_dir):
+    import sacrebleu
+
+    from lmforge.model.checkpoint import load_hf_model
+    from lmforge.tune.sft import exact_match
+
+    model = load_hf_model(tiny_model_dir)
+    pairs = [("In the beginning was the Word.", "En el principio era el Verbo."),
+             ("Jesus wept.", "Y lloró Jesús."), ("God is love.", "Dios es amor."), ("Pray always.", "Orad siempre.")]
+    records = [{"messages": [{"role": "user", "content": f"Translate this verse into Spanish: {en}"},
+                             {"role": "assistant", "content": es}], "answer": es, "task": "bible-en-es"}
+               for en, es in pairs]
+    scores = exact_match(model, tokenizer, records, max_new_tokens=6)
+    outputs = [s["output"].strip() for s in scores["samples"]]
+    references = [es for _, es in pairs]
+    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(outputs, [references]).score)
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(outputs, [references]).score)
+    arithmetic = [{**r, "task": "arithmetic"} for r in records]
+    assert "chrf" not in exact_match(model, tokenizer, arithmetic, max_new_tokens=2)

@@ -156,7 +156,8 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
         print(json.dumps(scores))
     else:
         print(f"{lm.name} on {args.data}: exact match {100 * scores['exact_match']:.1f}%, answer in output "
-              f"{100 * scores['answer_in_output']:.1f}% ({scores['examples']} examples)")
+              f"{100 * scores['answer_in_output']:.1f}% ({scores['examples']} examples)"
+              + (f", BLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}" if "chrf" in scores else ""))
         for s in scores["samples"][:3]:
             print(f"  reference {s['reference']!r} -> {s['output']!r}")
     return 0

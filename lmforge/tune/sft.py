@@ -194,6 +194,9 @@ def answer_in_output(reference: str, output: str) -> bool:
     return bool(ref) and re.search(r"(?<![\w.-])" + re.escape(ref) + r"(?![\w-])", output) is not None
 
 
+TRANSLATION_TASKS = ("bible-en-es",)  # records scored by BLEU and chrF as well
+
+
 def exact_match(model, tokenizer, records: list[dict[str, Any]], max_new_tokens: int = 32,
                 chat_template: str | None = None, batch: int = 16, progress: bool = False) -> dict[str, Any]:
     """Greedy answers of ``model`` to each record's prompt (everything before its last assistant
@@ -230,9 +233,17 @@ def exact_match(model, tokenizer, records: list[dict[str, Any]], max_new_tokens:
         bar.close()
     exact = [normalize_answer(o) == normalize_answer(r) for o, r in zip(outputs, references)]
     contained = [answer_in_output(r, o) for o, r in zip(outputs, references)]
-    return {"examples": len(records), "exact_match": sum(exact) / len(exact),
-            "answer_in_output": sum(contained) / len(contained),
-            "samples": [{"reference": r, "output": o} for r, o in list(zip(references, outputs))[:5]]}
+    scores = {"examples": len(records), "exact_match": sum(exact) / len(exact),
+              "answer_in_output": sum(contained) / len(contained),
+              "samples": [{"reference": r, "output": o} for r, o in list(zip(references, outputs))[:5]]}
+    if any(rec.get("task") in TRANSLATION_TASKS for rec in records):
+        # exact match says little about a translation: corpus BLEU and chrF (sacrebleu) beside it
+        from lmforge.eval.metrics.sacre import bleu, chrf
+
+        hypotheses = [o.strip() for o in outputs]
+        scores["bleu"] = bleu(hypotheses, references)["score"]
+        scores["chrf"] = chrf(hypotheses, references)["score"]
+    return scores
 
 
 # -- the task ---------------------------------------------------------------------------------------
