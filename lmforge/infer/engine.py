@@ -46,10 +46,12 @@ class Completion:
 class Generator:
     """Generates text with a `Transformer` and a `Tokenizer` by stepping a `Scheduler` to completion."""
 
-    def __init__(self, model, tokenizer=None, adapters=None) -> None:
+    def __init__(self, model, tokenizer=None, adapters=None, speculator=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.adapters = adapters  # an AdapterBank installed on `model` (lmforge/infer/adapters.py), or None
+        # A speculative.Speculator: single-row steps draft and verify several tokens at once.
+        self.speculator = speculator
 
     def _submit(
         self, prompts: Sequence[str | list[int]], params, use_cache: bool, stream: bool, max_batch: int | None = None,
@@ -85,6 +87,7 @@ class Generator:
             prefix_cache_bytes=0,
             use_cache=use_cache,
             adapters=self.adapters,
+            speculator=self.speculator,
         )
         return scheduler, [scheduler.submit(i, p, stream=stream, adapter=a) for i, p, a in zip(ids, plist, alist)]
 

@@ -107,6 +107,27 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> to
     return logits
 
 
+def penalized_logits(
+    logits: torch.Tensor, params: SamplingParams, context: torch.Tensor, counts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One row of logits [V] after the penalties: what greedy decoding takes the arg-max of."""
+    logits = apply_repetition_penalty(logits.float(), context, params.repetition_penalty)
+    logits = apply_presence_frequency(logits, counts, params.presence_penalty, params.frequency_penalty)
+    # Extreme penalties or temperatures can overflow: +inf becomes the largest float (so
+    # the softmax keeps those tokens instead of producing NaN), NaN becomes "impossible".
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+
+
+def sampling_distribution(penalized: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The probabilities [V] a non-greedy draw picks from, given `penalized_logits`.
+
+    Speculative decoding (speculative.py) needs this distribution itself, not one draw
+    from it, to accept or reject a drafted token exactly.
+    """
+    scaled = torch.nan_to_num(penalized / params.temperature, nan=float("-inf"), posinf=torch.finfo(penalized.dtype).max)
+    return truncate(scaled, params.top_k, params.top_p, params.min_p).softmax(-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -119,16 +140,10 @@ def sample_next(
     `context` holds prompt and generated ids (repetition penalty); `counts` how often
     each vocabulary entry was generated (presence/frequency penalties).
     """
-    logits = apply_repetition_penalty(logits.float(), context, params.repetition_penalty)
-    logits = apply_presence_frequency(logits, counts, params.presence_penalty, params.frequency_penalty)
-    # Extreme penalties or temperatures can overflow: +inf becomes the largest float (so
-    # the softmax keeps those tokens instead of producing NaN), NaN becomes "impossible".
-    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    logits = penalized_logits(logits, params, context, counts)
     if params.greedy:
         return int(logits.argmax())
-    scaled = torch.nan_to_num(logits / params.temperature, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
-    logits = truncate(scaled, params.top_k, params.top_p, params.min_p)
-    return draw(logits.softmax(-1), generator)
+    return draw(sampling_distribution(logits, params), generator)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:

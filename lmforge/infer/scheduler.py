@@ -31,6 +31,10 @@ With `use_cache=False` there is no KV cache: every step recomputes each row's wh
 sequence (prompt and generated tokens) from scratch, one row at a time. Nothing else
 changes, so comparing the two modes tests the cache alone, everything from sampling
 to stop conditions being the same code.
+
+With a `Speculator` (lmforge/infer/speculative.py), a step that has a single running row
+lets a drafter guess the next k tokens and verifies them with one forward over k+1
+positions, appending up to k+1 tokens; any other step is the plain one-token step.
 """
 
 from __future__ import annotations
@@ -187,12 +191,14 @@ class Scheduler:
         on_finish: Callable[[RequestHandle], None] | None = None,
         use_cache: bool = True,
         adapters=None,
+        speculator=None,
     ) -> None:
         if max_batch < 1:  # no row could ever be admitted: every request would wait forever
             raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
         self.tokenizer = tokenizer
         self.adapters = adapters  # an AdapterBank installed on `model`, or None
+        self.speculator = speculator  # a speculative.Speculator, or None
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.max_waiting = max_waiting
@@ -357,12 +363,17 @@ class Scheduler:
 
     def _forward(
         self, ids: torch.Tensor, cache: KVCache | None, start, select: torch.Tensor | None = None,
-        handles: list[RequestHandle] | None = None,
+        handles: list[RequestHandle] | None = None, every_position: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, V] of the last (or `select`ed) position of every row (row i: `handles[i]`)."""
+        """Logits [B, V] of the last (or `select`ed) position of every row (row i: `handles[i]`).
+
+        `every_position`: logits [B, L, V] of all the positions instead.
+        """
         rows = contextlib.nullcontext() if self.adapters is None or handles is None else \
             self.adapters.rows([h.adapter for h in handles], self.device)  # which adapter each row uses
         with self._threads(ids.numel()), rows:
+            if every_position:
+                return self.model(ids, cache=cache, start=start)
             return self.model(ids, cache=cache, start=start, last_only=True, select=select)[:, -1]
 
     def _uncached_logits(self, handles: list[RequestHandle]) -> torch.Tensor:
@@ -444,7 +455,10 @@ class Scheduler:
             self._emit(handle, handle.state.append(handle.state.choose(logits[i])))
 
     def _decode_step(self) -> None:
-        """One new token for every running row, each at its own position."""
+        """One new token for every running row, each at its own position (or several: `_speculate`)."""
+        if self.speculator is not None and len(self._rows) == 1 and self.cache is not None \
+                and self._speculate(self._rows[0]):
+            return
         if self.cache is None:
             logits = self._uncached_logits(self._rows)
         else:
@@ -461,6 +475,26 @@ class Scheduler:
             for i, handle in enumerate(self._rows):
                 state = handle.state
                 self._emit(handle, state.append(state.choose(logits[i])))
+
+    def _speculate(self, handle: RequestHandle) -> bool:
+        """Draft, verify in one forward, append what passes; False (nothing done) where no draft was made.
+
+        Rows with an adapter keep plain steps: the drafter runs the base weights only.
+        """
+        state = handle.state
+        k = self.speculator.draft_length(state) if handle.adapter == 0 else 0
+        if k < 1:
+            return False
+        with self._threads(1):
+            draft = self.speculator.propose(state, k)
+        if not draft.tokens:
+            return False
+        ids = torch.tensor([[state.generated[-1], *draft.tokens]], dtype=torch.long, device=self.device)
+        logits = self._forward(ids, self.cache.rows(0, 1), state.position, handles=[handle], every_position=True)[0]
+        self.stats.steps += 1
+        with self._threads(1):
+            self.speculator.accept(state, logits, draft, lambda delta: self._emit(handle, delta))
+        return True
 
     def _emit(self, handle: RequestHandle, delta: str) -> None:
         state = handle.state
