@@ -21,11 +21,14 @@ product is added by the base product as it writes, the input gradient g W + (g s
 one output, and the frozen W and W^T are kept in oneDNN's packed layout
 (lmforge/train/frozen_weights.py) when `--pack-frozen` asks for them (they cost two more
 copies of every adapted weight, so `PeftOptions.pack_frozen` is off by default); a frozen
-(tied) head keeps its W^T packed for the loss.
+(tied) head keeps its W^T packed for the loss. The model's RMSNorm, rotary q/k/v and
+SwiGLU are one autograd function each with a hand-written backward while training
+(lmforge/model/fused_ops.py): fewer passes over the activations, no cat/split copies.
 
-`--variants unfused unpacked` also times, in the same rounds, lmforge without that
-function (plain autograd over the same products) and, with `--pack-frozen`, with it but
-without the packed copies; `--threads N` fixes the thread count (on a machine shared with other jobs, one
+`--variants unfused unpacked plain-model` also times, in the same rounds, lmforge without
+those functions (plain autograd over the same products), with `--pack-frozen` the LoRA
+function without the packed copies, and the model's norms, rotary embedding and SwiGLU
+as plain autograd ops (`plain-model`, the path before lmforge/model/fused_ops.py); `--threads N` fixes the thread count (on a machine shared with other jobs, one
 thread per side is the least disturbed). Besides wall-clock tokens/s the script reports
 tokens per CPU second of the process and their ratio: under load the wall clock also
 counts the time a side waited for a core.
@@ -149,20 +152,28 @@ def check_agreement(ours, theirs, ids):
 
 
 # lmforge's training paths that `--variants` can time beside the default (each sets these
-# switches of lmforge/tune/peft/lora_kernel.py for its own steps only).
-VARIANTS = {"default": {}, "unfused": {"ENABLED": False}, "unpacked": {"PACK_FROZEN": False}}
+# switches of lmforge/tune/peft/lora_kernel.py, and `MODEL_ENABLED` that of
+# lmforge/model/fused_ops.py, for its own steps only). `plain-model`: the model's norms,
+# rotary embedding and SwiGLU as plain autograd ops (the path before fused_ops);
+# `unfused`: plain autograd everywhere.
+VARIANTS = {"default": {}, "unfused": {"ENABLED": False, "MODEL_ENABLED": False}, "unpacked": {"PACK_FROZEN": False},
+            "plain-model": {"MODEL_ENABLED": False}}
 
 
 def make_step(model, hf: bool, lr=1e-4, variant: str = "default"):
+    from lmforge.model import fused_ops
     from lmforge.tune.peft import lora_kernel
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, fused=True)
-    switches = {"ENABLED": True, "PACK_FROZEN": True, **VARIANTS[variant]}
+    switches = {"ENABLED": True, "PACK_FROZEN": True, "MODEL_ENABLED": True, **VARIANTS[variant]}
 
     def step(ids):
         for name, value in switches.items():
-            setattr(lora_kernel, name, value)
+            if name == "MODEL_ENABLED":
+                fused_ops.ENABLED = value
+            else:
+                setattr(lora_kernel, name, value)
         loss = loss_fn(model, ids, hf)
         loss.backward()
         opt.step()

@@ -131,7 +131,7 @@ def labelled_step(model, hf: bool, lr=1e-4):
     return step
 
 
-def build(small: bool, r: int, alpha: float, targets: list[str]):
+def build(small: bool, r: int, alpha: float, targets: list[str], pack_frozen: bool = False):
     import peft
 
     if small:
@@ -145,7 +145,8 @@ def build(small: bool, r: int, alpha: float, targets: list[str]):
     else:
         ours = bench.load_base()
     theirs_base = bench.hf_copy(ours)
-    ours = apply_peft(ours, PeftOptions(method="lora", r=r, alpha=alpha, target_modules=targets, seed=0))
+    ours = apply_peft(ours, PeftOptions(method="lora", r=r, alpha=alpha, target_modules=targets, seed=0,
+                                               pack_frozen=pack_frozen))
     bench.nudge(ours)
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(ours, tmp)
@@ -164,10 +165,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--small", action="store_true", help="a small random Llama instead of the default model")
+    ap.add_argument("--pack-frozen", action="store_true",
+                    help="lmforge keeps oneDNN-packed copies of the frozen weights (PeftOptions.pack_frozen)")
     ap.add_argument("--top", type=int, default=0, help="also print the N ops with most self CPU time per side")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ours, theirs = build(args.small, args.r, args.alpha, args.targets)
+    ours, theirs = build(args.small, args.r, args.alpha, args.targets, args.pack_frozen)
     gen = torch.Generator().manual_seed(1)
     vocab = ours.config.vocab_size
     batches = [torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen) for _ in range(2)]

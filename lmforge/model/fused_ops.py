@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Switch for comparing paths (benchmarks/finetune.py's `unfused-model` variant).
+# Switch for comparing paths (benchmarks/finetune.py's `plain-model` variant).
 ENABLED = True
 
 
