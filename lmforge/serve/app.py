@@ -13,6 +13,7 @@ The parts live in their own modules and share one `ServerState` (state.py):
 - rag.py: with `ServeSettings.rag`, chat answers from a knowledge base with numbered
   sources, and the sources' pages (GET /v1/rag/sources/{id}, /rag/sources/{id}).
 - webui.py: the web chat page and its /api/* storage routes, when a store is given.
+- lmforge/monitor/dashboard.py: the /dashboard page and its JSON of recent aggregates.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from ..infer.scheduler import Scheduler
+from ..monitor.activity import Price
+from ..monitor.dashboard import register_dashboard
 from .config import ServeSettings
 from .embeddings import embedding_model_from
 from .embeddings import router as embeddings_router
@@ -41,15 +44,23 @@ def explicit_embedding_model(settings: ServeSettings) -> str | None:
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: ServeSettings | None = None,
-               store=None, knowledge: KnowledgeBase | None = None) -> FastAPI:
+               store=None, knowledge: KnowledgeBase | None = None, prices: dict[str, Price] | None = None,
+               drift=None) -> FastAPI:
     """The server's application. `store`: the web chat's `FeedbackStore` (no web chat without it).
-    `knowledge`: the opened `settings.rag` index (opened here when not given; its owner closes it)."""
+    `knowledge`: the opened `settings.rag` index (opened here when not given; its owner closes it).
+    `prices`: dollars per 1k tokens per served model, for the cost estimate in the metrics.
+    `drift`: a `lmforge.monitor.drift.DriftMonitor` that the caller feeds questions to; its state
+    shows on /dashboard and its gauges join /metrics."""
     settings = settings or ServeSettings()
     hosts = HostCheck(settings)  # a malformed --host / --allow-host fails here, before serving
     embeddings = embedding_model_from(settings)
     if knowledge is None and settings.rag is not None:
         knowledge = KnowledgeBase.open(settings.rag, explicit_embedding_model(settings))
-    metrics = ServerMetrics(scheduler, model_name=model_name)
+    metrics = ServerMetrics(scheduler, model_name=model_name, prices=prices)
+    if store is not None and str(store.path) != ":memory:":
+        metrics.watch_feedback(store.path)
+    if drift is not None:
+        metrics.watch_drift(drift)
     scheduler.on_finish = metrics.observe_generation  # every ending counts: done, cancelled or failed
     state = ServerState(scheduler=scheduler, tokenizer=tokenizer, model_name=model_name, settings=settings,
                         metrics=metrics, limiter=RateLimiter(settings.rate_limit_per_minute), embeddings=embeddings,
@@ -62,6 +73,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
     app.include_router(router)
     app.include_router(embeddings_router)
     app.include_router(rag_router)
+    register_dashboard(app, metrics)
     if store is not None:  # the web chat and its conversation/feedback storage
         from .webui import register_webui
 
