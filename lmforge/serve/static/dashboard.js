@@ -31,8 +31,9 @@ function tile(label, value, alert = false) {
   return div;
 }
 
-// Lines over per-minute buckets: series = [{values, color}], x from the bucket times.
-function lineChart(canvas, times, series) {
+// Lines over per-minute buckets: series = [{values, color}], x from the bucket times; `top` fixes
+// the scale (rates: 1), else it follows the data.
+function lineChart(canvas, times, series, fixedTop = null) {
   const ratio = window.devicePixelRatio || 1;
   const width = canvas.clientWidth || canvas.width, height = canvas.clientHeight || canvas.height;
   canvas.width = width * ratio;
@@ -42,7 +43,8 @@ function lineChart(canvas, times, series) {
   ctx.clearRect(0, 0, width, height);
   const left = 44, bottom = 18, top = 8, right = 8;
   const all = series.flatMap(s => s.values.filter(v => v !== null && v !== undefined));
-  const max = Math.max(1e-9, ...all) * 1.1;
+  const highest = Math.max(0, ...all);
+  const max = fixedTop !== null ? fixedTop : (highest > 0 ? highest * 1.1 : 1);
   ctx.strokeStyle = cssVar("--border");
   ctx.fillStyle = cssVar("--muted");
   ctx.font = "11px system-ui, sans-serif";
@@ -129,7 +131,7 @@ function render(data) {
   lineChart(document.getElementById("chart-tokens"), times, [{values: s.map(b => b.tokens_per_second), color: "--accent"}]);
   lineChart(document.getElementById("chart-cost"), times, [{values: s.map(b => b.cost), color: "--accent"}]);
   lineChart(document.getElementById("chart-refusals"), times, [
-    {values: s.map(b => b.generations ? b.refusals / b.generations : null), color: "--bad"}]);
+    {values: s.map(b => b.generations ? b.refusals / b.generations : null), color: "--bad"}], 1);
   for (const name of ["intents", "escalations", "blocked_requests", "moderation_hits", "rag_answers"]) {
     table("table-" + name, counterEntries(c[name]));
   }
