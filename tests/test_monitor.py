@@ -106,7 +106,7 @@ def test_monitor_alerts_on_a_shift_once_per_cooldown(caplog):
     with caplog.at_level("WARNING", logger="lmforge.monitor"):
         state = monitor.feed_vectors(shifted_vectors(rng, 150, shift=1.5))
     assert state.drifting == {"mmd": True, "psi": True} and state.alerted_now == ["mmd", "psi"]
-    shifted_psi = state.psi
+    shifted_psi, first = state.psi, state
     assert [json.loads(r.message)["drift_alert"] for r in caplog.records] == ["mmd", "psi"]
     clock.now = 50  # within the cool-down: still drifting, no new alert
     state = monitor.feed_vectors(shifted_vectors(rng, 50, shift=1.5))
@@ -114,6 +114,7 @@ def test_monitor_alerts_on_a_shift_once_per_cooldown(caplog):
     clock.now = 120
     state = monitor.feed_vectors(shifted_vectors(rng, 50, shift=1.5))
     assert state.alerted_now == ["mmd", "psi"] and state.alerts == {"mmd": 2, "psi": 2}
+    assert first.alerts == {"mmd": 1, "psi": 1} and first.checks == 1  # an earlier state stays as it was
     value = registry.get_sample_value
     assert value("lmforge_drift_alerts_total", {"test": "mmd"}) == 2
     assert value("lmforge_drift_alert", {"test": "psi"}) == 1

@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -272,7 +272,10 @@ class DriftMonitor:
             raise LmforgeError("no drift check before a reference and a window of at least 2 questions")
         started = time.perf_counter()
         current = np.stack(self.window)
-        o, s = self.options, self.state
+        # A new state object per check: one returned earlier keeps describing its own check.
+        s = self.state = replace(self.state, drifting=dict(self.state.drifting), alerts=dict(self.state.alerts),
+                                 alerted_now=[])
+        o = self.options
         result = mmd_test(self.reference, current, o.permutations, seed=o.seed + s.checks)
         counts = np.bincount(assign(current, self.centroids), minlength=o.clusters)
         s.psi = psi(self._reference_counts, counts)
@@ -282,7 +285,6 @@ class DriftMonitor:
         s.checks += 1
         self._since_check = 0
         s.drifting = {"mmd": result.p_value < o.mmd_alpha, "psi": s.psi > o.psi_threshold}
-        s.alerted_now = []
         now = self.clock()
         for test in self.TESTS:
             last = self._last_alert.get(test)
