@@ -226,3 +226,56 @@ def test_golden_cli_errors(tmp_path, capsys):
     assert main(["monitor", "golden", "--golden", str(golden), "--against", str(tmp_path / "bad.json"),
                  str(tmp_path / "bad.json")]) == 1
     assert "not a golden run" in capsys.readouterr().err
+
+
+def test_groundedness_of_knowledge_base_answers(served):
+    """A generated answer's groundedness is the share of its sentences the support check kept;
+    extractive and refused answers carry none."""
+    from lmforge.rag.answer import Answer
+
+    url, metrics = served[0], served[3]
+    kept = "The KV cache stores keys and values of earlier tokens [1]. It grows linearly with the context length [1]."
+    metrics.observe_answer("generated", Answer("q", kept, mode="generated",
+                                               dropped=["It was invented in 1850 by a famous baker."]))
+    metrics.observe_answer("extractive", Answer("q", "Quoted text from the source.", mode="extractive"))
+    metrics.observe_answer("refused")
+    text = httpx.get(url + "/metrics").text
+    assert metric(text, "lmforge_rag_groundedness_count") == 1
+    assert metric(text, "lmforge_rag_groundedness_sum") == pytest.approx(2 / 3)
+    assert metric(text, "lmforge_rag_answers_total", '{mode="refused"}') == 1
+    assert httpx.get(url + "/dashboard/data").json()["groundedness_mean"] == pytest.approx(2 / 3)
+
+
+def test_monitor_cli_questions_and_grafana(tmp_path, capsys):
+    from lmforge.cli import main
+
+    assert main(["monitor", "questions", "--n", "30", "--shift-share", "1", "--seed", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 30 and len(set(lines)) > 20
+    assert main(["monitor", "questions", "--shift-topic", "weather"]) == 1
+    assert "unknown topic" in capsys.readouterr().err
+    out = tmp_path / "dash.json"
+    assert main(["monitor", "grafana", "--out", str(out), "--title", "prod"]) == 0
+    assert json.loads(out.read_text())["title"] == "prod"
+
+
+@pytest.mark.slow
+def test_monitor_cli_drift_with_minilm(tmp_path, capsys, minilm_dir):
+    """`lmforge monitor drift` with the real MiniLM encoder: calm traffic, then half of it about a
+    new topic; the checks after the shift alert, the calm ones do not."""
+    import random
+
+    from lmforge.cli import main
+    from lmforge.monitor.questions import questions
+
+    rng = random.Random(5)
+    (tmp_path / "ref.txt").write_text("\n".join(questions(120, rng)) + "\n")
+    (tmp_path / "traffic.txt").write_text("\n".join(questions(120, rng) + questions(120, rng, shift_share=0.6)) + "\n")
+    assert main(["monitor", "drift", "--reference", str(tmp_path / "ref.txt"), str(tmp_path / "traffic.txt"),
+                 "--window", "120", "--reference-size", "120", "--check-every", "120", "--embedding-model",
+                 str(minilm_dir), "--out", str(tmp_path / "state.json")]) == 0
+    checks = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [c["after"] for c in checks] == [120, 240]
+    assert checks[0]["drifting"]["mmd"] is False and checks[0]["alerts"] == []
+    assert checks[1]["drifting"]["mmd"] is True and "mmd" in checks[1]["alerts"]
+    assert json.loads((tmp_path / "state.json").read_text())["alerts"]["mmd"] == 1

@@ -115,6 +115,9 @@ def questions(n: int, rng: random.Random, topics: Sequence[str] = REFERENCE_TOPI
     """`n` questions: a share `shift_share` about `shift_topic`, the rest spread evenly over `topics`."""
     if not 0.0 <= shift_share <= 1.0:
         raise LmforgeError(f"shift_share must be between 0 and 1, got {shift_share}")
+    unknown = [t for t in [*topics, shift_topic] if t not in TOPICS]
+    if unknown or not topics:
+        raise LmforgeError(f"unknown topic {(unknown or ['(none)'])[0]!r} (known: {', '.join(TOPICS)})")
     shifted = round(n * shift_share)
     out = [question(shift_topic, rng) for _ in range(shifted)]
     out += [question(rng.choice(list(topics)), rng) for _ in range(n - shifted)]
