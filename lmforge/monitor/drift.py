@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
@@ -173,7 +174,8 @@ class DriftState:
 class DriftMonitor:
     """Feed questions (`feed(texts)`) or vectors (`feed_vectors`), read `state`.
 
-    `embed(texts) -> [n, d]` turns texts into vectors (default: `options.embedding_model`,
+    Embedding is the slow part: call `feed` off the event loop (a thread), never inside
+    an async route. `embed(texts) -> [n, d]` turns texts into vectors (default: `options.embedding_model`,
     loaded on first use). With a Prometheus `registry`, the latest statistics are gauges
     (`lmforge_drift_mmd_p_value`, `lmforge_drift_psi`, `lmforge_drift_alert{test}`) and the
     alerts a counter (`lmforge_drift_alerts_total{test}`). `clock` is for tests.
@@ -194,6 +196,7 @@ class DriftMonitor:
         self._since_check = 0
         self._last_alert: dict[str, float] = {}
         self.state = DriftState()
+        self._lock = threading.RLock()  # feeding from several request threads: one check at a time
         self._gauges = None
         if registry is not None:
             self.register(registry)
@@ -230,7 +233,10 @@ class DriftMonitor:
 
     def set_reference(self, vectors: np.ndarray) -> None:
         """Make `vectors` [n, d] the reference (fits the PSI clusters) and empty the window."""
-        vectors = np.asarray(vectors, dtype=np.float32)
+        with self._lock:
+            self._set_reference(np.asarray(vectors, dtype=np.float32))
+
+    def _set_reference(self, vectors: np.ndarray) -> None:
         if vectors.ndim != 2 or len(vectors) < max(4, self.options.clusters):
             raise LmforgeError(f"the drift reference needs at least {max(4, self.options.clusters)} vectors, "
                                f"got {len(vectors)}")
@@ -250,24 +256,32 @@ class DriftMonitor:
         return self.feed_vectors(self.embed(texts)) if texts else None
 
     def feed_vectors(self, vectors: np.ndarray) -> DriftState | None:
+        with self._lock:
+            return self._feed_vectors(np.asarray(vectors, dtype=np.float32))
+
+    def _feed_vectors(self, vectors: np.ndarray) -> DriftState | None:
         checked = None
-        for vector in np.asarray(vectors, dtype=np.float32):
+        for vector in vectors:
             if self.reference is None:
                 self._pending_reference.append(vector)
                 if len(self._pending_reference) >= self.options.reference_size:
-                    self.set_reference(np.stack(self._pending_reference))
+                    self._set_reference(np.stack(self._pending_reference))
                     self._pending_reference = []
                 continue
             self.window.append(vector)
             self.state.seen += 1
             self._since_check += 1
             if len(self.window) == self.window.maxlen and self._since_check >= self.options.check_every:
-                checked = self.check()
+                checked = self._check()
         return checked
 
     # -------------------------------------------------------------- testing
     def check(self) -> DriftState:
         """Compare the window with the reference now (both tests); alerts fire here."""
+        with self._lock:
+            return self._check()
+
+    def _check(self) -> DriftState:
         if self.reference is None or len(self.window) < 2:
             raise LmforgeError("no drift check before a reference and a window of at least 2 questions")
         started = time.perf_counter()

@@ -25,7 +25,8 @@ def feedback_counts(path: str | Path) -> dict[str, int]:
     """{"up": n, "down": n} of a feedback database (zeros when it cannot be read)."""
     counts = {"up": 0, "down": 0}
     try:
-        db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=5)
+        # as_uri() percent-encodes the path, so a "?" or "#" in a folder name stays part of it.
+        db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=5)
     except sqlite3.Error:
         return counts
     try:
