@@ -732,3 +732,44 @@ def write_splits(splits: dict[str, list[dict[str, Any]]], out: str | Path) -> di
     from lmforge.tune.datasets import write_splits as write
 
     return write(splits, out, describe_splits(splits))
+
+
+class SequenceClassifier:
+    """A saved sequence classifier (``OUT/model`` of a run) with its tokenizer, scoring texts.
+
+        clf = SequenceClassifier("runs/classify-intents-minilm/model")
+        clf.probabilities(["where is my order A10042?"])   # [N, labels] softmax rows
+    """
+
+    def __init__(self, directory: str | Path, max_len: int = 64) -> None:
+        from lmforge.model.loading import resolve_tokenizer
+        from lmforge.tune.heads import load_classifier
+
+        directory = Path(directory)
+        self.model = load_classifier(directory)
+        if self.model.task != "sequence":
+            raise LmforgeError(f"{directory} is a token classifier; a sequence classifier is needed here")
+        self.tokenizer = resolve_tokenizer(str(directory))
+        self.labels = list(self.model.labels)
+        self.max_len = max_len
+        self.pad_id = next(i for i in (self.tokenizer.pad_id, self.tokenizer.eos_id, 0) if i is not None)
+        self._specials = special_tokens(self.tokenizer)
+
+    def probabilities(self, texts: Sequence[str], batch_size: int = 32):
+        """Softmax probabilities [N, labels] as a numpy array."""
+        import numpy as np
+        import torch
+
+        rows = []
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                encoded = [encode_text(self.tokenizer, str(t), self.max_len, self._specials)
+                           for t in texts[start:start + batch_size]]
+                width = max(len(e) for e in encoded)
+                ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(encoded), width), dtype=torch.long)
+                for r, e in enumerate(encoded):
+                    ids[r, :len(e)] = torch.tensor(e)
+                    mask[r, :len(e)] = 1
+                rows.append(torch.softmax(self.model(ids, mask).float(), dim=-1).numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, len(self.labels)), np.float32)
