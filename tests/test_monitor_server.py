@@ -279,3 +279,28 @@ def test_monitor_cli_drift_with_minilm(tmp_path, capsys, minilm_dir):
     assert checks[0]["drifting"]["mmd"] is False and checks[0]["alerts"] == []
     assert checks[1]["drifting"]["mmd"] is True and "mmd" in checks[1]["alerts"]
     assert json.loads((tmp_path / "state.json").read_text())["alerts"]["mmd"] == 1
+
+
+def test_golden_run_on_a_local_model_batches_and_agrees_with_one_at_a_time(tokenizer):
+    from pathlib import Path as P
+
+    from lmforge.infer.loaded import LoadedModel
+    from lmforge.model import ModelConfig, Transformer
+    from lmforge.model.registry import ModelSpec
+    from lmforge.monitor.config import GoldenOptions
+    from lmforge.monitor.golden import GoldenItem, model_answerer, run_golden
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_embd=32, n_head=2, intermediate_size=64,
+                         max_position_embeddings=512, eos_token_id=tokenizer.eos_id)
+    lm = LoadedModel(Transformer(config).eval(), tokenizer, ModelSpec("tiny", "hf", P("tiny")))
+    items = [GoldenItem(str(i), f"Question {i}?", checks=[{"not_contains": "zzqx"}],
+                     system="Be brief." if i == 2 else None) for i in range(5)]
+    options = GoldenOptions(max_tokens=6, batch_size=3)
+    answer = model_answerer(lm, options)
+    steps = []
+    batched = run_golden(items, answer, options, progress=lambda done, total: steps.append(done))
+    assert steps == [3, 5]  # two batches
+    one_by_one = [answer(item) for item in items]
+    assert [r["answer"] for r in batched["items"]] == one_by_one and all(one_by_one)
+    assert batched["summary"]["items"] == 5 and batched["summary"]["pass_rate"] == 1.0

@@ -6,6 +6,7 @@ imports no numpy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import LmforgeError
@@ -41,6 +42,10 @@ class DriftOptions:
                                f"(reference-size is {self.reference_size})")
         if not 0.0 < self.mmd_alpha < 1.0:
             raise LmforgeError(f"mmd-alpha must be between 0 and 1, not {self.mmd_alpha}")
+        if 1.0 / (self.permutations + 1) >= self.mmd_alpha:
+            raise LmforgeError(f"with {self.permutations} permutations the smallest MMD p-value is "
+                               f"1/{self.permutations + 1}, never below mmd-alpha {self.mmd_alpha}: "
+                               f"use at least {math.ceil(1 / self.mmd_alpha)} permutations")
         if self.psi_threshold <= 0 or self.cooldown_seconds < 0:
             raise LmforgeError("psi-threshold must be positive and cooldown-seconds not negative")
 
@@ -55,6 +60,7 @@ class GoldenOptions:
     confidence: float = option(0.95, help="confidence of the paired bootstrap interval of the mean change")
     resamples: int = option(2000, help="bootstrap resamples (and sign-flip permutations)")
     max_tokens: int = option(128, help="most tokens per answer")
+    batch_size: int = option(8, help="questions a local model answers together (one scheduler batch)")
     temperature: float = option(0.0, help="sampling temperature (0: greedy, so reruns agree)")
     seed: int = option(0, help="seed of the bootstrap and of sampling")
 
@@ -65,5 +71,7 @@ class GoldenOptions:
             raise LmforgeError("pass-score and item-tolerance must be between 0 and 1")
         if not 0.0 < self.confidence < 1.0:
             raise LmforgeError(f"confidence must be between 0 and 1, not {self.confidence}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise LmforgeError(f"batch-size must be a positive integer, not {self.batch_size!r}")
         if self.resamples < 100:
             raise LmforgeError("resamples must be at least 100")

@@ -155,32 +155,54 @@ def score_item(item: GoldenItem, answer: str, options: GoldenOptions) -> dict[st
 def run_golden(items: Sequence[GoldenItem], answer: Callable[[GoldenItem], str], options: GoldenOptions,
                name: str = "", model: str = "", progress: Callable[[int, int], None] | None = None
                ) -> dict[str, Any]:
-    """Answer every item with `answer(item)` and score it: the run as a JSON-ready dict."""
+    """Answer every item with `answer(item)` and score it: the run as a JSON-ready dict.
+
+    An `answer` with a `batch(items) -> texts` method (`model_answerer` of a local model) is
+    given `options.batch_size` items at a time; each item's `seconds` is then its share of
+    the batch's time."""
     records = []
-    for done, item in enumerate(items, 1):
+    size = options.batch_size if hasattr(answer, "batch") else 1
+    for start in range(0, len(items), size):
+        chunk = list(items[start:start + size])
         started = time.perf_counter()
-        text = answer(item)
-        seconds = time.perf_counter() - started
-        records.append({"id": item.id, "question": item.question, "answer": text, "seconds": round(seconds, 4),
-                        **score_item(item, text, options)})
+        texts = answer.batch(chunk) if size > 1 else [answer(chunk[0])]
+        seconds = (time.perf_counter() - started) / len(chunk)
+        for item, text in zip(chunk, texts):
+            records.append({"id": item.id, "question": item.question, "answer": text, "seconds": round(seconds, 4),
+                            **score_item(item, text, options)})
         if progress is not None:
-            progress(done, len(items))
+            progress(len(records), len(items))
     return {"format": RUN_FORMAT, "name": name, "model": model, "created": time.time(),
             "settings": {"metric": options.metric, "pass_score": options.pass_score,
                          "max_tokens": options.max_tokens, "temperature": options.temperature, "seed": options.seed},
             "summary": summarize(records), "items": records}
 
 
-def model_answerer(model, options: GoldenOptions) -> Callable[[GoldenItem], str]:
-    """`answer(item)` through a model with `.chat(messages, **sampling)`: a local `LoadedModel` or a
-    `RemoteModel` (any OpenAI-compatible endpoint)."""
-    sampling = {"max_tokens": options.max_tokens, "temperature": options.temperature, "seed": options.seed}
+class ModelAnswerer:
+    """Answers golden items with a model's chat: `LoadedModel` (local; `batch` decodes several
+    items together through the scheduler) or `RemoteModel` (any OpenAI-compatible endpoint)."""
 
-    def answer(item: GoldenItem) -> str:
-        messages = ([{"role": "system", "content": item.system}] if item.system else [])
-        return model.chat(messages + [{"role": "user", "content": item.question}], **sampling)
+    def __init__(self, model, options: GoldenOptions) -> None:
+        self.model = model
+        self.sampling = {"max_tokens": options.max_tokens, "temperature": options.temperature, "seed": options.seed}
+        if hasattr(model, "chat_prompt"):  # a local model: whole batches in one call
+            self.batch = self._batch
 
-    return answer
+    @staticmethod
+    def messages(item: GoldenItem) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": item.system}] if item.system else []
+        return system + [{"role": "user", "content": item.question}]
+
+    def __call__(self, item: GoldenItem) -> str:
+        return self.model.chat(self.messages(item), **self.sampling)
+
+    def _batch(self, items: Sequence[GoldenItem]) -> list[str]:
+        prompts = [self.model.chat_prompt(self.messages(item)) for item in items]
+        return [c.text for c in self.model.complete(prompts, **self.sampling)]
+
+
+def model_answerer(model, options: GoldenOptions) -> ModelAnswerer:
+    return ModelAnswerer(model, options)
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
