@@ -208,7 +208,7 @@ def _type_name(hint: Any) -> str:
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
     """``value`` checked against the annotation ``hint`` (int, float, bool, str, X | None,
-    list[X]); ints are accepted where floats are expected. Raises LmforgeError naming ``key``."""
+    list[X], dict[K, V]); ints are accepted where floats are expected. Raises LmforgeError naming ``key``."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -227,6 +227,11 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             raise LmforgeError(f"{key} must be a list, got {value!r}")
         (item,) = typing.get_args(hint)
         return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LmforgeError(f"{key} must be a mapping, got {value!r}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {coerce(k, key_hint, f"{key} key"): coerce(v, value_hint, f"{key}[{k!r}]") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
