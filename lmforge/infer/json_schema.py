@@ -180,11 +180,18 @@ class _Checker:
     def value(self, i: int, schema: Any) -> str | int:
         schema = self._schema(schema)
         if "anyOf" in schema:
-            results = [self.value(i, {**{k: v for k, v in schema.items() if k != "anyOf"}, **alt})
-                       for alt in schema["anyOf"]]
+            results, cuts = [], []
+            for alt in schema["anyOf"]:
+                self.cut = None
+                results.append(self.value(i, {**{k: v for k, v in schema.items() if k != "anyOf"}, **alt}))
+                if results[-1] == PARTIAL and self.cut is not None:
+                    cuts.append(self.cut)
             ends = [r for r in results if isinstance(r, int)]
             if ends:
                 return ends[0]
+            # Where the text is cut inside a string, it may go on as any alternative still open
+            # there allows (an alternative that failed must not leave its own reading behind).
+            self.cut = None if not cuts else [] if any(c == [] for c in cuts) else [t for c in cuts for t in c]
             return PARTIAL if PARTIAL in results else INVALID
         if "const" in schema:
             return self._literal_choice(i, [schema["const"]])
@@ -365,6 +372,8 @@ class _Checker:
                 return j + 1 if count >= low else INVALID
             if self.s[j] != ",":
                 return INVALID
+            if high is not None and count >= high:
+                return INVALID  # the array is full: only "]" may follow
             j = self._next(j + 1)
             if isinstance(j, str):
                 return j
