@@ -39,6 +39,10 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    # Checked by lmforge/serve/tools.py, so that a malformed call is a 400 naming what is wrong.
+    tool_calls: Any = None  # assistant: [{"id", "type": "function", "function": {"name", "arguments"}}]
+    tool_call_id: Any = None  # tool: the id of the call this message answers
+    name: Any = None
 
     def text(self) -> str:
         if self.content is None:
@@ -72,6 +76,10 @@ class ChatCompletionRequest(_Body):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     stream_options: StreamOptions | None = None
+    # Function calling (lmforge/serve/tools.py checks them: a bad one is a 400, not a 422).
+    tools: Any = None  # [{"type": "function", "function": {"name", "description", "parameters"}}]
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: Any = None  # true (the default): a reply may call several functions
     # lmforge extension: on a server started with --rag, false talks to the bare model;
     # omitted, a server with a knowledge base answers from it.
     rag: StrictBool | None = None

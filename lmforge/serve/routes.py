@@ -300,6 +300,10 @@ async def get_model(model_id: str, state: State):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
     adapter = check_model(state, body.model)
+    from .tools import chat_with_tools, wants_tools  # function calling: tools.py (imports these helpers)
+
+    if wants_tools(body):
+        return await chat_with_tools(state, body, request, adapter)
     model_name, tokenizer = served_name(state, adapter), state.tokenizer
     json_object = body.response_format is not None and body.response_format.type == "json_object"
     json_schema = None
