@@ -144,10 +144,15 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
 
     records = read_jsonl(args.data)[:args.limit]
     args.dtype, args.device = "float32", "cpu"
-    lm = load_local(rest[0] if rest else None, args)
+    if args.adapter:
+        from lmforge.align.safety import load_for_eval
+
+        lm = load_for_eval(rest[0] if rest else None, args.adapter, "cpu")
+    else:
+        lm = load_local(rest[0] if rest else None, args)
     template = read_template(args.chat_template)
     scores = exact_match(lm.model, lm.tokenizer, records, args.max_new_tokens, template, progress=not args.quiet)
-    scores["model"], scores["data"] = lm.name, args.data
+    scores["model"], scores["data"], scores["adapter"] = lm.name, args.data, args.adapter
     if args.out:
         from lmforge.io.atomic import write_json_atomic
 
@@ -201,5 +206,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--limit", type=int, default=None, help="only the first N records")
     g.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
     g.add_argument("--chat-template", help="a Jinja chat template (file or text) instead of the model's")
+    g.add_argument("--adapter", help="a PEFT adapter directory (a LoRA run's OUT/adapter) applied to MODEL")
     add_recipe_fields(p, sorted(set(sft_option_names()) | set(classify_option_names())))
     p.set_defaults(func=cmd_finetune)
