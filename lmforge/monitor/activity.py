@@ -99,7 +99,7 @@ class RecentActivity:
         start = now - now % self.bucket_seconds
         if not self._buckets or self._buckets[-1].start < start:
             self._buckets.append(Bucket(start))
-        while self._buckets and self._buckets[0].start <= now - self.seconds:
+        while self._buckets and self._buckets[0].start + self.bucket_seconds <= now - self.seconds:
             self._buckets.popleft()
         return self._buckets[-1]
 
