@@ -165,6 +165,12 @@ class Assistant:
         self.handoff = handoff or HandoffSection()
         self.max_new_tokens = max_new_tokens
         self.observe = observe or (lambda event, data: None)
+        self.closers: list[Callable[[], None]] = []  # what `close` releases (stores, indexes)
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            close()
+        self.closers = []
 
     # -- the flow ------------------------------------------------------------------------------------
 

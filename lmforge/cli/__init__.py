@@ -31,6 +31,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.merge",      # merge
     "lmforge.cli.distill",    # distill RECIPE
     "lmforge.cli.monitor",    # monitor questions | drift | golden | grafana
+    "lmforge.cli.assistant",  # assistant data | train-router | ask
 )
 
 

@@ -1,0 +1,133 @@
+"""``lmforge assistant``: the customer-service assistant and what it is built from.
+
+    lmforge assistant data --out runs/data/intents       # generated intent messages (split by template)
+    lmforge assistant train-router                       # train, calibrate and test the intent router
+    lmforge assistant ask "where is my order A10042?"    # one message through the whole flow
+    lmforge assistant ask --conversation ID "thanks"     # continue a conversation
+
+The assistant's settings come from a YAML file (``--config FILE``; the defaults are the
+demo store) and every field is also a flag ``--SECTION.FIELD VALUE`` (see
+lmforge/assistant/config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lmforge.cli.common import add_recipe_fields, recipe_overrides
+
+INTENT_DATA = "runs/data/intents"
+
+
+def _config(args: argparse.Namespace):
+    from lmforge.assistant.config import load_assistant_config
+
+    return load_assistant_config(args.config, recipe_overrides(args))
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from lmforge.assistant.intents import write_intent_dataset
+
+    info = write_intent_dataset(args.out or INTENT_DATA, seed=args.seed)
+    counts = {split: sum(c.values()) for split, c in info["counts"].items()}
+    print(f"intents: {', '.join(f'{s} {n}' for s, n in counts.items())} messages, {len(info['labels'])} intents "
+          f"-> {args.out or INTENT_DATA}/{{train,validation,test}}.jsonl")
+    return 0
+
+
+def cmd_train_router(args: argparse.Namespace) -> int:
+    from lmforge.assistant.router import IntentRouter
+    from lmforge.cli.common import find_recipe
+    from lmforge.tune.classify import classify, load_classify_recipe
+    from lmforge.tune.sft_data import read_jsonl
+
+    config = _config(args)
+    data = Path(args.out or INTENT_DATA)
+    if not (data / "train.jsonl").is_file():
+        cmd_data(argparse.Namespace(out=str(data), seed=args.seed))
+    recipe = load_classify_recipe(find_recipe("classify-intents-minilm"),
+                                  {"data.dataset": str(data), "train.out": config.router.path,
+                                   **({"train.max_steps": args.steps} if args.steps else {})})
+    if not args.calibrate_only:
+        classify(recipe, progress=not args.quiet)
+    router = IntentRouter.load(config.router.path)
+    calibration = router.calibrate(read_jsonl(data / "validation.jsonl"), config.router.max_error)
+    router.save_settings(config.router.path)
+    test = read_jsonl(data / "test.jsonl")
+    routes = router.route_many([r["text"] for r in test])
+    right = [r.intent == t["label"] for r, t in zip(routes, test)]
+    accepted = [ok for ok, r in zip(right, routes) if r.confident]
+    result = {"router": config.router.path, "calibration": calibration, "test_accuracy": sum(right) / len(right),
+              "test_coverage": len(accepted) / len(test),
+              "test_accepted_accuracy": (sum(accepted) / len(accepted)) if accepted else None}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"router {config.router.path}: test accuracy {result['test_accuracy']:.3f} on {len(test)} held-out "
+          f"messages; confidence floor {calibration['threshold']:.3f} (error budget {config.router.max_error:.0%} on "
+          f"the validation split): {result['test_coverage']:.1%} of test messages routed, "
+          + (f"{result['test_accepted_accuracy']:.3f} of them correctly" if accepted else "none routed"))
+    print(f"confusion matrix: {Path(config.router.path) / 'metrics.md'}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from lmforge.assistant.build import build_assistant
+
+    if not args.message:
+        from lmforge.errors import LmforgeError
+
+        raise LmforgeError("assistant ask: give the customer's MESSAGE")
+    assistant = build_assistant(_config(args), progress=not args.quiet)
+    try:
+        reply = assistant.handle(args.conversation, " ".join(args.message))
+    finally:
+        assistant.close()
+    if args.json:
+        print(json.dumps(reply.to_dict()))
+        return 0
+    print(reply.text)
+    for c in reply.citations:
+        print(f"  [{c['number']}] {c['source']}" + (f" ({' > '.join(h for h in c['headings'] if h)})"
+                                                    if c["headings"] else ""))
+    print(f"-- intent {reply.intent} ({reply.confidence or 0:.2f}), handler {reply.handler}, conversation "
+          f"{reply.conversation_id} ({reply.state})")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmforge.assistant.config import option_names
+
+    p = subparsers.add_parser(
+        "assistant", help="the customer-service assistant: intent data, router, one-shot questions",
+        description="The customer-service assistant (lmforge/assistant/): generate its intent data, train its "
+                    "router, ask it a question. Settings: --config FILE (YAML; default: the demo store), and every "
+                    "field as --SECTION.FIELD VALUE.")
+    sub = p.add_subparsers(dest="assistant_command", required=True, metavar="COMMAND")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--config", help="the assistant's YAML configuration (default: the demo store)")
+        q.add_argument("--json", action="store_true", help="print the result as one JSON object")
+        q.add_argument("--quiet", action="store_true", help="no progress output")
+        add_recipe_fields(q, option_names())
+
+    q = sub.add_parser("data", help="write the generated intent messages (split by template)")
+    q.add_argument("--out", help=f"output directory (default {INTENT_DATA})")
+    q.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    q.set_defaults(func=cmd_data)
+
+    q = sub.add_parser("train-router", help="train the intent router (MiniLM + head), calibrate its floor, test it")
+    q.add_argument("--out", help=f"intent data directory (default {INTENT_DATA}; written when missing)")
+    q.add_argument("--seed", type=int, default=0, help="data generation seed (default 0)")
+    q.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    q.add_argument("--calibrate-only", action="store_true", help="only recalibrate and test a trained router")
+    common(q)
+    q.set_defaults(func=cmd_train_router)
+
+    q = sub.add_parser("ask", help="send one customer message through the whole assistant")
+    q.add_argument("message", nargs="*", help="the customer's message")
+    q.add_argument("--conversation", help="continue this conversation id")
+    common(q)
+    q.set_defaults(func=cmd_ask)
