@@ -18,7 +18,9 @@ The parts live in their own modules and share one `ServerState` (state.py):
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from typing import Sequence
+
+from fastapi import APIRouter, FastAPI
 
 from ..infer.scheduler import Scheduler
 from ..monitor.activity import Price
@@ -45,12 +47,14 @@ def explicit_embedding_model(settings: ServeSettings) -> str | None:
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: ServeSettings | None = None,
                store=None, knowledge: KnowledgeBase | None = None, prices: dict[str, Price] | None = None,
-               drift=None) -> FastAPI:
+               drift=None, routers: Sequence[APIRouter] = ()) -> FastAPI:
     """The server's application. `store`: the web chat's `FeedbackStore` (no web chat without it).
     `knowledge`: the opened `settings.rag` index (opened here when not given; its owner closes it).
     `prices`: dollars per 1k tokens per served model, for the cost estimate in the metrics.
     `drift`: a `lmforge.monitor.drift.DriftMonitor` that the caller feeds questions to; its state
-    shows on /dashboard and its gauges join /metrics."""
+    shows on /dashboard and its gauges join /metrics.
+    `routers`: an application's own routes (the assistant's), matched before the default ones,
+    behind the same middleware, error handling and metrics."""
     settings = settings or ServeSettings()
     hosts = HostCheck(settings)  # a malformed --host / --allow-host fails here, before serving
     embeddings = embedding_model_from(settings)
@@ -70,6 +74,8 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, settings: Serve
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(Guard, state=state, hosts=hosts)
+    for extra in routers:
+        app.include_router(extra)
     app.include_router(router)
     app.include_router(embeddings_router)
     app.include_router(rag_router)
