@@ -10,6 +10,8 @@ would have put there.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -336,3 +338,74 @@ def test_make_speculator_explains_bad_settings():
         make_speculator("layers", model, draft_layers=4)
     with pytest.raises(LmforgeError, match="at least 1"):
         make_speculator("ngram", model, num_draft_tokens=0)
+
+
+# ----------------------------------------------------------------------- options and CLI
+def test_option_choices_match_the_engine():
+    from lmforge.infer.speculative import METHODS
+    from lmforge.serve.config import SPECULATIVE_METHODS, SpeculativeOptions
+
+    assert SPECULATIVE_METHODS == ("none", *METHODS)
+    assert SpeculativeOptions().speculative == "none"
+    for bad, message in [(dict(speculative="draft"), "needs --draft-model"),
+                         (dict(draft_model="x"), "needs --draft-model"),
+                         (dict(num_draft_tokens=0), "--num-draft-tokens"), (dict(speculative="eagle"), "one of")]:
+        with pytest.raises(LmforgeError, match=message):
+            SpeculativeOptions(**bad)
+
+
+def test_serve_command_takes_the_flags():
+    from lmforge.cli import build_parser
+    from lmforge.cli.common import config_from_args
+    from lmforge.serve.config import SpeculativeOptions
+
+    args = build_parser().parse_args(["serve", "--speculative", "layers", "--num-draft-tokens", "3",
+                                      "--draft-layers", "2"])
+    assert config_from_args(SpeculativeOptions, args) == SpeculativeOptions("layers", None, 3, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, default_tokenizer):
+    """A target and a draft (its noisy copy) in Hugging Face layout with the default tokenizer."""
+    from lmforge.model.checkpoint import save_hf_model
+
+    torch.manual_seed(12)
+    config = ModelConfig(vocab_size=default_tokenizer.vocab_size, n_layer=2, n_embd=32, n_head=2,
+                         intermediate_size=64, max_position_embeddings=128)
+    target = Transformer(config).eval()
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    draft = Transformer(config).eval()
+    draft.load_state_dict(target.state_dict())
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    root = tmp_path_factory.mktemp("speculative")
+    small = Transformer(ModelConfig(vocab_size=500, n_layer=1, n_embd=32, n_head=2, intermediate_size=64)).eval()
+    return (save_hf_model(target, root / "target", default_tokenizer),
+            save_hf_model(draft, root / "draft", default_tokenizer), save_hf_model(small, root / "other", default_tokenizer))
+
+
+@pytest.mark.slow  # five model loads, each calibrating its kernels (10-60 s on shared cores)
+def test_generate_command_speculates_and_prints_the_plain_text(capsys, tiny_dirs):
+    from lmforge.cli import main
+
+    target, draft, other = tiny_dirs
+    common = ["generate", str(target), "--prompt", "The cat sat on the mat. The cat", "--temperature", "0",
+              "--max-tokens", "12", "--json"]
+    assert main(common) == 0
+    plain = json.loads(capsys.readouterr().out)
+    for extra in (["--speculative", "draft", "--draft-model", str(draft), "--num-draft-tokens", "3"],
+                  ["--speculative", "ngram"], ["--speculative", "layers", "--draft-layers", "1"]):
+        assert main(common + extra) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert (got["text"], got["completion_tokens"]) == (plain["text"], plain["completion_tokens"])
+        assert got["speculative"] == extra[1] and got["tokens_per_step"] >= 1
+    assert got["draft_acceptance"] >= 0
+    for extra, message in ((["--speculative", "draft"], "needs --draft-model"),
+                           (["--speculative", "draft", "--draft-model", str(other)], "vocabulary of 500"),
+                           (["--speculative", "layers", "--draft-layers", "2"], "1..1")):
+        assert main(common + extra) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("lmforge: error: ") and err.count("\n") == 1 and message in err

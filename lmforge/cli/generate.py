@@ -6,8 +6,23 @@ import argparse
 import json
 import sys
 
-from lmforge.cli.common import (add_device_flags, add_model_argument, add_remote_flags, add_sampling_flags,
-                                load_model, sampling_kwargs)
+from lmforge.cli.common import (add_config_flags, add_device_flags, add_model_argument, add_remote_flags,
+                                add_sampling_flags, config_from_args, load_model, sampling_kwargs)
+from lmforge.errors import LmforgeError
+from lmforge.serve.config import SpeculativeOptions
+
+
+def use_speculation(lm, options: SpeculativeOptions):
+    """Install the --speculative drafter on a loaded model's generator (the server passes it to its scheduler)."""
+    if options.speculative == "none":
+        return None
+    if lm.model is None:
+        raise LmforgeError("--speculative decodes a local model; it cannot drive a --base-url endpoint")
+    from lmforge.infer.speculative import make_speculator
+
+    lm.generator.speculator = make_speculator(options.speculative, lm.model, lm.tokenizer, options.num_draft_tokens,
+                                              options.draft_model, options.draft_layers)
+    return lm.generator.speculator
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -15,7 +30,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sampling = sampling_kwargs(args)
     params = SamplingParams(**sampling)  # validate flags before the slow load
+    speculative = config_from_args(SpeculativeOptions, args)
     lm = load_model(args)
+    speculator = use_speculation(lm, speculative)
     if args.json:
         if lm.model is None:  # remote: the endpoint reports counts, not timings
             done = lm.complete(args.prompt, **sampling)[0]
@@ -34,6 +51,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "decode_seconds": round(done.decode_seconds, 4),
             "decode_tokens_per_second": round((done.completion_tokens - 1) / done.decode_seconds, 2)
             if done.decode_seconds > 0 and done.completion_tokens > 1 else None,
+            **({"speculative": speculative.speculative, "draft_acceptance": round(speculator.stats.acceptance_rate, 4),
+                "tokens_per_step": round(speculator.stats.tokens_per_step, 3)} if speculator is not None else {}),
         }, ensure_ascii=False))
         return 0
     for delta in lm.stream(args.prompt, **sampling):
@@ -47,7 +66,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     sampling = sampling_kwargs(args)
     SamplingParams(**sampling)
+    speculative = config_from_args(SpeculativeOptions, args)
     lm = load_model(args)
+    use_speculation(lm, speculative)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
 
     def answer(text: str) -> None:
@@ -84,6 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="text to complete")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token counts and timings")
     add_sampling_flags(p, temperature=0.7)
+    add_config_flags(p, SpeculativeOptions, "speculative decoding")
     add_device_flags(p)
     add_remote_flags(p)
     p.set_defaults(func=cmd_generate)
@@ -93,6 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--message", help="answer this one message and exit")
     p.add_argument("--system", help="system prompt")
     add_sampling_flags(p, temperature=0.7)
+    add_config_flags(p, SpeculativeOptions, "speculative decoding")
     add_device_flags(p)
     add_remote_flags(p)
     p.set_defaults(func=cmd_chat)

@@ -16,10 +16,11 @@ from lmforge.errors import LmforgeError
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     add_model_argument(p)
-    from lmforge.serve.config import ServeRuntime, ServeSettings
+    from lmforge.serve.config import ServeRuntime, ServeSettings, SpeculativeOptions
 
     add_config_flags(p, ServeSettings, "service policy")
     add_config_flags(p, ServeRuntime, "runtime")
+    add_config_flags(p, SpeculativeOptions, "speculative decoding")
     add_device_flags(p)
     p.set_defaults(func=run)
 
@@ -37,9 +38,10 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmforge.serve.config import ServeRuntime, ServeSettings
+    from lmforge.serve.config import ServeRuntime, ServeSettings, SpeculativeOptions
 
     settings = config_from_args(ServeSettings, args)
+    speculative = config_from_args(SpeculativeOptions, args)
     settings.api_keys += [k for k in os.environ.get("LMFORGE_API_KEYS", "").split(",") if k.strip()]
     runtime = config_from_args(ServeRuntime, args)
     if not is_loopback(settings.host) and not settings.api_keys:
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from lmforge.cli.generate import use_speculation
     from lmforge.infer.scheduler import Scheduler
     from lmforge.serve.adapters import install_adapters
     from lmforge.serve.app import create_app
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             knowledge = _open_knowledge_base(settings, args)
         lm = load_local(args.model, args)
         adapters = install_adapters(lm.model, lm.spec, runtime.adapters)  # checked before serving
+        speculator = use_speculation(lm, speculative)  # a bad --draft-model fails before serving
     except BaseException:
         store.close()
         if knowledge is not None:
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     max_len = runtime.max_seq_len or min(lm.config.max_position_embeddings, 4096)
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=runtime.max_batch, max_seq_len=max_len,
                           max_waiting=runtime.max_waiting,
-                          prefix_cache_bytes=int(runtime.prefix_cache_mb * 2**20), adapters=adapters).start()
+                          prefix_cache_bytes=int(runtime.prefix_cache_mb * 2**20), adapters=adapters,
+                          speculator=speculator).start()
     app = create_app(scheduler, lm.tokenizer, lm.name, settings, store=store, knowledge=knowledge)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host

@@ -14,6 +14,8 @@ from lmforge.options import option
 # AnswerOptions.mode's choices (lmforge/rag/config.py), repeated here so that building the
 # command line does not import the retrieval stack; a test keeps the two equal.
 RAG_ANSWER_MODES = ("auto", "generate", "extractive")
+# lmforge/infer/speculative.py's METHODS and "none", for the same reason (tests/test_speculative.py checks).
+SPECULATIVE_METHODS = ("none", "ngram", "draft", "layers")
 
 
 def parse_adapter_flag(text: str) -> tuple[str, str]:
@@ -76,6 +78,36 @@ class ServeSettings:
             raise LmforgeError(f"--rag-answer must be one of {', '.join(RAG_ANSWER_MODES)}, got {self.rag_answer!r}")
         if self.rag is not None and not self.rag.strip():
             raise LmforgeError("--rag needs an index: a file, a postgresql:// URL or handbook")
+
+
+@dataclass
+class SpeculativeOptions:
+    """Speculative decoding (lmforge/infer/speculative.py) for `lmforge generate` and `lmforge serve`.
+
+    A step with a single running request lets a drafter guess the next tokens and checks
+    them with one forward of the model; the output is what plain decoding gives (greedy:
+    the same tokens; sampling: the same distribution).
+    """
+
+    speculative: str = option("none", choices=SPECULATIVE_METHODS,
+                              help="ngram: guess by looking the last tokens up in the prompt and answer so far; "
+                                   "draft: a small model sharing the tokenizer (--draft-model); layers: the model's "
+                                   "own first layers (--draft-layers); none: plain decoding")
+    draft_model: str | None = option(None, metavar="PATH", help="the draft model of --speculative draft: a name or "
+                                                                "directory (e.g. a student made by lmforge distill)")
+    num_draft_tokens: int = option(4, help="tokens guessed per step")
+    draft_layers: int = option(0, help="layers in the --speculative layers draft (0 = a quarter of the model's)")
+
+    def __post_init__(self) -> None:
+        from lmforge.errors import LmforgeError
+
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise LmforgeError(f"--speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
+        if self.num_draft_tokens < 1 or self.draft_layers < 0:
+            raise LmforgeError("--num-draft-tokens must be >= 1 and --draft-layers >= 0")
+        if (self.speculative == "draft") != bool(self.draft_model):
+            raise LmforgeError("--speculative draft needs --draft-model PATH, and --draft-model needs "
+                               "--speculative draft")
 
 
 @dataclass
