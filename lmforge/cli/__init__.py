@@ -30,6 +30,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.align",      # align data | reward | dpo
     "lmforge.cli.merge",      # merge
     "lmforge.cli.distill",    # distill RECIPE
+    "lmforge.cli.agent",      # agent run
     "lmforge.cli.monitor",    # monitor questions | drift | golden | grafana
     "lmforge.cli.assistant",  # assistant data | train-router | ask
 )
