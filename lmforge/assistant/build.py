@@ -42,10 +42,14 @@ def open_knowledge(config: AssistantConfig, progress: bool = False):
     return KnowledgeBase.open(k.index, k.embedding_model, device="cpu")
 
 
-def build_assistant(config: AssistantConfig, progress: bool = False):
+def build_assistant(config: AssistantConfig, progress: bool = False, local=None, scheduler=None):
+    """The assistant of `config`. `local`: the chat model already loaded (a `LoadedModel`);
+    `scheduler`: a running scheduler on it, through which the model calls and the knowledge
+    base's embedder then run (a server's: shared batches, one thread running PyTorch)."""
     from ..agent.tools import ToolRegistry
     from ..infer.loaded import load
     from ..rag.answer import Answerer
+    from ..rag.config import AnswerOptions
     from .conversations import ConversationStore
     from .db import open_database
     from .orders import OrderStore
@@ -69,16 +73,23 @@ def build_assistant(config: AssistantConfig, progress: bool = False):
         tools = ToolRegistry(order_tools(orders)).scope(config.tools.allow)
         knowledge = open_knowledge(config, progress)
         closers.append(knowledge.close)
-        local = load(config.models.local, dtype="float32", device="cpu")
+        local = local or load(config.models.local, dtype="float32", device="cpu")
+        chat, retriever = local, knowledge.retriever
+        if scheduler is not None:
+            from .server import SchedulerChat
+
+            chat, retriever = SchedulerChat(scheduler, local.tokenizer, local.name), knowledge.served_by(scheduler)
         strong = None
-        if config.models.strong_url:
+        if config.models.strong_url:  # hard questions: the stronger model writes, checked against the pages
             from ..infer.remote import RemoteModel
 
-            strong = RemoteModel(config.models.strong_url, os.environ.get(config.models.strong_api_key_env),
+            remote = RemoteModel(config.models.strong_url, os.environ.get(config.models.strong_api_key_env),
                                  config.models.strong_model)
+            strong = Answerer(retriever, remote, AnswerOptions(mode="generate"))
         assistant = Assistant(
             conversations=ConversationStore(db), orders=orders, router=router, tools=tools,
-            answerer=Answerer(knowledge.retriever, local), chat_model=local, strong_model=strong,
+            answerer=Answerer(retriever, chat, AnswerOptions(mode=config.knowledge.answer_mode)), chat_model=chat,
+            strong_answerer=strong,
             guard=build_guard(config), registry=registry, split=split,
             cache=ResponseCache(config.prompts.cache_entries) if config.prompts.cache_entries else None,
             system_prompt=config.prompts.text, prompt_variant=variant, handoff=config.handoff,

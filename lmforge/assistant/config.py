@@ -1,7 +1,7 @@
 """The assistant's configuration: one YAML file, one dataclass per section.
 
-    lmforge assistant serve                          # the shipped demo (lmforge/recipes/assistant-demo.yaml)
-    lmforge assistant serve my-shop.yaml --models.local ./my-model
+    lmforge assistant serve                          # the demo store (these defaults)
+    lmforge assistant serve --config my-shop.yaml --models.local ./my-model
 
 Sections (every field is also a ``--section.field`` flag):
 
@@ -47,12 +47,16 @@ class KnowledgeSection:
     documents: list[str] = option(default_factory=lambda: [str(KB_DIR)], help="files or folders the FAQ answers from")
     index: str = option("runs/assistant/kb-index", help="where the knowledge index is built (once) and read")
     embedding_model: str = option("all-minilm-l6-v2", help="the sentence-embedding model of the index")
+    answer_mode: str = option("extractive", choices=("extractive", "auto", "generate"),
+                              help="FAQ answers quote the pages (extractive) or are written by the model and checked "
+                                   "against them (auto, generate); a 135M model contradicts its sources too often")
 
 
 @dataclass
 class ModelsSection:
     local: str | None = option(None, help="the local chat model (default: the default model)")
-    strong_url: str | None = option(None, help="an OpenAI-compatible endpoint for hard questions (none: local)")
+    strong_url: str | None = option(None, help="an OpenAI-compatible endpoint for hard questions (none: they are "
+                                                "answered like the rest, from the pages)")
     strong_model: str | None = option(None, help="the model name to ask at strong-url")
     strong_api_key_env: str = option("LMFORGE_STRONG_API_KEY", help="environment variable holding its API key")
     max_new_tokens: int = option(160, help="answer length limit")

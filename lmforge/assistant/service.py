@@ -152,13 +152,13 @@ class Assistant:
     """The assistant's components and its per-message flow (see the module docstring)."""
 
     def __init__(self, *, conversations: ConversationStore, orders: OrderStore, router, tools, answerer=None,
-                 chat_model=None, strong_model=None, guard=None, registry=None, split=None, cache=None,
+                 chat_model=None, strong_answerer=None, guard=None, registry=None, split=None, cache=None,
                  system_prompt: str = "", prompt_variant: str | None = None, handoff=None, max_new_tokens: int = 160,
                  observe: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         from .config import HandoffSection
 
         self.conversations, self.orders, self.router, self.tools = conversations, orders, router, tools
-        self.answerer, self.chat_model, self.strong_model = answerer, chat_model, strong_model
+        self.answerer, self.chat_model, self.strong_answerer = answerer, chat_model, strong_answerer
         self.guard = guard or NoGuard()
         self.registry, self.split, self.cache = registry, split, cache
         self.system_prompt, self.prompt_variant = system_prompt, prompt_variant
@@ -297,17 +297,10 @@ class Assistant:
         if self.answerer is None:
             reply.text, reply.handler = NOT_IN_BASE, "faq-unavailable"
             return
-        hard = self.strong_model is not None and (len(text.split()) > 40 or _MANY_PARTS.search(text))
+        hard = self.strong_answerer is not None and (len(text.split()) > 40 or bool(_MANY_PARTS.search(text)))
         t = time.perf_counter()
-        if hard:
-            original = self.answerer.model
-            self.answerer.model = self.strong_model
-            try:
-                answer = self.answerer.answer(text, max_tokens=self.max_new_tokens, temperature=0.0)
-            finally:
-                self.answerer.model = original
-        else:
-            answer = self.answerer.answer(text, max_tokens=self.max_new_tokens, temperature=0.0)
+        answerer = self.strong_answerer if hard else self.answerer
+        answer = answerer.answer(text, max_tokens=self.max_new_tokens, temperature=0.0)
         reply.timings["answer_s"] = time.perf_counter() - t
         if answer.refused:
             refusals = self._count(reply.conversation_id, "faq-refused") + 1

@@ -4,6 +4,7 @@
     lmforge assistant train-router                       # train, calibrate and test the intent router
     lmforge assistant ask "where is my order A10042?"    # one message through the whole flow
     lmforge assistant ask --conversation ID "thanks"     # continue a conversation
+    lmforge assistant serve                              # OpenAI API, chat page, agents' desk
 
 The assistant's settings come from a YAML file (``--config FILE``; the defaults are the
 demo store) and every field is also a flag ``--SECTION.FIELD VALUE`` (see
@@ -97,6 +98,51 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import sys
+
+    from lmforge.assistant.build import build_assistant
+    from lmforge.assistant.server import MODEL_NAME, create_assistant_app
+    from lmforge.errors import LmforgeError
+    from lmforge.infer.loaded import load
+    from lmforge.infer.scheduler import Scheduler
+    from lmforge.serve.config import ServeSettings
+    from lmforge.cli.serve import is_loopback
+
+    config = _config(args)
+    settings = ServeSettings(host=args.host, api_keys=list(args.api_key or []))
+    settings.api_keys += [k for k in os.environ.get("LMFORGE_API_KEYS", "").split(",") if k.strip()]
+    if not is_loopback(settings.host) and not settings.api_keys:
+        raise LmforgeError(f"binding to {settings.host} exposes the assistant to the network: give --api-key "
+                           "(or LMFORGE_API_KEYS), or bind to 127.0.0.1")
+    import uvicorn
+
+    local = load(config.models.local, dtype="float32", device="cpu")
+    scheduler = Scheduler(local.model, local.tokenizer, max_batch=args.max_batch,
+                          max_seq_len=min(local.config.max_position_embeddings, 4096)).start()
+    try:
+        assistant = build_assistant(config, progress=not args.quiet, local=local, scheduler=scheduler)
+    except BaseException:
+        scheduler.shutdown(drain=False, timeout=10)
+        raise
+    app = create_assistant_app(assistant, scheduler, local.tokenizer, local.name, settings)
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    print(f"lmforge assistant at http://{shown}:{args.port}/assistant (agents: /agent, dashboard: /dashboard; "
+          f"OpenAI API at /v1 as model {MODEL_NAME!r})", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(app, host=settings.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    finally:
+        scheduler.shutdown(drain=False, timeout=10)
+        assistant.close()
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmforge.assistant.config import option_names
 
@@ -125,6 +171,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--calibrate-only", action="store_true", help="only recalibrate and test a trained router")
     common(q)
     q.set_defaults(func=cmd_train_router)
+
+    q = sub.add_parser("serve", help="serve the assistant: OpenAI API, customer chat, agents' hand-off desk")
+    q.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    q.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    q.add_argument("--api-key", action="append", metavar="KEY", help="accepted API key (repeatable)")
+    q.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    common(q)
+    q.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("ask", help="send one customer message through the whole assistant")
     q.add_argument("message", nargs="*", help="the customer's message")
