@@ -241,6 +241,10 @@ BAD = [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "object"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "function name"),
     ({"tools": [WEATHER, WEATHER]}, "two functions are named 'get_weather'"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/$defs/a"}},
+        "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}}}]}, "in a circle"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "none"}}]}, "JSON Schema object"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "send_money"}}}, "not among the tools"),
     ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice must be one of"),
     ({"tool_choice": "required"}, "needs tools"),

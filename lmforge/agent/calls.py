@@ -89,6 +89,29 @@ def check_functions(specs: Sequence[FunctionSpec]) -> None:
             check_schema(spec.parameters, path=f"{where}.function.parameters")
         except LmforgeError as exc:
             raise LmforgeError(str(exc)) from None
+        _check_ref_cycles(spec.parameters, f"{where}.function.parameters")
+
+
+def _check_ref_cycles(root: dict[str, Any], where: str) -> None:
+    """Refuse a `$ref` that only leads to more `$ref`s in a circle: no reader could ever reach a schema."""
+    defs = {f"#/{section}/{name}": sub for section in ("$defs", "definitions")
+            for name, sub in (root.get(section) or {}).items()}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            seen, here = set(), node
+            while isinstance(here, dict) and "$ref" in here:
+                if here["$ref"] in seen:
+                    raise LmforgeError(f"{where}: $ref {here['$ref']!r} refers to itself in a circle")
+                seen.add(here["$ref"])
+                here = defs.get(here["$ref"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(root)
 
 
 def _arguments_schema(spec: FunctionSpec, defs: dict[str, Any]) -> dict[str, Any]:
