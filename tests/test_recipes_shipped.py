@@ -22,6 +22,7 @@ def _align(cls_name):
 
 
 def _loader(name: str):
+    from lmforge.guard.train import load_guard_recipe
     from lmforge.train.recipe import load_recipe
     from lmforge.tune.classify import load_classify_recipe
     from lmforge.tune.distill import load_distill_recipe
@@ -31,7 +32,8 @@ def _loader(name: str):
              ("classify-", load_classify_recipe), ("tag-", load_classify_recipe),
              ("distill-", load_distill_recipe), ("dpo-", _align("DPOConfig")),
              ("safety-dpo-", _align("DPOConfig")), ("reward-", _align("RewardConfig")),
-             ("ppo-", _align("PPOConfig")), ("grpo-", _align("GRPOConfig")), ("tiny-", load_recipe)]
+             ("ppo-", _align("PPOConfig")), ("grpo-", _align("GRPOConfig")), ("tiny-", load_recipe),
+             ("guard-", load_guard_recipe)]
     matches = [loader for prefix, loader in table if name.startswith(prefix)]
     assert len(matches) == 1, f"{name}: add its command's loader to this test's table"
     return matches[0]

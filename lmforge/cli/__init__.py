@@ -33,6 +33,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.agent",      # agent run
     "lmforge.cli.monitor",    # monitor questions | drift | golden | grafana
     "lmforge.cli.assistant",  # assistant data | train-router | ask
+    "lmforge.cli.guard",      # guard check | redact | train | eval
 )
 
 
