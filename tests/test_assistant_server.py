@@ -135,3 +135,11 @@ def test_pages_are_served(server):
     assert httpx.get(url + "/assistant/static/chat.js").status_code == 200
     assert httpx.get(url + "/assistant/static/../server.py").status_code == 404
     assert httpx.get(url + "/v1/assistant/conversations/" + "x" * 100).status_code == 404
+
+
+def test_the_assistant_events_reach_the_metrics(server, client):
+    url, _ = server
+    client.chat.completions.create(model="assistant", messages=[{"role": "user", "content": "get me an agent"}])
+    text = httpx.get(url + "/metrics").text
+    assert 'lmforge_intents_total{intent="handoff"}' in text
+    assert 'lmforge_escalations_total{reason="the customer asked for a person"}' in text

@@ -273,4 +273,24 @@ def create_assistant_app(assistant, scheduler, tokenizer, model_name: str, setti
 
     app = create_app(scheduler, tokenizer, model_name, settings, drift=drift, routers=[router])
     app.state.assistant = assistant
+    assistant.observe = metrics_observer(app.state.server.metrics, drift)
     return app
+
+
+def metrics_observer(metrics, drift=None):
+    """The assistant's events as Prometheus counters (intents, hand-offs, blocks by layer,
+    moderation hits) and, with a drift monitor, its customers' messages as drift input."""
+
+    def observe(event: str, data: dict[str, Any]) -> None:
+        if event == "intent":
+            metrics.count_intent(data["intent"])
+        elif event == "handoff":
+            metrics.count_escalation(data.get("reason", "requested"))
+        elif event == "blocked":
+            metrics.count_blocked(data.get("layer") or "input")
+            if data.get("layer") == "moderation":
+                metrics.count_moderation(data.get("category") or "unknown")
+        elif event == "message" and drift is not None:
+            drift.feed([data["text"]])
+
+    return observe

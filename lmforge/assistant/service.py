@@ -194,6 +194,7 @@ class Assistant:
             raise LmforgeError("this conversation is closed; start a new one")
         stored, _ = self.guard.redact(text)
         self.conversations.add(conversation_id, "user", stored, original=text if self._keep_original else None)
+        self.observe("message", {"text": stored})
         if state in ("waiting", "human"):
             reply = Reply(conversation_id, WAITING_REPLY if state == "waiting" else "", handler="human", state=state)
             if state == "waiting":
