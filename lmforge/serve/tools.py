@@ -151,7 +151,8 @@ async def chat_with_tools(state: ServerState, body: ChatCompletionRequest, reque
     mode, allowed = parse_choice(body.tool_choice, specs)
     if body.parallel_tool_calls not in (None, True, False):
         raise APIError(400, "parallel_tool_calls must be true or false", param="parallel_tool_calls")
-    parallel = body.parallel_tool_calls is not False
+    # A named function is called once, as OpenAI does; otherwise parallel calls unless turned off.
+    parallel = body.parallel_tool_calls is not False and not isinstance(body.tool_choice, dict)
     messages = conversation(body)
     if body.n != 1:
         raise APIError(400, "n must be 1 with tools", param="n")
