@@ -108,6 +108,9 @@ class NoGuard:
     def check_output(self, reply: str, system_prompt: str, user_turns: list[str]) -> GuardVerdict:
         return GuardVerdict()
 
+    def check_data(self, text: str) -> GuardVerdict:
+        return GuardVerdict()
+
 
 def order_tools(orders: OrderStore):
     """The orders look-ups as agent tools (read-only)."""
@@ -331,7 +334,14 @@ class Assistant:
             return {"found": False, "error": outcome.content}
         import json
 
-        return json.loads(outcome.content)
+        status = json.loads(outcome.content)
+        for item in status.get("items", []):  # tool results are data: text that gives orders is withheld
+            verdict = self.guard.check_data(item["name"])
+            if verdict.blocked:
+                item["name"] = "an item (name withheld)"
+                reply.blocked_by = "tool_result"
+                self.observe("blocked", {"layer": "tool_result", "category": verdict.category})
+        return status
 
     def _on_order_status(self, reply: Reply, text: str) -> None:
         status = self._look_up(reply, text)
