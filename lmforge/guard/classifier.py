@@ -19,8 +19,8 @@ chosen, not discovered. The classifier is two parts:
   does that, for a slower and larger model).
 
 **Calibration.** Softmax scores are not probabilities one can threshold blindly. For
-each flagged label c, the threshold t_c is chosen on a calibration split the head never
-trained on: with the scores of the N texts that are *not* c sorted from high to low, t_c
+each flagged label c, the threshold t_c is chosen on scores of texts the head never
+trained on (a calibration split, or out-of-fold scores when cross-fitted by template): with the scores of the N texts that are *not* c sorted from high to low, t_c
 sits just above the (floor(N * target_fpr) + 1)-th highest, so at most a target share of
 them scores at or above it. The realised false-positive rate on new text differs from
 the target by sampling error (a calibration split of N negatives pins it to roughly
@@ -241,11 +241,34 @@ def train_head(x: np.ndarray, y: Sequence[int], n_labels: int, spec: HeadSpec | 
     return head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy(), losses
 
 
+def _thresholds(probs: np.ndarray, truth: Sequence[str], labels: list[str], flagged: Sequence[str],
+                target_fpr: float) -> tuple[dict[str, float], dict[str, Any]]:
+    thresholds, calib = {}, {}
+    for lab in flagged:
+        c = labels.index(lab)
+        negatives = [float(p[c]) for p, t in zip(probs, truth) if t != lab]
+        positives = [float(p[c]) for p, t in zip(probs, truth) if t == lab]
+        t = threshold_for_fpr(negatives, target_fpr)
+        thresholds[lab] = t
+        calib[lab] = {"threshold": t, "negatives": len(negatives), "positives": len(positives),
+                      "fpr": sum(s >= t for s in negatives) / len(negatives),
+                      "recall": (sum(s >= t for s in positives) / len(positives)) if positives else None}
+    return thresholds, calib
+
+
 def train_classifier(train: Sequence[tuple[str, str]], calibration: Sequence[tuple[str, str]], labels: Sequence[str],
                      flagged: Sequence[str], target_fpr: float, features: FeatureSpec | None = None,
-                     head: HeadSpec | None = None, featurizer: Featurizer | None = None) -> TextClassifier:
-    """Train on (text, label) pairs, then set a threshold for each label in `flagged` so that
-    at most `target_fpr` of the calibration texts of other labels reach it."""
+                     head: HeadSpec | None = None, featurizer: Featurizer | None = None,
+                     groups: Sequence[str] | None = None, folds: int = 0) -> TextClassifier:
+    """Train on (text, label) pairs and set a threshold for each label in `flagged` so that at
+    most `target_fpr` of the calibration texts of other labels reach it.
+
+    ``folds`` > 1 (cross-fitting): `groups` names each pair's template (train pairs first,
+    then calibration pairs). The pooled pairs are cut into `folds` parts by template; each
+    part is scored by a head trained on the other parts, the thresholds are set on those
+    out-of-fold scores (every template scored as unseen, many more templates than a
+    calibration split holds), and the returned head is trained on all pairs.
+    """
     features = features or FeatureSpec()
     featurizer = featurizer or Featurizer(features)
     labels = list(labels)
@@ -253,21 +276,34 @@ def train_classifier(train: Sequence[tuple[str, str]], calibration: Sequence[tup
     unknown = sorted({lab for _, lab in [*train, *calibration]} - set(labels))
     if unknown:
         raise LmforgeError(f"labels {unknown} are not among {labels}")
+    if folds > 1:
+        pooled = [*train, *calibration]
+        if groups is None or len(groups) != len(pooled):
+            raise LmforgeError("cross-fitted calibration needs one template name per training and calibration pair")
+        x = featurizer([t for t, _ in pooled])
+        y = np.array([index[lab] for _, lab in pooled])
+        names = sorted(set(groups))
+        order = np.random.default_rng((head or HeadSpec()).seed).permutation(len(names))
+        fold_of = {names[i]: k % folds for k, i in enumerate(order)}
+        fold = np.array([fold_of[g] for g in groups])
+        out_of_fold = np.zeros((len(pooled), len(labels)), np.float32)
+        for k in range(folds):
+            held = fold == k
+            w, b, _ = train_head(x[~held], y[~held], len(labels), head)
+            out_of_fold[held] = TextClassifier(labels, features, w, b).probabilities(x[held])
+        thresholds, calib = _thresholds(out_of_fold, [lab for _, lab in pooled], labels, flagged, target_fpr)
+        weight, bias, losses = train_head(x, y, len(labels), head)
+        clf = TextClassifier(labels, features, weight, bias, thresholds, featurizer=featurizer)
+        clf.info = {"train_examples": len(pooled), "calibration_examples": len(pooled), "target_fpr": target_fpr,
+                    "calibration_method": f"cross-fitted, {folds} folds over {len(names)} templates",
+                    "final_loss": losses[-1], "first_loss": losses[0], "calibration": calib}
+        return clf
     x = featurizer([t for t, _ in train])
     weight, bias, losses = train_head(x, [index[lab] for _, lab in train], len(labels), head)
     clf = TextClassifier(labels, features, weight, bias, featurizer=featurizer)
     probs = clf.probabilities(featurizer([t for t, _ in calibration]))
-    thresholds, calib = {}, {}
-    for lab in flagged:
-        c = index[lab]
-        negatives = [float(p[c]) for p, (_, truth) in zip(probs, calibration) if truth != lab]
-        positives = [float(p[c]) for p, (_, truth) in zip(probs, calibration) if truth == lab]
-        t = threshold_for_fpr(negatives, target_fpr)
-        thresholds[lab] = t
-        calib[lab] = {"threshold": t, "negatives": len(negatives), "positives": len(positives),
-                      "fpr": sum(s >= t for s in negatives) / len(negatives),
-                      "recall": (sum(s >= t for s in positives) / len(positives)) if positives else None}
-    clf.thresholds = thresholds
+    clf.thresholds, calib = _thresholds(probs, [lab for _, lab in calibration], labels, flagged, target_fpr)
     clf.info = {"train_examples": len(train), "calibration_examples": len(calibration), "target_fpr": target_fpr,
-                "final_loss": losses[-1], "first_loss": losses[0], "calibration": calib}
+                "calibration_method": "calibration split", "final_loss": losses[-1], "first_loss": losses[0],
+                "calibration": calib}
     return clf

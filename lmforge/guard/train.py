@@ -2,9 +2,9 @@
 
 The injection classifier (labels benign / attack) trains on lmforge/guard/attack_data.py's
 training templates; the moderation classifier (safe + the categories of
-lmforge/guard/harm_data.py) on that set's training frames. Each gets its thresholds on its
-calibration split for the recipe's target false-positive rate; the test splits are not
-read here (`lmforge guard eval` scores them). Output: ``OUT/injection/``,
+lmforge/guard/harm_data.py) on that set's training frames. Each gets its thresholds for the
+recipe's target false-positive rate, by default from out-of-fold scores over the training
+and calibration templates (lmforge/guard/classifier.py); the test splits are not read here (`lmforge guard eval` scores them). Output: ``OUT/injection/``,
 ``OUT/moderation/`` (lmforge/guard/classifier.py directories), ``OUT/guard.yaml`` (the
 recipe as run) and ``OUT/train.json`` (sizes, losses, calibration figures).
 """
@@ -40,6 +40,7 @@ class GuardDataSection:
 class GuardCalibrationSection:
     injection_fpr: float = 0.01  # target share of benign calibration texts flagged as attacks
     moderation_fpr: float = 0.01  # per category: target share of other texts flagged as that category
+    folds: int = 5  # > 1: thresholds from out-of-fold scores over train + calibration templates; 0: the split alone
 
 
 @dataclass
@@ -65,6 +66,8 @@ class GuardTrainConfig:
             raise LmforgeError("data: test sizes cannot be negative")
         if self.head.epochs < 1 or self.head.lr <= 0 or self.head.weight_decay < 0:
             raise LmforgeError("head: epochs and lr must be positive, weight_decay not negative")
+        if self.calibration.folds == 1 or self.calibration.folds < 0:
+            raise LmforgeError("calibration.folds must be 0 (use the calibration split) or at least 2")
         for name in ("injection_fpr", "moderation_fpr"):
             if not 0.0 <= getattr(self.calibration, name) < 1.0:
                 raise LmforgeError(f"calibration.{name} must be in [0, 1)")
@@ -126,13 +129,16 @@ def train_guard(config: GuardTrainConfig, progress: bool = True, featurizer=None
     started = time.perf_counter()
     bar = Progress("guard train", 2, "classifiers", enabled=progress)
     pairs = {name: {s: [(r["text"], r["label"]) for r in rs] for s, rs in splits.items()} for name, splits in data.items()}
+    groups = {name: [r["template"] for s in ("train", "calibration") for r in splits[s]] for name, splits in data.items()}
+    folds = config.calibration.folds
     injection = train_classifier(pairs["injection"]["train"], pairs["injection"]["calibration"], ["benign", "attack"],
-                                 ["attack"], config.calibration.injection_fpr, config.features, config.head, featurizer)
+                                 ["attack"], config.calibration.injection_fpr, config.features, config.head, featurizer,
+                                 groups["injection"], folds)
     injection.save(out / "injection")
     bar.update(1)
     moderation = train_classifier(pairs["moderation"]["train"], pairs["moderation"]["calibration"],
                                   [SAFE, *CATEGORIES], list(CATEGORIES), config.calibration.moderation_fpr,
-                                  config.features, config.head, featurizer)
+                                  config.features, config.head, featurizer, groups["moderation"], folds)
     moderation.save(out / "moderation")
     bar.update(2)
     seconds = time.perf_counter() - started
