@@ -4,7 +4,8 @@ Starts `lmforge serve` (default model unless --model) on a free loopback port an
 the generated tool-use prompts (lmforge/agent/tool_prompts.py), each with all five
 functions offered, non-streaming and streaming (the client's stream helper assembles
 the `delta.tool_calls` chunks). For every response it checks that the calls parse as
-JSON and validate against the called function's schema, that the first call names the
+JSON and validate against the called function's schema (`valid`: of all responses;
+`cut_by_length`: responses the token budget ended before a whole call), that the first call names the
 expected function, and that its arguments equal the expected ones exactly. Latency is
 per request, client side. With --auto N, the first N prompts are also sent with
 tool_choice "auto" to see how often the model chooses to call.
@@ -70,16 +71,22 @@ def run_mode(client, model, prompts, stream: bool, tool_choice: str, max_tokens:
         kwargs = dict(model=model, messages=[{"role": "user", "content": p.prompt}], tools=TOOLS,
                       tool_choice=tool_choice, temperature=0.0, max_tokens=max_tokens)
         start = time.perf_counter()
-        if stream:
-            with client.chat.completions.stream(**kwargs) as s:
-                message = s.get_final_completion().choices[0].message
-        else:
-            message = client.chat.completions.create(**kwargs).choices[0].message
+        try:
+            if stream:
+                with client.chat.completions.stream(**kwargs) as s:
+                    choice = s.get_final_completion().choices[0]
+            else:
+                choice = client.chat.completions.create(**kwargs).choices[0]
+        except openai.LengthFinishReasonError as exc:  # the stream helper's way of reporting "length"
+            choice = exc.completion.choices[0]
         seconds.append(time.perf_counter() - start)
-        marks.append(judge(message.tool_calls, p))
+        marks.append({**judge(choice.message.tool_calls, p), "cut": choice.finish_reason == "length",
+                      "tool": p.name})
     n = len(marks)
     called = sum(m["called"] for m in marks)
-    return {"requests": n, "called": called / n,
+    cut = [m["tool"] for m in marks if m["cut"]]
+    return {"requests": n, "called": called / n, "valid": sum(m["valid"] for m in marks) / n,
+            "cut_by_length": len(cut) / n, "cut_tools": {t: cut.count(t) for t in sorted(set(cut))},
             "valid_of_called": sum(m["valid"] for m in marks) / max(1, called),
             "name_accuracy": sum(m["name"] for m in marks) / n, "args_exact": sum(m["args"] for m in marks) / n,
             "latency_median_s": round(statistics.median(seconds), 3),
