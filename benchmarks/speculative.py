@@ -23,8 +23,6 @@ import random
 import statistics
 import time
 
-import torch
-
 PASSAGES = [
     "The city council met on Tuesday to discuss the new bicycle lanes on Harbor Street. Residents said the lanes "
     "made the street safer for children, but shop owners worried about losing parking spaces. The council agreed "
@@ -78,8 +76,14 @@ def main() -> None:
     ap.add_argument("--draft-model", default="runs/distill-smollm2/model")
     ap.add_argument("--draft-layers", type=int, default=0, help="layers of the self-speculative draft (0: a quarter)")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    # NumPy's BLAS (single-row products, see lmforge/infer/layout.py) gets the same thread
+    # budget as PyTorch: its default, every core, spins against other jobs on shared cores.
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(name, str(args.threads))
+    import torch
+
     torch.set_num_threads(args.threads)
 
     import lmforge

@@ -409,3 +409,15 @@ def test_generate_command_speculates_and_prints_the_plain_text(capsys, tiny_dirs
         assert main(common + extra) == 1
         err = capsys.readouterr().err
         assert err.startswith("lmforge: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_a_draft_with_a_shorter_context_falls_back_to_plain_steps():
+    model = tiny_model(seed=13)
+    short = noisy_copy(model, 0.02, seed=14)
+    short.config = ModelConfig(**{**short.config.__dict__, "max_position_embeddings": 24})
+    prompt = prompts(64)[1]  # 11 tokens: speculation until the draft's context is full
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    speculator = Speculator(ModelDrafter(short), 4)
+    got = Generator(model, speculator=speculator).generate([prompt], params)[0].token_ids
+    assert got == Generator(model).generate([prompt], params)[0].token_ids
+    assert 0 < speculator.stats.tokens < 29  # some tokens were speculated, the rest came from plain steps

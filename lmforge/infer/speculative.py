@@ -143,8 +143,6 @@ class ModelDrafter:
 
     def _reserve(self, length: int) -> None:
         context = self.model.config.max_position_embeddings
-        if length > context:
-            raise LmforgeError(f"the draft model's context holds {context} tokens; the sequence needs {length}")
         if self.cache is not None and self.cache.max_len >= length:
             return
         size = min(context, max(length, 256, 2 * (self.cache.max_len if self.cache else 0)))
@@ -163,6 +161,8 @@ class ModelDrafter:
 
     def propose(self, tokens: list[int], k: int, params: SamplingParams,
                 generator: torch.Generator | None) -> Draft:
+        if len(tokens) + k > self.model.config.max_position_embeddings:
+            return Draft()  # past the draft's context: the scheduler takes plain steps
         self._reserve(len(tokens) + k)
         common = 0
         limit = min(len(self.cached), len(tokens) - 1)  # at least one token is fed, for its logits
