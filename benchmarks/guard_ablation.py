@@ -65,7 +65,7 @@ def main() -> None:
                                      config.head, featurizer, groups["injection"], folds)
         moderation = train_classifier(pairs["moderation"]["train"], pairs["moderation"]["calibration"],
                                       [SAFE, *CATEGORIES], list(CATEGORIES), config.calibration.moderation_fpr, spec,
-                                      config.head, featurizer, groups["moderation"], folds)
+                                      config.head, featurizer, groups["moderation"], folds, SAFE)
         pipeline = GuardPipeline(GuardConfig(), injection=injection, moderation=moderation)
         if kind == kinds[0]:
             result = evaluate_guard(pipeline, data, "test")

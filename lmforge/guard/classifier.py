@@ -22,7 +22,9 @@ chosen, not discovered. The classifier is two parts:
 each flagged label c, the threshold t_c is chosen on scores of texts the head never
 trained on (a calibration split, or out-of-fold scores when cross-fitted by template): with the scores of the N texts that are *not* c sorted from high to low, t_c
 sits just above the (floor(N * target_fpr) + 1)-th highest, so at most a target share of
-them scores at or above it. The realised false-positive rate on new text differs from
+them scores at or above it. With several flagged labels (the moderation categories) the
+target is for the union on safe texts: each of the k categories gets target / k of the
+safe texts, since a safe text flagged under any category is a false alarm. The realised false-positive rate on new text differs from
 the target by sampling error (a calibration split of N negatives pins it to roughly
 ``sqrt(fpr / N)``) and by how far new text is from the calibration text.
 
@@ -242,13 +244,17 @@ def train_head(x: np.ndarray, y: Sequence[int], n_labels: int, spec: HeadSpec | 
 
 
 def _thresholds(probs: np.ndarray, truth: Sequence[str], labels: list[str], flagged: Sequence[str],
-                target_fpr: float) -> tuple[dict[str, float], dict[str, Any]]:
+                target_fpr: float, negative: str | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     thresholds, calib = {}, {}
+    # With a negative label, the target is for the union: each flagged label gets an equal share of
+    # it, measured on the negative texts only (a harmful text flagged under a neighbouring
+    # category is a confusion between categories, not a false alarm on a safe text).
+    share = target_fpr / len(flagged) if negative is not None and flagged else target_fpr
     for lab in flagged:
         c = labels.index(lab)
-        negatives = [float(p[c]) for p, t in zip(probs, truth) if t != lab]
+        negatives = [float(p[c]) for p, t in zip(probs, truth) if (t == negative if negative is not None else t != lab)]
         positives = [float(p[c]) for p, t in zip(probs, truth) if t == lab]
-        t = threshold_for_fpr(negatives, target_fpr)
+        t = threshold_for_fpr(negatives, share)
         thresholds[lab] = t
         calib[lab] = {"threshold": t, "negatives": len(negatives), "positives": len(positives),
                       "fpr": sum(s >= t for s in negatives) / len(negatives),
@@ -259,7 +265,8 @@ def _thresholds(probs: np.ndarray, truth: Sequence[str], labels: list[str], flag
 def train_classifier(train: Sequence[tuple[str, str]], calibration: Sequence[tuple[str, str]], labels: Sequence[str],
                      flagged: Sequence[str], target_fpr: float, features: FeatureSpec | None = None,
                      head: HeadSpec | None = None, featurizer: Featurizer | None = None,
-                     groups: Sequence[str] | None = None, folds: int = 0) -> TextClassifier:
+                     groups: Sequence[str] | None = None, folds: int = 0,
+                     negative: str | None = None) -> TextClassifier:
     """Train on (text, label) pairs and set a threshold for each label in `flagged` so that at
     most `target_fpr` of the calibration texts of other labels reach it.
 
@@ -268,6 +275,11 @@ def train_classifier(train: Sequence[tuple[str, str]], calibration: Sequence[tup
     part is scored by a head trained on the other parts, the thresholds are set on those
     out-of-fold scores (every template scored as unseen, many more templates than a
     calibration split holds), and the returned head is trained on all pairs.
+
+    ``negative`` (a label such as "safe"): `target_fpr` is for the negative texts flagged
+    under *any* label; each of the k flagged labels gets ``target_fpr / k`` of it, measured
+    on the negative texts only. Without it, each label's threshold keeps `target_fpr` of
+    all texts of other labels below it.
     """
     features = features or FeatureSpec()
     featurizer = featurizer or Featurizer(features)
@@ -291,7 +303,7 @@ def train_classifier(train: Sequence[tuple[str, str]], calibration: Sequence[tup
             held = fold == k
             w, b, _ = train_head(x[~held], y[~held], len(labels), head)
             out_of_fold[held] = TextClassifier(labels, features, w, b).probabilities(x[held])
-        thresholds, calib = _thresholds(out_of_fold, [lab for _, lab in pooled], labels, flagged, target_fpr)
+        thresholds, calib = _thresholds(out_of_fold, [lab for _, lab in pooled], labels, flagged, target_fpr, negative)
         weight, bias, losses = train_head(x, y, len(labels), head)
         clf = TextClassifier(labels, features, weight, bias, thresholds, featurizer=featurizer)
         clf.info = {"train_examples": len(pooled), "calibration_examples": len(pooled), "target_fpr": target_fpr,
@@ -302,7 +314,7 @@ def train_classifier(train: Sequence[tuple[str, str]], calibration: Sequence[tup
     weight, bias, losses = train_head(x, [index[lab] for _, lab in train], len(labels), head)
     clf = TextClassifier(labels, features, weight, bias, featurizer=featurizer)
     probs = clf.probabilities(featurizer([t for t, _ in calibration]))
-    clf.thresholds, calib = _thresholds(probs, [lab for _, lab in calibration], labels, flagged, target_fpr)
+    clf.thresholds, calib = _thresholds(probs, [lab for _, lab in calibration], labels, flagged, target_fpr, negative)
     clf.info = {"train_examples": len(train), "calibration_examples": len(calibration), "target_fpr": target_fpr,
                 "calibration_method": "calibration split", "final_loss": losses[-1], "first_loss": losses[0],
                 "calibration": calib}

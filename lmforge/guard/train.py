@@ -39,7 +39,7 @@ class GuardDataSection:
 @dataclass
 class GuardCalibrationSection:
     injection_fpr: float = 0.01  # target share of benign calibration texts flagged as attacks
-    moderation_fpr: float = 0.01  # per category: target share of other texts flagged as that category
+    moderation_fpr: float = 0.01  # target share of safe texts flagged under any category (split among them)
     folds: int = 5  # > 1: thresholds from out-of-fold scores over train + calibration templates; 0: the split alone
 
 
@@ -138,7 +138,7 @@ def train_guard(config: GuardTrainConfig, progress: bool = True, featurizer=None
     bar.update(1)
     moderation = train_classifier(pairs["moderation"]["train"], pairs["moderation"]["calibration"],
                                   [SAFE, *CATEGORIES], list(CATEGORIES), config.calibration.moderation_fpr,
-                                  config.features, config.head, featurizer, groups["moderation"], folds)
+                                  config.features, config.head, featurizer, groups["moderation"], folds, SAFE)
     moderation.save(out / "moderation")
     bar.update(2)
     seconds = time.perf_counter() - started
