@@ -437,7 +437,7 @@ async def answer_from_knowledge_base(state: ServerState, body: ChatCompletionReq
                 return
             finally:
                 job.cancel()  # the client went away (or the answer failed): stop generating
-            state.metrics.observe_answer(answer.mode)
+            state.metrics.observe_answer(answer.mode, answer)
             yield "data: " + json.dumps(frame([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
                                               sources=source_entries(answer, request), rag=answer_info(answer))) + "\n\n"
             if body.stream_options and body.stream_options.include_usage:
@@ -447,7 +447,7 @@ async def answer_from_knowledge_base(state: ServerState, body: ChatCompletionReq
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     answer = await _finished(job, request)
-    state.metrics.observe_answer(answer.mode)
+    state.metrics.observe_answer(answer.mode, answer)
     return {
         "id": rid, "object": "chat.completion", "created": now, "model": model_name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
