@@ -85,9 +85,12 @@ class ToolsSection:
 @dataclass
 class GuardSection:
     rules: bool = option(True, help="pattern rules for prompt injection")
-    injection_classifier: str | None = option(None, help="a trained injection classifier (lmforge guard train)")
-    moderation_classifier: str | None = option(None, help="a trained moderation classifier")
-    spotlight: bool = option(True, help="mark retrieved text and tool results as data")
+    classifier: bool | None = option(None, help="the trained injection classifier (unset: on when guard.models "
+                                                "holds one)")
+    moderation: bool | None = option(None, help="the trained moderation classifier (unset: on when guard.models "
+                                                "holds one)")
+    models: str = option("runs/guard", help="where `lmforge guard train` wrote the classifiers")
+    spotlight: bool = option(True, help="treat retrieved text and tool results as data: withhold what gives orders")
     tool_policy: bool = option(True, help="block tool calls driven by data rather than the customer")
     output_checks: bool = option(True, help="check answers for prompt leakage and PII")
     pii_mode: str = option("irreversible", choices=("irreversible", "reversible", "pseudonym"),

@@ -1,56 +1,75 @@
-"""The assistant's defense layers, switched by its ``guard`` configuration (lmforge/guard).
+"""The assistant's defense layers: lmforge/guard's `GuardPipeline`, switched by the ``guard`` section.
 
-Input, in order (the first layer that blocks names the block in the metrics):
-
-- ``rules``: injection patterns (lmforge/guard/rules.py), also inside encoded payloads;
-- ``injection``: the trained injection classifier, at its calibrated threshold;
-- ``moderation``: the trained moderation classifier, per category at its threshold.
+Input (the first flag names the layer in the metrics; the refusal fits the category, e.g.
+a crisis line for self-harm): injection rules, the trained injection classifier, the
+trained moderation classifier.
 
 Data (``spotlight``): tool results and retrieved text are data, never instructions; a
-tool result field that reads as instructions (rules, injection classifier) is withheld
-from the reply (`check_data`).
+tool-result field that reads as instructions is withheld from the reply (`check_data`).
 
 Output (model-written text and FAQ answers; order look-ups are written by code, from
-checked data): system-prompt leakage, PII the customer did not give, and instructions
-carried into the answer from a retrieved page (lmforge/guard/output.py, rules). Stored
-text is redacted (lmforge/guard/redact.py) in the configured mode.
+checked data): system-prompt leakage, PII the customer did not give, moderation of the
+reply, and instructions carried into an answer from a retrieved page. Stored text is
+redacted in the configured mode.
+
+The classifiers are read from ``guard.models`` (``lmforge guard train`` writes them);
+``guard.classifier`` / ``guard.moderation`` left unset use them when they are there.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from ..errors import LmforgeError
 from .config import GuardSection
 from .service import GuardVerdict
 
 
-class AssistantGuard:
-    def __init__(self, rules: bool = True, injection=None, moderation=None, output_checks: bool = True,
-                 pii_mode: str = "irreversible", keep_original: bool = False, spotlight: bool = True) -> None:
-        from ..guard.redact import Redactor
+def _verdict(verdict, data_layer: str | None = None) -> GuardVerdict:
+    """lmforge/guard's `Verdict` -> the assistant's `GuardVerdict`."""
+    if verdict.allowed:
+        return GuardVerdict()
+    first = verdict.flags[0]
+    worst = max(verdict.flags, key=lambda f: f.score)
+    return GuardVerdict(True, data_layer or first.layer, "; ".join(f"{f.layer}: {f.detail}" for f in verdict.flags),
+                        worst.category, verdict.refusal)
 
-        self.rules, self.injection, self.moderation, self.spotlight = rules, injection, moderation, spotlight
-        self.output_checks = output_checks
-        self.redactor = Redactor(pii_mode) if pii_mode != "pseudonym" else None
+
+class AssistantGuard:
+    def __init__(self, pipeline=None, keep_original: bool = False) -> None:
+        from ..guard.pipeline import GuardConfig, GuardPipeline
+
+        self.pipeline = pipeline or GuardPipeline(GuardConfig(classifier=False, moderation=False))
+        self.redactor = self.pipeline.redactor() if self.pipeline.config.redact_mode != "pseudonym" else None
         self.keep_original = keep_original
 
     @classmethod
     def from_config(cls, section: GuardSection, keep_original: bool = False) -> "AssistantGuard":
-        from ..guard.classifier import TextClassifier
+        from ..guard.pipeline import GuardConfig, GuardPipeline
 
-        def load(path: str | None, what: str):
-            if not path:
-                return None
-            try:
-                return TextClassifier.load(path)
-            except LmforgeError as exc:
-                raise LmforgeError(f"guard.{what}: {exc}") from None
+        models = Path(section.models)
+
+        def switch(value: bool | None, name: str) -> bool:
+            if value is None:  # auto: on when trained
+                return (models / name / "classifier.json").is_file()
+            if value and not (models / name / "classifier.json").is_file():
+                raise LmforgeError(f"guard: no {name} classifier in {models}; train them with `lmforge guard train` "
+                                   f"or switch the layer off (--guard.{'classifier' if name == 'injection' else name} "
+                                   "false)")
+            return value
 
         if section.pii_mode == "pseudonym":
             raise LmforgeError("guard.pii_mode pseudonym needs a secret key; the assistant supports irreversible "
                                "and reversible redaction")
-        return cls(section.rules, load(section.injection_classifier, "injection_classifier"),
-                   load(section.moderation_classifier, "moderation_classifier"), section.output_checks,
-                   section.pii_mode, keep_original, section.spotlight)
+        config = GuardConfig(rules=section.rules, classifier=switch(section.classifier, "injection"),
+                             moderation=switch(section.moderation, "moderation"), models=str(models),
+                             spotlight=section.spotlight, tool_policy=section.tool_policy,
+                             output_checks=section.output_checks, redact_mode=section.pii_mode)
+        return cls(GuardPipeline(config), keep_original)
+
+    @property
+    def spotlight(self) -> bool:
+        return self.pipeline.config.spotlight
 
     def redact(self, text: str) -> tuple[str, dict[str, int]]:
         if self.redactor is None:
@@ -59,46 +78,21 @@ class AssistantGuard:
         return done.text, done.counts
 
     def check_input(self, text: str) -> GuardVerdict:
-        verdict = self._injection(text)
-        if verdict.blocked or self.moderation is None:
-            return verdict
-        flags = self.moderation.flags(self.moderation.probabilities([text]))[0]
-        if flags:
-            category = max(flags, key=flags.get)
-            return GuardVerdict(True, "moderation", f"{category} {flags[category]:.2f}", category)
-        return GuardVerdict()
+        return _verdict(self.pipeline.check_input(text, "user"))
 
     def check_data(self, text: str) -> GuardVerdict:
         """Text from a tool or a document that reads as instructions (rules, injection classifier)."""
         if not self.spotlight:
             return GuardVerdict()
-        return self._injection(text)
-
-    def _injection(self, text: str) -> GuardVerdict:
-        if self.rules:
-            from ..guard.rules import scan
-
-            found = scan(text)
-            if found.flagged():
-                return GuardVerdict(True, "rules", ", ".join(found.rules[:3]), "injection")
-        if self.injection is not None:
-            flags = self.injection.flags(self.injection.probabilities([text]))[0]
-            if flags:
-                category = max(flags, key=flags.get)
-                return GuardVerdict(True, "injection", f"{category} {flags[category]:.2f}", category)
-        return GuardVerdict()
+        return _verdict(self.pipeline.check_input(text, "data"))
 
     def check_output(self, reply: str, system_prompt: str, user_turns: list[str]) -> GuardVerdict:
-        if not self.output_checks or not reply:
+        if not reply:
             return GuardVerdict()
-        from ..guard.output import leakage, pii_in_reply
-
-        if system_prompt and leakage(reply, system_prompt).leaked:
-            return GuardVerdict(True, "output", "system prompt leakage", "leakage")
-        if self.spotlight and self._injection(reply).blocked:  # instructions carried in from data
+        verdict = _verdict(self.pipeline.check_output(reply, system_prompt, user_turns))
+        if verdict.blocked:
+            verdict.layer = "output"
+            return verdict
+        if self.spotlight and self.check_data(reply).blocked:  # instructions carried in from a page
             return GuardVerdict(True, "output", "instructions from data in the reply", "injected_instruction")
-        found = pii_in_reply(reply, user_turns)
-        if found:
-            return GuardVerdict(True, "output", "personal data in the reply: " + ", ".join(sorted({m.kind for m in found})),
-                                "pii")
         return GuardVerdict()

@@ -94,6 +94,7 @@ class GuardVerdict:
     layer: str | None = None  # which layer blocked: rules, injection, moderation, output, tool_policy
     reason: str = ""
     category: str | None = None
+    refusal: str | None = None  # the safe reply for this kind of block (None: the assistant's own)
 
 
 class NoGuard:
@@ -207,7 +208,7 @@ class Assistant:
         verdict = self.guard.check_input(text)
         if verdict.blocked:
             self.observe("blocked", {"layer": verdict.layer, "category": verdict.category})
-            reply = Reply(conversation_id, BLOCKED_REPLY, handler="guard", blocked_by=verdict.layer)
+            reply = Reply(conversation_id, verdict.refusal or BLOCKED_REPLY, handler="guard", blocked_by=verdict.layer)
             return self._finish(reply, started)
         t = time.perf_counter()
         route = self.router.route(text)
