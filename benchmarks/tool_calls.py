@@ -65,11 +65,11 @@ def judge(calls, expected) -> dict:
             json.dumps(expected.arguments, sort_keys=True)}
 
 
-def run_mode(client, model, prompts, stream: bool, tool_choice: str, max_tokens: int) -> dict:
+def run_mode(client, model, prompts, stream: bool, tool_choice: str, max_tokens: int, parallel: bool) -> dict:
     marks, seconds = [], []
     for p in prompts:
         kwargs = dict(model=model, messages=[{"role": "user", "content": p.prompt}], tools=TOOLS,
-                      tool_choice=tool_choice, temperature=0.0, max_tokens=max_tokens)
+                      tool_choice=tool_choice, temperature=0.0, max_tokens=max_tokens, parallel_tool_calls=parallel)
         start = time.perf_counter()
         try:
             if stream:
@@ -102,6 +102,7 @@ def main() -> int:
     ap.add_argument("--stream-send", type=int, default=None, help="of those, stream only the first N")
     ap.add_argument("--auto", type=int, default=0, help="also send the first N prompts with tool_choice auto")
     ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--no-parallel", action="store_true", help="send parallel_tool_calls=false (one call a reply)")
     args = ap.parse_args()
     prompts = tool_prompts(args.n)
     sent = prompts[: args.send] if args.send else prompts
@@ -130,12 +131,14 @@ def main() -> int:
                                                  ("required_stream", True, "required", streamed),
                                                  ("auto", False, "auto", prompts[: args.auto])):
                 if subset:
-                    results[name] = run_mode(client, model, subset, stream, choice, args.max_tokens)
+                    results[name] = run_mode(client, model, subset, stream, choice, args.max_tokens,
+                                             not args.no_parallel)
                     print(name, json.dumps(results[name]), file=sys.stderr, flush=True)
         finally:
             server.terminate()
             server.wait(30)
-    print(json.dumps({"benchmark": "tool_calls", "model": model, "prompts": args.n, "sent": len(sent), **results}))
+    print(json.dumps({"benchmark": "tool_calls", "model": model, "prompts": args.n, "sent": len(sent),
+                      "parallel_tool_calls": not args.no_parallel, "max_tokens": args.max_tokens, **results}))
     return 0
 
 
