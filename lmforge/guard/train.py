@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
-from lmforge.guard.classifier import FeatureSpec, HeadSpec
+from lmforge.guard.config import FeatureSpec, HeadSpec
 
 
 @dataclass
