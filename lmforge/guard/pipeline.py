@@ -49,16 +49,16 @@ def refusal_for(category: str | None) -> str:
 
 @dataclass
 class GuardConfig:
-    rules: bool = option(True, help="pattern rules for known injection phrasings")
+    rules: bool = option(True, help="layer on: pattern rules for known injection phrasings (--no-rules: off)")
     rules_threshold: float = option(0.5, help="rule weight at which a text is flagged")
-    classifier: bool = option(True, help="the trained injection classifier")
-    moderation: bool = option(True, help="the trained moderation classifier (harmful requests and replies)")
+    classifier: bool = option(True, help="layer on: the trained injection classifier (--no-classifier: off)")
+    moderation: bool = option(True, help="layer on: the trained moderation classifier (harmful requests and replies) (--no-moderation: off)")
     models: str = option("runs/guard", help="directory with injection/ and moderation/ classifiers "
                                             "(`lmforge guard train`)")
-    spotlight: bool = option(True, help="wrap retrieved documents and tool results as marked data")
+    spotlight: bool = option(True, help="layer on: wrap retrieved documents and tool results as marked data (--no-spotlight: off)")
     spotlight_mode: str = option("delimit", choices=("delimit", "datamark", "base64"), help="how data is marked")
-    tool_policy: bool = option(True, help="block tool calls whose name or arguments come only from data")
-    output_checks: bool = option(True, help="check replies for system-prompt leakage and PII")
+    tool_policy: bool = option(True, help="layer on: block tool calls whose name or arguments come only from data (--no-tool-policy: off)")
+    output_checks: bool = option(True, help="layer on: check replies for system-prompt leakage and PII (--no-output-checks: off)")
     leak_overlap: float = option(0.2, help="share of the system prompt's 5-grams in a reply that counts as a leak")
     leak_run: int = option(12, help="consecutive system-prompt words in a reply that count as a leak")
     redact_mode: str = option("irreversible", choices=("irreversible", "reversible", "pseudonym"),
