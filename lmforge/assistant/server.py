@@ -261,10 +261,12 @@ async def agent_page():
 async def static_file(name: str):
     from fastapi.responses import FileResponse
 
-    files = {"chat.js": "text/javascript", "agent.js": "text/javascript", "assistant.css": "text/css"}
+    files = {"chat.js": "text/javascript", "agent.js": "text/javascript", "assistant.css": "text/css",
+             "favicon.svg": "image/svg+xml"}
     if name not in files:
         raise APIError(404, "no such file", "not_found_error")
-    return FileResponse(STATIC / name, media_type=files[name])
+    folder = STATIC if name != "favicon.svg" else Path(__file__).parents[1] / "serve" / "static"  # the web chat's
+    return FileResponse(folder / name, media_type=files[name])
 
 
 def create_assistant_app(assistant, scheduler, tokenizer, model_name: str, settings=None, drift=None):

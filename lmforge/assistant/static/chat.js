@@ -24,11 +24,11 @@ function add(role, text, meta) {
 }
 
 function rateButtons(div, index) {
-  for (const [label, rating] of [["\u{1F44D}", 1], ["\u{1F44E}", -1]]) {
+  for (const [label, rating] of [["helpful", 1], ["not helpful", -1]]) {
     const b = document.createElement("button");
     b.className = "small";
     b.textContent = label;
-    b.title = rating > 0 ? "helpful" : "not helpful";
+    b.title = "rate this answer";
     b.addEventListener("click", async () => {
       const r = await fetch("/v1/assistant/feedback", {method: "POST", headers: {"Content-Type": "application/json"},
         body: JSON.stringify({conversation_id: conversation, message_index: index, rating: rating})});
