@@ -183,3 +183,20 @@ def test_gradient_checkpointing_with_fused_ops():
     _, ckpt_grads = _step(ckpt, ids, True)
     for name, g in grads.items():
         _close(ckpt_grads[name], g, 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bfloat16", "autocast"])
+def test_bfloat16_and_autocast_training_steps_match_plain_ops(mode):
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
+    results = {}
+    for fused in (True, False):
+        model = _tiny()
+        if mode == "bfloat16":
+            model = model.to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            results[fused] = _step(model, ids, fused)
+    (loss, grads), (ref_loss, ref_grads) = results[True], results[False]
+    assert abs(loss - ref_loss) <= 1e-3 * abs(ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():  # bfloat16 rounding (8 bits of mantissa), not a different gradient
+        _close(g.float(), ref_grads[name].float(), 3e-2)
