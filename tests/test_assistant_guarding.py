@@ -90,7 +90,7 @@ def test_classifier_switches(tmp_path):
     from lmforge.assistant.config import GuardSection
     from lmforge.errors import LmforgeError
 
-    auto = AssistantGuard.from_config(GuardSection(models=str(tmp_path / "none")))
-    assert not auto.pipeline.config.classifier and not auto.pipeline.config.moderation
+    default = AssistantGuard.from_config(GuardSection(models=str(tmp_path / "none")))
+    assert not default.pipeline.config.classifier and not default.pipeline.config.moderation
     with pytest.raises(LmforgeError, match="lmforge guard train"):
         AssistantGuard.from_config(GuardSection(models=str(tmp_path / "none"), classifier=True))

@@ -85,10 +85,11 @@ class ToolsSection:
 @dataclass
 class GuardSection:
     rules: bool = option(True, help="pattern rules for prompt injection")
-    classifier: bool | None = option(None, help="the trained injection classifier (unset: on when guard.models "
-                                                "holds one)")
-    moderation: bool | None = option(None, help="the trained moderation classifier (unset: on when guard.models "
-                                                "holds one)")
+    # The trained classifiers are off by default: calibrated on the guard's own benign set, they flag
+    # 22% (injection) and 44% (moderation) of the held-out benign customer messages of
+    # lmforge/assistant/intents.py (short requests for a person, small talk, out-of-scope questions).
+    classifier: bool = option(False, help="the trained injection classifier (lmforge guard train)")
+    moderation: bool = option(False, help="the trained moderation classifier (lmforge guard train)")
     models: str = option("runs/guard", help="where `lmforge guard train` wrote the classifiers")
     spotlight: bool = option(True, help="treat retrieved text and tool results as data: withhold what gives orders")
     tool_policy: bool = option(True, help="block tool calls driven by data rather than the customer")

@@ -12,8 +12,8 @@ checked data): system-prompt leakage, PII the customer did not give, moderation 
 reply, and instructions carried into an answer from a retrieved page. Stored text is
 redacted in the configured mode.
 
-The classifiers are read from ``guard.models`` (``lmforge guard train`` writes them);
-``guard.classifier`` / ``guard.moderation`` left unset use them when they are there.
+The classifiers are read from ``guard.models`` (``lmforge guard train`` writes them) when
+``guard.classifier`` / ``guard.moderation`` switch them on.
 """
 
 from __future__ import annotations
@@ -49,9 +49,7 @@ class AssistantGuard:
 
         models = Path(section.models)
 
-        def switch(value: bool | None, name: str) -> bool:
-            if value is None:  # auto: on when trained
-                return (models / name / "classifier.json").is_file()
+        def switch(value: bool, name: str) -> bool:
             if value and not (models / name / "classifier.json").is_file():
                 raise LmforgeError(f"guard: no {name} classifier in {models}; train them with `lmforge guard train` "
                                    f"or switch the layer off (--guard.{'classifier' if name == 'injection' else name} "

@@ -5,6 +5,7 @@
     lmforge assistant ask "where is my order A10042?"    # one message through the whole flow
     lmforge assistant ask --conversation ID "thanks"     # continue a conversation
     lmforge assistant serve                              # OpenAI API, chat page, agents' desk
+    lmforge assistant golden                             # golden set vs the last run; exit 2 on a regression
 
 The assistant's settings come from a YAML file (``--config FILE``; the defaults are the
 demo store) and every field is also a flag ``--SECTION.FIELD VALUE`` (see
@@ -98,6 +99,68 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+GOLDEN = Path(__file__).resolve().parents[1] / "assistant" / "data" / "golden.jsonl"
+GOLDEN_RUNS = "runs/assistant/golden"
+
+
+def _staging_copy(url: str, directory: Path) -> str:
+    """A copy of a SQLite store for a golden run: its conversations and hand-offs stay out of the real one."""
+    import sqlite3
+
+    from lmforge.assistant.db import is_postgres_url
+    from lmforge.errors import LmforgeError
+
+    if is_postgres_url(url):
+        raise LmforgeError("golden runs answer through a copy of the store; for PostgreSQL give a staging database "
+                           "with --store.url and --staging false")
+    copy = directory / "store.db"
+    source = Path(url.removeprefix("sqlite:///"))
+    target = sqlite3.connect(copy)
+    if source.is_file():
+        with sqlite3.connect(source) as original:
+            original.backup(target)
+    target.close()
+    return str(copy)
+
+
+def cmd_golden(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    from lmforge.assistant.build import build_assistant
+    from lmforge.monitor.config import GoldenOptions
+    from lmforge.monitor.golden import compare, format_comparison, load_run, read_golden, run_golden, save_run
+
+    config = _config(args)
+    items = read_golden(args.golden or GOLDEN)
+    options = GoldenOptions()
+    runs = Path(args.runs)
+    earlier = sorted(runs.glob("*.json"))
+    baseline = Path(args.against) if args.against else (earlier[-1] if earlier else None)
+    with tempfile.TemporaryDirectory(prefix="lmforge-golden-") as tmp:
+        if args.staging:
+            config.store.url = _staging_copy(config.store.url, Path(tmp))
+        assistant = build_assistant(config, progress=not args.quiet)
+        try:
+            run = run_golden(items, lambda item: assistant.handle(None, item.question).text, options,
+                             name=args.name or time.strftime("%Y%m%d-%H%M%S"), model=config.models.local or "default")
+        finally:
+            assistant.close()
+    run["settings"]["assistant"] = config.to_dict()
+    runs.mkdir(parents=True, exist_ok=True)
+    saved = save_run(run, runs / f"{run['name']}.json")
+    summary = run["summary"]
+    print(f"golden run {saved}: score {summary['mean_score']:.3f}, {summary['pass_rate']:.0%} of {summary['items']} "
+          "items passed")
+    if baseline is None:
+        print("no earlier run to compare with: this one is the baseline")
+        return 0
+    report = compare(load_run(baseline), run, options)
+    print(f"against {baseline}:")
+    print(format_comparison(report))
+    return 2 if report["regressed"] or report["regressed_items"] else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import signal
@@ -179,6 +242,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     common(q)
     q.set_defaults(func=cmd_serve)
+
+    q = sub.add_parser("golden", help="answer the golden set, compare with the last run, flag regressions (exit 2)")
+    q.add_argument("--golden", help="a golden-set JSONL file (default: the demo store's)")
+    q.add_argument("--runs", default=GOLDEN_RUNS, help=f"where runs are kept (default {GOLDEN_RUNS})")
+    q.add_argument("--against", help="compare with this run file (default: the newest in --runs)")
+    q.add_argument("--name", help="this run's name (default: the time)")
+    q.add_argument("--staging", type=lambda v: v.lower() not in ("false", "0", "no"), default=True,
+                   help="answer through a copy of the store (default true): no golden conversation or hand-off "
+                        "reaches the real one")
+    common(q)
+    q.set_defaults(func=cmd_golden)
 
     q = sub.add_parser("ask", help="send one customer message through the whole assistant")
     q.add_argument("message", nargs="*", help="the customer's message")
