@@ -316,9 +316,16 @@ class Assistant:
             return
         reply.handler = "faq-strong" if hard else "faq"
         reply.text = answer.text
+        cited = answer.cited()
         reply.citations = [{"number": c.number, "source": c.chunk.source, "title": c.chunk.title,
-                            "headings": list(c.chunk.headings)} for c in answer.cited()]
-        verdict = self.guard.check_output(reply.text, self._system_text(reply), self._user_turns(reply.conversation_id))
+                            "headings": list(c.chunk.headings)} for c in cited]
+        if any(self.guard.check_data(c.chunk.text).blocked for c in cited):  # a page that gives orders
+            self.observe("blocked", {"layer": "retrieved_data", "category": "injection"})
+            reply.text, reply.citations, reply.blocked_by = SAFE_OUTPUT_REPLY, [], "retrieved_data"
+            return
+        # what the cited pages say (the store's own e-mail address, say) is not a leak of personal data
+        known = self._user_turns(reply.conversation_id) + [c.chunk.text for c in cited]
+        verdict = self.guard.check_output(reply.text, self._system_text(reply), known)
         if verdict.blocked:
             self.observe("blocked", {"layer": verdict.layer or "output", "category": verdict.category})
             reply.text, reply.citations, reply.blocked_by = SAFE_OUTPUT_REPLY, [], verdict.layer or "output"
