@@ -50,3 +50,25 @@ def test_configuration_is_checked(tmp_path):
     good.write_text("prompts:\n  split: {support@1: 1, support@2: 3}\ntools:\n  allow: [get_order_status]\n")
     config = load_assistant_config(good, {"handoff.after_unclear": 3})
     assert config.prompts.split == {"support@1": 1.0, "support@2": 3.0} and config.handoff.after_unclear == 3
+
+
+def test_flywheel_and_variants_read_the_store(tmp_path):
+    from lmforge.assistant.conversations import ConversationStore
+    from lmforge.assistant.db import open_database
+
+    db = open_database(tmp_path / "s.db")
+    store = ConversationStore(db)
+    for variant, rating in (("support@1", -1), ("support@2", 1)):
+        conv = store.start(variant=variant)
+        store.add(conv, "user", "Do gift cards expire?")
+        answer = store.add(conv, "assistant", "Yes.")
+        store.rate(conv, answer, rating, correction="No, they never expire." if rating < 0 else None)
+    db.close()
+    done = _run(["assistant", "flywheel", "--store.url", str(tmp_path / "s.db"), "--out", str(tmp_path / "fw")])
+    assert done.returncode == 0, done.stderr
+    sft = [json.loads(x) for x in (tmp_path / "fw" / "sft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(x) for x in (tmp_path / "fw" / "preferences.jsonl").read_text().splitlines()]
+    assert len(sft) == 2 and pairs[0]["chosen"] == "No, they never expire." and pairs[0]["rejected"] == "Yes."
+    shown = _run(["assistant", "variants", "--store.url", str(tmp_path / "s.db"), "--json"])
+    results = json.loads(shown.stdout)
+    assert results["support@1"]["up_rate"] == 0.0 and results["support@2"]["up_rate"] == 1.0

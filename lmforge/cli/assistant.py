@@ -6,6 +6,8 @@
     lmforge assistant ask --conversation ID "thanks"     # continue a conversation
     lmforge assistant serve                              # OpenAI API, chat page, agents' desk
     lmforge assistant golden                             # golden set vs the last run; exit 2 on a regression
+    lmforge assistant flywheel --out DIR                 # corrections and hand-offs as SFT / preference data
+    lmforge assistant variants                           # the prompt A/B split's results
 
 The assistant's settings come from a YAML file (``--config FILE``; the defaults are the
 demo store) and every field is also a flag ``--SECTION.FIELD VALUE`` (see
@@ -26,7 +28,9 @@ INTENT_DATA = "runs/data/intents"
 def _config(args: argparse.Namespace):
     from lmforge.assistant.config import load_assistant_config
 
-    return load_assistant_config(args.config, recipe_overrides(args))
+    overrides = recipe_overrides(args)
+    overrides.pop("train.out", None)  # --out here names an output of the subcommand, not a training run
+    return load_assistant_config(args.config, overrides)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -161,6 +165,54 @@ def cmd_golden(args: argparse.Namespace) -> int:
     return 2 if report["regressed"] or report["regressed_items"] else 0
 
 
+def cmd_flywheel(args: argparse.Namespace) -> int:
+    """Corrections, thumbs-up answers and resolved hand-offs as SFT and preference JSONL files."""
+    from lmforge.assistant.conversations import ConversationStore
+    from lmforge.assistant.db import open_database
+    from lmforge.io.atomic import write_text_atomic
+
+    config = _config(args)
+    db = open_database(config.store.url)
+    try:
+        sft, pairs = ConversationStore(db).flywheel()
+    finally:
+        db.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "sft.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sft))
+    write_text_atomic(out / "preferences.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs))
+    print(f"{len(sft)} SFT conversations -> {out / 'sft.jsonl'} (lmforge finetune: data.train), {len(pairs)} "
+          f"preference pairs -> {out / 'preferences.jsonl'} (lmforge align dpo: data)")
+    return 0
+
+
+def cmd_variants(args: argparse.Namespace) -> int:
+    """Per prompt variant: conversations, thumbs-up rate, hand-off rate, and the two-variant test."""
+    from lmforge.assistant.db import open_database
+    from lmforge.assistant.prompts import PromptRegistry
+
+    config = _config(args)
+    db = open_database(config.store.url)
+    try:
+        results = PromptRegistry(db).results()
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    if not results:
+        print("no conversations with a prompt variant yet")
+        return 0
+    print("| variant | conversations | rated | thumbs up | hand-off rate |\n|---|---:|---:|---:|---:|")
+    for name, r in sorted(results.items()):
+        up = "-" if r["up_rate"] is None else f"{r['up_rate']:.1%}"
+        print(f"| {name} | {r['conversations']} | {r['rated']} | {up} | {r['handoff_rate']:.1%} |")
+    first = next(iter(results.values()))
+    if first.get("up_rate_p") is not None:
+        print(f"thumbs-up rates differ: z = {first['up_rate_z']:.2f}, two-sided p = {first['up_rate_p']:.3f}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import signal
@@ -253,6 +305,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "reaches the real one")
     common(q)
     q.set_defaults(func=cmd_golden)
+
+    q = sub.add_parser("flywheel", help="export corrections, up-rated answers and resolved hand-offs as training data")
+    q.add_argument("--out", default="runs/assistant/flywheel", help="output directory (default runs/assistant/flywheel)")
+    common(q)
+    q.set_defaults(func=cmd_flywheel)
+
+    q = sub.add_parser("variants", help="the prompt variants' results (A/B): thumbs up, hand-offs, significance")
+    common(q)
+    q.set_defaults(func=cmd_variants)
 
     q = sub.add_parser("ask", help="send one customer message through the whole assistant")
     q.add_argument("message", nargs="*", help="the customer's message")
