@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = verbs.add_parser("run", help="answer a question, calling tools as the model decides")
     r.add_argument("question", help="the question")
     add_config_flags(r, AgentRunOptions)
-    from lmforge.agent.loop import AgentOptions
+    from lmforge.agent.options import AgentOptions
 
     add_config_flags(r, AgentOptions, "agent loop")
     add_device_flags(r)
