@@ -94,3 +94,25 @@ def test_classifier_switches(tmp_path):
     assert not default.pipeline.config.classifier and not default.pipeline.config.moderation
     with pytest.raises(LmforgeError, match="lmforge guard train"):
         AssistantGuard.from_config(GuardSection(models=str(tmp_path / "none"), classifier=True))
+
+
+def test_guard_training_counts_customer_messages_as_benign(tmp_path):
+    from lmforge.assistant.guard_training import assistant_guard_data, train_assistant_guard
+    from lmforge.guard.train import load_guard_recipe
+
+    config = load_guard_recipe(None, {"train.out": str(tmp_path / "guard"), "features.kind": "hashing",
+                                      "data.injection_train": 120, "data.injection_calibration": 40,
+                                      "data.injection_test": 40, "data.harm_train": 6, "data.harm_calibration": 2,
+                                      "data.harm_test": 2, "data.safe_train": 30, "data.safe_calibration": 10,
+                                      "data.safe_test": 10, "head.epochs": 60, "calibration.folds": 0})
+    data = assistant_guard_data(config)
+    shop = [r for r in data["injection"]["calibration"] if r["template"].startswith("shop/")]
+    assert shop and all(r["label"] == "benign" for r in shop)
+    labels = {r["label"] for r in data["moderation"]["train"] if r["template"].startswith("shop/abuse")}
+    assert labels == {"harassment"}
+    report = train_assistant_guard(config, progress=False)
+    held = report["held_out"]
+    assert held["customer_messages"] == 360 and 0.0 <= held["customer_false_positive"] <= 1.0
+    assert set(held["customer_false_positive_by_intent"]) == {"chit_chat", "faq", "handoff", "order_status",
+                                                             "out_of_scope", "refund_complaint"}
+    assert (tmp_path / "guard" / "injection" / "classifier.json").is_file()

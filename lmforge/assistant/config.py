@@ -85,12 +85,14 @@ class ToolsSection:
 @dataclass
 class GuardSection:
     rules: bool = option(True, help="pattern rules for prompt injection")
-    # The trained classifiers are off by default: calibrated on the guard's own benign set, they flag
-    # 22% (injection) and 44% (moderation) of the held-out benign customer messages of
-    # lmforge/assistant/intents.py (short requests for a person, small talk, out-of-scope questions).
+    # The trained classifiers are switched on explicitly. Trained on the guard's own benign set
+    # alone (`lmforge guard train`), they flag 22% (injection) and 44% (moderation) of the
+    # held-out benign customer messages of lmforge/assistant/intents.py; `lmforge assistant
+    # train-guard` adds those messages as benign text and the figure falls to 0.6%.
     classifier: bool = option(False, help="the trained injection classifier (lmforge guard train)")
     moderation: bool = option(False, help="the trained moderation classifier (lmforge guard train)")
-    models: str = option("runs/guard", help="where `lmforge guard train` wrote the classifiers")
+    models: str = option("runs/assistant/guard", help="where `lmforge assistant train-guard` (or `lmforge guard "
+                                                          "train`) wrote the classifiers")
     spotlight: bool = option(True, help="treat retrieved text and tool results as data: withhold what gives orders")
     tool_policy: bool = option(True, help="block tool calls driven by data rather than the customer")
     output_checks: bool = option(True, help="check answers for prompt leakage and PII")

@@ -165,6 +165,30 @@ def cmd_golden(args: argparse.Namespace) -> int:
     return 2 if report["regressed"] or report["regressed_items"] else 0
 
 
+def cmd_train_guard(args: argparse.Namespace) -> int:
+    """The guard's classifiers trained with this assistant's customer messages as benign text."""
+    from lmforge.assistant.guard_training import train_assistant_guard
+    from lmforge.cli.common import find_recipe
+    from lmforge.guard.train import load_guard_recipe
+
+    config = load_guard_recipe(find_recipe("guard-classifiers"), {"train.out": args.out})
+    report = train_assistant_guard(config, progress=not args.quiet, seed=args.seed)
+    if args.json:
+        print(json.dumps(report["held_out"]))
+        return 0
+    held = report["held_out"]
+    print(f"guard classifiers -> {args.out} (use them: --guard.models {args.out} --guard.classifier true "
+          "--guard.moderation true)")
+    print("| layers | attack success | false positives | of them on data |\n|---|---:|---:|---:|")
+    for name, row in held["ablation"]["layers"].items():
+        data_fp = "-" if row["false_positive_data"] is None else f"{row['false_positive_data']:.1%}"
+        print(f"| {name} | {row['attack_success']:.1%} | {row['false_positive']:.1%} | {data_fp} |")
+    print(f"held-out customer messages flagged (all layers): {held['customer_false_positive']:.1%} of "
+          f"{held['customer_messages']}; by intent: "
+          + ", ".join(f"{k} {v:.1%}" for k, v in held["customer_false_positive_by_intent"].items()))
+    return 0
+
+
 def cmd_flywheel(args: argparse.Namespace) -> int:
     """Corrections, thumbs-up answers and resolved hand-offs as SFT and preference JSONL files."""
     from lmforge.assistant.conversations import ConversationStore
@@ -305,6 +329,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "reaches the real one")
     common(q)
     q.set_defaults(func=cmd_golden)
+
+    q = sub.add_parser("train-guard", help="train the guard's classifiers with the customers' messages as benign")
+    q.add_argument("--out", default="runs/assistant/guard", help="output directory (default runs/assistant/guard)")
+    q.add_argument("--seed", type=int, default=0, help="customer message generation seed (default 0)")
+    q.add_argument("--json", action="store_true", help="print the held-out figures as one JSON object")
+    q.add_argument("--quiet", action="store_true", help="no progress output")
+    q.set_defaults(func=cmd_train_guard)
 
     q = sub.add_parser("flywheel", help="export corrections, up-rated answers and resolved hand-offs as training data")
     q.add_argument("--out", default="runs/assistant/flywheel", help="output directory (default runs/assistant/flywheel)")
