@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--methods", default="ngram,layers,draft")
     ap.add_argument("--draft-model", default="runs/distill-smollm2/model")
     ap.add_argument("--draft-layers", type=int, default=0, help="layers of the self-speculative draft (0: a quarter)")
+    ap.add_argument("--min-ngram", default="1", help="shortest prompt-lookup matches to try, e.g. 1,2")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -102,10 +103,12 @@ def main() -> None:
     settings = {"plain": Generator(lm.model, lm.tokenizer)}
     for method in methods:
         for k in (int(x) for x in args.ks.split(",")):
-            speculator = make_speculator(method, lm.model, lm.tokenizer, num_draft_tokens=k,
-                                         draft_model=args.draft_model if method == "draft" else None,
-                                         draft_layers=args.draft_layers)
-            settings[f"{method}-k{k}"] = Generator(lm.model, lm.tokenizer, speculator=speculator)
+            for shortest in [int(x) for x in args.min_ngram.split(",")] if method == "ngram" else [1]:
+                speculator = make_speculator(method, lm.model, lm.tokenizer, num_draft_tokens=k,
+                                             draft_model=args.draft_model if method == "draft" else None,
+                                             draft_layers=args.draft_layers, min_ngram=shortest)
+                name = f"{method}-k{k}" if shortest == 1 else f"{method}-min{shortest}-k{k}"
+                settings[name] = Generator(lm.model, lm.tokenizer, speculator=speculator)
     settings["plain"].generate([ids[0]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     totals = {name: {"tokens": 0, "decode_s": 0.0, "identical": 0, "by_kind": {}} for name in settings}
     names = list(settings)

@@ -299,10 +299,11 @@ class Speculator:
 
 
 def make_speculator(method: str | None, model: nn.Module, tokenizer=None, num_draft_tokens: int = 4,
-                    draft_model: str | None = None, draft_layers: int = 0, max_ngram: int = 3) -> Speculator | None:
+                    draft_model: str | None = None, draft_layers: int = 0, max_ngram: int = 3,
+                    min_ngram: int = 1) -> Speculator | None:
     """The `Speculator` for a method name (None or "none": no speculation).
 
-    ngram: prompt lookup (n-grams of `max_ngram`..1 tokens); draft: the model at
+    ngram: prompt lookup (n-grams of `max_ngram`..`min_ngram` tokens); draft: the model at
     `draft_model`; layers: the target's first `draft_layers` blocks (0: a quarter of them).
     """
     if method in (None, "none"):
@@ -320,5 +321,5 @@ def make_speculator(method: str | None, model: nn.Module, tokenizer=None, num_dr
     elif method == "layers":
         drafter = ModelDrafter(first_layers(model, draft_layers or max(1, model.config.n_layer // 4)), name="layers")
     else:
-        drafter = NgramDrafter(max_ngram=max_ngram)
+        drafter = NgramDrafter(max_ngram=max_ngram, min_ngram=min_ngram)
     return Speculator(drafter, num_draft_tokens)
