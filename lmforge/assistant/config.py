@@ -94,6 +94,8 @@ class GuardSection:
     models: str = option("runs/assistant/guard", help="where `lmforge assistant train-guard` (or `lmforge guard "
                                                           "train`) wrote the classifiers")
     spotlight: bool = option(True, help="treat retrieved text and tool results as data: withhold what gives orders")
+    classify_data: bool = option(False, help="also run the injection classifier on pages and tool results (the "
+                                             "rules always run; the classifier flags some of the store's own pages)")
     tool_policy: bool = option(True, help="block tool calls driven by data rather than the customer")
     output_checks: bool = option(True, help="check answers for prompt leakage and PII")
     pii_mode: str = option("irreversible", choices=("irreversible", "reversible", "pseudonym"),

@@ -36,10 +36,11 @@ def _verdict(verdict, data_layer: str | None = None) -> GuardVerdict:
 
 
 class AssistantGuard:
-    def __init__(self, pipeline=None, keep_original: bool = False) -> None:
+    def __init__(self, pipeline=None, keep_original: bool = False, classify_data: bool = False) -> None:
         from ..guard.pipeline import GuardConfig, GuardPipeline
 
         self.pipeline = pipeline or GuardPipeline(GuardConfig(classifier=False, moderation=False))
+        self.classify_data = classify_data
         self.redactor = self.pipeline.redactor() if self.pipeline.config.redact_mode != "pseudonym" else None
         self.keep_original = keep_original
 
@@ -63,7 +64,7 @@ class AssistantGuard:
                              moderation=switch(section.moderation, "moderation"), models=str(models),
                              spotlight=section.spotlight, tool_policy=section.tool_policy,
                              output_checks=section.output_checks, redact_mode=section.pii_mode)
-        return cls(GuardPipeline(config), keep_original)
+        return cls(GuardPipeline(config), keep_original, section.classify_data)
 
     @property
     def spotlight(self) -> bool:
@@ -79,10 +80,16 @@ class AssistantGuard:
         return _verdict(self.pipeline.check_input(text, "user"))
 
     def check_data(self, text: str) -> GuardVerdict:
-        """Text from a tool or a document that reads as instructions (rules, injection classifier)."""
+        """Text from a tool or a document that reads as instructions: the rules, and the injection
+        classifier only with ``classify_data`` (on the store's own help pages it flagged 3 of 40
+        paragraphs: a page's "you can unsubscribe with the link..." reads like an instruction)."""
         if not self.spotlight:
             return GuardVerdict()
-        return _verdict(self.pipeline.check_input(text, "data"))
+        flags = [f for f in self.pipeline.input_flags([text], "data")[0]
+                 if self.classify_data or f.layer == "rules"]
+        if not flags:
+            return GuardVerdict()
+        return GuardVerdict(True, flags[0].layer, "; ".join(f"{f.layer}: {f.detail}" for f in flags), "injection")
 
     def check_output(self, reply: str, system_prompt: str, user_turns: list[str]) -> GuardVerdict:
         if not reply:
