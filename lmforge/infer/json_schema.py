@@ -6,9 +6,14 @@ accepts only text that can still become a document valid under a schema: the dec
 property names and no others, the right value type for each, enum members, integer
 syntax where an integer is asked for, every required property before the object closes.
 
-It re-checks the whole text so far for every candidate token. Outputs are short (the
-answer of one request), so a linear re-scan is cheaper than maintaining a resumable
-parser, and it keeps the checker a plain recursive descent that reads like the grammar.
+The check is incremental: the state after the accepted text is a set of pushdown
+configurations (persistent tuples, so copying a state costs nothing), and a candidate
+token is checked by stepping only its own characters from there, O(len(candidate))
+instead of O(len(text)). `anyOf` makes the automaton nondeterministic: each alternative
+is a configuration of its own, and the text is valid while any configuration lives.
+The earlier checker, a recursive descent that re-reads the whole text per candidate
+(`_Checker`), stays as the reference (`SchemaPrefix(schema, rescan=True)`): tests compare
+the two decision by decision, and benchmarks/structured_decode.py times them.
 
 The supported schema subset is what structured-output APIs support in strict mode:
 `type` (object, array, string, number, integer, boolean, null, or a list of them),
@@ -97,14 +102,22 @@ def _resolve(ref: Any, root: dict, path: str) -> dict:
 
 
 class SchemaPrefix:
-    """Is the text fed so far a prefix of a JSON document valid under `schema`?"""
+    """Is the text fed so far a prefix of a JSON document valid under `schema`?
 
-    def __init__(self, schema: dict[str, Any]) -> None:
+    `rescan=True` selects the reference checker, which re-reads the whole text for every
+    feed; it accepts exactly the same texts and is kept for tests and benchmarks.
+    """
+
+    def __init__(self, schema: dict[str, Any], rescan: bool = False) -> None:
         check_schema(schema)
         self.schema = schema
+        self.rescan = rescan
         self.data = b""
         self.text = ""
         self.done = False
+        self.pending = b""  # bytes of a character not yet complete
+        # Start: the document frame before its value, no blank seen yet.
+        self.configs: tuple = ((("doc", "start", 0), _Alternatives(schema, schema)),) if not rescan else ()
 
     def copy(self) -> "SchemaPrefix":
         other = SchemaPrefix.__new__(SchemaPrefix)
@@ -115,6 +128,33 @@ class SchemaPrefix:
         """Consume bytes; False when no continuation of them can match the schema."""
         if self.done:
             return False
+        if self.rescan:
+            return self._feed_rescan(data)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            chars = decoder.decode(self.pending + data, final=False)
+        except UnicodeDecodeError:
+            return False
+        pending = decoder.getstate()[0]
+        configs = self.configs
+        for c in chars:
+            stepped: dict = {}
+            for config in configs:
+                for new in _step(config, c):
+                    stepped[new] = None
+            if not stepped:
+                return False
+            configs = tuple(stepped)
+        verdicts = [_at_cut(config, pending) for config in configs]
+        if not any(verdicts):
+            return False
+        self.configs, self.pending = configs, pending
+        self.data += data
+        self.text += chars
+        self.done = any(v == "done" for v in verdicts)
+        return True
+
+    def _feed_rescan(self, data: bytes) -> bool:
         self.data += data
         decoder = codecs.getincrementaldecoder("utf-8")()
         try:
@@ -135,6 +175,249 @@ class SchemaPrefix:
                 return False
         self.done = status != PARTIAL
         return True
+
+
+# ---------------------------------------------------------------- the incremental checker
+#
+# A configuration is a stack of frames as a linked list of tuples, (frame, below), with
+# the document frame at the bottom; hashable, so equal configurations reached through
+# different anyOf alternatives merge. Frames:
+#   ("doc", phase, blanks)                       phase "start" (value next) or "end"
+#   ("obj", node, seen, phase, blanks, key)      phase "open" (key or "}"), "key", "colon", "value", "next" ("," or "}")
+#   ("arr", node, count, phase, blanks)          phase "open" (value or "]"), "value", "next" ("," or "]")
+#   ("str", is_key, options, decoded, escape)    options: the strings it may still become, None for any
+#   ("num", integer, token)
+#   ("word", word, matched)                      true / false / null
+#   ("lit", texts, consumed)                     non-string enum/const members as compact JSON text
+# The bottom frame holds the root's alternatives in place of a node.
+
+_BLANK = frozenset(" \t\n\r")
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
+_HEX = frozenset("0123456789abcdefABCDEF")
+_ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_WORDS = (("true", "boolean"), ("false", "boolean"), ("null", "null"))
+
+
+class _Node:
+    """One alternative of a value's schema: `$ref` resolved, `anyOf` expanded, children compiled on demand."""
+
+    def __init__(self, schema: dict[str, Any], root: dict[str, Any]) -> None:
+        self.root = root
+        options = [schema["const"]] if "const" in schema else schema["enum"] if "enum" in schema else None
+        self.literal = options is not None
+        if options is not None:
+            self.strings = tuple(o for o in options if isinstance(o, str))
+            self.texts = tuple(json.dumps(o, separators=(",", ":"), ensure_ascii=False)
+                               for o in options if not isinstance(o, str))
+        types = schema.get("type")
+        self.allowed = frozenset(types if isinstance(types, list) else [types]) if types else frozenset(_TYPES)
+        self.integer = "number" not in self.allowed
+        self.props = schema.get("properties", {})
+        self.required = frozenset(schema.get("required", []))
+        self.free = not self.props and schema.get("additionalProperties", True) is not False
+        self.items_schema = schema.get("items", True)
+        self.low, self.high = schema.get("minItems", 0), schema.get("maxItems")
+        self._children: dict[Any, tuple] = {}
+
+    def prop(self, key: str) -> tuple:
+        if key not in self._children:
+            self._children[key] = _Alternatives(self.props.get(key, True), self.root)
+        return self._children[key]
+
+    def items(self) -> tuple:
+        if None not in self._children:
+            self._children[None] = _Alternatives(self.items_schema, self.root)
+        return self._children[None]
+
+
+class _Alternatives(tuple):
+    """The `_Node`s a value may match (more than one under `anyOf`), hashed by identity."""
+
+    def __new__(cls, schema: Any, root: dict[str, Any]):
+        return super().__new__(cls, _expand(schema, root))
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+def _expand(schema: Any, root: dict[str, Any]) -> list[_Node]:
+    if schema is True:
+        schema = {}
+    while "$ref" in schema:
+        schema = _resolve(schema["$ref"], root, "schema")
+    if "anyOf" not in schema:
+        return [_Node(schema, root)]
+    rest = {k: v for k, v in schema.items() if k != "anyOf"}
+    return [node for alt in schema["anyOf"] for node in _expand({**rest, **alt}, root)]
+
+
+def _complete(below: tuple) -> tuple:
+    """The stack once the value on top of `below` is complete."""
+    frame, rest = below
+    if frame[0] == "doc":
+        return (("doc", "end", 0), rest)
+    if frame[0] == "obj":
+        return (("obj", frame[1], frame[2], "next", 0, frame[5]), rest)
+    return (("arr", frame[1], frame[2] + 1, "next", 0), rest)
+
+
+def _start(alternatives: tuple, c: str, below: tuple) -> list[tuple]:
+    """Configurations after the first character `c` of a value matching any of `alternatives`."""
+    out = []
+    for node in alternatives:
+        if node.literal:
+            if c == '"':
+                if node.strings:
+                    out.append(((("str", False, node.strings, "", ""), below)))
+                continue
+            texts = tuple(t for t in node.texts if t.startswith(c))
+            if any(t == c and not _NUMBER.fullmatch(t) for t in texts):
+                out.append(_complete(below))
+            elif texts:
+                out.append((("lit", texts, c), below))
+            continue
+        allowed = node.allowed
+        if c == "{" and "object" in allowed:
+            out.append((("obj", node, frozenset(), "open", 0, None), below))
+        elif c == "[" and "array" in allowed:
+            out.append((("arr", node, 0, "open", 0), below))
+        elif c == '"' and "string" in allowed:
+            out.append((("str", False, None, "", ""), below))
+        elif c in "-0123456789" and ("number" in allowed or "integer" in allowed):
+            if _number_prefix_ok(c, node.integer):
+                out.append((("num", node.integer, c), below))
+        else:
+            for word, kind in _WORDS:
+                if kind in allowed and c == word[0]:
+                    out.append((("word", word, 1), below))
+    return out
+
+
+def _step(config: tuple, c: str) -> list[tuple]:
+    """The configurations `config` becomes after character `c` (none: `c` cannot follow)."""
+    frame, below = config
+    tag = frame[0]
+    if tag == "str":
+        _, is_key, options, decoded, escape = frame
+        if escape:
+            if escape == "\\":
+                if c == "u":
+                    return [(("str", is_key, options, decoded, "\\u"), below)]
+                if c not in _ESCAPED:
+                    return []
+                char = _ESCAPED[c]
+            else:
+                if c not in _HEX:
+                    return []
+                if len(escape) < 5:
+                    return [(("str", is_key, options, decoded, escape + c), below)]
+                char = chr(int(escape[2:] + c, 16))
+        elif c == '"':
+            if options is not None and decoded not in options:
+                return []
+            if not is_key:
+                return [_complete(below)]
+            obj, rest = below
+            seen = obj[2] if obj[1].free else obj[2] | {decoded}
+            return [(("obj", obj[1], seen, "colon", 0, decoded), rest)]
+        elif c == "\\":
+            return [(("str", is_key, options, decoded, "\\"), below)]
+        elif ord(c) < 0x20:
+            return []
+        else:
+            char = c
+        if options is None:
+            return [(("str", is_key, None, "", ""), below)] if escape else [config]
+        decoded += char
+        options = tuple(o for o in options if o.startswith(decoded))
+        return [(("str", is_key, options, decoded, ""), below)] if options else []
+    if tag == "num":
+        _, integer, token = frame
+        if c in _NUMBER_CHARS:
+            token += c
+            if len(token) > _MAX_NUMBER_CHARS or not _number_prefix_ok(token, integer):
+                return []
+            return [(("num", integer, token), below)]
+        if not (_INTEGER if integer else _NUMBER).fullmatch(token):
+            return []
+        return _step(_complete(below), c)
+    if tag == "word":
+        _, word, matched = frame
+        if word[matched] != c:
+            return []
+        return [_complete(below)] if matched + 1 == len(word) else [(("word", word, matched + 1), below)]
+    if tag == "lit":
+        _, texts, consumed = frame
+        if c not in _NUMBER_CHARS and any(t == consumed for t in texts):
+            return _step(_complete(below), c)  # a number member ended right before `c`
+        consumed += c
+        texts = tuple(t for t in texts if t.startswith(consumed))
+        if any(t == consumed and not _NUMBER.fullmatch(t) for t in texts):
+            return [_complete(below)]
+        return [(("lit", texts, consumed), below)] if texts else []
+    if tag == "obj":
+        _, node, seen, phase, blanks, key = frame
+        if c in _BLANK:
+            return [(("obj", node, seen, phase, blanks + 1, key), below)] if blanks < _MAX_WS_RUN else []
+        if phase == "value":
+            return _start(node.prop(key), c, (("obj", node, seen, "value", 0, key), below))
+        if phase == "colon":
+            return [(("obj", node, seen, "value", 0, key), below)] if c == ":" else []
+        if c == "}" and phase in ("open", "next"):
+            return [_complete(below)] if node.required <= seen else []
+        if c == "," and phase == "next":
+            if not node.free and all(p in seen for p in node.props):
+                return []  # every declared property is there: only "}" may follow
+            return [(("obj", node, seen, "key", 0, None), below)]
+        if c == '"' and phase in ("open", "key"):
+            options = None if node.free else tuple(p for p in node.props if p not in seen)
+            if options == ():
+                return []
+            return [(("str", True, options, "", ""), (("obj", node, seen, phase, 0, None), below))]
+        return []
+    if tag == "arr":
+        _, node, count, phase, blanks = frame
+        if c in _BLANK:
+            return [(("arr", node, count, phase, blanks + 1), below)] if blanks < _MAX_WS_RUN else []
+        if c == "]" and phase in ("open", "next"):
+            return [_complete(below)] if count >= node.low else []
+        if phase == "next":
+            if c != "," or (node.high is not None and count >= node.high):
+                return []
+            return [(("arr", node, count, "value", 0), below)]
+        if node.high is not None and count >= node.high:
+            return []
+        return _start(node.items(), c, (("arr", node, count, phase, 0), below))
+    # the document
+    _, phase, blanks = frame
+    if phase == "end":
+        return []
+    if c in _BLANK:
+        return [(("doc", phase, blanks + 1), below)] if blanks < _MAX_WS_RUN else []
+    return _start(below, c, (("doc", "start", 0), below))
+
+
+def _at_cut(config: tuple, pending: bytes) -> str | bool:
+    """May the text stop here (with `pending` bytes of a character still to come)? "done" when complete."""
+    frame = config[0]
+    if frame[0] == "doc" and frame[1] == "end":
+        return "done" if not pending else False
+    if frame[0] != "str":
+        return not pending
+    _, _, options, decoded, escape = frame
+    if options is None:
+        return True  # any string may go on with any character
+    tails = [o[len(decoded):] for o in options]
+    if escape:
+        # Only characters that need an escape (a quote, a backslash, a control character)
+        # may come from one, so a fixed string is spelled plainly, not as \\u00XX escapes.
+        digits = escape[2:].lower()
+        tails = [t for t in tails if t and (t[0] in '"\\' or ord(t[0]) < 0x20) and f"{ord(t[0]):04x}".startswith(digits)]
+    if not tails:
+        return False
+    return not pending or any(t and t[0].encode()[: len(pending)] == pending for t in tails)
 
 
 class _Checker:
