@@ -86,7 +86,8 @@ def test_checkpointed_activation_bytes_match_autograd(name):
 def test_hand_computed_llama_figures():
     c = CONFIGS["llama"]  # d=64, q=kv=64, f=172, H=4, V=256, 2 layers
     setup = TrainSetup(batch_size=2, seq_len=16)
-    per_token_layer = (2 * 64 + 1) * 2 + 64 * 2 + 192 + 128 + 64 + 4 * 172  # norms, linear inputs, qkv, q+k, sdpa, mlp
+    # norms (input + reciprocal RMS), linear inputs, qkv, rotated q+k, sdpa output, [gate | up] + product
+    per_token_layer = (64 + 1) * 2 + 64 * 2 + 192 + 128 + 64 + 3 * 172
     acts = activation_bytes(c, setup)
     assert acts["per_layer"] == 32 * (per_token_layer * 4 + 4 * 4)  # plus the float32 log-sum-exp per head
     n = c.num_parameters()

@@ -82,10 +82,12 @@ class TrainSetup:
 def layer_activation_elements(config, seq_len: int, attention: str = "sdpa") -> dict[str, int]:
     """Elements saved for backward per token by one block, split into parts; 'lse' is float32."""
     d, q, kv, f, h = config.n_embd, config.q_size, config.kv_size, config.intermediate_size, config.n_head
-    norm = 2 * d + 1 if config.norm == "rmsnorm" else d + 2
+    # RMSNorm's training function keeps its input and one reciprocal RMS per token; LayerNorm
+    # its input, mean and rstd. SwiGLU's keeps [gate | up] and the product the down projection reads.
+    norm = d + 1 if config.norm == "rmsnorm" else d + 2
     rotated = q + kv if config.position == "rope" else 0  # learned positions: q and k stay views of qkv
     attn = norm + d + (q + 2 * kv) + rotated + q
-    mlp = norm + d + (4 * f if config.mlp == "swiglu" else 2 * f)
+    mlp = norm + d + (3 * f if config.mlp == "swiglu" else 2 * f)
     out = {"attention": attn, "mlp": mlp, "lse": 0, "scores": 0}
     if attention == "sdpa":
         out["lse"] = h
@@ -101,7 +103,7 @@ def activation_bytes(config, setup: TrainSetup) -> dict[str, int]:
     parts = layer_activation_elements(config, setup.seq_len, setup.attention)
     per_layer = tokens * ((parts["attention"] + parts["mlp"] + parts["scores"]) * act + parts["lse"] * 4)
     d, v = config.n_embd, config.vocab_size
-    norm = 2 * d + 1 if config.norm == "rmsnorm" else d + 2
+    norm = d + 1 if config.norm == "rmsnorm" else d + 2
     # ids and targets (int64), final norm, head input, logits, log-softmax (float32).
     output = tokens * (16 + (norm + d + v) * act + v * 4)
     if config.position == "learned":
