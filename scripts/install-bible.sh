@@ -6,11 +6,5 @@ set -euo pipefail
 if command -v diatheke >/dev/null && { diatheke -b system -k modulelist 2>/dev/null || true; } | grep -q "RV1909"; then
     exit 0
 fi
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    SUDO="sudo"
-fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq diatheke sword-text-kjv sword-text-web sword-text-sparv >/dev/null
+bash "$(dirname "$0")/apt-install.sh" diatheke sword-text-kjv sword-text-web sword-text-sparv
 diatheke -b system -k modulelist | sed -n '/Biblical Texts/,/Commentaries/p'
