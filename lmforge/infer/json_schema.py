@@ -130,12 +130,15 @@ class SchemaPrefix:
             return False
         if self.rescan:
             return self._feed_rescan(data)
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        try:
-            chars = decoder.decode(self.pending + data, final=False)
+        try:  # most tokens are whole characters: no incremental decoder needed
+            chars, pending = (self.pending + data).decode("utf-8"), b""
         except UnicodeDecodeError:
-            return False
-        pending = decoder.getstate()[0]
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            try:
+                chars = decoder.decode(self.pending + data, final=False)
+            except UnicodeDecodeError:
+                return False
+            pending = decoder.getstate()[0]
         configs = self.configs
         for c in chars:
             stepped: dict = {}
