@@ -70,3 +70,48 @@ def test_questions_the_pages_do_not_answer_are_refused_then_handed_off(assistant
     assert first.handler == "faq-refused"
     second = assistant.handle(first.conversation_id, "What is the melting point of osmium?")
     assert second.handler == "handoff" and second.state == "waiting"
+
+
+def test_hard_questions_go_to_the_stronger_model_behind_an_openai_endpoint(assistant):
+    """A long, many-part question is answered through the configured remote endpoint (here an
+    lmforge server on a tiny random model: what it writes is unsupported and falls back to
+    quotes, but the request must reach it)."""
+    import httpx
+    import torch
+
+    from conftest import live_server
+    from lmforge.infer.remote import RemoteModel
+    from lmforge.infer.scheduler import Scheduler
+    from lmforge.model import ModelConfig, Transformer
+    from lmforge.model.loading import resolve_tokenizer
+    from lmforge.rag.answer import Answerer
+    from lmforge.rag.config import AnswerOptions
+    from lmforge.serve.app import ServeSettings, create_app
+
+    tokenizer = resolve_tokenizer(None)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_embd=32, n_head=2, intermediate_size=64,
+                         max_position_embeddings=4096, eos_token_id=tokenizer.eos_id)
+    scheduler = Scheduler(Transformer(config).eval(), tokenizer, max_batch=2, max_seq_len=4096).start()
+    app = create_app(scheduler, tokenizer, "strong", ServeSettings(embedding_model="none"))
+    with live_server(app, scheduler) as url:
+        assistant.strong_answerer = Answerer(assistant.answerer.retriever, RemoteModel(url, model="strong"),
+                                             AnswerOptions(mode="generate"))
+        try:
+            reply = assistant.handle(None, "How long is the warranty on lamps? And does the warranty cover bulbs?")
+        finally:
+            assistant.strong_answerer = None
+        generations = httpx.get(url + "/metrics").text
+    assert reply.handler == "faq-strong"
+    assert "lmforge_generation_latency_seconds_count 1.0" in generations or \
+        "lmforge_generation_latency_seconds_count 2.0" in generations
+    short = assistant.handle(None, "Do gift cards expire?")
+    assert short.handler == "faq"
+    # an endpoint that is gone: the question is answered from the pages here instead
+    assistant.strong_answerer = Answerer(assistant.answerer.retriever, RemoteModel("http://127.0.0.1:9", model="x"),
+                                         AnswerOptions(mode="generate"))
+    try:
+        fallback = assistant.handle(None, "How long is the warranty on lamps? And does the warranty cover bulbs?")
+    finally:
+        assistant.strong_answerer = None
+    assert fallback.handler == "faq" and fallback.citations

@@ -304,8 +304,15 @@ class Assistant:
             return
         hard = self.strong_answerer is not None and (len(text.split()) > 40 or bool(_MANY_PARTS.search(text)))
         t = time.perf_counter()
-        answerer = self.strong_answerer if hard else self.answerer
-        answer = answerer.answer(text, max_tokens=self.max_new_tokens, temperature=0.0)
+        answer = None
+        if hard:
+            try:
+                answer = self.strong_answerer.answer(text, max_tokens=self.max_new_tokens, temperature=0.0)
+            except LmforgeError as exc:  # the endpoint is down or refused: answer from the pages here
+                self.observe("strong_failed", {"error": str(exc)[:200]})
+                hard = False
+        if answer is None:
+            answer = self.answerer.answer(text, max_tokens=self.max_new_tokens, temperature=0.0)
         reply.timings["answer_s"] = time.perf_counter() - t
         if answer.refused:
             refusals = self._count(reply.conversation_id, "faq-refused") + 1
