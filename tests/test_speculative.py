@@ -421,3 +421,27 @@ def test_a_draft_with_a_shorter_context_falls_back_to_plain_steps():
     got = Generator(model, speculator=speculator).generate([prompt], params)[0].token_ids
     assert got == Generator(model).generate([prompt], params)[0].token_ids
     assert 0 < speculator.stats.tokens < 29  # some tokens were speculated, the rest came from plain steps
+
+
+def test_the_server_exports_speculation_figures():
+    import httpx
+
+    from lmforge.model.loading import resolve_tokenizer
+    from lmforge.serve.app import ServeSettings, create_app
+    from tests.conftest import live_server
+
+    tokenizer = resolve_tokenizer(None)
+    model = tiny_model()  # ids below 64 are byte tokens of the real tokenizer: the text decodes
+    speculator = drafters(model)["draft"](3)  # a draft model always guesses (prompt lookup may find nothing)
+    scheduler = Scheduler(model, tokenizer, max_seq_len=256, speculator=speculator).start()
+    app = create_app(scheduler, tokenizer, "tiny", ServeSettings(embedding_model="none"))
+    with live_server(app, scheduler) as url:
+        r = httpx.post(url + "/v1/completions", timeout=60,
+                       json={"prompt": prompts(64)[3], "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200
+        text = httpx.get(url + "/metrics").text
+    figures = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+               if line.startswith("lmforge_speculative_")}
+    assert figures["lmforge_speculative_proposed"] == speculator.stats.proposed
+    assert figures["lmforge_speculative_accepted"] == speculator.stats.accepted
+    assert figures["lmforge_speculative_steps"] == speculator.stats.steps >= 1

@@ -96,6 +96,16 @@ class ServerMetrics:
             lambda: scheduler.stats.running)
         Gauge("lmforge_tokens_per_second", f"Generated tokens per second over the last {window_seconds:g}s",
               registry=r).set_function(self.tokens_per_second)
+        speculator = getattr(scheduler, "speculator", None)
+        if speculator is not None:  # speculative decoding: how many guesses the target accepted
+            stats = speculator.stats
+            for name, help_, read in (
+                    ("steps", "Verification forwards over a draft", lambda: stats.steps),
+                    ("proposed", "Draft tokens proposed", lambda: stats.proposed),
+                    ("accepted", "Draft tokens the target accepted", lambda: stats.accepted)):
+                Gauge(f"lmforge_speculative_{name}", help_, registry=r).set_function(read)
+            Gauge("lmforge_speculative_acceptance_rate", "Accepted share of the proposed draft tokens",
+                  registry=r).set_function(lambda: stats.acceptance_rate)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         known = endpoint if endpoint in KNOWN_ENDPOINTS else "other"  # bounded label values
