@@ -92,7 +92,7 @@ def test_classifier_switches(tmp_path):
 
     default = AssistantGuard.from_config(GuardSection(models=str(tmp_path / "none")))
     assert not default.pipeline.config.classifier and not default.pipeline.config.moderation
-    with pytest.raises(LmforgeError, match="lmforge guard train"):
+    with pytest.raises(LmforgeError, match="lmforge assistant train-guard"):
         AssistantGuard.from_config(GuardSection(models=str(tmp_path / "none"), classifier=True))
 
 

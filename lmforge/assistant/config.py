@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LmforgeError
+from ..guard.pipeline import GuardConfig
 from ..options import option
 
 KB_DIR = Path(__file__).parent / "data" / "kb"
@@ -83,23 +84,19 @@ class ToolsSection:
 
 
 @dataclass
-class GuardSection:
-    rules: bool = option(True, help="pattern rules for prompt injection")
+class GuardSection(GuardConfig):
+    """lmforge/guard's `GuardConfig` (every layer's switch and threshold) with the assistant's defaults."""
+
     # The trained classifiers are switched on explicitly. Trained on the guard's own benign set
     # alone (`lmforge guard train`), they flag 22% (injection) and 44% (moderation) of the
     # held-out benign customer messages of lmforge/assistant/intents.py; `lmforge assistant
     # train-guard` adds those messages as benign text and the figure falls to 0.6%.
-    classifier: bool = option(False, help="the trained injection classifier (lmforge guard train)")
-    moderation: bool = option(False, help="the trained moderation classifier (lmforge guard train)")
+    classifier: bool = option(False, help="the trained injection classifier (lmforge assistant train-guard)")
+    moderation: bool = option(False, help="the trained moderation classifier (lmforge assistant train-guard)")
     models: str = option("runs/assistant/guard", help="where `lmforge assistant train-guard` (or `lmforge guard "
                                                           "train`) wrote the classifiers")
-    spotlight: bool = option(True, help="treat retrieved text and tool results as data: withhold what gives orders")
     classify_data: bool = option(False, help="also run the injection classifier on pages and tool results (the "
                                              "rules always run; the classifier flags some of the store's own pages)")
-    tool_policy: bool = option(True, help="block tool calls driven by data rather than the customer")
-    output_checks: bool = option(True, help="check answers for prompt leakage and PII")
-    pii_mode: str = option("irreversible", choices=("irreversible", "reversible", "pseudonym"),
-                           help="how stored conversations are redacted")
 
 
 @dataclass

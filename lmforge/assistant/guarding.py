@@ -46,25 +46,17 @@ class AssistantGuard:
 
     @classmethod
     def from_config(cls, section: GuardSection, keep_original: bool = False) -> "AssistantGuard":
-        from ..guard.pipeline import GuardConfig, GuardPipeline
+        from ..guard.pipeline import GuardPipeline
 
-        models = Path(section.models)
-
-        def switch(value: bool, name: str) -> bool:
-            if value and not (models / name / "classifier.json").is_file():
-                raise LmforgeError(f"guard: no {name} classifier in {models}; train them with `lmforge guard train` "
-                                   f"or switch the layer off (--guard.{'classifier' if name == 'injection' else name} "
-                                   "false)")
-            return value
-
-        if section.pii_mode == "pseudonym":
-            raise LmforgeError("guard.pii_mode pseudonym needs a secret key; the assistant supports irreversible "
+        for switched, name, flag in ((section.classifier, "injection", "classifier"),
+                                     (section.moderation, "moderation", "moderation")):
+            if switched and not (Path(section.models) / name / "classifier.json").is_file():
+                raise LmforgeError(f"guard: no {name} classifier in {section.models}; train them with `lmforge "
+                                   f"assistant train-guard` or switch the layer off (--guard.{flag} false)")
+        if section.redact_mode == "pseudonym":
+            raise LmforgeError("guard.redact_mode pseudonym needs a secret key; the assistant supports irreversible "
                                "and reversible redaction")
-        config = GuardConfig(rules=section.rules, classifier=switch(section.classifier, "injection"),
-                             moderation=switch(section.moderation, "moderation"), models=str(models),
-                             spotlight=section.spotlight, tool_policy=section.tool_policy,
-                             output_checks=section.output_checks, redact_mode=section.pii_mode)
-        return cls(GuardPipeline(config), keep_original, section.classify_data)
+        return cls(GuardPipeline(section), keep_original, section.classify_data)
 
     @property
     def spotlight(self) -> bool:
