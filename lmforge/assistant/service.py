@@ -80,6 +80,7 @@ class Reply:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     blocked_by: str | None = None
     handoff_ticket: int | None = None
+    variant: str | None = None  # the conversation's prompt version (A/B)
     state: str = "bot"
     message_index: int | None = None  # of the reply in the conversation (what a rating names)
     timings: dict[str, float] = field(default_factory=dict)
@@ -170,6 +171,7 @@ class Assistant:
         self.max_new_tokens = max_new_tokens
         self.observe = observe or (lambda event, data: None)
         self.closers: list[Callable[[], None]] = []  # what `close` releases (stores, indexes)
+        self._prompt_texts: dict[str, str] = {}  # variant -> published prompt text
 
     def close(self) -> None:
         for close in reversed(self.closers):
@@ -213,7 +215,7 @@ class Assistant:
         t = time.perf_counter()
         route = self.router.route(text)
         reply = Reply(conversation_id, "", intent=route.intent, confidence=route.confidence,
-                      timings={"route_s": time.perf_counter() - t})
+                      variant=self._variant(conversation_id), timings={"route_s": time.perf_counter() - t})
         self.observe("intent", {"intent": route.intent, "confident": route.confident})
         if not route.confident:
             unclear = self._count(conversation_id, "clarify") + 1
@@ -265,7 +267,7 @@ class Assistant:
         """A model's reply, checked; a reply that fails the output checks is replaced by a safe one."""
         key = None
         if self.cache is not None:
-            key = self.cache.key(getattr(model, "name", "model"), self._variant(reply), messages,
+            key = self.cache.key(getattr(model, "name", "model"), reply.variant, messages,
                                  {"temperature": 0.0, "max_tokens": self.max_new_tokens})
             hit = self.cache.get(key)
             if hit is not None:
@@ -283,18 +285,20 @@ class Assistant:
             self.cache.put(key, text)
         return text
 
-    def _variant(self, reply: Reply) -> str | None:
-        rows = self.conversations.db.query("SELECT variant FROM conversations WHERE id = ?", (reply.conversation_id,))
+    def _variant(self, conversation_id: str) -> str | None:
+        rows = self.conversations.db.query("SELECT variant FROM conversations WHERE id = ?", (conversation_id,))
         return rows[0]["variant"] if rows else None
 
     def _system_text(self, reply: Reply) -> str:
-        variant = self._variant(reply)
-        if variant and self.registry is not None:
+        """The system prompt of the reply's variant (published versions never change: read once each)."""
+        if not reply.variant or self.registry is None:
+            return self.system_prompt
+        if reply.variant not in self._prompt_texts:
             try:
-                return self.registry.text(variant)
+                self._prompt_texts[reply.variant] = self.registry.text(reply.variant)
             except LmforgeError:
-                pass
-        return self.system_prompt
+                self._prompt_texts[reply.variant] = self.system_prompt
+        return self._prompt_texts[reply.variant]
 
     # -- handlers ---------------------------------------------------------------------------------
 
