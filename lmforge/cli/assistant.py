@@ -239,7 +239,6 @@ def cmd_variants(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
-    import signal
     import sys
 
     from lmforge.assistant.build import build_assistant
@@ -247,8 +246,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lmforge.errors import LmforgeError
     from lmforge.infer.loaded import load
     from lmforge.infer.scheduler import Scheduler
+    from lmforge.cli.serve import is_loopback, run_until_stopped
     from lmforge.serve.config import ServeSettings
-    from lmforge.cli.serve import is_loopback
 
     config = _config(args)
     settings = ServeSettings(host=args.host, api_keys=list(args.api_key or []))
@@ -256,8 +255,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not is_loopback(settings.host) and not settings.api_keys:
         raise LmforgeError(f"binding to {settings.host} exposes the assistant to the network: give --api-key "
                            "(or LMFORGE_API_KEYS), or bind to 127.0.0.1")
-    import uvicorn
-
     local = load(config.models.local, dtype="float32", device="cpu")
     scheduler = Scheduler(local.model, local.tokenizer, max_batch=args.max_batch,
                           max_seq_len=min(local.config.max_position_embeddings, 4096)).start()
@@ -270,12 +267,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(f"lmforge assistant at http://{shown}:{args.port}/assistant (agents: /agent, dashboard: /dashboard; "
           f"OpenAI API at /v1 as model {MODEL_NAME!r})", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(app, host=settings.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
+        run_until_stopped(app, settings.host, args.port)
     finally:
         scheduler.shutdown(drain=False, timeout=10)
         assistant.close()

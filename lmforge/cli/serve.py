@@ -49,8 +49,6 @@ def run(args: argparse.Namespace) -> int:
                            "(or LMFORGE_API_KEYS), or bind to 127.0.0.1")
     import logging
 
-    import uvicorn
-
     from lmforge.cli.generate import use_speculation
     from lmforge.infer.scheduler import Scheduler
     from lmforge.serve.adapters import install_adapters
@@ -90,14 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if knowledge is not None:
         print(f"knowledge base: {knowledge.describe()}; chat answers cite it ({settings.rag_answer} answers; "
               "\"rag\": false in a request talks to the bare model)", file=sys.stderr, flush=True)
-    # uvicorn stops accepting on SIGTERM, lets in-flight requests (and streams) finish, then
-    # re-raises the signal; this handler turns that into a clean exit instead of a kill.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        uvicorn.run(app, host=settings.host, port=runtime.port, log_level="warning", timeout_graceful_shutdown=30)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
+        run_until_stopped(app, settings.host, runtime.port)
     finally:
         scheduler.shutdown(drain=False, timeout=10)
         store.close()
@@ -124,3 +116,17 @@ def _open_knowledge_base(settings, args: argparse.Namespace):
 
 def _exit_cleanly(signum, frame) -> None:
     raise SystemExit(0)
+
+
+def run_until_stopped(app, host: str, port: int) -> None:
+    """Serve `app` until Ctrl-C or SIGTERM. uvicorn stops accepting on SIGTERM, lets in-flight
+    requests (and streams) finish, then re-raises the signal; the handler turns that into a
+    clean exit instead of a kill."""
+    import uvicorn
+
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
