@@ -52,6 +52,7 @@ from lmforge.assistant.conversations import ConversationStore  # noqa: E402
 from lmforge.assistant.db import open_database  # noqa: E402
 from lmforge.assistant.orders import OrderStore  # noqa: E402
 from lmforge.assistant.scenarios import POISONED_PAGE, make_scenarios, plant_poisoned_order  # noqa: E402
+from lmforge.monitor.activity import percentile  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -106,13 +107,6 @@ class Server:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def main() -> None:

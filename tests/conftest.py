@@ -172,3 +172,18 @@ def live_server(app, scheduler):
         server.should_exit = True
         thread.join(10)
         scheduler.shutdown(drain=False, timeout=10)
+
+
+@pytest.fixture(scope="session")
+def intent_router():
+    """The assistant's intent router as a linear head on hashed character n-grams, trained here on
+    the generated intent messages in seconds (no embedding model); threshold 0 (always confident).
+    Tests that change its threshold put it back."""
+    from lmforge.assistant.intents import INTENTS, make_intent_dataset
+    from lmforge.assistant.router import IntentRouter
+    from lmforge.guard.classifier import FeatureSpec, HeadSpec, train_classifier
+
+    data = make_intent_dataset(seed=0, per_intent={"train": 60, "validation": 10, "test": 1})
+    clf = train_classifier([(r["text"], r["label"]) for r in data["train"]], [], INTENTS, [], 0.05,
+                           features=FeatureSpec(kind="hashing", buckets=2048), head=HeadSpec(epochs=150, lr=0.05))
+    return IntentRouter(clf, threshold=0.0)

@@ -1,7 +1,7 @@
 """The assistant's per-message flow on a real demo store and a router trained here.
 
-The router is a linear head on hashed character n-grams trained on the generated intent
-messages (no embedding model: seconds, not minutes); the messages below are phrasings it
+The router (tests/conftest.py's `intent_router`) is a linear head on hashed character
+n-grams trained on the generated intent messages (no embedding model: seconds, not minutes); the messages below are phrasings it
 trained on, so the test checks the flow after routing, not the router's generalisation
 (that is measured on held-out templates in docs/benchmarks.md).
 """
@@ -13,32 +13,20 @@ import pytest
 from lmforge.assistant.conversations import ConversationStore
 from lmforge.assistant.db import open_database
 from lmforge.assistant.orders import DemoSize, OrderStore
-from lmforge.assistant.router import IntentRouter
 from lmforge.assistant.service import (ABUSE_END_REPLY, ASK_ORDER_ID, CLARIFY_REPLY, HANDOFF_REPLY,
                                        OUT_OF_SCOPE_REPLY, WAITING_REPLY, Assistant, GuardVerdict, NoGuard,
                                        order_tools)
 from lmforge.errors import LmforgeError
 
 
-@pytest.fixture(scope="module")
-def router():
-    from lmforge.assistant.intents import INTENTS, make_intent_dataset
-    from lmforge.guard.classifier import FeatureSpec, HeadSpec, train_classifier
-
-    data = make_intent_dataset(seed=0, per_intent={"train": 60, "validation": 10, "test": 1})
-    clf = train_classifier([(r["text"], r["label"]) for r in data["train"]], [], INTENTS, [], 0.05,
-                           features=FeatureSpec(kind="hashing", buckets=2048), head=HeadSpec(epochs=150, lr=0.05))
-    return IntentRouter(clf, threshold=0.0)
-
-
 @pytest.fixture()
-def assistant(tmp_path, router):
+def assistant(tmp_path, intent_router):
     from lmforge.agent.tools import ToolRegistry
 
     db = open_database(tmp_path / "assistant.db")
     orders = OrderStore(db)
     orders.seed_demo(seed=0, size=DemoSize(customers=30, orders=80))
-    a = Assistant(conversations=ConversationStore(db), orders=orders, router=router,
+    a = Assistant(conversations=ConversationStore(db), orders=orders, router=intent_router,
                   tools=ToolRegistry(order_tools(orders)).scope())
     yield a
     db.close()
@@ -80,7 +68,7 @@ def test_refunds_go_to_a_person_with_the_order_looked_up(assistant):
     assert order_id in reply.text and reply.tool_calls[0]["status"] == "ok"
 
 
-def test_out_of_scope_abuse_and_unclear_messages(assistant, router):
+def test_out_of_scope_abuse_and_unclear_messages(assistant, intent_router):
     assert assistant.handle(None, "tell me about bitcoin prices").text == OUT_OF_SCOPE_REPLY
     conv = assistant.handle(None, "idiot bot")
     assert conv.handler == "abuse"
@@ -89,14 +77,14 @@ def test_out_of_scope_abuse_and_unclear_messages(assistant, router):
     assert third.text == ABUSE_END_REPLY and third.state == "closed"
     with pytest.raises(LmforgeError, match="closed"):
         assistant.handle(conv.conversation_id, "hello")
-    router.threshold = 1.01  # nothing is confident: ask, then hand off
+    intent_router.threshold = 1.01  # nothing is confident: ask, then hand off
     try:
         first = assistant.handle(None, "hmm")
         assert first.text == CLARIFY_REPLY
         second = assistant.handle(first.conversation_id, "hmm")
         assert second.handler == "handoff" and second.state == "waiting"
     finally:
-        router.threshold = 0.0
+        intent_router.threshold = 0.0
 
 
 def test_a_blocked_message_gets_the_safe_reply_and_is_still_stored(assistant):

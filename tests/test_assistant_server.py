@@ -1,8 +1,8 @@
 """The assistant over HTTP, through the official openai client and the hand-off desk's API.
 
 A tiny random model stands in for the chat model (only small talk reaches it here); the
-router is trained here on hashed n-grams (see test_assistant_flow.py), the store is the
-real demo store.
+router is tests/conftest.py's `intent_router` (hashed n-grams), the store is the real
+demo store.
 """
 
 from __future__ import annotations
@@ -15,25 +15,19 @@ import torch
 from lmforge.assistant.conversations import ConversationStore
 from lmforge.assistant.db import open_database
 from lmforge.assistant.orders import DemoSize, OrderStore
-from lmforge.assistant.router import IntentRouter
 from lmforge.assistant.server import SchedulerChat, create_assistant_app
 from lmforge.assistant.service import HANDOFF_REPLY, Assistant, order_tools
 from tests.conftest import live_server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, intent_router):
     from lmforge.agent.tools import ToolRegistry
-    from lmforge.assistant.intents import INTENTS, make_intent_dataset
-    from lmforge.guard.classifier import FeatureSpec, HeadSpec, train_classifier
     from lmforge.infer.scheduler import Scheduler
     from lmforge.model.config import ModelConfig
     from lmforge.model.loading import resolve_tokenizer
     from lmforge.model.transformer import Transformer
 
-    data = make_intent_dataset(seed=0, per_intent={"train": 60, "validation": 1, "test": 1})
-    clf = train_classifier([(r["text"], r["label"]) for r in data["train"]], [], INTENTS, [], 0.05,
-                           features=FeatureSpec(kind="hashing", buckets=2048), head=HeadSpec(epochs=150, lr=0.05))
     tokenizer = resolve_tokenizer(None)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
@@ -42,7 +36,7 @@ def server(tmp_path_factory):
     db = open_database(tmp_path_factory.mktemp("assistant") / "store.db")
     orders = OrderStore(db)
     orders.seed_demo(seed=0, size=DemoSize(customers=30, orders=80))
-    assistant = Assistant(conversations=ConversationStore(db), orders=orders, router=IntentRouter(clf),
+    assistant = Assistant(conversations=ConversationStore(db), orders=orders, router=intent_router,
                           tools=ToolRegistry(order_tools(orders)).scope(),
                           chat_model=SchedulerChat(scheduler, tokenizer, "tiny"), max_new_tokens=8)
     app = create_assistant_app(assistant, scheduler, tokenizer, "tiny")
