@@ -41,6 +41,14 @@ from ..errors import LmforgeError
 from .db import Database
 
 ROLES = ("system", "user", "assistant", "agent", "tool")
+
+
+class NotFound(LmforgeError):
+    """No such conversation, message or hand-off ticket."""
+
+
+class Conflict(LmforgeError):
+    """The request clashes with the state: a ticket already resolved, taken by another agent, a closed conversation."""
 STATES = ("bot", "waiting", "human", "closed")
 
 _SCHEMA = """
@@ -109,7 +117,7 @@ class ConversationStore:
     def state(self, conversation_id: str) -> str:
         rows = self.db.query("SELECT state FROM conversations WHERE id = ?", (conversation_id,))
         if not rows:
-            raise LmforgeError(f"no conversation {conversation_id!r}")
+            raise NotFound(f"no conversation {conversation_id!r}")
         return rows[0]["state"]
 
     def add(self, conversation_id: str, role: str, content: str, *, original: str | None = None,
@@ -122,7 +130,7 @@ class ConversationStore:
         now = time.time()
         with self.db.transaction() as cur:
             if not cur.query("SELECT 1 AS x FROM conversations WHERE id = ?", (conversation_id,)):
-                raise LmforgeError(f"no conversation {conversation_id!r}")
+                raise NotFound(f"no conversation {conversation_id!r}")
             idx = cur.query("SELECT COUNT(*) AS n FROM messages WHERE conversation_id = ?", (conversation_id,))[0]["n"]
             cur.execute("INSERT INTO messages (conversation_id, idx, role, content, original, author, intent, meta, "
                         "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -150,7 +158,7 @@ class ConversationStore:
         sql, args = "UPDATE conversations SET state = ?, updated = ? WHERE id = ?", (state, time.time(), conversation_id)
         changed = cur.execute(sql, args) if cur is not None else self.db.execute(sql, args)
         if not changed:
-            raise LmforgeError(f"no conversation {conversation_id!r}")
+            raise NotFound(f"no conversation {conversation_id!r}")
 
     def counts(self) -> dict[str, int]:
         """Conversations per state, messages, ratings and hand-offs: what a restart must find again."""
@@ -168,7 +176,7 @@ class ConversationStore:
         with self.db.transaction() as cur:
             state = cur.query("SELECT state FROM conversations WHERE id = ?", (conversation_id,))
             if not state:
-                raise LmforgeError(f"no conversation {conversation_id!r}")
+                raise NotFound(f"no conversation {conversation_id!r}")
             open_ticket = cur.query("SELECT id FROM handoffs WHERE conversation_id = ? AND resolved IS NULL",
                                     (conversation_id,))
             if open_ticket:
@@ -195,7 +203,7 @@ class ConversationStore:
         rows = self.db.query("SELECT id, conversation_id, reason, created, agent, taken, resolved, resolution "
                              "FROM handoffs WHERE id = ?", (int(ticket),))
         if not rows:
-            raise LmforgeError(f"no hand-off ticket {ticket}")
+            raise NotFound(f"no hand-off ticket {ticket}")
         return rows[0]
 
     def take(self, ticket: int, agent: str) -> dict[str, Any]:
@@ -205,12 +213,12 @@ class ConversationStore:
         with self.db.transaction() as cur:
             rows = cur.query("SELECT conversation_id, agent, resolved FROM handoffs WHERE id = ?", (int(ticket),))
             if not rows:
-                raise LmforgeError(f"no hand-off ticket {ticket}")
+                raise NotFound(f"no hand-off ticket {ticket}")
             row = rows[0]
             if row["resolved"] is not None:
-                raise LmforgeError(f"ticket {ticket} is already resolved")
+                raise Conflict(f"ticket {ticket} is already resolved")
             if row["agent"] not in (None, agent):
-                raise LmforgeError(f"ticket {ticket} is taken by {row['agent']}")
+                raise Conflict(f"ticket {ticket} is taken by {row['agent']}")
             cur.execute("UPDATE handoffs SET agent = ?, taken = ? WHERE id = ?", (agent, time.time(), int(ticket)))
             self._set_state(row["conversation_id"], "human", cur)
         return self.ticket(ticket)
@@ -220,9 +228,9 @@ class ConversationStore:
         with self.db.transaction() as cur:
             rows = cur.query("SELECT conversation_id, resolved FROM handoffs WHERE id = ?", (int(ticket),))
             if not rows:
-                raise LmforgeError(f"no hand-off ticket {ticket}")
+                raise NotFound(f"no hand-off ticket {ticket}")
             if rows[0]["resolved"] is not None:
-                raise LmforgeError(f"ticket {ticket} is already resolved")
+                raise Conflict(f"ticket {ticket} is already resolved")
             cur.execute("UPDATE handoffs SET resolved = ?, resolution = ? WHERE id = ?",
                         (time.time(), resolution, int(ticket)))
             self._set_state(rows[0]["conversation_id"], "bot" if back_to_bot else "closed", cur)
@@ -240,7 +248,7 @@ class ConversationStore:
             role = cur.query("SELECT role FROM messages WHERE conversation_id = ? AND idx = ?",
                              (conversation_id, int(idx)))
             if not role:
-                raise LmforgeError(f"conversation {conversation_id!r} has no message {idx}")
+                raise NotFound(f"conversation {conversation_id!r} has no message {idx}")
             if role[0]["role"] != "assistant":
                 raise LmforgeError(f"message {idx} is a {role[0]['role']} message; only assistant answers are rated")
             return cur.insert("INSERT INTO ratings (conversation_id, idx, rating, correction, author, created) "

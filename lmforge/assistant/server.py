@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import LmforgeError
 from ..serve.errors import APIError
+from .conversations import Conflict, NotFound
 
 MODEL_NAME = "assistant"
 MAX_MESSAGE_CHARS = 4000
@@ -120,10 +121,9 @@ def _text(content) -> str:
 
 
 def _user_error(exc: LmforgeError) -> APIError:
-    message = str(exc)
-    status = 404 if message.startswith(("no conversation", "no hand-off ticket")) or " has no message " in message else \
-        409 if "already" in message or "taken by" in message or "closed" in message else 400
-    return APIError(status, message, "not_found_error" if status == 404 else "invalid_request_error")
+    if isinstance(exc, NotFound):
+        return APIError(404, str(exc), "not_found_error")
+    return APIError(409 if isinstance(exc, Conflict) else 400, str(exc))
 
 
 async def _call(fn, *args, **kwargs):
@@ -189,7 +189,7 @@ async def conversation(conversation_id: str, assistant: Assistant, after: int = 
 
     def read():
         if not store.exists(conversation_id):
-            raise LmforgeError(f"no conversation {conversation_id!r}")
+            raise NotFound(f"no conversation {conversation_id!r}")
         return {"conversation_id": conversation_id, "state": store.state(conversation_id),
                 "messages": [{k: m[k] for k in ("idx", "role", "content", "author", "created")}
                              for m in store.messages(conversation_id) if m["idx"] > after and m["role"] != "tool"]}
@@ -224,10 +224,10 @@ async def agent_reply(ticket: int, body: AgentReply, assistant: Assistant):
     def reply():
         found = store.ticket(ticket)
         if found["resolved"] is not None:
-            raise LmforgeError(f"ticket {ticket} is already resolved")
+            raise Conflict(f"ticket {ticket} is already resolved")
         if found["agent"] != body.agent:
-            raise LmforgeError(f"ticket {ticket} is taken by {found['agent']}" if found["agent"] else
-                               f"take ticket {ticket} before replying")
+            raise Conflict(f"ticket {ticket} is taken by {found['agent']}" if found["agent"] else
+                           f"take ticket {ticket} before replying")
         stored, _ = assistant.guard.redact(body.text)
         return store.add(found["conversation_id"], "agent", stored, author=body.agent)
 

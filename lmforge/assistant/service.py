@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import LmforgeError
-from .conversations import ConversationStore
+from .conversations import Conflict, ConversationStore, NotFound
 from .orders import GET_ORDER_STATUS_SCHEMA, ORDERS_OF_SCHEMA, OrderStore, normalize_order_id
 
 WAITING_REPLY = "A member of our team will reply here shortly."
@@ -194,10 +194,10 @@ class Assistant:
         if conversation_id is None:
             conversation_id = self.start()
         elif not self.conversations.exists(conversation_id):
-            raise LmforgeError(f"no conversation {conversation_id!r}")
+            raise NotFound(f"no conversation {conversation_id!r}")
         state = self.conversations.state(conversation_id)
         if state == "closed":
-            raise LmforgeError("this conversation is closed; start a new one")
+            raise Conflict("this conversation is closed; start a new one")
         stored, _ = self.guard.redact(text)
         self.conversations.add(conversation_id, "user", stored, original=text if self._keep_original else None)
         self.observe("message", {"text": stored})
