@@ -36,7 +36,15 @@ ODD = {
     "$defs": {"leaf": {"anyOf": [{"type": "integer"}, {"type": "string", "enum": ["α", "ab"]}, {"type": "object"}]}},
 }
 
-SCHEMAS = {"fields": SCHEMA, "tools": TOOL_SCHEMA, "odd": ODD, "any": {}}
+BOUNDED = {
+    "type": "object",
+    "properties": {"s": {"type": "string", "maxLength": 3}, "t": {"type": "string", "minLength": 2, "maxLength": 4},
+                   "e": {"enum": ["a", "abcd", "ab"], "maxLength": 2},
+                   "u": {"anyOf": [{"type": "string", "maxLength": 1}, {"type": "string", "minLength": 3}]},
+                   "z": {"type": "string", "maxLength": 0}},
+}
+
+SCHEMAS = {"fields": SCHEMA, "tools": TOOL_SCHEMA, "odd": ODD, "any": {}, "bounded": BOUNDED}
 
 DOCUMENTS = {
     "fields": ['{"name": "Ann", "age": 31, "mood": "sad", "tags": ["a", "b\\u00e9"], "score": -1.5e3, "ok": true,'
@@ -46,11 +54,14 @@ DOCUMENTS = {
     "odd": ['{"k": 12, "é\\"/": "\\u00e9t\\u00E9", "kb": "x\\ny"}', '{"k":{"a":"b"},"z":[]}', '[1, "α", {}]',
             '"na\\u00efve"', '"q\\"uote"', '7', '-0.25e+2 ', 'null', '{"k": [1,2]}', '{"k":true}'],
     "any": ['{"a": [1, {"b": null}], "c": "\\ud83d\\ude00", "d": 1e5}', '[true, false, "x", -0]'],
+    "bounded": ['{"s": "é\\u00e9x", "t": "ab", "e": "ab", "u": "\\n", "z": ""}', '{"t":"😀😀αb","u":"abcd","s":""}',
+                '{"s": "\\ud83d\\ude00", "u": "xyz"}', '{"e": "abcd"}'],
 }
 
 PIECES = ['{', '}', '[', ']', '"', ':', ',', ' ', '  ', '\n', '\\', '\\u', '00', 'e9', '\\"', '\\n', '\\/', '1', '12', '-',
           '.', 'e', '+', '0', 'true', 'tru', 'null', 'fa', 'name', 'age', 'city', 'Paris', 'get_', 'weather', 'k', 'é',
-          'α', 'naï', 'x', '"k":', '":"', '"}', '}]', ', "', 'arguments', '"name"', '{"', '"a"']
+          'α', 'naï', 'x', '"k":', '":"', '"}', '}]', ', "', 'arguments', '"name"', '{"', '"a"', '\\ud8', '\\ud83d',
+          'abc', 'xy', '"s": "', '"t": "', '"u": "']
 
 
 def candidates(rng: random.Random, documents: list[str]) -> list[bytes]:
@@ -148,3 +159,42 @@ def test_a_candidate_costs_its_own_length_not_the_texts():
         assert state.copy().feed(b"cd")
     per_candidate = (time.perf_counter() - start) / 200
     assert per_candidate < 1e-3, per_candidate
+
+
+def test_string_length_bounds():
+    def fed(schema, data):
+        state = SchemaPrefix(schema)
+        return state.feed(data.encode()), state
+    short = {"type": "string", "maxLength": 3}
+    assert fed(short, '"abc"')[1].done
+    assert not fed(short, '"abcd')[0]  # full: only the closing quote may follow
+    assert not fed(short, '"abc\\')[0]  # nor an escape, which would be a fourth character
+    assert fed(short, '"\\u00e9\\n\\"')[0]  # escapes count as the one character they decode to
+    assert fed(short, '"😀😀😀"')[1].done  # characters, not bytes or UTF-16 units
+    ok, state = fed(short, '"😀😀😀')
+    assert ok and not state.copy().feed("é".encode()[:1])  # half a character cannot fit either
+    assert not fed(short, '"\\ud8')[0]  # a surrogate escape is refused in a bounded string
+    assert fed({"type": "string"}, '"\\ud83d\\ude00"')[1].done  # and still read where no bound is set
+    long = {"type": "string", "minLength": 2}
+    assert not fed(long, '"a"')[0] and fed(long, '"ab"')[1].done
+    assert not fed({"enum": ["abc", "x"], "maxLength": 2}, '"ab')[0]  # members longer than the bound are out
+    for data in ('"abcd', '"abc\\', '"\\ud8', '"ab"', '"a"'):
+        for schema in (short, long):
+            assert SchemaPrefix(schema).feed(data.encode()) == SchemaPrefix(schema, rescan=True).feed(data.encode())
+
+
+def test_bad_length_bounds_are_refused_up_front():
+    from lmforge.errors import LmforgeError
+    from lmforge.infer.json_schema import check_schema
+    for bad, words in (({"type": "string", "maxLength": -1}, "non-negative"), ({"maxLength": "3"}, "non-negative"),
+                       ({"type": "string", "minLength": 4, "maxLength": 3}, "larger than")):
+        with pytest.raises(LmforgeError, match=words):
+            check_schema(bad)
+
+
+def test_the_validator_reads_length_bounds_as_the_decoder_does():
+    from lmforge.agent.validate import schema_errors
+    schema = {"type": "string", "minLength": 2, "maxLength": 3}
+    assert schema_errors("ab", schema) == [] and schema_errors("😀😀😀", schema) == []
+    assert schema_errors("a", schema) == ["$: needs at least 2 characters"]
+    assert schema_errors("abcd", schema) == ["$: allows at most 3 characters"]

@@ -86,6 +86,11 @@ def _check(value: Any, schema: Any, root: dict, path: str, errors: list[str]) ->
                 _check(item, props[name], root, f"{path}.{name}", errors)
             elif closed:
                 errors.append(f"{path}: unexpected property {name!r}")
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0):
+            errors.append(f"{path}: needs at least {schema['minLength']} characters")
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            errors.append(f"{path}: allows at most {schema['maxLength']} characters")
     if isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
             errors.append(f"{path}: needs at least {schema['minItems']} items")

@@ -18,10 +18,17 @@ the two decision by decision, and benchmarks/structured_decode.py times them.
 The supported schema subset is what structured-output APIs support in strict mode:
 `type` (object, array, string, number, integer, boolean, null, or a list of them),
 `properties`, `required`, `additionalProperties: false` (implied: undeclared keys are
-never generated), `items`, `minItems`, `maxItems`, `enum`, `const`, `anyOf`, `$ref` to
-`#/$defs/...` or `#/definitions/...`, and annotations (`title`, `description`, ...).
-Anything else is refused up front by `check_schema`, so no constraint is silently
-ignored.
+never generated), `items`, `minItems`, `maxItems`, `minLength`, `maxLength`, `enum`,
+`const`, `anyOf`, `$ref` to `#/$defs/...` or `#/definitions/...`, and annotations
+(`title`, `description`, ...). Anything else is refused up front by `check_schema`, so
+no constraint is silently ignored.
+
+String lengths count characters (code points) of the decoded string, as JSON Schema
+does. A bounded string is the way to keep a model from writing one argument until its
+token budget runs out: at `maxLength` only the closing quote may follow. In a bounded
+string a surrogate escape (`\\ud83d...`) is refused as soon as its second hex digit
+shows it (the model writes the character itself instead), so an escape never counts as
+a different number of characters than it decodes to.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from ..errors import LmforgeError
 
 _ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "strict"}
 _KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-             "enum", "const", "anyOf", "$ref", "$defs", "definitions"} | _ANNOTATIONS
+             "minLength", "maxLength", "enum", "const", "anyOf", "$ref", "$defs", "definitions"} | _ANNOTATIONS
 _TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 _MAX_WS_RUN = 4  # a model must not pad forever with whitespace
 _MAX_NUMBER_CHARS = 24  # nor write digits forever (float64 needs at most 17 significant digits)
@@ -76,9 +83,12 @@ def check_schema(schema: Any, root: Any = None, path: str = "schema") -> None:
         raise LmforgeError(f"{path}.required must list declared properties")
     if "items" in schema:
         check_schema(schema["items"], root, f"{path}.items")
-    for key in ("minItems", "maxItems"):
+    for key in ("minItems", "maxItems", "minLength", "maxLength"):
         if key in schema and (not isinstance(schema[key], int) or isinstance(schema[key], bool) or schema[key] < 0):
             raise LmforgeError(f"{path}.{key} must be a non-negative integer")
+    for low, high in (("minItems", "maxItems"), ("minLength", "maxLength")):
+        if schema.get(low, 0) > schema.get(high, float("inf")):
+            raise LmforgeError(f"{path}: {low} is larger than {high}, so no value can match")
     if not isinstance(schema.get("anyOf", []), list) or schema.get("anyOf") == []:
         raise LmforgeError(f"{path}.anyOf must be a non-empty list of schemas")
     for i, sub in enumerate(schema.get("anyOf", [])):
@@ -188,7 +198,10 @@ class SchemaPrefix:
 #   ("doc", phase, blanks)                       phase "start" (value next) or "end"
 #   ("obj", node, seen, phase, blanks, key)      phase "open" (key or "}"), "key", "colon", "value", "next" ("," or "}")
 #   ("arr", node, count, phase, blanks)          phase "open" (value or "]"), "value", "next" ("," or "]")
-#   ("str", is_key, options, decoded, escape)    options: the strings it may still become, None for any
+#   ("str", is_key, options, decoded, escape, count, bounds)
+#                                                options: the strings it may still become, None for any;
+#                                                bounds: (minLength, maxLength or None) of a free string,
+#                                                None when unbounded; count: characters so far (bounded only)
 #   ("num", integer, token)
 #   ("word", word, matched)                      true / false / null
 #   ("lit", texts, consumed)                     non-string enum/const members as compact JSON text
@@ -220,6 +233,10 @@ class _Node:
         self.free = not self.props and schema.get("additionalProperties", True) is not False
         self.items_schema = schema.get("items", True)
         self.low, self.high = schema.get("minItems", 0), schema.get("maxItems")
+        short, long = schema.get("minLength", 0), schema.get("maxLength")
+        self.bounds = (short, long) if short or long is not None else None
+        if options is not None and self.bounds:  # an enum member must also fit the length bounds
+            self.strings = tuple(o for o in self.strings if _fits(len(o), self.bounds))
         self._children: dict[Any, tuple] = {}
 
     def prop(self, key: str) -> tuple:
@@ -273,7 +290,7 @@ def _start(alternatives: tuple, c: str, below: tuple) -> list[tuple]:
         if node.literal:
             if c == '"':
                 if node.strings:
-                    out.append(((("str", False, node.strings, "", ""), below)))
+                    out.append(((("str", False, node.strings, "", "", 0, None), below)))
                 continue
             texts = tuple(t for t in node.texts if t.startswith(c))
             if any(t == c and not _NUMBER.fullmatch(t) for t in texts):
@@ -287,7 +304,7 @@ def _start(alternatives: tuple, c: str, below: tuple) -> list[tuple]:
         elif c == "[" and "array" in allowed:
             out.append((("arr", node, 0, "open", 0), below))
         elif c == '"' and "string" in allowed:
-            out.append((("str", False, None, "", ""), below))
+            out.append((("str", False, None, "", "", 0, node.bounds), below))
         elif c in "-0123456789" and ("number" in allowed or "integer" in allowed):
             if _number_prefix_ok(c, node.integer):
                 out.append((("num", node.integer, c), below))
@@ -303,39 +320,45 @@ def _step(config: tuple, c: str) -> list[tuple]:
     frame, below = config
     tag = frame[0]
     if tag == "str":
-        _, is_key, options, decoded, escape = frame
+        _, is_key, options, decoded, escape, count, bounds = frame
         if escape:
             if escape == "\\":
                 if c == "u":
-                    return [(("str", is_key, options, decoded, "\\u"), below)]
+                    return [(("str", is_key, options, decoded, "\\u", count, bounds), below)]
                 if c not in _ESCAPED:
                     return []
                 char = _ESCAPED[c]
             else:
-                if c not in _HEX:
+                if c not in _HEX or (bounds and _surrogate(escape[2:] + c)):
                     return []
                 if len(escape) < 5:
-                    return [(("str", is_key, options, decoded, escape + c), below)]
+                    return [(("str", is_key, options, decoded, escape + c, count, bounds), below)]
                 char = chr(int(escape[2:] + c, 16))
         elif c == '"':
             if options is not None and decoded not in options:
+                return []
+            if bounds and count < bounds[0]:
                 return []
             if not is_key:
                 return [_complete(below)]
             obj, rest = below
             seen = obj[2] if obj[1].free else obj[2] | {decoded}
             return [(("obj", obj[1], seen, "colon", 0, decoded), rest)]
+        elif bounds and bounds[1] is not None and count >= bounds[1]:
+            return []  # full: only the closing quote may follow
         elif c == "\\":
-            return [(("str", is_key, options, decoded, "\\"), below)]
+            return [(("str", is_key, options, decoded, "\\", count, bounds), below)]
         elif ord(c) < 0x20:
             return []
         else:
             char = c
         if options is None:
-            return [(("str", is_key, None, "", ""), below)] if escape else [config]
+            if bounds:
+                return [(("str", is_key, None, "", "", count + 1, bounds), below)]
+            return [(("str", is_key, None, "", "", 0, None), below)] if escape else [config]
         decoded += char
         options = tuple(o for o in options if o.startswith(decoded))
-        return [(("str", is_key, options, decoded, ""), below)] if options else []
+        return [(("str", is_key, options, decoded, "", 0, None), below)] if options else []
     if tag == "num":
         _, integer, token = frame
         if c in _NUMBER_CHARS:
@@ -378,7 +401,7 @@ def _step(config: tuple, c: str) -> list[tuple]:
             options = None if node.free else tuple(p for p in node.props if p not in seen)
             if options == ():
                 return []
-            return [(("str", True, options, "", ""), (("obj", node, seen, phase, 0, None), below))]
+            return [(("str", True, options, "", "", 0, None), (("obj", node, seen, phase, 0, None), below))]
         return []
     if tag == "arr":
         _, node, count, phase, blanks = frame
@@ -409,9 +432,10 @@ def _at_cut(config: tuple, pending: bytes) -> str | bool:
         return "done" if not pending else False
     if frame[0] != "str":
         return not pending
-    _, _, options, decoded, escape = frame
+    _, _, options, decoded, escape, count, bounds = frame
     if options is None:
-        return True  # any string may go on with any character
+        # Any string may go on with any character, unless it is full and a character is half written.
+        return not (pending and bounds and bounds[1] is not None and count >= bounds[1])
     tails = [o[len(decoded):] for o in options]
     if escape:
         # Only characters that need an escape (a quote, a backslash, a control character)
@@ -479,6 +503,7 @@ class _Checker:
             # there allows (an alternative that failed must not leave its own reading behind).
             self.cut = None if not cuts else [] if any(c == [] for c in cuts) else [t for c in cuts for t in c]
             return PARTIAL if PARTIAL in results else INVALID
+        self._bounds = (schema.get("minLength", 0), schema.get("maxLength"))
         if "const" in schema:
             return self._literal_choice(i, [schema["const"]])
         if "enum" in schema:
@@ -491,9 +516,22 @@ class _Checker:
         if c == "[" and "array" in allowed:
             return self._array(i, schema)
         if c == '"' and "string" in allowed:
-            end = self._string(i)[0]
-            if end == PARTIAL:
-                self.cut = []
+            end, decoded = self._string(i)
+            if "minLength" not in schema and "maxLength" not in schema:
+                if end == PARTIAL:
+                    self.cut = []
+                return end
+            bounds = (schema.get("minLength", 0), schema.get("maxLength"))
+            if end == INVALID or any(0xD800 <= ord(ch) <= 0xDFFF for ch in decoded):
+                return INVALID
+            if end != PARTIAL:
+                return end if _fits(len(decoded), bounds) else INVALID
+            full = bounds[1] is not None and len(decoded) >= bounds[1]
+            if (bounds[1] is not None and len(decoded) > bounds[1]) or (full and self.escape):
+                return INVALID
+            if _surrogate(self.escape[2:]):
+                return INVALID
+            self.cut = [""] if full else []  # full: only the closing quote, no further character
             return end
         if (c == "-" or c.isdigit()) and allowed & {"number", "integer"}:
             return self._number(i, integer="number" not in allowed)
@@ -506,7 +544,7 @@ class _Checker:
         """One of fixed values: strings by their decoded text, others as compact JSON text."""
         if self.s[i] == '"':
             end, decoded = self._string(i)
-            strings = [o for o in options if isinstance(o, str)]
+            strings = [o for o in options if isinstance(o, str) and _fits(len(o), self._bounds)]
             if end == INVALID:
                 return INVALID
             if end == PARTIAL:
@@ -663,6 +701,15 @@ class _Checker:
             j = self._next(j + 1)
             if isinstance(j, str):
                 return j
+
+
+def _fits(length: int, bounds: tuple[int, int | None] | None) -> bool:
+    return not bounds or (length >= bounds[0] and (bounds[1] is None or length <= bounds[1]))
+
+
+def _surrogate(digits: str) -> bool:
+    """Do the hex digits of a \\u escape (two or more of them) already name a UTF-16 surrogate?"""
+    return len(digits) >= 2 and digits[0] in "dD" and digits[1] in "89abcdefABCDEF"
 
 
 def _number_prefix_ok(token: str, integer: bool) -> bool:
