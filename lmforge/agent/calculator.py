@@ -173,7 +173,7 @@ def calculator_tool() -> Tool:
         name="calculator",
         description="Evaluate an arithmetic expression: + - * / // % ** and parentheses, the constants pi, e, "
                     "and sqrt, abs, round, floor, ceil, exp, log, log10, log2, sin, cos, tan, min, max.",
-        parameters={"type": "object", "properties": {"expression": {"type": "string",
+        parameters={"type": "object", "properties": {"expression": {"type": "string", "maxLength": 200,
                                                                     "description": "for example (3 + 4) * 2"}},
                     "required": ["expression"]},
         function=lambda expression: evaluate(expression),

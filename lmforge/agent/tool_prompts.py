@@ -2,7 +2,8 @@
 
 Five functions of a customer-service assistant whose schemas cover what tool calling
 must handle: enums, integers, numbers, booleans, a nested object, optional and required
-fields. Every prompt is a user request that one of them answers, with the expected
+fields, strings bounded by maxLength (a free string argument is where a small model
+rambles until its token budget ends). Every prompt is a user request that one of them answers, with the expected
 function name and exact arguments. The set is built from templates and fixed value
 lists by a seeded generator, so it is the same on every machine and every run.
 """
@@ -39,12 +40,12 @@ TOOLS: list[dict[str, Any]] = [
             "required": ["value", "from_unit", "to_unit"]}}},
     {"type": "function", "function": {
         "name": "calculator", "description": "Evaluate an arithmetic expression.",
-        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string", "maxLength": 64}},
                        "required": ["expression"]}}},
     {"type": "function", "function": {
         "name": "search_products", "description": "Search the shop's catalogue.",
         "parameters": {"type": "object", "properties": {
-            "query": {"type": "string"},
+            "query": {"type": "string", "maxLength": 40},
             "filters": {"type": "object", "properties": {
                 "category": {"type": "string", "enum": CATEGORIES},
                 "max_price": {"type": "integer"},

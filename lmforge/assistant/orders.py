@@ -226,13 +226,14 @@ class OrderStore:
 # JSON Schemas of the look-ups, for the tools that expose them to a model
 GET_ORDER_STATUS_SCHEMA = {
     "type": "object",
-    "properties": {"order_id": {"type": "string", "description": "the order id, a letter and 5 digits, e.g. A10042"}},
+    "properties": {"order_id": {"type": "string", "maxLength": 6,
+                                "description": "the order id, a letter and 5 digits, e.g. A10042"}},
     "required": ["order_id"],
     "additionalProperties": False,
 }
 ORDERS_OF_SCHEMA = {
     "type": "object",
-    "properties": {"email": {"type": "string", "description": "the customer's email address"}},
+    "properties": {"email": {"type": "string", "maxLength": 254, "description": "the customer's email address"}},
     "required": ["email"],
     "additionalProperties": False,
 }
