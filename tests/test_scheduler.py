@@ -108,3 +108,69 @@ def test_packed_weights_follow_weight_updates(tiny_hf_dirs):
         after = layer(x)
     assert torch.allclose(after, 2 * before, atol=1e-5)
     assert torch.allclose(after, torch.nn.functional.linear(x, layer.weight), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(tiny_hf_dirs, family):
+    """Long prompts prefilled 7 tokens per step, between decode steps of running rows, decode as alone."""
+    path, _ = tiny_hf_dirs[family]
+    plain = load_hf_model(path)
+    prompts, params = prompts_and_params()  # prompts of 3..40 tokens: 9, 17, 22, 30 and 40 are chunked
+    expected = [Generator(plain).generate([p], q)[0].token_ids for p, q in zip(prompts, params)]
+    scheduler = Scheduler(plain, None, max_batch=3, max_seq_len=128, prefix_cache_bytes=0, prefill_chunk=7)
+    handles = [scheduler.submit(p, q) for p, q in zip(prompts, params)]
+    overlapped = 0
+    while scheduler.step():
+        # a decode step ran for other rows while a long prompt sat half-prefilled
+        overlapped += bool(scheduler.stats.prefilling and scheduler._rows)
+    got = [sum((e.token_ids for e in h.poll()), []) for h in handles]
+    assert got == expected
+    assert overlapped >= 5
+    assert scheduler.stats.prefill_chunks == sum(-(-len(p) // 7) for p in prompts if len(p) > 7)
+
+
+def test_chunked_prefill_keeps_the_queue_order_and_uses_the_prefix_cache(tiny_hf_dirs):
+    path, _ = tiny_hf_dirs["llama"]
+    model = load_hf_model(path)
+    g = torch.Generator().manual_seed(5)
+    system = torch.randint(3, VOCAB, (40,), generator=g).tolist()
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    long_a, long_b = system + [5, 6, 7], system + [8, 9]
+    expected = [Generator(model).generate([p], params)[0].token_ids for p in (long_a, long_b, [3, 4])]
+    scheduler = Scheduler(model, None, max_batch=4, max_seq_len=128, prefill_chunk=8)
+    a, b, short = (scheduler.submit(p, params) for p in (long_a, long_b, [3, 4]))
+    scheduler.step()
+    # One long prompt at a time, and the short request queued behind the second one waits for it.
+    assert scheduler._chunking is a and [h for h, _, _ in scheduler._waiting] == [b, short]
+    while scheduler.step():
+        pass
+    assert [sum((e.token_ids for e in h.poll()), []) for h in (a, b, short)] == expected
+    assert b.cached >= 32  # the second long prompt started from the first one's cached blocks
+
+
+def test_a_cancelled_chunked_prefill_ends_and_frees_its_row(tiny_hf_dirs):
+    path, _ = tiny_hf_dirs["llama"]
+    model = load_hf_model(path)
+    scheduler = Scheduler(model, None, max_batch=2, max_seq_len=128, prefix_cache_bytes=0, prefill_chunk=4)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    handle = scheduler.submit(list(range(3, 40)), params)
+    scheduler.step()
+    assert scheduler.stats.prefilling == 1
+    handle.cancel()
+    scheduler.step()
+    events = handle.poll()
+    assert events[-1].final and events[-1].finish_reason == "cancelled" and scheduler.idle
+    after = scheduler.submit([3, 4, 5], params)
+    scheduler.run_until_idle()
+    assert len(sum((e.token_ids for e in after.poll()), [])) == 3
+    with pytest.raises(Exception, match="prefill_chunk"):
+        Scheduler(model, None, prefill_chunk=-1)
+
+
+def test_the_server_flag_for_chunked_prefill():
+    from lmforge.errors import LmforgeError
+    from lmforge.serve.config import ServeRuntime
+
+    assert ServeRuntime().prefill_chunk == 256
+    with pytest.raises(LmforgeError, match="--prefill-chunk"):
+        ServeRuntime(prefill_chunk=-1)

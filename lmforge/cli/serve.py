@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=runtime.max_batch, max_seq_len=max_len,
                           max_waiting=runtime.max_waiting,
                           prefix_cache_bytes=int(runtime.prefix_cache_mb * 2**20), adapters=adapters,
-                          speculator=speculator).start()
+                          speculator=speculator, prefill_chunk=runtime.prefill_chunk).start()
     app = create_app(scheduler, lm.tokenizer, lm.name, settings, store=store, knowledge=knowledge)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host

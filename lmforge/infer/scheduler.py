@@ -35,6 +35,17 @@ to stop conditions being the same code.
 With a `Speculator` (lmforge/infer/speculative.py), a step that has a single running row
 lets a drafter guess the next k tokens and verifies them with one forward over k+1
 positions, appending up to k+1 tokens; any other step is the plain one-token step.
+
+Chunked prefill (`prefill_chunk` > 0): a prompt whose uncached part is longer than
+`prefill_chunk` tokens is not prefilled in one forward, which would stall every running
+stream for as long as that forward takes (seconds for a few thousand tokens on a CPU).
+It takes the last cache row instead and is prefilled `prefill_chunk` tokens per step,
+each chunk attending to the chunks before it through the cache, between the decode steps
+of the running rows; when its last chunk is in, its first token is sampled and its keys
+and values move to the first free row (one copy) to join the running batch. One long
+prompt is chunked at a time; requests queued behind it wait in order. The chunks give
+the same result as one forward up to float rounding (other product shapes), like the
+prefix cache's reused keys and values.
 """
 
 from __future__ import annotations
@@ -101,6 +112,7 @@ class RequestHandle:
         self.finished_at: float | None = None
         self.state: DecodeState | None = None
         self.cached = 0  # prompt tokens served from the prefix cache
+        self.prefilled = 0  # prompt tokens in the cache so far (chunked prefill)
         self.adapter = 0  # index in the scheduler's AdapterBank; 0: the base model
 
     def cancel(self) -> None:
@@ -169,6 +181,8 @@ class SchedulerStats:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     finished: int = 0
+    prefilling: int = 0  # long prompts being prefilled chunk by chunk (0 or 1)
+    prefill_chunks: int = 0
 
 
 class Scheduler:
@@ -192,6 +206,7 @@ class Scheduler:
         use_cache: bool = True,
         adapters=None,
         speculator=None,
+        prefill_chunk: int = 0,
     ) -> None:
         if max_batch < 1:  # no row could ever be admitted: every request would wait forever
             raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
@@ -203,6 +218,11 @@ class Scheduler:
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
+        if prefill_chunk < 0:
+            raise LmforgeError(f"prefill_chunk must be 0 (off) or a positive number of tokens, got {prefill_chunk}")
+        # Chunking needs a cache to continue from and a spare row to fill.
+        self.prefill_chunk = prefill_chunk if use_cache and max_batch > 1 else 0
+        self._chunking: RequestHandle | None = None  # the long prompt being prefilled in the last row
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and use_cache else None
         self._outbox: list[tuple[RequestHandle, Event]] = []
         self.on_finish = on_finish
@@ -291,7 +311,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self._rows and not self._waiting
+        return not self._rows and not self._waiting and self._chunking is None
 
     # --------------------------------------------------------------- the loop
     def step(self) -> bool:
@@ -306,7 +326,14 @@ class Scheduler:
         with self._lock:
             jobs, self._jobs = self._jobs, []
             admitted = []
-            while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
+            capacity = self.max_batch - (self._chunking is not None)
+            while self._waiting and len(self._rows) + len(admitted) < capacity:
+                if self._long(self._waiting[0]):
+                    if self._chunking is not None:
+                        break  # one long prompt at a time; the queue keeps its order
+                    self._start_chunking(*self._waiting.pop(0))
+                    capacity -= 1  # the last row is now taken
+                    continue
                 admitted.append(self._waiting.pop(0))
             self.stats.waiting = len(self._waiting)
         for fn, done in jobs:
@@ -318,6 +345,8 @@ class Scheduler:
             with torch.inference_mode():
                 for group in self._prefill_groups(admitted):
                     self._prefill(group)
+                if self._chunking is not None:
+                    self._prefill_chunk()
                 self._retire()
                 if self._rows:
                     self._decode_step()
@@ -349,6 +378,10 @@ class Scheduler:
     def _fail(self, admitted: list, error: str) -> None:
         running = set(map(id, self._rows))
         stranded = [h for h, _, _ in admitted if id(h) not in running and (h.state is None or not h.state.finished)]
+        if self._chunking is not None:
+            stranded.append(self._chunking)
+            self._chunking = None
+            self.stats.prefilling = 0
         for handle in self._rows + stranded:
             handle.finished_at = time.perf_counter()
             self._post(handle, Event(final=True, finish_reason="error", error=error))
@@ -453,6 +486,56 @@ class Scheduler:
             self.stats.prompt_tokens += len(handle.prompt_ids)
             self.stats.cached_prompt_tokens += cached
             self._emit(handle, handle.state.append(handle.state.choose(logits[i])))
+
+    def _long(self, item: tuple[RequestHandle, SamplingParams, int]) -> bool:
+        """Is this waiting request's prompt one to prefill in chunks?"""
+        return bool(self.prefill_chunk) and len(item[0].prompt_ids) > self.prefill_chunk
+
+    def _start_chunking(self, handle: RequestHandle, params: SamplingParams, budget: int) -> None:
+        """Give a long prompt the last cache row, its prefix-cache hit loaded there (no forward yet)."""
+        handle.state = DecodeState(
+            handle.prompt_ids, params, budget, self.tokenizer, self.eos_ids, self.device, self.model.config.vocab_size
+        )
+        row = self.max_batch - 1
+        if self.prefix_cache is not None and params.seed is None:  # seeded requests are computed in full
+            handle.cached = self.prefix_cache.match(handle.prompt_ids, handle.adapter)
+            if handle.cached:
+                self.prefix_cache.load(handle.prompt_ids, handle.cached, self.cache.k[:, row], self.cache.v[:, row],
+                                       handle.adapter)
+        handle.prefilled = handle.cached
+        self._chunking = handle
+        self.stats.prefilling = 1
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt; after its last one, the row joins the running batch."""
+        handle, row = self._chunking, self.max_batch - 1
+        if handle.cancelled:
+            self._chunking, self.stats.prefilling = None, 0
+            handle.finished_at = time.perf_counter()
+            self._post(handle, Event(final=True, finish_reason="cancelled"))
+            self.stats.finished += 1
+            if self.on_finish is not None:
+                self.on_finish(handle)
+            return
+        prompt, done = handle.prompt_ids, handle.prefilled
+        chunk = prompt[done: done + self.prefill_chunk]
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        logits = self._forward(ids, self.cache.rows(row, row + 1), done, handles=[handle])
+        handle.prefilled = done + len(chunk)
+        self.stats.prefill_chunks += 1
+        if handle.prefilled < len(prompt):
+            return
+        self._chunking, self.stats.prefilling = None, 0
+        target = len(self._rows)
+        if target != row:  # join the running rows, which are kept contiguous
+            self.cache.k[:, target, :, :len(prompt)] = self.cache.k[:, row, :, :len(prompt)]
+            self.cache.v[:, target, :, :len(prompt)] = self.cache.v[:, row, :, :len(prompt)]
+        self._rows.append(handle)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(prompt, self.cache.k[:, target], self.cache.v[:, target], handle.adapter)
+        self.stats.prompt_tokens += len(prompt)
+        self.stats.cached_prompt_tokens += handle.cached
+        self._emit(handle, handle.state.append(handle.state.choose(logits[0])))
 
     def _decode_step(self) -> None:
         """One new token for every running row, each at its own position (or several: `_speculate`)."""

@@ -121,6 +121,9 @@ class ServeRuntime:
                                                 "context, at most 4096)")
     prefix_cache_mb: float = option(128.0, help="memory for keys/values of prompt prefixes seen before, reused by "
                                                 "later requests that start the same way (0 = off)")
+    prefill_chunk: int = option(256, metavar="TOKENS",
+                                help="prefill prompts longer than this in chunks of this many tokens, between the "
+                                     "decode steps of running requests, so their streams keep their pace (0 = off)")
     # LoRA adapters served beside the base model, each picked by a request's model name
     # (NAME or BASE:NAME); rows of different adapters share every batch step.
     adapters: list[str] = option(default_factory=list, flag="--adapter", repeat=True, metavar="NAME=PATH",
@@ -132,8 +135,8 @@ class ServeRuntime:
     def __post_init__(self) -> None:
         from lmforge.errors import LmforgeError
 
-        if self.max_batch < 1 or self.max_waiting < 0 or self.prefix_cache_mb < 0:
-            raise LmforgeError("--max-batch must be >= 1, --max-waiting and --prefix-cache-mb >= 0")
+        if self.max_batch < 1 or self.max_waiting < 0 or self.prefix_cache_mb < 0 or self.prefill_chunk < 0:
+            raise LmforgeError("--max-batch must be >= 1, --max-waiting, --prefix-cache-mb and --prefill-chunk >= 0")
         if not 0 <= self.port <= 65535:
             raise LmforgeError(f"--port must be in 0..65535, got {self.port}")
         names = [parse_adapter_flag(a)[0] for a in self.adapters]  # malformed flags fail before the model loads

@@ -94,6 +94,8 @@ class ServerMetrics:
             lambda: scheduler.stats.waiting)
         Gauge("lmforge_running_batch_size", "Requests in the running batch", registry=r).set_function(
             lambda: scheduler.stats.running)
+        Gauge("lmforge_prefilling_requests", "Long prompts being prefilled chunk by chunk", registry=r).set_function(
+            lambda: scheduler.stats.prefilling)
         Gauge("lmforge_tokens_per_second", f"Generated tokens per second over the last {window_seconds:g}s",
               registry=r).set_function(self.tokens_per_second)
         speculator = getattr(scheduler, "speculator", None)
