@@ -29,6 +29,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.rag",        # rag index | ask | eval, ask
     "lmforge.cli.align",      # align data | reward | dpo
     "lmforge.cli.merge",      # merge
+    "lmforge.cli.prune",      # prune
     "lmforge.cli.distill",    # distill RECIPE
     "lmforge.cli.agent",      # agent run
     "lmforge.cli.monitor",    # monitor questions | drift | golden | grafana
