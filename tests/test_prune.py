@@ -143,3 +143,16 @@ def test_bad_options_are_refused(tiny_hf_dirs):
                        (dict(method="nm", n=4, m=4), "0 < n < m"), (dict(calibration_tokens=0), "calibration")):
         with pytest.raises(LmforgeError, match=words):
             PruneOptions(**bad)
+
+
+@pytest.mark.slow
+def test_the_prune_command_writes_a_smaller_model_that_loads(tmp_path):
+    import lmforge
+    from lmforge.cli import main
+
+    assert main(["prune", "--method", "channels", "--sparsity", "0.25", "--calibration-tokens", "256",
+                 "--out", str(tmp_path / "pruned")]) == 0
+    lm = lmforge.load(str(tmp_path / "pruned"), dtype="float32", device="cpu")
+    assert lm.model.config.intermediate_size == 1152  # 1536 channels, a quarter removed
+    assert len(lm.complete("The sky is", max_tokens=4, temperature=0, ignore_eos=True)[0].token_ids) == 4
+    assert main(["prune", "--out", str(tmp_path / "pruned")]) == 1  # exists: refused, nothing replaced
