@@ -30,11 +30,13 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.align",      # align data | reward | dpo
     "lmforge.cli.merge",      # merge
     "lmforge.cli.prune",      # prune
+    "lmforge.cli.export",     # export onnx | gguf
     "lmforge.cli.distill",    # distill RECIPE
     "lmforge.cli.agent",      # agent run
     "lmforge.cli.monitor",    # monitor questions | drift | golden | grafana
     "lmforge.cli.assistant",  # assistant data | train-router | ask
     "lmforge.cli.guard",      # guard check | redact | train | eval
+    "lmforge.cli.baseline",   # baseline prepare | train ngram|lstm|gru|transformer | eval | compare
 )
 
 
