@@ -196,6 +196,8 @@ def export_onnx(model, out: str | Path, tokenizer=None, overwrite: bool = False,
         if progress is not None:
             progress(1, 3)
         proto = onnx.load(str(graph))  # pulls any external data the exporter wrote into memory
+        if config.tie_word_embeddings:
+            _share_tied_head(proto, config)
         for stray in staging.iterdir():
             if stray.name != GRAPH_FILE:
                 stray.unlink()
@@ -211,6 +213,33 @@ def export_onnx(model, out: str | Path, tokenizer=None, overwrite: bool = False,
         if progress is not None:
             progress(3, 3)
     return OnnxExport(out, out / GRAPH_FILE, OPSET, config, time.perf_counter() - started)
+
+
+def _share_tied_head(proto, config: ModelConfig) -> None:
+    """Store a tied head once: the exporter folds the head's transpose of the embedding into a
+    second [n_embd, vocab] constant (113 MB for the default model). Replace that constant by a
+    Transpose node of the embedding; onnxruntime folds it at session start, in memory only."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    by_name = {t.name: t for t in graph.initializer}
+    embed = by_name.get("model.embed.weight")
+    if embed is None:
+        return
+    embed_t = numpy_helper.to_array(embed).T
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in by_name:
+            continue
+        folded = by_name[node.input[1]]
+        if list(folded.dims) != [config.n_embd, config.vocab_size] or not np.array_equal(
+                numpy_helper.to_array(folded), embed_t):
+            continue
+        graph.initializer.remove(folded)
+        transpose = helper.make_node("Transpose", ["model.embed.weight"], ["lm_head_weight_t"], perm=[1, 0],
+                                     name="tied_lm_head_transpose")
+        graph.node.insert(list(graph.node).index(node), transpose)
+        node.input[1] = "lm_head_weight_t"
+        return
 
 
 class OnnxRunner:
@@ -261,12 +290,16 @@ class OnnxRunner:
         if len(prompt) + max_new_tokens > limit:
             raise LmforgeError(f"prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds the "
                                f"model's {limit} positions")
+        started = time.perf_counter()
         logits, past = self.forward(np.asarray([prompt]), self.empty_past(1))
+        first = time.perf_counter()
         out: list[int] = []
         while len(out) < max_new_tokens:
             token = int(logits[0, -1].argmax())
             out.append(token)
-            if stop_ids and token in stop_ids:
+            if stop_ids and token in stop_ids or len(out) == max_new_tokens:
                 break
             logits, past = self.forward(np.asarray([[token]]), past)
+        # As the engine's Completion reports them: to the first token, then to the last.
+        self.prefill_seconds, self.decode_seconds = first - started, time.perf_counter() - first
         return out
