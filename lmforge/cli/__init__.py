@@ -31,7 +31,6 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.merge",      # merge
     "lmforge.cli.prune",      # prune
     "lmforge.cli.export",     # export onnx | gguf
-    "lmforge.cli.export",     # export onnx | gguf
     "lmforge.cli.distill",    # distill RECIPE
     "lmforge.cli.agent",      # agent run
     "lmforge.cli.monitor",    # monitor questions | drift | golden | grafana
