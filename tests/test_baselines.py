@@ -70,6 +70,9 @@ def test_every_model_trains_and_the_comparison_lines_them_up(corpus, capsys):
     assert len({r["tokens"] for r in results.values()}) == 1
     stored = json.loads((root / "lstm" / "result.json").read_text())
     assert [c["step"] for c in stored["validation"]] == [0, 2, 4]
+    assert 0 < stored["cpu_per_wall"] <= 1
+    assert stored["cpu_seconds"] == pytest.approx(stored["train_seconds"] * stored["cpu_per_wall"])
+    assert stored["validation"][-1]["cpu_seconds"] <= stored["validation"][-1]["seconds"]
     transformer = json.loads((root / "transformer" / "result.json").read_text())
     assert [c["step"] for c in transformer["validation"]] == [2, 4]
     assert transformer["validation"][1]["seconds"] >= transformer["validation"][0]["seconds"] > 0
