@@ -145,7 +145,7 @@ def main() -> None:
                 apply_masks(model, nm_masks(model, 2, 4))
             else:
                 model = prune(model, options, calibration)
-            ppl = perplexity(model, heldout, tokenizer=tokenizer, window=512).perplexity
+            ppl = perplexity(model, heldout, tokenizer=tokenizer, window=512).ppl
         structured = options is not None and options.method in ("channels", "heads")
         share = 1 - block_weights(model) / dense_weights if structured else removed_share(model, dense_weights)
         row = {"setting": name, "removed_share": round(share, 4), "perplexity": round(ppl, 3),
