@@ -8,6 +8,7 @@ and the medians are reported, so a burst of load on a shared machine hits both.
 
     python benchmarks/export.py                  # 3 rounds, 64 new tokens after a 16-token prompt
     python benchmarks/export.py --rounds 5 --onnx-dir /tmp/smol-onnx   # reuse an export
+    python benchmarks/export.py --threads 1   # one thread each: steadier on a loaded shared machine
 
 Decode tokens/s counts the tokens after the first over the time from the first token to the
 last (prefill excluded), the way the engine's `Completion` splits its timings. Prints a
@@ -41,11 +42,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for both runtimes (torch.set_num_threads, onnxruntime intra-op); 0: their defaults")
     ap.add_argument("--onnx-dir", default=None, help="an existing export of the default model (default: export now)")
     args = ap.parse_args()
 
     import onnxruntime
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = lmforge.load(dtype="float32", device="cpu")
     onnx_dir = Path(args.onnx_dir) if args.onnx_dir else Path(tempfile.mkdtemp()) / "smol-onnx"
     export_seconds = None
@@ -53,7 +58,7 @@ def main() -> None:
         started = time.perf_counter()
         export_onnx(load_model(resolve(None)), onnx_dir)
         export_seconds = time.perf_counter() - started
-    runner = OnnxRunner(onnx_dir)
+    runner = OnnxRunner(onnx_dir, threads=args.threads or None)
 
     prompt = lm.tokenizer.encode("Write a short story about a lighthouse keeper who")[:16]
     n = args.new_tokens
@@ -81,7 +86,7 @@ def main() -> None:
         "rounds": args.rounds, "lmforge_tok_s": round(med["lmforge"], 2), "onnxruntime_tok_s": round(med["onnxruntime"], 2),
         "ratio_onnxruntime_over_lmforge": round(med["onnxruntime"] / med["lmforge"], 3),
         "same_greedy_tokens": same, "export_seconds": round(export_seconds, 1) if export_seconds else None,
-        "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(), "threads_flag": args.threads,
         "machine": platform.processor() or platform.machine(), "load_avg": os.getloadavg(),
     }
     print(json.dumps(record))

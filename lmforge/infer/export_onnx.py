@@ -257,6 +257,10 @@ class OnnxRunner:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # onnxruntime's pool threads spin-wait between runs by default, which takes the CPU away
+        # from everything else in the process (the tokenizer, a torch model beside it) and from
+        # other processes on shared machines; they sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(directory / GRAPH_FILE), options,
                                             providers=providers or ["CPUExecutionProvider"])
         self.outputs = output_names(self.config)
