@@ -37,6 +37,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.assistant",  # assistant data | train-router | ask
     "lmforge.cli.guard",      # guard check | redact | train | eval
     "lmforge.cli.baseline",   # baseline prepare | train ngram|lstm|gru|transformer | eval | compare
+    "lmforge.cli.vlm",        # vlm train cnn|vit|clip | eval | classify
 )
 
 

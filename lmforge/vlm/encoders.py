@@ -1,0 +1,167 @@
+"""Image encoders (V1) and the text encoder of the dual encoder.
+
+`VisionTransformer` (ViT, Dosovitskiy et al. 2020): the image is cut into P x P patches,
+each flattened and projected to the model width (one strided convolution does both), a
+learned class token is prepended, learned position embeddings are added, and the tokens
+run through bidirectional pre-norm Transformer blocks. The image's vector is the class
+token's final state or the mean over the patch tokens. The blocks are lmforge's own
+(`lmforge.model.transformer.Block`, built from a `ModelConfig` with ``causal=False``,
+LayerNorm and a GELU MLP): the same attention and MLP code as the language models.
+
+`ConvNet`: three 3x3 convolution stages (batch norm, ReLU, 2x2 max-pool after the first
+two) and global average pooling, the classic baseline a ViT of this size has to beat.
+
+`ImageClassifier` puts a linear head on either. `TextEncoder` is a small bidirectional
+`lmforge.model.Transformer` (``lm_head=False``) whose hidden states are mean-pooled over
+the real (non-padding) tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Block, Transformer, make_norm
+
+POOLS = ("cls", "mean")
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 28
+    channels: int = 1
+    patch_size: int = 4
+    width: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 2
+    pool: str = "cls"  # cls: the class token's final state; mean: the average of the patch tokens
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def block_config(self) -> ModelConfig:
+        """The Transformer blocks' configuration: bidirectional, pre-norm LayerNorm, GELU MLP with biases."""
+        return ModelConfig(family="vit", vocab_size=1, n_layer=self.depth, n_embd=self.width, n_head=self.heads,
+                           intermediate_size=self.mlp_ratio * self.width, norm="layernorm", norm_eps=1e-6,
+                           mlp="gelu", gelu_approximate="none", position="learned", qkv_bias=True, out_bias=True,
+                           mlp_bias=True, causal=False, lm_head=False, max_position_embeddings=self.n_patches + 1)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch = nn.Conv2d(c.channels, c.width, kernel_size=c.patch_size, stride=c.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
+        self.pos_embed = nn.Parameter(torch.randn(1, c.n_patches + 1, c.width) * 0.02)
+        blocks = c.block_config()
+        self.blocks = nn.ModuleList(Block(blocks) for _ in range(c.depth))
+        self.norm = make_norm(blocks)
+        self.width = c.width
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Final normalized states of the class token and every patch: [B, 1 + n_patches, width]."""
+        x = self.patch(images).flatten(2).transpose(1, 2)  # [B, n_patches, width], row-major patches
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        length = x.shape[1]
+        for i, block in enumerate(self.blocks):
+            x = block(x, None, None, None, i, 0, length)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(images)
+        return x[:, 0] if self.config.pool == "cls" else x[:, 1:].mean(1)
+
+
+@dataclass
+class CNNConfig:
+    channels: int = 1
+    widths: tuple[int, int, int] = (32, 64, 128)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, config: CNNConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = []
+        previous = config.channels
+        for i, w in enumerate(config.widths):
+            layers += [nn.Conv2d(previous, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            if i < len(config.widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            previous = w
+        self.features = nn.Sequential(*layers)
+        self.width = previous
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images).mean(dim=(2, 3))
+
+
+def build_image_encoder(kind: str, config: dict) -> nn.Module:
+    if kind == "vit":
+        return VisionTransformer(ViTConfig(**config))
+    if kind == "cnn":
+        return ConvNet(CNNConfig(**{k: tuple(v) if k == "widths" else v for k, v in config.items()}))
+    raise ValueError(f"unknown image encoder {kind!r}: use vit or cnn")
+
+
+def encoder_config(encoder: nn.Module) -> dict:
+    return asdict(encoder.config)
+
+
+class ImageClassifier(nn.Module):
+    """An image encoder and a linear head: logits [B, n_classes]."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.width, n_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(images))
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 256
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+    max_length: int = 24
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(family="text-encoder", vocab_size=self.vocab_size, n_layer=self.depth, n_embd=self.width,
+                           n_head=self.heads, intermediate_size=2 * self.width, norm="layernorm", mlp="gelu",
+                           gelu_approximate="none", position="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
+                           causal=False, lm_head=False, max_position_embeddings=self.max_length)
+
+
+class TextEncoder(nn.Module):
+    """Token ids [B, L] and their mask -> one vector per text [B, width] (mean over real tokens)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config.model_config())
+        self.width = config.width
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.transformer.encode(input_ids, attention_mask)
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
