@@ -191,10 +191,29 @@ def _prompt(test: np.ndarray) -> list[int]:
 
 
 def _time_decode(generate: Callable[[], list[int]]) -> tuple[float, list[int]]:
+    """Generated tokens per CPU second of this (one-thread) process: unlike wall time, not
+    stretched by whatever else shares the cores."""
     generate()  # warm-up (allocations, lazy imports)
-    started = time.perf_counter()
+    started = time.process_time()
     ids = generate()
-    return len(ids) / (time.perf_counter() - started), ids
+    return len(ids) / max(time.process_time() - started, 1e-9), ids
+
+
+def _decoder(kind: str, model, tokenizer, config: BaselineConfig, test: "np.ndarray") -> Callable[[], list[int]]:
+    """Greedy batch-1 generation of ``gen_tokens`` after the first test row's first 16 tokens,
+    each model on its own decoding path (the Transformer through the scheduler's engine)."""
+    prompt = _prompt(test)
+    if kind == "ngram":
+        return lambda: model.generate(prompt, config.gen_tokens, temperature=0)
+    if kind in ("lstm", "gru"):
+        model.eval()
+        return lambda: model.generate(prompt, config.gen_tokens, temperature=0)
+    from lmforge.infer import SamplingParams
+    from lmforge.infer.engine import Generator
+
+    params = SamplingParams(max_tokens=config.gen_tokens, temperature=0.0, ignore_eos=True)
+    generator = Generator(model, tokenizer)
+    return lambda: list(generator.generate([prompt], params)[0].token_ids)
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -245,7 +264,6 @@ def _train_and_score(kind: str, config: BaselineConfig, log: Callable[[str], Non
         model.save(out / "ngram.safetensors")
         nats, count = ngram_rows_nll(model, test)
         vnats, vcount = ngram_rows_nll(model, val_rows)
-        rate, ids = _time_decode(lambda: model.generate(_prompt(test), config.gen_tokens, temperature=0))
         described = model.describe()
         result.update({"parameters": int(sum(described["ngrams"])), "ngrams": described["ngrams"],
                        "discounts": described["discounts"], "train_seconds": seconds,
@@ -265,23 +283,16 @@ def _train_and_score(kind: str, config: BaselineConfig, log: Callable[[str], Non
                                        seed=config.seed, threads=config.threads, progress=config.progress), log)
         cpu_seconds, wall_seconds = time.process_time() - cpu_started, time.perf_counter() - wall_started
         nats, count = recurrent_rows_nll(model, test)
-        model.eval()
-        rate, ids = _time_decode(lambda: model.generate(_prompt(test), config.gen_tokens, temperature=0))
         result.update({"parameters": model.num_parameters(), "train_seconds": report["train_seconds"],
                        "steps": report["steps"], "tokens_seen": report["tokens"], "validation": report["validation"]})
     else:
         model, report = _train_transformer(config, out, log)
         cpu_seconds, wall_seconds = time.process_time() - cpu_started, time.perf_counter() - wall_started
         nats, count = transformer_rows_nll(model, test)
-        from lmforge.infer import SamplingParams
-        from lmforge.infer.engine import Generator
-
-        params = SamplingParams(max_tokens=config.gen_tokens, temperature=0.0, ignore_eos=True)
-        generator = Generator(model, tokenizer)
-        rate, ids = _time_decode(lambda: list(generator.generate([_prompt(test)], params)[0].token_ids))
         result.update({"parameters": model.num_parameters(), "train_seconds": report["train_seconds"],
                        "steps": report["steps"], "tokens_seen": report["tokens"],
                        "validation": report["validation_curve"]})
+    rate, ids = _time_decode(_decoder(kind, model, tokenizer, config, test))
     # Wall-clock step times stretch when other work shares the cores. The share of wall time this
     # process actually ran (CPU / wall over the whole training call, evaluations included) turns the
     # training seconds and the curve's x axis into CPU seconds, comparable between runs.
@@ -346,7 +357,11 @@ def _train_transformer(config: BaselineConfig, out: Path, log: Callable[[str], N
 # -- evaluation of saved models and the comparison -----------------------------------------------
 
 def evaluate(name: str, config: BaselineConfig) -> dict[str, float]:
-    """Test figures of a trained model ``name`` (ngram-N, lstm, gru, transformer) from its saved files."""
+    """Test figures and decode speed of a trained model ``name`` (ngram-N, lstm, gru, transformer)
+    from its saved files; its result.json is updated with them."""
+    import torch
+
+    from lmforge.io.atomic import write_json_atomic
     from lmforge.train.data import token_byte_lengths
 
     _require_corpus(config)
@@ -356,24 +371,37 @@ def evaluate(name: str, config: BaselineConfig) -> dict[str, float]:
         raise LmforgeError(f"no trained model {name!r} in {config.root} (train it with `lmforge baseline train`)")
     result = json.loads(result_path.read_text(encoding="utf-8"))
     test = load_rows(config, "test")
-    if result["kind"] == "ngram":
-        from lmforge.model.ngram import NGramLM
+    tokenizer = load_tokenizer(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        if result["kind"] == "ngram":
+            from lmforge.model.ngram import NGramLM
 
-        nats, count = ngram_rows_nll(NGramLM.load(out / "ngram.safetensors"), test)
-    elif result["kind"] in ("lstm", "gru"):
-        from lmforge.model.rnn import RecurrentLM
+            model = NGramLM.load(out / "ngram.safetensors")
+            nats, count = ngram_rows_nll(model, test)
+        elif result["kind"] in ("lstm", "gru"):
+            from lmforge.model.rnn import RecurrentLM
 
-        nats, count = recurrent_rows_nll(RecurrentLM.load(out / "model"), test)
-    else:
-        from lmforge.model.loading import load_model
-        from lmforge.model.registry import resolve
-        from lmforge.train.checkpoint import latest_checkpoint
+            model = RecurrentLM.load(out / "model")
+            nats, count = recurrent_rows_nll(model, test)
+        else:
+            from lmforge.model.loading import load_model
+            from lmforge.model.registry import resolve
+            from lmforge.train.checkpoint import latest_checkpoint
 
-        checkpoint = latest_checkpoint(out / "run" / "checkpoints")
-        if checkpoint is None:
-            raise LmforgeError(f"{out} holds no complete Transformer checkpoint")
-        nats, count = transformer_rows_nll(load_model(resolve(str(checkpoint))), test)
-    return test_figures(nats, count, test, token_byte_lengths(load_tokenizer(config)))
+            checkpoint = latest_checkpoint(out / "run" / "checkpoints")
+            if checkpoint is None:
+                raise LmforgeError(f"{out} holds no complete Transformer checkpoint")
+            model = load_model(resolve(str(checkpoint)))
+            nats, count = transformer_rows_nll(model, test)
+        rate, _ = _time_decode(_decoder(result["kind"], model, tokenizer, config, test))
+    finally:
+        torch.set_num_threads(threads)
+    figures = test_figures(nats, count, test, token_byte_lengths(tokenizer))
+    result.update({"test": figures, "decode_tokens_per_s": rate})
+    write_json_atomic(result_path, result)
+    return {**figures, "decode_tokens_per_s": rate}
 
 
 def _order_key(result: dict[str, Any]) -> tuple[int, str]:
