@@ -38,6 +38,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.guard",      # guard check | redact | train | eval
     "lmforge.cli.baseline",   # baseline prepare | train ngram|lstm|gru|transformer | eval | compare
     "lmforge.cli.vlm",        # vlm train cnn|vit|clip | eval | classify
+    "lmforge.cli.translate",  # translate MODEL_DIR [FILE] | translate train RECIPE
 )
 
 

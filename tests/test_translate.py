@@ -1,0 +1,124 @@
+"""``lmforge translate`` on a tiny saved Marian-style model, and the translation task on the loop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.model.seq2seq import Seq2SeqConfig, Seq2SeqLM
+from lmforge.model.seq2seq_io import load_seq2seq, save_seq2seq
+
+SENTENCES = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light.",
+             "EN el principio crió Dios los cielos y la tierra.", "Y dijo Dios: Sea la luz: y fué la luz."]
+
+
+@pytest.fixture(scope="module")
+def tiny_translator(tmp_path_factory):
+    from lmforge.tokenizer.train import train_tokenizer
+    from lmforge.tune.translation import SPECIAL_TOKENS
+
+    tokenizer = train_tokenizer(SENTENCES * 3, algo="unigram", vocab_size=80, special_tokens=SPECIAL_TOKENS)
+    torch.manual_seed(0)
+    pad, eos = tokenizer.token_to_id("<pad>"), tokenizer.token_to_id("</s>")
+    model = Seq2SeqLM(Seq2SeqConfig(vocab_size=tokenizer.vocab_size, n_embd=32, n_head=4, intermediate_size=48,
+                                    max_position_embeddings=64, final_logits_bias=True, scale_embedding=True,
+                                    pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad)).eval()
+    path = save_seq2seq(model, tmp_path_factory.mktemp("translator") / "model", tokenizer)
+    return path, model, tokenizer
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_translate_lines_as_json_keeps_empty_lines(capsys, tmp_path, tiny_translator):
+    from lmforge.tune.translation import translate_texts
+
+    path, model, tokenizer = tiny_translator
+    source = tmp_path / "in.txt"
+    source.write_text("And God said.\n\nLet there be light.\n", encoding="utf-8")
+    code, out, err = run(capsys, "translate", str(path), str(source), "--num-beams", "2", "--max-tokens", "6",
+                         "--json")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["source"] for r in records] == ["And God said.", "", "Let there be light."]
+    assert records[1]["translation"] == ""
+    loaded = load_seq2seq(path)
+    expected = translate_texts(loaded, tokenizer, ["And God said.", "Let there be light."], num_beams=2,
+                               max_new_tokens=6)
+    assert [records[0]["translation"], records[2]["translation"]] == expected
+    # plain output: one translation per input line
+    code, out, _ = run(capsys, "translate", str(path), str(source), "--num-beams", "1", "--max-tokens", "6")
+    assert code == 0 and len(out.splitlines()) == 3
+
+
+def test_translate_user_errors_are_one_line(capsys, tmp_path, tiny_translator):
+    path, _, _ = tiny_translator
+    code, _, err = run(capsys, "translate", str(path), str(tmp_path / "missing.txt"))
+    assert code == 1 and "no such input file" in err and "Traceback" not in err
+    code, _, err = run(capsys, "translate", str(tmp_path), str(path / "config.json"))
+    assert code == 1 and "config.json" in err
+    code, _, err = run(capsys, "translate", str(path), "--train.max-steps", "3")
+    assert code == 1 and "translate train" in err
+    code, _, err = run(capsys, "translate", str(path), "--num-beams", "0")
+    assert code == 1 and "--num-beams" in err
+
+
+def test_recipe_prints_and_validates(capsys):
+    import yaml
+
+    code, out, _ = run(capsys, "translate", "train", "translate-bible-en-es", "--print-recipe",
+                       "--train.max-steps", "7", "--schedule.warmup-steps", "2")
+    assert code == 0
+    recipe = yaml.safe_load(out)
+    assert recipe["train"]["max_steps"] == 7 and recipe["data"]["target"] == "rv1909"
+    code, _, err = run(capsys, "translate", "train", "translate-bible-en-es", "--print-recipe",
+                       "--data.max-len", "1000")
+    assert code == 1 and "max_len" in err
+
+
+def test_batches_are_a_pure_function_of_the_position_and_cover_an_epoch():
+    from lmforge.tune.translation import TranslationConfig, TranslationTask
+
+    task = TranslationTask(TranslationConfig())
+    rng = np.random.default_rng(0)
+    task.src = [list(rng.integers(3, 50, size=int(n))) + [2] for n in rng.integers(2, 30, size=50)]
+    task.tgt = [list(rng.integers(3, 50, size=int(n))) + [2] for n in rng.integers(2, 30, size=50)]
+    task.pad = 1
+    picked = [i for p in range(0, 50, 5) for i in task._pick(p, 5)]
+    assert sorted(picked) == list(range(50))  # one epoch sees every pair once
+    assert task._pick(10, 5) == task._pick(10, 5)
+    batch = task.batch(0, 5)
+    assert batch.count == int((batch.labels != -100).sum())
+    assert batch.extra["attention_mask"].sum() + batch.count == batch.tokens
+
+
+needs_diatheke = pytest.mark.skipif(shutil.which("diatheke") is None, reason="diatheke (SWORD) is not installed")
+
+
+@pytest.mark.slow
+@needs_diatheke
+def test_a_few_training_steps_on_the_bible_through_the_loop(tmp_path):
+    from lmforge.tune.translation import load_translation_recipe, train_translator
+
+    config = load_translation_recipe("lmforge/recipes/translate-bible-en-es.yaml", {
+        "train.out": str(tmp_path / "run"), "train.max_steps": 4, "train.eval_interval": 4, "train.batch_size": 8,
+        "schedule.warmup_steps": 1, "model.n_embd": 32, "model.intermediate_size": 48, "model.n_layer": 1,
+        "model.n_decoder_layer": 1, "eval.validation_examples": 4, "eval.loss_examples": 8, "eval.test_examples": 4,
+        "eval.max_new_tokens": 6, "data.cache": str(tmp_path / "corpus"), "data.tokenizer_vocab_size": 800,
+        "train.plots": False})
+    report = train_translator(config, progress=False, log=lambda _m: None)
+    assert report["steps"] == 4 and report["final_train_loss"] < report["first_train_loss"]
+    assert set(report["test"]) == {"verses", "greedy", "beam4"}
+    model = load_seq2seq(report["output"])
+    assert model.config.vocab_size == 800
+    test_books = set(config.data.test_books)
+    train_refs = [json.loads(line)["reference"] for line in (tmp_path / "corpus" / "train.jsonl").open()]
+    assert not any(ref.rsplit(" ", 1)[0] in test_books for ref in train_refs)
