@@ -333,3 +333,36 @@ def test_user_errors_end_in_one_message(tiny_dataset, tmp_path, capsys):
     assert "does not divide" in capsys.readouterr().err
     assert main(["vlm", "train", "cnn", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 1
     assert "install-fashion-mnist.sh" in capsys.readouterr().err
+
+
+# ---- connectors -----------------------------------------------------------------------------
+
+def test_connectors_shapes_gates_and_masks():
+    from lmforge.vlm.connectors import CrossAttention, GatedCrossAttention, MLPProjector, QueryResampler
+
+    torch.manual_seed(0)
+    patches = torch.randn(2, 17, 32)  # a ViT's class token + 16 patches
+    text = torch.randn(2, 5, 48)
+    assert MLPProjector(32, 48)(patches).shape == (2, 17, 48)
+
+    gated = GatedCrossAttention(48, 32, heads=4)
+    torch.testing.assert_close(gated(text, patches), text)  # closed gates: the language model is unchanged
+    gated(text, patches).sum().backward()
+    assert float(gated.attn_gate.grad) != 0.0  # ... and training can open them
+    with torch.no_grad():
+        gated.attn_gate.fill_(1.0)
+    assert not torch.allclose(gated(text, patches), text)
+
+    # a masked-out context position has no influence
+    attn = CrossAttention(48, 32, heads=4)
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[:, -1] = 0
+    changed = patches.clone()
+    changed[:, -1] += 5.0
+    torch.testing.assert_close(attn(text, patches, mask), attn(text, changed, mask))
+    assert not torch.allclose(attn(text, patches), attn(text, changed))
+
+    # a resampler gives the same number of visual tokens for any number of patches
+    resampler = QueryResampler(48, 32, heads=4, queries=6)
+    assert resampler(patches).shape == (2, 6, 48)
+    assert resampler(torch.randn(2, 50, 32)).shape == (2, 6, 48)

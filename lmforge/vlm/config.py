@@ -37,6 +37,7 @@ class VisionTrainConfig:
     depth: int = option(4, help="vit: Transformer blocks")
     heads: int = option(4, help="vit: attention heads")
     pool: str = option("cls", choices=("cls", "mean"), help="vit: the class token's state or the mean of the patches")
+    cnn_width: int = option(32, help="cnn: channels of the first stage (doubled at each of the next two)")
     text_width: int = option(64, help="clip: text encoder width")
     text_depth: int = option(2, help="clip: text encoder blocks")
     vocab_size: int = option(300, help="clip: WordPiece vocabulary trained on the training captions")
@@ -51,7 +52,8 @@ class VisionTrainConfig:
             raise LmforgeError(f"unknown model kind {self.kind!r}: use {', '.join(KINDS)}")
         if self.out is None:
             self.out = f"runs/vlm-{self.kind}"
-        for name in ("batch_size", "width", "depth", "heads", "patch_size", "text_width", "text_depth", "embed_dim"):
+        for name in ("batch_size", "width", "depth", "heads", "patch_size", "text_width", "text_depth", "embed_dim",
+                     "cnn_width"):
             if getattr(self, name) < 1:
                 raise LmforgeError(f"--{name.replace('_', '-')} must be at least 1")
         if 28 % self.patch_size:
@@ -69,4 +71,4 @@ class VisionTrainConfig:
         if self.image_encoder == "vit":
             return dict(patch_size=self.patch_size, width=self.width, depth=self.depth, heads=self.heads,
                         mlp_ratio=2, pool=self.pool)
-        return {}
+        return dict(widths=[self.cnn_width, 2 * self.cnn_width, 4 * self.cnn_width])
