@@ -65,6 +65,17 @@ class ModelConfig:
     type_vocab_size: int = 0  # rows of the token-type table; 0: no token types
     embedding_norm: bool = False
     lm_head: bool = True  # False: the model returns hidden states only (see Transformer.encode)
+    # Mixture of experts (M7, Mixtral): num_experts > 0 replaces every block's SwiGLU MLP with
+    # that many SwiGLU experts of width intermediate_size, experts_per_token of them run per
+    # token (see moe.py). The coefficients weight the router's auxiliary losses in training;
+    # capacity_factor None routes every token (no dropping); jitter scales router inputs by
+    # U(1-j, 1+j) in training (Mixtral's router_jitter_noise).
+    num_experts: int = 0
+    experts_per_token: int = 2
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    capacity_factor: float | None = None
+    router_jitter_noise: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # unused HF keys, preserved on save
 
     def __post_init__(self) -> None:
@@ -84,6 +95,15 @@ class ModelConfig:
             raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
         if self.type_vocab_size < 0:
             raise ValueError(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token must be between 1 and num_experts={self.num_experts}, "
+                             f"got {self.experts_per_token}")
+        if self.num_experts and self.mlp != "swiglu":
+            raise ValueError("mixture-of-experts layers use SwiGLU experts (mlp='swiglu')")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
 
@@ -106,8 +126,9 @@ class ModelConfig:
             raise ValueError(f"unknown ModelConfig fields: {', '.join(unknown)}")
         return cls(**data)
 
-    def num_parameters(self) -> int:
-        """Parameter count computed from the shapes alone (tied head counted once)."""
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count computed from the shapes alone (tied head counted once). With
+        `active`, a mixture of experts counts only the experts_per_token experts a token uses."""
         d, f = self.n_embd, self.intermediate_size
         norm_params = d * (2 if self.norm == "layernorm" else 1)
         attn = d * (self.q_size + 2 * self.kv_size) + self.q_size * d
@@ -115,6 +136,8 @@ class ModelConfig:
         attn += d if self.out_bias else 0
         n_in = 2 * f if self.mlp == "swiglu" else f
         mlp = d * n_in + f * d + ((n_in + d) if self.mlp_bias else 0)
+        if self.num_experts:
+            mlp = mlp * (self.experts_per_token if active else self.num_experts) + d * self.num_experts
         per_layer = attn + mlp + 2 * norm_params
         total = self.vocab_size * d + self.n_layer * per_layer
         total += norm_params if self.norm_position == "pre" else 0  # the final norm

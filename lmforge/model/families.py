@@ -9,6 +9,8 @@ lmforge's own parameter names (one layer shown):
     type_embed.weight, embed_norm.weight/.bias (encoders only)
     layers.{i}.attn_norm.*, layers.{i}.attn.qkv.*, layers.{i}.attn.out.*,
     layers.{i}.mlp_norm.*, layers.{i}.mlp.fc.* (SwiGLU: gate rows then up rows), layers.{i}.mlp.proj.*
+    mixture of experts (Mixtral): layers.{i}.mlp.router.weight [E, D], layers.{i}.mlp.w_in
+    [E, 2F, D] (each expert's gate rows then up rows), layers.{i}.mlp.w_out [E, D, F]
 In a post-norm block (BERT) attn_norm follows the attention's residual add and mlp_norm
 the feed-forward's.
 """
@@ -63,11 +65,16 @@ def _llama_like_config(family: str) -> Callable[[dict[str, Any]], ModelConfig]:
         theta, scaling = _rope_from_hf(hf)
         n_head = hf["num_attention_heads"]
         window = None
-        if family == "mistral" or (family == "qwen2" and hf.get("use_sliding_window")):
+        if family in ("mistral", "mixtral") or (family == "qwen2" and hf.get("use_sliding_window")):
             window = hf.get("sliding_window")
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise LmforgeError(f"unsupported activation {act!r} for a {family} model (expected silu)")
+        moe = {}
+        if family == "mixtral":
+            moe = dict(num_experts=hf.get("num_local_experts", 8), experts_per_token=hf.get("num_experts_per_tok", 2),
+                       router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                       router_jitter_noise=float(hf.get("router_jitter_noise") or 0.0))
         return ModelConfig(
             family=family,
             vocab_size=hf["vocab_size"],
@@ -92,6 +99,7 @@ def _llama_like_config(family: str) -> Callable[[dict[str, Any]], ModelConfig]:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
+            **moe,
         )
 
     return convert
@@ -117,8 +125,11 @@ def _llama_like_hf(family: str) -> Callable[[ModelConfig], dict[str, Any]]:
         if family == "llama":
             hf["attention_bias"] = c.qkv_bias
             hf["mlp_bias"] = c.mlp_bias
-        if family == "mistral":
+        if family in ("mistral", "mixtral"):
             hf["sliding_window"] = c.sliding_window
+        if family == "mixtral":
+            hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.experts_per_token,
+                      router_aux_loss_coef=c.router_aux_loss_coef, router_jitter_noise=c.router_jitter_noise)
         if family == "qwen2":
             hf["use_sliding_window"] = c.sliding_window is not None
             hf["sliding_window"] = c.sliding_window
@@ -234,6 +245,11 @@ _LLAMA_LAYER = {
     "mlp.proj.weight": ("mlp.down_proj.weight",),
     "mlp.proj.bias": ("mlp.down_proj.bias",),
 }
+# Mixtral: attention and norms as Llama; the feed-forward is a router plus experts, which
+# `_experts_from_hf` / `_experts_to_hf` convert (per-expert w1/w3/w2 matrices in checkpoints,
+# fused [E, ...] tensors in transformers 5's modules).
+_MIXTRAL_LAYER = {k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("mlp.")}
+_MIXTRAL_LAYER["mlp.router.weight"] = ("block_sparse_moe.gate.weight",)
 _LLAMA_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
 
 
@@ -242,7 +258,7 @@ def _llama_like(name: str, model_type: str, arch: str) -> Family:
         name=name,
         hf_model_type=model_type,
         hf_architecture=arch,
-        layer_map=_LLAMA_LAYER,
+        layer_map=_MIXTRAL_LAYER if name == "mixtral" else _LLAMA_LAYER,
         top_map=_LLAMA_TOP,
         hf_layer_prefix="model.layers.{i}.",
         to_config=_llama_like_config(name),
@@ -250,10 +266,13 @@ def _llama_like(name: str, model_type: str, arch: str) -> Family:
     )
 
 
+MOE_FAMILIES = ("mixtral",)
+
 FAMILIES: dict[str, Family] = {
     "llama": _llama_like("llama", "llama", "LlamaForCausalLM"),
     "qwen2": _llama_like("qwen2", "qwen2", "Qwen2ForCausalLM"),
     "mistral": _llama_like("mistral", "mistral", "MistralForCausalLM"),
+    "mixtral": _llama_like("mixtral", "mixtral", "MixtralForCausalLM"),
     "gpt2": Family(
         name="gpt2",
         hf_model_type="gpt2",
@@ -342,6 +361,9 @@ def hf_config_from(config: ModelConfig) -> dict[str, Any]:
             "this model's RoPE uses explicit per-frequency factors (from a GGUF rope_freqs tensor), "
             "which config.json cannot express; it cannot be saved in the Hugging Face layout"
         )
+    if config.num_experts and family.name not in MOE_FAMILIES:
+        raise LmforgeError(f"a {config.family} checkpoint has no place for {config.num_experts} experts per layer: "
+                           f"give a mixture of experts family={' or '.join(MOE_FAMILIES)}")
     hf = {"architectures": [family.hf_architecture], "model_type": family.hf_model_type, **config.extra}
     hf.update(family.from_config(config))
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -361,6 +383,9 @@ def hf_to_lmforge(config: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dic
         hf_state = {(k[cut:] if k.startswith(family.optional_prefix) else k): v for k, v in hf_state.items()}
     for old, new in family.legacy_suffixes:
         hf_state = {(k[: -len(old)] + new if k.endswith(old) else k): v for k, v in hf_state.items()}
+    if config.num_experts:
+        # transformers 5 names the block "mlp" in memory; checkpoints say "block_sparse_moe".
+        hf_state = {k.replace(".mlp.gate.", ".block_sparse_moe.gate."): v for k, v in hf_state.items()}
     out: dict[str, torch.Tensor] = {}
     for ours, theirs in family.top_map.items():
         if theirs in hf_state:
@@ -378,7 +403,30 @@ def hf_to_lmforge(config: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dic
             if ours in family.transposed:
                 tensor = tensor.t()
             out[f"layers.{i}.{ours}"] = tensor.contiguous()
+        if config.num_experts:
+            out.update(_experts_from_hf(config, hf_state, prefix, f"layers.{i}.mlp."))
     return out
+
+
+def _experts_from_hf(config: ModelConfig, hf_state: dict[str, torch.Tensor], prefix: str,
+                     ours: str) -> dict[str, torch.Tensor]:
+    """One layer's experts as lmforge's w_in [E, 2F, D] / w_out [E, D, F], from per-expert
+    w1 (gate), w3 (up), w2 (down) matrices or transformers 5's fused gate_up_proj / down_proj."""
+    fused_in, fused_out = prefix + "mlp.experts.gate_up_proj", prefix + "mlp.experts.down_proj"
+    if fused_in in hf_state and fused_out in hf_state:
+        return {ours + "w_in": hf_state[fused_in].contiguous(), ours + "w_out": hf_state[fused_out].contiguous()}
+    gates, ups, downs = [], [], []
+    for e in range(config.num_experts):
+        names = [f"{prefix}block_sparse_moe.experts.{e}.{w}.weight" for w in ("w1", "w3", "w2")]
+        missing = [n for n in names if n not in hf_state]
+        if missing:
+            raise LmforgeError(f"checkpoint is missing {', '.join(missing)}")
+        gate, up, down = (hf_state[n] for n in names)
+        gates.append(gate)
+        ups.append(up)
+        downs.append(down)
+    w_in = torch.cat([torch.stack(gates), torch.stack(ups)], dim=1)
+    return {ours + "w_in": w_in.contiguous(), ours + "w_out": torch.stack(downs).contiguous()}
 
 
 def lmforge_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -406,4 +454,14 @@ def lmforge_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[s
                 chunks = tensor.split(sizes[ours.rsplit(".", 1)[0]], dim=0)
                 for name, chunk in zip(theirs, chunks):
                     out[prefix + name] = chunk.contiguous()
+        w_in, w_out = state.get(f"layers.{i}.mlp.w_in"), state.get(f"layers.{i}.mlp.w_out")
+        if config.num_experts and w_in is not None and w_out is not None:
+            # Written as Mixtral checkpoints are (and as transformers 5 saves them): one
+            # w1 (gate), w3 (up) and w2 (down) matrix per expert.
+            gate, up = w_in.split(config.intermediate_size, dim=1)
+            for e in range(config.num_experts):
+                base = f"{prefix}block_sparse_moe.experts.{e}."
+                out[base + "w1.weight"] = gate[e].contiguous()
+                out[base + "w3.weight"] = up[e].contiguous()
+                out[base + "w2.weight"] = w_out[e].contiguous()
     return out

@@ -39,6 +39,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .moe import MoE, load_balancing_loss, router_z_loss
 from . import fused_ops, onednn
 from .onednn import project
 from .rope import RotaryTable, apply_rotary
@@ -253,7 +254,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config)
         self.attn = Attention(config)
         self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.num_experts else MLP(config)
 
     def forward(self, x, rope, mask, cache, layer, start, end):
         x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, start, end)
@@ -283,7 +284,7 @@ class PostNormBlock(Block):
         outside the products are attention and the two norms.
         """
         attn, mlp = self.attn, self.mlp
-        if not mlp.swiglu and onednn.packed_usable(x, attn.qkv, attn.out, mlp.fc, mlp.proj):
+        if isinstance(mlp, MLP) and not mlp.swiglu and onednn.packed_usable(x, attn.qkv, attn.out, mlp.fc, mlp.proj):
             qkv = onednn.packed_linear(attn.qkv, x)
             y = attn.attend_packed(x, packing, rope, mask, qkv=qkv)
             x = self.attn_norm(onednn.packed_linear_add(attn.out, y, x))
@@ -492,6 +493,34 @@ class Transformer(nn.Module):
         if window is not None:
             allowed = allowed & (key_pos > query_pos - window)
         return allowed.unsqueeze(1)
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
+
+    def router_losses(self) -> dict[str, torch.Tensor]:
+        """The routers' auxiliary losses over the last forward (empty for a dense model):
+        "router_aux" (load balancing) and "router_z", unweighted, and "router_loss", their sum
+        weighted by the config's coefficients (what training adds to the token loss)."""
+        layers = self.moe_layers()
+        logits = [m.router_logits for m in layers if m.router_logits is not None]
+        if not logits:
+            return {}
+        aux = load_balancing_loss(logits, self.config.experts_per_token)
+        z = router_z_loss(logits)
+        total = self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
+        return {"router_aux": aux, "router_z": z, "router_loss": total}
+
+    def expert_load(self, reset: bool = False) -> torch.Tensor:
+        """Tokens routed to each expert [n_moe_layers, num_experts], summed over every forward
+        since the last reset (`reset=True` clears the counts after reading them)."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, 0, dtype=torch.long)
+        load = torch.stack([m.tokens_per_expert.clone() for m in layers])
+        if reset:
+            for m in layers:
+                m.reset_statistics()
+        return load
 
     def num_parameters(self) -> int:
         seen, total = set(), 0

@@ -62,7 +62,7 @@ from lmforge.io.progress import Progress
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.data import RowStream, dataset_tokenizer, ensure_dataset, token_byte_lengths
 from lmforge.train.fused_ce import linear_cross_entropy
-from lmforge.train.loss import IGNORE_INDEX
+from lmforge.train.loss import IGNORE_INDEX, with_router_loss
 from lmforge.train.distributed import (Runtime, TrainingObjective, barrier, full_model_state, full_optimizer_state,
                                        init_runtime, load_full_state, mean_across, shutdown, sum_across, wrap_model)
 from lmforge.train.optim import build_optimizer
@@ -191,8 +191,9 @@ def packed_causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, label
         flat += row_lengths
     hidden = model.encode_packed(torch.cat(ids), flat)
     head = model.lm_head
-    return linear_cross_entropy(hidden, head.weight, torch.cat(targets), ignore_index=IGNORE_INDEX,
-                                reduction=reduction)
+    targets = torch.cat(targets)
+    loss = linear_cross_entropy(hidden, head.weight, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+    return with_router_loss(model, loss, targets, reduction)
 
 
 class SequenceObjective(TrainingObjective):
@@ -465,6 +466,10 @@ class Trainer:
         self.tokens_seen += step_tokens
         means = {key: float(sum_across(value, self.runtime)) / max(float(count), 1.0)
                  for key, value in metric_sums.items()}
+        # A mixture of experts' router losses of the last micro-batch (unweighted), for the log.
+        router_losses = getattr(self.model, "router_losses", None)
+        means.update({k: float(v) for k, v in (router_losses() if callable(router_losses) else {}).items()
+                      if k != "router_loss"})
         return {"loss": loss_value, **{k: v for k, v in means.items() if k != "loss"}, "lr": lr,
                 "grad_norm": float(norm), "step_tokens": step_tokens}
 

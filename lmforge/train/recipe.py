@@ -47,6 +47,12 @@ class ModelSection:
     position: str = "rope"
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
+    # Mixture of experts (0: a dense model); see ModelConfig for their meaning.
+    num_experts: int = 0
+    experts_per_token: int = 2
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    capacity_factor: float | None = None
 
 
 @dataclass
@@ -185,7 +191,9 @@ def model_config_of(section: ModelSection, vocab_size: int, seq_len: int, bos_id
             intermediate_size=section.intermediate_size,
             max_position_embeddings=section.max_position_embeddings or seq_len, norm=section.norm, mlp=section.mlp,
             position=section.position, rope_theta=section.rope_theta, tie_word_embeddings=section.tie_word_embeddings,
-            bos_token_id=bos_id, eos_token_id=eos_id,
+            bos_token_id=bos_id, eos_token_id=eos_id, num_experts=section.num_experts,
+            experts_per_token=section.experts_per_token, router_aux_loss_coef=section.router_aux_loss_coef,
+            router_z_loss_coef=section.router_z_loss_coef, capacity_factor=section.capacity_factor,
         )
     except ValueError as exc:
         raise LmforgeError(f"model: {exc}") from None
