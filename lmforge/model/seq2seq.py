@@ -343,8 +343,10 @@ class Seq2SeqStack(nn.Module):
         return F.dropout(x, self.config.dropout, self.training)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.final_norm(x) if self.final_norm is not None else x
-        return F.dropout(x, self.config.dropout, self.training) if self.final_norm is not None else x
+        """The stack's output: pre-norm stacks end in a norm (and T5's dropout); post-norm ones already did."""
+        if self.final_norm is None:
+            return x
+        return F.dropout(self.final_norm(x), self.config.dropout, self.training)
 
 
 def _padding_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
