@@ -303,3 +303,57 @@ def test_lmforge_serve_answers_for_a_mixtral_directory(tiny_mixtral, tmp_path):
     finally:
         server.terminate()
         server.wait(20)
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked-experts", "per-expert"])
+def test_mixtral_gguf_loads_with_the_same_logits(tiny_mixtral, tmp_path, stacked):
+    """A llama.cpp-style Mixtral GGUF (llama architecture + expert_count) written here with the
+    gguf package, in both of llama.cpp's expert layouts."""
+    import gguf
+
+    from lmforge.model.gguf_io import load_gguf_model
+    from lmforge.model.gguf_write import gguf_tensors
+
+    ours = load_hf_model(tiny_mixtral[0])
+    c = ours.config
+    state = dict(ours.state_dict())
+    for i in range(c.n_layer):  # the dense mapping wants an MLP; its ffn_* names are replaced below
+        state[f"layers.{i}.mlp.fc.weight"] = torch.zeros(2 * c.intermediate_size, c.n_embd)
+        state[f"layers.{i}.mlp.proj.weight"] = torch.zeros(c.n_embd, c.intermediate_size)
+    tensors = gguf_tensors(c, state, "llama")
+    for i in range(c.n_layer):
+        b, p = f"blk.{i}.", f"layers.{i}.mlp."
+        for name in ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"):
+            del tensors[b + name]
+        gate, up = state[p + "w_in"].split(c.intermediate_size, dim=1)
+        tensors[b + "ffn_gate_inp.weight"] = state[p + "router.weight"]
+        parts = {"gate": gate, "up": up, "down": state[p + "w_out"]}
+        for part, value in parts.items():
+            if stacked:
+                tensors[f"{b}ffn_{part}_exps.weight"] = value
+            else:
+                for e in range(c.num_experts):
+                    tensors[f"{b}ffn_{part}.{e}.weight"] = value[e]
+    path = tmp_path / "tiny-mixtral.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.n_layer)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.n_embd)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_kv_head)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_expert_count(c.num_experts)
+    w.add_expert_used_count(c.experts_per_token)
+    for name, tensor in tensors.items():
+        w.add_tensor(name, tensor.detach().float().contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    loaded = load_gguf_model(path)
+    assert loaded.config.family == "mixtral" and loaded.config.num_experts == 4
+    ids = ids_of(6, batch=1)
+    with torch.no_grad():
+        assert (loaded(ids) - ours(ids)).abs().max().item() <= ATOL

@@ -6,6 +6,11 @@ file and dequantizes blocks to float32; this module maps llama.cpp's tensor name
 lmforge's and undoes one quirk: llama.cpp's converter permutes the rows of q and k of
 Llama-architecture models so that RoPE can rotate adjacent pairs; lmforge (like Hugging
 Face) rotates the two halves, so the rows are permuted back.
+
+Mixtral-style mixtures of experts are llama.cpp's "llama" architecture with
+`llama.expert_count` / `llama.expert_used_count`; each block then holds the router
+(ffn_gate_inp) and the experts either stacked (ffn_gate_exps / ffn_up_exps / ffn_down_exps,
+[E, F, D] and [E, D, F]) or, in older files, one matrix per expert (ffn_gate.{e}, ...).
 """
 
 from __future__ import annotations
@@ -97,8 +102,14 @@ def config_from_gguf(reader: GGUFFile) -> ModelConfig:
         factors = reader.tensor("rope_freqs.weight").to_numpy().reshape(-1)
         scaling = {"rope_type": "factors", "factors": [float(f) for f in factors]}
     window = meta.get(f"{arch}.attention.sliding_window")
+    experts = int(meta.get(f"{arch}.expert_count") or 0)
+    moe = {}
+    if experts:
+        moe = dict(num_experts=experts, experts_per_token=int(get("expert_used_count")))
+    family = "qwen2" if arch == "qwen2" else ("mistral" if window else "llama")
     return ModelConfig(
-        family="qwen2" if arch == "qwen2" else ("mistral" if window else "llama"),
+        family="mixtral" if experts else family,
+        **moe,
         n_kv_head=int(get("attention.head_count_kv", n_head)),
         head_dim=int(meta.get(f"{arch}.attention.key_length", n_embd // n_head)),
         norm="rmsnorm",
@@ -155,11 +166,30 @@ def state_from_gguf(reader: GGUFFile, config: ModelConfig, progress=None) -> dic
                     state[f"layers.{i}.{fused}.{kind}"] = torch.cat(pieces, dim=0)
                 elif any(p is not None for p in pieces):
                     raise LmforgeError(f"GGUF file has only some of {', '.join(prefix + p for p in parts)}")
+        if config.num_experts:
+            state.update(_experts_from_gguf(raw, prefix, f"layers.{i}.mlp.", config.num_experts))
     raw.pop("rope_freqs.weight", None)  # already folded into config.rope_scaling
     leftover = list(raw)
     if leftover:
         raise LmforgeError(f"GGUF file has tensors lmforge does not understand: {', '.join(leftover[:5])}")
     return state
+
+
+def _experts_from_gguf(raw: dict[str, torch.Tensor], prefix: str, ours: str, n_experts: int) -> dict[str, torch.Tensor]:
+    """One block's router and experts (stacked or per-expert tensors) as lmforge's router / w_in / w_out."""
+    router = raw.pop(prefix + "ffn_gate_inp.weight", None)
+    if router is None:
+        raise LmforgeError(f"GGUF mixture-of-experts file lacks {prefix}ffn_gate_inp.weight")
+    stacked = [raw.pop(f"{prefix}ffn_{p}_exps.weight", None) for p in ("gate", "up", "down")]
+    if any(t is None for t in stacked):
+        per_expert = [[raw.pop(f"{prefix}ffn_{p}.{e}.weight", None) for e in range(n_experts)]
+                      for p in ("gate", "up", "down")]
+        if any(t is None for part in per_expert for t in part):
+            raise LmforgeError(f"GGUF mixture-of-experts file lacks the experts of {prefix.rstrip('.')}")
+        stacked = [torch.stack(part) for part in per_expert]
+    gate, up, down = stacked
+    return {ours + "router.weight": router, ours + "w_in": torch.cat([gate, up], dim=1).contiguous(),
+            ours + "w_out": down.contiguous()}
 
 
 def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", reader=None, progress=None):

@@ -468,7 +468,7 @@ class Trainer:
                  for key, value in metric_sums.items()}
         # A mixture of experts' router losses of the last micro-batch (unweighted), for the log.
         router_losses = getattr(self.model, "router_losses", None)
-        means.update({k: float(v) for k, v in (router_losses() if callable(router_losses) else {}).items()
+        means.update({k: float(v.detach()) for k, v in (router_losses() if callable(router_losses) else {}).items()
                       if k != "router_loss"})
         return {"loss": loss_value, **{k: v for k, v in means.items() if k != "loss"}, "lr": lr,
                 "grad_norm": float(norm), "step_tokens": step_tokens}
