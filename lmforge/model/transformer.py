@@ -17,6 +17,11 @@ tokens only, and only attention sees a padded view. In CPU float32 inference its
 blocks multiply by oneDNN's packed weights with the bias, GELU and residual add done as the
 products write (`PostNormBlock.forward_packed`, lmforge/model/onednn.py).
 
+Mixture of experts (M7): with `ModelConfig.num_experts > 0` each block's feed-forward is
+a `MoE` (lmforge/model/moe.py): a router picks `experts_per_token` SwiGLU experts per token.
+The rest of the model, the KV cache and every decode path are the same; `router_losses()`
+and `expert_load()` expose the routers' auxiliary losses and token counts.
+
 Fused projections: q, k and v come from one matrix (`attn.qkv`), and SwiGLU's gate and
 up projections from one matrix (`mlp.fc`). One large matrix-vector product per step is
 faster than three small ones, and checkpoint loaders split/concatenate at the boundary.
