@@ -357,3 +357,38 @@ def test_mixtral_gguf_loads_with_the_same_logits(tiny_mixtral, tmp_path, stacked
     ids = ids_of(6, batch=1)
     with torch.no_grad():
         assert (loaded(ids) - ours(ids)).abs().max().item() <= ATOL
+
+
+@pytest.mark.slow  # builds a small dataset and trains a few steps: ~10 s
+def test_pretraining_a_moe_logs_router_losses_and_writes_a_mixtral_checkpoint(tmp_path):
+    import json
+
+    import transformers as T
+
+    from lmforge.train.data import ensure_dataset
+    from lmforge.train.loop import pretrain
+    from lmforge.train.recipe import DataSection, load_recipe
+
+    data = tmp_path / "news-512"
+    ensure_dataset(DataSection(path=str(data), sources=["news"], tokenizer_vocab_size=512, seq_len=64,
+                               val_fraction=0.1), log=lambda _m: None)
+    out = tmp_path / "run"
+    options = {"model.family": "mixtral", "model.num_experts": 4, "model.experts_per_token": 2,
+               "model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "model.n_kv_head": 2,
+               "model.intermediate_size": 64, "data.path": str(data), "train.out": str(out),
+               "train.max_steps": 4, "train.batch_size": 4, "train.eval_interval": 4, "train.eval_batches": 1,
+               "train.save_interval": 4, "train.sample_tokens": 4, "train.plots": False,
+               "schedule.warmup_steps": 1}
+    pretrain(load_recipe(None, options), progress=False)
+    records = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 4
+    assert all(1.0 < r["router_aux"] < 4.0 and r["router_z"] > 0 for r in train)
+    final = out / "checkpoints" / "step-0000004"
+    ours = load_hf_model(final)
+    assert ours.config.family == "mixtral" and ours.config.num_experts == 4
+    theirs = T.AutoModelForCausalLM.from_pretrained(final).eval()
+    assert type(theirs) is T.MixtralForCausalLM
+    ids = ids_of(7, batch=1)[:, :16] % 512
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-4

@@ -20,8 +20,8 @@ Auxiliary losses read the router logits each `MoE` keeps from its last forward:
 - load balancing (Switch, eq. 4-6; Mixtral's form in transformers): E * sum_e f_e * P_e,
   f_e the fraction of the k*N assignments that went to expert e, P_e the mean router
   probability of e; both are pooled over all layers. f is a count (no gradient) and P
-  carries the gradient, pushing probability away from overloaded experts. Its minimum,
-  k, is reached when routing is uniform.
+  carries the gradient, pushing probability away from overloaded experts. It equals k
+  when routing is uniform and approaches E as tokens collapse onto one expert.
 - router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2, which keeps router
   logits small so the softmax stays in a numerically comfortable range.
 
