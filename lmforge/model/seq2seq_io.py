@@ -186,6 +186,11 @@ def lmforge_to_hf(config: Seq2SeqConfig, state: dict[str, torch.Tensor]) -> dict
             tensor = tensor.reshape(1, -1)
         for name, part in zip(names, tensor.chunk(len(names), 0)):
             out[name] = part.contiguous()
+    if config.family == "marian" and not config.tie_word_embeddings:
+        # transformers ties a Marian model's encoder and decoder embeddings to `shared` only when the
+        # head is tied too; otherwise it reads them as separate tensors, so they are written out
+        for stack in ("encoder", "decoder"):
+            out[f"model.{stack}.embed_tokens.weight"] = out["model.shared.weight"].clone()
     return out
 
 
@@ -211,6 +216,10 @@ def load_seq2seq(directory: str | Path, dtype: torch.dtype = torch.float32, devi
         raise LmforgeError(f"{directory} holds a {hf.get('model_type')!r} model, not an encoder-decoder (t5, marian)")
     hf_state = read_safetensors(directory)
     shared = hf_state.get("shared.weight", hf_state.get("model.shared.weight"))
+    for stack in ("encoder", "decoder"):
+        own = hf_state.get(f"model.{stack}.embed_tokens.weight")
+        if own is not None and shared is not None and not torch.equal(own, shared):
+            raise LmforgeError(f"{directory}: the {stack} has its own token embeddings; lmforge shares one table")
     head = hf_state.get("lm_head.weight")
     has_head = head is not None and (shared is None or not torch.equal(head, shared))
     config = config_from_hf(hf, has_head=has_head)
