@@ -174,3 +174,20 @@ def test_default_model_onnx_export_matches_lmforge(tmp_path, default_lm):
     _check_prefill_and_steps(model, runner, prompt, steps=4)
     want = default_lm.complete([prompt], max_tokens=16, temperature=0.0, ignore_eos=True)[0].token_ids
     assert runner.generate(prompt, 16) == want
+
+
+def test_a_bfloat16_model_exports_in_float32_and_keeps_its_dtype(tmp_path):
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, n_embd=32, n_head=2, intermediate_size=64)).eval()
+    reference = Transformer(model.config).eval()
+    half = model.to(torch.bfloat16)
+    reference.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    runner = OnnxRunner(export_onnx(half, tmp_path / "bf16").directory)
+    assert half.embed.weight.dtype == torch.bfloat16
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    logits, _ = runner.forward(ids.numpy(), runner.empty_past(1))
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, reference(ids).numpy(), atol=TOL, rtol=0)

@@ -70,7 +70,7 @@ def export_model(model, target: str, options: ExportOptions, tokenizer=None, nam
             runner = OnnxRunner(result.directory)
             got, _ = runner.forward(ids.numpy(), runner.empty_past(1))
             with torch.no_grad():
-                ref = model.float()(ids).numpy()
+                ref = model(ids).float().numpy()
             summary["check_max_abs_diff"] = float(np.abs(got - ref).max())
             summary["check_same_argmax"] = float((got.argmax(-1) == ref.argmax(-1)).mean())
         return summary
@@ -84,7 +84,7 @@ def export_model(model, target: str, options: ExportOptions, tokenizer=None, nam
     if options.check:
         back = load_gguf_model(result.path)
         with torch.no_grad():
-            ref, got = model.float()(ids), back(ids)
+            ref, got = model(ids).float(), back(ids)
         summary["check_max_abs_diff"] = float((got - ref).abs().max())
         summary["check_same_argmax"] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
     return summary

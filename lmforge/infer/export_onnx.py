@@ -30,8 +30,10 @@ protobuf's 2 GB limit export the same way as tiny ones.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,12 +171,15 @@ def export_onnx(model, out: str | Path, tokenizer=None, overwrite: bool = False,
     out = Path(out)
     if out.exists() and not overwrite:
         raise LmforgeError(f"{out} already exists (choose another path or pass --overwrite)")
-    model = model.float().eval()  # ONNX export in float32: the reference numerics onnxruntime's CPU kernels run
+    # Exported in float32, the numerics onnxruntime's CPU kernels run; a copy, so the caller's model keeps its dtype.
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = copy.deepcopy(model).float()
+    model = model.eval()
     wrapper = DecoderWithPast(model).eval()
     # Example inputs: batch 2, 3 new tokens after 2 cached ones (no axis of size 0 or 1 to
     # be mistaken for a constant by the tracer).
     batch, past_len, length = 2, 2, 3
-    ids = torch.randint(0, config.vocab_size, (batch, length))
+    ids = torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(batch, past_len + length, dtype=torch.int64)
     positions = torch.arange(past_len, past_len + length).expand(batch, length).contiguous()
     past = [torch.zeros(batch, config.n_kv_head, past_len, config.head_dim) for _ in range(2 * config.n_layer)]
@@ -184,8 +189,6 @@ def export_onnx(model, out: str | Path, tokenizer=None, overwrite: bool = False,
         if progress is not None:
             progress(0, 3)
         with torch.no_grad():
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about Python ints in shapes
                 torch.onnx.export(
