@@ -366,3 +366,36 @@ def test_connectors_shapes_gates_and_masks():
     resampler = QueryResampler(48, 32, heads=4, queries=6)
     assert resampler(patches).shape == (2, 6, 48)
     assert resampler(torch.randn(2, 50, 32)).shape == (2, 6, 48)
+
+
+def test_read_image_inverts_photos_and_reads_split_images(tiny_dataset, tmp_path):
+    from PIL import Image
+
+    from lmforge.vlm.train import read_image
+
+    picture = np.full((56, 56), 250, dtype=np.uint8)
+    picture[14:42, 14:42] = 10  # a dark object on a light background, as photos are
+    Image.fromarray(picture).save(tmp_path / "photo.png")
+    x = read_image(str(tmp_path / "photo.png"))
+    assert x.shape == (1, 28, 28)
+    assert float(x[0, 14, 14]) > 0.9 and float(x[0, 0, 0]) < 0.1  # now light on black, like Fashion-MNIST
+    assert float(read_image(str(tmp_path / "photo.png"), invert="no")[0, 14, 14]) < 0.1
+    images, _ = fm.load_split("test", str(tiny_dataset))
+    torch.testing.assert_close(read_image("test:4", str(tiny_dataset)), fm.to_tensor(images[4:5])[0])
+    with pytest.raises(LmforgeError, match="test:N"):
+        read_image("test:99", str(tiny_dataset))
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(LmforgeError, match="not an image"):
+        read_image(str(tmp_path / "notes.png"))
+
+
+@pytest.mark.slow
+@needs_data
+def test_training_bins_split_the_training_images_in_thirds():
+    images, labels = fm.load_split("train")
+    bins = fm.training_bins()
+    brightness, size = bins.assign(images, labels)
+    assert all(abs(n - 20000) < 200 for n in np.bincount(brightness, minlength=3))
+    for c in range(10):
+        # areas are whole pixel counts, so ties at the cut points move a few dozen images
+        assert all(abs(n - 2000) < 100 for n in np.bincount(size[labels == c], minlength=3))
