@@ -14,6 +14,8 @@ seconds) and expert utilization per layer over training.
 
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/moe_vs_dense.py             # 300 steps x 8 rows x 256 tokens
     python benchmarks/moe_vs_dense.py --steps 20 --eval-interval 10 --out /tmp/moe  # a quick look
+    nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/moe_vs_dense.py --aux-per-layer --tag=-per-layer \
+        --out runs/moe-vs-dense-per-layer                                           # balance each layer
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def build(name: str, args) -> "object":
     t.max_steps, t.batch_size = args.steps, args.batch_size
     t.eval_interval, t.save_interval, t.threads = args.eval_interval, args.steps, args.threads
     config.schedule.warmup_steps = min(config.schedule.warmup_steps, max(1, args.steps // 10))
+    if args.aux_coef is not None and config.model.num_experts:
+        config.model.router_aux_loss_coef = args.aux_coef
+    if args.aux_per_layer and config.model.num_experts:
+        config.model.router_aux_per_layer = True
     return Trainer(config, progress=False, log=lambda m: print(f"[{name}] {m}", file=sys.stderr))
 
 
@@ -93,6 +99,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/moe-vs-dense")
     parser.add_argument("--figures", default="docs/images", help="where the two PNG plots go")
+    parser.add_argument("--tag", default="", help="suffix of the plot names (e.g. for a variant run)")
+    parser.add_argument("--aux-coef", type=float, default=None,
+                        help="override tiny-moe's router_aux_loss_coef (default: the recipe's 0.01)")
+    parser.add_argument("--aux-per-layer", action="store_true",
+                        help="balance each layer on its own (router_aux_per_layer) instead of the pool over layers")
     args = parser.parse_args()
 
     from lmforge.io.atomic import write_json_atomic
@@ -138,14 +149,16 @@ def main() -> None:
         losses = [r["loss"] for r in sides[name]["train"]]
         sides[name]["smoothed_train_loss"] = [statistics.fmean(losses[max(0, i - 19):i + 1]) for i in range(len(losses))]
 
-    result = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": trainers["tiny-moe"].seq_len,
+    moe_config = trainers["tiny-moe"].model.config
+    result = {"steps": args.steps, "router_aux_loss_coef": moe_config.router_aux_loss_coef,
+              "router_aux_per_layer": moe_config.router_aux_per_layer, "batch_size": args.batch_size, "seq_len": trainers["tiny-moe"].seq_len,
               "threads": args.threads, "cpu": platform.processor() or platform.machine(),
               "load_average": os.getloadavg(), "sides": sides}
     out = Path(args.out)
     write_json_atomic(out / "result.json", result)
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
-    plot(result, figures / "moe-vs-dense-loss.png", figures / "moe-expert-load.png")
+    plot(result, figures / f"moe-vs-dense-loss{args.tag}.png", figures / f"moe-expert-load{args.tag}.png")
 
     final = {n: sides[n]["eval"][-1]["val_loss"] for n in SIDES}
     speed = {n: sides[n]["train"][-1]["tokens"] / sides[n]["cpu_seconds"] for n in SIDES}

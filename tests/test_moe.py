@@ -179,6 +179,20 @@ def test_aux_and_z_loss_hand_values():
     assert float(load_balancing_loss([skewed], top_k=1)) == pytest.approx(4.0, abs=1e-6)
 
 
+def test_pooled_balance_misses_layers_collapsed_onto_different_experts():
+    to_first = torch.tensor([[30.0, 0.0]]).repeat(8, 1)
+    to_second = torch.tensor([[0.0, 30.0]]).repeat(8, 1)
+    # Pooled over the two layers everything looks balanced: the loss sits at k = 1.
+    assert float(load_balancing_loss([to_first, to_second], top_k=1)) == pytest.approx(1.0, abs=1e-6)
+    # Per layer each is fully collapsed: E = 2 each.
+    assert float(load_balancing_loss([to_first, to_second], top_k=1, per_layer=True)) == pytest.approx(2.0, abs=1e-6)
+    model = Transformer(ModelConfig(n_layer=2, n_embd=16, n_head=2, intermediate_size=16, num_experts=2,
+                                    experts_per_token=1, router_aux_per_layer=True))
+    for moe, logits in zip(model.moe_layers(), (to_first, to_second)):
+        moe.router_logits = logits
+    assert float(model.router_losses()["router_aux"]) == pytest.approx(2.0, abs=1e-6)
+
+
 def test_router_loss_enters_training_and_its_gradient_reaches_the_router():
     from lmforge.train.loop import packed_causal_lm_loss
     from lmforge.train.loss import causal_lm_loss
@@ -251,6 +265,7 @@ def test_generation_cached_batched_and_one_by_one_agree_with_transformers(tiny_m
     assert cached[2] == hf_greedy(hf, prompts[2], 16)
 
 
+@pytest.mark.slow  # starts `lmforge serve` in a subprocess: ~15 s
 def test_lmforge_serve_answers_for_a_mixtral_directory(tiny_mixtral, tmp_path):
     """`lmforge serve DIR` on a directory transformers wrote (plus a tokenizer), over HTTP."""
     import os

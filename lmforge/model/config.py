@@ -69,13 +69,15 @@ class ModelConfig:
     # that many SwiGLU experts of width intermediate_size, experts_per_token of them run per
     # token (see moe.py). The coefficients weight the router's auxiliary losses in training;
     # capacity_factor None routes every token (no dropping); jitter scales router inputs by
-    # U(1-j, 1+j) in training (Mixtral's router_jitter_noise).
+    # U(1-j, 1+j) in training (Mixtral's router_jitter_noise). router_aux_per_layer balances
+    # each layer on its own instead of transformers' pool over layers (see moe.load_balancing_loss).
     num_experts: int = 0
     experts_per_token: int = 2
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
     capacity_factor: float | None = None
     router_jitter_noise: float = 0.0
+    router_aux_per_layer: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # unused HF keys, preserved on save
 
     def __post_init__(self) -> None:

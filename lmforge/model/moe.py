@@ -22,6 +22,7 @@ Auxiliary losses read the router logits each `MoE` keeps from its last forward:
   probability of e; both are pooled over all layers. f is a count (no gradient) and P
   carries the gradient, pushing probability away from overloaded experts. It equals k
   when routing is uniform and approaches E as tokens collapse onto one expert.
+  `ModelConfig.router_aux_per_layer` balances each layer on its own instead of the pool.
 - router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2, which keeps router
   logits small so the softmax stays in a numerically comfortable range.
 
@@ -110,10 +111,18 @@ class MoE(nn.Module):
         self.dropped = 0
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
-    """E * sum_e f_e * P_e with f (assignment fractions) and P (mean probabilities) pooled over
-    the given layers' logits [N, E] (the form transformers' Mixtral uses; its value is k when
-    routing is uniform)."""
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, per_layer: bool = False) -> torch.Tensor:
+    """E * sum_e f_e * P_e: f the fractions of assignments, P the mean router probabilities.
+
+    Pooled (the default, the form transformers' Mixtral uses): f and P are averaged over all
+    the given layers' logits [N, E] before the product. Its value is k when routing is uniform;
+    but layers that collapse onto *different* experts average out into a balanced-looking
+    pool, so it can miss per-layer collapse. `per_layer` computes the loss of each layer on its
+    own and averages them (Switch Transformer's form, up to the sum over layers), which
+    penalizes every unbalanced layer.
+    """
+    if per_layer:
+        return torch.stack([load_balancing_loss([logits], top_k) for logits in router_logits]).mean()
     num_experts = router_logits[0].shape[-1]
     counts = torch.zeros(num_experts, device=router_logits[0].device)
     prob_sum = torch.zeros(num_experts, device=router_logits[0].device)

@@ -510,7 +510,7 @@ class Transformer(nn.Module):
         logits = [m.router_logits for m in layers if m.router_logits is not None]
         if not logits:
             return {}
-        aux = load_balancing_loss(logits, self.config.experts_per_token)
+        aux = load_balancing_loss(logits, self.config.experts_per_token, self.config.router_aux_per_layer)
         z = router_z_loss(logits)
         total = self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
         return {"router_aux": aux, "router_z": z, "router_loss": total}

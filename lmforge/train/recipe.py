@@ -53,6 +53,7 @@ class ModelSection:
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
     capacity_factor: float | None = None
+    router_aux_per_layer: bool = False
 
 
 @dataclass
@@ -194,6 +195,7 @@ def model_config_of(section: ModelSection, vocab_size: int, seq_len: int, bos_id
             bos_token_id=bos_id, eos_token_id=eos_id, num_experts=section.num_experts,
             experts_per_token=section.experts_per_token, router_aux_loss_coef=section.router_aux_loss_coef,
             router_z_loss_coef=section.router_z_loss_coef, capacity_factor=section.capacity_factor,
+            router_aux_per_layer=section.router_aux_per_layer,
         )
     except ValueError as exc:
         raise LmforgeError(f"model: {exc}") from None
