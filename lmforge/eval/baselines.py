@@ -446,14 +446,18 @@ def _plot(results: list[dict[str, Any]], path: Path) -> Path | None:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ngram_labels = []
     for r in results:
         curve = [c for c in r.get("validation", []) if c.get("val_ppl") is not None]
         if r["kind"] == "ngram":
             if curve:
                 ax.axhline(curve[-1]["val_ppl"], linestyle=":", linewidth=1, color="grey")
-                ax.annotate(r["model"], (0, curve[-1]["val_ppl"]), fontsize=7, color="grey")
+                ngram_labels.append(f"{r['model']} {curve[-1]['val_ppl']:.0f}")
             continue
         ax.plot([c.get("cpu_seconds", c["seconds"]) for c in curve], [c["val_ppl"] for c in curve], marker=".", label=r["model"])
+    if ngram_labels:  # the lines lie close together: one legend-like note instead of labels on them
+        ax.text(0.98, 0.6, "n-gram (dotted), validation:\n" + "\n".join(ngram_labels), transform=ax.transAxes,
+                ha="right", va="top", fontsize=8, color="dimgrey")
     ax.set_yscale("log")
     ax.set_xlabel("training time (CPU seconds, one thread)")
     ax.set_ylabel("validation perplexity")
