@@ -297,9 +297,14 @@ def test_cli_trains_evaluates_and_classifies(tiny_dataset, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["prompt_templates"] == list(fm.PROMPT_TEMPLATES)
     assert not list(tmp_path.glob(".clip*"))  # nothing half-written left beside it
 
-    assert main(["vlm", "eval", str(out), "--data-dir", str(tiny_dataset), "--retrieval-size", "10"]) == 0
+    assert main(["vlm", "eval", str(out), "--data-dir", str(tiny_dataset), "--retrieval-size", "10",
+                 "--out", str(tmp_path / "eval")]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["zero_shot_accuracy"] == pytest.approx(report["zero_shot_accuracy"])
+    written = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert written["recall_curve"]["k"][:3] == [1, 2, 3]
+    assert written["recall_curve"]["image_to_text"][9] == pytest.approx(evaluated["retrieval"]["image_to_text"]["10"])
+    assert (tmp_path / "eval" / "recall.png").stat().st_size > 0 and (out / "recall.png").is_file()
 
     # a photo-like file (dark garment on a light background) is inverted to Fashion-MNIST's look
     picture = np.full((56, 56), 255, dtype=np.uint8)

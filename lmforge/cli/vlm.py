@@ -30,6 +30,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with the Fashion-MNIST idx .gz files")
     evaluate.add_argument("--test-limit", type=int, default=None, help="only the first N test images")
     evaluate.add_argument("--retrieval-size", type=int, default=1000, help="clip: images in the retrieval set")
+    evaluate.add_argument("--out", default=None, help="also write eval.json, confusion.png and (clip) recall.png here")
     evaluate.set_defaults(func=run_eval)
 
     classify = sub.add_parser("classify", help="label images: zero-shot with a clip checkpoint (class prompts), "
@@ -52,7 +53,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = config_from_args(VisionTrainConfig, args, kind=args.kind)
     report = train(config, progress=not args.quiet)
     if args.json:
-        print(json.dumps({k: v for k, v in round_floats(report).items() if k != "confusion"}))
+        print(json.dumps({k: v for k, v in round_floats(report).items() if k not in ("confusion", "recall_curve")}))
     else:
         print(format_report(report))
         print(f"checkpoint: {config.out}")
@@ -62,8 +63,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from lmforge.vlm.train import evaluate_checkpoint, round_floats
 
-    result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.test_limit, args.retrieval_size)
-    print(json.dumps({k: v for k, v in round_floats(result).items() if k != "confusion"}))
+    result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.test_limit, args.retrieval_size, args.out)
+    print(json.dumps({k: v for k, v in round_floats(result).items() if k not in ("confusion", "recall_curve")}))
     return 0
 
 

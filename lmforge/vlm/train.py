@@ -167,15 +167,47 @@ def evaluate_clip(model, tokenizer, images: torch.Tensor, labels: np.ndarray, ma
     brightness, size = bins.assign(raw_images[:n], labels[:n])
     texts = [fm.retrieval_caption(int(c), int(b), int(s)) for c, b, s in zip(labels[:n], brightness, size)]
     text_embeds = embed_texts(model, tokenizer, texts, max_length)
-    strict = retrieval(image_embeds[:n], text_embeds)
-    same_text = retrieval(image_embeds[:n], text_embeds, texts)
+    strict = retrieval(image_embeds[:n], text_embeds, ks=CURVE_KS)
+    same_text = retrieval(image_embeds[:n], text_embeds, texts, ks=CURVE_KS)
+    pick = lambda recalls: {k: recalls[k] for k in (1, 5, 10)}  # noqa: E731
     return {"zero_shot_accuracy": zero_shot["held-out ensemble"], "zero_shot_by_prompts": zero_shot,
             **{k: v for k, v in headline.items() if k != "accuracy"},
             "retrieval": {"n": n, "distinct_captions": len(set(texts)),
-                          "image_to_text": strict.image_to_text, "text_to_image": strict.text_to_image,
-                          "image_to_text_same_caption": same_text.image_to_text,
-                          "text_to_image_same_caption": same_text.text_to_image},
+                          "image_to_text": pick(strict.image_to_text), "text_to_image": pick(strict.text_to_image),
+                          "image_to_text_same_caption": pick(same_text.image_to_text),
+                          "text_to_image_same_caption": pick(same_text.text_to_image)},
+            "recall_curve": {"k": list(CURVE_KS), "image_to_text": list(strict.image_to_text.values()),
+                             "text_to_image": list(strict.text_to_image.values()),
+                             "image_to_text_same_caption": list(same_text.image_to_text.values()),
+                             "text_to_image_same_caption": list(same_text.text_to_image.values())},
             "logit_scale": float(model.logit_scale())}
+
+
+CURVE_KS = tuple(range(1, 51))
+
+
+def plot_recall(curve: dict[str, list[float]], title: str, path: Path) -> bool:
+    """Recall@k against k, both directions, strict and counting identical captions."""
+    from lmforge.io.plots import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, style in (("image_to_text", "-"), ("text_to_image", "-"), ("image_to_text_same_caption", "--"),
+                       ("text_to_image_same_caption", "--")):
+        ax.plot(curve["k"], curve[key], style, label=key.replace("_", " "))
+    ax.set_xlabel("k")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1.02)
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot_confusion(matrix: list[list[int]], title: str, path: Path) -> bool:
@@ -313,9 +345,12 @@ def train(config: VisionTrainConfig, progress: bool = True, log: Callable[[str],
     def write_log(path: Path) -> None:
         staging_log.replace(path)
 
-    save_checkpoint(out, model, meta, tokenizer, {
-        "metrics.json": write_metrics, "train.jsonl": write_log,
-        "confusion.png": lambda path: plot_confusion(metrics["confusion"], title, path)})
+    files = {"metrics.json": write_metrics, "train.jsonl": write_log,
+             "confusion.png": lambda path: plot_confusion(metrics["confusion"], title, path)}
+    if c.kind == "clip":
+        files["recall.png"] = lambda path: plot_recall(metrics["recall_curve"], f"retrieval on {c.retrieval_size} "
+                                                       "test images", path)
+    save_checkpoint(out, model, meta, tokenizer, files)
     return report
 
 
@@ -337,16 +372,32 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def evaluate_checkpoint(path: str | Path, data_dir: str | None = None, test_limit: int | None = None,
-                        retrieval_size: int = 1000) -> dict[str, Any]:
+                        retrieval_size: int = 1000, out: str | Path | None = None) -> dict[str, Any]:
+    """The test metrics of a checkpoint; with ``out``, also written there as eval.json, confusion.png
+    and (clip) recall.png."""
     ckpt = load_checkpoint(path)
     raw, labels = fm.load_split("test", data_dir, test_limit)
     images = fm.to_tensor(raw)
     if ckpt.kind == "clip":
         bins = fm.training_bins(data_dir)
-        out = evaluate_clip(ckpt.model, ckpt.tokenizer, images, labels, ckpt.max_length, bins, raw, retrieval_size)
+        metrics = evaluate_clip(ckpt.model, ckpt.tokenizer, images, labels, ckpt.max_length, bins, raw,
+                                retrieval_size)
     else:
-        out = classification_metrics(labels, predict_classes(ckpt.model, images).numpy())
-    return {"kind": ckpt.kind, "encoder": ckpt.meta["encoder"], **out}
+        metrics = classification_metrics(labels, predict_classes(ckpt.model, images).numpy())
+    result = {"kind": ckpt.kind, "encoder": ckpt.meta["encoder"], **metrics}
+    if out is not None:
+        from lmforge.io.atomic import atomic_path, write_json_atomic
+
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "eval.json", result)
+        headline = result.get("zero_shot_accuracy", result.get("accuracy"))
+        with atomic_path(folder / "confusion.png", suffix=".png") as tmp:
+            plot_confusion(result["confusion"], f"{ckpt.kind} test accuracy {headline:.3f}", tmp)
+        if ckpt.kind == "clip":
+            with atomic_path(folder / "recall.png", suffix=".png") as tmp:
+                plot_recall(result["recall_curve"], f"retrieval on {result['retrieval']['n']} test images", tmp)
+    return result
 
 
 # ---- classifying files -----------------------------------------------------------------
