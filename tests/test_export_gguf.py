@@ -64,12 +64,14 @@ def _roundtrip_reference(model, qtype: str):
     """The model GGUF `qtype` should load as: each matrix quantized row by row (rows split and
     permuted by the writer stay whole rows, so blocks are the same) and dequantized again."""
     state = {}
+    head = "embed.weight" if model.config.tie_word_embeddings else "lm_head.weight"
     for name, w in model.state_dict().items():
         a = w.detach().float().numpy()
         if a.ndim == 2 and qtype != "f32":
             if qtype == "f16" or a.shape[1] % 32:
                 a = a.astype(np.float16).astype(np.float32)
-            elif qtype == "q8_0":
+            elif qtype == "q8_0" or name == head:  # a Q4_0 file keeps its head in Q8_0
+                a = dequantize_q8_0(quantize_q8_0(a))
                 a = dequantize_q8_0(quantize_q8_0(a))
             else:
                 a = dequantize_q4_0(quantize_q4_0(a))
@@ -97,14 +99,17 @@ def test_every_type_reads_back_in_gguf_and_lmforge(lm_models, family, tmp_path):
         types = {t.name: t.tensor_type for t in reader.tensors}
         shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
         matrix = T[qtype.upper()]
-        assert types["blk.0.ffn_down.weight"] == matrix and types["token_embd.weight"] == matrix
+        head = "token_embd.weight" if model.config.tie_word_embeddings else "output.weight"
+        assert types["blk.0.ffn_down.weight"] == matrix and types["blk.1.attn_output.weight"] == matrix
+        assert types[head] == (T.Q8_0 if qtype == "q4_0" else matrix)
         assert types["blk.0.attn_norm.weight"] == T.F32 and types["output_norm.weight"] == T.F32
         # GGUF lists dimensions innermost first: [columns, rows].
         assert shapes["token_embd.weight"] == [model.config.n_embd, VOCAB]
         if family != "gpt2":
             assert shapes["blk.0.attn_k.weight"] == [model.config.n_embd, model.config.kv_size]
         assert ("output.weight" in types) == (not model.config.tie_word_embeddings)
-        assert result.quantized == (sum(1 for t in types.values() if t == matrix) if qtype[0] == "q" else 0)
+        quantized = sum(1 for t in types.values() if t in (T.Q8_0, T.Q4_0))
+        assert result.quantized == (quantized if qtype[0] == "q" else 0)
         back = load_gguf_model(path)
         assert back.config.family == family and back.config.n_kv_head == model.config.n_kv_head
         with torch.no_grad():
@@ -135,6 +140,7 @@ def test_rows_that_do_not_split_into_blocks_stay_f16(tmp_path):
     assert types["blk.0.ffn_down.weight"] == T.F16  # rows of 100 values
     assert types["blk.0.ffn_up.weight"] == T.Q4_0  # rows of 64
     assert result.fallback_f16 == 2  # ffn_down of both layers
+    assert types["output.weight"] == T.Q8_0
     with torch.no_grad():
         torch.testing.assert_close(load_gguf_model(tmp_path / "odd.gguf")(IDS[:, :6] % 64),
                                    _roundtrip_reference(model, "q4_0")(IDS[:, :6] % 64), atol=1e-5, rtol=0)
@@ -255,7 +261,14 @@ def test_cli_export_gguf(tiny_hf_dirs, tmp_path, capsys):
     assert main(["export", "gguf", str(tiny_hf_dirs["qwen2"][0]), "--out", str(out), "--type", "q4_0"]) == 0
     line = capsys.readouterr().out
     assert "GGUF Q4_0 (15 quantized tensors, 0 kept F16)" in line and "max |logit difference|" in line
-    assert {t.tensor_type for t in gguf.GGUFReader(str(out)).tensors} == {T.Q4_0, T.F32}
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(out)).tensors}
+    assert types.pop("token_embd.weight") == T.Q8_0  # the (tied) head
+    assert set(types.values()) == {T.Q4_0, T.F32}
+    assert main(["export", "gguf", str(tiny_hf_dirs["qwen2"][0]), "--out", str(out), "--type", "q4_0",
+                 "--pure", "--overwrite", "--no-check"]) == 0
+    assert "check" not in capsys.readouterr().out
+    assert gguf.GGUFReader(str(out)).get_tensor(0).name == "token_embd.weight"
+    assert gguf.GGUFReader(str(out)).get_tensor(0).tensor_type == T.Q4_0
     out.write_bytes(b"keep")
     assert main(["export", "gguf", str(tiny_hf_dirs["qwen2"][0]), "--out", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"keep"

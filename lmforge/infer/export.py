@@ -23,6 +23,8 @@ class ExportOptions:
     out: str = option(help="output: a directory for onnx (model.onnx + model.onnx.data), a .gguf file for gguf")
     type: str = option("f16", choices=GGUF_TYPES,
                        help="gguf: tensor type of the matrices (vectors stay f32); onnx is always written in f32")
+    pure: bool = option(False, help="gguf q4_0: the vocabulary head in Q4_0 too (by default it is kept in Q8_0, "
+                                    "as llama.cpp keeps it at a higher precision)")
     overwrite: bool = option(False, help="replace OUT if it exists")
     tokenizer: bool = option(True, help="the tokenizer goes with the weights (tokenizer.json beside the "
                                         "ONNX graph, tokenizer.ggml.* metadata in the GGUF file); "
@@ -78,7 +80,7 @@ def export_model(model, target: str, options: ExportOptions, tokenizer=None, nam
     from lmforge.model.gguf_write import write_gguf
 
     result = write_gguf(model, options.out, options.type, tokenizer=tokenizer, name=name, overwrite=options.overwrite,
-                        progress=progress)
+                        progress=progress, pure=options.pure)
     summary.update(type=result.qtype, tensors=result.tensors, quantized=result.quantized,
                    kept_f16=result.fallback_f16, bytes=result.nbytes)
     if options.check:

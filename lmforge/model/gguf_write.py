@@ -247,8 +247,14 @@ def _encode(array: np.ndarray, qtype: str):
 
 
 def write_gguf(model, path: str | os.PathLike[str], qtype: str = "f16", tokenizer=None, name: str | None = None,
-               overwrite: bool = False, progress=None) -> GGUFExport:
-    """Write `model` (an lmforge `Transformer`) and optionally its tokenizer to one GGUF file, atomically."""
+               overwrite: bool = False, progress=None, pure: bool = False) -> GGUFExport:
+    """Write `model` (an lmforge `Transformer`) and optionally its tokenizer to one GGUF file, atomically.
+
+    For Q4_0 the vocabulary head (``output.weight``, or the tied ``token_embd.weight``) is stored
+    as Q8_0, as llama.cpp's quantizer keeps it at a higher precision (Q6_K there): every logit
+    passes through it, and 4-bit errors in it move the logits most. `pure` stores it in `qtype`
+    like every other matrix.
+    """
     import gguf
 
     qtype = qtype.lower()
@@ -321,10 +327,12 @@ def write_gguf(model, path: str | os.PathLike[str], qtype: str = "f16", tokenize
                     value = value[0] if value else None
                 if value is not None:
                     getattr(w, f"add_{key}_token_id")(int(value))
+        head = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
         for n, (tensor_name, tensor) in enumerate(tensors.items()):
-            data, ggml_type = _encode(tensor.numpy(), qtype)
+            wanted = "q8_0" if qtype == "q4_0" and tensor_name == head and not pure else qtype
+            data, ggml_type = _encode(tensor.numpy(), wanted)
             if ggml_type in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
-                counts["quantized"] += 1
+                counts["quantized"] += 1  # (a Q4_0 file's Q8_0 head included)
             elif qtype.startswith("q") and tensor.dim() >= 2:
                 counts["fallback"] += 1
             w.add_tensor(tensor_name, data, raw_dtype=ggml_type)
