@@ -15,7 +15,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
     from lmforge.data.corpora import load_source, split_of
-    from lmforge.infer.prune import PruneOptions, calibration_batches, prune, sparsity_of
+    from lmforge.infer.options import PruneOptions
+    from lmforge.infer.prune import calibration_batches, prune, sparsity_of
     from lmforge.io.progress import Progress
     from lmforge.model.checkpoint import save_hf_model
     from lmforge.model.loading import load_model, load_tokenizer, pick_dtype
@@ -62,7 +63,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lmforge.infer.prune import PruneOptions
+    from lmforge.infer.options import PruneOptions
 
     p = sub.add_parser("prune", help="prune a model (magnitude, Wanda, n:m, MLP channels, heads) into a new directory")
     common.add_model_argument(p)
