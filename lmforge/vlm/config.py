@@ -32,7 +32,8 @@ class VisionTrainConfig:
     clip_grad_norm: float = option(1.0, help="clip the global gradient norm to this (0: off)")
     train_limit: int | None = option(None, help="train on the first N training images only")
     test_limit: int | None = option(None, help="evaluate on the first N test images only")
-    patch_size: int = option(7, help="vit: patch side in pixels (28 must be a multiple; 4 sees finer detail at ~4x the cost)")
+    patch_size: int = option(7, help="vit: patch side in pixels (a divisor of 28; 4 sees finer detail "
+                                     "at about 4x the cost)")
     width: int = option(64, help="vit: model width")
     depth: int = option(4, help="vit: Transformer blocks")
     heads: int = option(4, help="vit: attention heads")
