@@ -40,6 +40,8 @@ from .options import PruneOptions  # noqa: F401  (the options of `prune`; they l
 
 def prunable_linears(model) -> dict[str, nn.Linear]:
     """The decoder blocks' linear layers by name (embeddings and head excluded)."""
+    if getattr(model.config, "num_experts", 0):
+        raise LmforgeError("pruning works on dense models; this one has mixture-of-experts layers")
     out = {}
     for i, block in enumerate(model.layers):
         for name in ("attn.qkv", "attn.out", "mlp.fc", "mlp.proj"):
