@@ -27,13 +27,14 @@ def _loader(name: str):
     from lmforge.tune.classify import load_classify_recipe
     from lmforge.tune.distill import load_distill_recipe
     from lmforge.tune.sft import load_finetune_recipe
+    from lmforge.tune.translation_recipe import load_translation_recipe
 
     table = [("sft-", load_finetune_recipe), ("safety-sft-", load_finetune_recipe),
              ("classify-", load_classify_recipe), ("tag-", load_classify_recipe),
              ("distill-", load_distill_recipe), ("dpo-", _align("DPOConfig")),
              ("safety-dpo-", _align("DPOConfig")), ("reward-", _align("RewardConfig")),
              ("ppo-", _align("PPOConfig")), ("grpo-", _align("GRPOConfig")), ("tiny-", load_recipe),
-             ("guard-", load_guard_recipe)]
+             ("guard-", load_guard_recipe), ("translate-", load_translation_recipe)]
     matches = [loader for prefix, loader in table if name.startswith(prefix)]
     assert len(matches) == 1, f"{name}: add its command's loader to this test's table"
     return matches[0]
