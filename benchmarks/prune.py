@@ -4,7 +4,7 @@ Every setting starts from the same fp32 SmolLM2-135M-Instruct. Calibration (Wand
 activation norms) reads --calib-tokens tokens of the offline Wikipedia excerpt's
 training side; perplexity is measured on --eval-tokens tokens of its held-out side
 (`split_of(text, 0.1, salt="prune")`, the split `lmforge prune` also keeps out of its
-calibration), in windows of 512 tokens. The x axis is the share of the decoder blocks'
+calibration), in non-overlapping windows of 512 tokens. The x axis is the share of the decoder blocks'
 linear weights removed (zeroed, or cut out for the structured kinds).
 
 The structured models (fewer MLP channels, fewer KV head groups) are then timed against
@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only cut the structured models and time them (no perplexity curve)")
     parser.add_argument("--plot", default=None, help="write the perplexity-vs-sparsity plot here (PNG)")
     args = parser.parse_args()
 
@@ -114,7 +116,7 @@ def main() -> None:
     from lmforge.model.registry import resolve
 
     if args.quick:
-        args.eval_tokens, args.calib_tokens, args.rounds = 4096, 1024, 1
+        args.eval_tokens, args.calib_tokens, args.rounds = min(args.eval_tokens, 4096), 1024, 1
     spec = resolve(None)
     dense, tokenizer = load_model(spec, dtype=torch.float32), load_tokenizer(spec)
     heldout = []
@@ -134,6 +136,8 @@ def main() -> None:
     settings += [(f"channels {s:.0%}", PruneOptions(method="channels", sparsity=s))
                  for s in ([0.25, 0.5] if args.quick else [0.1, 0.25, 0.5])]
     settings += [("heads 1/3", PruneOptions(method="heads", sparsity=1 / 3))]
+    if args.timing_only:
+        settings = [(n, o) for n, o in settings if n in ("channels 25%", "channels 50%", "heads 1/3")]
     results, saved = [], {}
     workdir = Path(tempfile.mkdtemp(prefix="lmforge-prune-"))
     for name, options in settings:
@@ -145,14 +149,15 @@ def main() -> None:
                 apply_masks(model, nm_masks(model, 2, 4))
             else:
                 model = prune(model, options, calibration)
-            ppl = perplexity(model, heldout, tokenizer=tokenizer, window=512).ppl
+            ppl = (float("nan") if args.timing_only else
+                   perplexity(model, heldout, tokenizer=tokenizer, window=512, stride=512).ppl)
         structured = options is not None and options.method in ("channels", "heads")
         share = 1 - block_weights(model) / dense_weights if structured else removed_share(model, dense_weights)
         row = {"setting": name, "removed_share": round(share, 4), "perplexity": round(ppl, 3),
                "parameters": model.num_parameters(), "seconds": round(time.perf_counter() - start, 1)}
         results.append(row)
         print(json.dumps(row), flush=True)
-        if structured and name in ("channels 25%", "channels 50%", "heads 1/3"):
+        if structured and name in ("channels 25%", "channels 50%", "heads 1/3"):  # the ones timed
             saved[name] = str(save_hf_model(model, workdir / name.replace(" ", "-").replace("/", "of"),
                                             tokenizer=tokenizer))
         del model
@@ -161,7 +166,7 @@ def main() -> None:
     for name, row in speed.items():
         print(json.dumps({"timing": name, **row}), flush=True)
 
-    if args.plot:
+    if args.plot and not args.timing_only:
         import matplotlib
 
         matplotlib.use("Agg")
