@@ -174,3 +174,28 @@ def test_the_server_flag_for_chunked_prefill():
     assert ServeRuntime().prefill_chunk == 256
     with pytest.raises(LmforgeError, match="--prefill-chunk"):
         ServeRuntime(prefill_chunk=-1)
+
+
+def test_a_chunk_takes_about_one_decode_step_while_streams_run(tiny_hf_dirs):
+    model = load_hf_model(tiny_hf_dirs["llama"][0])
+    scheduler = Scheduler(model, None, max_batch=3, max_seq_len=128, prefix_cache_bytes=0, prefill_chunk=64)
+    assert scheduler._chunk_size() == 64  # nobody streaming: the whole chunk
+    scheduler._rows.append(object())
+    assert scheduler._chunk_size() == 2 * Scheduler.min_chunk  # streams, nothing measured yet: start small
+    scheduler._chunk_fit = 50
+    assert scheduler._chunk_size() == 50
+    scheduler._rows.clear()
+    scheduler._chunk_fit = 0
+    # Measured for real: with a stream running and a decode step "lasting" 1000 s, the next
+    # chunk grows to the cap; with one of 1 ns, it shrinks to the floor.
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    scheduler.submit([3, 4, 5], params)
+    scheduler.step()
+    scheduler.submit(list(range(3, 90)), params)
+    scheduler._decode_seconds = 1000.0
+    scheduler.step()
+    assert scheduler._chunk_fit == 64
+    scheduler._decode_seconds = 1e-9
+    scheduler._chunk_fit = 0
+    scheduler.step()
+    assert scheduler._chunk_fit == Scheduler.min_chunk

@@ -39,9 +39,13 @@ positions, appending up to k+1 tokens; any other step is the plain one-token ste
 Chunked prefill (`prefill_chunk` > 0): a prompt whose uncached part is longer than
 `prefill_chunk` tokens is not prefilled in one forward, which would stall every running
 stream for as long as that forward takes (seconds for a few thousand tokens on a CPU).
-It takes the last cache row instead and is prefilled `prefill_chunk` tokens per step,
-each chunk attending to the chunks before it through the cache, between the decode steps
-of the running rows; when its last chunk is in, its first token is sampled and its keys
+It takes the last cache row instead and is prefilled a chunk per step, each chunk
+attending to the chunks before it through the cache, between the decode steps of the
+running rows. A chunk holds at most `prefill_chunk` tokens, and while streams are
+running, as many as take about one decode step (each chunk's size is the last one's
+scaled by the ratio of the decode step's time to its time, at least `min_chunk`), so a
+running stream's gap between tokens about doubles instead of growing by the whole
+prefill; when its last chunk is in, its first token is sampled and its keys
 and values move to the first free row (one copy) to join the running batch. One long
 prompt is chunked at a time; requests queued behind it wait in order. The chunks give
 the same result as one forward up to float rounding (other product shapes), like the
@@ -156,6 +160,11 @@ class RequestHandle:
         return total
 
 
+def _average(previous: float, value: float, weight: float = 0.2) -> float:
+    """Exponential moving average (the first value starts it)."""
+    return value if not previous else (1 - weight) * previous + weight * value
+
+
 def _deliver(items: list[tuple[RequestHandle, Event]]) -> None:
     for handle, event in items:
         handle._queue.put_nowait(event)
@@ -223,6 +232,10 @@ class Scheduler:
         # Chunking needs a cache to continue from and a spare row to fill.
         self.prefill_chunk = prefill_chunk if use_cache and max_batch > 1 else 0
         self._chunking: RequestHandle | None = None  # the long prompt being prefilled in the last row
+        # Measured as the scheduler runs (moving averages): a chunk is sized so that it takes
+        # about as long as a decode step, so running streams at most double their token gap.
+        self._decode_seconds = 0.0
+        self._chunk_fit = 0  # tokens a chunk should hold to take one decode step (0: not measured yet)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and use_cache else None
         self._outbox: list[tuple[RequestHandle, Event]] = []
         self.on_finish = on_finish
@@ -349,7 +362,9 @@ class Scheduler:
                     self._prefill_chunk()
                 self._retire()
                 if self._rows:
+                    started = time.perf_counter()
                     self._decode_step()
+                    self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - started)
                     self._retire()
         except Exception as exc:
             self._fail(admitted, f"{type(exc).__name__}: {exc}")
@@ -518,9 +533,16 @@ class Scheduler:
                 self.on_finish(handle)
             return
         prompt, done = handle.prompt_ids, handle.prefilled
-        chunk = prompt[done: done + self.prefill_chunk]
+        chunk = prompt[done: done + self._chunk_size()]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        started = time.perf_counter()
         logits = self._forward(ids, self.cache.rows(row, row + 1), done, handles=[handle])
+        if self._rows and self._decode_seconds:
+            # Scale this chunk's size by how far its time was from a decode step's: a
+            # forward has a fixed cost besides its per-token one, and attention grows with
+            # the prefix, so a measured rate alone overshoots.
+            ratio = self._decode_seconds / max(time.perf_counter() - started, 1e-9)
+            self._chunk_fit = min(self.prefill_chunk, max(self.min_chunk, int(len(chunk) * ratio)))
         handle.prefilled = done + len(chunk)
         self.stats.prefill_chunks += 1
         if handle.prefilled < len(prompt):
@@ -536,6 +558,16 @@ class Scheduler:
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_prompt_tokens += handle.cached
         self._emit(handle, handle.state.append(handle.state.choose(logits[0])))
+
+    min_chunk = 16  # a smaller chunk wastes the products' efficiency
+
+    def _chunk_size(self) -> int:
+        """`prefill_chunk` at most; with streams running, what took about one decode step last time."""
+        if not self._rows:
+            return self.prefill_chunk
+        if not self._chunk_fit:  # streams run, nothing measured yet: start small
+            return min(self.prefill_chunk, 2 * self.min_chunk)
+        return self._chunk_fit
 
     def _decode_step(self) -> None:
         """One new token for every running row, each at its own position (or several: `_speculate`)."""

@@ -122,8 +122,9 @@ class ServeRuntime:
     prefix_cache_mb: float = option(128.0, help="memory for keys/values of prompt prefixes seen before, reused by "
                                                 "later requests that start the same way (0 = off)")
     prefill_chunk: int = option(256, metavar="TOKENS",
-                                help="prefill prompts longer than this in chunks of this many tokens, between the "
-                                     "decode steps of running requests, so their streams keep their pace (0 = off)")
+                                help="prefill prompts longer than this in chunks of at most this many tokens (while "
+                                     "others stream, about one decode step's worth), between the decode steps of "
+                                     "running requests, so their streams keep their pace (0 = off)")
     # LoRA adapters served beside the base model, each picked by a request's model name
     # (NAME or BASE:NAME); rows of different adapters share every batch step.
     adapters: list[str] = option(default_factory=list, flag="--adapter", repeat=True, metavar="NAME=PATH",
