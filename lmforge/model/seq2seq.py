@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kv_cache import KVCache
-from .transformer import RMSNorm
+from .transformer import RMSNorm, Transformer
 
 FAMILIES = ("t5", "marian")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
@@ -378,11 +378,7 @@ class Seq2SeqLM(nn.Module):
         if not self.embed.weight.is_meta:
             self.apply(self._init_weights)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    _init_weights = Transformer._init_weights  # the same initialization as the decoder-only model
 
     # -- encoder -------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
