@@ -311,3 +311,12 @@ def test_default_model_gguf_with_tokenizer_reads_back_everywhere(tmp_path, defau
     torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=0)
     assert float((ours - ref).abs().max() / ref.abs().max()) < 0.05
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_a_mixture_of_experts_model_is_refused_with_one_message():
+    from lmforge.errors import LmforgeError
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.gguf_write import gguf_architecture
+
+    with pytest.raises(LmforgeError, match="mixture-of-experts"):
+        gguf_architecture(ModelConfig(num_experts=4, experts_per_token=2))

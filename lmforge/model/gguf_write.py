@@ -97,6 +97,9 @@ def gguf_architecture(config: ModelConfig) -> str:
     if not config.causal or not config.lm_head or config.norm_position != "pre" or config.type_vocab_size:
         raise LmforgeError("GGUF export covers causal decoders (GPT-2, Llama, Mistral, Qwen2 layouts); "
                            "this model is an encoder")
+    if getattr(config, "num_experts", 0):
+        raise LmforgeError("GGUF export does not write mixture-of-experts layers yet (lmforge reads them); "
+                           "save the model as a Hugging Face directory instead")
     if config.position == "learned":
         if config.norm != "layernorm" or config.mlp != "gelu" or config.gelu_approximate != "tanh":
             raise LmforgeError("a learned-position model is written as GGUF's gpt2 architecture, which needs "
