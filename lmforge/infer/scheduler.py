@@ -232,8 +232,8 @@ class Scheduler:
         # Chunking needs a cache to continue from and a spare row to fill.
         self.prefill_chunk = prefill_chunk if use_cache and max_batch > 1 else 0
         self._chunking: RequestHandle | None = None  # the long prompt being prefilled in the last row
-        # Measured as the scheduler runs (moving averages): a chunk is sized so that it takes
-        # about as long as a decode step, so running streams at most double their token gap.
+        # Measured as the scheduler runs: a chunk is sized to take about as long as a decode
+        # step (a moving average), so a running stream's token gap about doubles at most.
         self._decode_seconds = 0.0
         self._chunk_fit = 0  # tokens a chunk should hold to take one decode step (0: not measured yet)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and use_cache else None
@@ -338,14 +338,14 @@ class Scheduler:
             raise RuntimeError("this scheduler was started: its own thread runs the steps")
         with self._lock:
             jobs, self._jobs = self._jobs, []
-            admitted = []
+            admitted, long = [], None
             capacity = self.max_batch - (self._chunking is not None)
             while self._waiting and len(self._rows) + len(admitted) < capacity:
                 if self._long(self._waiting[0]):
-                    if self._chunking is not None:
+                    if self._chunking is not None or long is not None:
                         break  # one long prompt at a time; the queue keeps its order
-                    self._start_chunking(*self._waiting.pop(0))
-                    capacity -= 1  # the last row is now taken
+                    long = self._waiting.pop(0)
+                    capacity -= 1  # it takes the last row
                     continue
                 admitted.append(self._waiting.pop(0))
             self.stats.waiting = len(self._waiting)
@@ -356,6 +356,8 @@ class Scheduler:
                 done.put((False, exc))
         try:
             with torch.inference_mode():
+                if long is not None:
+                    self._start_chunking(*long)
                 for group in self._prefill_groups(admitted):
                     self._prefill(group)
                 if self._chunking is not None:
@@ -367,9 +369,11 @@ class Scheduler:
                     self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - started)
                     self._retire()
         except Exception as exc:
-            self._fail(admitted, f"{type(exc).__name__}: {exc}")
+            self._fail(admitted + ([long] if long is not None and self._chunking is not long[0] else []),
+                       f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            self.stats.prefilling = int(self._chunking is not None)
             self._flush()
         return not self.idle
 
@@ -396,7 +400,6 @@ class Scheduler:
         if self._chunking is not None:
             stranded.append(self._chunking)
             self._chunking = None
-            self.stats.prefilling = 0
         for handle in self._rows + stranded:
             handle.finished_at = time.perf_counter()
             self._post(handle, Event(final=True, finish_reason="error", error=error))
@@ -442,12 +445,7 @@ class Scheduler:
         """
         groups: dict[int, list[list]] = {}
         for handle, params, _ in admitted:
-            # Reused keys/values were computed in a product of another shape, so they can
-            # differ from recomputed ones in the last bits, and a sampled continuation can
-            # drift from there. A request with an explicit seed asks for reproducibility,
-            # so it is always computed in full (its blocks are still stored for others).
-            reuse = self.prefix_cache is not None and params.seed is None
-            handle.cached = self.prefix_cache.match(handle.prompt_ids, handle.adapter) if reuse else 0
+            handle.cached = self._prefix_hit(handle, params)
         for item in sorted(admitted, key=lambda a: (a[0].cached, len(a[0].prompt_ids))):
             handle = item[0]
             batches = groups.setdefault(handle.cached, [])
@@ -472,9 +470,7 @@ class Scheduler:
             if handle.cancelled:
                 self._post(handle, Event(final=True, finish_reason="cancelled"))
                 continue
-            handle.state = DecodeState(
-                handle.prompt_ids, params, budget, self.tokenizer, self.eos_ids, self.device, self.model.config.vocab_size
-            )
+            handle.state = self._new_state(handle, params, budget)
             live.append(handle)
         if not live:
             return
@@ -506,31 +502,44 @@ class Scheduler:
         """Is this waiting request's prompt one to prefill in chunks?"""
         return bool(self.prefill_chunk) and len(item[0].prompt_ids) > self.prefill_chunk
 
-    def _start_chunking(self, handle: RequestHandle, params: SamplingParams, budget: int) -> None:
-        """Give a long prompt the last cache row, its prefix-cache hit loaded there (no forward yet)."""
-        handle.state = DecodeState(
+    def _new_state(self, handle: RequestHandle, params: SamplingParams, budget: int) -> DecodeState:
+        return DecodeState(
             handle.prompt_ids, params, budget, self.tokenizer, self.eos_ids, self.device, self.model.config.vocab_size
         )
+
+    def _prefix_hit(self, handle: RequestHandle, params: SamplingParams) -> int:
+        """Prompt tokens whose keys/values the prefix cache holds for this request.
+
+        Reused keys/values were computed in a product of another shape, so they can differ
+        from recomputed ones in the last bits, and a sampled continuation can drift from
+        there. A request with an explicit seed asks for reproducibility, so it is always
+        computed in full (its blocks are still stored for others).
+        """
+        if self.prefix_cache is None or params.seed is not None:
+            return 0
+        return self.prefix_cache.match(handle.prompt_ids, handle.adapter)
+
+    def _start_chunking(self, handle: RequestHandle, params: SamplingParams, budget: int) -> None:
+        """Give a long prompt the last cache row, its prefix-cache hit loaded there (no forward yet)."""
+        if handle.cancelled:
+            self._post(handle, Event(final=True, finish_reason="cancelled"))  # as `_prefill` does
+            return
+        handle.state = self._new_state(handle, params, budget)
         row = self.max_batch - 1
-        if self.prefix_cache is not None and params.seed is None:  # seeded requests are computed in full
-            handle.cached = self.prefix_cache.match(handle.prompt_ids, handle.adapter)
-            if handle.cached:
-                self.prefix_cache.load(handle.prompt_ids, handle.cached, self.cache.k[:, row], self.cache.v[:, row],
-                                       handle.adapter)
+        handle.cached = self._prefix_hit(handle, params)
+        if handle.cached:
+            self.prefix_cache.load(handle.prompt_ids, handle.cached, self.cache.k[:, row], self.cache.v[:, row],
+                                   handle.adapter)
         handle.prefilled = handle.cached
         self._chunking = handle
-        self.stats.prefilling = 1
 
     def _prefill_chunk(self) -> None:
         """The next chunk of the long prompt; after its last one, the row joins the running batch."""
         handle, row = self._chunking, self.max_batch - 1
         if handle.cancelled:
-            self._chunking, self.stats.prefilling = None, 0
-            handle.finished_at = time.perf_counter()
-            self._post(handle, Event(final=True, finish_reason="cancelled"))
-            self.stats.finished += 1
-            if self.on_finish is not None:
-                self.on_finish(handle)
+            self._chunking = None
+            handle.state.finish_reason = "cancelled"
+            self._finish(handle)
             return
         prompt, done = handle.prompt_ids, handle.prefilled
         chunk = prompt[done: done + self._chunk_size()]
@@ -547,7 +556,7 @@ class Scheduler:
         self.stats.prefill_chunks += 1
         if handle.prefilled < len(prompt):
             return
-        self._chunking, self.stats.prefilling = None, 0
+        self._chunking = None
         target = len(self._rows)
         if target != row:  # join the running rows, which are kept contiguous
             self.cache.k[:, target, :, :len(prompt)] = self.cache.k[:, row, :, :len(prompt)]
