@@ -139,14 +139,12 @@ def sparsity_of(model) -> float:
 
 # ------------------------------------------------------------------------- structured
 def _rebuilt(model, config, state: dict[str, torch.Tensor]):
-    from ..model.transformer import Transformer
+    """The smaller model from `state` (the untouched tensors copied, so it shares nothing with `model`)."""
+    from ..model.checkpoint import build_model
 
-    weight = model.embed.weight
-    new = Transformer(config).to(dtype=weight.dtype, device=weight.device)
-    missing, unexpected = new.load_state_dict(state, strict=False)
-    if unexpected or any(not k.endswith("rope.cos") and not k.endswith("rope.sin") for k in missing):
-        raise LmforgeError(f"pruned weights do not fit the smaller model: missing {missing}, unexpected {unexpected}")
-    return new.eval()
+    original = {t.data_ptr() for t in model.state_dict().values()}
+    state = {k: v.clone() if v.data_ptr() in original else v for k, v in state.items()}
+    return build_model(config, state, model.embed.weight.dtype, model.embed.weight.device)
 
 
 @torch.no_grad()
@@ -155,17 +153,17 @@ def prune_mlp_channels(model, fraction: float, norms: dict[str, torch.Tensor]):
     config = model.config
     width = config.intermediate_size
     keep = max(1, int(round(width * (1 - fraction))))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())  # the slices below replace their entries
     for i, block in enumerate(model.layers):
         proj = block.mlp.proj.weight  # [D, I]
         score = norms[f"layers.{i}.mlp.proj"] * proj.float().norm(dim=0)
         kept = torch.topk(score, keep).indices.sort().values
         rows = torch.cat([kept, kept + width]) if block.mlp.swiglu else kept  # gate rows, then up rows
         prefix = f"layers.{i}.mlp."
-        state[prefix + "fc.weight"] = block.mlp.fc.weight[rows].clone()
+        state[prefix + "fc.weight"] = block.mlp.fc.weight[rows]
         if block.mlp.fc.bias is not None:
-            state[prefix + "fc.bias"] = block.mlp.fc.bias[rows].clone()
-        state[prefix + "proj.weight"] = proj[:, kept].clone()
+            state[prefix + "fc.bias"] = block.mlp.fc.bias[rows]
+        state[prefix + "proj.weight"] = proj[:, kept]
     return _rebuilt(model, dataclasses.replace(config, intermediate_size=keep), state)
 
 
@@ -178,7 +176,7 @@ def prune_heads(model, fraction: float, norms: dict[str, torch.Tensor]):
                            "and stay loadable; prune MLP channels instead")
     groups, group, d = config.n_kv_head, config.n_head // config.n_kv_head, config.head_dim
     keep = max(1, int(round(groups * (1 - fraction))))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())  # the slices below replace their entries
     q_size, kv_size = config.q_size, config.kv_size
     for i, block in enumerate(model.layers):
         out = block.attn.out.weight  # [D, q_size]: columns by query head
@@ -189,10 +187,10 @@ def prune_heads(model, fraction: float, norms: dict[str, torch.Tensor]):
         kv_cols = torch.cat([torch.arange(g * d, (g + 1) * d) for g in kept])
         rows = torch.cat([q_cols, q_size + kv_cols, q_size + kv_size + kv_cols])  # q, k, v rows of the fused qkv
         prefix = f"layers.{i}.attn."
-        state[prefix + "qkv.weight"] = block.attn.qkv.weight[rows].clone()
+        state[prefix + "qkv.weight"] = block.attn.qkv.weight[rows]
         if block.attn.qkv.bias is not None:
-            state[prefix + "qkv.bias"] = block.attn.qkv.bias[rows].clone()
-        state[prefix + "out.weight"] = out[:, q_cols].clone()
+            state[prefix + "qkv.bias"] = block.attn.qkv.bias[rows]
+        state[prefix + "out.weight"] = out[:, q_cols]
     smaller = dataclasses.replace(config, n_head=keep * group, n_kv_head=keep, head_dim=d)
     return _rebuilt(model, smaller, state)
 
