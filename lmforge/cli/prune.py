@@ -52,12 +52,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model = prune(original, options)
     out = save_hf_model(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     after = model.num_parameters()
-    what = {"magnitude": f"{sparsity_of(model):.1%} of the block weights are zero",
-            "wanda": f"{sparsity_of(model):.1%} of the block weights are zero",
-            "nm": f"{options.n}:{options.m} pattern, {sparsity_of(model):.1%} of the block weights are zero",
-            "channels": f"intermediate size {config.intermediate_size} -> {model.config.intermediate_size}",
-            "heads": f"heads {config.n_head} -> {model.config.n_head} "
-                     f"(KV heads {config.n_kv_head} -> {model.config.n_kv_head})"}[options.method]
+    if options.method == "channels":
+        what = f"intermediate size {config.intermediate_size} -> {model.config.intermediate_size}"
+    elif options.method == "heads":
+        what = f"heads {config.n_head} -> {model.config.n_head} (KV heads {config.n_kv_head} -> {model.config.n_kv_head})"
+    else:
+        pattern = f"{options.n}:{options.m} pattern, " if options.method == "nm" else ""
+        what = f"{pattern}{sparsity_of(model):.1%} of the block weights are zero"
     print(f"pruned {spec.name} ({options.method}): {what}; parameters {before:,} -> {after:,}; wrote {out}")
     return 0
 
