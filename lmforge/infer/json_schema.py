@@ -503,11 +503,11 @@ class _Checker:
             # there allows (an alternative that failed must not leave its own reading behind).
             self.cut = None if not cuts else [] if any(c == [] for c in cuts) else [t for c in cuts for t in c]
             return PARTIAL if PARTIAL in results else INVALID
-        self._bounds = (schema.get("minLength", 0), schema.get("maxLength"))
+        bounds = (schema.get("minLength", 0), schema.get("maxLength"))
         if "const" in schema:
-            return self._literal_choice(i, [schema["const"]])
+            return self._literal_choice(i, [schema["const"]], bounds)
         if "enum" in schema:
-            return self._literal_choice(i, schema["enum"])
+            return self._literal_choice(i, schema["enum"], bounds)
         types = schema.get("type")
         allowed = set(types if isinstance(types, list) else [types]) if types else set(_TYPES)
         c = self.s[i]
@@ -521,7 +521,6 @@ class _Checker:
                 if end == PARTIAL:
                     self.cut = []
                 return end
-            bounds = (schema.get("minLength", 0), schema.get("maxLength"))
             if end == INVALID or any(0xD800 <= ord(ch) <= 0xDFFF for ch in decoded):
                 return INVALID
             if end != PARTIAL:
@@ -540,11 +539,11 @@ class _Checker:
                 return PARTIAL if len(self.s) - i < len(word) else i + len(word)
         return INVALID
 
-    def _literal_choice(self, i: int, options: list[Any]) -> str | int:
+    def _literal_choice(self, i: int, options: list[Any], bounds: tuple[int, int | None]) -> str | int:
         """One of fixed values: strings by their decoded text, others as compact JSON text."""
         if self.s[i] == '"':
             end, decoded = self._string(i)
-            strings = [o for o in options if isinstance(o, str) and _fits(len(o), self._bounds)]
+            strings = [o for o in options if isinstance(o, str) and _fits(len(o), bounds)]
             if end == INVALID:
                 return INVALID
             if end == PARTIAL:
