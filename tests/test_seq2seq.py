@@ -1,4 +1,4 @@
-"""Encoder-decoder models (T5, Marian) against transformers on tiny random configs, and beam search
+"""Encoder-decoder models (T5, Marian, BART) against transformers on tiny random configs, and beam search
 against transformers' generate() token for token."""
 
 from __future__ import annotations
@@ -48,9 +48,25 @@ def _marian():
     return model
 
 
+def _bart():
+    import transformers as T
+
+    model = T.BartForConditionalGeneration(T.BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2,
+        forced_bos_token_id=None, activation_function="gelu"))
+    with torch.no_grad():  # random norms and biases, so that a misplaced one shows
+        model.final_logits_bias.normal_(0, 0.5)
+        for name, p in model.named_parameters():
+            if "layernorm_embedding" in name or "layer_norm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    return model
+
+
 # (transformers' generate() builds its T5 cache with the encoder's layer count: equal stacks there)
 BUILDERS = {"t5-gated-gelu": lambda: _t5("gated-gelu", False, 3), "t5-relu": lambda: _t5("relu", True, 2),
-            "marian": _marian}
+            "marian": _marian, "bart": _bart}
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +104,12 @@ def test_logits_match_transformers_with_and_without_cache(tiny_seq2seq, name):
         steps += [model.decode(tgt[:, t:t + 1], cross, cache, t) for t in range(2, tgt.shape[1])]
         torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=1e-5)
     assert model.num_parameters() == model.config.num_parameters()
-    # transformers keeps Marian's fixed sinusoids as parameters and its logits bias as a buffer
-    learned = sum(p.numel() for n, p in reference.named_parameters() if "embed_positions" not in n)
-    learned += reference.final_logits_bias.numel() if name == "marian" else 0
+    # transformers keeps Marian's fixed sinusoids as parameters and its logits bias as a buffer;
+    # BART's position tables are learned but have two unused rows in front
+    learned = sum(p.numel() for n, p in reference.named_parameters()
+                  if "embed_positions" not in n or name == "bart")
+    learned += reference.final_logits_bias.numel() if name in ("marian", "bart") else 0
+    learned -= 2 * 2 * 32 if name == "bart" else 0
     assert model.num_parameters() == learned
 
 
@@ -174,10 +193,11 @@ def _ids(row: torch.Tensor, eos: int) -> list[int]:
 SEARCHES = [(1, 1.0, False), (3, 1.0, False), (4, 2.0, True), (4, -1.0, "never"), (3, 0.0, True)]
 
 
-@pytest.mark.parametrize("name", ["t5-relu", "marian"])
+@pytest.mark.parametrize("name", ["t5-relu", "marian", "bart"])
 def test_greedy_and_beam_search_match_transformers_generate(tiny_seq2seq, name):
     reference, model, _ = tiny_seq2seq[name]
-    g = torch.Generator().manual_seed(5)
+    # (the seed gives inputs on which the random model's outputs end at different lengths)
+    g = torch.Generator().manual_seed({"bart": 11}.get(name, 5))
     src = torch.randint(2, VOCAB - 2, (4, 8), generator=g)
     mask = torch.ones_like(src)
     mask[1, 5:] = 0

@@ -1,10 +1,16 @@
-"""Encoder-decoder checkpoints in the Hugging Face layout (T5ForConditionalGeneration, MarianMTModel).
+"""Encoder-decoder checkpoints in the Hugging Face layout (T5ForConditionalGeneration, MarianMTModel,
+BartForConditionalGeneration).
 
 Each family is two pieces of data, as in families.py: how its config.json maps onto
 `Seq2SeqConfig`, and where each lmforge weight lives (`weight_map`). lmforge fuses some
 matrices (self-attention q|k|v into `qkv`, cross-attention k|v into `kv`, a gated
 feed-forward's two input matrices into `fc`); loading concatenates the HF rows and saving
 splits them again, so a round trip gives the same tensors back.
+
+BART is the Marian family with learned positions and a LayerNorm after each stack's
+embeddings (`position="learned"`, `embedding_norm=True`). Its position tables have two
+extra rows in front: BART looks position p up at row p + 2 (fairseq reserved the first
+rows for padding), so loading drops those rows and saving writes two zero rows back.
 
 Saving writes into a temporary sibling directory and renames it into place (atomic).
 """
@@ -21,8 +27,10 @@ from ..errors import LmforgeError
 from ..io.atomic import atomic_directory
 from .seq2seq import Seq2SeqConfig, Seq2SeqLM
 
-ARCHITECTURES = {"t5": "T5ForConditionalGeneration", "marian": "MarianMTModel"}
+ARCHITECTURES = {"t5": "T5ForConditionalGeneration", "marian": "MarianMTModel", "bart": "BartForConditionalGeneration"}
+BART_POSITION_OFFSET = 2  # BART's learned position p is row p + 2 of its table
 _MARIAN_ACT = {"swish": "silu", "silu": "silu", "gelu": "gelu", "relu": "relu", "gelu_new": "gelu_new"}
+_MARIAN_ACT_NAME = {"silu": "swish", "gelu": "gelu", "relu": "relu", "gelu_new": "gelu_new"}
 _T5_ACT = {"relu": "relu", "gelu": "gelu_new", "gelu_new": "gelu_new", "silu": "silu"}  # after "gated-"
 
 
@@ -33,7 +41,7 @@ def is_seq2seq_config(hf: dict[str, Any]) -> bool:
 # -- config.json ---------------------------------------------------------------------------
 
 def config_from_hf(hf: dict[str, Any], has_head: bool = False) -> Seq2SeqConfig:
-    """`Seq2SeqConfig` of a T5 or Marian config.json; `has_head`: the weights hold a separate lm_head."""
+    """`Seq2SeqConfig` of a T5, Marian or BART config.json; `has_head`: the weights hold a separate lm_head."""
     kind = hf.get("model_type")
     try:
         if kind == "t5":
@@ -56,29 +64,33 @@ def config_from_hf(hf: dict[str, Any], has_head: bool = False) -> Seq2SeqConfig:
                 scale_decoder_outputs=bool(scale), final_logits_bias=False,
                 pad_token_id=hf.get("pad_token_id", 0), eos_token_id=hf.get("eos_token_id", 1),
                 decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)))
-        if kind == "marian":
+        if kind in ("marian", "bart"):
+            name = kind.capitalize() if kind == "marian" else "BART"
             if hf.get("decoder_vocab_size") not in (None, hf["vocab_size"]) or \
                     hf.get("share_encoder_decoder_embeddings", True) is False:
-                raise LmforgeError("Marian models with separate source and target vocabularies are not supported")
+                raise LmforgeError(f"{name} models with separate source and target vocabularies are not supported")
             if hf.get("encoder_attention_heads") != hf.get("decoder_attention_heads", hf.get("encoder_attention_heads")) \
                     or hf.get("encoder_ffn_dim") != hf.get("decoder_ffn_dim", hf.get("encoder_ffn_dim")):
-                raise LmforgeError("Marian encoder and decoder must have the same heads and feed-forward width")
+                raise LmforgeError(f"{name} encoder and decoder must have the same heads and feed-forward width")
+            if kind == "bart" and (hf.get("normalize_before") or hf.get("add_final_layer_norm")):
+                raise LmforgeError("pre-norm BART variants (mBART-style normalize_before) are not supported")
             act = hf.get("activation_function", "gelu")
             if act not in _MARIAN_ACT:
-                raise LmforgeError(f"unsupported Marian activation {act!r}")
+                raise LmforgeError(f"unsupported {name} activation {act!r}")
             return Seq2SeqConfig(
                 family="marian", vocab_size=hf["vocab_size"], n_layer=hf["encoder_layers"],
                 n_decoder_layer=hf["decoder_layers"], n_embd=hf["d_model"], n_head=hf["encoder_attention_heads"],
                 intermediate_size=hf["encoder_ffn_dim"], max_position_embeddings=hf.get("max_position_embeddings", 1024),
                 norm="layernorm", norm_eps=1e-5, norm_position="post", activation=_MARIAN_ACT[act],
-                position="sinusoidal", attention_scale=True, bias=True,
+                position="learned" if kind == "bart" else "sinusoidal", embedding_norm=kind == "bart",
+                attention_scale=True, bias=True,
                 scale_embedding=bool(hf.get("scale_embedding", False)), tie_word_embeddings=not has_head,
                 final_logits_bias=True, pad_token_id=hf.get("pad_token_id"), eos_token_id=hf.get("eos_token_id"),
                 bos_token_id=hf.get("bos_token_id"),
                 decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id")))
     except KeyError as exc:
         raise LmforgeError(f"config.json of a {kind} model lacks {exc.args[0]!r}") from None
-    raise LmforgeError(f"model_type {kind!r} is not an encoder-decoder family lmforge reads (t5, marian)")
+    raise LmforgeError(f"model_type {kind!r} is not an encoder-decoder family lmforge reads (t5, marian, bart)")
 
 
 def hf_config_from(config: Seq2SeqConfig) -> dict[str, Any]:
@@ -96,9 +108,22 @@ def hf_config_from(config: Seq2SeqConfig) -> dict[str, Any]:
                 "tie_word_embeddings": c.tie_word_embeddings, "scale_decoder_outputs": c.scale_decoder_outputs,
                 "pad_token_id": c.pad_token_id, "eos_token_id": c.eos_token_id,
                 "decoder_start_token_id": c.decoder_start_token_id, **c.extra}
-    if c.position != "sinusoidal" or c.norm != "layernorm" or c.norm_position != "post" or not c.bias or c.gated_mlp:
-        raise LmforgeError("a marian checkpoint needs sinusoidal positions, post-norm LayerNorm, biases, no gating")
-    act = {"silu": "swish", "gelu": "gelu", "relu": "relu", "gelu_new": "gelu_new"}[c.activation]
+    if c.norm != "layernorm" or c.norm_position != "post" or not c.bias or c.gated_mlp:
+        raise LmforgeError("a marian or bart checkpoint needs post-norm LayerNorm, biases and no gating")
+    if c.position == "learned" and c.embedding_norm:
+        return {"architectures": [ARCHITECTURES["bart"]], "model_type": "bart", "vocab_size": c.vocab_size,
+                "d_model": c.n_embd, "encoder_layers": c.n_layer, "decoder_layers": c.n_decoder_layer,
+                "encoder_attention_heads": c.n_head, "decoder_attention_heads": c.n_head,
+                "encoder_ffn_dim": c.intermediate_size, "decoder_ffn_dim": c.intermediate_size,
+                "max_position_embeddings": c.max_position_embeddings, "activation_function": _MARIAN_ACT_NAME[c.activation],
+                "scale_embedding": c.scale_embedding, "tie_word_embeddings": c.tie_word_embeddings,
+                "is_encoder_decoder": True, "dropout": c.dropout, "pad_token_id": c.pad_token_id,
+                "eos_token_id": c.eos_token_id, "bos_token_id": c.bos_token_id, "forced_eos_token_id": c.eos_token_id,
+                "decoder_start_token_id": c.decoder_start_token_id, **c.extra}
+    if c.position != "sinusoidal" or c.embedding_norm:
+        raise LmforgeError("a marian checkpoint needs sinusoidal positions and no embedding norm "
+                           "(learned positions with an embedding norm are written as bart)")
+    act = _MARIAN_ACT_NAME[c.activation]
     return {"architectures": [ARCHITECTURES["marian"]], "model_type": "marian", "vocab_size": c.vocab_size,
             "decoder_vocab_size": c.vocab_size, "d_model": c.n_embd, "encoder_layers": c.n_layer,
             "decoder_layers": c.n_decoder_layer, "encoder_attention_heads": c.n_head,
@@ -143,6 +168,11 @@ def weight_map(config: Seq2SeqConfig) -> dict[str, tuple[str, ...]]:
     out["embed.weight"] = ("model.shared.weight",)
     out["final_logits_bias"] = ("final_logits_bias",)
     for stack, n in (("encoder", config.n_layer), ("decoder", config.n_decoder_layer)):
+        if config.position == "learned":  # BART (the table's first two rows are dropped on loading)
+            out[f"{stack}.pos_embed.weight"] = (f"model.{stack}.embed_positions.weight",)
+        if config.embedding_norm:
+            for p in ("weight", "bias"):
+                out[f"{stack}.embed_norm.{p}"] = (f"model.{stack}.layernorm_embedding.{p}",)
         for i in range(n):
             ours, hf = f"{stack}.layers.{i}", f"model.{stack}.layers.{i}"
             for p in ("weight", "bias"):
@@ -175,6 +205,14 @@ def hf_to_lmforge(config: Seq2SeqConfig, hf_state: dict[str, torch.Tensor]) -> d
         raise LmforgeError(f"checkpoint lacks {len(missing)} weight(s) of its config, e.g. {', '.join(missing[:3])}")
     if "final_logits_bias" in state:
         state["final_logits_bias"] = state["final_logits_bias"].reshape(-1)
+    for stack in ("encoder", "decoder"):
+        name = f"{stack}.pos_embed.weight"
+        if name in state:
+            if state[name].shape[0] != config.max_position_embeddings + BART_POSITION_OFFSET:
+                raise LmforgeError(f"model.{stack}.embed_positions.weight has {state[name].shape[0]} rows, a BART "
+                                   f"config of {config.max_position_embeddings} positions needs "
+                                   f"{config.max_position_embeddings + BART_POSITION_OFFSET}")
+            state[name] = state[name][BART_POSITION_OFFSET:]
     return state
 
 
@@ -184,6 +222,8 @@ def lmforge_to_hf(config: Seq2SeqConfig, state: dict[str, torch.Tensor]) -> dict
         tensor = state[ours]
         if ours == "final_logits_bias":
             tensor = tensor.reshape(1, -1)
+        elif ours.endswith(".pos_embed.weight"):  # BART's two unused rows in front
+            tensor = torch.cat([tensor.new_zeros(BART_POSITION_OFFSET, tensor.shape[1]), tensor])
         for name, part in zip(names, tensor.chunk(len(names), 0)):
             out[name] = part.contiguous()
     if config.family == "marian" and not config.tie_word_embeddings:
@@ -207,13 +247,13 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 
 
 def load_seq2seq(directory: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> Seq2SeqLM:
-    """A T5 or Marian Hugging Face directory (config.json + safetensors) as a `Seq2SeqLM`."""
+    """A T5, Marian or BART Hugging Face directory (config.json + safetensors) as a `Seq2SeqLM`."""
     from .checkpoint import read_safetensors
 
     directory = Path(directory)
     hf = read_config(directory)
     if not is_seq2seq_config(hf):
-        raise LmforgeError(f"{directory} holds a {hf.get('model_type')!r} model, not an encoder-decoder (t5, marian)")
+        raise LmforgeError(f"{directory} holds a {hf.get('model_type')!r} model, not an encoder-decoder (t5, marian, bart)")
     hf_state = read_safetensors(directory)
     shared = hf_state.get("shared.weight", hf_state.get("model.shared.weight"))
     for stack in ("encoder", "decoder"):
