@@ -33,7 +33,7 @@ def _loader(name: str):
              ("classify-", load_classify_recipe), ("tag-", load_classify_recipe),
              ("distill-", load_distill_recipe), ("dpo-", _align("DPOConfig")),
              ("safety-dpo-", _align("DPOConfig")), ("reward-", _align("RewardConfig")),
-             ("ppo-", _align("PPOConfig")), ("grpo-", _align("GRPOConfig")), ("tiny-", load_recipe),
+             ("ppo-", _align("PPOConfig")), ("grpo-", _align("GRPOConfig")), ("tiny-", load_recipe), ("mlm-", load_recipe),
              ("guard-", load_guard_recipe), ("translate-", load_translation_recipe)]
     matches = [loader for prefix, loader in table if name.startswith(prefix)]
     assert len(matches) == 1, f"{name}: add its command's loader to this test's table"

@@ -30,7 +30,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         last = report["validation"][-1] if report["validation"] else None
         summary = f"trained {report['steps']} steps ({report['tokens']:,} tokens) in {report['train_seconds']:.0f} s"
         if last:
-            summary += f"; validation loss {last['val_loss']:.4f} ({last['val_bpb']:.3f} bits/byte)"
+            summary += f"; validation loss {last['val_loss']:.4f} " + (
+                f"({last['val_bpb']:.3f} bits/byte)" if "val_bpb" in last
+                else f"(masked-token accuracy {last['masked_accuracy']:.3f})" if "masked_accuracy" in last else "")
             if report["unigram_baseline_loss"] is not None:
                 summary += f" vs unigram baseline {report['unigram_baseline_loss']:.4f}"
         print(summary)

@@ -95,8 +95,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 def save_checkpoint(root: Path, step: int, config, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], loop_state: dict[str, Any], tokenizer=None,
-                    keep_last: int | None = None) -> Path:
-    """Write ``root/step-NNNNNNN`` atomically (see the module docstring); returns its path."""
+                    keep_last: int | None = None, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write ``root/step-NNNNNNN`` atomically (see the module docstring); returns its path.
+    ``extra`` maps file names to tensors saved beside the model files (a task's own weights)."""
     from safetensors.torch import save_file
 
     from lmforge.model.checkpoint import write_hf_files
@@ -106,6 +107,8 @@ def save_checkpoint(root: Path, step: int, config, model_state: dict[str, torch.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
     try:
         write_hf_files(config, model_state, staging, tokenizer)
+        for name, tensors in (extra or {}).items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, staging / name)
         state_dir = staging / "trainer_state"
         state_dir.mkdir()
         opt_tensors, opt_meta = flatten_optimizer_state(optimizer_state)

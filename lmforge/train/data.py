@@ -51,8 +51,8 @@ def ensure_dataset(section: Any, log=print) -> Path:
     """The packed directory of ``section.path``; built from ``section.sources`` when missing.
 
     Building: ``data prepare`` (clean, dedup, PII, split) without packing, then a byte-level
-    BPE tokenizer trained on the cleaned training text (unless ``section.tokenizer`` names
-    one), then packing. The directory appears under its name only when complete.
+    BPE (or, with ``tokenizer_algorithm: wordpiece``, a BERT WordPiece) tokenizer trained on
+    the cleaned training text (unless ``section.tokenizer`` names one), then packing. The directory appears under its name only when complete.
     """
     path = Path(section.path)
     if (path / "index.json").is_file():
@@ -75,9 +75,14 @@ def ensure_dataset(section: Any, log=print) -> Path:
         if section.tokenizer is None:
             from lmforge.tokenizer.train import read_training_texts, train_tokenizer
 
-            log(f"training a {section.tokenizer_vocab_size}-token byte-level BPE tokenizer on the cleaned text")
-            tokenizer = train_tokenizer(read_training_texts([text_out / "text" / "train.jsonl"]), "bpe",
-                                        section.tokenizer_vocab_size)
+            algorithm = getattr(section, "tokenizer_algorithm", "bpe")
+            log(f"training a {section.tokenizer_vocab_size}-token "
+                f"{'byte-level BPE' if algorithm == 'bpe' else 'WordPiece'} tokenizer on the cleaned text")
+            texts = read_training_texts([text_out / "text" / "train.jsonl"])
+            if algorithm == "wordpiece":
+                tokenizer = bert_wordpiece(texts, section.tokenizer_vocab_size)
+            else:
+                tokenizer = train_tokenizer(texts, "bpe", section.tokenizer_vocab_size)
             tokenizer.save(staging)
             tokenizer_name = "tokenizer.json"
         else:
@@ -99,6 +104,18 @@ def ensure_dataset(section: Any, log=print) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def bert_wordpiece(texts, vocab_size: int):
+    """A lowercased WordPiece tokenizer with BERT's special tokens whose ``encode`` wraps a text
+    as [CLS] text [SEP] (packing encodes without them and separates documents with [SEP])."""
+    from lmforge.tokenizer.processors import template_processing
+    from lmforge.tokenizer.train import train_tokenizer
+
+    tokenizer = train_tokenizer(texts, "wordpiece", vocab_size, lowercase=True)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = template_processing(("[CLS]", cls), ("[SEP]", sep))
+    return tokenizer
 
 
 def dataset_tokenizer(path: Path, index: dict[str, Any], override: str | None):

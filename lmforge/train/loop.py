@@ -162,6 +162,9 @@ class TrainingTask(Protocol):
     def report_extra(self, trainer: "Trainer") -> dict[str, Any]: ...
     # Optional: ``checkpoint_state(trainer, model_state) -> state`` of a plain Transformer for the
     # checkpoint's Hugging Face files (e.g. adapters merged into the base weights).
+    # Optional: ``checkpoint_extra(trainer, model_state) -> {file name: tensors}`` (weights the
+    # Hugging Face files cannot name, saved beside them) and ``restore_state(directory, model_state)
+    # -> model_state`` (adds them back on resume).
     # Optional: ``loss(model, batch) -> (loss_sum, metric_sums)``, the task's own objective;
     # ``evaluate_at_start = True`` (evaluate the starting model as step 0);
     # ``format_report(report) -> markdown`` for report.md.
@@ -307,12 +310,22 @@ class PretrainTask:
         return {}
 
 
+def default_task(config: PretrainConfig) -> TrainingTask:
+    """The task a pretraining recipe's objective names: next-token `PretrainTask`, or masked LM."""
+    objective = getattr(config, "objective", None)
+    if objective is not None and objective.name == "mlm":
+        from lmforge.train.mlm import MaskedLMTask
+
+        return MaskedLMTask(config)
+    return PretrainTask(config)
+
+
 class Trainer:
     def __init__(self, config: PretrainConfig, resume: bool = False, progress: bool = True,
                  log: Callable[[str], None] = _stderr, task: TrainingTask | None = None) -> None:
         config.validate()
         self.config, self.progress_enabled = config, progress
-        self.task: TrainingTask = task if task is not None else PretrainTask(config)
+        self.task: TrainingTask = task if task is not None else default_task(config)
         t = config.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -372,7 +385,11 @@ class Trainer:
         saved = ckpt.load_checkpoint(directory)
         if saved["config"].to_dict() | {"extra": {}} != self.model.config.to_dict() | {"extra": {}}:
             raise LmforgeError(f"{directory} holds a different model architecture than the recipe")
-        load_full_state(self.wrapped, self.optimizer, saved["model"], saved["optimizer"])
+        model_state = saved["model"]
+        restore = getattr(self.task, "restore_state", None)  # weights kept outside the HF files (see save)
+        if restore is not None:
+            model_state = restore(directory, model_state)
+        load_full_state(self.wrapped, self.optimizer, model_state, saved["optimizer"])
         state = saved["state"]
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         self.data_position = state["data_position"]
@@ -507,6 +524,10 @@ class Trainer:
         path = None
         if self.runtime.is_main:
             # A task whose model is not a plain Transformer (adapters) says what the checkpoint's model files hold.
+            # A task may keep weights its model family's files have no names for in extra
+            # safetensors files ({file name: tensors}); its ``restore_state`` reads them back.
+            extra_of = getattr(self.task, "checkpoint_extra", None)
+            extra = extra_of(self, model_state) if extra_of is not None else None
             to_files = getattr(self.task, "checkpoint_state", None)
             if to_files is not None:
                 model_state = to_files(self, model_state)
@@ -515,7 +536,7 @@ class Trainer:
                           "spike_history": self.spikes.state(), "world_size": self.runtime.world_size,
                           "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
             path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model.config, model_state, optimizer_state,
-                                        loop_state, self.tokenizer, self.config.train.keep_last)
+                                        loop_state, self.tokenizer, self.config.train.keep_last, extra)
         barrier(self.runtime)
         return path
 

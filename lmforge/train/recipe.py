@@ -8,6 +8,7 @@ one of its fields, so ``recipes/*.yaml`` map 1:1 onto `PretrainConfig`::
     optim:    AdamW (or Adam + L2) and its parameter groups
     schedule: warmup + cosine, warmup-stable-decay, linear or constant
     train:    steps, batch, accumulation, clipping, precision, checkpoints, logging
+    objective: next-token (causal) or masked-token (mlm) prediction
 
 Every field is also a command-line flag, ``--section.field VALUE`` (dashes or
 underscores), whose VALUE is read as YAML (``--train.max-steps 50``,
@@ -74,6 +75,9 @@ class DataSection:
     seq_len: int = 256
     val_fraction: float = 0.05
     max_docs: int | None = None
+    # A tokenizer trained here: bpe (byte-level, GPT-2 style) or wordpiece (BERT style: lowercased,
+    # [PAD] [UNK] [CLS] [SEP] [MASK], texts encoded as [CLS] text [SEP]; what a masked LM needs).
+    tokenizer_algorithm: str = "bpe"
 
 
 @dataclass
@@ -129,12 +133,27 @@ class TrainSection:
 
 
 @dataclass
+class ObjectiveSection:
+    """What the model learns to predict. ``causal``: the next token (a decoder). ``mlm``: BERT's
+    masked tokens (an encoder, family bert; see lmforge/train/mlm.py): ``mask_probability`` of
+    the ordinary tokens are chosen, of those ``mask_fraction`` become [MASK], ``random_fraction``
+    a random token and the rest stay as they are; ``whole_word`` chooses whole words."""
+
+    name: str = "causal"  # causal | mlm
+    mask_probability: float = 0.15
+    mask_fraction: float = 0.8
+    random_fraction: float = 0.1
+    whole_word: bool = False
+
+
+@dataclass
 class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
 
     def validate(self) -> None:
         t, o, s, d = self.train, self.optim, self.schedule, self.data
@@ -172,6 +191,15 @@ class PretrainConfig:
             raise LmforgeError("data.val_fraction must be in (0, 1)")
         if t.spike_factor <= 0:
             raise LmforgeError("train.spike_factor must be > 0")
+        if d.tokenizer_algorithm not in ("bpe", "wordpiece"):
+            raise LmforgeError(f"data.tokenizer_algorithm must be bpe or wordpiece, got {d.tokenizer_algorithm!r}")
+        j = self.objective
+        if j.name not in ("causal", "mlm"):
+            raise LmforgeError(f"objective.name must be causal or mlm, got {j.name!r}")
+        if not 0 < j.mask_probability < 1 or j.mask_fraction < 0 or j.random_fraction < 0 \
+                or j.mask_fraction + j.random_fraction > 1:
+            raise LmforgeError("objective.mask_probability must be in (0, 1); objective.mask_fraction and "
+                               "objective.random_fraction >= 0 with a sum of at most 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,7 +234,7 @@ def model_config_of(section: ModelSection, vocab_size: int, seq_len: int, bos_id
 
 
 _CLASSES = {"model": ModelSection, "data": DataSection, "optim": OptimSection,
-            "schedule": ScheduleSection, "train": TrainSection}
+            "schedule": ScheduleSection, "train": TrainSection, "objective": ObjectiveSection}
 _HINTS = {name: typing.get_type_hints(cls) for name, cls in _CLASSES.items()}
 
 
