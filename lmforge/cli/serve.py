@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=runtime.max_batch, max_seq_len=max_len,
                           max_waiting=runtime.max_waiting,
                           prefix_cache_bytes=int(runtime.prefix_cache_mb * 2**20), adapters=adapters,
-                          speculator=speculator, prefill_chunk=runtime.prefill_chunk).start()
+                          speculator=speculator, prefill_chunk=runtime.prefill_chunk, kv_cache=runtime.kv_cache,
+                          kv_block_size=runtime.kv_block_size,
+                          kv_memory_bytes=int(runtime.kv_memory_mb * 2**20)).start()
     app = create_app(scheduler, lm.tokenizer, lm.name, settings, store=store, knowledge=knowledge)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host

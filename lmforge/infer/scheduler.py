@@ -50,6 +50,21 @@ and values move to the first free row (one copy) to join the running batch. One 
 prompt is chunked at a time; requests queued behind it wait in order. The chunks give
 the same result as one forward up to float rounding (other product shapes), like the
 prefix cache's reused keys and values.
+
+Paged KV cache (`kv_cache="paged"`, lmforge/model/paged_kv.py): the cache is a pool of
+blocks of `kv_block_size` positions instead of `max_batch` rows of `max_seq_len`, so a
+memory budget holds as many requests as their actual lengths allow rather than as many
+as their worst case does. A waiting request is admitted (in queue order) when the free
+blocks hold its prompt plus one block of decode room; a running row claims a block each
+time its tokens cross into a new one and gives them all back when it ends. Moving a row
+(compaction, a chunked prompt joining the batch) moves its block table, not its keys and
+values. When a decode step finds no free block for some row, the most recently admitted
+request is preempted: its blocks are freed and it goes back to the head of the queue,
+keeping its tokens, text and random generator; readmitted, it recomputes its keys and
+values in one prefill of prompt + answer so far and decodes on (recompute, as vLLM does,
+rather than pausing it on its blocks: a paused row keeps the memory the others are short
+of, and the oldest row alone might then find none). The prefix cache still copies its
+blocks in and out of a row; it does not share them by reference.
 """
 
 from __future__ import annotations
@@ -67,10 +82,14 @@ import torch
 
 from ..errors import LmforgeError
 from ..model.kv_cache import KVCache
+from ..model.paged_kv import PagedKVCache, blocks_for, contiguous_rows_in
 from .layout import prepack, release_openmp_threads, torch_threads_for, uses_numpy_blas
 from .prefix_cache import PrefixCache
 from .request import DecodeState, check_prompt, end_token_ids
 from .sampling import SamplingParams
+
+
+KV_CACHE_KINDS = ("contiguous", "paged")
 
 
 class QueueFull(LmforgeError):
@@ -118,6 +137,8 @@ class RequestHandle:
         self.cached = 0  # prompt tokens served from the prefix cache
         self.prefilled = 0  # prompt tokens in the cache so far (chunked prefill)
         self.adapter = 0  # index in the scheduler's AdapterBank; 0: the base model
+        self.admitted = 0  # admission order (paged cache: the newest is preempted first)
+        self.preemptions = 0  # times its blocks were taken back and it was queued again
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client disconnected); the row is freed at the next step."""
@@ -192,6 +213,9 @@ class SchedulerStats:
     finished: int = 0
     prefilling: int = 0  # long prompts being prefilled chunk by chunk (0 or 1)
     prefill_chunks: int = 0
+    kv_blocks_total: int = 0  # paged cache: blocks in the pool (0: a contiguous cache)
+    kv_blocks_free: int = 0
+    preempted: int = 0  # paged cache: requests sent back to the queue when blocks ran out
 
 
 class Scheduler:
@@ -200,6 +224,12 @@ class Scheduler:
     `max_seq_len` bounds prompt + completion (the model's context at most) and is the
     number of KV-cache positions per row: a caller that knows its requests, like
     `Generator`, asks for no more than the longest of them needs.
+
+    `kv_cache`: "contiguous" (`max_batch` rows of `max_seq_len` positions) or "paged"
+    (blocks of `kv_block_size` positions shared by up to `max_batch` rows).
+    `kv_memory_bytes` (0: no budget) bounds the cache: a contiguous cache gets as many
+    rows as fit (at most `max_batch`), a paged one as many blocks as fit; without a
+    budget a paged cache gets the blocks of the contiguous cache's memory.
     """
 
     def __init__(
@@ -216,15 +246,24 @@ class Scheduler:
         adapters=None,
         speculator=None,
         prefill_chunk: int = 0,
+        kv_cache: str = "contiguous",
+        kv_block_size: int = 16,
+        kv_memory_bytes: int = 0,
     ) -> None:
         if max_batch < 1:  # no row could ever be admitted: every request would wait forever
             raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
+        check_kv_options(kv_cache, kv_block_size, kv_memory_bytes)
         self.model = model
         self.tokenizer = tokenizer
         self.adapters = adapters  # an AdapterBank installed on `model`, or None
         self.speculator = speculator  # a speculative.Speculator, or None
-        self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.paged = use_cache and kv_cache == "paged"
+        self.kv_block_size = kv_block_size
+        dtype = model.embed.weight.dtype
+        if use_cache and not self.paged and kv_memory_bytes:
+            max_batch = min(max_batch, self._rows_in_budget(kv_memory_bytes, dtype))
+        self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
         if prefill_chunk < 0:
@@ -242,9 +281,12 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self.eos_ids = end_token_ids(model.config, tokenizer)
         self.cache = None
-        if use_cache:
-            dtype = model.embed.weight.dtype
+        if self.paged:
+            self.cache = PagedKVCache.for_model(model.config, self._blocks_in_budget(kv_memory_bytes, dtype),
+                                                kv_block_size, max_batch, self.max_seq_len, dtype, self.device)
+        elif use_cache:
             self.cache = KVCache.for_model(model.config, max_batch, self.max_seq_len, dtype, self.device)
+        self._admissions = itertools.count(1)
         self.numpy_blas = uses_numpy_blas(model)
         self.stats = SchedulerStats()
         self._ids = itertools.count(1)
@@ -254,6 +296,30 @@ class Scheduler:
         self._lock = threading.Condition()
         self._accepting = True
         self._thread: threading.Thread | None = None
+        self._count_blocks()
+
+    def _rows_in_budget(self, budget: int, dtype: torch.dtype) -> int:
+        """Contiguous rows of `max_seq_len` positions that fit `budget` bytes (at least one, or an error)."""
+        rows = contiguous_rows_in(budget, self.model.config, self.max_seq_len, dtype)
+        if rows < 1:
+            row = PagedKVCache.block_bytes(self.model.config, self.max_seq_len, dtype)
+            raise LmforgeError(f"a KV-cache budget of {budget / 2**20:.1f} MiB holds no row of {self.max_seq_len} "
+                               f"positions ({row / 2**20:.1f} MiB each); raise --kv-memory-mb or lower "
+                               "--max-seq-len")
+        return rows
+
+    def _blocks_in_budget(self, budget: int, dtype: torch.dtype) -> int:
+        """Paged blocks for `budget` bytes (the scratch block included), or the contiguous cache's memory."""
+        per_row = blocks_for(self.max_seq_len, self.kv_block_size)
+        if not budget:
+            return self.max_batch * per_row
+        blocks = budget // PagedKVCache.block_bytes(self.model.config, self.kv_block_size, dtype) - 1
+        if blocks < per_row:
+            # A request of max_seq_len tokens must fit alone, or preempting it would never end.
+            raise LmforgeError(f"a KV-cache budget of {budget / 2**20:.1f} MiB holds {max(blocks, 0)} blocks of "
+                               f"{self.kv_block_size} positions, fewer than one sequence of {self.max_seq_len} "
+                               f"tokens needs ({per_row}); raise --kv-memory-mb or lower --max-seq-len")
+        return blocks
 
     # ----------------------------------------------------------------- public API
     def start(self) -> "Scheduler":
@@ -340,10 +406,18 @@ class Scheduler:
             jobs, self._jobs = self._jobs, []
             admitted, long = [], None
             capacity = self.max_batch - (self._chunking is not None)
+            free = self.cache.free_blocks if self.paged else 0
             while self._waiting and len(self._rows) + len(admitted) < capacity:
-                if self._long(self._waiting[0]):
-                    if self._chunking is not None or long is not None:
-                        break  # one long prompt at a time; the queue keeps its order
+                item = self._waiting[0]
+                if self._long(item) and (self._chunking is not None or long is not None):
+                    break  # one long prompt at a time; the queue keeps its order
+                if self.paged:
+                    need = self._blocks_to_admit(item)
+                    if need > free:
+                        break  # the queue keeps its order: the head waits for blocks
+                    free -= need
+                item[0].admitted = next(self._admissions)
+                if self._long(item):
                     long = self._waiting.pop(0)
                     capacity -= 1  # it takes the last row
                     continue
@@ -358,11 +432,17 @@ class Scheduler:
             with torch.inference_mode():
                 if long is not None:
                     self._start_chunking(*long)
-                for group in self._prefill_groups(admitted):
+                fresh = [item for item in admitted if item[0].state is None]
+                for handle, _, _ in admitted:
+                    if handle.state is not None:
+                        self._resume(handle)
+                for group in self._prefill_groups(fresh):
                     self._prefill(group)
                 if self._chunking is not None:
                     self._prefill_chunk()
                 self._retire()
+                if self.paged:
+                    self._claim_decode_blocks()
                 if self._rows:
                     started = time.perf_counter()
                     self._decode_step()
@@ -374,8 +454,13 @@ class Scheduler:
             raise
         finally:
             self.stats.prefilling = int(self._chunking is not None)
+            self._count_blocks()
             self._flush()
         return not self.idle
+
+    def _count_blocks(self) -> None:
+        if self.paged:
+            self.stats.kv_blocks_total, self.stats.kv_blocks_free = self.cache.total_blocks, self.cache.free_blocks
 
     def run_until_idle(self) -> None:
         """Step until every submitted request has finished (synchronous use, no thread)."""
@@ -407,6 +492,8 @@ class Scheduler:
                 self.on_finish(handle)
         self._rows.clear()
         self.stats.running = 0
+        if self.paged:
+            self.cache.release_all()
 
     def _threads(self, rows: int):
         """One PyTorch thread for single-row work beside NumPy's BLAS (see layout.py)."""
@@ -483,24 +570,98 @@ class Scheduler:
             longest = max(len(h.prompt_ids) for h in live) - cached
             ids = torch.zeros(len(live), longest, dtype=torch.long, device=self.device)
             for i, handle in enumerate(live):
+                if self.paged:
+                    self.cache.ensure(first + i, len(handle.prompt_ids))  # admission counted these blocks
                 if cached:
-                    k, v = self.cache.k[:, first + i], self.cache.v[:, first + i]
-                    self.prefix_cache.load(handle.prompt_ids, cached, k, v, handle.adapter)
+                    self._load_prefix(handle, first + i, cached)
                 ids[i, : len(handle.prompt_ids) - cached] = torch.tensor(handle.prompt_ids[cached:], dtype=torch.long)
             lengths = torch.tensor([len(h.prompt_ids) - cached for h in live], device=self.device)
             logits = self._forward(ids, self.cache.rows(first, first + len(live)), cached, select=lengths - 1,
                                    handles=live)
         for i, handle in enumerate(live):
             if self.prefix_cache is not None:
-                self.prefix_cache.store(handle.prompt_ids, self.cache.k[:, first + i], self.cache.v[:, first + i],
-                                        handle.adapter)
+                self._store_prefix(handle, first + i)
             self.stats.prompt_tokens += len(handle.prompt_ids)
             self.stats.cached_prompt_tokens += cached
             self._emit(handle, handle.state.append(handle.state.choose(logits[i])))
 
+    def _load_prefix(self, handle: RequestHandle, row: int, length: int) -> None:
+        """The prefix cache's keys/values of the first `length` prompt tokens, into cache row `row`."""
+        if not self.paged:
+            self.prefix_cache.load(handle.prompt_ids, length, self.cache.k[:, row], self.cache.v[:, row],
+                                   handle.adapter)
+            return
+        layers, _, heads, _, dim = self.cache.k.shape
+        k = self.cache.k.new_empty(layers, heads, length, dim)
+        v = torch.empty_like(k)
+        self.prefix_cache.load(handle.prompt_ids, length, k, v, handle.adapter)
+        self.cache.write_row(row, k, v)
+
+    def _store_prefix(self, handle: RequestHandle, row: int) -> None:
+        """Offer the prefix cache the keys/values of the prompt just prefilled into row `row`."""
+        if self.paged:
+            k, v = self.cache.read_row(row, len(handle.prompt_ids))
+        else:
+            k, v = self.cache.k[:, row], self.cache.v[:, row]
+        self.prefix_cache.store(handle.prompt_ids, k, v, handle.adapter)
+
     def _long(self, item: tuple[RequestHandle, SamplingParams, int]) -> bool:
-        """Is this waiting request's prompt one to prefill in chunks?"""
-        return bool(self.prefill_chunk) and len(item[0].prompt_ids) > self.prefill_chunk
+        """Is this waiting request's prompt one to prefill in chunks? (A preempted one is recomputed whole.)"""
+        return bool(self.prefill_chunk) and len(item[0].prompt_ids) > self.prefill_chunk and item[0].state is None
+
+    # ------------------------------------------------------------ paged cache
+    def _blocks_to_admit(self, item: tuple[RequestHandle, SamplingParams, int]) -> int:
+        """Blocks a waiting request needs to be admitted: its cached positions plus one block of decode room."""
+        handle = item[0]
+        if handle.cancelled:
+            return 0  # admitted only to be ended
+        tokens = len(handle.prompt_ids) if handle.state is None else handle.state.position
+        return blocks_for(min(tokens + self.kv_block_size, self.max_seq_len), self.kv_block_size)
+
+    def _claim_decode_blocks(self) -> None:
+        """Give every running row the block its next token is written to, preempting while blocks run out."""
+        while True:
+            short = next((i for i, h in enumerate(self._rows) if not self.cache.ensure(i, h.state.position + 1)),
+                         None)
+            if short is None:
+                return
+            candidates = self._rows + ([self._chunking] if self._chunking is not None else [])
+            self._preempt(max(candidates, key=lambda h: h.admitted))
+
+    def _preempt(self, handle: RequestHandle) -> None:
+        """Free a request's blocks and queue it again at the head; readmitted, it recomputes its keys and values."""
+        state = handle.state
+        if handle is self._chunking:  # nothing sampled yet: it starts over as a new request
+            self.cache.release(self.max_batch - 1)
+            self._chunking = None
+            handle.state, handle.prefilled, handle.cached = None, 0, 0
+        else:
+            row = self._rows.index(handle)
+            self.cache.release(row)
+            last = len(self._rows) - 1
+            if row != last:  # running rows stay contiguous
+                self.cache.move(last, row)
+                self._rows[row] = self._rows[last]
+            self._rows.pop()
+        handle.preemptions += 1
+        self.stats.preempted += 1
+        self.stats.running = len(self._rows)
+        with self._lock:
+            self._waiting.insert(0, (handle, state.params, state.budget))
+            self.stats.waiting = len(self._waiting)
+
+    def _resume(self, handle: RequestHandle) -> None:
+        """Readmit a preempted request: one forward rebuilds its keys/values; its next step decodes on."""
+        if handle.cancelled:
+            handle.state.finish_reason = "cancelled"
+            self._finish(handle)
+            return
+        state, row = handle.state, len(self._rows)
+        ids = state.prompt_ids + state.generated[:-1]  # the last token is fed by the next decode step
+        self.cache.ensure(row, len(ids) + 1)  # admission counted these blocks
+        self._rows.append(handle)
+        self._forward(torch.tensor([ids], dtype=torch.long, device=self.device), self.cache.rows(row, row + 1), 0,
+                      handles=[handle])
 
     def _new_state(self, handle: RequestHandle, params: SamplingParams, budget: int) -> DecodeState:
         return DecodeState(
@@ -526,10 +687,11 @@ class Scheduler:
             return
         handle.state = self._new_state(handle, params, budget)
         row = self.max_batch - 1
+        if self.paged:
+            self.cache.ensure(row, len(handle.prompt_ids))  # admission counted these blocks
         handle.cached = self._prefix_hit(handle, params)
         if handle.cached:
-            self.prefix_cache.load(handle.prompt_ids, handle.cached, self.cache.k[:, row], self.cache.v[:, row],
-                                   handle.adapter)
+            self._load_prefix(handle, row, handle.cached)
         handle.prefilled = handle.cached
         self._chunking = handle
 
@@ -538,6 +700,8 @@ class Scheduler:
         handle, row = self._chunking, self.max_batch - 1
         if handle.cancelled:
             self._chunking = None
+            if self.paged:
+                self.cache.release(row)
             handle.state.finish_reason = "cancelled"
             self._finish(handle)
             return
@@ -558,12 +722,14 @@ class Scheduler:
             return
         self._chunking = None
         target = len(self._rows)
-        if target != row:  # join the running rows, which are kept contiguous
+        if target != row and self.paged:  # join the running rows, which are kept contiguous
+            self.cache.move(row, target)
+        elif target != row:
             self.cache.k[:, target, :, :len(prompt)] = self.cache.k[:, row, :, :len(prompt)]
             self.cache.v[:, target, :, :len(prompt)] = self.cache.v[:, row, :, :len(prompt)]
         self._rows.append(handle)
         if self.prefix_cache is not None:
-            self.prefix_cache.store(prompt, self.cache.k[:, target], self.cache.v[:, target], handle.adapter)
+            self._store_prefix(handle, target)
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_prompt_tokens += handle.cached
         self._emit(handle, handle.state.append(handle.state.choose(logits[0])))
@@ -607,7 +773,7 @@ class Scheduler:
         """
         state = handle.state
         k = self.speculator.draft_length(state) if handle.adapter == 0 else 0
-        if k < 1:
+        if k < 1 or self.paged and not self.cache.ensure(0, state.position + k + 1):
             return False
         with self._threads(1):
             draft = self.speculator.propose(state, k)
@@ -677,8 +843,14 @@ class Scheduler:
         keep = len(rows) - len(finished)
         holes = [i for i in range(keep) if rows[i].state.finished]
         movers = [j for j in range(keep, len(rows)) if not rows[j].state.finished]
+        if self.paged:
+            for i, handle in enumerate(rows):
+                if handle.state.finished:
+                    self.cache.release(i)
         for i, j in zip(holes, movers):
-            if self.cache is not None:
+            if self.paged:
+                self.cache.move(j, i)
+            elif self.cache is not None:
                 length = rows[j].state.position + 1
                 self.cache.k[:, i, :, :length] = self.cache.k[:, j, :, :length]
                 self.cache.v[:, i, :, :length] = self.cache.v[:, j, :, :length]
@@ -704,3 +876,13 @@ class Scheduler:
         self.stats.finished += 1
         if self.on_finish is not None:
             self.on_finish(handle)
+
+
+def check_kv_options(kind: str, block_size: int, memory_bytes: int) -> None:
+    """One clear message for a KV-cache setting no scheduler can use."""
+    if kind not in KV_CACHE_KINDS:
+        raise LmforgeError(f"unknown KV cache {kind!r}; choose one of {', '.join(KV_CACHE_KINDS)}")
+    if block_size < 1:
+        raise LmforgeError(f"the KV block size must be at least 1 position, got {block_size}")
+    if memory_bytes < 0:
+        raise LmforgeError(f"the KV-cache memory budget must be 0 (none) or positive, got {memory_bytes}")

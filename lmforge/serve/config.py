@@ -125,6 +125,16 @@ class ServeRuntime:
                                 help="prefill prompts longer than this in chunks of at most this many tokens (while "
                                      "others stream, about one decode step's worth), between the decode steps of "
                                      "running requests, so their streams keep their pace (0 = off)")
+    kv_cache: str = option("contiguous", choices=("contiguous", "paged"),
+                           help="contiguous: every request reserves --max-seq-len positions of KV cache; paged: "
+                                "blocks of --kv-block-size positions claimed as a request grows, so the same "
+                                "memory holds more requests (the newest is preempted and recomputed later if "
+                                "blocks run out)")
+    kv_block_size: int = option(16, metavar="TOKENS", help="positions per block of the paged KV cache")
+    kv_memory_mb: float = option(0.0, metavar="MB",
+                                 help="memory for the KV cache (0 = --max-batch rows of --max-seq-len): a "
+                                      "contiguous cache gets the rows that fit (at most --max-batch), a paged one "
+                                      "the blocks that fit, shared by up to --max-batch requests")
     # LoRA adapters served beside the base model, each picked by a request's model name
     # (NAME or BASE:NAME); rows of different adapters share every batch step.
     adapters: list[str] = option(default_factory=list, flag="--adapter", repeat=True, metavar="NAME=PATH",
@@ -138,6 +148,10 @@ class ServeRuntime:
 
         if self.max_batch < 1 or self.max_waiting < 0 or self.prefix_cache_mb < 0 or self.prefill_chunk < 0:
             raise LmforgeError("--max-batch must be >= 1, --max-waiting, --prefix-cache-mb and --prefill-chunk >= 0")
+        if self.kv_cache not in ("contiguous", "paged"):
+            raise LmforgeError(f"--kv-cache must be contiguous or paged, got {self.kv_cache!r}")
+        if self.kv_block_size < 1 or self.kv_memory_mb < 0:
+            raise LmforgeError("--kv-block-size must be >= 1 and --kv-memory-mb >= 0")
         if not 0 <= self.port <= 65535:
             raise LmforgeError(f"--port must be in 0..65535, got {self.port}")
         names = [parse_adapter_flag(a)[0] for a in self.adapters]  # malformed flags fail before the model loads

@@ -1,0 +1,225 @@
+"""Paged against contiguous KV cache: requests held at one memory budget, and the price of the gather (M9, I2).
+
+1. Capacity. A stream of requests with a mix of prompt and answer lengths (uniform in
+   --prompt-range and --answer-range, fixed seed, greedy, every answer run to its
+   length) goes through the scheduler with a KV budget of --budget-mb, once per cache
+   kind. The contiguous cache reserves --max-seq-len positions per row, so the budget
+   gives it budget / (max_seq_len x bytes per position) rows; the paged cache gets the
+   budget's blocks of --block-size positions, shared by up to --max-batch rows. Reported:
+   the most requests running at once, the mean over decode steps, decode steps, tokens/s
+   and preemptions. Admission depends on the KV geometry only, so this part runs a
+   random model with the default model's (30 layers, 3 KV heads of 64) and small
+   everything else (--capacity-model default: the real one, much slower).
+2. Gather cost. On the default model, one decode forward over B rows at a context of C
+   tokens, with each cache kind holding the same keys and values: the median step time
+   over alternating rounds, and the cache's own part (30 layers of update + read).
+3. Scheduler decode at equal concurrency: --streams requests of the default model
+   decoding together, once per kind in alternating rounds: decode tokens/s.
+
+    python benchmarks/paged_kv.py                      # everything
+    python benchmarks/paged_kv.py --skip-speed         # capacity only (about a minute)
+
+A table goes to stderr, one JSON line per part and a summary line to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def geometry_model(max_len: int):
+    """A random model with the default model's KV geometry (what admission depends on), cheap to run."""
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=30, n_embd=192, n_head=3, n_kv_head=3, head_dim=64, intermediate_size=256,
+                         vocab_size=512, max_position_embeddings=max_len)
+    return Transformer(config).eval()
+
+
+def workload(n: int, prompt_range: tuple[int, int], answer_range: tuple[int, int], vocab: int, seed: int = 0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range))]
+        out.append((prompt, rng.randint(*answer_range)))
+    return out
+
+
+def capacity(model, kind: str, requests, args) -> dict:
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.infer.scheduler import Scheduler
+
+    scheduler = Scheduler(model, None, max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefix_cache_bytes=0,
+                          max_waiting=len(requests), kv_cache=kind, kv_block_size=args.block_size,
+                          kv_memory_bytes=int(args.budget_mb * 2**20))
+    for prompt, answer in requests:
+        scheduler.submit(prompt, SamplingParams(max_tokens=answer, temperature=0, ignore_eos=True))
+    running, started = [], time.perf_counter()
+    while scheduler.step():
+        running.append(scheduler.stats.running)
+    seconds = time.perf_counter() - started
+    cache = scheduler.cache
+    return {"kind": kind, "rows": scheduler.max_batch, "cache_mib": round(cache.nbytes / 2**20, 1),
+            "peak_running": max(running), "mean_running": round(statistics.mean(running), 2),
+            "steps": scheduler.stats.steps, "generated": scheduler.stats.generated_tokens,
+            "tokens_per_s": round(scheduler.stats.generated_tokens / seconds, 1),
+            "preempted": scheduler.stats.preempted, "seconds": round(seconds, 1)}
+
+
+def filled_caches(model, batch: int, context: int, block_size: int):
+    """A contiguous and a paged cache holding the same random keys/values for `batch` rows of `context` positions."""
+    import torch
+
+    from lmforge.model.kv_cache import KVCache
+    from lmforge.model.paged_kv import PagedKVCache, blocks_for
+
+    config, max_len = model.config, context + 8
+    flat = KVCache.for_model(config, batch, max_len, torch.float32, "cpu")
+    flat.k.normal_()
+    flat.v.normal_()
+    paged = PagedKVCache.for_model(config, batch * blocks_for(max_len, block_size), block_size, batch, max_len,
+                                   torch.float32, "cpu")
+    order = list(range(batch))
+    random.Random(1).shuffle(order)  # rows claim blocks interleaved, as a server's rows do
+    for length in range(block_size, max_len + block_size, block_size):
+        for row in order:
+            paged.ensure(row, length)
+    for row in range(batch):
+        paged.write_row(row, flat.k[:, row], flat.v[:, row])
+    return flat, paged
+
+
+def gather_cost(model, batch: int, context: int, block_size: int, rounds: int, steps: int) -> dict:
+    import torch
+
+    flat, paged = filled_caches(model, batch, context, block_size)
+    config = model.config
+    positions = torch.tensor([context - i for i in range(batch)])
+    tokens = torch.randint(3, config.vocab_size, (batch, 1))
+    kv = torch.randn(batch, config.n_kv_head, 1, config.head_dim)
+    times: dict[str, list[float]] = {"contiguous": [], "paged": [], "contiguous_cache": [], "paged_cache": []}
+    for _ in range(rounds):
+        for name, cache in (("contiguous", flat), ("paged", paged)):
+            for _ in range(steps):
+                started = time.perf_counter()
+                model(tokens, cache=cache.rows(0, batch), start=positions, last_only=True)
+                times[name].append(time.perf_counter() - started)
+                view = cache.rows(0, batch)
+                started = time.perf_counter()
+                for layer in range(config.n_layer):
+                    view.update(layer, kv, kv, positions, context + 1)
+                times[name + "_cache"].append(time.perf_counter() - started)
+    med = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    return {"batch": batch, "context": context, "step_ms_contiguous": round(med["contiguous"], 2),
+            "step_ms_paged": round(med["paged"], 2), "step_ratio": round(med["paged"] / med["contiguous"], 3),
+            "cache_ms_contiguous": round(med["contiguous_cache"], 2), "cache_ms_paged": round(med["paged_cache"], 2)}
+
+
+def scheduler_speed(lm, kind: str, prompts: list[list[int]], new_tokens: int, block_size: int) -> float:
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.infer.scheduler import Scheduler
+
+    scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=len(prompts), max_seq_len=512, prefix_cache_bytes=0,
+                          kv_cache=kind, kv_block_size=block_size)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for prompt in prompts:
+        scheduler.submit(prompt, params)
+    scheduler.step()  # admission and prefill: not what is compared
+    started = time.perf_counter()
+    before = scheduler.stats.generated_tokens
+    while scheduler.step():
+        pass
+    decode = time.perf_counter() - started
+    return (scheduler.stats.generated_tokens - before) / decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-mb", type=float, default=256.0)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=64, help="row slots of the paged cache")
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--prompt-range", type=int, nargs=2, default=(32, 768))
+    parser.add_argument("--answer-range", type=int, nargs=2, default=(16, 384))
+    parser.add_argument("--capacity-model", choices=("geometry", "default"), default="geometry")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 2048])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="decode steps timed per round and setting")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    import lmforge
+
+    torch.manual_seed(0)
+    lm = None
+    if args.capacity_model == "default" or not args.skip_speed:
+        lm = lmforge.load(dtype="float32", device="cpu")
+    model = lm.model if args.capacity_model == "default" else geometry_model(args.max_seq_len)
+    requests = workload(args.requests, tuple(args.prompt_range), tuple(args.answer_range), model.config.vocab_size)
+    summary = {"benchmark": "paged_kv", "cpu": cpu_model(), "threads": torch.get_num_threads(),
+               "budget_mb": args.budget_mb, "max_seq_len": args.max_seq_len, "block_size": args.block_size}
+    with torch.inference_mode():
+        held = {kind: capacity(model, kind, requests, args) for kind in ("contiguous", "paged")}
+    for row in held.values():
+        print(f"capacity {row['kind']:>10}: {row['rows']} rows, {row['cache_mib']} MiB, peak {row['peak_running']} "
+              f"running, mean {row['mean_running']}, {row['steps']} steps, {row['tokens_per_s']} tok/s, "
+              f"{row['preempted']} preempted", file=sys.stderr)
+        print(json.dumps({"part": "capacity", **row}))
+    summary["concurrency_ratio"] = round(held["paged"]["peak_running"] / held["contiguous"]["peak_running"], 2)
+    summary["mean_concurrency_ratio"] = round(held["paged"]["mean_running"] / held["contiguous"]["mean_running"], 2)
+    if not args.skip_speed:
+        with torch.inference_mode():
+            gather_cost(lm.model, 1, 32, args.block_size, 1, 1)  # warm-up
+            for batch in args.batches:
+                for context in args.contexts:
+                    row = gather_cost(lm.model, batch, context, args.block_size, args.rounds, args.steps)
+                    print(f"decode step B={batch} C={context}: contiguous {row['step_ms_contiguous']} ms, paged "
+                          f"{row['step_ms_paged']} ms (x{row['step_ratio']}); cache part {row['cache_ms_contiguous']}"
+                          f" vs {row['cache_ms_paged']} ms", file=sys.stderr)
+                    print(json.dumps({"part": "gather", **row}))
+                    summary[f"step_ratio_b{batch}_c{context}"] = row["step_ratio"]
+            prompts = [lm.tokenizer.encode(f"Question {i}: explain, in a few sentences, how a library lends books.")
+                       for i in range(args.streams)]
+            speeds: dict[str, list[float]] = {"contiguous": [], "paged": []}
+            for _ in range(args.rounds):
+                for kind in speeds:
+                    speeds[kind].append(scheduler_speed(lm, kind, prompts, args.new_tokens, args.block_size))
+            med = {kind: statistics.median(values) for kind, values in speeds.items()}
+            print(f"scheduler decode, {args.streams} streams: contiguous {med['contiguous']:.1f} tok/s, paged "
+                  f"{med['paged']:.1f} tok/s (x{med['paged'] / med['contiguous']:.3f})", file=sys.stderr)
+            print(json.dumps({"part": "scheduler_decode", "streams": args.streams,
+                              "tokens_per_s_contiguous": round(med["contiguous"], 1),
+                              "tokens_per_s_paged": round(med["paged"], 1)}))
+            summary["decode_speed_ratio"] = round(med["paged"] / med["contiguous"], 3)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
