@@ -40,6 +40,7 @@ VERB_MODULES: tuple[str, ...] = (
     "lmforge.cli.baseline",   # baseline prepare | train ngram|lstm|gru|transformer | eval | compare
     "lmforge.cli.vlm",        # vlm train cnn|vit|clip | eval | classify
     "lmforge.cli.translate",  # translate MODEL_DIR [FILE] | translate train RECIPE
+    "lmforge.cli.explain",    # explain MODEL PROMPT --out report.html [--compare PROMPT]
     "lmforge.cli.hpsearch",   # hpsearch RECIPE --space SPACE.toml --method random|halving
 )
 

@@ -1,0 +1,15 @@
+"""Interpretability (X1-X3): what a Transformer computes on a prompt, read from its real modules.
+
+- `capture`: forward hooks on lmforge's own blocks (residual streams, attention inputs).
+- `attention`: attention probabilities per layer and head, recomputed from each layer's
+  q/k (RoPE, grouped-query sharing, causal or sliding-window mask), since the model's
+  fused attention never materializes them.
+- `lens`: the logit lens, every layer's residual stream read through the final norm and head.
+- `attribution`: gradient x input, integrated gradients (with the completeness check) and
+  occlusion for one predicted token.
+- `probes`: logistic-regression probes on each layer's hidden states, with a control.
+- `patching`: activation patching from a clean prompt into a corrupted one.
+- `report`: the figures and the self-contained HTML report of ``lmforge explain``.
+
+Nothing here is imported by ``import lmforge``; option dataclasses live in `options` (no torch).
+"""
