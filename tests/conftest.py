@@ -187,3 +187,17 @@ def intent_router():
     clf = train_classifier([(r["text"], r["label"]) for r in data["train"]], [], INTENTS, [], 0.05,
                            features=FeatureSpec(kind="hashing", buckets=2048), head=HeadSpec(epochs=150, lr=0.05))
     return IntentRouter(clf, threshold=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_wordpiece_data(tmp_path_factory):
+    """A packed dataset built by the recipe path: news articles -> clean -> lowercased WordPiece(600)
+    with [CLS]/[SEP]/[MASK] -> rows of 32 tokens; for masked-LM and hyperparameter-search tests."""
+    from lmforge.train.data import ensure_dataset
+    from lmforge.train.recipe import DataSection
+
+    path = tmp_path_factory.mktemp("wordpiece") / "news-wp-600"
+    ensure_dataset(DataSection(path=str(path), sources=["news"], tokenizer_algorithm="wordpiece",
+                               tokenizer_vocab_size=600, seq_len=32, val_fraction=0.1, max_docs=120),
+                   log=lambda _m: None)
+    return path
