@@ -250,13 +250,18 @@ def _encode(array: np.ndarray, qtype: str):
 
 
 def write_gguf(model, path: str | os.PathLike[str], qtype: str = "f16", tokenizer=None, name: str | None = None,
-               overwrite: bool = False, progress=None, pure: bool = False) -> GGUFExport:
+               overwrite: bool = False, progress=None, pure: bool = False,
+               encoded: dict[str, tuple[np.ndarray, int]] | None = None) -> GGUFExport:
     """Write `model` (an lmforge `Transformer`) and optionally its tokenizer to one GGUF file, atomically.
 
     For Q4_0 the vocabulary head (``output.weight``, or the tied ``token_embd.weight``) is stored
     as Q8_0, as llama.cpp's quantizer keeps it at a higher precision (Q6_K there): every logit
     passes through it, and 4-bit errors in it move the logits most. `pure` stores it in `qtype`
     like every other matrix.
+
+    `encoded` maps GGUF tensor names to blocks already quantized elsewhere (bytes, GGML type),
+    written as given instead of being rounded here: lmforge/infer/quantize.py's GPTQ and AWQ
+    choose their own block scales and codes.
     """
     import gguf
 
@@ -333,7 +338,10 @@ def write_gguf(model, path: str | os.PathLike[str], qtype: str = "f16", tokenize
         head = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
         for n, (tensor_name, tensor) in enumerate(tensors.items()):
             wanted = "q8_0" if qtype == "q4_0" and tensor_name == head and not pure else qtype
-            data, ggml_type = _encode(tensor.numpy(), wanted)
+            if encoded is not None and tensor_name in encoded:
+                data, ggml_type = encoded[tensor_name]
+            else:
+                data, ggml_type = _encode(tensor.numpy(), wanted)
             if ggml_type in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
                 counts["quantized"] += 1  # (a Q4_0 file's Q8_0 head included)
             elif qtype.startswith("q") and tensor.dim() >= 2:

@@ -1,0 +1,127 @@
+"""What each quantization method costs in perplexity on the default model (I4).
+
+Every setting starts from the same float32 SmolLM2-135M-Instruct (the shipped Q4_1 file,
+dequantized: that is the "fp32" row), is quantized by `lmforge.infer.quantize`, written as
+a GGUF file, read back with lmforge's GGUF loader, and scored on held-out text: the offline
+Wikipedia excerpt's validation side (`split_of(text, 0.1, salt="prune")`, the split
+`lmforge prune` and `lmforge quantize` keep out of their calibration), in non-overlapping
+windows of 512 tokens. Calibration (GPTQ, AWQ) reads --calib-rows rows of --calib-length
+tokens from the training side. The file size is the written file's; the time is the
+quantization's (calibration forwards included, writing excluded).
+
+    python benchmarks/quantize.py            # fp32, rtn-8, rtn-4, gptq-4, gptq-4 act-order, awq-4
+    python benchmarks/quantize.py --quick    # fewer tokens
+
+Prints one JSON line per setting and a summary JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def texts(side: str):
+    from lmforge.data.corpora import load_source, split_of
+
+    want = "validation" if side == "heldout" else "train"
+    return (d.text for d in load_source("wiki") if split_of(d.text, 0.1, salt="prune") == want)
+
+
+SETTINGS = {
+    "fp32": None,
+    "rtn-8": dict(method="rtn", bits=8),
+    "rtn-4": dict(method="rtn", bits=4),
+    "gptq-4": dict(method="gptq", bits=4),
+    "gptq-4-act-order": dict(method="gptq", bits=4, act_order=True),
+    "awq-4": dict(method="awq", bits=4),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--calib-rows", type=int, default=32)
+    parser.add_argument("--calib-length", type=int, default=512)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of " + ", ".join(SETTINGS))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from lmforge.eval.perplexity import perplexity
+    from lmforge.infer.options import QuantizeOptions
+    from lmforge.infer.quantize import calibration_rows, quantize_model, write_quantized
+    from lmforge.model.gguf_io import load_gguf_model
+    from lmforge.model.loading import load_model, load_tokenizer
+    from lmforge.model.registry import resolve
+
+    if args.quick:
+        args.eval_tokens, args.calib_rows, args.calib_length = min(args.eval_tokens, 4096), 8, 256
+    spec = resolve(None)
+    base, tokenizer = load_model(spec, dtype=torch.float32), load_tokenizer(spec)
+    heldout, total = [], 0
+    for text in texts("heldout"):
+        heldout.append(text)
+        total += len(tokenizer.encode(text))
+        if total >= args.eval_tokens:
+            break
+    train_texts = list(itertools.islice(texts("train"), 10_000))
+    assert not set(heldout) & set(train_texts)  # the two sides share no document
+    rows = calibration_rows(tokenizer, train_texts, args.calib_rows, args.calib_length)
+    workdir = Path(tempfile.mkdtemp(prefix="lmforge-quantize-"))
+    results = []
+    for name in args.settings.split(","):
+        setting = SETTINGS[name]
+        row: dict = {"setting": name}
+        if setting is None:
+            model = base
+            row.update(bytes=sum(p.numel() * 4 for p in base.parameters()), seconds=0.0)  # tied head counted once
+        else:
+            options = QuantizeOptions(out=str(workdir / f"{name}.gguf"), **setting)
+            result = quantize_model(copy.deepcopy(base), options, rows if options.needs_calibration else None)
+            written = write_quantized(result, options.out, tokenizer=tokenizer, name=spec.name)
+            model = load_gguf_model(written.path)
+            row.update(bytes=written.nbytes, seconds=round(result.seconds, 1))
+            if "alphas" in result.details:
+                alphas = result.details["alphas"]
+                row["awq_mean_alpha"] = {k: round(sum(a[k] for a in alphas) / len(alphas), 3) for k in alphas[0]}
+                ratios = result.details["error_ratio"]
+                row["awq_error_vs_rtn"] = {k: round(sum(r[k] for r in ratios) / len(ratios), 3) for k in ratios[0]}
+            os.unlink(written.path)
+            del result
+        with torch.inference_mode():
+            ppl = perplexity(model, heldout, tokenizer=tokenizer, window=512, stride=512).ppl
+        row["perplexity"] = round(ppl, 3)
+        row["mib"] = round(row["bytes"] / 2**20, 1)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del model
+    base_ppl = next((r["perplexity"] for r in results if r["setting"] == "fp32"), None)
+    if base_ppl:
+        for r in results:
+            r["vs_fp32"] = round(r["perplexity"] / base_ppl, 4)
+    print(json.dumps({"benchmark": "quantize", "cpu": cpu_model(), "threads": torch.get_num_threads(),
+                      "eval_tokens": total, "calib_tokens": sum(r.numel() for r in rows),
+                      "load": os.getloadavg()[0], "results": results}))
+
+
+if __name__ == "__main__":
+    main()
