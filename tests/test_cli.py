@@ -129,3 +129,28 @@ def test_building_the_parser_loads_no_heavy_module():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]"
+
+
+@pytest.mark.slow  # loads the default model a second time (the CLI's own load)
+def test_generate_with_beam_search(capsys, default_lm):
+    from lmforge.cli.generate import beam_generate
+    from lmforge.infer.beam import BeamParams, DecoderStepper, beam_search
+
+    code, out, err = run_cli(capsys, "generate", "--prompt", "The capital of France is", "--num-beams", "3",
+                             "--max-tokens", "6", "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["num_beams"] == 3 and got["completion_tokens"] == 6 and got["finish_reason"] == "length"
+    # the same search run by hand on the session's model
+    ids = default_lm.tokenizer.encode("The capital of France is")
+    best = beam_search(DecoderStepper(default_lm.model, torch.tensor([ids]), 3, 6), 1, BeamParams(3, 6), [-1])[0]
+    assert got["text"] == default_lm.tokenizer.decode(best.tokens)
+    assert abs(got["score"] - best.score) < 1e-4
+    assert beam_generate(default_lm, "The capital of France is", 1, 6, 1.0, False)["completion_tokens"] == 6
+    for argv, message in ((["--num-beams", "0"], "--num-beams must be at least 1"),
+                          (["--num-beams", "2", "--speculative", "ngram"], "drop --speculative")):
+        code, _, err = run_cli(capsys, "generate", "--prompt", "hi", *argv)
+        assert code == 1 and message in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_:  # argparse's own usage error
+        main(["generate", "--prompt", "hi", "--num-beams", "2", "--early-stopping", "sometimes"])
+    assert exit_.value.code == 2 and "expected true, false or never" in capsys.readouterr().err
