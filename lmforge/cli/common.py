@@ -26,6 +26,9 @@ def add_model_argument(p: argparse.ArgumentParser, name: str = "model") -> None:
 def add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on recent GPUs)")
+    p.add_argument("--weights", default="float", choices=("float", "q4", "q8"),
+                   help="linear layers as float (default), or kept quantized on CPU: q4 (int4 groups of 32; a GGUF "
+                        "file's Q4_0/Q4_1 blocks as stored) or q8 (int8 per row); for commands that generate or score")
 
 
 def add_remote_flags(p: argparse.ArgumentParser, needs: str = "", scoring: bool = False) -> None:
@@ -84,7 +87,8 @@ def load_local(name: str | None, args: argparse.Namespace):
     from lmforge.io.progress import Progress
 
     progress = Progress(f"loading {name or 'the default model'}", unit="tensors", log_every=5.0)
-    lm = load(name, dtype=getattr(args, "dtype", "auto"), device=getattr(args, "device", "auto"), progress=progress)
+    lm = load(name, dtype=getattr(args, "dtype", "auto"), device=getattr(args, "device", "auto"), progress=progress,
+              weights=getattr(args, "weights", "float"))
     progress.close(f"loaded {lm.name}" if progress.tty else None)
     return lm
 

@@ -74,15 +74,30 @@ def load(
     device: str | None = "auto",
     progress=None,
     prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    weights: str = "float",
 ) -> LoadedModel:
     """Load a registered model name, a Hugging Face directory or a .gguf file (default: the default model).
 
     `prepare` changes the loaded network before the CPU decoding layout is built (which covers
     plain linear layers only), e.g. merging an adapter into it.
+
+    `weights`: "float" (the weights in `dtype`), or "q4" / "q8": the block linears (and the
+    vocabulary head) kept as int4 group-wise / int8 per-row weights on CPU, a GGUF file's 4-bit
+    blocks read straight into them (lmforge/infer/quant_gguf.py).
     """
+    if weights != "float":
+        from lmforge.infer.quant_gguf import weight_bits
+
+        weight_bits(weights)  # an unknown value fails before anything is read
     spec = resolve(model)
-    dev = pick_device(device)
+    # The quantized kernels are CPU ones: "auto" means the CPU for them.
+    dev = pick_device("cpu" if weights != "float" and device in (None, "auto") else device)
     tokenizer = load_tokenizer(spec)
+    if weights != "float":
+        from lmforge.infer.quant_gguf import load_quantized_model
+
+        net = load_quantized_model(spec, weights, dev, pick_dtype(dtype, dev), progress, prepare)
+        return LoadedModel(net, tokenizer, spec)
     net = load_model(spec, pick_dtype(dtype, dev), dev, progress=progress)
     if prepare is not None:
         net = prepare(net).eval()

@@ -1,0 +1,336 @@
+"""Linear layers whose weights stay quantized: int4 group-wise and int8 per-channel, CPU kernels.
+
+A batch-1 decode step reads every weight once to multiply it by one activation row, so
+its speed is set by how many bytes the weights take: float32 costs 4 bytes a weight,
+int8 one, int4 half a byte plus a scale (and a zero) per group. These modules keep only
+the small form and hand it to PyTorch's CPU weight-only kernels, which dequantize inside
+the product, a tile at a time, so no float copy of the weight ever exists:
+
+* `Int4Linear`: 4-bit codes q in 0..15, one (scale s, zero z) pair per group of
+  `group_size` consecutive inputs of a row; w = (q - 8) s + z. Stored in the layout of
+  `aten._convert_weight_to_int4pack_for_cpu`, multiplied by
+  `aten._weight_int4pack_mm_for_cpu`. GGUF's Q4_0 (w = (q - 8) d) and Q4_1 (w = q d + m)
+  blocks of 32 are this form exactly: s = d and z = 0, or z = m + 8 d.
+* `Int8Linear`: int8 codes and one scale per output row (w = q s), multiplied by
+  `aten._weight_int8pack_mm`.
+
+Both kernels are fast only with bfloat16 activations (measured on the default model's
+shapes: with float32 activations they run a reference loop 10-30x slower than float32's
+own product, with float16 ones slower still), and they take scales in the activations'
+dtype. So the modules multiply in `compute_dtype` (bfloat16 by default): the input row is
+rounded to bfloat16, the product accumulates in float32 inside the kernel and comes back
+as bfloat16, and the module returns float32 again, so the residual stream, norms,
+attention and the KV cache stay float32. `compute_dtype=torch.float32` gives the exact
+values (x @ dequant(W)^T up to float rounding; the tests check the packing that way) at
+the slow kernel's speed.
+
+`quantize_model` swaps a loaded `Transformer`'s linear layers for these modules in place
+(from float weights, round to nearest); lmforge/infer/quant_gguf.py builds them straight
+from a GGUF file's blocks. The model's forward, the scheduler and the server run
+unchanged: only the modules' class differs, as with lmforge/infer/layout.py's
+`BlasLinear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LmforgeError
+
+INT4_ROW_MULTIPLE = 16  # the int4 packing wants a multiple of 16 output rows; others are padded
+BITS = (4, 8)
+
+
+def int4_kernels_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _check_cpu(t: torch.Tensor, what: str) -> None:
+    if t.device.type != "cpu":
+        raise LmforgeError(f"{what} runs on CPU only (PyTorch's weight-only kernels); load the model with --device cpu")
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W stored as 4-bit codes and per-group (scale, zero): w = (q - 8) s + z.
+
+    Buffers: `packed` (the kernel's uint8 layout of codes [N', K]), `scale_zeros`
+    [K / group, N', 2] in `compute_dtype`, where N' is `out_features` rounded up to a
+    multiple of 16 (padded rows are zero and cut from the result). `bias` stays float32.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise LmforgeError(f"int4 weights need input features ({in_features}) divisible by the group "
+                               f"size ({group_size})")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.compute_dtype = compute_dtype
+        rows = -(-out_features // INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE
+        self.register_buffer("packed", torch.empty(rows, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scale_zeros", torch.empty(in_features // group_size, rows, 2, dtype=compute_dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    # -- building -------------------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int = 32,
+                   bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
+        """From codes [N, K] (integers 0..15) and per-group scales/zeros [N, K / group]: w = (q - 8) s + z."""
+        out_features, in_features = codes.shape
+        module = cls(in_features, out_features, group_size, bias is not None, compute_dtype)
+        module.set_codes(codes, scales, zeros)
+        if bias is not None:
+            module.bias.data.copy_(bias.detach().to(torch.float32))
+        return module
+
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        n, k = self.out_features, self.in_features
+        groups = k // self.group_size
+        if tuple(codes.shape) != (n, k) or tuple(scales.shape) != (n, groups) or tuple(zeros.shape) != (n, groups):
+            raise ValueError(f"codes {tuple(codes.shape)} / scales {tuple(scales.shape)} / zeros "
+                             f"{tuple(zeros.shape)} do not fit a {n} x {k} int4 matrix of groups of {self.group_size}")
+        rows = self.packed.shape[0]
+        full = torch.full((rows, k), 8, dtype=torch.int32)  # padded rows: code 8, scale 0, zero 0 -> w = 0
+        full[:n] = codes.to(torch.int32)
+        sz = torch.zeros(groups, rows, 2, dtype=torch.float32)
+        sz[:, :n, 0] = scales.to(torch.float32).t()
+        sz[:, :n, 1] = zeros.to(torch.float32).t()
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(full, 1)
+        self.scale_zeros = sz.to(self.compute_dtype).contiguous()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
+        """Round to nearest, asymmetric per group (min/max: GGUF Q4_1's rule)."""
+        codes, scales, zeros = quantize_int4(linear.weight.detach().to(torch.float32), group_size)
+        return cls.from_codes(codes, scales, zeros, group_size, linear.bias, compute_dtype)
+
+    # -- reading --------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes [N, K] (unpacked by multiplying the identity: exact, small matrices only)."""
+        eye = torch.eye(self.in_features, dtype=torch.float32)
+        rows = self.packed.shape[0]
+        ones = torch.zeros(self.in_features // self.group_size, rows, 2)
+        ones[..., 0] = 1.0
+        q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, ones)
+        return (q.t()[: self.out_features] + 8).round().to(torch.uint8)
+
+    def dequantized(self) -> torch.Tensor:
+        """W as float32 [N, K], exactly as the kernel sees it (its scales in `compute_dtype`)."""
+        sz = self.scale_zeros.to(torch.float32)[:, : self.out_features]
+        s = sz[..., 0].t().repeat_interleave(self.group_size, 1)
+        z = sz[..., 1].t().repeat_interleave(self.group_size, 1)
+        return (self.codes().to(torch.float32) - 8) * s + z
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (a new float32 tensor each time; for inspection and merging)."""
+        return self.dequantized()
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.bias.numel() * 4 if self.bias is not None else 0
+        return self.packed.numel() + self.scale_zeros.numel() * self.scale_zeros.element_size() + extra
+
+    # -- product --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_cpu(x, "an int4 linear layer")
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if x2.dtype != self.compute_dtype:
+            x2 = x2.to(self.compute_dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zeros)
+        if y.shape[-1] != self.out_features:
+            y = y[:, : self.out_features]
+        y = y.to(x.dtype).view(*lead, self.out_features)
+        return y if self.bias is None else y.add_(self.bias.to(y.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}, "
+                f"compute={str(self.compute_dtype).replace('torch.', '')}")
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 codes and one scale per output row: w = q s."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(out_features, dtype=compute_dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                   compute_dtype: torch.dtype = torch.bfloat16) -> "Int8Linear":
+        module = cls(codes.shape[1], codes.shape[0], bias is not None, compute_dtype)
+        module.qweight = codes.to(torch.int8).contiguous()
+        module.scales = scales.to(compute_dtype).contiguous()
+        if bias is not None:
+            module.bias.data.copy_(bias.detach().to(torch.float32))
+        return module
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "Int8Linear":
+        """Round to nearest, symmetric per output row (scale = max|w| / 127)."""
+        codes, scales = quantize_int8(linear.weight.detach().to(torch.float32))
+        return cls.from_codes(codes, scales, linear.bias, compute_dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.to(torch.float32) * self.scales.to(torch.float32)[:, None]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantized()
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.bias.numel() * 4 if self.bias is not None else 0
+        return self.qweight.numel() + self.scales.numel() * self.scales.element_size() + extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_cpu(x, "an int8 linear layer")
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if x2.dtype != self.compute_dtype:
+            x2 = x2.to(self.compute_dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        y = y.to(x.dtype).view(*lead, self.out_features)
+        return y if self.bias is None else y.add_(self.bias.to(y.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, "
+                f"compute={str(self.compute_dtype).replace('torch.', '')}")
+
+
+QUANTIZED_LINEARS = (Int4Linear, Int8Linear)
+
+
+# -- round to nearest -------------------------------------------------------------------------
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round to nearest per group: codes [N, K] in 0..15, scales and zeros [N, K / group]
+    for w ~ (q - 8) s + z (the group's minimum maps to code 0, its maximum to code 15)."""
+    n, k = w.shape
+    g = w.reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = (hi - lo) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((g - lo[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    return codes, scale, lo + 8 * scale
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round to nearest per output row: codes int8 [N, K] in -127..127 and scales [N]."""
+    scale = w.abs().amax(1) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def quantized_linear(linear: nn.Linear, bits: int, group_size: int = 32,
+                     compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """`linear` as an `Int4Linear` (bits 4) or `Int8Linear` (bits 8)."""
+    if bits == 4:
+        return Int4Linear.from_linear(linear, group_size, compute_dtype)
+    if bits == 8:
+        return Int8Linear.from_linear(linear, compute_dtype)
+    raise LmforgeError(f"weight-only quantization supports {' or '.join(map(str, BITS))} bits, got {bits}")
+
+
+def _block_linears(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, parent, attribute) of each linear layer inside the model's blocks."""
+    found = []
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            full = f"{name}.{attr}" if name else attr
+            if isinstance(child, nn.Linear) and full.startswith("layers."):
+                found.append((full, module, attr))
+    return found
+
+
+def plain_float_linears(model: nn.Module) -> None:
+    """Linear layers left in float32 go back to `nn.Linear`'s own kernel.
+
+    lmforge/infer/layout.py may route single-row products through NumPy's BLAS, and the
+    scheduler then runs PyTorch on one thread during a batch-1 step; the quantized
+    kernels are PyTorch's and want all of its threads.
+    """
+    from .layout import BlasLinear
+
+    for module in model.modules():
+        if isinstance(module, BlasLinear):
+            module.__class__ = nn.Linear
+            module.__dict__.pop("_packed", None)
+
+
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 32, head_bits: int | None = 8,
+                   compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Swap the linear layers of `model`'s blocks (and with `head_bits`, its vocabulary head) for
+    quantized ones, in place; returns `model`.
+
+    `head_bits`: 8 (int8 per row: the head is the largest matrix and the logits' precision
+    matters most), 4, or None to keep the head in float32. A tied head keeps the embedding
+    table float32 for the lookup and quantizes a copy for the product. Layers whose shape
+    the int4 packing cannot take (input features not a multiple of `group_size`) stay float32.
+    """
+    if bits not in BITS or (head_bits is not None and head_bits not in BITS):
+        raise LmforgeError(f"weight-only quantization supports {' or '.join(map(str, BITS))} bits, "
+                           f"got {bits} (head {head_bits})")
+    _check_cpu(next(model.parameters()), "weight-only quantization")
+    if bits == 4 and not int4_kernels_available():
+        raise LmforgeError(f"this PyTorch ({torch.__version__}) lacks the CPU int4 weight-only kernels")
+    plain_float_linears(model)
+    with torch.no_grad():
+        for _, parent, attr in _block_linears(model):
+            linear = getattr(parent, attr)
+            if bits == 4 and linear.in_features % group_size:
+                continue
+            setattr(parent, attr, quantized_linear(linear, bits, group_size, compute_dtype))
+        head = getattr(model, "lm_head", None)
+        if head_bits is not None and isinstance(head, nn.Linear) and not (
+                head_bits == 4 and head.in_features % group_size):
+            model.lm_head = quantized_linear(head, head_bits, group_size, compute_dtype)
+    return model
+
+
+def quantized_nbytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the quantized layers' storage and of the float parameters left (tied counted once)."""
+    quant = sum(m.nbytes for m in model.modules() if isinstance(m, QUANTIZED_LINEARS))
+    seen, floats = set(), 0
+    for m in model.modules():
+        if isinstance(m, QUANTIZED_LINEARS):
+            continue
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                floats += p.numel() * p.element_size()
+    return {"quantized": quant, "float": floats, "total": quant + floats}
+
+
+def dequantized_copy(module: nn.Module) -> nn.Linear:
+    """An `nn.Linear` holding a quantized module's weights as float32 (the reference it approximates)."""
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(module.dequantized())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized linear of `model` by its float32 equivalent, in place (a reference model)."""
+    for name, module in list(model.named_modules()):
+        for attr, child in list(module.named_children()):
+            if isinstance(child, QUANTIZED_LINEARS):
+                setattr(module, attr, dequantized_copy(child))
+    return model
+
+
+def reference_product(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """x @ dequant(W)^T + b in float32 (what the quantized module computes, without its rounding)."""
+    return F.linear(x.to(torch.float32), module.dequantized(), module.bias)
