@@ -342,6 +342,7 @@ class Transformer(nn.Module):
         start: int | torch.Tensor = 0,
         last_only: bool = False,
         select: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `input_ids` [B, L].
 
@@ -352,24 +353,26 @@ class Transformer(nn.Module):
         `last_only` computes logits for the final position only (what sampling needs);
         `select` [B] instead picks one position per row, e.g. the last real token of each
         right-padded prompt in a batched prefill. Either way the result is [B, 1, V].
+        `inputs_embeds` [B, L, n_embd] replaces the token embeddings (`input_ids` is then
+        None): a vision-language model feeds projected image features as a prefix this way.
         """
         if self.lm_head is None:
             raise ValueError("this model has no vocabulary head (an encoder); use encode() for its hidden states")
-        x = self._residual_stream(input_ids, cache, start)
+        x = self._residual_stream(input_ids, cache, start, inputs_embeds)
         if select is not None:
             x = x[torch.arange(x.shape[0], device=x.device), select].unsqueeze(1)
         elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final normalized hidden states [B, L, n_embd]: what `lm_head` turns into logits.
 
         Training losses take these instead of logits so that they can run the vocabulary
         projection themselves, in chunks (see lmforge/train/fused_ce.py); `forward(ids)`
-        equals `lm_head(hidden_states(ids))`.
+        equals `lm_head(hidden_states(ids))`. `inputs_embeds` as in `forward`.
         """
-        return self.norm(self._residual_stream(input_ids, None, 0))
+        return self.norm(self._residual_stream(input_ids, None, 0, inputs_embeds))
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -443,10 +446,14 @@ class Transformer(nn.Module):
             x = block.forward_packed(x, packing, rope, mask)
         return self.norm(x)
 
-    def _residual_stream(self, input_ids: torch.Tensor, cache: KVCache | None,
-                         start: int | torch.Tensor) -> torch.Tensor:
-        """Embeddings through every block: the last residual stream, before the final norm."""
-        batch, length = input_ids.shape
+    def _residual_stream(self, input_ids: torch.Tensor | None, cache: KVCache | None,
+                         start: int | torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings (looked up, or `inputs_embeds` [B, L, D] given) through every block: the last
+        residual stream, before the final norm."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        batch, length = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+        device = (input_ids if inputs_embeds is None else inputs_embeds).device
         per_row = isinstance(start, torch.Tensor)
         if per_row and length != 1:
             raise ValueError("per-row start positions need exactly one new token per row")
@@ -459,8 +466,8 @@ class Transformer(nn.Module):
         if per_row:
             positions = start.view(batch, 1)
         else:
-            positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0)
-        x = self.embed(input_ids)
+            positions = torch.arange(start, end, device=device).unsqueeze(0)
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if self.rope is None:
             x = x + self.pos_embed(positions)
             rope = None

@@ -73,3 +73,77 @@ class VisionTrainConfig:
             return dict(patch_size=self.patch_size, width=self.width, depth=self.depth, heads=self.heads,
                         mlp_ratio=2, pool=self.pool)
         return dict(widths=[self.cnn_width, 2 * self.cnn_width, 4 * self.cnn_width])
+
+
+TASKS = ("caption", "vqa")
+CONNECTORS = ("mlp", "resampler")
+
+
+@dataclass
+class CaptionTrainConfig:
+    """A vision-language model (ViT -> connector -> decoder LM) trained on generated scenes
+    (lmforge/vlm/scenes.py) to caption them or answer questions about them."""
+
+    task: str = option("caption", choices=TASKS, help="caption: describe the image; vqa: answer a question about it")
+    out: str | None = option(None, help="checkpoint directory (default runs/vlm-TASK)")
+    steps: int = option(1500, help="training steps (each a batch of freshly sampled captions/questions)")
+    batch_size: int = option(64, help="images per step")
+    lr: float = option(1e-3, help="peak learning rate (AdamW)")
+    weight_decay: float = option(0.05, help="AdamW weight decay on matrices")
+    warmup_steps: int = option(100, help="linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = option(0.05, help="final learning rate / peak")
+    clip_grad_norm: float = option(1.0, help="clip the global gradient norm to this (0: off)")
+    train_scenes: int = option(20000, help="scenes in the training split")
+    val_scenes: int = option(200, help="validation scenes (loss logged every --eval-interval steps)")
+    test_scenes: int = option(1000, help="test scenes the final metrics are computed on")
+    test_questions: int = option(3, help="vqa: questions per test scene")
+    image_size: int = option(64, help="rendered image side in pixels")
+    patch_size: int = option(16, help="ViT patch side in pixels (a divisor of --image-size; at 64 px, 16 gives "
+                                      "16 patches, one per object column and row band)")
+    vit_width: int = option(64, help="ViT width")
+    vit_depth: int = option(2, help="ViT blocks")
+    vit_heads: int = option(4, help="ViT attention heads")
+    connector: str = option("mlp", choices=CONNECTORS,
+                            help="mlp: every patch state projected to a visual token (LLaVA); resampler: "
+                                 "--queries learned queries read the patches (Q-Former idea)")
+    queries: int = option(16, help="resampler: visual tokens")
+    lm_width: int = option(96, help="language model width")
+    lm_layers: int = option(2, help="language model blocks")
+    lm_heads: int = option(4, help="language model attention heads")
+    vocab_size: int = option(200, help="WordPiece vocabulary trained on the generated texts (at most; 155 "
+                                       "entries cover every word whole)")
+    num_beams: int = option(1, help="test decoding: 1 greedy, more for beam search")
+    eval_interval: int = option(500, help="steps between validation losses")
+    log_interval: int = option(50, help="steps between log records")
+    seed: int = option(0, help="random seed (weights, data order, sampled captions and questions)")
+    threads: int | None = option(None, help="torch threads (default: torch's choice)")
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise LmforgeError(f"unknown task {self.task!r}: use {', '.join(TASKS)}")
+        if self.connector not in CONNECTORS:
+            raise LmforgeError(f"unknown connector {self.connector!r}: use {', '.join(CONNECTORS)}")
+        if self.out is None:
+            self.out = f"runs/vlm-{self.task}"
+        for name in ("steps", "batch_size", "train_scenes", "test_scenes", "val_scenes", "image_size", "patch_size",
+                     "vit_width", "vit_depth", "vit_heads", "lm_width", "lm_layers", "lm_heads", "queries",
+                     "num_beams", "test_questions", "eval_interval", "log_interval"):
+            if getattr(self, name) < 1:
+                raise LmforgeError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.image_size % self.patch_size:
+            raise LmforgeError(f"--patch-size {self.patch_size} does not divide --image-size {self.image_size}")
+        if self.vit_width % self.vit_heads or self.lm_width % self.lm_heads:
+            raise LmforgeError("--vit-width and --lm-width must be multiples of their heads")
+
+
+@dataclass
+class CaptionDecodeOptions:
+    """How ``lmforge vlm caption`` and ``lmforge vlm ask`` decode."""
+
+    num_beams: int = option(1, help="1: greedy; more: beam search with this many beams")
+    max_new_tokens: int = option(40, help="most tokens generated")
+    length_penalty: float = option(1.0, help="beam search: score = sum log p / length ** this")
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1 or self.max_new_tokens < 1:
+            raise LmforgeError("--num-beams and --max-new-tokens must be at least 1")
