@@ -59,7 +59,12 @@ def run(args: argparse.Namespace) -> int:
     embeddings = embedding_model_from(settings)  # a bad --embedding-model fails before the model loads
     store = FeedbackStore(runtime.db)  # opened first: a bad path fails before the model loads
     knowledge = None
+    vision = None
     try:
+        if runtime.vlm is not None:  # a bad checkpoint fails before the model loads
+            from lmforge.serve.vision import VisionChat
+
+            vision = VisionChat(runtime.vlm)
         if settings.rag is not None:  # a bad index fails before the model loads, too
             knowledge = _open_knowledge_base(settings, args)
         lm = load_local(args.model, args)
@@ -77,13 +82,21 @@ def run(args: argparse.Namespace) -> int:
                           speculator=speculator, prefill_chunk=runtime.prefill_chunk, kv_cache=runtime.kv_cache,
                           kv_block_size=runtime.kv_block_size,
                           kv_memory_bytes=int(runtime.kv_memory_mb * 2**20)).start()
-    app = create_app(scheduler, lm.tokenizer, lm.name, settings, store=store, knowledge=knowledge)
+    routers = []
+    if vision is not None:
+        from lmforge.serve.vision import vision_router
+
+        routers.append(vision_router(vision))
+    app = create_app(scheduler, lm.tokenizer, lm.name, settings, store=store, knowledge=knowledge, routers=routers)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(f"lmforge serving {lm.name} at http://{shown}:{runtime.port}/ (OpenAI API at /v1)", file=sys.stderr, flush=True)
     for adapter in adapters.adapters if adapters is not None else []:
         print(f"adapter: {adapter.name} (LoRA r={adapter.rank}, {len(adapter.layers)} layers, from {adapter.source}); "
               f"request it as model {adapter.name} or {lm.name}:{adapter.name}", file=sys.stderr, flush=True)
+    if vision is not None:
+        print(f"images: {vision.name} ({vision.task}) answers chat requests with an image_url part, or that name "
+              f"it as their model", file=sys.stderr, flush=True)
     if embeddings is not None:
         print(f"embeddings: {embeddings.name} at /v1/embeddings (loaded on the first request)", file=sys.stderr,
               flush=True)

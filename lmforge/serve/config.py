@@ -142,6 +142,9 @@ class ServeRuntime:
                                       "adapter_model.safetensors) as model NAME beside the base (repeatable)")
     db: str = option("lmforge-serve.db", metavar="PATH",
                      help="SQLite file keeping the web chat's conversations and feedback, created if missing")
+    vlm: str | None = option(None, metavar="CHECKPOINT",
+                             help="also answer chat requests that carry an image (a data: URL image_url part) with "
+                                  "this captioning or VQA checkpoint (lmforge vlm train --task caption|vqa)")
 
     def __post_init__(self) -> None:
         from lmforge.errors import LmforgeError
