@@ -198,3 +198,12 @@ def test_mlm_recipe_mistakes_end_in_one_message(tiny_wordpiece_data, tmp_path):
         load_recipe(None, {"objective.mask_probability": 1.5})
     with pytest.raises(LmforgeError, match="model.family: bert"):
         _run(tiny_wordpiece_data, tmp_path / "llama", **{"model.family": "llama", "train.max_steps": 2})
+
+    from lmforge.train.data import ensure_dataset
+    from lmforge.train.recipe import DataSection
+
+    bpe = tmp_path / "bpe"  # byte-level BPE: no [MASK] token
+    ensure_dataset(DataSection(path=str(bpe), sources=["news"], tokenizer_vocab_size=300, seq_len=32, max_docs=20),
+                   log=lambda _m: None)
+    with pytest.raises(LmforgeError, match=r"needs a tokenizer with a \[MASK\] token"):
+        _run(bpe, tmp_path / "bpe-run", **{"train.max_steps": 2})
