@@ -43,6 +43,7 @@ def test_space_is_checked_and_draws_are_seeded():
                          ({"optim.lr": {"log_uniform": [0, 1]}}, "low > 0"),
                          ({"optim.lr": {"uniform": [2, 1]}}, "low <= high"),
                          ({"train.batch_size": {"int_uniform": [1, 2.5]}}, "two integers"),
+                         ({"train.max_steps": {"choice": [10, 20]}}, "set by the search itself"),
                          ({}, "names no recipe fields")]:
         with pytest.raises(LmforgeError, match=message):
             parse_space(bad)

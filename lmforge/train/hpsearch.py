@@ -53,6 +53,7 @@ from lmforge.options import option
 
 METHODS = ("random", "halving")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
+_SEARCH_OWNS = ("train.max_steps", "train.stop_at_step", "train.out", "train.eval_interval", "train.save_interval")
 
 
 @dataclass
@@ -118,6 +119,8 @@ def parse_space(data: dict[str, Any], source: str = "space") -> dict[str, dict[s
         section, _, name = key.partition(".")
         if section not in _HINTS or name not in _HINTS[section]:
             raise LmforgeError(f"{source}: {key} is not a recipe field (SECTION.FIELD, e.g. optim.lr)")
+        if key in _SEARCH_OWNS:
+            raise LmforgeError(f"{source}: {key} is set by the search itself (the budget is --max-steps)")
         (kind, values), = dist.items()
         if not isinstance(values, list) or not values:
             raise LmforgeError(f"{source}: {key}: {kind} takes a list")
