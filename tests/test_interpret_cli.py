@@ -58,9 +58,12 @@ def test_explain_writes_one_self_contained_report(tiny_model_dir, tmp_path, caps
 def test_explain_target_and_layers(tiny_model_dir, tmp_path):
     out = tmp_path / "r.html"
     assert main(["explain", str(tiny_model_dir), "Hello there, my friend", "--out", str(out), "--layers", "1",
-                 "--target", "Paris", "--ig-steps", "4", "--device", "cpu"]) == 0
+                 "--target", "Paris", "--ig-steps", "4", "--neuron", "1:7", "--device", "cpu"]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["attention_layers"] == [1]
+    top = [a["value"] for a in data["neuron"]["top"]]
+    assert len(top) == 10 and top == sorted(top, reverse=True)
+    assert "Neuron 1:7" in out.read_text(encoding="utf-8")
     assert data["target"]["text"].strip() == "Paris"
 
 
@@ -70,6 +73,8 @@ def test_explain_target_and_layers(tiny_model_dir, tmp_path):
     (["word", "--layers", "7"], "past the model's last layer"),
     (["a b c d e f g h", "--max-tokens", "4"], "more than --max-tokens"),
     (["The sky is", "--ig-steps", "0"], "--ig-steps"),
+    (["The sky is", "--neuron", "two"], "LAYER:INDEX"),
+    (["The sky is", "--neuron", "5:0"], "out of range"),
 ])
 def test_explain_refuses_bad_input_with_one_message(tiny_model_dir, tmp_path, capsys, argv, message):
     prompt, *flags = argv

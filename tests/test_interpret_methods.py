@@ -196,6 +196,9 @@ class _Chars:
     def encode(self, text, add_special_tokens=False):
         return [ord(c) % 60 for c in text]
 
+    def decode(self, ids):
+        return "".join(chr(i + 60) for i in ids)
+
 
 def test_layer_features_of_a_padded_batch_equal_each_sentence_alone():
     model = tiny_model()
@@ -212,3 +215,37 @@ def test_layer_features_of_a_padded_batch_equal_each_sentence_alone():
 def test_polarity_sentences_are_balanced():
     texts, labels = polarity_sentences(limit=40)
     assert len(texts) == 40 and sum(labels) == 20 and len(set(texts)) == 40
+
+
+def test_max_activating_examples_are_the_largest_neuron_values():
+    import torch.nn.functional as F
+
+    from lmforge.interpret.neurons import max_activating
+
+    model = tiny_model()
+    texts = ["good film", "a dull and long one", "fine work here", "zebra"]
+    found = max_activating(model, _Chars(), texts, layer=1, neuron=5, top=3, context_tokens=4)
+    mlp_inputs = []
+    handle = model.layers[1].mlp.register_forward_pre_hook(lambda m, args: mlp_inputs.append(args[0][0]))
+    values = []
+    with torch.no_grad():
+        for i, text in enumerate(texts):
+            model(torch.tensor([_Chars().encode(text)]))
+            gate, up = model.layers[1].mlp.fc(mlp_inputs[-1]).chunk(2, dim=-1)
+            values += [(float(v), i, p) for p, v in enumerate((F.silu(gate) * up)[:, 5])]
+    handle.remove()
+    expected = sorted(values, reverse=True)[:3]
+    assert [(a.text, a.position) for a in found] == [(i, p) for _, i, p in expected]
+    assert [a.value for a in found] == pytest.approx([v for v, _, _ in expected], abs=1e-5)
+    with pytest.raises(LmforgeError, match="out of range"):
+        max_activating(model, _Chars(), texts, layer=9, neuron=0)
+
+
+def test_keeping_the_first_token_in_the_baseline():
+    model = tiny_model(dtype=torch.float64)
+    base = baseline_embeddings(model, IDS, "pad", pad_id=3, keep_first=True)
+    torch.testing.assert_close(base[0, 0], token_embeddings(model, IDS)[0, 0])
+    ig = integrated_gradients(model, IDS, 11, steps=32, baseline=base)
+    assert float(ig.scores[0]) == 0.0
+    assert ig.completeness_error < 1e-2 * abs(ig.score - ig.baseline_score)
+    assert float(occlusion(model, IDS, 11, baseline=base).scores[0]) == 0.0

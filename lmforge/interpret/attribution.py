@@ -58,16 +58,28 @@ def token_embeddings(model, ids: torch.Tensor) -> torch.Tensor:
         return model.embed(ids).detach()
 
 
-def baseline_embeddings(model, ids: torch.Tensor, kind: str = "zero", pad_id: int | None = None) -> torch.Tensor:
-    """The attribution baseline [1, T, D]: zeros, or the pad token's embedding at every position."""
+def baseline_embeddings(model, ids: torch.Tensor, kind: str = "zero", pad_id: int | None = None,
+                        keep_first: bool = False) -> torch.Tensor:
+    """The attribution baseline [1, T, D]: zeros, or the pad token's embedding at every position.
+
+    `keep_first` leaves the first token's own embedding in the baseline (it then gets no
+    attribution). Models route much of their attention to the first position (an
+    "attention sink", with very large activations there); moving that token along the
+    path drives the whole network through a sharp transition, which a quadrature of a few
+    dozen points cannot follow (see the handbook's measurements).
+    """
     x = token_embeddings(model, ids)
     if kind == "zero":
-        return torch.zeros_like(x)
-    if kind == "pad":
+        base = torch.zeros_like(x)
+    elif kind == "pad":
         if pad_id is None:
             raise ValueError("a pad baseline needs the id of a pad (or end-of-text) token")
-        return token_embeddings(model, torch.tensor([[pad_id]], device=ids.device)).expand_as(x).clone()
-    raise ValueError(f"unknown baseline {kind!r} (zero or pad)")
+        base = token_embeddings(model, torch.tensor([[pad_id]], device=ids.device)).expand_as(x).clone()
+    else:
+        raise ValueError(f"unknown baseline {kind!r} (zero or pad)")
+    if keep_first:
+        base[:, 0] = x[:, 0]
+    return base
 
 
 def quadrature(steps: int, rule: str = "trapezoid") -> tuple[torch.Tensor, torch.Tensor]:

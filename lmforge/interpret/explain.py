@@ -17,6 +17,7 @@ from .attention import attention_patterns
 from .attribution import (Attribution, baseline_embeddings, gradient_x_input, integrated_gradients, occlusion)
 from .capture import check_language_model
 from .lens import LogitLens, logit_lens
+from .neurons import Activation, check_neuron, max_activating
 from .options import ExplainOptions
 from .patching import PatchingResult, activation_patching
 from .probes import ProbeResult, layer_features, polarity_sentences, probe_layers
@@ -41,6 +42,8 @@ class Explanation:
     patching: PatchingResult | None = None
     wrong_text: str | None = None
     probe: ProbeResult | None = None
+    neuron: tuple[int, int] | None = None
+    activations: list[Activation] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     labels: dict[int, str] = field(default_factory=dict)  # token id -> its label, for every id shown
@@ -101,6 +104,8 @@ def explain(model, tokenizer, prompt: str, options: ExplainOptions | None = None
         bad = [layer for layer in layers if layer >= n_layer]
         if bad:
             raise LmforgeError(f"--layers {bad[0]} is past the model's last layer ({n_layer - 1})")
+    if options.neuron is not None:
+        check_neuron(model, *options.neuron_index())  # before the long work, not after it
     device = next(model.parameters()).device
     ids = encode_prompt(tokenizer, prompt, options.max_tokens)
     batch = torch.tensor([ids], device=device)
@@ -125,7 +130,7 @@ def explain(model, tokenizer, prompt: str, options: ExplainOptions | None = None
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     if options.baseline == "pad" and pad_id is None:
         raise LmforgeError("this tokenizer has no pad or end-of-text token for --baseline pad; use --baseline zero")
-    base = baseline_embeddings(model, batch, options.baseline, pad_id)
+    base = baseline_embeddings(model, batch, options.baseline, pad_id, options.keep_first)
     progress = Progress("integrated gradients", unit="points", enabled=show_progress, log_every=5.0)
     attributions = [gradient_x_input(model, batch, target),
                     integrated_gradients(model, batch, target, options.ig_steps, options.ig_rule, base,
@@ -139,6 +144,7 @@ def explain(model, tokenizer, prompt: str, options: ExplainOptions | None = None
                          config={"n_layer": n_layer, "n_head": model.config.n_head,
                                  "n_kv_head": model.config.n_kv_head, "ig_steps": options.ig_steps,
                                  "ig_rule": options.ig_rule, "baseline": options.baseline,
+                                 "keep_first": options.keep_first,
                                  "pad_id": pad_id if options.baseline == "pad" else None})
     if options.compare is not None:
         started = time.perf_counter()
@@ -170,6 +176,12 @@ def explain(model, tokenizer, prompt: str, options: ExplainOptions | None = None
         result.probe = probe_layers(features, labels, progress=progress)
         progress.close()
         timed("probe", started)
+    if options.neuron is not None:
+        started = time.perf_counter()
+        result.neuron = options.neuron_index()
+        texts, _ = polarity_sentences()
+        result.activations = max_activating(model, tokenizer, texts, *result.neuron)
+        timed("neuron", started)
     shown = set(lens.top_ids.flatten().tolist()) | set(lens.final_ids.tolist()) | {target}
     if result.patching is not None:
         shown.add(result.patching.wrong)

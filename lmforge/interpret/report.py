@@ -223,6 +223,10 @@ def summary(ex: Explanation) -> dict[str, Any]:
         data["probe"] = {"task": "sentiment", "accuracy": _round(ex.probe.accuracy.tolist()),
                          "control": _round(ex.probe.control.tolist()), "majority": ex.probe.majority,
                          "examples": ex.probe.examples, "folds": ex.probe.folds, "best_layer": ex.probe.best_layer}
+    if ex.activations is not None:
+        data["neuron"] = {"layer": ex.neuron[0], "index": ex.neuron[1],
+                          "top": [{"value": a.value, "text": a.text, "position": a.position, "token": a.token,
+                                   "context": a.context} for a in ex.activations]}
     return data
 
 
@@ -282,7 +286,9 @@ def render_html(ex: Explanation, pngs: dict[str, bytes]) -> str:
     parts.append("<h2>Token attributions</h2><p>How much each prompt token contributes to the target's logit "
                  "at the last position: gradient x input, integrated gradients from the "
                  f"{esc(ex.config['baseline'])} baseline ({ex.config['ig_steps']} steps, {esc(ex.config['ig_rule'])} "
-                 "rule), and occlusion (the logit's drop when the token is replaced by the baseline).</p>")
+                 "rule), and occlusion (the logit's drop when the token is replaced by the baseline)."
+                 + (" The first token stays itself in the baseline (the attention sink), so it gets no attribution "
+                    "from integrated gradients and occlusion." if ex.config.get("keep_first") else "") + "</p>")
     parts.append(_img(pngs["attributions.png"], "attributions"))
     ig = next(a for a in ex.attributions if a.method == "integrated_gradients")
     gap = ig.score - ig.baseline_score
@@ -312,6 +318,14 @@ def render_html(ex: Explanation, pngs: dict[str, bytes]) -> str:
                      f"labels. Best selectivity at layer {best}: {float(probe.accuracy[best]):.1%} against "
                      f"{float(probe.control[best]):.1%} for the control.</p>")
         parts.append(_img(pngs["probe.png"], "probe accuracy per layer"))
+
+    if ex.activations is not None:
+        layer, index = ex.neuron
+        parts.append(f"<h2>Neuron {layer}:{index}</h2><p>The tokens of the Pang &amp; Lee polarity sentences on "
+                     f"which feed-forward neuron {index} of layer {layer} fires most (the value entering the down "
+                     "projection), with the text before them.</p>")
+        rows = [[f"{a.value:.3f}", a.token, a.context] for a in ex.activations]
+        parts.append(_table(["activation", "token", "context"], rows))
 
     parts.append("<h2>Attention maps</h2><p>Probabilities recomputed from each layer's queries and keys "
                  "(RoPE, grouped-query heads and the causal mask as the model applies them).</p>")
