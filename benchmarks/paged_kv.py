@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-capacity", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -179,21 +180,24 @@ def main() -> None:
 
     torch.manual_seed(0)
     lm = None
-    if args.capacity_model == "default" or not args.skip_speed:
+    if args.capacity_model == "default" and not args.skip_capacity or not args.skip_speed:
         lm = lmforge.load(dtype="float32", device="cpu")
-    model = lm.model if args.capacity_model == "default" else geometry_model(args.max_seq_len)
-    requests = workload(args.requests, tuple(args.prompt_range), tuple(args.answer_range), model.config.vocab_size)
     summary = {"benchmark": "paged_kv", "cpu": cpu_model(), "threads": torch.get_num_threads(),
                "budget_mb": args.budget_mb, "max_seq_len": args.max_seq_len, "block_size": args.block_size}
-    with torch.inference_mode():
-        held = {kind: capacity(model, kind, requests, args) for kind in ("contiguous", "paged")}
-    for row in held.values():
-        print(f"capacity {row['kind']:>10}: {row['rows']} rows, {row['cache_mib']} MiB, peak {row['peak_running']} "
-              f"running, mean {row['mean_running']}, {row['steps']} steps, {row['tokens_per_s']} tok/s, "
-              f"{row['preempted']} preempted", file=sys.stderr)
-        print(json.dumps({"part": "capacity", **row}))
-    summary["concurrency_ratio"] = round(held["paged"]["peak_running"] / held["contiguous"]["peak_running"], 2)
-    summary["mean_concurrency_ratio"] = round(held["paged"]["mean_running"] / held["contiguous"]["mean_running"], 2)
+    if not args.skip_capacity:
+        model = lm.model if args.capacity_model == "default" else geometry_model(args.max_seq_len)
+        requests = workload(args.requests, tuple(args.prompt_range), tuple(args.answer_range),
+                            model.config.vocab_size)
+        with torch.inference_mode():
+            held = {kind: capacity(model, kind, requests, args) for kind in ("contiguous", "paged")}
+        for row in held.values():
+            print(f"capacity {row['kind']:>10}: {row['rows']} rows, {row['cache_mib']} MiB, peak "
+                  f"{row['peak_running']} running, mean {row['mean_running']}, {row['steps']} steps, "
+                  f"{row['tokens_per_s']} tok/s, {row['preempted']} preempted", file=sys.stderr)
+            print(json.dumps({"part": "capacity", **row}))
+        summary["concurrency_ratio"] = round(held["paged"]["peak_running"] / held["contiguous"]["peak_running"], 2)
+        summary["mean_concurrency_ratio"] = round(held["paged"]["mean_running"] / held["contiguous"]["mean_running"],
+                                                  2)
     if not args.skip_speed:
         with torch.inference_mode():
             gather_cost(lm.model, 1, 32, args.block_size, 1, 1)  # warm-up

@@ -216,3 +216,28 @@ def test_bad_kv_options_end_in_one_clear_error(tiny_hf_dirs):
         ServeRuntime(kv_block_size=0)
     with pytest.raises(LmforgeError, match="--kv-memory-mb"):
         ServeRuntime(kv_memory_mb=-1)
+
+
+def test_the_server_flags_reach_the_runtime_options():
+    from lmforge.cli import build_parser
+    from lmforge.cli.common import config_from_args
+    from lmforge.serve.config import ServeRuntime
+
+    args = build_parser().parse_args(["serve", "--kv-cache", "paged", "--kv-block-size", "8", "--kv-memory-mb", "64"])
+    runtime = config_from_args(ServeRuntime, args)
+    assert (runtime.kv_cache, runtime.kv_block_size, runtime.kv_memory_mb) == ("paged", 8, 64.0)
+    with pytest.raises(SystemExit):  # argparse's own one-line error for a kind it does not know
+        build_parser().parse_args(["serve", "--kv-cache", "ring"])
+
+
+def test_the_server_exports_the_block_pool(tiny_hf_dirs):
+    from lmforge.serve.metrics import ServerMetrics
+
+    model = load_hf_model(tiny_hf_dirs["llama"][0])
+    scheduler = Scheduler(model, None, max_batch=2, max_seq_len=64, kv_cache="paged", kv_block_size=8)
+    scheduler.submit([3, 4, 5, 6, 7, 8, 9, 10, 11], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    scheduler.step()
+    text = ServerMetrics(scheduler).render().decode()
+    assert "lmforge_kv_blocks_total 16.0" in text and "lmforge_kv_blocks_free 14.0" in text
+    assert "lmforge_preempted_requests 0.0" in text
+    assert "lmforge_kv_blocks_free" not in ServerMetrics(Scheduler(model, None, max_batch=2)).render().decode()

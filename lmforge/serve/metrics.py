@@ -98,6 +98,13 @@ class ServerMetrics:
             lambda: scheduler.stats.prefilling)
         Gauge("lmforge_tokens_per_second", f"Generated tokens per second over the last {window_seconds:g}s",
               registry=r).set_function(self.tokens_per_second)
+        if getattr(scheduler, "paged", False):  # --kv-cache paged: how full the block pool is
+            Gauge("lmforge_kv_blocks_free", "Free blocks of the paged KV cache", registry=r).set_function(
+                lambda: scheduler.stats.kv_blocks_free)
+            Gauge("lmforge_kv_blocks_total", "Blocks of the paged KV cache", registry=r).set_function(
+                lambda: scheduler.stats.kv_blocks_total)
+            Gauge("lmforge_preempted_requests", "Requests sent back to the queue when KV blocks ran out (recomputed "
+                  "when readmitted)", registry=r).set_function(lambda: scheduler.stats.preempted)
         speculator = getattr(scheduler, "speculator", None)
         if speculator is not None:  # speculative decoding: how many guesses the target accepted
             stats = speculator.stats
