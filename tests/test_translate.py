@@ -131,3 +131,33 @@ def test_a_few_training_steps_on_the_bible_through_the_loop(tmp_path):
     test_books = set(config.data.test_books)
     train_refs = [json.loads(line)["reference"] for line in (tmp_path / "corpus" / "train.jsonl").open()]
     assert not any(ref.rsplit(" ", 1)[0] in test_books for ref in train_refs)
+
+
+@pytest.mark.slow  # builds the Bible corpus and its tokenizer, then trains three times
+@needs_diatheke
+def test_an_interrupted_translator_run_resumes_exactly(tmp_path):
+    """Stopped after step 2 and resumed, a run ends with the weights of one that never stopped."""
+    from lmforge.errors import LmforgeError
+    from lmforge.train import checkpoint as ckpt
+    from lmforge.tune.translation import load_translation_recipe, train_translator
+
+    def config(out, **more):
+        return load_translation_recipe("lmforge/recipes/translate-bible-en-es.yaml", {
+            "train.out": str(out), "train.max_steps": 4, "train.eval_interval": 100, "train.save_interval": 2,
+            "train.batch_size": 4, "schedule.warmup_steps": 1, "model.n_embd": 16, "model.intermediate_size": 24,
+            "model.n_layer": 1, "model.n_decoder_layer": 1, "model.n_head": 2, "eval.validation_examples": 0,
+            "eval.loss_examples": 4, "eval.test_examples": 2, "eval.max_new_tokens": 3,
+            "data.cache": str(tmp_path / "corpus"), "data.tokenizer_vocab_size": 400, "train.plots": False, **more})
+
+    quiet = {"progress": False, "log": lambda _m: None}
+    whole = train_translator(config(tmp_path / "whole"), **quiet)
+    train_translator(config(tmp_path / "parts", **{"train.stop_at_step": 2}), **quiet)
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "parts" / "checkpoints"))
+    assert saved["state"]["step"] == 2 and saved["optimizer"]["state"]  # Adam moments were kept
+    with pytest.raises(LmforgeError, match="--resume"):
+        train_translator(config(tmp_path / "parts"), **quiet)
+    resumed = train_translator(config(tmp_path / "parts"), resume=True, **quiet)
+    assert resumed["steps"] == whole["steps"] == 4
+    a, b = load_seq2seq(whole["output"]), load_seq2seq(resumed["output"])
+    for name, tensor in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)

@@ -1,9 +1,9 @@
 """``lmforge translate``: translate lines with an encoder-decoder model, or train one from a recipe.
 
     lmforge translate MODEL_DIR [FILE] [--num-beams 4] [--json]      (stdin when FILE is - or absent)
-    lmforge translate train [RECIPE] [--section.field VALUE ...]     (lmforge/tune/translation.py)
+    lmforge translate train [RECIPE] [--section.field VALUE ...] [--resume]   (lmforge/tune/translation.py)
 
-MODEL_DIR is a Hugging Face T5 or Marian directory (config.json + safetensors) with a
+MODEL_DIR is a Hugging Face T5, Marian or BART directory (config.json + safetensors) with a
 tokenizer.json, e.g. OUT/model of a training run. Each non-empty input line is translated
 (beam search with --num-beams > 1, greedy otherwise); empty lines stay empty.
 """
@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    report = train_translator(config, progress=not args.quiet)
+    report = train_translator(config, progress=not args.quiet, resume=args.resume)
     if args.json:
         print(json.dumps(report, default=str))
         return 0
@@ -106,6 +106,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="train: output directory (same as --train.out)")
     p.add_argument("--print-recipe", action="store_true", help="train: print the resolved recipe and exit")
     p.add_argument("--quiet", action="store_true", help="train: no progress line")
+    p.add_argument("--resume", action="store_true",
+                   help="train: continue from the newest complete checkpoint in OUT/checkpoints")
     from lmforge.tune.translation_recipe import option_names
 
     add_recipe_fields(p, option_names())
@@ -116,6 +118,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.model == "train":
         args.recipe = args.input
         return cmd_train(args)
-    if any(k.startswith("set:") for k in vars(args)) or args.print_recipe or args.out:
-        raise LmforgeError("recipe flags (--SECTION.FIELD, --out, --print-recipe) belong to 'lmforge translate train'")
+    if any(k.startswith("set:") for k in vars(args)) or args.print_recipe or args.out or args.resume:
+        raise LmforgeError("recipe flags (--SECTION.FIELD, --out, --print-recipe, --resume) belong to "
+                           "'lmforge translate train'")
     return cmd_translate(args)

@@ -246,8 +246,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise LmforgeError(f"{path} is not valid JSON: {exc}") from None
 
 
-def load_seq2seq(directory: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> Seq2SeqLM:
-    """A T5, Marian or BART Hugging Face directory (config.json + safetensors) as a `Seq2SeqLM`."""
+def read_seq2seq_state(directory: str | Path) -> tuple[Seq2SeqConfig, dict[str, torch.Tensor]]:
+    """The config and the weights (lmforge names) of a T5, Marian or BART Hugging Face directory."""
     from .checkpoint import read_safetensors
 
     directory = Path(directory)
@@ -263,7 +263,12 @@ def load_seq2seq(directory: str | Path, dtype: torch.dtype = torch.float32, devi
     head = hf_state.get("lm_head.weight")
     has_head = head is not None and (shared is None or not torch.equal(head, shared))
     config = config_from_hf(hf, has_head=has_head)
-    state = hf_to_lmforge(config, hf_state)
+    return config, hf_to_lmforge(config, hf_state)
+
+
+def load_seq2seq(directory: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> Seq2SeqLM:
+    """A T5, Marian or BART Hugging Face directory (config.json + safetensors) as a `Seq2SeqLM`."""
+    config, state = read_seq2seq_state(directory)
     with torch.device("meta"):
         model = Seq2SeqLM(config)
     for name, tensor in state.items():
@@ -280,12 +285,16 @@ def load_seq2seq(directory: str | Path, dtype: torch.dtype = torch.float32, devi
     return model.eval()
 
 
-def write_seq2seq_files(model: Seq2SeqLM, directory: Path, tokenizer=None) -> None:
-    """config.json, generation_config.json, model.safetensors (and the tokenizer) into `directory`."""
+def write_seq2seq_files(model: Seq2SeqLM, directory: Path, tokenizer=None,
+                        state: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json, generation_config.json, model.safetensors (and the tokenizer) into `directory`;
+    `state`: these weights (lmforge names) instead of the model's own."""
     from safetensors.torch import save_file
 
     config = model.config
-    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu") for k, v in (model.state_dict() if state is None else state).items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
     hf_state = lmforge_to_hf(config, state)
     save_file(hf_state, directory / "model.safetensors", metadata={"format": "pt"})
     hf = hf_config_from(config)

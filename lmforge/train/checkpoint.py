@@ -95,9 +95,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 def save_checkpoint(root: Path, step: int, config, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], loop_state: dict[str, Any], tokenizer=None,
-                    keep_last: int | None = None, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+                    keep_last: int | None = None, extra: dict[str, dict[str, torch.Tensor]] | None = None,
+                    write_model=None) -> Path:
     """Write ``root/step-NNNNNNN`` atomically (see the module docstring); returns its path.
-    ``extra`` maps file names to tensors saved beside the model files (a task's own weights)."""
+    ``extra`` maps file names to tensors saved beside the model files (a task's own weights).
+    ``write_model(directory)`` writes the model files of a family the decoder-only writer does
+    not know (encoder-decoder models); `load_checkpoint` recognises them by their config.json."""
     from safetensors.torch import save_file
 
     from lmforge.model.checkpoint import write_hf_files
@@ -106,7 +109,10 @@ def save_checkpoint(root: Path, step: int, config, model_state: dict[str, torch.
     target = root / f"step-{step:07d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
     try:
-        write_hf_files(config, model_state, staging, tokenizer)
+        if write_model is not None:
+            write_model(staging)
+        else:
+            write_hf_files(config, model_state, staging, tokenizer)
         for name, tensors in (extra or {}).items():
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, staging / name)
         state_dir = staging / "trainer_state"
@@ -184,8 +190,13 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
         raise LmforgeError(f"{directory} is not a complete training checkpoint")
     state_dir = directory / "trainer_state"
     state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
-    config = read_hf_config(directory)
-    model_state = hf_to_lmforge(config, read_safetensors(directory))
+    from lmforge.model.seq2seq_io import is_seq2seq_config, read_config, read_seq2seq_state
+
+    if is_seq2seq_config(read_config(directory)):
+        config, model_state = read_seq2seq_state(directory)
+    else:
+        config = read_hf_config(directory)
+        model_state = hf_to_lmforge(config, read_safetensors(directory))
     if config.tie_word_embeddings:
         model_state.setdefault("lm_head.weight", model_state["embed.weight"])
     optimizer = unflatten_optimizer_state(load_file(state_dir / "optimizer.safetensors"), state.pop("optimizer"))

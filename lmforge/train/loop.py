@@ -165,6 +165,8 @@ class TrainingTask(Protocol):
     # Optional: ``checkpoint_extra(trainer, model_state) -> {file name: tensors}`` (weights the
     # Hugging Face files cannot name, saved beside them) and ``restore_state(directory, model_state)
     # -> model_state`` (adds them back on resume).
+    # Optional: ``write_model_files(trainer, model_state, directory)`` writes the checkpoint's model
+    # files for a model that is not a decoder-only Transformer (encoder-decoder translators).
     # Optional: ``loss(model, batch) -> (loss_sum, metric_sums)``, the task's own objective;
     # ``evaluate_at_start = True`` (evaluate the starting model as step 0);
     # ``format_report(report) -> markdown`` for report.md.
@@ -535,8 +537,11 @@ class Trainer:
                           "data_position": self.data_position,
                           "spike_history": self.spikes.state(), "world_size": self.runtime.world_size,
                           "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+            # A task whose model is not a decoder-only Transformer writes its own model files.
+            writer = getattr(self.task, "write_model_files", None)
+            write_model = (lambda directory: writer(self, model_state, directory)) if writer is not None else None
             path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model.config, model_state, optimizer_state,
-                                        loop_state, self.tokenizer, self.config.train.keep_last, extra)
+                                        loop_state, self.tokenizer, self.config.train.keep_last, extra, write_model)
         barrier(self.runtime)
         return path
 

@@ -11,10 +11,11 @@ tokens by the loop. Validation reports the loss on held-out verses and corpus BL
 (sacrebleu) of greedy translations; the end of the run scores the test books greedily and with
 beam search, and plots BLEU against the step.
 
-The loop's own checkpoint writer knows decoder-only configs only, so `Seq2SeqTrainer` differs
-from `Trainer` in one method: `save` writes the model in the Hugging Face Marian/T5 layout
-(lmforge/model/seq2seq_io.py). Its checkpoints hold no optimizer state: such a run cannot
-``--resume``.
+The loop's own checkpoint writer knows decoder-only configs only, so the task writes the
+checkpoints' model files itself (`write_model_files`: the Hugging Face Marian/T5 layout of
+lmforge/model/seq2seq_io.py); everything else in a checkpoint (optimizer moments, RNG states,
+data position) is the loop's, so an interrupted run continues with ``--resume`` exactly where it
+stopped.
 """
 
 from __future__ import annotations
@@ -163,6 +164,12 @@ class TranslationTask:
                                decoder_start_token_id=self.pad)
         return Seq2SeqLM(config)
 
+    def write_model_files(self, trainer, model_state, directory) -> None:
+        """A checkpoint's model files: the Hugging Face Marian layout, as the final model is written."""
+        from lmforge.model.seq2seq_io import write_seq2seq_files
+
+        write_seq2seq_files(trainer.model, Path(directory), trainer.tokenizer, state=model_state)
+
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.config.train.seed, epoch]).permutation(len(self.src))
 
@@ -302,36 +309,17 @@ def plot_bleu(evals: list[dict[str, Any]], out: Path) -> Path | None:
 
 # -- the run ---------------------------------------------------------------------------------------
 
-def _trainer_class():
-    from lmforge.train.loop import Trainer
-
-    class Seq2SeqTrainer(Trainer):
-        """`Trainer` whose checkpoints are encoder-decoder HF directories (no optimizer state)."""
-
-        def save(self) -> Path | None:
-            from lmforge.model.seq2seq_io import save_seq2seq
-
-            if not self.runtime.is_main:
-                return None
-            path = self.ckpt_root / f"model-step-{self.step:07d}"
-            save_seq2seq(self.model, path, self.tokenizer, overwrite=True)
-            kept = sorted(self.ckpt_root.glob("model-step-*"))
-            for old in kept[:-self.config.train.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-            return path
-
-    return Seq2SeqTrainer
-
-
-def train_translator(config: TranslationConfig, progress: bool = True, log=None) -> dict[str, Any]:
-    """Run the recipe; the final model (HF Marian layout + tokenizer) is OUT/model."""
+def train_translator(config: TranslationConfig, progress: bool = True, log=None, resume: bool = False) -> dict[str, Any]:
+    """Run the recipe (``resume``: from the newest complete checkpoint in OUT/checkpoints); the final
+    model (HF Marian layout + tokenizer) is OUT/model."""
     from lmforge.io.atomic import write_json_atomic
     from lmforge.model.seq2seq_io import save_seq2seq
     from lmforge.train.distributed import shutdown
+    from lmforge.train.loop import Trainer
 
     config.validate()
     kwargs = {"log": log} if log is not None else {}
-    trainer = _trainer_class()(config, resume=False, progress=progress, task=TranslationTask(config), **kwargs)
+    trainer = Trainer(config, resume=resume, progress=progress, task=TranslationTask(config), **kwargs)
     try:
         report = trainer.run()
         if trainer.runtime.is_main:
