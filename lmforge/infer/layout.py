@@ -166,12 +166,17 @@ def calibrate(model: nn.Module, trials: int = 5, batch_rows: int = 8) -> dict[st
     return result
 
 
-def optimize_for_cpu_decoding(model: nn.Module) -> nn.Module:
-    """Column-major wide matrices; NumPy's BLAS and oneDNN wherever they measure faster."""
+def optimize_for_cpu_decoding(model: nn.Module, prefill_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Column-major wide matrices; NumPy's BLAS and oneDNN wherever they measure faster;
+    with ``prefill_dtype`` bf16, bf16 products for prefills (lmforge/infer/bf16_prefill.py)."""
     use_column_major_weights(model)
     fast = calibrate(model)
     if fast["numpy"] or fast["onednn"]:
         use_numpy_blas(model, numpy_rows=fast["numpy"], onednn=fast["onednn"])
+    if prefill_dtype == torch.bfloat16:
+        from .bf16_prefill import use_bf16_prefill
+
+        use_bf16_prefill(model)
     return model
 
 

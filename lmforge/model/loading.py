@@ -2,7 +2,8 @@
 
 Every stage that needs a model (generation, serving, training from a checkpoint,
 evaluation) goes through these functions, so the device and dtype rules live in one
-place: fp32 on CPU (fast and exact there), bf16 on GPUs that support it.
+place: fp32 weights on CPU (fast and exact there) with bf16 prefill products on CPUs that
+have bf16 units, bf16 on GPUs that support it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """fp32 on CPU (fast and exact there); bf16 on GPUs that support it."""
+    """The dtype of the weights: an explicit one as asked; "auto" is fp32 on CPU (decode reads
+    every weight per token and the float32 kernels are fastest there; prefill and training
+    may still multiply in bf16, see `pick_prefill_dtype` and lmforge/model/precision.py),
+    bf16 on GPUs that support it."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -44,6 +48,18 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     if dtype not in DTYPES:
         raise LmforgeError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
     return DTYPES[dtype]
+
+
+def pick_prefill_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The dtype of a prompt's matrix products: `pick_dtype`'s, except that "auto" on a CPU
+    with bf16 units (AMX, AVX512-BF16; lmforge/model/precision.py) is bf16 while the weights
+    and decode stay float32. An explicit dtype is kept for every phase."""
+    picked = pick_dtype(dtype, device)
+    if dtype in (None, "auto") and device.type == "cpu":
+        from lmforge.model.precision import auto_plan
+
+        return DTYPES[auto_plan("cpu").prefill]
+    return picked
 
 
 def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress=None,

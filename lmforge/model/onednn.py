@@ -11,8 +11,10 @@ the weight gradient dy^T x was no faster in any layout we tried; on a Zen 5 EPYC
 computes it 1.2-2x faster than MKL, so it goes through oneDNN as well (`weight_grad`).
 
 `linear` is what the Transformer's training forward calls in place of `F.linear`. It
-falls back to `F.linear` wherever oneDNN's op is missing, the tensors are not float32 on
-CPU, or autocast is on, so other devices, dtypes and mixed precision see no difference.
+falls back to `F.linear` wherever oneDNN's op is missing or the tensors are not float32 on
+CPU, so other devices and dtypes see no difference. Under CPU autocast to bf16 it runs
+`_LinearBF16` instead: bf16 products on a bf16 copy of the weight made once per optimizer
+step (`bf16_weight`), with a float32 result (lmforge/model/precision.py says when).
 Decoder inference never comes here: outside training the model calls its `nn.Linear`
 modules directly (see `project`), so lmforge.infer.layout's kernels still apply.
 
@@ -31,8 +33,11 @@ equal the unfused ones up to float rounding (summation order, about 1e-6 relativ
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import weakref
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -116,8 +121,108 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+# -- bf16 products under CPU autocast ------------------------------------------------------
+
+# id(weight) -> (weakref, (data pointer, version), bf16 copy), as _PACKED below.
+_BF16: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+
+
+def bf16_weight(w: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 copy of the float32 tensor `w`, made once and remade only when `w` changes
+    (another storage, or its version counter moved: an optimizer step, an in-place write).
+
+    Autocast casts a weight again in every forward (and its cache is dropped when the
+    autocast region ends); with several micro-batches per step, and for a tied embedding
+    that both the head and the lookup use, the copy made once per optimizer step saves
+    those passes over the weights.
+    """
+    key = (w.data_ptr(), w._version)
+    cached = _BF16.get(id(w))
+    if cached is None or cached[0]() is not w or cached[1] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            copy = w.detach().to(torch.bfloat16)
+        if cached is None or cached[0]() is not w:
+            weakref.finalize(w, _BF16.pop, id(w), None)
+        cached = _BF16[id(w)] = (weakref.ref(w), key, copy)
+    return cached[2]
+
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def bf16_products(enabled: bool = True) -> Iterator[None]:
+    """Within this block (this thread), `linear` and lmforge/train/fused_ce.py multiply in
+    bf16 and everything else stays float32: the CPU's mixed precision for training.
+
+    Unlike ``torch.autocast``, attention is not cast: PyTorch's CPU flash attention ran
+    its backward several times slower on bf16 inputs than on float32 ones (a fifth of a
+    small model's step), while its forward gains little at training lengths.
+    """
+    previous = getattr(_STATE, "bf16", False)
+    _STATE.bf16 = enabled
+    try:
+        yield
+    finally:
+        _STATE.bf16 = previous
+
+
+def bf16_active() -> bool:
+    """`bf16_products` is on, or CPU autocast to bf16 is."""
+    return getattr(_STATE, "bf16", False) or (torch.is_autocast_enabled("cpu")
+                                              and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+def bf16_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bf16 products are on (`bf16_active`) and x, weight are CPU tensors with a float32 weight."""
+    return (ENABLED and x.device.type == "cpu" and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and x.dtype in (torch.float32, torch.bfloat16) and bf16_active())
+
+
+class _LinearBF16(torch.autograd.Function):
+    """y = x W^T + b with x and W rounded to bf16 and the product summed in float32 by
+    oneDNN (AMX / AVX512-BF16 where the CPU has them); y is handed on as float32.
+
+    Plain autocast hands bf16 activations to the next op: RMSNorm, RoPE, SwiGLU and the
+    residual adds then run on bf16 tensors, which the CPU converts element by element
+    (slower than float32 here, and it rounds the residual stream). Returning float32
+    keeps every op but the products in float32, as on a GPU with fp32 master weights.
+    The bf16 weight is the cached copy (`bf16_weight`); the weight gradient is rounded
+    to bf16 by the product and accumulated in float32, as autocast's is.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        xb = x.to(torch.bfloat16)
+        with torch.autocast("cpu", enabled=False):
+            out = torch.mm(xb, bf16_weight(weight).t()).float()
+        if bias is not None:
+            out += bias
+        ctx.save_for_backward(xb, weight)
+        ctx.has_bias, ctx.x_dtype = bias is not None, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        xb, weight = ctx.saved_tensors
+        gb = grad.to(torch.bfloat16)
+        grad_x = grad_w = grad_b = None
+        with torch.autocast("cpu", enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(gb, bf16_weight(weight)).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.mm(gb.t(), xb).float()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, computed by oneDNN when x and weight are float32 CPU tensors."""
+    """`F.linear(x, weight, bias)`, computed by oneDNN when x and weight are float32 CPU tensors;
+    under CPU bf16 autocast, as bf16 products with a cached bf16 weight and a float32 result."""
+    if x.numel() and bf16_usable(x, weight):
+        flat = x.reshape(-1, x.shape[-1])
+        return _LinearBF16.apply(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
     if not usable(x, weight) or x.numel() == 0:
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1]).contiguous()

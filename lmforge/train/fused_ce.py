@@ -62,7 +62,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # accumulation below in one dtype.
         device = hidden.device.type
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        if device == "cpu" and onednn.bf16_active():  # bf16 products (onednn.bf16_products), as the other layers
+            compute = torch.bfloat16
         out_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        if compute == torch.bfloat16 and onednn.bf16_usable(hidden, weight):
+            # The cached bf16 copy (lmforge/model/onednn.py): a tied [vocab, n_embd] head is
+            # cast once per optimizer step instead of once per micro-batch.
+            weight = onednn.bf16_weight(weight)
         hidden, weight = hidden.to(compute), weight.to(compute)
         step = _chunk_rows(vocab, rows)
         with torch.autocast(device, enabled=False):

@@ -76,11 +76,16 @@ def _stderr(message: str) -> None:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """fp32 | bf16 | fp16; "auto" follows lmforge's dtype policy (bf16 on GPUs that have it, else fp32)."""
+    """fp32 | bf16 | fp16; "auto" follows lmforge's precision policy (lmforge/model/precision.py):
+    bf16 on GPUs that have it and on CPUs with bf16 units (AMX, AVX512-BF16), else fp32."""
     from lmforge.model.loading import pick_dtype
 
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise LmforgeError("train.precision bf16 is not supported by this GPU; use fp16 or fp32")
+    if precision in (None, "auto") and device.type == "cpu":
+        from lmforge.model.precision import auto_plan
+
+        return auto_plan("cpu").train
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[pick_dtype(precision, device)]
 
 
@@ -351,6 +356,11 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same initial weights on every process
         self.model = self.task.build_model(self)
         self.model.to(self.runtime.device)
+        if t.precision == "auto" and self.precision == "bf16" and self.runtime.device.type == "cpu":
+            from lmforge.model.precision import bf16_pays
+
+            if not bf16_pays(self.model):  # a small model: the casts would cost more than bf16 saves
+                self.precision = "fp32"
         self.model.gradient_checkpointing = t.gradient_checkpointing
         self.model.train()
         self.own_loss = callable(getattr(self.task, "loss", None))
@@ -405,6 +415,12 @@ class Trainer:
     def autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
+        if self.precision == "bf16" and self.runtime.device.type == "cpu":
+            # On CPU only the products go to bf16 (float32 weights, norms, attention and
+            # loss): lmforge/model/onednn.py's `bf16_products`, faster there than autocast.
+            from lmforge.model.onednn import bf16_products
+
+            return bf16_products()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.runtime.device.type, dtype=dtype)
 

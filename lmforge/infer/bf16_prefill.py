@@ -1,0 +1,87 @@
+"""bf16 products for prefill, float32 weights and kernels for decode, on CPUs with bf16 units.
+
+A prefill pushes all of a prompt's tokens through every weight matrix at once: many rows
+per product, so it is bound by arithmetic, and a CPU with AMX or AVX512-BF16 does that
+arithmetic several times faster in bf16 (lmforge/model/precision.py). A decode step has
+one row (a few in a batch): it is bound by reading the weights, and there the float32
+matrix-vector kernels of lmforge/infer/layout.py measured faster than bf16 ones. So the
+phase is told apart by the number of rows a product gets, per call, with no change to the
+model or the scheduler: `Bf16PrefillLinear` sends products of at least `min_rows` rows
+through a bf16 copy of its weight and returns float32, and leaves smaller ones to
+`BlasLinear`'s float32 kernels.
+
+Only the matrix products are rounded: the inputs to bf16 (8 bits of mantissa), the sums
+are float32 inside oneDNN, and the result is rounded to bf16 once before it is widened
+back. Norms, RoPE, attention, the residual stream and the KV cache stay float32, so the
+cache a bf16 prefill writes is the one decode reads, with no conversion.
+
+The price is memory: the bf16 copies (half the float32 weights' bytes, made on first use,
+remade when a weight changes, never saved) live beside the float32 weights. Products
+smaller than `min_weight_elements` (tiny test models) stay float32: for them the casts
+cost more than the products save.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.model.onednn import bf16_weight
+
+from .layout import BlasLinear
+
+
+class Bf16PrefillLinear(BlasLinear):
+    """`BlasLinear` whose inference products of `min_rows` rows or more run in bf16."""
+
+    min_rows = 32
+    min_weight_elements = 1 << 17
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if (rows < self.min_rows or w.numel() < self.min_weight_elements or x.device.type != "cpu"
+                or x.dtype != torch.float32 or w.dtype != torch.float32
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            y = torch.mm(x.reshape(rows, x.shape[-1]).to(torch.bfloat16), bf16_weight(w).t())
+        y = y.float().view(*x.shape[:-1], w.shape[0])
+        return y.add_(self.bias) if self.bias is not None else y
+
+
+def use_bf16_prefill(model: nn.Module, min_rows: int | None = None) -> nn.Module:
+    """Give every plain linear layer of `model` the bf16 prefill path (in place; parameters,
+    names and state_dict unchanged). `min_rows`: the fewest rows a product needs to take it."""
+    for module in model.modules():
+        if type(module) in (nn.Linear, BlasLinear, Bf16PrefillLinear):
+            if type(module) is nn.Linear:
+                module.numpy_rows, module.onednn = False, False  # plain F.linear below min_rows
+            module.__class__ = Bf16PrefillLinear
+            if min_rows is not None:
+                module.min_rows = min_rows
+    return model
+
+
+def uses_bf16_prefill(model: nn.Module) -> bool:
+    return any(isinstance(m, Bf16PrefillLinear) for m in model.modules())
+
+
+def bf16_copy_bytes(model: nn.Module) -> int:
+    """Bytes the bf16 weight copies take once made (each distinct weight counted once)."""
+    seen, total = set(), 0
+    for m in model.modules():
+        if isinstance(m, Bf16PrefillLinear) and m.weight.numel() >= m.min_weight_elements:
+            if id(m.weight) not in seen:
+                seen.add(id(m.weight))
+                total += m.weight.numel() * 2
+    return total
+
+
+def prepare_bf16_copies(model: nn.Module) -> None:
+    """Make the bf16 copies now (before the first request), rather than in the first prefill."""
+    with torch.inference_mode():
+        for m in model.modules():
+            if isinstance(m, Bf16PrefillLinear) and m.weight.numel() >= m.min_weight_elements:
+                bf16_weight(m.weight)
+
