@@ -15,7 +15,7 @@ import torch
 from lmforge.infer.engine import Completion, Generator
 from lmforge.infer.layout import optimize_for_cpu_decoding
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model.loading import load_model, load_tokenizer, pick_device, pick_dtype
+from lmforge.model.loading import load_model, load_tokenizer, pick_device, pick_dtype, pick_prefill_dtype
 from lmforge.model.registry import ModelSpec, resolve
 from lmforge.tokenizer import Tokenizer
 
@@ -102,5 +102,5 @@ def load(
     if prepare is not None:
         net = prepare(net).eval()
     if dev.type == "cpu":
-        optimize_for_cpu_decoding(net)
+        optimize_for_cpu_decoding(net, pick_prefill_dtype(dtype, dev))  # bf16 prefill where the CPU has it
     return LoadedModel(net, tokenizer, spec)
