@@ -125,7 +125,9 @@ def _train_losses(bf16: bool, steps: int = 8) -> list[float]:
 
     torch.manual_seed(0)
     model = Transformer(tiny_config()).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # fused, as the trainer builds it: its kernel writes the weights without moving their
+    # version counters, so a bf16 copy kept across steps would go stale unnoticed
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (4, 32), generator=g) % 17  # a learnable pattern: few symbols
     out = []

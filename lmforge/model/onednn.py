@@ -12,9 +12,10 @@ computes it 1.2-2x faster than MKL, so it goes through oneDNN as well (`weight_g
 
 `linear` is what the Transformer's training forward calls in place of `F.linear`. It
 falls back to `F.linear` wherever oneDNN's op is missing or the tensors are not float32 on
-CPU, so other devices and dtypes see no difference. Under CPU autocast to bf16 it runs
-`_LinearBF16` instead: bf16 products on a bf16 copy of the weight made once per optimizer
-step (`bf16_weight`), with a float32 result (lmforge/model/precision.py says when).
+CPU, so other devices and dtypes see no difference. Inside `bf16_products` (or CPU
+autocast to bf16) it runs `_LinearBF16` instead: bf16 products on a bf16 copy of the
+weight made once per forward (`bf16_weight`), with a float32 result
+(lmforge/model/precision.py says when).
 Decoder inference never comes here: outside training the model calls its `nn.Linear`
 modules directly (see `project`), so lmforge.infer.layout's kernels still apply.
 
@@ -128,14 +129,24 @@ _BF16: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
 
 
 def bf16_weight(w: torch.Tensor) -> torch.Tensor:
-    """A bfloat16 copy of the float32 tensor `w`, made once and remade only when `w` changes
-    (another storage, or its version counter moved: an optimizer step, an in-place write).
+    """A bfloat16 copy of the float32 tensor `w`.
 
-    Autocast casts a weight again in every forward (and its cache is dropped when the
-    autocast region ends); with several micro-batches per step, and for a tied embedding
-    that both the head and the lookup use, the copy made once per optimizer step saves
-    those passes over the weights.
+    Inside a `bf16_products` block the copy is made once per block: a training forward
+    and its backward (and a tied embedding used by the lookup and the head) share it.
+    That block ends before the optimizer steps, so no copy outlives a weight update;
+    the version counter cannot tell, because the fused AdamW kernel writes the weights
+    without moving it. Outside (inference: lmforge/infer/bf16_prefill.py) the copy is
+    kept until `w` changes (another storage, or its version counter moved).
     """
+    local = getattr(_STATE, "copies", None)
+    if local is not None:
+        cached = local.get(id(w))
+        if cached is None or cached[0] is not w:
+            with torch.no_grad():
+                cached = local[id(w)] = (w, w.detach().to(torch.bfloat16))
+        return cached[1]
+    if torch.is_grad_enabled() and w.requires_grad:  # training under plain autocast: a fresh copy
+        return w.detach().to(torch.bfloat16)
     key = (w.data_ptr(), w._version)
     cached = _BF16.get(id(w))
     if cached is None or cached[0]() is not w or cached[1] != key:
@@ -159,12 +170,14 @@ def bf16_products(enabled: bool = True) -> Iterator[None]:
     its backward several times slower on bf16 inputs than on float32 ones (a fifth of a
     small model's step), while its forward gains little at training lengths.
     """
-    previous = getattr(_STATE, "bf16", False)
+    previous, copies = getattr(_STATE, "bf16", False), getattr(_STATE, "copies", None)
     _STATE.bf16 = enabled
+    if enabled and copies is None:
+        _STATE.copies = {}  # this block's bf16 weight copies (`bf16_weight`)
     try:
         yield
     finally:
-        _STATE.bf16 = previous
+        _STATE.bf16, _STATE.copies = previous, copies
 
 
 def bf16_active() -> bool:
@@ -187,29 +200,29 @@ class _LinearBF16(torch.autograd.Function):
     residual adds then run on bf16 tensors, which the CPU converts element by element
     (slower than float32 here, and it rounds the residual stream). Returning float32
     keeps every op but the products in float32, as on a GPU with fp32 master weights.
-    The bf16 weight is the cached copy (`bf16_weight`); the weight gradient is rounded
+    The bf16 weight is the block's copy (`bf16_weight`); the weight gradient is rounded
     to bf16 by the product and accumulated in float32, as autocast's is.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        xb = x.to(torch.bfloat16)
+        xb, wb = x.to(torch.bfloat16), bf16_weight(weight)
         with torch.autocast("cpu", enabled=False):
-            out = torch.mm(xb, bf16_weight(weight).t()).float()
+            out = torch.mm(xb, wb.t()).float()
         if bias is not None:
             out += bias
-        ctx.save_for_backward(xb, weight)
+        ctx.save_for_backward(xb, wb)  # the copy, not the weight: the backward runs after the block
         ctx.has_bias, ctx.x_dtype = bias is not None, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        xb, weight = ctx.saved_tensors
+        xb, wb = ctx.saved_tensors
         gb = grad.to(torch.bfloat16)
         grad_x = grad_w = grad_b = None
         with torch.autocast("cpu", enabled=False):
             if ctx.needs_input_grad[0]:
-                grad_x = torch.mm(gb, bf16_weight(weight)).to(ctx.x_dtype)
+                grad_x = torch.mm(gb, wb).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 grad_w = torch.mm(gb.t(), xb).float()
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -66,8 +66,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             compute = torch.bfloat16
         out_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         if compute == torch.bfloat16 and onednn.bf16_usable(hidden, weight):
-            # The cached bf16 copy (lmforge/model/onednn.py): a tied [vocab, n_embd] head is
-            # cast once per optimizer step instead of once per micro-batch.
+            # The block's bf16 copy (lmforge/model/onednn.py `bf16_weight`), shared with
+            # any other product of the same weight in this forward.
             weight = onednn.bf16_weight(weight)
         hidden, weight = hidden.to(compute), weight.to(compute)
         step = _chunk_rows(vocab, rows)

@@ -1,0 +1,265 @@
+"""bf16 where the CPU has it: prefill and training speed and quality against float32, same run.
+
+Prefill (``--part prefill``): the default model, time to the first token of a
+``--prefill-tokens`` prompt, in alternating rounds (medians), for
+  lmforge fp32 (``dtype="float32"``), lmforge auto (float32 weights, bf16 prefill products
+  where lmforge/model/precision.py finds AMX/AVX512-BF16; forced on with --force-bf16),
+  transformers fp32 and transformers with bf16 weights;
+plus batch-1 decode of lmforge fp32 and auto (decode stays float32: should be equal), the
+memory the bf16 copies take, and perplexity / bits per byte of both lmforge variants on
+held-out text (this repository's handbook pages, written after the model was trained).
+
+Training (``--part train``): two copies of one random init at a preset's shapes
+(benchmarks/train.py's presets), trained on the same token rows (the handbook text,
+tokenized with the default tokenizer), one fp32 and one with bf16 products
+(`lmforge.model.onednn.bf16_products`, what ``train.precision: auto`` runs on such a CPU),
+step by step in turns so load hits both alike. Reports median tokens/s of each, their
+ratio, the loss curves and their largest relative gap; writes a PNG of the curves.
+
+    python benchmarks/precision.py --part prefill --rounds 5
+    python benchmarks/precision.py --part train --preset smollm2-135m --steps 30
+    python benchmarks/precision.py --part train --preset small-llama --steps 60 --plot docs/images/bf16_small.png
+
+Prints a table and one JSON line per part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import lmforge  # noqa: E402
+from lmforge.infer import SamplingParams  # noqa: E402
+from lmforge.io.progress import Progress  # noqa: E402
+from lmforge.model import precision  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def held_out_text(max_chars: int) -> str:
+    """The handbook pages, in name order, up to `max_chars` (code blocks included: real text)."""
+    parts, size = [], 0
+    for path in sorted(glob.glob(os.path.join(ROOT, "docs", "handbook", "*.md"))):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        parts.append(text)
+        size += len(text)
+        if size >= max_chars:
+            break
+    return "\n\n".join(parts)[:max_chars]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def machine() -> dict:
+    return {"machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, "
+                       f"{torch.get_num_threads()} threads",
+            "bf16_units": list(precision.cpu_bf16_units()), "date": time.strftime("%Y-%m-%d"),
+            "load_avg": round(os.getloadavg()[0], 1)}
+
+
+def prefill_part(args) -> dict:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from lmforge.eval.perplexity import perplexity
+    from lmforge.infer.bf16_prefill import bf16_copy_bytes, prepare_bf16_copies, use_bf16_prefill, uses_bf16_prefill
+
+    hf_logging.set_verbosity_error()
+    fp32 = lmforge.load(dtype="float32", device="cpu")
+    auto = lmforge.load(dtype="auto", device="cpu")
+    if args.force_bf16 and not uses_bf16_prefill(auto.model):
+        use_bf16_prefill(auto.model)
+    prepare_bf16_copies(auto.model)
+    path = str(fp32.spec.path)
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32).eval()
+    hf_bf16 = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                   dtype=torch.float32).to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    vocab = fp32.config.vocab_size
+    long = torch.randint(100, vocab, (1, args.prefill_tokens), generator=g)
+    short = torch.randint(100, vocab, (1, 16), generator=g)
+
+    def hf_first(model):
+        with torch.inference_mode():
+            model.generate(long, attention_mask=torch.ones_like(long), max_new_tokens=1, min_new_tokens=1,
+                           do_sample=False, pad_token_id=fp32.tokenizer.eos_id)
+
+    def ours(lm, ids, new):
+        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+        return lm.generator.generate([row.tolist() for row in ids], params)
+
+    first_same = ours(fp32, long, 1)[0].token_ids == ours(auto, long, 1)[0].token_ids
+    cont_fp32, cont_auto = ours(fp32, long, 32)[0].token_ids, ours(auto, long, 32)[0].token_ids
+    agree = next((i for i, (a, b) in enumerate(zip(cont_fp32, cont_auto)) if a != b), len(cont_fp32))
+    sides = {
+        "lmforge_fp32": lambda: ours(fp32, long, 1),
+        "lmforge_auto": lambda: ours(auto, long, 1),
+        "hf_fp32": lambda: hf_first(hf),
+        "hf_bf16": lambda: hf_first(hf_bf16),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in sides}
+    decode: dict[str, list[float]] = {"lmforge_fp32": [], "lmforge_auto": []}
+    progress = Progress("prefill benchmark", args.rounds, unit="rounds", log_every=0.0)
+    for r in range(args.rounds):
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        for name in order:
+            rates[name].append(args.prefill_tokens / timed(sides[name]))
+        for name, lm in (("lmforge_fp32", fp32), ("lmforge_auto", auto))[:: 1 if r % 2 == 0 else -1]:
+            decode[name].append(args.new_tokens / timed(lambda: ours(lm, short, args.new_tokens)))
+        progress.update(r + 1, info=", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()))
+    progress.close()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    text = held_out_text(args.ppl_chars)
+    ppl = {name: perplexity(lm, text, window=args.ppl_window) for name, lm in (("fp32", fp32), ("auto", auto))}
+    out = {
+        "benchmark": "precision-prefill", "model": fp32.name, **machine(), "rounds": args.rounds,
+        "prefill_tokens": args.prefill_tokens, "bf16_prefill": uses_bf16_prefill(auto.model),
+        **{f"{k}_prefill_tok_s": round(v, 1) for k, v in med.items()},
+        "auto_vs_hf_fp32": round(med["lmforge_auto"] / med["hf_fp32"], 2),
+        "auto_vs_lmforge_fp32": round(med["lmforge_auto"] / med["lmforge_fp32"], 2),
+        "auto_vs_hf_bf16": round(med["lmforge_auto"] / med["hf_bf16"], 2),
+        "lmforge_fp32_vs_hf_fp32": round(med["lmforge_fp32"] / med["hf_fp32"], 2),
+        **{f"{k}_decode_b1_tok_s": round(statistics.median(v), 1) for k, v in decode.items()},
+        "bf16_copies_mb": round(bf16_copy_bytes(auto.model) / 1e6, 1),
+        "fp32_weights_mb": round(fp32.model.num_parameters() * 4 / 1e6, 1),
+        "first_token_equal": first_same, "greedy_prefix_equal": f"{agree}/{len(cont_fp32)}",
+        "ppl_tokens": ppl["fp32"].tokens if hasattr(ppl["fp32"], "tokens") else None,
+        "ppl_fp32": round(ppl["fp32"].ppl, 4), "ppl_auto": round(ppl["auto"].ppl, 4),
+        "ppl_rel_delta": round(ppl["auto"].ppl / ppl["fp32"].ppl - 1, 5),
+        "bpb_fp32": round(ppl["fp32"].bpb, 5), "bpb_auto": round(ppl["auto"].bpb, 5),
+    }
+    print(f"{'prefill ' + str(args.prefill_tokens) + ' tokens':28}{'tok/s':>10}{'vs hf fp32':>12}")
+    for k, v in med.items():
+        print(f"{k:28}{v:10.1f}{v / med['hf_fp32']:12.2f}")
+    print(f"decode b=1 tok/s: fp32 {out['lmforge_fp32_decode_b1_tok_s']}, auto {out['lmforge_auto_decode_b1_tok_s']}; "
+          f"bf16 copies {out['bf16_copies_mb']} MB beside {out['fp32_weights_mb']} MB of fp32 weights")
+    print(f"perplexity on held-out text: fp32 {out['ppl_fp32']}, auto {out['ppl_auto']} "
+          f"(relative {out['ppl_rel_delta']:+.2e}); greedy continuation equal for {out['greedy_prefix_equal']} tokens")
+    print(json.dumps(out))
+    return out
+
+
+def train_rows(vocab: int, batch: int, seq_len: int, count: int) -> list[torch.Tensor]:
+    """`count` batches of token rows cut from the held-out text (the default tokenizer), ids < vocab."""
+    from lmforge.model.loading import resolve_tokenizer
+
+    ids = resolve_tokenizer(None).encode(held_out_text(4_000_000))
+    ids = torch.tensor(ids, dtype=torch.long) % vocab
+    per = batch * seq_len
+    n = min(count, len(ids) // per)
+    return [ids[i * per:(i + 1) * per].view(batch, seq_len) for i in range(n)]
+
+
+def train_part(args) -> dict:
+    from train import PRESETS
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.onednn import bf16_products
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.loss import causal_lm_loss
+
+    config = ModelConfig(**PRESETS[args.preset], max_position_embeddings=max(2048, args.seq_len))
+    torch.manual_seed(0)
+    models = {"fp32": Transformer(config).train()}
+    models["bf16"] = Transformer(config).train()
+    models["bf16"].load_state_dict(models["fp32"].state_dict())
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, fused=True) for k, m in models.items()}
+    batches = train_rows(config.vocab_size, args.batch_size, args.seq_len, args.steps)
+    losses: dict[str, list[float]] = {k: [] for k in models}
+    seconds: dict[str, list[float]] = {k: [] for k in models}
+    progress = Progress("train precision", len(batches), unit="steps", log_every=0.0)
+    for step, ids in enumerate(batches):
+        for name in (("fp32", "bf16") if step % 2 == 0 else ("bf16", "fp32")):
+            model, opt = models[name], opts[name]
+            start = time.perf_counter()
+            with bf16_products(name == "bf16"):
+                loss = causal_lm_loss(model, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            seconds[name].append(time.perf_counter() - start)
+            losses[name].append(float(loss.detach()))
+        progress.update(step + 1, info=f"loss fp32 {losses['fp32'][-1]:.3f} bf16 {losses['bf16'][-1]:.3f}")
+    progress.close()
+    tokens = args.batch_size * args.seq_len
+    rate = {k: statistics.median(tokens / s for s in v[2:] or v) for k, v in seconds.items()}
+    ratios = [a / b for a, b in zip(seconds["fp32"][2:], seconds["bf16"][2:])] or [rate["bf16"] / rate["fp32"]]
+    gaps = [abs(b - a) / a for a, b in zip(losses["fp32"], losses["bf16"])]
+    out = {
+        "benchmark": "precision-train", "preset": args.preset, "params": config.num_parameters(), **machine(),
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": len(batches), "lr": args.lr,
+        "fp32_tok_s": round(rate["fp32"], 1), "bf16_tok_s": round(rate["bf16"], 1),
+        "speedup": round(rate["bf16"] / rate["fp32"], 2), "speedup_per_step_median": round(statistics.median(ratios), 2),
+        "loss_fp32": [round(x, 4) for x in losses["fp32"]], "loss_bf16": [round(x, 4) for x in losses["bf16"]],
+        "max_rel_loss_gap": round(max(gaps), 5), "final_rel_loss_gap": round(gaps[-1], 5),
+    }
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from lmforge.io.atomic import atomic_path
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name in models:
+            ax.plot(range(1, len(losses[name]) + 1), losses[name], label=f"{name} ({rate[name]:.0f} tok/s)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title(f"{args.preset}: fp32 vs bf16 products (max gap {100 * max(gaps):.2f}%)")
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(args.plot) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        out["plot"] = args.plot
+    print(f"{config.num_parameters() / 1e6:.1f}M parameters ({args.preset}), batch {args.batch_size} x {args.seq_len}, "
+          f"{len(batches)} steps: fp32 {rate['fp32']:.0f} tok/s, bf16 products {rate['bf16']:.0f} tok/s "
+          f"({out['speedup']:.2f}x); loss gap at most {100 * max(gaps):.2f}% (final {100 * gaps[-1]:.2f}%)")
+    print(json.dumps(out))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("prefill", "train", "all"), default="all")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--ppl-chars", type=int, default=20000)
+    ap.add_argument("--ppl-window", type=int, default=512)
+    ap.add_argument("--force-bf16", action="store_true", help="bf16 prefill even where no bf16 units are detected")
+    ap.add_argument("--preset", default="smollm2-135m")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--plot", default=None, help="PNG of the two loss curves")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.part in ("prefill", "all"):
+        prefill_part(args)
+    if args.part in ("train", "all"):
+        train_part(args)
+
+
+if __name__ == "__main__":
+    main()
