@@ -182,6 +182,23 @@ def test_quantize_model_swaps_every_block_linear_and_the_head():
     assert err8 < 0.05 and err8 * 5 < relative_error(got, want) < 0.5
 
 
+def test_fused_quantized_swiglu_equals_the_module_by_module_mlp():
+    from lmforge.infer.quant_linear import QuantizedSwiGLU
+    from lmforge.model.transformer import MLP
+
+    model = quantize_model(tiny_llama(), bits=4, compute_dtype=torch.float32)
+    mlp = model.layers[0].mlp
+    assert type(mlp) is QuantizedSwiGLU
+    x = torch.randn(2, 3, 64)
+    with torch.inference_mode():
+        fused = mlp(x)
+        torch.testing.assert_close(fused, MLP.forward(mlp, x), rtol=1e-5, atol=1e-5)
+    fast = quantize_model(tiny_llama(), bits=4)  # bfloat16 between the two products
+    with torch.inference_mode():
+        ref = MLP.forward(fast.layers[0].mlp, x)
+        assert relative_error(fast.layers[0].mlp(x), ref) < BF16_RTOL
+
+
 def test_quantize_model_turns_blas_linears_back_into_plain_ones():
     from lmforge.infer.layout import BlasLinear, use_numpy_blas, uses_numpy_blas
 

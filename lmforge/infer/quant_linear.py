@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LmforgeError
+from ..model.transformer import MLP
 
 INT4_ROW_MULTIPLE = 16  # the int4 packing wants a multiple of 16 output rows; others are padded
 BITS = (4, 8)
@@ -136,7 +137,8 @@ class Int4Linear(nn.Module):
         return self.packed.numel() + self.scale_zeros.numel() * self.scale_zeros.element_size() + extra
 
     # -- product --------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]."""
         _check_cpu(x, "an int4 linear layer")
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
@@ -145,7 +147,10 @@ class Int4Linear(nn.Module):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zeros)
         if y.shape[-1] != self.out_features:
             y = y[:, : self.out_features]
-        y = y.to(x.dtype).view(*lead, self.out_features)
+        return y.view(*lead, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.product(x).to(x.dtype)
         return y if self.bias is None else y.add_(self.bias.to(y.dtype))
 
     def extra_repr(self) -> str:
@@ -193,14 +198,17 @@ class Int8Linear(nn.Module):
         extra = self.bias.numel() * 4 if self.bias is not None else 0
         return self.qweight.numel() + self.scales.numel() * self.scales.element_size() + extra
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]."""
         _check_cpu(x, "an int8 linear layer")
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         if x2.dtype != self.compute_dtype:
             x2 = x2.to(self.compute_dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
-        y = y.to(x.dtype).view(*lead, self.out_features)
+        return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales).view(*lead, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.product(x).to(x.dtype)
         return y if self.bias is None else y.add_(self.bias.to(y.dtype))
 
     def extra_repr(self) -> str:
@@ -209,6 +217,30 @@ class Int8Linear(nn.Module):
 
 
 QUANTIZED_LINEARS = (Int4Linear, Int8Linear)
+
+
+class QuantizedSwiGLU(MLP):
+    """A SwiGLU `MLP` whose two products are quantized: gate/up, SiLU and the product stay in
+    the kernels' `compute_dtype`, so the activations are cast once on the way in and once on
+    the way out instead of twice per product (and the element-wise pass reads half the bytes).
+    Anything else (a bias, training, other layer types) runs `MLP.forward` unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc, proj = self.fc, self.proj
+        if not (self.swiglu and isinstance(fc, QUANTIZED_LINEARS) and isinstance(proj, QUANTIZED_LINEARS)
+                and fc.bias is None and proj.bias is None and fc.compute_dtype == proj.compute_dtype
+                and not (torch.is_grad_enabled() and x.requires_grad)):
+            return super().forward(x)
+        gate, up = fc.product(x).chunk(2, dim=-1)
+        return proj.product(F.silu(gate).mul_(up)).to(x.dtype)
+
+
+def fuse_quantized_mlps(model: nn.Module) -> nn.Module:
+    """Give every plain SwiGLU `MLP` of `model` the `QuantizedSwiGLU` forward (its class only changes)."""
+    for module in model.modules():
+        if type(module) is MLP:
+            module.__class__ = QuantizedSwiGLU
+    return model
 
 
 # -- round to nearest -------------------------------------------------------------------------
@@ -295,7 +327,7 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 32, head_b
         if head_bits is not None and isinstance(head, nn.Linear) and not (
                 head_bits == 4 and head.in_features % group_size):
             model.lm_head = quantized_linear(head, head_bits, group_size, compute_dtype)
-    return model
+    return fuse_quantized_mlps(model)
 
 
 def quantized_nbytes(model: nn.Module) -> dict[str, int]:
@@ -325,6 +357,8 @@ def dequantized_copy(module: nn.Module) -> nn.Linear:
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantized linear of `model` by its float32 equivalent, in place (a reference model)."""
     for name, module in list(model.named_modules()):
+        if type(module) is QuantizedSwiGLU:
+            module.__class__ = MLP
         for attr, child in list(module.named_children()):
             if isinstance(child, QUANTIZED_LINEARS):
                 setattr(module, attr, dequantized_copy(child))
