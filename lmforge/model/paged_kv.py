@@ -166,6 +166,14 @@ class PagedKVCache:
         self.k.view(layers, -1, dim).index_copy_(1, index, k.reshape(layers, -1, dim))
         self.v.view(layers, -1, dim).index_copy_(1, index, v.reshape(layers, -1, dim))
 
+    def _block_index(self, tables: torch.Tensor, end: int) -> torch.Tensor:
+        """Flat [B * heads * blocks] index of the (block, head) runs holding positions 0..end-1 of each row,
+        into one layer's pool viewed as [blocks * heads, block_size * d]."""
+        heads = self.k.shape[2]
+        blocks = tables[:, : blocks_for(end, self.block_size)]
+        head = torch.arange(heads, device=tables.device).view(1, heads, 1)
+        return (blocks.unsqueeze(1) * heads + head).reshape(-1)
+
     def _flat_index(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat [B * heads * P] index into one layer's pool viewed as [blocks * heads * block_size, d].
 
@@ -214,13 +222,16 @@ class PagedRows:
                 positions = start.view(-1, 1)
             self._write = (key, pool._flat_index(tables, positions))
         if self._read is None or self._read[0] != end:
-            self._read = (end, pool._flat_index(tables, torch.arange(end, device=k.device)))
+            self._read = (end, pool._block_index(tables, end))
         k_pool, v_pool = pool.k[layer].view(-1, dim), pool.v[layer].view(-1, dim)
         k_pool.index_copy_(0, self._write[1], k.reshape(-1, dim))
         v_pool.index_copy_(0, self._write[1], v.reshape(-1, dim))
-        read = self._read[1]
-        return (k_pool.index_select(0, read).view(batch, heads, end, dim),
-                v_pool.index_select(0, read).view(batch, heads, end, dim))
+        # Read whole (block, head) runs of block_size x d values: few, large copies.
+        read, size = self._read[1], pool.block_size
+        span = read.numel() // (batch * heads) * size
+        k_blocks, v_blocks = pool.k[layer].view(-1, size * dim), pool.v[layer].view(-1, size * dim)
+        return (k_blocks.index_select(0, read).view(batch, heads, span, dim)[:, :, :end],
+                v_blocks.index_select(0, read).view(batch, heads, span, dim)[:, :, :end])
 
 
 def contiguous_rows_in(budget_bytes: int, config, max_len: int, dtype: torch.dtype) -> int:
