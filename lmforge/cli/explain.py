@@ -34,13 +34,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     result = explain(model, tokenizer, args.prompt, options, model_name=spec.name)
     written = write_report(result, options.out, options.figures)
     lens = result.lens
-    print(f"{spec.name} predicts {result.target_text!r} after the prompt (probability "
-          f"{float(lens.target_prob[-1]):.3f}); top token from layer {lens.first_layer_on_top()} on")
+    on_top = lens.first_layer_on_top()
+    print(f"{spec.name}: {result.target_text!r} after the prompt has probability {float(lens.target_prob[-1]):.3f} "
+          f"(rank {int(lens.target_rank[-1]) + 1}); "
+          + (f"the logit lens ranks it first from layer {on_top} on" if on_top is not None else
+             "the logit lens never ranks it first"))
     if result.patching is not None:
-        resid = result.patching.restored["resid"]
-        layer, position = divmod(int(resid[1:].abs().argmax()) + resid.shape[1], resid.shape[1])
-        print(f"patching: the residual stream at layer {layer}, token {result.tokens[position]!r} restores "
-              f"{float(resid[layer, position]):.0%} of the logit difference (past layer 0)")
+        last = result.patching.restored["resid"][:, -1].tolist()
+        moved = next((layer for layer in range(len(last)) if min(last[layer:]) >= 0.5), None)
+        where = (f"from layer {moved} on, patching the last token's residual stream restores at least half of the "
+                 f"logit difference" if moved is not None else
+                 "patching the last token's residual stream never restores half of the logit difference")
+        print(f"patching: {where}")
     if result.probe is not None:
         best = result.probe.best_layer
         print(f"sentiment probe: best layer {best}, accuracy {float(result.probe.accuracy[best]):.1%} "

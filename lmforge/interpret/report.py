@@ -141,7 +141,7 @@ def attribution_figure(ex: Explanation) -> bytes:
         ax.invert_yaxis()
         ax.axvline(0, color="black", linewidth=0.6)
         ax.set_title(attribution.method.replace("_", " "), fontsize=9)
-    fig.suptitle(f"attribution of the logit of {ex.target_text!r} at the last position", fontsize=10)
+    fig.suptitle(f"attribution of the logit of {ex.target_text!r} at the last position", fontsize=10, y=1.06)
     return _png(fig)
 
 
