@@ -163,7 +163,9 @@ def test_trainer_auto_keeps_small_models_in_float32(monkeypatch):
 
 def _bf16_prefill_model(model):
     from lmforge.infer.bf16_prefill import Bf16PrefillLinear, use_bf16_prefill
+    from lmforge.infer.layout import use_column_major_weights
 
+    use_column_major_weights(model)  # as lmforge.load lays out CPU weights
     use_bf16_prefill(model, min_rows=8)
     for m in model.modules():
         if isinstance(m, Bf16PrefillLinear):
@@ -197,7 +199,9 @@ def test_bf16_prefill_logits_close_and_cache_stays_float32():
 
     torch.manual_seed(0)
     config = tiny_config()
-    ref = Transformer(config).eval()
+    from lmforge.infer.layout import use_column_major_weights
+
+    ref = use_column_major_weights(Transformer(config).eval())  # the same layout: float32 sums in the same order
     ours = _bf16_prefill_model(Transformer(config).eval())
     ours.load_state_dict(ref.state_dict())
     ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(3))
