@@ -249,3 +249,26 @@ def test_keeping_the_first_token_in_the_baseline():
     assert float(ig.scores[0]) == 0.0
     assert ig.completeness_error < 1e-2 * abs(ig.score - ig.baseline_score)
     assert float(occlusion(model, IDS, 11, baseline=base).scores[0]) == 0.0
+
+
+class _CharsWithSpecials(_Chars):
+    pad_id, eos_id = 1, 2
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "moe"])
+def test_explain_runs_on_learned_positions_and_mixture_of_experts(tiny_hf_dirs, kind):
+    from lmforge.interpret.explain import explain
+    from lmforge.interpret.options import ExplainOptions
+
+    if kind == "gpt2":
+        model = load_model(resolve(str(tiny_hf_dirs["gpt2"][0])))
+    else:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(vocab_size=60, n_embd=32, n_layer=2, n_head=4, n_kv_head=2,
+                                        intermediate_size=48, num_experts=4, experts_per_token=2)).eval()
+    options = ExplainOptions(compare="abcxe", compare_target="q", ig_steps=16)
+    result = explain(model, _CharsWithSpecials(), "abcde", options, show_progress=False)
+    assert sorted(result.attention) == [0, 1] and result.lens.final_rank[-1].tolist() == [0] * 5
+    ig = result.attributions[1]
+    assert ig.completeness_error < 0.05 * abs(ig.score - ig.baseline_score) + 1e-4
+    assert float(result.patching.restored["resid"][0, 3]) == pytest.approx(1.0, abs=1e-4)
