@@ -56,8 +56,15 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]")
 # ---- the model ---------------------------------------------------------------------------
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, vit: ViTConfig, lm: ModelConfig, connector: str = "mlp", queries: int = 16) -> None:
+    """``pixel_mean``/``pixel_std`` standardize the 0..1 pixels before the ViT. They matter: the
+    scenes are mostly near-white background, and without centring the patch embedding starts
+    nearly blind to colour; the decoder then learns the text prior and ignores the image (a
+    run without them answered at the level of the blind answer prior; see the VQA handbook page)."""
+
+    def __init__(self, vit: ViTConfig, lm: ModelConfig, connector: str = "mlp", queries: int = 16,
+                 pixel_mean: float = 0.5, pixel_std: float = 0.25) -> None:
         super().__init__()
+        self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
         self.encoder = VisionTransformer(vit)
         if connector == "mlp":
             self.connector = MLPProjector(vit.width, lm.n_embd, 2 * lm.n_embd)
@@ -71,7 +78,7 @@ class VisionLanguageModel(nn.Module):
 
     def image_prefix(self, images: torch.Tensor) -> torch.Tensor:
         """Visual tokens [B, P, d_lm] of images [B, 3, H, W] in 0..1."""
-        return self.connector(self.encoder.tokens(images))
+        return self.connector(self.encoder.tokens((images - self.pixel_mean) / self.pixel_std))
 
     def embed_inputs(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.image_prefix(images), self.lm.embed(ids)], dim=1)
@@ -90,8 +97,9 @@ class VisionLanguageModel(nn.Module):
 
 
 def build_model(meta: dict[str, Any]) -> VisionLanguageModel:
+    # checkpoints written before pixels were standardized hold no pixel_mean: they saw raw 0..1 pixels
     return VisionLanguageModel(ViTConfig(**meta["vit"]), ModelConfig.from_dict(meta["lm"]), meta["connector"],
-                               meta.get("queries", 16))
+                               meta.get("queries", 16), meta.get("pixel_mean", 0.0), meta.get("pixel_std", 1.0))
 
 
 def model_meta(config: CaptionTrainConfig, vocab_size: int, ids: dict[str, int]) -> dict[str, Any]:
@@ -104,7 +112,8 @@ def model_meta(config: CaptionTrainConfig, vocab_size: int, ids: dict[str, int])
                      max_position_embeddings=prefix + 96,
                      bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
     return {"kind": "vlm", "task": c.task, "vit": dataclasses.asdict(vit), "lm": lm.to_dict(),
-            "connector": c.connector, "queries": c.queries, "image_size": c.image_size, "special_ids": ids}
+            "connector": c.connector, "queries": c.queries, "image_size": c.image_size, "special_ids": ids,
+            "pixel_mean": 0.5, "pixel_std": 0.25}
 
 
 # ---- text and batches --------------------------------------------------------------------
