@@ -16,12 +16,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from lmforge.interpret.explain import explain
     from lmforge.interpret.options import ExplainOptions
-    from lmforge.interpret.report import write_report
+    from lmforge.interpret.report import check_output, write_report
     from lmforge.io.progress import Progress
     from lmforge.model.loading import load_model, load_tokenizer, pick_device, pick_dtype
     from lmforge.model.registry import resolve
 
     options = common.config_from_args(ExplainOptions, args)
+    check_output(options.out)
     started = time.perf_counter()
     spec = resolve(args.model)
     device = pick_device(args.device)
@@ -32,7 +33,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(spec)
     torch.manual_seed(0)
     result = explain(model, tokenizer, args.prompt, options, model_name=spec.name)
-    written = write_report(result, options.out, options.figures)
+    progress = Progress("drawing attention maps", unit="layers", log_every=5.0)
+    written = write_report(result, options.out, options.figures, progress=progress)
+    progress.close()
     lens = result.lens
     on_top = lens.first_layer_on_top()
     print(f"{spec.name}: {result.target_text!r} after the prompt has probability {float(lens.target_prob[-1]):.3f} "

@@ -180,9 +180,14 @@ def probe_figure(ex: Explanation) -> bytes:
     return _png(fig)
 
 
-def figures(ex: Explanation) -> dict[str, bytes]:
-    """File name -> PNG bytes of every figure of the report."""
-    out = {f"attention-layer{layer:02d}.png": attention_figure(ex, layer) for layer in sorted(ex.attention)}
+def figures(ex: Explanation, progress=None) -> dict[str, bytes]:
+    """File name -> PNG bytes of every figure of the report; `progress(done, total)` after each attention map."""
+    out = {}
+    layers = sorted(ex.attention)
+    for done, layer in enumerate(layers, 1):
+        out[f"attention-layer{layer:02d}.png"] = attention_figure(ex, layer)
+        if progress is not None:
+            progress(done, len(layers))
     out["logit-lens.png"] = lens_figure(ex)
     out["logit-lens-target.png"] = target_figure(ex)
     out["attributions.png"] = attribution_figure(ex)
@@ -336,14 +341,21 @@ def render_html(ex: Explanation, pngs: dict[str, bytes]) -> str:
     return "".join(parts)
 
 
-def write_report(ex: Explanation, out: str | Path, figures_dir: str | Path | None = None) -> dict[str, Path]:
-    """The HTML report at `out`, its numbers at `out` with .json, and the PNGs in `figures_dir` if given."""
+def check_output(out: str | Path) -> Path:
+    """The report's path, refused before any work when it cannot be written."""
     out = Path(out)
     if out.is_dir():
         raise LmforgeError(f"--out {out} is a directory; give a file name such as report.html")
     if not out.parent.is_dir():
         raise LmforgeError(f"the folder of --out {out} does not exist")
-    pngs = figures(ex)
+    return out
+
+
+def write_report(ex: Explanation, out: str | Path, figures_dir: str | Path | None = None,
+                 progress=None) -> dict[str, Path]:
+    """The HTML report at `out`, its numbers at `out` with .json, and the PNGs in `figures_dir` if given."""
+    out = check_output(out)
+    pngs = figures(ex, progress)
     written = {"html": write_text_atomic(out, render_html(ex, pngs))}
     json_path = out.with_suffix(".json") if out.suffix.lower() != ".json" else out.with_suffix(".data.json")
     written["json"] = write_json_atomic(json_path, summary(ex))
