@@ -106,6 +106,20 @@ def test_gguf_4bit_blocks_become_the_modules_codes(qtype):
     assert relative_error(fast(x), x @ want.T) < BF16_RTOL
 
 
+def test_gguf_q4_k_blocks_become_the_modules_codes():
+    from lmforge.infer.quant_gguf import q4_k_blocks
+    from lmforge.io.gguf_file import GGUFTensor
+
+    # Any bytes are valid Q4_K blocks once d and dmin are finite: random 6-bit scales/mins and codes.
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (32, 2, 144), dtype=np.uint8)
+    blocks[..., 0:2] = np.frombuffer(np.float16(0.013).tobytes(), np.uint8)
+    blocks[..., 2:4] = np.frombuffer(np.float16(0.021).tobytes(), np.uint8)
+    tensor = GGUFTensor("w", (32, 512), T.Q4_K, blocks.reshape(-1))
+    module = Int4Linear.from_codes(*q4_k_blocks(tensor), compute_dtype=torch.float32)
+    assert torch.equal(module.dequantized(), torch.from_numpy(tensor.to_numpy()))
+
+
 def test_gguf_q8_0_blocks_match_the_dequantizer():
     from lmforge.infer.quant_gguf import q8_0_blocks
 

@@ -13,9 +13,10 @@ GGUF blocks run along a row (a matrix's input features), 32 weights each:
 
 (byte j of the 16 holds q[j] in its low nibble and q[j + 16] in its high nibble.) The int4
 module's group-wise form w = (q - 8) s + z with groups of 32 holds Q4_0 and Q4_1 exactly,
-so a Q4_1 file's codes are the module's codes. PyTorch has no kernel for Q8_0's per-block
+so a Q4_1 file's codes are the module's codes; so is Q4_K (6-bit scales and mins per
+32 weights inside super-blocks of 256: s = d sc, z = 8 d sc - dmin m). PyTorch has no kernel for Q8_0's per-block
 scales; its blocks become one int8 scale per row (w = round(q d / s) s), a second rounding.
-Other tensor types (F32, F16, K-quants ...) are dequantized one tensor at a time and
+Other tensor types (F32, F16, other K-quants ...) are dequantized one tensor at a time and
 rounded to nearest in the requested form.
 
 Llama-architecture q/k rows are permuted back into lmforge's rotate-half order (gguf_io's
@@ -77,6 +78,29 @@ def int4_blocks(tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.from_numpy(codes.reshape(n, k)), torch.from_numpy(d), torch.from_numpy(zeros)
 
 
+def q4_k_blocks(tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_K matrix [N, K] -> codes [N, K], scales and zeros [N, K / 32], exactly.
+
+    A Q4_K super-block of 256 weights is d (f16) | dmin (f16) | 12 bytes of eight 6-bit
+    scales and eight 6-bit mins | 128 bytes of codes; sub-block j (32 weights) is
+    w = d sc_j q - dmin m_j, i.e. s = d sc_j and z = 8 d sc_j - dmin m_j. Each 32-byte run
+    of codes holds sub-block 2i in its low nibbles and 2i + 1 in its high nibbles.
+    """
+    n, k = tensor.shape
+    blocks = np.asarray(tensor.raw).reshape(n, k // 256, 144)
+    d, dmin = _f16(blocks, 0)[..., None], _f16(blocks, 2)[..., None]
+    packed = blocks[..., 4:16].astype(np.uint8)
+    low, high = packed[..., 0:4], packed[..., 4:8]
+    extra = packed[..., 8:12]
+    sc = np.concatenate([low & 63, (extra & 0x0F) | ((low >> 6) << 4)], axis=-1)
+    mins = np.concatenate([high & 63, (extra >> 4) | ((high >> 6) << 4)], axis=-1)
+    qs = blocks[..., 16:].reshape(n, k // 256, 4, 32)
+    codes = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, k)  # [.., chunk i, low/high, 32]
+    scales = (d * sc.astype(np.float32)).reshape(n, k // GROUP)
+    zeros = (8 * d * sc.astype(np.float32) - dmin * mins.astype(np.float32)).reshape(n, k // GROUP)
+    return torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zeros)
+
+
 def q8_0_blocks(tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A Q8_0 matrix [N, K] -> int8 codes [N, K] and block scales [N, K / 32]: w = q d."""
     n, k = tensor.shape
@@ -96,6 +120,8 @@ def _int4_parts(tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes/scales/zeros of one GGUF matrix: exact for Q4_0/Q4_1, rounded to nearest otherwise."""
     if _qtype_name(tensor) in ("Q4_0", "Q4_1"):
         return int4_blocks(tensor)
+    if _qtype_name(tensor) == "Q4_K":
+        return q4_k_blocks(tensor)
     return quantize_int4(_dequantized(tensor).to(torch.float32), GROUP)
 
 
