@@ -272,3 +272,14 @@ def test_explain_runs_on_learned_positions_and_mixture_of_experts(tiny_hf_dirs, 
     ig = result.attributions[1]
     assert ig.completeness_error < 0.05 * abs(ig.score - ig.baseline_score) + 1e-4
     assert float(result.patching.restored["resid"][0, 3]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_contrastive_attributions_are_differences_of_the_two_logits_attributions():
+    model = tiny_model(dtype=torch.float64)
+    base = baseline_embeddings(model, IDS, "pad", pad_id=3, keep_first=True)
+    for method, kwargs in [(gradient_x_input, {}), (integrated_gradients, {"steps": 8, "baseline": base}),
+                           (occlusion, {"baseline": base})]:
+        both = method(model, IDS, 11, contrast=7, **kwargs)
+        first, second = method(model, IDS, 11, **kwargs), method(model, IDS, 7, **kwargs)
+        torch.testing.assert_close(both.scores, first.scores - second.scores, atol=1e-5, rtol=1e-5)
+        assert both.score == pytest.approx(first.score - second.score) and both.contrast == 7

@@ -1,7 +1,8 @@
 """Token attributions for one predicted token (X2): gradient x input, integrated gradients, occlusion.
 
-The explained quantity is f(e) = the logit of a target token at the last position, as a
-function of the prompt's token embeddings e [T, D] (positions, blocks and head are the
+The explained quantity is f(e) = the logit of a target token at the last position (or,
+given a contrast token, the difference logit(target) - logit(contrast), which asks "why
+this answer rather than that one"), as a function of the prompt's token embeddings e [T, D] (positions, blocks and head are the
 model's own; `replaced_embeddings` feeds chosen embeddings through the real forward).
 
 - Gradient x input: a_t = sum_d e_td * df/de_td, a first-order (Taylor) share per token.
@@ -35,6 +36,7 @@ class Attribution:
     baseline_score: float | None = None
     steps: int | None = None
     rule: str | None = None
+    contrast: int | None = None  # f is logit(target) - logit(contrast) when set
 
     @property
     def completeness_error(self) -> float | None:
@@ -44,12 +46,16 @@ class Attribution:
         return abs(float(self.scores.sum()) - (self.score - self.baseline_score))
 
 
-def target_logits(model, ids: torch.Tensor, embeddings: torch.Tensor, target: int) -> torch.Tensor:
-    """f for a batch of embeddings [B, T, D] of the prompt `ids` [1, T]: the target's logits [B]."""
+def target_logits(model, ids: torch.Tensor, embeddings: torch.Tensor, target: int,
+                  contrast: int | None = None) -> torch.Tensor:
+    """f for a batch of embeddings [B, T, D] of the prompt `ids` [1, T]: the target's logits [B]
+    (minus the contrast token's, when given)."""
     batch = embeddings.shape[0]
     with replaced_embeddings(model, embeddings):
         logits = model(ids.expand(batch, -1), last_only=True)
     chosen = logits[:, 0, target]
+    if contrast is not None:
+        chosen = chosen - logits[:, 0, contrast]
     return chosen.float() if chosen.dtype in (torch.float16, torch.bfloat16) else chosen
 
 
@@ -101,18 +107,19 @@ def quadrature(steps: int, rule: str = "trapezoid") -> tuple[torch.Tensor, torch
     raise ValueError(f"unknown quadrature rule {rule!r} (trapezoid, midpoint, left or right)")
 
 
-def gradient_x_input(model, ids: torch.Tensor, target: int) -> Attribution:
+def gradient_x_input(model, ids: torch.Tensor, target: int, contrast: int | None = None) -> Attribution:
     check_language_model(model)
     x = token_embeddings(model, ids).requires_grad_(True)
     with torch.enable_grad():
-        f = target_logits(model, ids, x, target)
+        f = target_logits(model, ids, x, target, contrast)
         (grad,) = torch.autograd.grad(f.sum(), x)
     scores = (grad * x.detach()).sum(-1)[0].float()
-    return Attribution("gradient_x_input", scores, target, float(f.detach()))
+    return Attribution("gradient_x_input", scores, target, float(f.detach()), contrast=contrast)
 
 
 def integrated_gradients(model, ids: torch.Tensor, target: int, steps: int = 32, rule: str = "trapezoid",
-                         baseline: torch.Tensor | None = None, batch_size: int = 16, progress=None) -> Attribution:
+                         baseline: torch.Tensor | None = None, batch_size: int = 16, progress=None,
+                         contrast: int | None = None) -> Attribution:
     """Integrated gradients of the target's logit with respect to the prompt's embeddings.
 
     The path points run through the model `batch_size` at a time; `progress(done, total)`
@@ -129,18 +136,19 @@ def integrated_gradients(model, ids: torch.Tensor, target: int, steps: int = 32,
         w = weights[first:first + batch_size].to(x.device)
         points = (base + a.to(x.dtype)[:, None, None] * delta).requires_grad_(True)
         with torch.enable_grad():
-            f = target_logits(model, ids, points, target)
+            f = target_logits(model, ids, points, target, contrast)
             (grad,) = torch.autograd.grad(f.sum(), points)
         summed += (w[:, None, None] * grad.double()).sum(0, keepdim=True)
         if progress is not None:
             progress(min(first + batch_size, len(alphas)), len(alphas))
     scores = (delta.double() * summed).sum(-1)[0].float()
     with torch.no_grad():
-        ends = target_logits(model, ids, torch.cat([x, base]), target)
-    return Attribution("integrated_gradients", scores, target, float(ends[0]), float(ends[1]), steps, rule)
+        ends = target_logits(model, ids, torch.cat([x, base]), target, contrast)
+    return Attribution("integrated_gradients", scores, target, float(ends[0]), float(ends[1]), steps, rule, contrast)
 
 
-def occlusion(model, ids: torch.Tensor, target: int, baseline: torch.Tensor | None = None) -> Attribution:
+def occlusion(model, ids: torch.Tensor, target: int, baseline: torch.Tensor | None = None,
+              contrast: int | None = None) -> Attribution:
     """How much the target's logit drops when each token's embedding is replaced by the baseline's."""
     check_language_model(model)
     x = token_embeddings(model, ids)
@@ -150,5 +158,5 @@ def occlusion(model, ids: torch.Tensor, target: int, baseline: torch.Tensor | No
     rows = torch.arange(length)
     occluded[rows, rows] = base[0]
     with torch.no_grad():
-        f = target_logits(model, ids, torch.cat([x, occluded]), target)
-    return Attribution("occlusion", f[0] - f[1:], target, float(f[0]), None)
+        f = target_logits(model, ids, torch.cat([x, occluded]), target, contrast)
+    return Attribution("occlusion", f[0] - f[1:], target, float(f[0]), None, contrast=contrast)

@@ -132,10 +132,15 @@ def explain(model, tokenizer, prompt: str, options: ExplainOptions | None = None
         raise LmforgeError("this tokenizer has no pad or end-of-text token for --baseline pad; use --baseline zero")
     base = baseline_embeddings(model, batch, options.baseline, pad_id, options.keep_first)
     progress = Progress("integrated gradients", unit="points", enabled=show_progress, log_every=5.0)
-    attributions = [gradient_x_input(model, batch, target),
+    contrast = None
+    if options.contrast is not None:
+        contrast, _ = resolve_token(tokenizer, options.contrast)
+        if contrast == target:
+            raise LmforgeError("--contrast names the target token itself; the difference would always be 0")
+    attributions = [gradient_x_input(model, batch, target, contrast),
                     integrated_gradients(model, batch, target, options.ig_steps, options.ig_rule, base,
-                                         progress=progress),
-                    occlusion(model, batch, target, base)]
+                                         progress=progress, contrast=contrast),
+                    occlusion(model, batch, target, base, contrast)]
     progress.close()
     timed("attributions", started)
 
@@ -183,6 +188,8 @@ def explain(model, tokenizer, prompt: str, options: ExplainOptions | None = None
         result.activations = max_activating(model, tokenizer, texts, *result.neuron)
         timed("neuron", started)
     shown = set(lens.top_ids.flatten().tolist()) | set(lens.final_ids.tolist()) | {target}
+    if contrast is not None:
+        shown.add(contrast)
     if result.patching is not None:
         shown.add(result.patching.wrong)
     result.labels = {i: token_label(tokenizer, i) for i in sorted(shown)}

@@ -23,6 +23,8 @@ class ExplainOptions:
                                             "patching from PROMPT (clean) into it")
     target: str | None = option(None, help="the token to explain (its first token if the text is several); "
                                            "default: the model's top prediction after PROMPT")
+    contrast: str | None = option(None, help="attribute logit(target) - logit(CONTRAST) instead of the target's logit "
+                                             "alone: why this answer rather than that one")
     compare_target: str | None = option(None, help="with --compare: the competing answer for the logit "
                                                     "difference (default: the top prediction after the corrupted "
                                                     "prompt)")

@@ -129,6 +129,14 @@ def target_figure(ex: Explanation) -> bytes:
     return _png(fig)
 
 
+def explained_quantity(ex: Explanation) -> str:
+    """What the attributions explain: the target's logit, or its difference from the contrast's."""
+    contrast = ex.attributions[0].contrast if ex.attributions else None
+    if contrast is None:
+        return f"the logit of {ex.target_text!r}"
+    return f"logit({ex.target_text!r}) - logit({ex.label(contrast).replace('␣', ' ')!r})"
+
+
 def attribution_figure(ex: Explanation) -> bytes:
     plt = _plt()
     methods = ex.attributions
@@ -141,7 +149,7 @@ def attribution_figure(ex: Explanation) -> bytes:
         ax.invert_yaxis()
         ax.axvline(0, color="black", linewidth=0.6)
         ax.set_title(attribution.method.replace("_", " "), fontsize=9)
-    fig.suptitle(f"attribution of the logit of {ex.target_text!r} at the last position", fontsize=10, y=1.06)
+    fig.suptitle(f"attribution of {explained_quantity(ex)} at the last position", fontsize=10, y=1.06)
     return _png(fig)
 
 
@@ -212,7 +220,7 @@ def summary(ex: Explanation) -> dict[str, Any]:
             "target_rank": lens.target_rank.tolist(), "target_prob": _round(lens.target_prob.tolist()),
             "first_layer_on_top": lens.first_layer_on_top(),
         },
-        "attributions": {a.method: {"scores": _round(a.scores.tolist()), "score": a.score,
+        "attributions": {a.method: {"scores": _round(a.scores.tolist()), "score": a.score, "contrast": a.contrast,
                                     "baseline_score": a.baseline_score, "completeness_error": a.completeness_error}
                          for a in ex.attributions},
         "attention_layers": sorted(ex.attention),
@@ -288,10 +296,10 @@ def render_html(ex: Explanation, pngs: dict[str, bytes]) -> str:
     parts.append("<details open><summary>Target rank and top tokens at the last position, per layer</summary>"
                  + _table(["layer", "target rank", "target prob", "top tokens"], rows) + "</details>")
 
-    parts.append("<h2>Token attributions</h2><p>How much each prompt token contributes to the target's logit "
-                 "at the last position: gradient x input, integrated gradients from the "
+    parts.append("<h2>Token attributions</h2><p>How much each prompt token contributes to "
+                 f"{esc(explained_quantity(ex))} at the last position: gradient x input, integrated gradients from the "
                  f"{esc(ex.config['baseline'])} baseline ({ex.config['ig_steps']} steps, {esc(ex.config['ig_rule'])} "
-                 "rule), and occlusion (the logit's drop when the token is replaced by the baseline)."
+                 "rule), and occlusion (its drop when the token is replaced by the baseline)."
                  + (" The first token stays itself in the baseline (the attention sink), so it gets no attribution "
                     "from integrated gradients and occlusion." if ex.config.get("keep_first") else "") + "</p>")
     parts.append(_img(pngs["attributions.png"], "attributions"))
