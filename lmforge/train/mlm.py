@@ -271,11 +271,11 @@ def plot_masked_lm(records: list[dict[str, Any]], out: Path) -> Path | None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train (masked tokens)")
+    right.plot([r["step"] for r in train], [r.get("masked_accuracy", float("nan")) for r in train], lw=1,
+               alpha=0.5, label="train")
     if evals:
         left.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="held-out")
         right.plot([r["step"] for r in evals], [r["masked_accuracy"] for r in evals], "o-", label="held-out")
-    right.plot([r["step"] for r in train], [r.get("masked_accuracy", float("nan")) for r in train], lw=1,
-               alpha=0.6, label="train")
     left.set(xlabel="step", ylabel="cross-entropy (nats/masked token)", title="masked-LM loss")
     right.set(xlabel="step", ylabel="accuracy", title="masked-token accuracy")
     left.legend()
