@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 2048])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="decode steps timed per round and setting")
-    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--streams", type=int, default=8, help="scheduler decode streams (0: skip that part)")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-capacity", action="store_true")
@@ -209,19 +209,20 @@ def main() -> None:
                           f" vs {row['cache_ms_paged']} ms", file=sys.stderr)
                     print(json.dumps({"part": "gather", **row}))
                     summary[f"step_ratio_b{batch}_c{context}"] = row["step_ratio"]
-            prompts = [lm.tokenizer.encode(f"Question {i}: explain, in a few sentences, how a library lends books.")
-                       for i in range(args.streams)]
-            speeds: dict[str, list[float]] = {"contiguous": [], "paged": []}
-            for _ in range(args.rounds):
-                for kind in speeds:
-                    speeds[kind].append(scheduler_speed(lm, kind, prompts, args.new_tokens, args.block_size))
-            med = {kind: statistics.median(values) for kind, values in speeds.items()}
-            print(f"scheduler decode, {args.streams} streams: contiguous {med['contiguous']:.1f} tok/s, paged "
-                  f"{med['paged']:.1f} tok/s (x{med['paged'] / med['contiguous']:.3f})", file=sys.stderr)
-            print(json.dumps({"part": "scheduler_decode", "streams": args.streams,
-                              "tokens_per_s_contiguous": round(med["contiguous"], 1),
-                              "tokens_per_s_paged": round(med["paged"], 1)}))
-            summary["decode_speed_ratio"] = round(med["paged"] / med["contiguous"], 3)
+            if args.streams:
+                prompts = [lm.tokenizer.encode(f"Question {i}: explain, in a few sentences, how a library lends "
+                                               "books.") for i in range(args.streams)]
+                speeds: dict[str, list[float]] = {"contiguous": [], "paged": []}
+                for _ in range(args.rounds):
+                    for kind in speeds:
+                        speeds[kind].append(scheduler_speed(lm, kind, prompts, args.new_tokens, args.block_size))
+                med = {kind: statistics.median(values) for kind, values in speeds.items()}
+                print(f"scheduler decode, {args.streams} streams: contiguous {med['contiguous']:.1f} tok/s, paged "
+                      f"{med['paged']:.1f} tok/s (x{med['paged'] / med['contiguous']:.3f})", file=sys.stderr)
+                print(json.dumps({"part": "scheduler_decode", "streams": args.streams,
+                                  "tokens_per_s_contiguous": round(med["contiguous"], 1),
+                                  "tokens_per_s_paged": round(med["paged"], 1)}))
+                summary["decode_speed_ratio"] = round(med["paged"] / med["contiguous"], 3)
     print(json.dumps(summary))
 
 

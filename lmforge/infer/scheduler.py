@@ -55,7 +55,9 @@ Paged KV cache (`kv_cache="paged"`, lmforge/model/paged_kv.py): the cache is a p
 blocks of `kv_block_size` positions instead of `max_batch` rows of `max_seq_len`, so a
 memory budget holds as many requests as their actual lengths allow rather than as many
 as their worst case does. A waiting request is admitted (in queue order) when the free
-blocks hold its prompt plus one block of decode room; a running row claims a block each
+blocks hold its prompt plus one block of decode room, with one block left over for each
+running row (each claims one within the next `kv_block_size` steps; without that margin
+a readmitted request would be preempted again at once); a running row claims a block each
 time its tokens cross into a new one and gives them all back when it ends. Moving a row
 (compaction, a chunked prompt joining the batch) moves its block table, not its keys and
 values. When a decode step finds no free block for some row, the most recently admitted
@@ -413,7 +415,10 @@ class Scheduler:
                     break  # one long prompt at a time; the queue keeps its order
                 if self.paged:
                     need = self._blocks_to_admit(item)
-                    if need > free:
+                    # One block stays free for each running row, which claims one within the
+                    # next block_size steps: admitting into that margin would preempt at once.
+                    rows = len(self._rows) + len(admitted) + (long is not None) + (self._chunking is not None)
+                    if need and need + rows > free:
                         break  # the queue keeps its order: the head waits for blocks
                     free -= need
                 item[0].admitted = next(self._admissions)
