@@ -60,13 +60,20 @@ def token_label(tokenizer, token_id: int) -> str:
     return text.replace("\n", "\\n") or f"#{int(token_id)}"
 
 
-def resolve_token(tokenizer, text: str) -> tuple[int, str]:
+def resolve_token(tokenizer, text: str, vocab: int | None = None) -> tuple[int, str]:
     """The token id a --target text names, and a note when the text is more than one token.
 
     "Paris" and " Paris" are different tokens in most vocabularies; a word that follows
     a space in the running text takes the spaced form, so a text that is one token only
     with a leading space is taken that way (and said so).
     """
+    token, note = _resolve_token(tokenizer, text)
+    if vocab is not None and token >= vocab:
+        raise LmforgeError(f"{text!r} is token {token}, outside the model's vocabulary of {vocab}")
+    return token, note
+
+
+def _resolve_token(tokenizer, text: str) -> tuple[int, str]:
     if not text:
         raise LmforgeError("the target token is empty")
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -81,7 +88,7 @@ def resolve_token(tokenizer, text: str) -> tuple[int, str]:
     return ids[0], f"{text!r} is {len(ids)} tokens; explaining its first, {tokenizer.decode(ids[:1])!r}"
 
 
-def encode_prompt(tokenizer, text: str, max_tokens: int, what: str = "prompt") -> list[int]:
+def encode_prompt(tokenizer, text: str, max_tokens: int, what: str = "prompt", vocab: int | None = None) -> list[int]:
     if not text.strip():
         raise LmforgeError(f"the {what} is empty")
     ids = tokenizer.encode(text)
@@ -90,6 +97,9 @@ def encode_prompt(tokenizer, text: str, max_tokens: int, what: str = "prompt") -
     if len(ids) > max_tokens:
         raise LmforgeError(f"the {what} is {len(ids)} tokens, more than --max-tokens {max_tokens} "
                            "(attention maps grow with its square); shorten it or raise the limit")
+    if vocab is not None and max(ids) >= vocab:
+        raise LmforgeError(f"the {what} has token {max(ids)}, outside the model's vocabulary of {vocab}: "
+                           "the tokenizer does not belong to this model")
     return ids
 
 
@@ -107,8 +117,20 @@ def explain(model, tokenizer, prompt: str, options: ExplainOptions | None = None
     if options.neuron is not None:
         check_neuron(model, *options.neuron_index())  # before the long work, not after it
     device = next(model.parameters()).device
-    ids = encode_prompt(tokenizer, prompt, options.max_tokens)
+    vocab = model.config.vocab_size
+    # Everything a user can get wrong is checked before the long work starts.
+    ids = encode_prompt(tokenizer, prompt, options.max_tokens, vocab=vocab)
     batch = torch.tensor([ids], device=device)
+    corrupted = None
+    if options.compare is not None:
+        corrupted = encode_prompt(tokenizer, options.compare, options.max_tokens, "--compare prompt", vocab)
+        if len(corrupted) != len(ids):
+            raise LmforgeError(f"activation patching needs prompts of the same token length; the prompt has "
+                               f"{len(ids)} tokens and the --compare prompt {len(corrupted)} "
+                               "(swap words that are one token each)")
+    target, note = (None, "") if options.target is None else resolve_token(tokenizer, options.target, vocab)
+    contrast = None if options.contrast is None else resolve_token(tokenizer, options.contrast, vocab)[0]
+    wrong = None if options.compare_target is None else resolve_token(tokenizer, options.compare_target, vocab)[0]
     seconds: dict[str, float] = {}
 
     def timed(name, started):
@@ -121,7 +143,6 @@ def explain(model, tokenizer, prompt: str, options: ExplainOptions | None = None
     timed("attention", started)
 
     started = time.perf_counter()
-    target, note = (None, "") if options.target is None else resolve_token(tokenizer, options.target)
     lens = logit_lens(model, batch, target, options.top_k)
     target = lens.target
     timed("logit_lens", started)
@@ -132,9 +153,7 @@ def explain(model, tokenizer, prompt: str, options: ExplainOptions | None = None
         raise LmforgeError("this tokenizer has no pad or end-of-text token for --baseline pad; use --baseline zero")
     base = baseline_embeddings(model, batch, options.baseline, pad_id, options.keep_first)
     progress = Progress("integrated gradients", unit="points", enabled=show_progress, log_every=5.0)
-    contrast = None
-    if options.contrast is not None:
-        contrast, _ = resolve_token(tokenizer, options.contrast)
+    if contrast is not None:
         if contrast == target:
             raise LmforgeError("--contrast names the target token itself; the difference would always be 0")
     attributions = [gradient_x_input(model, batch, target, contrast),
@@ -153,11 +172,8 @@ def explain(model, tokenizer, prompt: str, options: ExplainOptions | None = None
                                  "pad_id": pad_id if options.baseline == "pad" else None})
     if options.compare is not None:
         started = time.perf_counter()
-        corrupted = encode_prompt(tokenizer, options.compare, options.max_tokens, "--compare prompt")
         corrupted_batch = torch.tensor([corrupted], device=device)
-        if options.compare_target is not None:
-            wrong, _ = resolve_token(tokenizer, options.compare_target)
-        else:
+        if wrong is None:
             with torch.no_grad():
                 wrong = int(model(corrupted_batch, last_only=True)[0, 0].argmax())
         if wrong == target:
