@@ -57,14 +57,16 @@ def test_explain_writes_one_self_contained_report(tiny_model_dir, tmp_path, caps
 
 def test_explain_target_and_layers(tiny_model_dir, tmp_path):
     out = tmp_path / "r.html"
-    assert main(["explain", str(tiny_model_dir), "Hello there, my friend", "--out", str(out), "--layers", "1",
+    assert main(["explain", str(tiny_model_dir), "It costs $5 and $6, <b>my</b> friend", "--out", str(out),
+                 "--layers", "1",
                  "--target", "Paris", "--contrast", " Rome", "--ig-steps", "4", "--neuron", "1:7",
                  "--device", "cpu"]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["attention_layers"] == [1]
     top = [a["value"] for a in data["neuron"]["top"]]
     assert len(top) == 10 and top == sorted(top, reverse=True)
-    assert "Neuron 1:7" in out.read_text(encoding="utf-8")
+    page = out.read_text(encoding="utf-8")
+    assert "Neuron 1:7" in page and "<b>my</b>" not in page and "&lt;b&gt;my&lt;/b&gt;" in page
     assert data["target"]["text"].strip() == "Paris"
     assert data["attributions"]["occlusion"]["contrast"] is not None
     assert "Paris&#x27;) - logit(&#x27; Rome&#x27;) at the last position" in out.read_text(encoding="utf-8")

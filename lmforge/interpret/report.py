@@ -190,19 +190,21 @@ def probe_figure(ex: Explanation) -> bytes:
 
 def figures(ex: Explanation, progress=None) -> dict[str, bytes]:
     """File name -> PNG bytes of every figure of the report; `progress(done, total)` after each attention map."""
-    out = {}
-    layers = sorted(ex.attention)
-    for done, layer in enumerate(layers, 1):
-        out[f"attention-layer{layer:02d}.png"] = attention_figure(ex, layer)
-        if progress is not None:
-            progress(done, len(layers))
-    out["logit-lens.png"] = lens_figure(ex)
-    out["logit-lens-target.png"] = target_figure(ex)
-    out["attributions.png"] = attribution_figure(ex)
-    if ex.patching is not None:
-        out["patching.png"] = patching_figure(ex)
-    if ex.probe is not None:
-        out["probe.png"] = probe_figure(ex)
+    # Tokens are arbitrary text: a "$" must not start matplotlib's math mode.
+    with _plt().rc_context({"text.parse_math": False}):
+        out = {}
+        layers = sorted(ex.attention)
+        for done, layer in enumerate(layers, 1):
+            out[f"attention-layer{layer:02d}.png"] = attention_figure(ex, layer)
+            if progress is not None:
+                progress(done, len(layers))
+        out["logit-lens.png"] = lens_figure(ex)
+        out["logit-lens-target.png"] = target_figure(ex)
+        out["attributions.png"] = attribution_figure(ex)
+        if ex.patching is not None:
+            out["patching.png"] = patching_figure(ex)
+        if ex.probe is not None:
+            out["probe.png"] = probe_figure(ex)
     return out
 
 
