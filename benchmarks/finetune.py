@@ -292,6 +292,137 @@ def methods(args) -> None:
                       "rounds": args.rounds, "steps": args.steps, "methods": rows}))
 
 
+def sft_batches(args, tokenizer):
+    """The same conversations in each library's own batches: lmforge's packed rows, padded HF batches.
+
+    The conversations are the generated `mixed` fine-tuning set (arithmetic, word problems,
+    unit and date questions, JSON extraction, format following) rendered with the default
+    model's chat template, loss on the assistant tokens only (lmforge.tune.sft_data). lmforge
+    packs them into rows of `--sft-row` tokens (attention kept inside each conversation, what
+    `lmforge finetune` does by default) and takes the loss on the labelled rows only; peft +
+    transformers gets them `--batch-size` at a time, padded to the longest (right padding,
+    attention mask, -100 labels on prompt and padding: what a chat collator such as trl's
+    gives), in length-sorted batches (`group_by_length`, the least padding) unless
+    `--sft-shuffled`.
+    """
+    from lmforge.train.loop import Batch
+    from lmforge.tune.datasets import make_dataset
+    from lmforge.tune.sft_data import IGNORE_INDEX, encode_dataset, pack_rows
+
+    records = make_dataset("mixed", seed=0, sizes={"train": args.sft_conversations, "validation": 0, "test": 0})["train"]
+    encoded, stats = encode_dataset(tokenizer, records, None)
+    lengths = [len(e.ids) for e in encoded]
+    pad = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+
+    def collate(groups, packed):
+        width = max(sum(lengths[i] for i in g) for g in groups)
+        ids = torch.full((len(groups), width), pad, dtype=torch.long)
+        labels = torch.full((len(groups), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(groups), width), dtype=torch.long)
+        for r, g in enumerate(groups):
+            at = 0
+            for i in g:
+                ids[r, at:at + lengths[i]] = torch.tensor(encoded[i].ids)
+                labels[r, at:at + lengths[i]] = torch.tensor(encoded[i].labels)
+                at += lengths[i]
+            mask[r, :at] = 1
+        if packed:
+            return Batch(ids, labels, [[lengths[i] for i in g] for g in groups], int(mask.sum()))
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    rows = pack_rows(lengths, args.sft_row)
+    ours = [collate(rows[i:i + args.sft_rows], True) for i in range(0, len(rows), args.sft_rows)]
+    order = list(range(len(encoded)))
+    if not args.sft_shuffled:
+        order.sort(key=lambda i: (lengths[i], i))
+    else:
+        import random
+
+        random.Random(0).shuffle(order)
+    theirs = [collate([[i] for i in order[j:j + args.sft_hf_batch]], False)
+              for j in range(0, len(order), args.sft_hf_batch)]
+    padded = sum(int(b["input_ids"].numel()) for b in theirs)
+    info = {"conversations": len(encoded), "tokens": stats.tokens, "loss_tokens": stats.loss_tokens,
+            "lmforge_rows": len(rows), "lmforge_row_tokens": args.sft_row, "lmforge_steps": len(ours),
+            "hf_batch": args.sft_hf_batch, "hf_steps": len(theirs), "hf_padded_tokens": padded,
+            "length_sorted": not args.sft_shuffled}
+    return ours, theirs, info
+
+
+def sft_main(args, ours, theirs, trainable, peft, transformers) -> None:
+    """Time one pass over the same conversations per round and side (see `sft_batches`)."""
+    from lmforge.model.loading import resolve_tokenizer
+    from lmforge.train.loop import packed_causal_lm_loss
+
+    ours_batches, theirs_batches, info = sft_batches(args, resolve_tokenizer(None))
+    # Agreement first: the same four conversations as one packed row and as one padded batch
+    # must give the same token-mean loss (the loss tokens are the same ones).
+    check_ours, check_theirs, _ = sft_batches(argparse.Namespace(**{**vars(args), "sft_conversations": 4,
+                                                                  "sft_row": 4096, "sft_hf_batch": 4}),
+                                              resolve_tokenizer(None))
+    with torch.no_grad():
+        a = float(packed_causal_lm_loss(ours, check_ours[0].input_ids, check_ours[0].labels, check_ours[0].lengths))
+        b = float(theirs(**check_theirs[0]).loss)
+    if abs(a - b) > 1e-4:
+        raise SystemExit(f"losses of the same conversations differ: lmforge {a:.6f}, peft {b:.6f}")
+    ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)
+
+    def stepper(model, hf):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+        def step(batch):
+            loss = model(**batch).loss if hf else packed_causal_lm_loss(model, batch.input_ids, batch.labels, batch.lengths)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    sides = {"lmforge": (stepper(ours, False), ours_batches), "peft": (stepper(theirs, True), theirs_batches)}
+    for step, batches in sides.values():  # warm-up: a few steps each
+        for batch in batches[:2]:
+            step(batch)
+    rates = {n: [] for n in sides}
+    cpu_rates = {n: [] for n in sides}
+    load_before = os.getloadavg()[0]
+    progress = Progress("finetune benchmark (sft data)", args.rounds, unit="rounds", log_every=0.0)
+    for r in range(args.rounds):
+        for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            step, batches = sides[name]
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for batch in batches:
+                step(batch)
+            rates[name].append(info["tokens"] / (time.perf_counter() - start))
+            cpu_rates[name].append(info["tokens"] / (time.process_time() - cpu_start))
+        progress.update(r + 1, info=", ".join(f"{n} {rates[n][-1]:.0f} tok/s" for n in sides))
+    progress.close()
+    load_after = os.getloadavg()[0]
+    ratios = [x / y for x, y in zip(rates["lmforge"], rates["peft"])]
+    cpu_ratios = [x / y for x, y in zip(cpu_rates["lmforge"], cpu_rates["peft"])]
+    print(f"LoRA r={args.r} alpha={args.alpha:g} on {' '.join(args.targets)} of SmolLM2-135M (fp32), "
+          f"{trainable[0]:,} trainable; {info['conversations']} generated chat conversations, {info['tokens']:,} "
+          f"tokens, {info['loss_tokens']:,} with loss; lmforge {info['lmforge_rows']} packed rows of "
+          f"{info['lmforge_row_tokens']} in {info['lmforge_steps']} steps, peft {info['hf_steps']} padded batches of "
+          f"{info['hf_batch']} ({info['hf_padded_tokens']:,} positions, length-sorted {info['length_sorted']}); "
+          f"{torch.get_num_threads()} threads; same-conversation loss {a:.6f} vs {b:.6f}")
+    print(f"load average (1 min) {load_before:.1f} before, {load_after:.1f} after")
+    for name in sides:
+        print(f"{name:10} real tokens/s median {statistics.median(rates[name]):8.1f}, per CPU second "
+              f"{statistics.median(cpu_rates[name]):8.1f}")
+    print("per-round ratios: " + ", ".join(f"{x:.2f}" for x in ratios) + f"; median {statistics.median(ratios):.2f}")
+    print("per-round CPU-time ratios: " + ", ".join(f"{x:.2f}" for x in cpu_ratios)
+          + f"; median {statistics.median(cpu_ratios):.2f}")
+    print(json.dumps({
+        "benchmark": "finetune-lora-sft", "r": args.r, "alpha": args.alpha, "targets": args.targets, **info,
+        "rounds": args.rounds, "threads": torch.get_num_threads(),
+        "lmforge_tok_s": statistics.median(rates["lmforge"]), "peft_tok_s": statistics.median(rates["peft"]),
+        "ratio": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios],
+        "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratios": [round(x, 3) for x in cpu_ratios],
+        "first_loss": [a, b], "load_avg": [round(load_before, 2), round(load_after, 2)],
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-size", type=int, default=4)
@@ -309,6 +440,14 @@ def main() -> None:
                     help="lmforge keeps oneDNN-packed copies of the frozen weights (PeftOptions.pack_frozen)")
     ap.add_argument("--memory", action="store_true", help="also peak RSS of LoRA vs QLoRA (child processes)")
     ap.add_argument("--methods", action="store_true", help="compare every PEFT method on a small random Llama")
+    ap.add_argument("--data", choices=("random", "sft"), default="random",
+                    help="random: full rows of random ids, loss everywhere; sft: generated chat conversations, "
+                         "loss on the answers, each library batching them its own way")
+    ap.add_argument("--sft-conversations", type=int, default=128, help="conversations per round (--data sft)")
+    ap.add_argument("--sft-row", type=int, default=256, help="lmforge's packed row length (--data sft)")
+    ap.add_argument("--sft-rows", type=int, default=4, help="lmforge's packed rows per step (--data sft)")
+    ap.add_argument("--sft-hf-batch", type=int, default=16, help="conversations per padded peft batch (--data sft)")
+    ap.add_argument("--sft-shuffled", action="store_true", help="peft batches in random order, not length-sorted")
     ap.add_argument("--child", choices=("lora", "qlora"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -336,6 +475,8 @@ def main() -> None:
     vocab = ours.config.vocab_size
     batches = [torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen) for _ in range(4)]
     first, grad_diff = check_agreement(ours, theirs, batches[0])
+    if args.data == "sft":
+        return sft_main(args, ours, theirs, trainable, peft, transformers)
     steps = {"lmforge": make_step(ours, False), "peft": make_step(theirs, True)}
     for variant in args.variants:  # the same adapted model; the steps differ in the path they take
         steps[f"lmforge {variant}"] = make_step(ours, False, variant=variant)
