@@ -266,12 +266,16 @@ def test_explain_runs_on_learned_positions_and_mixture_of_experts(tiny_hf_dirs, 
         torch.manual_seed(0)
         model = Transformer(ModelConfig(vocab_size=60, n_embd=32, n_layer=2, n_head=4, n_kv_head=2,
                                         intermediate_size=48, num_experts=4, experts_per_token=2)).eval()
-    options = ExplainOptions(compare="abcxe", compare_target="q", ig_steps=16)
+    probe = dict(probe="sentiment", probe_limit=10, probe_random=True) if kind == "gpt2" else {}
+    options = ExplainOptions(compare="abcxe", compare_target="q", ig_steps=16, **probe)
     result = explain(model, _CharsWithSpecials(), "abcde", options, show_progress=False)
     assert sorted(result.attention) == [0, 1] and result.lens.final_rank[-1].tolist() == [0] * 5
     ig = result.attributions[1]
     assert ig.completeness_error < 0.05 * abs(ig.score - ig.baseline_score) + 1e-4
     assert float(result.patching.restored["resid"][0, 3]) == pytest.approx(1.0, abs=1e-4)
+    if kind == "gpt2":
+        assert result.probe.examples == 10 and result.probe.random_model.shape == (3,)
+        assert all(0.0 <= float(a) <= 1.0 for a in result.probe.random_model)
 
 
 def test_contrastive_attributions_are_differences_of_the_two_logits_attributions():
@@ -283,3 +287,13 @@ def test_contrastive_attributions_are_differences_of_the_two_logits_attributions
         first, second = method(model, IDS, 11, **kwargs), method(model, IDS, 7, **kwargs)
         torch.testing.assert_close(both.scores, first.scores - second.scores, atol=1e-5, rtol=1e-5)
         assert both.score == pytest.approx(first.score - second.score) and both.contrast == 7
+
+
+def test_random_model_like_has_the_shape_but_not_the_weights():
+    from lmforge.interpret.probes import random_model_like
+
+    model = tiny_model()
+    fresh, again = random_model_like(model, seed=3), random_model_like(model, seed=3)
+    assert fresh.config == model.config and not fresh.training
+    assert not torch.equal(fresh.layers[0].attn.qkv.weight, model.layers[0].attn.qkv.weight)
+    assert torch.equal(fresh.layers[0].attn.qkv.weight, again.layers[0].attn.qkv.weight)

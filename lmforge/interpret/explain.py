@@ -20,7 +20,8 @@ from .lens import LogitLens, logit_lens
 from .neurons import Activation, check_neuron, max_activating
 from .options import ExplainOptions
 from .patching import PatchingResult, activation_patching
-from .probes import ProbeResult, layer_features, polarity_sentences, probe_layers
+from .probes import (ProbeResult, cross_validated_accuracy, layer_features, polarity_sentences, probe_layers,
+                     random_model_like)
 
 
 @dataclass
@@ -196,6 +197,15 @@ def explain(model, tokenizer, prompt: str, options: ExplainOptions | None = None
         progress = Progress("probes", total=features.shape[0], unit="layers", enabled=show_progress, log_every=5.0)
         result.probe = probe_layers(features, labels, progress=progress)
         progress.close()
+        if options.probe_random:
+            untrained = random_model_like(model)
+            progress = Progress("untrained-model features", total=len(texts), unit="sentences",
+                                enabled=show_progress, log_every=5.0)
+            features = layer_features(untrained, tokenizer, texts, progress=progress)
+            progress.close()
+            del untrained
+            y = torch.as_tensor(labels)
+            result.probe.random_model = torch.tensor([cross_validated_accuracy(f.double(), y) for f in features])
         timed("probe", started)
     if options.neuron is not None:
         started = time.perf_counter()

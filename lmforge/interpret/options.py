@@ -42,6 +42,8 @@ class ExplainOptions:
     probe: str = option("none", choices=PROBE_TASKS,
                         help="also train per-layer linear probes: sentiment (gensim's Pang & Lee polarity "
                              "sentences, shuffled-label control)")
+    probe_random: bool = option(False, help="probe: also probe an untrained model of the same architecture "
+                                            "(a second control)")
     probe_limit: int | None = option(None, help="probe on at most this many sentences (default: all 200)")
     neuron: str | None = option(None, metavar="LAYER:INDEX",
                                 help="also list the tokens of the polarity sentences that most activate this "

@@ -6,7 +6,9 @@ sentence's sentiment) well above chance, that property is linearly readable at t
 layer. High accuracy alone proves little: with as many features as examples a linear
 model can fit almost anything, so every probe is paired with a control, the same probe
 trained on shuffled labels (no real signal; it measures how much the probe memorizes).
-The selectivity, accuracy minus control, is the figure to read.
+The selectivity, accuracy minus control, is the figure to read. A second control runs the
+same probe, real labels, on an untrained model of the same architecture (`random_model_like`):
+what it reaches comes from the token identities and the architecture alone, not from training.
 
 Accuracy is k-fold cross-validated; features are standardized with the training folds'
 statistics. Hidden states come from `Transformer.encode` on padded batches (a causal
@@ -34,6 +36,7 @@ class ProbeResult:
     majority: float  # accuracy of always answering the most frequent class
     examples: int
     folds: int
+    random_model: torch.Tensor | None = None  # [n_layer + 1]: the real labels on an untrained model of the same shape
 
     @property
     def best_layer(self) -> int:
@@ -186,3 +189,14 @@ def probe_layers(features: torch.Tensor, labels: list[int] | torch.Tensor, folds
             progress(layer + 1, x.shape[0])
     majority = float(torch.bincount(y).max()) / len(y)
     return ProbeResult(torch.tensor(accuracy), torch.tensor(control), majority, len(y), folds)
+
+
+def random_model_like(model, seed: int = 0):
+    """An untrained Transformer with `model`'s configuration (lmforge's own initialization), same dtype and device."""
+    from lmforge.model.transformer import Transformer
+
+    parameter = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = Transformer(model.config)
+    return fresh.to(device=parameter.device, dtype=parameter.dtype).eval()

@@ -179,6 +179,8 @@ def probe_figure(ex: Explanation) -> bytes:
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     ax.plot(layers, probe.accuracy.numpy(), marker="o", label="probe (real labels)")
     ax.plot(layers, probe.control.numpy(), marker="x", linestyle="--", label="control (shuffled labels)")
+    if probe.random_model is not None:
+        ax.plot(layers, probe.random_model.numpy(), marker=".", linestyle=":", label="control (untrained model)")
     ax.axhline(probe.majority, color="grey", linewidth=0.8, label="majority class")
     ax.set_ylim(0.3, 1.0)
     ax.set_xlabel("layer (0 = embeddings)")
@@ -237,7 +239,9 @@ def summary(ex: Explanation) -> dict[str, Any]:
     if ex.probe is not None:
         data["probe"] = {"task": "sentiment", "accuracy": _round(ex.probe.accuracy.tolist()),
                          "control": _round(ex.probe.control.tolist()), "majority": ex.probe.majority,
-                         "examples": ex.probe.examples, "folds": ex.probe.folds, "best_layer": ex.probe.best_layer}
+                         "examples": ex.probe.examples, "folds": ex.probe.folds, "best_layer": ex.probe.best_layer,
+                         "random_model": None if ex.probe.random_model is None else
+                         _round(ex.probe.random_model.tolist())}
     if ex.activations is not None:
         data["neuron"] = {"layer": ex.neuron[0], "index": ex.neuron[1],
                           "top": [{"value": a.value, "text": a.text, "position": a.position, "token": a.token,
@@ -331,7 +335,10 @@ def render_html(ex: Explanation, pngs: dict[str, bytes]) -> str:
                      f"<p>Logistic regression on each layer's mean-pooled hidden states, {probe.folds}-fold "
                      f"cross-validated on {probe.examples} sentences; the control is the same probe on shuffled "
                      f"labels. Best selectivity at layer {best}: {float(probe.accuracy[best]):.1%} against "
-                     f"{float(probe.control[best]):.1%} for the control.</p>")
+                     f"{float(probe.control[best]):.1%} for the control."
+                     + (f" An untrained model of the same architecture reaches at most "
+                        f"{float(probe.random_model.max()):.1%}." if probe.random_model is not None else "")
+                     + "</p>")
         parts.append(_img(pngs["probe.png"], "probe accuracy per layer"))
 
     if ex.activations is not None:
