@@ -313,10 +313,38 @@ def test_default_model_gguf_with_tokenizer_reads_back_everywhere(tmp_path, defau
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
-def test_a_mixture_of_experts_model_is_refused_with_one_message():
-    from lmforge.errors import LmforgeError
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_a_mixture_of_experts_model_round_trips(tmp_path, qtype):
+    """A Mixtral-layout model written as GGUF: llama.cpp's tensor names, shapes and expert metadata,
+    read back by lmforge with the same logits (f32) or those of its dequantized Q8_0 experts."""
     from lmforge.model.config import ModelConfig
-    from lmforge.model.gguf_write import gguf_architecture
+    from lmforge.model.transformer import Transformer
 
-    with pytest.raises(LmforgeError, match="mixture-of-experts"):
-        gguf_architecture(ModelConfig(num_experts=4, experts_per_token=2))
+    torch.manual_seed(3)
+    config = ModelConfig(family="mixtral", vocab_size=VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                         intermediate_size=96, max_position_embeddings=64, num_experts=4, experts_per_token=2)
+    model = Transformer(config).eval()
+    path = tmp_path / f"moe-{qtype}.gguf"
+    done = write_gguf(model, path, qtype)
+    reader = gguf.GGUFReader(str(path))
+    fields = {f.name: f.contents() for f in reader.fields.values() if f.name.startswith("llama.")}
+    assert fields["llama.expert_count"] == 4 and fields["llama.expert_used_count"] == 2
+    tensors = {t.name: t for t in reader.tensors}
+    assert "blk.0.ffn_gate.weight" not in tensors
+    assert tuple(tensors["blk.1.ffn_gate_exps.weight"].shape) == (64, 96, 4)  # GGUF lists dimensions innermost first
+    assert tuple(tensors["blk.1.ffn_down_exps.weight"].shape) == (96, 64, 4)
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == T.F32
+    want = T.F32 if qtype == "f32" else T.Q8_0
+    assert tensors["blk.0.ffn_up_exps.weight"].tensor_type == want
+    back = load_gguf_model(path)
+    assert back.config.num_experts == 4 and back.config.experts_per_token == 2
+    expected = model
+    if qtype == "q8_0":
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        for name, w in state.items():
+            if w.dim() >= 2 and not name.endswith("router.weight"):
+                state[name] = torch.from_numpy(dequantize_q8_0(quantize_q8_0(w.numpy())))
+        expected = build_model(config, state, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS), expected(IDS), atol=1e-5, rtol=1e-5)
+    assert done.quantized == (0 if qtype == "f32" else done.tensors - 2 * 2 - 1 - 2)  # not norms, router vectors

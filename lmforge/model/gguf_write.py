@@ -18,6 +18,12 @@ quantized matrix needs rows whose length is a multiple of 32; llama.cpp's conver
 back to F16 for any that is not, and so does this writer. Vectors (norms, biases) stay
 F32, as in llama.cpp's files.
 
+Mixtral-style mixtures of experts are llama.cpp's "llama" architecture with
+``llama.expert_count`` / ``llama.expert_used_count``; each block holds its router
+(``ffn_gate_inp``, kept float32 as llama.cpp's quantizer keeps it) and its experts stacked
+into three 3-D tensors (``ffn_gate_exps`` / ``ffn_up_exps`` [E, F, D], ``ffn_down_exps``
+[E, D, F]), which gguf_io.py reads back.
+
 Tokenizer: byte-level BPE vocabularies are stored as llama.cpp expects them
 (``tokenizer.ggml.model = "gpt2"``, tokens, token types, merges, the pre-tokenizer's
 name, special ids, add-BOS/EOS flags, chat template). The pre-tokenizer name is found by
@@ -97,9 +103,6 @@ def gguf_architecture(config: ModelConfig) -> str:
     if not config.causal or not config.lm_head or config.norm_position != "pre" or config.type_vocab_size:
         raise LmforgeError("GGUF export covers causal decoders (GPT-2, Llama, Mistral, Qwen2 layouts); "
                            "this model is an encoder")
-    if getattr(config, "num_experts", 0):
-        raise LmforgeError("GGUF export does not write mixture-of-experts layers yet (lmforge reads them); "
-                           "save the model as a Hugging Face directory instead")
     if config.position == "learned":
         if config.norm != "layernorm" or config.mlp != "gelu" or config.gelu_approximate != "tanh":
             raise LmforgeError("a learned-position model is written as GGUF's gpt2 architecture, which needs "
@@ -148,6 +151,11 @@ def gguf_tensors(config: ModelConfig, state: dict[str, torch.Tensor], arch: str)
         out[b + "ffn_norm.weight"] = s[p + "mlp_norm.weight"]
         if p + "mlp_norm.bias" in s:
             out[b + "ffn_norm.bias"] = s[p + "mlp_norm.bias"]
+        if config.num_experts:  # llama.cpp's Mixtral layout: the router, then every expert stacked
+            out[b + "ffn_gate_inp.weight"] = s[p + "mlp.router.weight"]
+            out[b + "ffn_gate_exps.weight"], out[b + "ffn_up_exps.weight"] = s[p + "mlp.w_in"].chunk(2, dim=1)
+            out[b + "ffn_down_exps.weight"] = s[p + "mlp.w_out"]
+            continue
         if arch == "gpt2":
             out[b + "ffn_up.weight"] = s[p + "mlp.fc.weight"]
             out[b + "ffn_up.bias"] = s[p + "mlp.fc.bias"]
@@ -241,7 +249,7 @@ def _encode(array: np.ndarray, qtype: str):
 
     T = gguf.GGMLQuantizationType
     if array.ndim < 2 or qtype == "f32":
-        return array.astype(np.float32), T.F32
+        return np.ascontiguousarray(array, dtype=np.float32), T.F32
     if qtype == "f16" or array.shape[-1] % BLOCK:
         return array.astype(np.float16), T.F16
     if qtype == "q8_0":
@@ -298,6 +306,9 @@ def write_gguf(model, path: str | os.PathLike[str], qtype: str = "f16", tokenize
         w.add_context_length(config.max_position_embeddings)
         w.add_embedding_length(config.n_embd)
         w.add_feed_forward_length(config.intermediate_size)
+        if config.num_experts:
+            w.add_expert_count(config.num_experts)
+            w.add_expert_used_count(config.experts_per_token)
         w.add_head_count(config.n_head)
         if arch == "gpt2":
             w.add_layer_norm_eps(config.norm_eps)
@@ -338,13 +349,15 @@ def write_gguf(model, path: str | os.PathLike[str], qtype: str = "f16", tokenize
         head = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
         for n, (tensor_name, tensor) in enumerate(tensors.items()):
             wanted = "q8_0" if qtype == "q4_0" and tensor_name == head and not pure else qtype
+            if tensor_name.endswith("ffn_gate_inp.weight"):
+                wanted = "f32"  # the router stays float32, as llama.cpp's quantizer keeps it
             if encoded is not None and tensor_name in encoded:
                 data, ggml_type = encoded[tensor_name]
             else:
                 data, ggml_type = _encode(tensor.numpy(), wanted)
             if ggml_type in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
                 counts["quantized"] += 1  # (a Q4_0 file's Q8_0 head included)
-            elif qtype.startswith("q") and tensor.dim() >= 2:
+            elif qtype.startswith("q") and tensor.dim() >= 2 and wanted != "f32":
                 counts["fallback"] += 1
             w.add_tensor(tensor_name, data, raw_dtype=ggml_type)
             if progress is not None:
