@@ -80,6 +80,7 @@ def test_explain_target_and_layers(tiny_model_dir, tmp_path):
     (["The sky is", "--ig-steps", "0"], "--ig-steps"),
     (["The sky is", "--neuron", "two"], "LAYER:INDEX"),
     (["The sky is", "--neuron", "5:0"], "out of range"),
+    (["The sky is", "--weights", "q8"], "float weights"),
 ])
 def test_explain_refuses_bad_input_with_one_message(tiny_model_dir, tmp_path, capsys, argv, message):
     prompt, *flags = argv

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from lmforge.cli import common
+from lmforge.errors import LmforgeError
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -22,6 +23,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from lmforge.model.registry import resolve
 
     options = common.config_from_args(ExplainOptions, args)
+    if getattr(args, "weights", "float") != "float":
+        # The hooks read each layer's float weights (q/k/v for the attention maps, gradients for attributions).
+        raise LmforgeError("lmforge explain works on the float weights; leave out --weights")
     check_output(options.out)
     started = time.perf_counter()
     spec = resolve(args.model)
