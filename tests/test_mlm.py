@@ -141,6 +141,13 @@ def test_loss_is_cross_entropy_at_the_masked_positions_only():
     chosen = labels != IGNORE_INDEX
     assert float(right) == float((logits[chosen].argmax(-1) == labels[chosen]).sum())
 
+    from lmforge.train.mlm import accuracy_by_corruption
+
+    ids[0, 3], ids[1, 7], ids[1, 9] = MASK, 12, 14  # targets 11, 12, 13: one [MASK], one kept, one random
+    b = accuracy_by_corruption(model, ids, labels, MASK)
+    assert b["targets"] == 3 and b["mask_share"] == b["kept_share"] == b["random_share"] == pytest.approx(1 / 3)
+    assert b["accuracy"] == pytest.approx((b["mask_accuracy"] + b["kept_accuracy"] + b["random_accuracy"]) / 3)
+
 
 def _run(data, out, resume=False, **options):
     from lmforge.train.loop import pretrain
@@ -168,6 +175,7 @@ def test_mlm_run_learns_resumes_exactly_and_saves_a_masked_lm(tiny_wordpiece_dat
     assert evals[-1]["val_loss"] < np.log(report["model"]["vocab_size"]) - 0.4
     assert evals[-1]["masked_accuracy"] > 5 / report["model"]["vocab_size"]
     assert evals[-1]["masked_tokens"] == evals[0]["masked_tokens"] > 0  # the same held-out masks every time
+    assert all(0 <= e["accuracy_at_mask"] <= 1 for e in evals)
     train = [r for r in _log(tmp_path / "straight") if r["kind"] == "train"]
     assert all(0 <= r["masked_accuracy"] <= 1 for r in train)
 

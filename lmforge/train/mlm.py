@@ -118,6 +118,23 @@ class Masker:
         return inputs, labels
 
 
+def accuracy_by_corruption(model, input_ids: torch.Tensor, labels: torch.Tensor, mask_id: int) -> dict[str, Any]:
+    """Argmax accuracy at the targets, split by what the input showed there: [MASK], the token
+    itself (kept) or another token (random). Accuracy at [MASK] near the share of the most
+    frequent token means the model guesses frequencies, not words from their context."""
+    with torch.no_grad():
+        chosen = labels != IGNORE_INDEX
+        right = model.predict(model.encode(input_ids)[chosen]).argmax(-1) == labels[chosen]
+    shown, target = input_ids[chosen], labels[chosen]
+    kinds = {"mask": shown == mask_id, "kept": shown == target}
+    kinds["random"] = ~kinds["mask"] & ~kinds["kept"]
+    out: dict[str, Any] = {"targets": int(chosen.sum()), "accuracy": float(right.float().mean())}
+    for kind, where in kinds.items():
+        out[f"{kind}_share"] = float(where.float().mean())
+        out[f"{kind}_accuracy"] = float(right[where].float().mean()) if where.any() else float("nan")
+    return out
+
+
 def masked_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy over the labelled positions, how many of them the argmax gets right)."""
@@ -193,7 +210,14 @@ class MaskedLMTask(PretrainTask):
 
     def loss(self, model, batch):
         loss, right = masked_lm_loss(model, batch.input_ids, batch.labels)
-        return loss, {"masked_accuracy": right}
+        metrics = {"masked_accuracy": right}
+        if batch.extra is not None and "count_at_mask" in batch.extra:  # evaluation: also right at [MASK] inputs
+            with torch.no_grad():
+                chosen = batch.labels != IGNORE_INDEX
+                at_mask = batch.input_ids[chosen] == self.mask_id
+                hits = model.predict(model.encode(batch.input_ids)[chosen]).argmax(-1) == batch.labels[chosen]
+            metrics["right_at_mask"] = (hits & at_mask).sum().float()
+        return loss, metrics
 
     @torch.no_grad()
     def evaluate(self, trainer) -> dict[str, float] | None:
@@ -205,17 +229,21 @@ class MaskedLMTask(PretrainTask):
         runtime = trainer.runtime
         world, rank, size = runtime.world_size, runtime.rank, self.config.train.batch_size
         inputs, labels = self.val_inputs[rank::world], self.val_labels[rank::world]
-        totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # nats, right, targets
+        totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)  # nats, right, targets, at [MASK]
+        flag = {"count_at_mask": torch.ones(1)}
         for i in range(0, len(inputs), size):
-            batch = Batch(inputs[i:i + size], labels[i:i + size]).to(runtime.device)
+            batch = Batch(inputs[i:i + size], labels[i:i + size], extra=flag).to(runtime.device)
             with trainer.autocast():
                 loss, metrics = trainer.wrapped(batch)  # through the wrapper: works under FSDP too
-            totals += torch.stack([loss.double(), metrics["masked_accuracy"].double(),
-                                   (batch.labels != IGNORE_INDEX).sum().double()])
-        nats, right, count = (float(v) for v in sum_across(totals, runtime))
+            chosen = batch.labels != IGNORE_INDEX
+            totals += torch.stack([loss.double(), metrics["masked_accuracy"].double(), chosen.sum().double(),
+                                   metrics["right_at_mask"].double(),
+                                   (batch.input_ids[chosen] == self.mask_id).sum().double()])
+        nats, right, count, mask_right, mask_count = (float(v) for v in sum_across(totals, runtime))
         val_loss = nats / max(count, 1.0)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-                "masked_accuracy": right / max(count, 1.0), "masked_tokens": int(count)}
+                "masked_accuracy": right / max(count, 1.0), "accuracy_at_mask": mask_right / max(mask_count, 1.0),
+                "masked_tokens": int(count)}
 
     def baseline(self, trainer) -> float | None:
         """The unigram model's loss on the masked validation targets (what guessing without context gets)."""
