@@ -13,12 +13,15 @@ Training (``--part train``): two copies of one random init at a preset's shapes
 (benchmarks/train.py's presets), trained on the same token rows (the handbook text,
 tokenized with the default tokenizer), one fp32 and one with bf16 products
 (`lmforge.model.onednn.bf16_products`, what ``train.precision: auto`` runs on such a CPU),
-step by step in turns so load hits both alike. Reports median tokens/s of each, their
-ratio, the loss curves and their largest relative gap; writes a PNG of the curves.
+step by step in turns so load hits both alike. Reports the tokens/s of each (after two
+warm-up steps), their ratio and the median per-step ratio, the loss curves and their
+largest relative gap; writes a PNG of the curves.
 
     python benchmarks/precision.py --part prefill --rounds 5
     python benchmarks/precision.py --part train --preset smollm2-135m --steps 30
     python benchmarks/precision.py --part train --preset small-llama --steps 60 --plot docs/images/bf16_small.png
+
+GEMM (``--part gemm``): GFLOP/s of one 2048^3 product in fp32 and bf16, the ceiling.
 
 Prints a table and one JSON line per part.
 """
@@ -199,7 +202,10 @@ def train_part(args) -> dict:
         progress.update(step + 1, info=f"loss fp32 {losses['fp32'][-1]:.3f} bf16 {losses['bf16'][-1]:.3f}")
     progress.close()
     tokens = args.batch_size * args.seq_len
-    rate = {k: statistics.median(tokens / s for s in v[2:] or v) for k, v in seconds.items()}
+    # After two warm-up steps: tokens over total time per side (what a run achieves), and the
+    # median over steps of the two sides' time ratio (each pair ran back to back, under
+    # nearly the same load: the steadier figure on a shared machine).
+    rate = {k: tokens * len(v[2:] or v) / sum(v[2:] or v) for k, v in seconds.items()}
     ratios = [a / b for a, b in zip(seconds["fp32"][2:], seconds["bf16"][2:])] or [rate["bf16"] / rate["fp32"]]
     gaps = [abs(b - a) / a for a, b in zip(losses["fp32"], losses["bf16"])]
     out = {
@@ -231,14 +237,34 @@ def train_part(args) -> dict:
         out["plot"] = args.plot
     print(f"{config.num_parameters() / 1e6:.1f}M parameters ({args.preset}), batch {args.batch_size} x {args.seq_len}, "
           f"{len(batches)} steps: fp32 {rate['fp32']:.0f} tok/s, bf16 products {rate['bf16']:.0f} tok/s "
-          f"({out['speedup']:.2f}x); loss gap at most {100 * max(gaps):.2f}% (final {100 * gaps[-1]:.2f}%)")
+          f"({out['speedup']:.2f}x; per-step median {out['speedup_per_step_median']:.2f}x); loss gap at most {100 * max(gaps):.2f}% (final {100 * gaps[-1]:.2f}%)")
+    print(json.dumps(out))
+    return out
+
+
+def gemm_part(args) -> dict:
+    """GFLOP/s of one n^3 matrix product in float32 and in bf16 (oneDNN; AMX where present), alternating."""
+    n = args.gemm_size
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    pairs = {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}
+    times: dict[str, list[float]] = {k: [] for k in pairs}
+    for _ in range(args.rounds * 3):
+        for name, (x, y) in pairs.items():
+            torch.mm(x, y)
+            times[name].append(timed(lambda: torch.mm(x, y)))
+    gflops = {k: 2 * n**3 / min(v) / 1e9 for k, v in times.items()}
+    out = {"benchmark": "precision-gemm", "n": n, **machine(), **{f"{k}_gflop_s": round(v) for k, v in gflops.items()},
+           "bf16_vs_fp32": round(gflops["bf16"] / gflops["fp32"], 2)}
+    print(f"{n}^3 product: fp32 {gflops['fp32']:.0f} GFLOP/s, bf16 {gflops['bf16']:.0f} GFLOP/s "
+          f"({out['bf16_vs_fp32']:.1f}x; best of {args.rounds * 3})")
     print(json.dumps(out))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("prefill", "train", "all"), default="all")
+    ap.add_argument("--part", choices=("gemm", "prefill", "train", "all"), default="all")
+    ap.add_argument("--gemm-size", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prefill-tokens", type=int, default=512)
@@ -255,6 +281,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.part in ("gemm", "all"):
+        gemm_part(args)
     if args.part in ("prefill", "all"):
         prefill_part(args)
     if args.part in ("train", "all"):
