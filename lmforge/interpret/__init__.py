@@ -6,9 +6,11 @@
   fused attention never materializes them.
 - `lens`: the logit lens, every layer's residual stream read through the final norm and head.
 - `attribution`: gradient x input, integrated gradients (with the completeness check) and
-  occlusion for one predicted token.
-- `probes`: logistic-regression probes on each layer's hidden states, with a control.
+  occlusion for one predicted token (or the difference of two logits).
+- `probes`: logistic-regression probes on each layer's hidden states, with shuffled-label and untrained-model controls.
 - `patching`: activation patching from a clean prompt into a corrupted one.
+- `neurons`: max-activating examples of a feed-forward neuron.
+- `explain`: all of the above for one prompt (what ``lmforge explain`` runs).
 - `report`: the figures and the self-contained HTML report of ``lmforge explain``.
 
 Nothing here is imported by ``import lmforge``; option dataclasses live in `options` (no torch).
