@@ -150,13 +150,23 @@ def test_bf16_training_tracks_float32():
     assert fp32 != bf16
 
 
-def test_trainer_auto_keeps_small_models_in_float32(monkeypatch):
-    from lmforge.train.loop import resolve_precision
+def test_auto_resolves_to_bf16_products_in_the_loop(monkeypatch):
+    from lmforge.model.onednn import bf16_active
+    from lmforge.train.loop import Trainer, resolve_precision
 
     monkeypatch.setenv(precision.ENV, "1")
-    # resolve_precision says bf16; the Trainer then checks the model (bf16_pays) and keeps fp32
     assert resolve_precision("auto", CPU) == "bf16"
-    assert not precision.bf16_pays(Transformer(tiny_config()))
+    # The loop's precision context on a CPU: bf16 products (not torch.autocast); for a model
+    # that fails `bf16_pays` the Trainer keeps "fp32" (tests/test_train_loop.py runs tiny ones).
+    trainer = Trainer.__new__(Trainer)
+    trainer.precision = "bf16"
+    trainer.runtime = type("Runtime", (), {"device": CPU})()
+    with trainer.autocast():
+        assert bf16_active() and not torch.is_autocast_enabled("cpu")
+    assert not bf16_active()
+    trainer.precision = "fp32"
+    with trainer.autocast():
+        assert not bf16_active()
 
 
 # -- bf16 prefill, float32 decode ----------------------------------------------------------------
