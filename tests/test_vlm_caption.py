@@ -308,6 +308,16 @@ def test_meteor_light_and_vqa_normalization():
     assert acc["accuracy"] == 0.75 and acc["by_type"] == {"colour": 0.0, "count": 1.0, "exist": 1.0}
 
 
+def test_object_mention_scores():
+    scene = sc.Scene((sc.SceneObject("circle", "red", "small", 8, 30), sc.SceneObject("square", "blue", "large", 40, 20)),
+                     240)
+    assert sc.mentioned_objects("two squares : red square, blue squares") == {("red", "square"), ("blue", "square")}
+    right = sc.object_mention_scores(sc.captions(scene), [scene] * 5)
+    assert right == {"object_precision": 1.0, "object_recall": 1.0, "hallucination_rate": 0.0, "exact_object_set": 1.0}
+    wrong = sc.object_mention_scores(["a red circle and a green triangle"], [scene])
+    assert wrong["object_precision"] == 0.5 and wrong["object_recall"] == 0.5 and wrong["exact_object_set"] == 0.0
+
+
 def test_pope_scores_on_a_hand_example():
     from lmforge.vlm.caption_metrics import pope_scores
 

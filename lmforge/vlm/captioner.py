@@ -333,7 +333,7 @@ def evaluate(loaded: LoadedVLM, n_scenes: int, questions_per_scene: int = 3, num
         predictions = loaded.caption(images, num_beams)
         references = [sc.captions(s) for s in scene_list]
         result = {"task": task, "split": split, "num_beams": num_beams,
-                  **caption_scores(predictions, references),
+                  **caption_scores(predictions, references), **sc.object_mention_scores(predictions, scene_list),
                   "samples": [{"image": f"{split}:{i}", "caption": p, "references": r}
                               for i, (p, r) in enumerate(zip(predictions[:samples], references[:samples]))]}
         # the ceiling: one reference scored against the other four
@@ -482,7 +482,8 @@ def format_report(report: dict[str, Any]) -> str:
 def format_metrics(m: dict[str, Any]) -> str:
     if m["task"] == "caption":
         lines = [f"{m['split']} captions ({m['n']}, beams {m['num_beams']}): CIDEr-D {m['cider_d']:.3f}  "
-                 f"BLEU-4 {m['bleu4']:.2f}  METEOR-light {m['meteor_light']:.4f}"]
+                 f"BLEU-4 {m['bleu4']:.2f}  METEOR-light {m['meteor_light']:.4f}; objects named: precision "
+                 f"{m['object_precision']:.3f}, recall {m['object_recall']:.3f}, exact set {m['exact_object_set']:.3f}"]
         for s in m["samples"][:4]:
             lines.append(f"  {s['image']}: {s['caption']}")
         return "\n".join(lines)

@@ -261,3 +261,23 @@ def vocabulary_texts() -> list[str]:
         texts += captions(scene)
         texts += [q.text + " " + q.answer for q in questions(scene, scene_rng("train", i, 1), len(QUESTION_TYPES))]
     return texts
+
+
+def mentioned_objects(text: str) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names ("a small red circle" -> ("red", "circle"))."""
+    words = text.lower().replace(",", " ").split()
+    return {(a, b.rstrip("s")) for a, b in zip(words, words[1:]) if a in COLOURS and b.rstrip("s") in SHAPES}
+
+
+def object_mention_scores(captions_: Sequence[str], scene_list: Sequence[Scene]) -> dict[str, float]:
+    """How faithful captions are to the scene: precision of the named (colour, shape) objects
+    (1 - precision is CHAIR's hallucination rate, Rohrbach et al. 2018), recall of the objects
+    present, and the share of captions naming exactly the scene's objects."""
+    named = present = hits = exact = 0
+    for text, scene in zip(captions_, scene_list):
+        said, truth = mentioned_objects(text), {(o.colour, o.shape) for o in scene.objects}
+        named, present, hits = named + len(said), present + len(truth), hits + len(said & truth)
+        exact += said == truth
+    precision = hits / max(1, named)
+    return {"object_precision": precision, "object_recall": hits / max(1, present),
+            "hallucination_rate": 1 - precision, "exact_object_set": exact / max(1, len(captions_))}
