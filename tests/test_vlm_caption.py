@@ -240,6 +240,15 @@ def test_train_save_load_and_the_commands(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["question"] == "how many shapes are there?"
     assert main(["vlm", "eval", str(out), "--test-scenes", "2", "--questions", "2"]) == 0
     assert '"n": 4' in capsys.readouterr().out
+    # stage two starts from the first run's weights and vocabulary (its shape flags win)
+    second = tmp_path / "caption"
+    assert main(["vlm", "train", "--task", "caption", "--init", str(out), "--out", str(second),
+                 "--lm-width", "64"] + common) == 0
+    capsys.readouterr()
+    meta = json.loads((second / "config.json").read_text())
+    assert meta["task"] == "caption" and meta["init"] == str(out) and meta["lm"] == saved["lm"]
+    assert main(["vlm", "caption", "test:0", "val:2", "--model", str(second), "--num-beams", "2"]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["test:0", "val:2"]
     for args, message in (
         (["ask", "test:1", "is there a red circle?", "--model", str(tmp_path / "nothing")], "not a vision-language"),
         (["ask", str(tmp_path / "missing.png"), "what?", "--model", str(out)], "no such image"),

@@ -395,10 +395,17 @@ def train_vlm(config: CaptionTrainConfig, progress: bool = True) -> dict[str, An
     if c.threads:
         torch.set_num_threads(c.threads)
     torch.manual_seed(c.seed)
-    tokenizer = train_scene_tokenizer(c.vocab_size)
-    ids = special_ids(tokenizer)
-    meta = model_meta(c, tokenizer.vocab_size, ids)
-    model = build_model(meta)
+    if c.init is not None:  # stage two: the architecture, weights and vocabulary of an earlier run
+        start = load_vlm(c.init)
+        tokenizer, model = start.tokenizer, start.model
+        meta = {k: v for k, v in start.meta.items() if k != "train_config"}
+        meta["task"], meta["init"] = c.task, str(c.init)
+        ids = meta["special_ids"]
+    else:
+        tokenizer = train_scene_tokenizer(c.vocab_size)
+        ids = special_ids(tokenizer)
+        meta = model_meta(c, tokenizer.vocab_size, ids)
+        model = build_model(meta)
     model.train()
     optimizer = build_optimizer(model, "adamw", c.lr, (0.9, 0.98), 1e-8, c.weight_decay)
     out = Path(c.out)
@@ -407,7 +414,7 @@ def train_vlm(config: CaptionTrainConfig, progress: bool = True) -> dict[str, An
     jsonl = JsonlLog(staging_log)
     rng = np.random.default_rng(c.seed)
     val_scenes = [sc.make_scene("val", i) for i in range(c.val_scenes)]
-    val_images = to_tensor(sc.render_batch(val_scenes, c.image_size))
+    val_images = to_tensor(sc.render_batch(val_scenes, meta["image_size"]))
     val_prompts, val_targets = sample_texts(c.task, val_scenes, np.random.default_rng(12345))
     val_ids, val_mask = encode_pairs(tokenizer, ids, val_prompts, val_targets)
     bar = Progress(f"train vlm {c.task}", total=c.steps, unit="steps", enabled=progress)
@@ -423,12 +430,13 @@ def train_vlm(config: CaptionTrainConfig, progress: bool = True) -> dict[str, An
         model.train()
         return value
 
+    image_size = meta["image_size"]
     for step in range(c.steps):
         lr = c.lr * lr_factor(step, c.steps, "cosine", c.warmup_steps, c.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch_scenes = [sc.make_scene("train", int(i)) for i in rng.integers(0, c.train_scenes, c.batch_size)]
-        images = to_tensor(sc.render_batch(batch_scenes, c.image_size))
+        images = to_tensor(sc.render_batch(batch_scenes, image_size))
         token_ids, target = encode_pairs(tokenizer, ids, *sample_texts(c.task, batch_scenes, rng))
         loss = model.loss(images, token_ids, target)
         if not torch.isfinite(loss):

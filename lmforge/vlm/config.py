@@ -113,6 +113,9 @@ class CaptionTrainConfig:
     vocab_size: int = option(200, help="WordPiece vocabulary trained on the generated texts (at most; 155 "
                                        "entries cover every word whole)")
     num_beams: int = option(1, help="test decoding: 1 greedy, more for beam search")
+    init: str | None = option(None, metavar="CHECKPOINT",
+                              help="start from this caption/vqa checkpoint's weights and tokenizer (two-stage "
+                                   "training: captioning aligns image and words, then VQA); its shape flags win")
     eval_interval: int = option(500, help="steps between validation losses")
     log_interval: int = option(50, help="steps between log records")
     seed: int = option(0, help="random seed (weights, data order, sampled captions and questions)")
