@@ -241,3 +241,20 @@ def test_the_server_exports_the_block_pool(tiny_hf_dirs):
     assert "lmforge_kv_blocks_total 16.0" in text and "lmforge_kv_blocks_free 14.0" in text
     assert "lmforge_preempted_requests 0.0" in text
     assert "lmforge_kv_blocks_free" not in ServerMetrics(Scheduler(model, None, max_batch=2)).render().decode()
+
+
+@pytest.mark.slow
+def test_the_default_model_answers_the_same_on_paged_blocks(default_lm):
+    """The real model and tokenizer: three chat prompts, greedy, through a paged and a contiguous cache."""
+    lm = default_lm
+    questions = ["What is the capital of France?", "Name three primary colors.", "Write one sentence about rain."]
+    prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for q in questions]
+    params = SamplingParams(max_tokens=16, temperature=0)
+    texts = {}
+    for kind in ("contiguous", "paged"):
+        scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=3, max_seq_len=256, prefix_cache_bytes=0,
+                              kv_cache=kind, kv_block_size=16)
+        handles = [scheduler.submit(p, params) for p in prompts]
+        scheduler.run_until_idle()
+        texts[kind] = ["".join(e.text for e in h.poll()) for h in handles]
+    assert texts["paged"] == texts["contiguous"] and "Paris" in texts["paged"][0]
