@@ -161,12 +161,36 @@ def test_auto_resolves_to_bf16_products_in_the_loop(monkeypatch):
     trainer = Trainer.__new__(Trainer)
     trainer.precision = "bf16"
     trainer.runtime = type("Runtime", (), {"device": CPU})()
+    trainer.model = Transformer(tiny_config()).train()
     with trainer.autocast():
         assert bf16_active() and not torch.is_autocast_enabled("cpu")
     assert not bf16_active()
     trainer.precision = "fp32"
     with trainer.autocast():
         assert not bf16_active()
+
+
+def test_bf16_training_with_activation_checkpointing():
+    """Recomputation runs outside the loop's precision block; with checkpointing the loop
+    uses autocast, whose state the recomputation restores, and gets the bf16 products."""
+    from lmforge.model.onednn import bf16_active
+    from lmforge.train.loop import Trainer
+    from lmforge.train.loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).train()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    ref = torch.autograd.grad(causal_lm_loss(model, ids), list(model.parameters()))
+    model.gradient_checkpointing = True
+    trainer = Trainer.__new__(Trainer)
+    trainer.precision, trainer.model = "bf16", model
+    trainer.runtime = type("Runtime", (), {"device": CPU})()
+    with trainer.autocast():
+        assert torch.is_autocast_enabled("cpu") and bf16_active()
+        loss = causal_lm_loss(model, ids)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for got, want in zip(grads, ref):
+        assert (got - want).abs().max() <= 3e-2 * want.abs().max() + 1e-6
 
 
 # -- bf16 prefill, float32 decode ----------------------------------------------------------------

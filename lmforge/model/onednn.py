@@ -169,6 +169,10 @@ def bf16_products(enabled: bool = True) -> Iterator[None]:
     Unlike ``torch.autocast``, attention is not cast: PyTorch's CPU flash attention ran
     its backward several times slower on bf16 inputs than on float32 ones (a fifth of a
     small model's step), while its forward gains little at training lengths.
+
+    `torch.utils.checkpoint` restores autocast's state when it recomputes a block during
+    the backward, but not this flag: with activation checkpointing use ``torch.autocast``
+    (under which `linear` takes the same bf16 path), as lmforge/train/loop.py does.
     """
     previous, copies = getattr(_STATE, "bf16", False), getattr(_STATE, "copies", None)
     _STATE.bf16 = enabled

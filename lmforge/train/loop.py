@@ -415,9 +415,11 @@ class Trainer:
     def autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        if self.precision == "bf16" and self.runtime.device.type == "cpu":
+        if self.precision == "bf16" and self.runtime.device.type == "cpu" and not self.model.gradient_checkpointing:
             # On CPU only the products go to bf16 (float32 weights, norms, attention and
             # loss): lmforge/model/onednn.py's `bf16_products`, faster there than autocast.
+            # Activation checkpointing recomputes blocks during backward, outside this block,
+            # and restores only autocast's state there: with it, plain autocast below.
             from lmforge.model.onednn import bf16_products
 
             return bf16_products()
