@@ -274,7 +274,11 @@ class MaskedLMTask(PretrainTask):
         extra: dict[str, Any] = {"title": self.title, "objective": {
             "name": "mlm", "mask_probability": o.mask_probability, "mask_fraction": o.mask_fraction,
             "random_fraction": o.random_fraction, "whole_word": o.whole_word}}
-        if trainer.step == self.config.train.max_steps:
+        if trainer.step == self.config.train.max_steps and trainer.runtime.mode == "fsdp":
+            # rank 0 holds only its shards here; the final checkpoint has the full weights
+            trainer.log("under FSDP the BertForMaskedLM directory is not written: the final checkpoint "
+                        f"(encoder files + {HEAD_FILE}) holds the model")
+        elif trainer.step == self.config.train.max_steps:
             from lmforge.model.masked_lm import save_masked_lm
 
             extra["model_dir"] = str(save_masked_lm(trainer.model, trainer.out / "model", self.tokenizer,
