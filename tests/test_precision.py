@@ -249,3 +249,17 @@ def test_bf16_prefill_logits_close_and_cache_stays_float32():
     assert 0 < (got - want).abs().max() < 0.05 * want.abs().max()
     assert (caches[1].k - caches[0].k).abs().max() < 0.05 * caches[0].k.abs().max()
     assert torch.equal(one, one_ref)  # below min_rows nothing changes
+
+
+@pytest.mark.parametrize("override, dtype, expected", [("1", "auto", True), ("1", "float32", False), ("0", "auto", False)])
+def test_cpu_layout_gets_bf16_prefill_only_when_auto_picks_it(monkeypatch, override, dtype, expected):
+    """What lmforge.load does on a CPU: the layout takes `pick_prefill_dtype`'s answer."""
+    from lmforge.infer.bf16_prefill import uses_bf16_prefill
+    from lmforge.infer.layout import optimize_for_cpu_decoding
+
+    monkeypatch.setenv(precision.ENV, override)
+    model = optimize_for_cpu_decoding(Transformer(tiny_config()).eval(), pick_prefill_dtype(dtype, CPU))
+    assert uses_bf16_prefill(model) is expected
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        assert torch.isfinite(model(ids)).all()
