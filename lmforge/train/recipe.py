@@ -114,7 +114,7 @@ class TrainSection:
     batch_size: int = 8  # rows per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     clip_grad_norm: float | None = 1.0
-    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on GPUs that support it and CPUs with AMX/AVX512-BF16, else fp32) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     seed: int = 0
     device: str = "auto"
