@@ -11,6 +11,7 @@ quantization's (calibration forwards included, writing excluded).
 
     python benchmarks/quantize.py            # fp32, rtn-8, rtn-4, gptq-4, gptq-4 act-order, awq-4
     python benchmarks/quantize.py --quick    # fewer tokens
+    python benchmarks/quantize.py --layer-errors   # does GPTQ's fit carry over to held-out text?
 
 Prints one JSON line per setting and a summary JSON line.
 """
@@ -55,13 +56,61 @@ SETTINGS = {
 }
 
 
+def layer_errors(model, tokenizer, layers=(0, 5), name="mlp.proj") -> None:
+    """Held-out output error of one linear (tr(E X^T X E^T) / n on held-out activations) for RTN
+    and for GPTQ given 2k/8k/16k calibration tokens and two dampings: does GPTQ generalize?"""
+    import torch
+
+    from lmforge.infer.gptq import gptq_quantize
+    from lmforge.infer.quantize import GRIDS, calibration_rows, first_block_inputs, rtn
+
+    grid = GRIDS[4]
+    cal = calibration_rows(tokenizer, itertools.islice(texts("train"), 3000), 64, 256)
+    held = calibration_rows(tokenizer, itertools.islice(texts("heldout"), 3000), 8, 256)
+    with torch.no_grad():
+        xs, ex = first_block_inputs(model, cal)
+        hx, hex_ = first_block_inputs(model, held)
+        for index in range(max(layers) + 1):
+            block = model.layers[index]
+            if index in layers:
+                def inputs(rows, extra):
+                    seen = []
+                    hook = block.get_submodule(name).register_forward_pre_hook(
+                        lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+                    for x, args in zip(rows, extra):
+                        block(x, *args)
+                    hook.remove()
+                    return torch.cat(seen)
+                x, h = inputs(xs, ex), inputs(hx, hex_)
+                w, gram = block.get_submodule(name).weight.float(), h.T @ h / h.shape[0]
+
+                def error(q):
+                    e = w - q
+                    return round(float(((e @ gram) * e).sum()), 3)
+                token_sizes = (x * x).sum(1)  # does a handful of outlier tokens dominate the Hessian?
+                row = {"layer": index, "linear": name,
+                       "top_token_share": round(float(token_sizes.max() / token_sizes.sum()), 5),
+                       "rtn": error(rtn(w, grid).dequantize())}
+                for tokens in (2048, 8192, 16384):
+                    hessian = 2 * x[:tokens].T @ x[:tokens] / tokens
+                    for damp in (0.01, 0.1):
+                        row[f"gptq_{tokens}_damp{damp}"] = error(gptq_quantize(w, hessian, grid, damp=damp).dequantize())
+                print(json.dumps(row), flush=True)
+            xs = [block(x, *a) for x, a in zip(xs, ex)]
+            hx = [block(x, *a) for x, a in zip(hx, hex_)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--calib-rows", type=int, default=32)
     parser.add_argument("--calib-length", type=int, default=512)
+    parser.add_argument("--damp", type=float, default=0.01, help="GPTQ's dampening (share of the mean diagonal)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of " + ", ".join(SETTINGS))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--layer-errors", action="store_true",
+                        help="only the held-out error of the MLP down product of layers 0 and 5: RTN against GPTQ "
+                             "with 2k/8k/16k calibration tokens and damping 0.01/0.1")
     args = parser.parse_args()
 
     import torch
@@ -77,6 +126,8 @@ def main() -> None:
         args.eval_tokens, args.calib_rows, args.calib_length = min(args.eval_tokens, 4096), 8, 256
     spec = resolve(None)
     base, tokenizer = load_model(spec, dtype=torch.float32), load_tokenizer(spec)
+    if args.layer_errors:
+        return layer_errors(base.eval(), tokenizer)
     heldout, total = [], 0
     for text in texts("heldout"):
         heldout.append(text)
@@ -95,7 +146,7 @@ def main() -> None:
             model = base
             row.update(bytes=sum(p.numel() * 4 for p in base.parameters()), seconds=0.0)  # tied head counted once
         else:
-            options = QuantizeOptions(out=str(workdir / f"{name}.gguf"), **setting)
+            options = QuantizeOptions(out=str(workdir / f"{name}.gguf"), damp=args.damp, **setting)
             result = quantize_model(copy.deepcopy(base), options, rows if options.needs_calibration else None)
             written = write_quantized(result, options.out, tokenizer=tokenizer, name=spec.name)
             model = load_gguf_model(written.path)
@@ -119,7 +170,7 @@ def main() -> None:
         for r in results:
             r["vs_fp32"] = round(r["perplexity"] / base_ppl, 4)
     print(json.dumps({"benchmark": "quantize", "cpu": cpu_model(), "threads": torch.get_num_threads(),
-                      "eval_tokens": total, "calib_tokens": sum(r.numel() for r in rows),
+                      "eval_tokens": total, "calib_tokens": sum(r.numel() for r in rows), "damp": args.damp,
                       "load": os.getloadavg()[0], "results": results}))
 
 
