@@ -19,6 +19,7 @@ Also measured:
     python benchmarks/decode_quant.py                      # 3 rounds, 64 new tokens
     python benchmarks/decode_quant.py --rounds 5 --vs-llama-cpp
     python benchmarks/decode_quant.py --skip-perplexity --rounds 1   # quick look
+    python benchmarks/decode_quant.py --threads 1 --head-study       # steadier on a crowded machine
 
 Prints a table and one JSON line (with `lscpu`'s model name and `uptime`).
 """
@@ -144,7 +145,13 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity")
     ap.add_argument("--skip-perplexity", action="store_true")
     ap.add_argument("--vs-llama-cpp", action="store_true", help="also time llama-cpp-python on the same GGUF")
+    ap.add_argument("--head-study", action="store_true",
+                    help="also the perplexity of q4 with an int4 and a float32 vocabulary head (default int8)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="PyTorch threads (default: its own choice); 1 is steadier on a crowded machine")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     load_start = {}
     models = {}
@@ -186,6 +193,13 @@ def main() -> None:
         texts = heldout_texts(lm.tokenizer, args.eval_tokens)
         for variant in VARIANTS:
             ppl[variant] = perplexity(models[variant], texts, window=512, stride=512).ppl
+        if args.head_study:
+            from lmforge.infer.quant_gguf import load_gguf_quantized
+
+            for label, head_bits in (("q4_head4", 4), ("q4_head_float32", None)):
+                model = load_gguf_quantized(lm.spec.path, 4, head_bits)
+                ppl[label] = perplexity(model, texts, tokenizer=lm.tokenizer, window=512, stride=512).ppl
+                del model
 
     sizes = {}
     from lmforge.infer.quant_linear import quantized_nbytes
@@ -215,7 +229,7 @@ def main() -> None:
     }
     if ppl:
         out.update({f"{v}_ppl": round(p, 3) for v, p in ppl.items()})
-        out.update({f"{v}_ppl_vs_float32": round(ppl[v] / ppl["float32"] - 1, 4) for v in VARIANTS[1:]})
+        out.update({f"{v}_ppl_vs_float32": round(ppl[v] / ppl["float32"] - 1, 4) for v in ppl if v != "float32"})
         out["eval_tokens"] = args.eval_tokens
     if llama:
         out["llama_cpp_decode_tok_s"] = round(statistics.median(llama), 1)
@@ -223,6 +237,9 @@ def main() -> None:
     print(f"{'':10}{'decode tok/s':>14}{'vs fp32':>9}{'MB':>8}{'ppl':>9}")
     for v in VARIANTS:
         print(f"{v:10}{med[v]:14.1f}{med[v] / med['float32']:9.2f}{sizes[v]:8.1f}{ppl.get(v, float('nan')):9.3f}")
+    for v in ppl:
+        if v not in VARIANTS:
+            print(f"{v:10}{'':31}{ppl[v]:9.3f}")
     for v, p in profiles.items():
         print(f"{v} step {p['step_ms']:.2f} ms, products {p['products_ms']:.2f} ms ({p['product_share']:.0%}), "
               f"{p['aten_ops_per_step']:.0f} aten ops a step")

@@ -262,14 +262,13 @@ def test_generate_command_has_a_weights_flag():
 
 
 @pytest.mark.slow
-def test_default_model_kept_4bit_answers_like_the_float_model(default_lm):
+def test_default_model_kept_4bit_answers_like_the_float_model():
     """The shipped Q4_1 file read straight into int4 modules (~20 s to load and answer)."""
     import lmforge
 
     lm = lmforge.load(weights="q4")
     qkv = lm.model.layers[0].attn.qkv
-    assert isinstance(qkv, Int4Linear) and isinstance(lm.lm_head if hasattr(lm, "lm_head") else lm.model.lm_head,
-                                                      Int8Linear)
+    assert isinstance(qkv, Int4Linear) and isinstance(lm.model.lm_head, Int8Linear)
     question = "What is the capital of France?"
     assert "Paris" in lm.chat(question, max_tokens=12, temperature=0)
     assert quantized_nbytes(lm.model)["quantized"] < 0.25 * 4 * sum(
