@@ -97,8 +97,7 @@ def test_blocks_are_claimed_freed_and_moved_without_leaking():
     assert cache.tables.eq(0).all()
 
 
-@pytest.mark.parametrize("family", [f if f in ("llama", "gpt2") else pytest.param(f, marks=pytest.mark.slow)
-                                    for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_paged_scheduler_gives_the_tokens_of_solo_generation(tiny_hf_dirs, family):
     """Eight requests through three rows: rows finish, their blocks are freed and reused."""
     model = load_hf_model(tiny_hf_dirs[family][0])
