@@ -81,7 +81,8 @@ def prefill_part(args) -> dict:
     from transformers.utils import logging as hf_logging
 
     from lmforge.eval.perplexity import perplexity
-    from lmforge.infer.bf16_prefill import bf16_copy_bytes, prepare_bf16_copies, use_bf16_prefill, uses_bf16_prefill
+    from lmforge.infer.bf16_prefill import (bf16_copy_bytes, generation_products, prepare_bf16_copies, use_bf16_prefill,
+                                            uses_bf16_prefill)
 
     hf_logging.set_verbosity_error()
     fp32 = lmforge.load(dtype="float32", device="cpu")
@@ -130,7 +131,10 @@ def prefill_part(args) -> dict:
     progress.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
     text = held_out_text(args.ppl_chars)
-    ppl = {name: perplexity(lm, text, window=args.ppl_window) for name, lm in (("fp32", fp32), ("auto", auto))}
+    # Scoring runs float32 products unless asked otherwise; the bf16 prefill's own effect on
+    # the likelihood is measured with generation's switch on.
+    with generation_products():
+        ppl = {name: perplexity(lm, text, window=args.ppl_window) for name, lm in (("fp32", fp32), ("auto", auto))}
     out = {
         "benchmark": "precision-prefill", "model": fp32.name, **machine(), "rounds": args.rounds,
         "prefill_tokens": args.prefill_tokens, "bf16_prefill": uses_bf16_prefill(auto.model),

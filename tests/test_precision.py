@@ -240,11 +240,16 @@ def test_bf16_prefill_logits_close_and_cache_stays_float32():
     ours.load_state_dict(ref.state_dict())
     ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(3))
     caches = [KVCache.for_model(config, 2, 64, torch.float32, CPU) for _ in range(2)]
+    from lmforge.infer.bf16_prefill import generation_products
+
     with torch.inference_mode():
         want = ref(ids, cache=caches[0], start=0)
-        got = ours(ids, cache=caches[1], start=0)
-        one = ours(ids[:, :1], cache=None, start=0)  # a one-row-per-sequence product: float32 path
+        scored = ours(ids)  # outside generation (scoring, perplexity): float32 products
+        with generation_products():
+            got = ours(ids, cache=caches[1], start=0)
+            one = ours(ids[:, :1], cache=None, start=0)  # a one-row-per-sequence product: float32 path
         one_ref = ref(ids[:, :1], cache=None, start=0)
+    assert torch.equal(scored, want)
     assert got.dtype == torch.float32 and caches[1].k.dtype == torch.float32
     assert 0 < (got - want).abs().max() < 0.05 * want.abs().max()
     assert (caches[1].k - caches[0].k).abs().max() < 0.05 * caches[0].k.abs().max()

@@ -16,6 +16,13 @@ are float32 inside oneDNN, and the result is rounded to bf16 once before it is w
 back. Norms, RoPE, attention, the residual stream and the KV cache stay float32, so the
 cache a bf16 prefill writes is the one decode reads, with no conversion.
 
+Only generation takes the path: the scheduler turns it on around its prefill and decode
+work (`generation_products()`, a per-thread switch). Everything that measures a model
+(prompt log-probabilities for `echo`/`logprobs`, `lmforge eval perplexity`, scoring jobs
+that run on the scheduler's thread between steps) calls the same layers with the switch
+off and gets float32 products, so a likelihood does not depend on whether the CPU has
+bf16 units (bf16 products moved the default model's log-likelihoods by up to 0.27 nats).
+
 The price is memory: the bf16 copies (half the float32 weights' bytes, made on first use,
 remade when a weight changes, never saved) live beside the float32 weights. Products
 smaller than `min_weight_elements` (tiny test models) stay float32: for them the casts
@@ -25,6 +32,8 @@ cost more than the products save.
 from __future__ import annotations
 
 import functools
+import threading
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -32,6 +41,21 @@ from torch import nn
 from lmforge.model.onednn import bf16_weight
 
 from .layout import BlasLinear
+
+
+_switch = threading.local()
+
+
+@contextmanager
+def generation_products():
+    """Let this thread's `Bf16PrefillLinear` products run in bf16 inside the block (generation);
+    outside it they are float32."""
+    before = getattr(_switch, "on", False)
+    _switch.on = True
+    try:
+        yield
+    finally:
+        _switch.on = before
 
 
 class Bf16PrefillLinear(BlasLinear):
@@ -43,7 +67,8 @@ class Bf16PrefillLinear(BlasLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if (rows < self.min_rows or w.numel() < self.min_weight_elements or x.device.type != "cpu"
+        if (rows < self.min_rows or not getattr(_switch, "on", False) or w.numel() < self.min_weight_elements
+                or x.device.type != "cpu"
                 or x.dtype != torch.float32 or w.dtype != torch.float32
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return super().forward(x)

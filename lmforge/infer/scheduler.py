@@ -85,6 +85,7 @@ import torch
 from ..errors import LmforgeError
 from ..model.kv_cache import KVCache
 from ..model.paged_kv import PagedKVCache, blocks_for, contiguous_rows_in
+from .bf16_prefill import generation_products
 from .layout import prepack, release_openmp_threads, torch_threads_for, uses_numpy_blas
 from .prefix_cache import PrefixCache
 from .request import DecodeState, check_prompt, end_token_ids
@@ -434,7 +435,9 @@ class Scheduler:
             except BaseException as exc:  # handed back to the caller's thread
                 done.put((False, exc))
         try:
-            with torch.inference_mode():
+            # Generation may use bf16 prefill products (bf16_prefill.py); the jobs above, which
+            # score prompts, ran with float32 products.
+            with torch.inference_mode(), generation_products():
                 if long is not None:
                     self._start_chunking(*long)
                 fresh = [item for item in admitted if item[0].state is None]
