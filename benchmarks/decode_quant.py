@@ -20,6 +20,7 @@ Also measured:
     python benchmarks/decode_quant.py --rounds 5 --vs-llama-cpp
     python benchmarks/decode_quant.py --skip-perplexity --rounds 1   # quick look
     python benchmarks/decode_quant.py --threads 1 --head-study       # steadier on a crowded machine
+    for v in float32 q8 q4; do python benchmarks/decode_quant.py --variants $v --skip-perplexity; done
 
 Prints a table and one JSON line (with `lscpu`'s model name and `uptime`).
 """
@@ -147,51 +148,58 @@ def main() -> None:
     ap.add_argument("--vs-llama-cpp", action="store_true", help="also time llama-cpp-python on the same GGUF")
     ap.add_argument("--head-study", action="store_true",
                     help="also the perplexity of q4 with an int4 and a float32 vocabulary head (default int8)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset of float32,q8,q4; one per process keeps each variant's thread "
+                         "pools to itself (NumPy's OpenBLAS threads of the float32 layout slow PyTorch's "
+                         "two OpenMP threads on a 2-core machine)")
     ap.add_argument("--threads", type=int, default=0,
                     help="PyTorch threads (default: its own choice); 1 is steadier on a crowded machine")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if not variants or any(v not in VARIANTS for v in variants):
+        raise SystemExit(f"--variants takes a comma-separated subset of {','.join(VARIANTS)}")
     load_start = {}
     models = {}
-    for variant in VARIANTS:
+    for variant in variants:
         start = time.perf_counter()
         models[variant] = load(variant)
         load_start[variant] = time.perf_counter() - start
-    lm = models["float32"]
+    lm = models[variants[0]]
     prompt = lm.chat_prompt("Write a short story about a lighthouse keeper.")
 
     # Correctness first: greedy tokens of each variant against float32's.
     reference = lm.generator.generate([prompt], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
     agree = {}
-    for variant in VARIANTS[1:]:
+    for variant in [v for v in variants if v != variants[0]]:
         got = models[variant].generator.generate([prompt], SamplingParams(max_tokens=32, temperature=0,
                                                                           ignore_eos=True))[0]
         agree[variant] = next((i for i, (a, b) in enumerate(zip(got.token_ids, reference.token_ids)) if a != b), 32)
 
-    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    rates: dict[str, list[float]] = {v: [] for v in variants}
     llama = []
     progress = Progress("quantized decode benchmark", args.rounds, unit="rounds", log_every=0.0)
     for r in range(args.rounds):
-        order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
+        order = variants if r % 2 == 0 else tuple(reversed(variants))
         for variant in order:
             rates[variant].append(decode_rate(models[variant], prompt, args.new_tokens))
         if args.vs_llama_cpp:
             rate = llama_cpp_rate(str(lm.spec.path), prompt, args.new_tokens, torch.get_num_threads())
             if rate is not None:
                 llama.append(rate)
-        progress.update(r + 1, info=", ".join(f"{v}={rates[v][-1]:.1f}" for v in VARIANTS))
+        progress.update(r + 1, info=", ".join(f"{v}={rates[v][-1]:.1f}" for v in variants))
     progress.close()
-    med = {v: statistics.median(rates[v]) for v in VARIANTS}
-    profiles = {v: step_profile(models[v], prompt) for v in VARIANTS[1:]}
+    med = {v: statistics.median(rates[v]) for v in variants}
+    profiles = {v: step_profile(models[v], prompt) for v in variants if v != "float32"}
 
     ppl = {}
     if not args.skip_perplexity:
         from lmforge.eval.perplexity import perplexity
 
         texts = heldout_texts(lm.tokenizer, args.eval_tokens)
-        for variant in VARIANTS:
+        for variant in variants:
             ppl[variant] = perplexity(models[variant], texts, window=512, stride=512).ppl
         if args.head_study:
             from lmforge.infer.quant_gguf import load_gguf_quantized
@@ -204,7 +212,7 @@ def main() -> None:
     sizes = {}
     from lmforge.infer.quant_linear import quantized_nbytes
 
-    for variant in VARIANTS:
+    for variant in variants:
         sizes[variant] = round(quantized_nbytes(models[variant].model)["total"] / 1e6, 1)
 
     out = {
@@ -217,9 +225,9 @@ def main() -> None:
         "uptime": uptime(),
         "rounds": args.rounds,
         "new_tokens": args.new_tokens,
-        **{f"{v}_decode_tok_s": round(med[v], 1) for v in VARIANTS},
-        **{f"{v}_vs_float32": round(med[v] / med["float32"], 2) for v in VARIANTS[1:]},
-        **{f"{v}_greedy_tokens_equal_float32": f"{agree[v]}/32" for v in VARIANTS[1:]},
+        **{f"{v}_decode_tok_s": round(med[v], 1) for v in variants},
+        **{f"{v}_vs_float32": round(med[v] / med["float32"], 2) for v in variants if "float32" in med and v != "float32"},
+        **{f"{v}_greedy_tokens_equal_{variants[0]}": f"{agree[v]}/32" for v in agree},
         **{f"{v}_step_ms": round(p["step_ms"], 2) for v, p in profiles.items()},
         **{f"{v}_products_ms": round(p["products_ms"], 2) for v, p in profiles.items()},
         **{f"{v}_product_share": round(p["product_share"], 3) for v, p in profiles.items()},
@@ -229,16 +237,19 @@ def main() -> None:
     }
     if ppl:
         out.update({f"{v}_ppl": round(p, 3) for v, p in ppl.items()})
-        out.update({f"{v}_ppl_vs_float32": round(ppl[v] / ppl["float32"] - 1, 4) for v in ppl if v != "float32"})
+        if "float32" in ppl:
+            out.update({f"{v}_ppl_vs_float32": round(ppl[v] / ppl["float32"] - 1, 4) for v in ppl if v != "float32"})
         out["eval_tokens"] = args.eval_tokens
     if llama:
         out["llama_cpp_decode_tok_s"] = round(statistics.median(llama), 1)
-        out["q4_vs_llama_cpp"] = round(med["q4"] / out["llama_cpp_decode_tok_s"], 2)
+        if "q4" in med:
+            out["q4_vs_llama_cpp"] = round(med["q4"] / out["llama_cpp_decode_tok_s"], 2)
     print(f"{'':10}{'decode tok/s':>14}{'vs fp32':>9}{'MB':>8}{'ppl':>9}")
-    for v in VARIANTS:
-        print(f"{v:10}{med[v]:14.1f}{med[v] / med['float32']:9.2f}{sizes[v]:8.1f}{ppl.get(v, float('nan')):9.3f}")
+    for v in variants:
+        ratio = med[v] / med["float32"] if "float32" in med else float("nan")
+        print(f"{v:10}{med[v]:14.1f}{ratio:9.2f}{sizes[v]:8.1f}{ppl.get(v, float('nan')):9.3f}")
     for v in ppl:
-        if v not in VARIANTS:
+        if v not in variants:
             print(f"{v:10}{'':31}{ppl[v]:9.3f}")
     for v, p in profiles.items():
         print(f"{v} step {p['step_ms']:.2f} ms, products {p['products_ms']:.2f} ms ({p['product_share']:.0%}), "
