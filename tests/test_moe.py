@@ -265,6 +265,28 @@ def test_generation_cached_batched_and_one_by_one_agree_with_transformers(tiny_m
     assert cached[2] == hf_greedy(hf, prompts[2], 16)
 
 
+def test_beam_search_matches_transformers_generate(tiny_mixtral):
+    """Beam search over the mixture of experts (cache rows reordered as beams are reselected)
+    gives the tokens of transformers' generate(num_beams=...)."""
+    from lmforge.infer.beam import BeamParams, DecoderStepper, beam_search
+
+    path, hf = tiny_mixtral
+    model = load_hf_model(path)
+    prompt = torch.tensor([[5, 9, 33, 7, 61]])
+    with torch.no_grad():
+        free = hf.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    eos = int(free[0, 9])  # a token greedy decoding emits mid-way: some beams end early
+    for beams, penalty in ((3, 1.0), (4, 2.0)):
+        with torch.no_grad():
+            expected = hf.generate(prompt, max_new_tokens=10, do_sample=False, num_beams=beams,
+                                   length_penalty=penalty, early_stopping=False, eos_token_id=eos)
+        hyp = beam_search(DecoderStepper(model, prompt, beams, 10), 1, BeamParams(beams, 10, penalty, False), [eos])[0]
+        row = expected[0, prompt.shape[1]:].tolist()
+        if eos in row:
+            row = row[:row.index(eos) + 1]
+        assert hyp.tokens == row, (beams, penalty)
+
+
 @pytest.mark.slow  # starts `lmforge serve` in a subprocess: ~15 s
 def test_lmforge_serve_answers_for_a_mixtral_directory(tiny_mixtral, tmp_path):
     """`lmforge serve DIR` on a directory transformers wrote (plus a tokenizer), over HTTP."""
