@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import cpu_model  # noqa: E402
 
 STREAM_PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -37,14 +38,6 @@ STREAM_PROMPTS = [
     "Describe a busy market in a city you would like to visit.",
     "Write a letter to a friend about learning to cook.",
 ]
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def long_prompt_ids(tokenizer, n: int) -> list[int]:

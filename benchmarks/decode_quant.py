@@ -39,6 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import cpu_model  # noqa: E402
+
 import lmforge  # noqa: E402
 from lmforge.infer import SamplingParams  # noqa: E402
 from lmforge.io.progress import Progress  # noqa: E402
@@ -46,14 +48,6 @@ from lmforge.io.progress import Progress  # noqa: E402
 VARIANTS = ("float32", "q8", "q4")
 PRODUCT_OPS = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "aten::mm", "aten::addmm",
                "aten::linear", "aten::matmul")
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def uptime() -> str:

@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,20 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
-
-
-def texts(side: str):
-    from lmforge.data.corpora import load_source, split_of
-
-    want = "validation" if side == "heldout" else "train"
-    return (d.text for d in load_source("wiki") if split_of(d.text, 0.1, salt="prune") == want)
+from bench_common import cpu_model, wiki_texts  # noqa: E402
 
 
 def block_weights(model) -> int:
@@ -121,12 +107,12 @@ def main() -> None:
     dense, tokenizer = load_model(spec, dtype=torch.float32), load_tokenizer(spec)
     heldout = []
     total = 0
-    for text in texts("heldout"):
+    for text in wiki_texts("heldout"):
         heldout.append(text)
         total += len(tokenizer.encode(text))
         if total >= args.eval_tokens:
             break
-    calibration = calibration_batches(tokenizer, itertools.islice(texts("train"), 10_000), args.calib_tokens)
+    calibration = calibration_batches(tokenizer, itertools.islice(wiki_texts("train"), 10_000), args.calib_tokens)
     dense_weights = block_weights(dense)
 
     settings = [("dense", PruneOptions(method="magnitude", sparsity=0.0))]

@@ -23,27 +23,13 @@ import copy
 import itertools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
-
-
-def texts(side: str):
-    from lmforge.data.corpora import load_source, split_of
-
-    want = "validation" if side == "heldout" else "train"
-    return (d.text for d in load_source("wiki") if split_of(d.text, 0.1, salt="prune") == want)
+from bench_common import cpu_model, wiki_texts  # noqa: E402
 
 
 SETTINGS = {
@@ -65,8 +51,8 @@ def layer_errors(model, tokenizer, layers=(0, 5), name="mlp.proj") -> None:
     from lmforge.infer.quantize import GRIDS, calibration_rows, first_block_inputs, rtn
 
     grid = GRIDS[4]
-    cal = calibration_rows(tokenizer, itertools.islice(texts("train"), 3000), 64, 256)
-    held = calibration_rows(tokenizer, itertools.islice(texts("heldout"), 3000), 8, 256)
+    cal = calibration_rows(tokenizer, itertools.islice(wiki_texts("train"), 3000), 64, 256)
+    held = calibration_rows(tokenizer, itertools.islice(wiki_texts("heldout"), 3000), 8, 256)
     with torch.no_grad():
         xs, ex = first_block_inputs(model, cal)
         hx, hex_ = first_block_inputs(model, held)
@@ -129,12 +115,12 @@ def main() -> None:
     if args.layer_errors:
         return layer_errors(base.eval(), tokenizer)
     heldout, total = [], 0
-    for text in texts("heldout"):
+    for text in wiki_texts("heldout"):
         heldout.append(text)
         total += len(tokenizer.encode(text))
         if total >= args.eval_tokens:
             break
-    train_texts = list(itertools.islice(texts("train"), 10_000))
+    train_texts = list(itertools.islice(wiki_texts("train"), 10_000))
     assert not set(heldout) & set(train_texts)  # the two sides share no document
     rows = calibration_rows(tokenizer, train_texts, args.calib_rows, args.calib_length)
     workdir = Path(tempfile.mkdtemp(prefix="lmforge-quantize-"))
