@@ -60,7 +60,14 @@ def run(args: argparse.Namespace) -> int:
     store = FeedbackStore(runtime.db)  # opened first: a bad path fails before the model loads
     knowledge = None
     vision = None
+    translator = None
     try:
+        if runtime.vlm is not None and runtime.translator is not None:
+            raise LmforgeError("--vlm and --translator cannot be combined yet: serve them from two servers")
+        if runtime.translator is not None:  # a bad directory fails before the model loads
+            from lmforge.serve.translation import Translator
+
+            translator = Translator(runtime.translator, num_beams=runtime.translator_beams)
         if runtime.vlm is not None:  # a bad checkpoint fails before the model loads
             from lmforge.serve.vision import VisionChat
 
@@ -87,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
         from lmforge.serve.vision import vision_router
 
         routers.append(vision_router(vision))
+    if translator is not None:
+        from lmforge.serve.translation import translator_router
+
+        routers.append(translator_router(translator))
     app = create_app(scheduler, lm.tokenizer, lm.name, settings, store=store, knowledge=knowledge, routers=routers)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -94,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     for adapter in adapters.adapters if adapters is not None else []:
         print(f"adapter: {adapter.name} (LoRA r={adapter.rank}, {len(adapter.layers)} layers, from {adapter.source}); "
               f"request it as model {adapter.name} or {lm.name}:{adapter.name}", file=sys.stderr, flush=True)
+    if translator is not None:
+        print(f"translator: {translator.name} ({translator.model.config.family}, {translator.num_beams} beams) "
+              f"answers requests that name it as their model", file=sys.stderr, flush=True)
     if vision is not None:
         print(f"images: {vision.name} ({vision.task}) answers chat requests with an image_url part, or that name "
               f"it as their model", file=sys.stderr, flush=True)

@@ -145,6 +145,11 @@ class ServeRuntime:
     vlm: str | None = option(None, metavar="CHECKPOINT",
                              help="also answer chat requests that carry an image (a data: URL image_url part) with "
                                   "this captioning or VQA checkpoint (lmforge vlm train --task caption|vqa)")
+    translator: str | None = option(None, metavar="MODEL_DIR",
+                                    help="also serve this encoder-decoder model (T5, Marian or BART directory with "
+                                         "tokenizer.json, e.g. OUT/model of lmforge translate train): requests naming "
+                                         "it as their model get the translation of their text")
+    translator_beams: int = option(4, metavar="N", help="beam width of --translator (1 = greedy; default 4)")
 
     def __post_init__(self) -> None:
         from lmforge.errors import LmforgeError
