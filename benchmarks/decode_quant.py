@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import cpu_model  # noqa: E402
+from bench_common import cpu_model, heldout_texts  # noqa: E402
 
 import lmforge  # noqa: E402
 from lmforge.infer import SamplingParams  # noqa: E402
@@ -102,20 +102,6 @@ def step_profile(lm, prompt: list[int], steps: int = 16) -> dict[str, float]:
     step_ms = statistics.median(times) * 1e3
     return {"step_ms": step_ms, "products_ms": products_ms, "product_share": min(1.0, products_ms / step_ms),
             "aten_ops_per_step": ops}
-
-
-def heldout_texts(tokenizer, tokens: int) -> list[str]:
-    from lmforge.data.corpora import load_source, split_of
-
-    texts, total = [], 0
-    for doc in load_source("wiki"):
-        if split_of(doc.text, 0.1, salt="prune") != "validation":
-            continue
-        texts.append(doc.text)
-        total += len(tokenizer.encode(doc.text))
-        if total >= tokens:
-            break
-    return texts
 
 
 def llama_cpp_rate(path: str, prompt: list[int], new: int, threads: int) -> float | None:
@@ -192,7 +178,7 @@ def main() -> None:
     if not args.skip_perplexity:
         from lmforge.eval.perplexity import perplexity
 
-        texts = heldout_texts(lm.tokenizer, args.eval_tokens)
+        texts, counted = heldout_texts(lm.tokenizer, args.eval_tokens)
         for variant in variants:
             ppl[variant] = perplexity(models[variant], texts, window=512, stride=512).ppl
         if args.head_study:
@@ -233,7 +219,7 @@ def main() -> None:
         out.update({f"{v}_ppl": round(p, 3) for v, p in ppl.items()})
         if "float32" in ppl:
             out.update({f"{v}_ppl_vs_float32": round(ppl[v] / ppl["float32"] - 1, 4) for v in ppl if v != "float32"})
-        out["eval_tokens"] = args.eval_tokens
+        out["eval_tokens"] = counted
     if llama:
         out["llama_cpp_decode_tok_s"] = round(statistics.median(llama), 1)
         if "q4" in med:

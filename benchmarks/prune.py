@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import cpu_model, wiki_texts  # noqa: E402
+from bench_common import cpu_model, heldout_texts, wiki_texts  # noqa: E402
 
 
 def block_weights(model) -> int:
@@ -105,13 +105,7 @@ def main() -> None:
         args.eval_tokens, args.calib_tokens, args.rounds = min(args.eval_tokens, 4096), 1024, 1
     spec = resolve(None)
     dense, tokenizer = load_model(spec, dtype=torch.float32), load_tokenizer(spec)
-    heldout = []
-    total = 0
-    for text in wiki_texts("heldout"):
-        heldout.append(text)
-        total += len(tokenizer.encode(text))
-        if total >= args.eval_tokens:
-            break
+    heldout, total = heldout_texts(tokenizer, args.eval_tokens)
     calibration = calibration_batches(tokenizer, itertools.islice(wiki_texts("train"), 10_000), args.calib_tokens)
     dense_weights = block_weights(dense)
 

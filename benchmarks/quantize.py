@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import cpu_model, wiki_texts  # noqa: E402
+from bench_common import cpu_model, heldout_texts, wiki_texts  # noqa: E402
 
 
 SETTINGS = {
@@ -114,12 +114,7 @@ def main() -> None:
     base, tokenizer = load_model(spec, dtype=torch.float32), load_tokenizer(spec)
     if args.layer_errors:
         return layer_errors(base.eval(), tokenizer)
-    heldout, total = [], 0
-    for text in wiki_texts("heldout"):
-        heldout.append(text)
-        total += len(tokenizer.encode(text))
-        if total >= args.eval_tokens:
-            break
+    heldout, total = heldout_texts(tokenizer, args.eval_tokens)
     train_texts = list(itertools.islice(wiki_texts("train"), 10_000))
     assert not set(heldout) & set(train_texts)  # the two sides share no document
     rows = calibration_rows(tokenizer, train_texts, args.calib_rows, args.calib_length)
