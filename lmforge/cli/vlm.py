@@ -1,7 +1,8 @@
 """`lmforge vlm train cnn|vit|clip | eval CHECKPOINT | classify CHECKPOINT IMAGE...`: image encoders and
 a CLIP-style dual encoder trained on Fashion-MNIST; `lmforge vlm train --task caption|vqa`,
 `lmforge vlm caption IMAGE...` and `lmforge vlm ask IMAGE QUESTION`: a LLaVA-style captioning
-and question-answering model trained on generated scenes (lmforge/vlm/)."""
+and question-answering model trained on generated scenes (lmforge/vlm/); `lmforge vlm export CHECKPOINT
+--out DIR`: any of them except the CNN in its Hugging Face layout (lmforge/vlm/hf_layouts.py)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,14 @@ def register(verbs: argparse._SubParsersAction) -> None:
     add_config_flags(ask, CaptionDecodeOptions)
     ask.set_defaults(func=run_ask)
 
+    export = sub.add_parser("export", help="write a vit, clip or caption/vqa checkpoint in its Hugging Face layout "
+                                           "(ViTForImageClassification, CLIPModel, LlavaForConditionalGeneration)",
+                            description="Write CHECKPOINT as a directory transformers loads with from_pretrained. "
+                                        "Every lmforge vlm command also reads such directories.")
+    export.add_argument("checkpoint", metavar="CHECKPOINT")
+    export.add_argument("--out", required=True, metavar="DIR", help="the new directory (must not exist or be empty)")
+    export.set_defaults(func=run_export)
+
 
 def run_train(args: argparse.Namespace) -> int:
     from lmforge.errors import LmforgeError
@@ -147,8 +156,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from lmforge.vlm.train import evaluate_checkpoint, round_floats
 
-    config = Path(args.checkpoint) / "config.json"
-    if config.is_file() and '"kind": "vlm"' in config.read_text(encoding="utf-8"):
+    from lmforge.vlm.hf_layouts import checkpoint_kind
+
+    if checkpoint_kind(args.checkpoint) == "vlm":
         from lmforge.errors import LmforgeError
         from lmforge.io.atomic import write_json_atomic
         from lmforge.vlm.captioner import evaluate, format_metrics, load_vlm
@@ -205,4 +215,12 @@ def run_ask(args: argparse.Namespace) -> int:
     result = describe(args.model, [args.image], args.question, o.num_beams, o.max_new_tokens, o.length_penalty,
                       log=lambda line: print(line, file=sys.stderr))[0]
     print(json.dumps(result) if args.json else result["answer"])
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from lmforge.vlm.hf_layouts import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {result['architecture']} ({result['kind']}) to {result['out']}")
     return 0

@@ -51,6 +51,7 @@ from lmforge.vlm.connectors import MLPProjector, QueryResampler
 from lmforge.vlm.encoders import ViTConfig, VisionTransformer
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]")
+VISION_FEATURES = ("last_block", "normed")
 
 
 # ---- the model ---------------------------------------------------------------------------
@@ -59,15 +60,25 @@ class VisionLanguageModel(nn.Module):
     """``pixel_mean``/``pixel_std`` standardize the 0..1 pixels before the ViT. They matter: the
     scenes are mostly near-white background, and without centring the patch embedding starts
     nearly blind to colour; the decoder then learns the text prior and ignores the image (a
-    run without them answered at the level of the blind answer prior; see the VQA handbook page)."""
+    run without them answered at the level of the blind answer prior; see the VQA handbook page).
+
+    ``vision_features`` picks what the connector reads: "last_block" is the last ViT block's
+    output before the final LayerNorm (what LLaVA takes from its vision tower, so these models
+    export to Hugging Face's LlavaForConditionalGeneration), "normed" the final normalized
+    states (the earlier design). ``projector_hidden`` is the MLP projector's hidden width:
+    LLaVA's is the LM width; None keeps the earlier 2 x LM width."""
 
     def __init__(self, vit: ViTConfig, lm: ModelConfig, connector: str = "mlp", queries: int = 16,
-                 pixel_mean: float = 0.5, pixel_std: float = 0.25) -> None:
+                 pixel_mean: float = 0.5, pixel_std: float = 0.25, vision_features: str = "normed",
+                 projector_hidden: int | None = None) -> None:
         super().__init__()
+        if vision_features not in VISION_FEATURES:
+            raise ValueError(f"vision_features must be one of {VISION_FEATURES}, got {vision_features!r}")
         self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
+        self.vision_features = vision_features
         self.encoder = VisionTransformer(vit)
         if connector == "mlp":
-            self.connector = MLPProjector(vit.width, lm.n_embd, 2 * lm.n_embd)
+            self.connector = MLPProjector(vit.width, lm.n_embd, projector_hidden or 2 * lm.n_embd)
             self.prefix_length = vit.n_patches + 1
         elif connector == "resampler":
             self.connector = QueryResampler(lm.n_embd, vit.width, lm.n_head, queries)
@@ -78,7 +89,8 @@ class VisionLanguageModel(nn.Module):
 
     def image_prefix(self, images: torch.Tensor) -> torch.Tensor:
         """Visual tokens [B, P, d_lm] of images [B, 3, H, W] in 0..1."""
-        return self.connector(self.encoder.tokens((images - self.pixel_mean) / self.pixel_std))
+        pixels = (images - self.pixel_mean) / self.pixel_std
+        return self.connector(self.encoder.tokens(pixels, final_norm=self.vision_features == "normed"))
 
     def embed_inputs(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.image_prefix(images), self.lm.embed(ids)], dim=1)
@@ -97,9 +109,11 @@ class VisionLanguageModel(nn.Module):
 
 
 def build_model(meta: dict[str, Any]) -> VisionLanguageModel:
-    # checkpoints written before pixels were standardized hold no pixel_mean: they saw raw 0..1 pixels
+    # checkpoints written before pixels were standardized hold no pixel_mean: they saw raw 0..1 pixels;
+    # those written before the LLaVA-compatible defaults hold no vision_features / projector_hidden
     return VisionLanguageModel(ViTConfig(**meta["vit"]), ModelConfig.from_dict(meta["lm"]), meta["connector"],
-                               meta.get("queries", 16), meta.get("pixel_mean", 0.0), meta.get("pixel_std", 1.0))
+                               meta.get("queries", 16), meta.get("pixel_mean", 0.0), meta.get("pixel_std", 1.0),
+                               meta.get("vision_features", "normed"), meta.get("projector_hidden"))
 
 
 def model_meta(config: CaptionTrainConfig, vocab_size: int, ids: dict[str, int]) -> dict[str, Any]:
@@ -113,7 +127,16 @@ def model_meta(config: CaptionTrainConfig, vocab_size: int, ids: dict[str, int])
                      bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
     return {"kind": "vlm", "task": c.task, "vit": dataclasses.asdict(vit), "lm": lm.to_dict(),
             "connector": c.connector, "queries": c.queries, "image_size": c.image_size, "special_ids": ids,
-            "pixel_mean": 0.5, "pixel_std": 0.25}
+            "pixel_mean": 0.5, "pixel_std": 0.25, **new_connector_defaults(c.connector, c.lm_width)}
+
+
+def new_connector_defaults(connector: str, lm_width: int) -> dict[str, Any]:
+    """What a newly trained model's connector reads and how wide it is. The MLP design follows
+    LLaVA exactly (last block's states, hidden width = LM width) so that it exports to Hugging
+    Face; the resampler, which has no Hugging Face counterpart, keeps reading the normed states."""
+    if connector == "mlp":
+        return {"vision_features": "last_block", "projector_hidden": lm_width}
+    return {"vision_features": "normed"}
 
 
 # ---- text and batches --------------------------------------------------------------------
@@ -261,7 +284,11 @@ def load_vlm(path: str | Path) -> LoadedVLM:
 
     from lmforge.tokenizer.tokenizer import Tokenizer
 
+    from lmforge.vlm.hf_layouts import hf_model_type, load_hf_vlm
+
     folder = Path(path)
+    if hf_model_type(folder) is not None:  # a Hugging Face LLaVA directory (hf_llava.py)
+        return load_hf_vlm(folder)
     config_path, weights, tok = folder / "config.json", folder / "model.safetensors", folder / "tokenizer.json"
     if not (config_path.is_file() and weights.is_file() and tok.is_file()):
         raise LmforgeError(f"{folder} is not a vision-language checkpoint (needs config.json, model.safetensors and "

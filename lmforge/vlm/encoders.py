@@ -75,14 +75,16 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Final normalized states of the class token and every patch: [B, 1 + n_patches, width]."""
+    def tokens(self, images: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """States of the class token and every patch: [B, 1 + n_patches, width]. With
+        ``final_norm`` False they are the last block's output before the final LayerNorm, the
+        features LLaVA-style models take from a vision tower (its last hidden state)."""
         x = self.patch(images).flatten(2).transpose(1, 2)  # [B, n_patches, width], row-major patches
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
         length = x.shape[1]
         for i, block in enumerate(self.blocks):
             x = block(x, None, None, None, i, 0, length)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.tokens(images)

@@ -82,9 +82,14 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, meta: dict[str, Any
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    """An lmforge vision checkpoint, or a Hugging Face ViT classifier / CLIP directory (hf_layouts.py)."""
     from safetensors.torch import load_file
 
+    from lmforge.vlm.hf_layouts import hf_model_type, load_hf_checkpoint
+
     folder = Path(path)
+    if hf_model_type(folder) is not None:
+        return load_hf_checkpoint(folder)
     config_path, weights = folder / "config.json", folder / "model.safetensors"
     if not config_path.is_file() or not weights.is_file():
         raise LmforgeError(f"{folder} is not a vision checkpoint (needs config.json and model.safetensors; "
@@ -451,8 +456,9 @@ def classify(path: str | Path, specs: list[str], data_dir: str | None = None, in
     results = []
     for spec, p in zip(specs, probs):
         best = p.argsort(descending=True)[:top]
-        results.append({"image": spec, "label": fm.CLASS_NAMES[int(best[0])],
-                        "top": [{"label": fm.CLASS_NAMES[int(i)], "probability": round(float(p[i]), 4)} for i in best]})
+        names = ckpt.meta.get("classes") or fm.CLASS_NAMES
+        results.append({"image": spec, "label": names[int(best[0])],
+                        "top": [{"label": names[int(i)], "probability": round(float(p[i]), 4)} for i in best]})
     return results
 
 
