@@ -48,6 +48,12 @@ class DualEncoder(nn.Module):
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)), dim=-1)
 
+    @property
+    def eos_token_id(self) -> int | None:
+        """The token every text must end in (an EOS-pooled text tower), else None."""
+        config = self.text_encoder.config
+        return config.eos_token_id if config.pool == "eos" else None
+
     def logit_scale(self) -> torch.Tensor:
         return self.log_scale.exp()
 
@@ -72,9 +78,16 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scal
 
 # ---- text batches -------------------------------------------------------------------------
 
-def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, L] and mask [B, L] (L: the longest text, at most ``max_length``)."""
-    rows = [tokenizer.encode(t.lower())[:max_length] or [tokenizer.pad_id or 0] for t in texts]
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int,
+                 eos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, L] and mask [B, L] (L: the longest text, at most ``max_length``).
+
+    With ``eos_token_id`` every row ends in that token (after truncating the text to leave it
+    room): an EOS-pooled text tower reads its vector there."""
+    if eos_token_id is None:
+        rows = [tokenizer.encode(t.lower())[:max_length] or [tokenizer.pad_id or 0] for t in texts]
+    else:
+        rows = [tokenizer.encode(t.lower())[:max_length - 1] + [eos_token_id] for t in texts]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -91,7 +104,7 @@ def embed_texts(model: DualEncoder, tokenizer, texts: Sequence[str], max_length:
     model.eval()
     out = []
     for i in range(0, len(texts), batch_size):
-        ids, mask = encode_texts(tokenizer, texts[i:i + batch_size], max_length)
+        ids, mask = encode_texts(tokenizer, texts[i:i + batch_size], max_length, model.eos_token_id)
         out.append(model.encode_texts(ids, mask))
     return torch.cat(out)
 

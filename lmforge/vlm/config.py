@@ -38,9 +38,16 @@ class VisionTrainConfig:
     depth: int = option(4, help="vit: Transformer blocks")
     heads: int = option(4, help="vit: attention heads")
     pool: str = option("cls", choices=("cls", "mean"), help="vit: the class token's state or the mean of the patches")
+    pre_norm: bool = option(True, help="clip with a vit: a LayerNorm before the first block, as in CLIP's vision tower "
+                                       "(--no-pre-norm: the earlier design without it; the vit classifier never "
+                                       "has one)")
     cnn_width: int = option(32, help="cnn: channels of the first stage (doubled at each of the next two)")
     text_width: int = option(64, help="clip: text encoder width")
     text_depth: int = option(2, help="clip: text encoder blocks")
+    text_pool: str = option("eos", choices=("eos", "mean"),
+                            help="clip: eos: a causal text tower read at the EOS token ending every caption (CLIP's "
+                                 "design, exportable as a Hugging Face CLIPModel); mean: the earlier bidirectional "
+                                 "tower averaged over the caption's tokens")
     vocab_size: int = option(300, help="clip: WordPiece vocabulary trained on the training captions")
     embed_dim: int = option(64, help="clip: width of the shared embedding space")
     retrieval_size: int = option(1000, help="clip: test images (and their captions) in the retrieval set")
@@ -70,8 +77,11 @@ class VisionTrainConfig:
 
     def image_encoder_config(self) -> dict[str, Any]:
         if self.image_encoder == "vit":
-            return dict(patch_size=self.patch_size, width=self.width, depth=self.depth, heads=self.heads,
-                        mlp_ratio=2, pool=self.pool)
+            config = dict(patch_size=self.patch_size, width=self.width, depth=self.depth, heads=self.heads,
+                          mlp_ratio=2, pool=self.pool)
+            if self.kind == "clip" and self.pre_norm:
+                config["pre_norm"] = True
+            return config
         return dict(widths=[self.cnn_width, 2 * self.cnn_width, 4 * self.cnn_width])
 
 

@@ -11,9 +11,11 @@ LayerNorm and a GELU MLP): the same attention and MLP code as the language model
 `ConvNet`: three 3x3 convolution stages (batch norm, ReLU, 2x2 max-pool after the first
 two) and global average pooling, the classic baseline a ViT of this size has to beat.
 
-`ImageClassifier` puts a linear head on either. `TextEncoder` is a small bidirectional
-`lmforge.model.Transformer` (``lm_head=False``) whose hidden states are mean-pooled over
-the real (non-padding) tokens.
+`ImageClassifier` puts a linear head on either. `TextEncoder` is a small
+`lmforge.model.Transformer` (``lm_head=False``): bidirectional and mean-pooled over the real
+(non-padding) tokens, or, as in CLIP, causal and read at the EOS token ending every text.
+With ``ViTConfig.pre_norm`` and cls pooling the ViT is CLIP's vision tower, so a dual encoder
+built from these pieces can be written as a Hugging Face ``CLIPModel`` (hf_clip.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class ViTConfig:
     heads: int = 4
     mlp_ratio: int = 2
     pool: str = "cls"  # cls: the class token's final state; mean: the average of the patch tokens
+    # A LayerNorm on the embeddings before the first block (CLIP's vision tower has one; the
+    # original ViT does not). Off by default so every earlier checkpoint is unchanged.
+    pre_norm: bool = False
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -70,6 +75,7 @@ class VisionTransformer(nn.Module):
         blocks = c.block_config()
         self.blocks = nn.ModuleList(Block(blocks) for _ in range(c.depth))
         self.norm = make_norm(blocks)
+        self.pre_norm = make_norm(blocks) if c.pre_norm else None
         self.width = c.width
         for module in self.blocks.modules():
             if isinstance(module, nn.Linear):
@@ -82,6 +88,8 @@ class VisionTransformer(nn.Module):
         features LLaVA-style models take from a vision tower (its last hidden state)."""
         x = self.patch(images).flatten(2).transpose(1, 2)  # [B, n_patches, width], row-major patches
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
         length = x.shape[1]
         for i, block in enumerate(self.blocks):
             x = block(x, None, None, None, i, 0, length)
@@ -140,23 +148,45 @@ class ImageClassifier(nn.Module):
         return self.head(self.encoder(images))
 
 
+TEXT_POOLS = ("mean", "eos")
+
+
 @dataclass
 class TextConfig:
+    """The text tower's shape. ``pool`` "mean" (with ``causal`` False: a bidirectional encoder
+    averaged over its real tokens) is the first design and what a checkpoint without these
+    keys means; "eos" is CLIP's: every text ends in ``eos_token_id`` and its vector is that
+    last token's state, which with ``causal`` True has read the whole text and nothing after."""
+
     vocab_size: int = 256
     width: int = 64
     depth: int = 2
     heads: int = 4
     max_length: int = 24
+    mlp_ratio: int = 2
+    norm_eps: float = 1e-5
+    causal: bool = False
+    pool: str = "mean"
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pool not in TEXT_POOLS:
+            raise ValueError(f"text pool must be one of {TEXT_POOLS}, got {self.pool!r}")
+        if self.pool == "eos" and self.eos_token_id is None:
+            raise ValueError("eos pooling needs eos_token_id")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(family="text-encoder", vocab_size=self.vocab_size, n_layer=self.depth, n_embd=self.width,
-                           n_head=self.heads, intermediate_size=2 * self.width, norm="layernorm", mlp="gelu",
-                           gelu_approximate="none", position="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
-                           causal=False, lm_head=False, max_position_embeddings=self.max_length)
+                           n_head=self.heads, intermediate_size=self.mlp_ratio * self.width, norm="layernorm",
+                           norm_eps=self.norm_eps, mlp="gelu", gelu_approximate="none", position="learned",
+                           qkv_bias=True, out_bias=True, mlp_bias=True, causal=self.causal, lm_head=False,
+                           max_position_embeddings=self.max_length)
 
 
 class TextEncoder(nn.Module):
-    """Token ids [B, L] and their mask -> one vector per text [B, width] (mean over real tokens)."""
+    """Token ids [B, L] and their mask -> one vector per text [B, width]: the mean over the real
+    tokens, or (pool "eos") the state of each row's last real token, the EOS that
+    `lmforge.vlm.clip.encode_texts` appends."""
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -166,5 +196,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.transformer.encode(input_ids, attention_mask)
+        if self.config.pool == "eos":
+            last = attention_mask.sum(1).clamp_min(1) - 1
+            return states[torch.arange(len(states), device=states.device), last]
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)

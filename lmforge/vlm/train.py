@@ -269,8 +269,11 @@ def train(config: VisionTrainConfig, progress: bool = True, log: Callable[[str],
         bins = fm.training_bins(c.data_dir) if c.train_limit is None else fm.AttributeBins.fit(raw_train, train_labels)
         brightness, size = bins.assign(raw_train, train_labels)
         tokenizer = train_caption_tokenizer(fm.captions(train_labels, brightness, size, seed=c.seed), c.vocab_size)
+        eos = dict(causal=True, pool="eos", eos_token_id=tokenizer.eos_id) if c.text_pool == "eos" else {}
+        if eos and eos["eos_token_id"] is None:
+            raise LmforgeError("the caption tokenizer has no EOS token for --text-pool eos")
         text = dataclasses.asdict(TextConfig(vocab_size=tokenizer.vocab_size, width=c.text_width, depth=c.text_depth,
-                                             heads=max(1, c.text_width // 16)))
+                                             heads=max(1, c.text_width // 16), **eos))
     model = build_model(c.kind, c.image_encoder, c.image_encoder_config(), text, c.embed_dim)
     model.train()
     optimizer = build_optimizer(model, "adamw", c.lr, (0.9, 0.98), 1e-8, c.weight_decay)
@@ -297,7 +300,8 @@ def train(config: VisionTrainConfig, progress: bool = True, log: Callable[[str],
         if c.kind == "clip":
             from lmforge.vlm.clip import encode_texts
 
-            ids, mask = encode_texts(tokenizer, [epoch_captions[i] for i in index.tolist()], text["max_length"])
+            ids, mask = encode_texts(tokenizer, [epoch_captions[i] for i in index.tolist()], text["max_length"],
+                                     model.eos_token_id)
             loss = model(images, ids, mask)
         else:
             loss = F.cross_entropy(model(images), labels_t[index])
