@@ -142,6 +142,19 @@ def test_captioner_defaults_are_llava_shaped():
     assert loaded.model.connector.fc1.out_features == loaded.model.lm.config.n_embd
 
 
+def test_training_flags_choose_the_earlier_design():
+    from lmforge.vlm import captioner as cap
+    from lmforge.vlm.config import CaptionTrainConfig
+
+    ids = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "sep": 4}
+    old = cap.model_meta(CaptionTrainConfig(vision_features="normed", projector_width=192), 150, ids)
+    assert old["vision_features"] == "normed" and cap.build_model(old).connector.fc1.out_features == 192
+    resampler = cap.model_meta(CaptionTrainConfig(connector="resampler"), 150, ids)
+    assert resampler["vision_features"] == "normed" and "projector_hidden" not in resampler
+    with pytest.raises(LmforgeError, match="--projector-width"):
+        CaptionTrainConfig(projector_width=0)
+
+
 def test_captioner_export_gives_transformers_the_same_logits_and_greedy_tokens(tmp_path):
     from transformers import LlavaForConditionalGeneration
 

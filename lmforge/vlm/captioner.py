@@ -127,16 +127,17 @@ def model_meta(config: CaptionTrainConfig, vocab_size: int, ids: dict[str, int])
                      bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
     return {"kind": "vlm", "task": c.task, "vit": dataclasses.asdict(vit), "lm": lm.to_dict(),
             "connector": c.connector, "queries": c.queries, "image_size": c.image_size, "special_ids": ids,
-            "pixel_mean": 0.5, "pixel_std": 0.25, **new_connector_defaults(c.connector, c.lm_width)}
+            "pixel_mean": 0.5, "pixel_std": 0.25, **connector_choices(c)}
 
 
-def new_connector_defaults(connector: str, lm_width: int) -> dict[str, Any]:
-    """What a newly trained model's connector reads and how wide it is. The MLP design follows
-    LLaVA exactly (last block's states, hidden width = LM width) so that it exports to Hugging
-    Face; the resampler, which has no Hugging Face counterpart, keeps reading the normed states."""
-    if connector == "mlp":
-        return {"vision_features": "last_block", "projector_hidden": lm_width}
-    return {"vision_features": "normed"}
+def connector_choices(c: CaptionTrainConfig) -> dict[str, Any]:
+    """What a newly trained model's connector reads and how wide it is. By default the MLP design
+    follows LLaVA exactly (last block's states, hidden width = LM width) so that it exports to
+    Hugging Face; the resampler, which has no Hugging Face counterpart, keeps reading the normed
+    states. --vision-features and --projector-width choose otherwise (e.g. the earlier design)."""
+    if c.connector == "mlp":
+        return {"vision_features": c.vision_features or "last_block", "projector_hidden": c.projector_width or c.lm_width}
+    return {"vision_features": c.vision_features or "normed"}
 
 
 # ---- text and batches --------------------------------------------------------------------

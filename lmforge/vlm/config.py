@@ -117,6 +117,12 @@ class CaptionTrainConfig:
                             help="mlp: every patch state projected to a visual token (LLaVA); resampler: "
                                  "--queries learned queries read the patches (Q-Former idea)")
     queries: int = option(16, help="resampler: visual tokens")
+    vision_features: str | None = option(None, choices=("last_block", "normed"),
+                                         help="what the connector reads: the last ViT block's output (LLaVA; the "
+                                              "mlp default, exportable) or the final normalized states (the "
+                                              "resampler default and the earlier mlp design)")
+    projector_width: int | None = option(None, help="mlp: projector hidden width (default: the LM width, as in "
+                                                    "LLaVA; the earlier design used 2x)")
     lm_width: int = option(96, help="language model width")
     lm_layers: int = option(2, help="language model blocks")
     lm_heads: int = option(4, help="language model attention heads")
@@ -145,6 +151,8 @@ class CaptionTrainConfig:
                 raise LmforgeError(f"--{name.replace('_', '-')} must be at least 1")
         if self.image_size % self.patch_size:
             raise LmforgeError(f"--patch-size {self.patch_size} does not divide --image-size {self.image_size}")
+        if self.projector_width is not None and self.projector_width < 1:
+            raise LmforgeError("--projector-width must be at least 1")
         if self.vit_width % self.vit_heads or self.lm_width % self.lm_heads:
             raise LmforgeError("--vit-width and --lm-width must be multiples of their heads")
 
