@@ -5,6 +5,7 @@ trained on Fashion-MNIST with captions generated from labels and measured attrib
     fashion_mnist.py  the idx reader, class names, pixel attributes, captions and prompts
     encoders.py       ViT, CNN, the classifier head and the text encoder
     clip.py           the dual encoder, symmetric InfoNCE, zero-shot and retrieval
+    hf_clip.py        the dual encoder in the Hugging Face CLIPModel layout (save and load)
     connectors.py     MLP projector, cross-attention, gated cross-attention, query resampler
     config.py         the training run's settings (flags of lmforge vlm train)
     train.py          the training run, checkpoints and evaluation
