@@ -61,7 +61,9 @@ def test_logits_router_logits_and_aux_loss_match_transformers(tiny_mixtral):
         got = ours(ids)
     assert (got - expected.logits).abs().max().item() <= ATOL
     for mine, theirs in zip((m.router_logits for m in ours.moe_layers()), expected.router_logits):
-        assert (mine - theirs).abs().max().item() <= ATOL
+        # the routers are scaled up (entries up to ~20), so float32 rounding of the two products is
+        # about 1e-5 in absolute terms: compare relative to each entry's size
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=ATOL)
     ref_aux = load_balancing_loss_func(expected.router_logits, 4, 2)
     losses = ours.router_losses()
     assert abs(float(losses["router_aux"]) - float(ref_aux)) <= 1e-5
