@@ -4,6 +4,8 @@
     lmforge vlm export runs/vlm-vqa-2stage-long --out runs/vlm-vqa-hf
     python benchmarks/vlm_hf_export.py --caption runs/vlm-caption --caption-hf runs/vlm-caption-hf \
         --vqa runs/vlm-vqa-2stage-long --vqa-hf runs/vlm-vqa-hf --scenes 50
+    lmforge vlm export runs/vlm-vit --out runs/vlm-vit-hf
+    python benchmarks/vlm_hf_export.py --caption "" --vit runs/vlm-vit --vit-hf runs/vlm-vit-hf
 
 For the first ``--scenes`` test scenes, lmforge's greedy caption (and its answers to the scene's
 test questions) are compared with ``LlavaForConditionalGeneration.generate`` on the exported
@@ -11,6 +13,11 @@ directory, fed the way a transformers user would: pixel values from the director
 processor (AutoImageProcessor on the rendered uint8 image) and the prompt ``<image>`` x
 image_seq_length, then lmforge's prompt ids. Prints one JSON line: how many outputs agree token
 for token, and the largest logit difference on the first decoding step.
+
+With ``--vit``/``--vit-hf`` it also classifies the Fashion-MNIST test split with lmforge's ViT
+classifier and with ``ViTForImageClassification`` on its export (pixels from the exported
+image processor) and reports both accuracies, how many predictions agree and the largest
+logit difference.
 """
 
 from __future__ import annotations
@@ -72,21 +79,59 @@ def compare(original: str, exported: str, n_scenes: int, questions: int) -> dict
             "seconds": {k: round(v, 2) for k, v in seconds.items()}, "examples": examples}
 
 
+@torch.no_grad()
+def compare_vit(original: str, exported: str, batch: int = 500) -> dict:
+    from transformers import AutoImageProcessor, ViTForImageClassification
+
+    from lmforge.vlm import fashion_mnist as fm
+    from lmforge.vlm.train import load_checkpoint
+
+    ours_model = load_checkpoint(original).model
+    hf = ViTForImageClassification.from_pretrained(exported).eval()
+    processor = AutoImageProcessor.from_pretrained(exported)
+    raw, labels = fm.load_split("test")
+    agree = correct_ours = correct_theirs = 0
+    max_diff = 0.0
+    for i in range(0, len(raw), batch):
+        chunk = raw[i:i + batch]
+        ours = ours_model(fm.to_tensor(chunk))
+        pixels = processor(images=list(chunk[..., None]), return_tensors="pt", input_data_format="channels_last",
+                           do_resize=False)["pixel_values"]
+        theirs = hf(pixel_values=pixels).logits
+        max_diff = max(max_diff, float((ours - theirs).abs().max()))
+        truth = torch.from_numpy(labels[i:i + batch].astype("int64"))
+        agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        correct_ours += int((ours.argmax(-1) == truth).sum())
+        correct_theirs += int((theirs.argmax(-1) == truth).sum())
+    n = len(raw)
+    return {"images": n, "same_prediction": agree, "accuracy_lmforge": correct_ours / n,
+            "accuracy_transformers": correct_theirs / n, "max_logit_diff": max_diff}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--caption", default="runs/vlm-caption")
     p.add_argument("--caption-hf", default="runs/vlm-caption-hf")
     p.add_argument("--vqa", default=None)
     p.add_argument("--vqa-hf", default=None)
+    p.add_argument("--vit", default=None, help="a ViT classifier checkpoint")
+    p.add_argument("--vit-hf", default=None, help="its export")
     p.add_argument("--scenes", type=int, default=50)
     p.add_argument("--questions", type=int, default=2, help="vqa: test questions per scene")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    results = {"caption": compare(args.caption, args.caption_hf, args.scenes, args.questions)}
+    results = {}
+    if args.caption and args.caption_hf:
+        results["caption"] = compare(args.caption, args.caption_hf, args.scenes, args.questions)
     if args.vqa and args.vqa_hf:
         results["vqa"] = compare(args.vqa, args.vqa_hf, args.scenes, args.questions)
-    for name, r in results.items():
+    if args.vit and args.vit_hf:
+        v = results["vit"] = compare_vit(args.vit, args.vit_hf)
+        print(f"vit: {v['same_prediction']}/{v['images']} predictions identical; accuracy lmforge "
+              f"{v['accuracy_lmforge']:.4f}, transformers {v['accuracy_transformers']:.4f}; logits within "
+              f"{v['max_logit_diff']:.2e}")
+    for name, r in ((k, r) for k, r in results.items() if k != "vit"):
         print(f"{name}: {r['identical']}/{r['outputs']} greedy outputs identical; first-step logits within "
               f"{r['max_first_step_logit_diff']:.2e}")
         for e in r["examples"]:
