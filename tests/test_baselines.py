@@ -49,6 +49,23 @@ def test_prepare_splits_by_article_and_ngram_scores_the_test_rows(corpus, capsys
     # a unigram is worse than the trigram on the same tokens
     assert main(["baseline", "train", "ngram", "--order", "1", *flags]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > result["perplexity"]
+    # the trigram as an ARPA file, its words the tokenizer's tokens, scores as the counted model
+    from lmforge.eval.baselines import BaselineConfig, load_rows, load_tokenizer
+    from lmforge.model.arpa import ArpaLM, arpa_words
+    from lmforge.model.ngram import NGramLM
+
+    assert main(["baseline", "arpa", "ngram-3", *flags]) == 0
+    arpa = ArpaLM.load(root / "ngram-3" / "model.arpa")
+    config = BaselineConfig(root=str(root))
+    tokenizer = load_tokenizer(config)
+    words = arpa_words([tokenizer.id_to_token(i) or "" for i in range(tokenizer.vocab_size)], tokenizer.vocab_size)
+    assert sum(w.startswith("<id:") for w in words) < 5  # byte-level tokens are whitespace-free: names kept
+    row = load_rows(config, "test")[0]
+    np.testing.assert_allclose(arpa.token_logprobs(row, words), NGramLM.load(root / "ngram-3" / "ngram.safetensors")
+                               .token_logprobs(row), atol=1e-7)
+    capsys.readouterr()
+    assert main(["baseline", "arpa", "lstm", *flags]) != 0
+    assert "no trained n-gram model 'lstm'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

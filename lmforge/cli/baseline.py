@@ -1,4 +1,4 @@
-"""`lmforge baseline prepare | train KIND | eval NAME | compare`: n-gram and recurrent LMs against a
+"""`lmforge baseline prepare | train KIND | eval NAME | arpa NAME | compare`: n-gram and recurrent LMs against a
 Transformer on the same corpus, tokenizer and test tokens (lmforge/eval/baselines.py)."""
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ def register(verbs: argparse._SubParsersAction) -> None:
     evaluate.add_argument("name")
     add_config_flags(evaluate, BaselineConfig)
     evaluate.set_defaults(func=run_eval)
+    arpa = sub.add_parser("arpa", help="write a trained n-gram model (ngram-N) as an ARPA file (KenLM, SRILM)")
+    arpa.add_argument("name", metavar="NAME", help="the trained n-gram model, e.g. ngram-5")
+    arpa.add_argument("--out", help="the ARPA file (default ROOT/NAME/model.arpa)")
+    add_config_flags(arpa, BaselineConfig)
+    arpa.set_defaults(func=run_arpa)
     compare = sub.add_parser("compare", help="table (comparison.md/.json) and plot (comparison.png) of every result")
     add_config_flags(compare, BaselineConfig)
     compare.set_defaults(func=run_compare)
@@ -65,6 +70,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from lmforge.eval.baselines import evaluate
 
     print(json.dumps({"model": args.name, **evaluate(args.name, _config(args))}))
+    return 0
+
+
+def run_arpa(args: argparse.Namespace) -> int:
+    from lmforge.eval.baselines import export_arpa
+
+    path = export_arpa(args.name, _config(args), args.out)
+    print(f"{path}: ARPA n-gram model (token strings as words)")
     return 0
 
 

@@ -356,6 +356,22 @@ def _train_transformer(config: BaselineConfig, out: Path, log: Callable[[str], N
 
 # -- evaluation of saved models and the comparison -----------------------------------------------
 
+def export_arpa(name: str, config: BaselineConfig, out: str | None = None) -> Path:
+    """Write the trained n-gram model ``name`` as an ARPA file (lmforge/model/arpa.py), its words
+    the baseline tokenizer's token strings; default ROOT/NAME/model.arpa."""
+    from lmforge.model.arpa import write_arpa
+    from lmforge.model.ngram import NGramLM
+
+    folder = Path(config.root) / name
+    if not (folder / "ngram.safetensors").is_file():
+        raise LmforgeError(f"no trained n-gram model {name!r} in {config.root} "
+                           "(train one with `lmforge baseline train ngram`)")
+    model = NGramLM.load(folder / "ngram.safetensors")
+    tokenizer = load_tokenizer(config)
+    tokens = [tokenizer.id_to_token(i) or "" for i in range(model.vocab_size)]
+    return write_arpa(model, out or folder / "model.arpa", tokens)
+
+
 def evaluate(name: str, config: BaselineConfig) -> dict[str, float]:
     """Test figures and decode speed of a trained model ``name`` (ngram-N, lstm, gru, transformer)
     from its saved files; its result.json is updated with them."""
