@@ -91,6 +91,43 @@ def test_recipe_prints_and_validates(capsys):
     code, _, err = run(capsys, "translate", "train", "translate-bible-en-es", "--print-recipe",
                        "--data.max-len", "1000")
     assert code == 1 and "max_len" in err
+    # a combination the chosen layout cannot hold fails before any data or training work
+    code, _, err = run(capsys, "translate", "train", "translate-bible-en-es", "--print-recipe",
+                       "--model.norm-position", "pre")
+    assert code == 1 and "use model.family t5" in err
+    code, _, err = run(capsys, "translate", "train", "translate-bible-en-es", "--print-recipe",
+                       "--model.family", "t5", "--model.norm-position", "pre")
+    assert code == 1 and "scale_embedding false" in err
+
+
+def test_a_t5_translator_is_the_t5_layout_transformers_reads(tmp_path):
+    """model.family t5 builds a pre-norm RMSNorm model with relative positions and no biases,
+    written as T5ForConditionalGeneration with the same logits."""
+    import transformers
+
+    from lmforge.model.seq2seq_io import write_seq2seq_files
+    from lmforge.tokenizer.train import train_tokenizer
+    from lmforge.tune.translation import TranslationTask, load_translation_recipe
+
+    config = load_translation_recipe("lmforge/recipes/translate-bible-en-es.yaml", {
+        "model.family": "t5", "model.norm_position": "pre", "model.scale_embedding": False,
+        "model.gated_mlp": True, "model.activation": "gelu_new", "model.n_embd": 32, "model.n_head": 4,
+        "model.intermediate_size": 40, "model.n_layer": 1, "model.n_decoder_layer": 2})
+    task = TranslationTask(config)
+    task.tokenizer = train_tokenizer(["in the beginning was the word", "en el principio era el verbo"] * 4,
+                                     algo="unigram", vocab_size=60, special_tokens=("<pad>", "</s>", "<unk>"))
+    task.pad, task.eos = 0, 1
+    torch.manual_seed(0)
+    model = task.build_model(None).eval()
+    c = model.config
+    assert (c.family, c.norm, c.position, c.bias, c.attention_scale, c.final_logits_bias) == \
+        ("t5", "rmsnorm", "relative", False, False, False)
+    write_seq2seq_files(model, tmp_path, task.tokenizer)
+    theirs = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    vocab = task.tokenizer.vocab_size
+    src, tgt = torch.randint(3, vocab, (2, 9)), torch.randint(3, vocab, (2, 5))
+    with torch.no_grad():
+        assert (model(src, tgt) - theirs(input_ids=src, decoder_input_ids=tgt).logits).abs().max() < 1e-5
 
 
 def test_batches_are_a_pure_function_of_the_position_and_cover_an_epoch():

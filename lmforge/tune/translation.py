@@ -158,14 +158,18 @@ class TranslationTask:
         from lmforge.model.seq2seq import Seq2SeqConfig, Seq2SeqLM
 
         m = self.config.model
-        config = Seq2SeqConfig(**dataclasses.asdict(m), vocab_size=self.tokenizer.vocab_size,
-                               norm="layernorm", position="sinusoidal", bias=True, tie_word_embeddings=True,
-                               final_logits_bias=True, pad_token_id=self.pad, eos_token_id=self.eos,
+        if m.family == "t5":  # the T5 layout: pre-norm RMSNorm, relative buckets, no biases or attention scale
+            family = dict(norm="rmsnorm", norm_eps=1e-6, position="relative", bias=False, attention_scale=False,
+                          scale_decoder_outputs=True, final_logits_bias=False)
+        else:
+            family = dict(norm="layernorm", position="sinusoidal", bias=True, final_logits_bias=True)
+        config = Seq2SeqConfig(**dataclasses.asdict(m), **family, vocab_size=self.tokenizer.vocab_size,
+                               tie_word_embeddings=True, pad_token_id=self.pad, eos_token_id=self.eos,
                                decoder_start_token_id=self.pad)
         return Seq2SeqLM(config)
 
     def write_model_files(self, trainer, model_state, directory) -> None:
-        """A checkpoint's model files: the Hugging Face Marian layout, as the final model is written."""
+        """A checkpoint's model files: the Hugging Face Marian or T5 layout, as the final model is written."""
         from lmforge.model.seq2seq_io import write_seq2seq_files
 
         write_seq2seq_files(trainer.model, Path(directory), trainer.tokenizer, state=model_state)
@@ -311,7 +315,7 @@ def plot_bleu(evals: list[dict[str, Any]], out: Path) -> Path | None:
 
 def train_translator(config: TranslationConfig, progress: bool = True, log=None, resume: bool = False) -> dict[str, Any]:
     """Run the recipe (``resume``: from the newest complete checkpoint in OUT/checkpoints); the final
-    model (HF Marian layout + tokenizer) is OUT/model."""
+    model (HF Marian or T5 layout + tokenizer) is OUT/model."""
     from lmforge.io.atomic import write_json_atomic
     from lmforge.model.seq2seq_io import save_seq2seq
     from lmforge.train.distributed import shutdown

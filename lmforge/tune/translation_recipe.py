@@ -18,7 +18,13 @@ SPECIAL_TOKENS = ("<unk>", "<pad>", "</s>")
 
 @dataclass
 class TranslationModelSection:
-    """A Marian-style model (see lmforge/model/seq2seq.py for every field)."""
+    """A Marian-style or T5-style model (see lmforge/model/seq2seq.py for every field).
+
+    marian: post-norm LayerNorm, sinusoidal positions, biases, a final logits bias (the
+    Hugging Face Marian layout has no pre-norm variant). t5: pre-norm RMSNorm, relative
+    position buckets, no biases, unscaled attention, a gated MLP when ``gated_mlp`` (T5 v1.1),
+    logits scaled by n_embd^-0.5 from the tied head; ``norm_position`` must be "pre" and
+    ``scale_embedding`` false."""
 
     family: str = "marian"
     n_layer: int = 3
@@ -26,8 +32,9 @@ class TranslationModelSection:
     n_embd: int = 128
     n_head: int = 4
     intermediate_size: int = 512
-    norm_position: str = "post"  # Marian's; the HF Marian layout has no pre-norm variant
-    activation: str = "silu"
+    norm_position: str = "post"  # marian: post (its layout's only choice); t5: pre
+    activation: str = "silu"  # t5: relu, or gelu_new with gated_mlp
+    gated_mlp: bool = False  # t5 only
     max_position_embeddings: int = 256
     dropout: float = 0.1
     scale_embedding: bool = True
@@ -97,6 +104,16 @@ class TranslationConfig:
                        schedule=self.schedule, train=self.train).validate()
         if self.data.max_len < 2 or self.data.max_len > self.model.max_position_embeddings:
             raise LmforgeError("data.max_len must be at least 2 and at most model.max_position_embeddings")
+        m = self.model
+        if m.family not in ("marian", "t5"):
+            raise LmforgeError(f"model.family must be marian or t5, got {m.family!r}")
+        if m.family == "marian" and (m.norm_position != "post" or m.gated_mlp):
+            raise LmforgeError("a marian translator is post-norm without a gated MLP (its Hugging Face layout has "
+                               "no other variant): use model.family t5 for a pre-norm model")
+        if m.family == "t5" and (m.norm_position != "pre" or m.scale_embedding):
+            raise LmforgeError("a t5 translator needs model.norm_position pre and model.scale_embedding false")
+        if m.family == "t5" and m.gated_mlp and m.activation != "gelu_new":
+            raise LmforgeError("a gated t5 MLP uses model.activation gelu_new (T5 v1.1's gated-gelu)")
         if self.eval.num_beams < 1 or self.eval.max_new_tokens < 1:
             raise LmforgeError("eval.num_beams and eval.max_new_tokens must be at least 1")
         if set(self.data.test_books) & set(self.data.validation_books):
