@@ -94,3 +94,14 @@ def test_a_directory_without_a_tokenizer_is_one_error(tmp_path, translator_dir):
         Translator(str(bare))
     with pytest.raises(LmforgeError, match="at least 1"):
         Translator(str(translator_dir), num_beams=0)
+
+
+def test_a_run_folder_names_its_model(tmp_path, translator_dir):
+    import shutil
+
+    from lmforge.serve.translation import Translator
+
+    run = tmp_path / "translate-en-es"
+    shutil.copytree(translator_dir, run / "model")
+    assert Translator(str(run / "model")).name == "translate-en-es"
+    assert Translator(str(translator_dir)).name == "bible-en-es"

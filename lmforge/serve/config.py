@@ -148,7 +148,8 @@ class ServeRuntime:
     translator: str | None = option(None, metavar="MODEL_DIR",
                                     help="also serve this encoder-decoder model (T5, Marian or BART directory with "
                                          "tokenizer.json, e.g. OUT/model of lmforge translate train): requests naming "
-                                         "it as their model get the translation of their text")
+                                         "it (the folder's name, or OUT's for OUT/model) as their model get the "
+                                         "translation of their text")
     translator_beams: int = option(4, metavar="N", help="beam width of --translator (1 = greedy; default 4)")
 
     def __post_init__(self) -> None:

@@ -44,7 +44,9 @@ class Translator:
         if not (directory / "tokenizer.json").is_file():
             raise LmforgeError(f"{directory} has no tokenizer.json: the translator needs its tokenizer")
         self.tokenizer = Tokenizer.from_pretrained_dir(directory)
-        self.name = name or directory.resolve().name
+        resolved = directory.resolve()
+        # `lmforge translate train` writes OUT/model: the run's folder names it better than "model"
+        self.name = name or (resolved.parent.name if resolved.name == "model" else resolved.name)
         self.num_beams = num_beams
         self.lock = threading.Lock()
 
