@@ -40,6 +40,17 @@ def tiny_hf_configs():
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test of tiny models: as fast as several, and on busy shared cores
+    far faster than OpenMP workers waiting for each other. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``; a test can also ask for it by name."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dirs(tmp_path_factory):
     """family -> (directory saved by transformers, the transformers model), random weights."""

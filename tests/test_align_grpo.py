@@ -66,15 +66,6 @@ def test_loss_values_gradients_and_clipping():
         grpo_loss(base, old, ref, adv, mask, aggregation="mean")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: one thread is faster than several, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_tiny_grpo_run_raises_the_reward(one_thread):
     torch.manual_seed(0)

@@ -90,15 +90,6 @@ def test_ranking_to_pairs():
         ranking_to_pairs("q", ["a", "a"])
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: one thread is faster than several, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_tiny_reward_model_learns_a_preference(one_thread):
     # Chosen rows end in token 5, rejected in token 6: a rule the model can find from the last token.
     torch.manual_seed(0)

@@ -16,14 +16,7 @@ from lmforge.model.seq2seq_io import load_seq2seq, save_seq2seq
 VOCAB = 99
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and on a busy machine far faster than
-    several OpenMP workers waiting for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _t5(ff: str, tie: bool, decoder_layers: int):

@@ -33,13 +33,7 @@ from lmforge.model.transformer import Transformer
 ALPHA = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on shared cores it can cost 10-50x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(vocab: int = 64, layers: int = 4, seed: int = 0, scale: float = 0.3) -> Transformer:

@@ -13,13 +13,7 @@ from lmforge.cli import main
 from lmforge.model.seq2seq import Seq2SeqConfig, Seq2SeqLM
 from lmforge.model.seq2seq_io import load_seq2seq, save_seq2seq
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and on a busy machine far faster than several waiting OpenMP workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SENTENCES = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light.",

@@ -27,13 +27,7 @@ INSTALLED = Path(fm.DEFAULT_DIR, "t10k-images-idx3-ubyte.gz").is_file()
 needs_data = pytest.mark.skipif(not INSTALLED, reason="Fashion-MNIST not installed (scripts/install-fashion-mnist.sh)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread avoids the cost of waking a pool of them on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -16,14 +16,7 @@ from lmforge.model.transformer import Transformer
 from lmforge.vlm import scenes as sc
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and several threads on busy shared cores
-    spend most of their time waiting for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- scenes ------------------------------------------------------------------------------

@@ -26,12 +26,7 @@ CAPTIONS = ["a photo of a dark small coat", "a bag", "a picture showing a bright
             "this is a pullover.", "a medium sneaker"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
