@@ -58,10 +58,11 @@ def main() -> int:
     start = time.perf_counter()
     model = NGramLM(args.order, V).fit(train)
     fit_s = time.perf_counter() - start
-    words = arpa_words([tokenizer.id_to_token(i) or "" for i in range(V)], V)
+    tokens = [tokenizer.id_to_token(i) or "" for i in range(V)]
+    words = arpa_words(tokens, V)
     path = Path(tempfile.mkdtemp(prefix="lmforge-arpa-")) / "model.arpa"
     start = time.perf_counter()
-    write_arpa(model, path, [tokenizer.id_to_token(i) or "" for i in range(V)])
+    write_arpa(model, path, tokens)
     write_s = time.perf_counter() - start
     start = time.perf_counter()
     reference = kenlm.Model(str(path))

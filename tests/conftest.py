@@ -51,6 +51,23 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def make_tiny_translator(directory, sentences):
+    """A random Marian-style translator with a Unigram tokenizer trained on ``sentences``, saved
+    to ``directory`` (Hugging Face layout): (path, model, tokenizer)."""
+    from lmforge.model.seq2seq import Seq2SeqConfig, Seq2SeqLM
+    from lmforge.model.seq2seq_io import save_seq2seq
+    from lmforge.tokenizer.train import train_tokenizer
+    from lmforge.tune.translation import SPECIAL_TOKENS
+
+    tokenizer = train_tokenizer(list(sentences) * 3, algo="unigram", vocab_size=80, special_tokens=SPECIAL_TOKENS)
+    torch.manual_seed(0)
+    pad, eos = tokenizer.token_to_id("<pad>"), tokenizer.token_to_id("</s>")
+    model = Seq2SeqLM(Seq2SeqConfig(vocab_size=tokenizer.vocab_size, n_embd=32, n_head=4, intermediate_size=48,
+                                    max_position_embeddings=64, final_logits_bias=True, scale_embedding=True,
+                                    pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad)).eval()
+    return save_seq2seq(model, directory, tokenizer), model, tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dirs(tmp_path_factory):
     """family -> (directory saved by transformers, the transformers model), random weights."""

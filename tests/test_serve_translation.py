@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import openai
 import pytest
-import torch
 
 from lmforge.infer.scheduler import Scheduler
-from lmforge.model.seq2seq import Seq2SeqConfig, Seq2SeqLM
-from lmforge.model.seq2seq_io import save_seq2seq
 from lmforge.serve.app import ServeSettings, create_app
-from tests.conftest import live_server
+from tests.conftest import live_server, make_tiny_translator
 
 SENTENCES = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light.",
              "And the evening and the morning were the first day."]
@@ -19,16 +16,7 @@ SENTENCES = ["In the beginning God created the heaven and the earth.", "And God 
 
 @pytest.fixture(scope="module")
 def translator_dir(tmp_path_factory):
-    from lmforge.tokenizer.train import train_tokenizer
-    from lmforge.tune.translation import SPECIAL_TOKENS
-
-    tokenizer = train_tokenizer(SENTENCES * 3, algo="unigram", vocab_size=80, special_tokens=SPECIAL_TOKENS)
-    torch.manual_seed(0)
-    pad, eos = tokenizer.token_to_id("<pad>"), tokenizer.token_to_id("</s>")
-    model = Seq2SeqLM(Seq2SeqConfig(vocab_size=tokenizer.vocab_size, n_embd=32, n_head=4, intermediate_size=48,
-                                    max_position_embeddings=64, final_logits_bias=True, scale_embedding=True,
-                                    pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad)).eval()
-    return save_seq2seq(model, tmp_path_factory.mktemp("translator") / "bible-en-es", tokenizer)
+    return make_tiny_translator(tmp_path_factory.mktemp("translator") / "bible-en-es", SENTENCES)[0]
 
 
 @pytest.fixture(scope="module")

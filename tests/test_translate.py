@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.model.seq2seq import Seq2SeqConfig, Seq2SeqLM
-from lmforge.model.seq2seq_io import load_seq2seq, save_seq2seq
+from tests.conftest import make_tiny_translator
+from lmforge.model.seq2seq_io import load_seq2seq
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,17 +22,7 @@ SENTENCES = ["In the beginning God created the heaven and the earth.", "And God 
 
 @pytest.fixture(scope="module")
 def tiny_translator(tmp_path_factory):
-    from lmforge.tokenizer.train import train_tokenizer
-    from lmforge.tune.translation import SPECIAL_TOKENS
-
-    tokenizer = train_tokenizer(SENTENCES * 3, algo="unigram", vocab_size=80, special_tokens=SPECIAL_TOKENS)
-    torch.manual_seed(0)
-    pad, eos = tokenizer.token_to_id("<pad>"), tokenizer.token_to_id("</s>")
-    model = Seq2SeqLM(Seq2SeqConfig(vocab_size=tokenizer.vocab_size, n_embd=32, n_head=4, intermediate_size=48,
-                                    max_position_embeddings=64, final_logits_bias=True, scale_embedding=True,
-                                    pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad)).eval()
-    path = save_seq2seq(model, tmp_path_factory.mktemp("translator") / "model", tokenizer)
-    return path, model, tokenizer
+    return make_tiny_translator(tmp_path_factory.mktemp("translator") / "model", SENTENCES)
 
 
 def run(capsys, *argv):

@@ -54,7 +54,7 @@ def arpa_words(tokens: Sequence[str] | None, vocab_size: int) -> list[str]:
     if len(tokens) != vocab_size:
         raise LmforgeError(f"{len(tokens)} token strings for a vocabulary of {vocab_size}")
     seen: dict[str, int] = {}
-    for i, token in enumerate(tokens):
+    for token in tokens:
         if token and not any(ch.isspace() for ch in token) and token not in MARKERS \
                 and not token.startswith("<id:"):
             seen[token] = seen.get(token, 0) + 1
