@@ -13,7 +13,7 @@ baseline's; and the long prompt's time to first token.
 The steps are driven by hand on this thread (no server), with a timestamp per step, so
 the figures are the engine's own. Settings run in alternating rounds.
 
-    python benchmarks/chunked_prefill.py                       # chunk 0 (off), 64, 128, 256
+    python benchmarks/chunked_prefill.py                       # chunk 0 (off), 64, 128, 256; mixed and separate
     python benchmarks/chunked_prefill.py --chunks 0 128 --rounds 1 --long-tokens 2000
 
 Prints a table on stderr and one JSON line per setting, then a summary line, on stdout.
@@ -55,13 +55,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def run(lm, chunk: int, long_ids: list[int] | None, new_tokens: int, arrive_after: int) -> dict:
+def run(lm, chunk: int, long_ids: list[int] | None, new_tokens: int, arrive_after: int, mixed: bool = True) -> dict:
     from lmforge.infer.sampling import SamplingParams
     from lmforge.infer.scheduler import Scheduler
 
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=len(STREAM_PROMPTS) + 1,
                           max_seq_len=(len(long_ids) if long_ids else 0) + 512, prefix_cache_bytes=0,
-                          prefill_chunk=chunk)
+                          prefill_chunk=chunk, mixed_chunks=mixed)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     streams = [scheduler.submit(lm.tokenizer.encode(p), params) for p in STREAM_PROMPTS]
     arrivals: dict[int, list[float]] = {h.id: [] for h in streams}
@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--arrive-after", type=int, default=8, help="decode steps before the long prompt arrives")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", choices=["mixed", "separate"], default=["mixed", "separate"],
+                        help="chunks in the running rows' decode forward (mixed) or in a forward of their own")
     args = parser.parse_args()
 
     import torch
@@ -106,25 +108,27 @@ def main() -> None:
 
     lm = lmforge.load(dtype="float32", device="cpu")
     long_ids = long_prompt_ids(lm.tokenizer, args.long_tokens)
-    results: dict[tuple[int, bool], list[dict]] = {}
+    settings = [(chunk, mode) for chunk in args.chunks for mode in (args.modes if chunk else ["-"])]
+    results: dict[tuple[int, str, bool], list[dict]] = {}
     with torch.inference_mode():
         run(lm, 0, None, 8, args.arrive_after)  # warm-up
         for _ in range(args.rounds):
-            for chunk in args.chunks:
+            for chunk, mode in settings:
                 for with_long in (False, True):
-                    results.setdefault((chunk, with_long), []).append(
-                        run(lm, chunk, long_ids if with_long else None, args.new_tokens, args.arrive_after))
+                    results.setdefault((chunk, mode, with_long), []).append(
+                        run(lm, chunk, long_ids if with_long else None, args.new_tokens, args.arrive_after,
+                            mixed=mode != "separate"))
 
     def med(rows, key):
         values = [r[key] for r in rows if r[key] is not None]
         return round(statistics.median(values), 2) if values else None
 
     summary = []
-    print(f"{'chunk':>6} {'ITL p50':>8} {'p95':>8} {'max':>8} {'base p95':>9} {'p95/base':>9} "
+    print(f"{'chunk':>6} {'mode':>9} {'ITL p50':>8} {'p95':>8} {'max':>8} {'base p95':>9} {'p95/base':>9} "
           f"{'window p95':>11} {'window max':>11} {'long TTFT s':>12}", file=sys.stderr)
-    for chunk in args.chunks:
-        rows, base = results[(chunk, True)], results[(chunk, False)]
-        line = {"chunk": chunk, "long_tokens": len(long_ids), "streams": len(STREAM_PROMPTS),
+    for chunk, mode in settings:
+        rows, base = results[(chunk, mode, True)], results[(chunk, mode, False)]
+        line = {"chunk": chunk, "mode": mode, "long_tokens": len(long_ids), "streams": len(STREAM_PROMPTS),
                 "new_tokens": args.new_tokens, "rounds": args.rounds,
                 **{k: med(rows, k) for k in rows[0]}, "baseline_itl_p95_ms": med(base, "itl_p95_ms")}
         line["p95_vs_baseline"] = round(line["itl_p95_ms"] / line["baseline_itl_p95_ms"], 2)
@@ -132,7 +136,7 @@ def main() -> None:
                                           if line["window_p95_ms"] else None)
         summary.append(line)
         print(json.dumps(line))
-        print(f"{chunk:>6} {line['itl_p50_ms']:>8} {line['itl_p95_ms']:>8} {line['itl_max_ms']:>8} "
+        print(f"{chunk:>6} {mode:>9} {line['itl_p50_ms']:>8} {line['itl_p95_ms']:>8} {line['itl_max_ms']:>8} "
               f"{line['baseline_itl_p95_ms']:>9} {line['p95_vs_baseline']:>9} {line['window_p95_ms']!s:>11} "
               f"{line['window_max_ms']!s:>11} {line['long_ttft_s']!s:>12}", file=sys.stderr)
     print(json.dumps({"benchmark": "chunked_prefill", "cpu": cpu_model(), "threads": torch.get_num_threads(),

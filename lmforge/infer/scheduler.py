@@ -45,8 +45,12 @@ running rows. A chunk holds at most `prefill_chunk` tokens, and while streams ar
 running, as many as take about one decode step (each chunk's size is the last one's
 scaled by the ratio of the decode step's time to its time, at least `min_chunk`), so a
 running stream's gap between tokens about doubles instead of growing by the whole
-prefill; when its last chunk is in, its first token is sampled and its keys
-and values move to the first free row (one copy) to join the running batch. One long
+prefill. While streams run, a chunk rides in their decode step's forward instead
+(`mixed_chunks`, the default; `Transformer.forward_segments`): the rows of both are
+concatenated, so every weight is read once for both and the chunk costs its own
+arithmetic and attention, not a forward of its own; it is then sized so that the step
+grows by about `mixed_step_share` of a plain decode step. When its last chunk is in,
+its first token is sampled and its keys and values move to the first free row (one copy) to join the running batch. One long
 prompt is chunked at a time; requests queued behind it wait in order. The chunks give
 the same result as one forward up to float rounding (other product shapes), like the
 prefix cache's reused keys and values.
@@ -252,6 +256,7 @@ class Scheduler:
         kv_cache: str = "contiguous",
         kv_block_size: int = 16,
         kv_memory_bytes: int = 0,
+        mixed_chunks: bool = True,
     ) -> None:
         if max_batch < 1:  # no row could ever be admitted: every request would wait forever
             raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
@@ -274,6 +279,7 @@ class Scheduler:
         # Chunking needs a cache to continue from and a spare row to fill.
         self.prefill_chunk = prefill_chunk if use_cache and max_batch > 1 else 0
         self._chunking: RequestHandle | None = None  # the long prompt being prefilled in the last row
+        self.mixed_chunks = mixed_chunks  # a chunk rides in the running rows' decode forward (see _mixed_step)
         # Measured as the scheduler runs: a chunk is sized to take about as long as a decode
         # step (a moving average), so a running stream's token gap about doubles at most.
         self._decode_seconds = 0.0
@@ -446,12 +452,15 @@ class Scheduler:
                         self._resume(handle)
                 for group in self._prefill_groups(fresh):
                     self._prefill(group)
-                if self._chunking is not None:
+                if self._chunking is not None and not (self._rows and self._mixable()):
                     self._prefill_chunk()
                 self._retire()
                 if self.paged:
                     self._claim_decode_blocks()
-                if self._rows:
+                if self._rows and self._chunking is not None and self._mixable():
+                    self._mixed_step()
+                    self._retire()
+                elif self._rows:
                     started = time.perf_counter()
                     self._decode_step()
                     self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - started)
@@ -703,28 +712,41 @@ class Scheduler:
         handle.prefilled = handle.cached
         self._chunking = handle
 
-    def _prefill_chunk(self) -> None:
-        """The next chunk of the long prompt; after its last one, the row joins the running batch."""
-        handle, row = self._chunking, self.max_batch - 1
+    def _next_chunk(self) -> list[int] | None:
+        """The long prompt's next chunk of tokens; None (and the request ended) if it was cancelled."""
+        handle = self._chunking
         if handle.cancelled:
             self._chunking = None
             if self.paged:
-                self.cache.release(row)
+                self.cache.release(self.max_batch - 1)
             handle.state.finish_reason = "cancelled"
             self._finish(handle)
+            return None
+        return handle.prompt_ids[handle.prefilled: handle.prefilled + self._chunk_size()]
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt in a forward of its own; after its last one, the row joins the running batch."""
+        handle, row = self._chunking, self.max_batch - 1
+        chunk = self._next_chunk()
+        if chunk is None:
             return
-        prompt, done = handle.prompt_ids, handle.prefilled
-        chunk = prompt[done: done + self._chunk_size()]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         started = time.perf_counter()
-        logits = self._forward(ids, self.cache.rows(row, row + 1), done, handles=[handle])
+        logits = self._forward(ids, self.cache.rows(row, row + 1), handle.prefilled, handles=[handle])
         if self._rows and self._decode_seconds:
             # Scale this chunk's size by how far its time was from a decode step's: a
             # forward has a fixed cost besides its per-token one, and attention grows with
             # the prefix, so a measured rate alone overshoots.
             ratio = self._decode_seconds / max(time.perf_counter() - started, 1e-9)
             self._chunk_fit = min(self.prefill_chunk, max(self.min_chunk, int(len(chunk) * ratio)))
-        handle.prefilled = done + len(chunk)
+        self._chunk_in(chunk, logits[0])
+
+    def _chunk_in(self, chunk: list[int], logits: torch.Tensor) -> None:
+        """Book a computed chunk; after the prompt's last one, sample its first token (from
+        `logits`, the last position's) and move its row into the running batch."""
+        handle, row = self._chunking, self.max_batch - 1
+        prompt = handle.prompt_ids
+        handle.prefilled += len(chunk)
         self.stats.prefill_chunks += 1
         if handle.prefilled < len(prompt):
             return
@@ -740,7 +762,56 @@ class Scheduler:
             self._store_prefix(handle, target)
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_prompt_tokens += handle.cached
-        self._emit(handle, handle.state.append(handle.state.choose(logits[0])))
+        self._emit(handle, handle.state.append(handle.state.choose(logits)))
+
+    def _mixable(self) -> bool:
+        """Can the long prompt's chunk ride in the running rows' decode forward? (Not with
+        adapters, whose per-row bookkeeping counts batch rows, nor without a cache.)"""
+        return (self.mixed_chunks and self.adapters is None and self.cache is not None
+                and hasattr(self.model, "forward_segments"))
+
+    # While streams run, a chunk that rides in their decode forward may add this share of a
+    # decode step's time to the step, so running streams' gaps grow by about this much.
+    mixed_step_share = 0.5
+    min_mixed_chunk = 4
+
+    def _mixed_step(self) -> None:
+        """One forward for the running rows' next tokens and the long prompt's next chunk.
+
+        A decode step of a few rows is bound by reading the weights; tokens added to the
+        same forward share that read, so a chunk costs only its own arithmetic (and its
+        attention over the prompt so far) instead of a forward of its own. The chunk is
+        sized from the last such step: its cost beyond a plain decode step (a moving
+        average of those), per chunk token, fits `mixed_step_share` of a decode step.
+        """
+        handle, row = self._chunking, self.max_batch - 1
+        chunk = self._next_chunk()
+        if chunk is None:
+            started = time.perf_counter()
+            self._decode_step()
+            self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - started)
+            return
+        states = [h.state for h in self._rows]
+        positions = [s.position for s in states]
+        tokens = torch.tensor([s.generated[-1] for s in states], dtype=torch.long, device=self.device).view(-1, 1)
+        start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        started = time.perf_counter()
+        with self._threads(len(states) + len(chunk)):
+            rows_logits, chunk_logits = self.model.forward_segments(
+                [(tokens, self.cache.rows(0, len(states)), start), (ids, self.cache.rows(row, row + 1), handle.prefilled)]
+            )
+        elapsed = time.perf_counter() - started
+        if self._decode_seconds:
+            per_token = max(elapsed - self._decode_seconds, 1e-6) / len(chunk)
+            fit = int(self.mixed_step_share * self._decode_seconds / per_token)
+            self._chunk_fit = min(self.prefill_chunk, max(self.min_mixed_chunk, fit))
+        self.stats.steps += 1
+        with self._threads(len(states)):
+            for i, running in enumerate(self._rows):
+                state = running.state
+                self._emit(running, state.append(state.choose(rows_logits[i])))
+        self._chunk_in(chunk, chunk_logits[0])
 
     min_chunk = 16  # a smaller chunk wastes the products' efficiency
 

@@ -140,6 +140,21 @@ class Packing:
         return flat if self.key_mask is None else flat.index_select(0, self.index)
 
 
+@dataclass
+class Segment:
+    """One batch of rows inside a `Transformer.forward_segments` call: its rows' rotary
+    table, mask, cache rows and positions (`start` an int shared by the rows, or per-row
+    positions for one-token rows), as `Attention.attend` takes them."""
+
+    batch: int
+    length: int
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    mask: torch.Tensor | None
+    cache: KVCache
+    start: int | torch.Tensor
+    end: int
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -164,12 +179,23 @@ class Attention(nn.Module):
         if rope is not None and cache is None and fused_ops.wants_grad(qkv):
             # Training: one function from the projection's output to rotated q, k and v.
             q, k, v = fused_ops.rotary_qkv(qkv, *rope, self.n_head, self.n_kv_head, self.head_dim)
-        else:
-            heads = qkv.view(batch, length, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-            qk, v = heads.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=1)
-            if rope is not None:
-                qk = apply_rotary(qk, *rope)  # q and k heads rotated in one pass
-            q, k = qk.split((self.n_head, self.n_kv_head), dim=1)
+            causal = self.causal and mask is None and length > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=self.n_head != self.n_kv_head)
+            return project(self.out, y.transpose(1, 2).reshape(batch, length, self.q_size))
+        y = self.attend(qkv, rope, mask, cache, layer, start, end)
+        return self.out(y) if length == 1 else project(self.out, y)
+
+    def attend(self, qkv: torch.Tensor, rope, mask: torch.Tensor | None, cache: KVCache | None,
+               layer: int, start: int | torch.Tensor, end: int) -> torch.Tensor:
+        """Attention of one batch of rows from their projected q/k/v [B, L, qkv] to [B, L, q_size],
+        before the output projection; new keys/values go into `cache` (when given) first."""
+        batch, length, _ = qkv.shape
+        heads = qkv.view(batch, length, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        qk, v = heads.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=1)
+        if rope is not None:
+            qk = apply_rotary(qk, *rope)  # q and k heads rotated in one pass
+        q, k = qk.split((self.n_head, self.n_kv_head), dim=1)
         if cache is not None:
             k, v = cache.update(layer, k, v, start, end)
         group = self.n_head // self.n_kv_head
@@ -181,11 +207,25 @@ class Attention(nn.Module):
                 y = small_query_attention(q, k, v, mask)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            return self.out(y.reshape(batch, 1, self.q_size))
+            return y.reshape(batch, 1, self.q_size)
         # A causal mask is needed only when several queries see a prefix of the keys.
         causal = self.causal and mask is None and length > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=group > 1)
-        return project(self.out, y.transpose(1, 2).reshape(batch, length, self.q_size))
+        return y.transpose(1, 2).reshape(batch, length, self.q_size)
+
+    def forward_segments(self, x: torch.Tensor, segments: list["Segment"], layer: int) -> torch.Tensor:
+        """`forward` for several batches whose rows are concatenated in x [1, N, D] (see
+        `Transformer.forward_segments`): one q/k/v product and one output product for all
+        of them, attention segment by segment, each with its own cache rows and positions."""
+        qkv = project(self.qkv, x)[0]
+        outputs, row = [], 0
+        for seg in segments:
+            rows = seg.batch * seg.length
+            part = qkv[row: row + rows].view(seg.batch, seg.length, -1)
+            y = self.attend(part, seg.rope, seg.mask, seg.cache, layer, seg.start, seg.end)
+            outputs.append(y.reshape(rows, self.q_size))
+            row += rows
+        return project(self.out, torch.cat(outputs).unsqueeze(0))
 
     def attend_packed(self, x: torch.Tensor, packing: Packing, rope: tuple[torch.Tensor, torch.Tensor] | None,
                       mask: torch.Tensor | None, qkv: torch.Tensor | None = None) -> torch.Tensor:
@@ -265,6 +305,11 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer, start, end)
         return x + self.mlp(self.mlp_norm(x))
 
+    def forward_segments(self, x: torch.Tensor, segments: list[Segment], layer: int) -> torch.Tensor:
+        """`forward` on the rows of several segments concatenated in x [1, N, D]."""
+        x = x + self.attn.forward_segments(self.attn_norm(x), segments, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
     def forward_packed(self, x: torch.Tensor, packing: Packing, rope, mask) -> torch.Tensor:
         """`forward` on packed tokens x [N, D] (see `Packing`)."""
         x = x + self.attn.out(self.attn.attend_packed(self.attn_norm(x), packing, rope, mask))
@@ -278,6 +323,10 @@ class PostNormBlock(Block):
 
     def forward(self, x, rope, mask, cache, layer, start, end):
         x = self.attn_norm(x + self.attn(x, rope, mask, cache, layer, start, end))
+        return self.mlp_norm(x + self.mlp(x))
+
+    def forward_segments(self, x: torch.Tensor, segments: list[Segment], layer: int) -> torch.Tensor:
+        x = self.attn_norm(x + self.attn.forward_segments(x, segments, layer))
         return self.mlp_norm(x + self.mlp(x))
 
     def forward_packed(self, x: torch.Tensor, packing: Packing, rope, mask) -> torch.Tensor:
@@ -453,7 +502,22 @@ class Transformer(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         batch, length = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
-        device = (input_ids if inputs_embeds is None else inputs_embeds).device
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        x, seg = self._segment(x, batch, length, cache, start)
+        rope, mask, end = seg.rope, seg.mask, seg.end
+
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.layers):
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, i, start, end, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, i, start, end)
+        return x
+
+    def _segment(self, x: torch.Tensor, batch: int, length: int, cache: KVCache | None,
+                 start: int | torch.Tensor) -> tuple[torch.Tensor, Segment]:
+        """Checks positions, adds learned position embeddings to x [B, L, D], and returns the
+        rows' rotary table, attention mask and end position as a `Segment`."""
         per_row = isinstance(start, torch.Tensor)
         if per_row and length != 1:
             raise ValueError("per-row start positions need exactly one new token per row")
@@ -462,12 +526,10 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {end} tokens does not fit the cache of {cache.max_len}")
         if end > self.config.max_position_embeddings and self.config.position == "learned":
             raise ValueError(f"sequence of {end} tokens exceeds the {self.config.max_position_embeddings} learned positions")
-
         if per_row:
             positions = start.view(batch, 1)
         else:
-            positions = torch.arange(start, end, device=device).unsqueeze(0)
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+            positions = torch.arange(start, end, device=x.device).unsqueeze(0)
         if self.rope is None:
             x = x + self.pos_embed(positions)
             rope = None
@@ -477,14 +539,36 @@ class Transformer(nn.Module):
             rope = self.rope.slice(start, length, x.dtype)
         cached = cache is not None
         mask = self._attention_mask(positions, cached, end if cached else length)
+        return x, Segment(batch, length, rope, mask, cache, start, end)
 
-        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+    def forward_segments(self, segments: list[tuple[torch.Tensor, KVCache, int | torch.Tensor]]) -> list[torch.Tensor]:
+        """One forward for several cached batches: logits [B_i, V] of each one's last position.
+
+        Each segment is (ids [B_i, L_i], its cache rows, start) as `forward` takes them with a
+        cache, e.g. the one-token rows of a decode step and the next chunk of a long prompt.
+        Their rows are concatenated so that every weight is read once for all of them (a
+        decode step at small batch is bound by reading the weights, so the chunk's products
+        come almost free); only attention runs segment by segment, on each one's own cache
+        rows. Equal to calling `forward(ids, cache, start, last_only=True)` on each segment
+        in turn, up to the rounding of products over a different number of rows.
+        """
+        if self.lm_head is None:
+            raise ValueError("this model has no vocabulary head (an encoder); use encode() for its hidden states")
+        streams, segs = [], []
+        for ids, cache, start in segments:
+            batch, length = ids.shape
+            x, seg = self._segment(self.embed(ids), batch, length, cache, start)
+            streams.append(x.reshape(batch * length, -1))
+            segs.append(seg)
+        x = torch.cat(streams).unsqueeze(0)
         for i, block in enumerate(self.layers):
-            if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, i, start, end, use_reentrant=False)
-            else:
-                x = block(x, rope, mask, cache, i, start, end)
-        return x
+            x = block.forward_segments(x, segs, i)
+        last, row = [], 0
+        for seg in segs:  # the last position of every row of every segment
+            last.append(torch.arange(seg.batch, device=x.device) * seg.length + (row + seg.length - 1))
+            row += seg.batch * seg.length
+        logits = self.lm_head(self.norm(x[0, torch.cat(last)]))
+        return list(logits.split([seg.batch for seg in segs]))
 
     def _attention_mask(self, positions: torch.Tensor, cached: bool, n_keys: int) -> torch.Tensor | None:
         """Boolean [B|1, 1, L, n_keys] mask, or None where SDPA's causal flag (or no mask) is exact.
