@@ -186,22 +186,29 @@ def test_a_chunk_takes_about_one_decode_step_while_streams_run(tiny_hf_dirs, mix
                           mixed_chunks=mixed)
     assert scheduler._chunk_size() == 64  # nobody streaming: the whole chunk
     scheduler._rows.append(object())
-    assert scheduler._chunk_size() == 2 * Scheduler.min_chunk  # streams, nothing measured yet: start small
+    first = 2 * (Scheduler.min_mixed_chunk if mixed else Scheduler.min_chunk)
+    assert scheduler._chunk_size() == first  # streams, nothing measured yet: start small
     scheduler._chunk_fit = 50
     assert scheduler._chunk_size() == 50
     scheduler._rows.clear()
     scheduler._chunk_fit = 0
     # Measured for real: with a stream running and a decode step "lasting" 1000 s, the next
-    # chunk grows to the cap; with one of 1 ns, it shrinks to the floor.
+    # chunk grows toward the cap (in the decode forward, at most doubling per step); with
+    # one of 1 ns, it shrinks to the floor.
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     scheduler.submit([3, 4, 5], params)
     scheduler.step()
-    scheduler.submit(list(range(3, 90)), params)
+    scheduler.submit(list(range(3, 124)), params)
     scheduler._decode_seconds = 1000.0
     steps = scheduler.stats.steps
     scheduler.step()
-    assert scheduler._chunk_fit == 64
     assert scheduler.stats.steps == steps + 1 and scheduler.stats.prefill_chunks == 1
+    if mixed:
+        assert scheduler._chunk_fit == 2 * first
+        scheduler.step()
+        assert scheduler._chunk_fit == 4 * first
+        scheduler.step()
+    assert scheduler._chunk_fit == 64
     scheduler._decode_seconds = 1e-9
     scheduler._chunk_fit = 0
     scheduler.step()

@@ -69,8 +69,14 @@ request is preempted: its blocks are freed and it goes back to the head of the q
 keeping its tokens, text and random generator; readmitted, it recomputes its keys and
 values in one prefill of prompt + answer so far and decodes on (recompute, as vLLM does,
 rather than pausing it on its blocks: a paused row keeps the memory the others are short
-of, and the oldest row alone might then find none). The prefix cache still copies its
-blocks in and out of a row; it does not share them by reference.
+of, and the oldest row alone might then find none). The prefix cache shares the pool's
+blocks by reference (`PagedPrefixCache`): a hit points the new row's block table at the
+blocks that hold the prefix, admitted by the blocks it still needs, and a prefilled prompt's
+full blocks are kept by taking a reference, so no keys or values are copied either way. The
+shared blocks are whole blocks before the row's first computed position, so no row ever
+writes into one. Blocks only the prefix cache still holds count as free: a row that needs a
+block evicts the least recently used of them before anyone is preempted. The pool is the
+prefix cache's budget then (`prefix_cache_bytes` only switches it on or off).
 """
 
 from __future__ import annotations
@@ -91,7 +97,7 @@ from ..model.kv_cache import KVCache
 from ..model.paged_kv import PagedKVCache, blocks_for, contiguous_rows_in
 from .bf16_prefill import generation_products
 from .layout import prepack, release_openmp_threads, torch_threads_for, uses_numpy_blas
-from .prefix_cache import PrefixCache
+from .prefix_cache import PagedPrefixCache, PrefixCache
 from .request import DecodeState, check_prompt, end_token_ids
 from .sampling import SamplingParams
 
@@ -146,6 +152,7 @@ class RequestHandle:
         self.adapter = 0  # index in the scheduler's AdapterBank; 0: the base model
         self.admitted = 0  # admission order (paged cache: the newest is preempted first)
         self.preemptions = 0  # times its blocks were taken back and it was queued again
+        self.shared: list[int] = []  # paged prefix-cache blocks pinned for it between admission and prefill
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client disconnected); the row is freed at the next step."""
@@ -237,6 +244,11 @@ class Scheduler:
     `kv_memory_bytes` (0: no budget) bounds the cache: a contiguous cache gets as many
     rows as fit (at most `max_batch`), a paged one as many blocks as fit; without a
     budget a paged cache gets the blocks of the contiguous cache's memory.
+
+    `prefix_cache_bytes`: the copying prefix cache's budget; with a paged cache whose
+    prefix cache shares blocks (`prefix_sharing`, the default) any positive value turns it
+    on and the pool itself bounds it. `prefix_sharing=False` keeps the copying cache on a
+    paged pool too (for comparison).
     """
 
     def __init__(
@@ -257,6 +269,7 @@ class Scheduler:
         kv_block_size: int = 16,
         kv_memory_bytes: int = 0,
         mixed_chunks: bool = True,
+        prefix_sharing: bool = True,
     ) -> None:
         if max_batch < 1:  # no row could ever be admitted: every request would wait forever
             raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
@@ -284,6 +297,7 @@ class Scheduler:
         # step (a moving average), so a running stream's token gap about doubles at most.
         self._decode_seconds = 0.0
         self._chunk_fit = 0  # tokens a chunk should hold to take one decode step (0: not measured yet)
+        self._chunk_token_seconds = 0.0  # a chunk token's cost in a mixed step (moving average)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and use_cache else None
         self._outbox: list[tuple[RequestHandle, Event]] = []
         self.on_finish = on_finish
@@ -295,6 +309,9 @@ class Scheduler:
                                                 kv_block_size, max_batch, self.max_seq_len, dtype, self.device)
         elif use_cache:
             self.cache = KVCache.for_model(model.config, max_batch, self.max_seq_len, dtype, self.device)
+        if self.paged and prefix_sharing and self.prefix_cache is not None:
+            self.prefix_cache = PagedPrefixCache(self.cache)  # blocks of the pool, held by reference
+        self.shares_prefix = isinstance(self.prefix_cache, PagedPrefixCache)
         self._admissions = itertools.count(1)
         self.numpy_blas = uses_numpy_blas(model)
         self.stats = SchedulerStats()
@@ -428,6 +445,7 @@ class Scheduler:
                     if need and need + rows > free:
                         break  # the queue keeps its order: the head waits for blocks
                     free -= need
+                    self._pin_prefix(item)
                 item[0].admitted = next(self._admissions)
                 if self._long(item):
                     long = self._waiting.pop(0)
@@ -497,6 +515,8 @@ class Scheduler:
                 self.step()
 
     def _fail(self, admitted: list, error: str) -> None:
+        for handle, _, _ in admitted:
+            self._unpin(handle)
         running = set(map(id, self._rows))
         stranded = [h for h, _, _ in admitted if id(h) not in running and (h.state is None or not h.state.finished)]
         if self._chunking is not None:
@@ -572,6 +592,7 @@ class Scheduler:
         live = []
         for handle, params, budget in group:
             if handle.cancelled:
+                self._unpin(handle)
                 self._post(handle, Event(final=True, finish_reason="cancelled"))
                 continue
             handle.state = self._new_state(handle, params, budget)
@@ -587,10 +608,10 @@ class Scheduler:
             longest = max(len(h.prompt_ids) for h in live) - cached
             ids = torch.zeros(len(live), longest, dtype=torch.long, device=self.device)
             for i, handle in enumerate(live):
-                if self.paged:
-                    self.cache.ensure(first + i, len(handle.prompt_ids))  # admission counted these blocks
                 if cached:
                     self._load_prefix(handle, first + i, cached)
+                if self.paged:  # after the hit: shared blocks need no claim
+                    self.cache.ensure(first + i, len(handle.prompt_ids))  # admission counted these blocks
                 ids[i, : len(handle.prompt_ids) - cached] = torch.tensor(handle.prompt_ids[cached:], dtype=torch.long)
             lengths = torch.tensor([len(h.prompt_ids) - cached for h in live], device=self.device)
             logits = self._forward(ids, self.cache.rows(first, first + len(live)), cached, select=lengths - 1,
@@ -608,6 +629,15 @@ class Scheduler:
             self.prefix_cache.load(handle.prompt_ids, length, self.cache.k[:, row], self.cache.v[:, row],
                                    handle.adapter)
             return
+        if self.shares_prefix:
+            # By reference: the row's table points at the pinned blocks, then the pins go.
+            # Every position the row computes or pads (>= length) lies in blocks of its own.
+            assert length % self.kv_block_size == 0 and length < len(handle.prompt_ids)
+            assert len(handle.shared) * self.kv_block_size == length
+            self.cache.share(row, handle.shared)
+            self._unpin(handle)
+            return
+        self.cache.ensure(row, length)
         layers, _, heads, _, dim = self.cache.k.shape
         k = self.cache.k.new_empty(layers, heads, length, dim)
         v = torch.empty_like(k)
@@ -616,6 +646,9 @@ class Scheduler:
 
     def _store_prefix(self, handle: RequestHandle, row: int) -> None:
         """Offer the prefix cache the keys/values of the prompt just prefilled into row `row`."""
+        if self.shares_prefix:  # a reference to each full block, no copy
+            self.prefix_cache.store(handle.prompt_ids, self.cache.blocks_of(row), handle.adapter)
+            return
         if self.paged:
             k, v = self.cache.read_row(row, len(handle.prompt_ids))
         else:
@@ -628,12 +661,20 @@ class Scheduler:
 
     # ------------------------------------------------------------ paged cache
     def _blocks_to_admit(self, item: tuple[RequestHandle, SamplingParams, int]) -> int:
-        """Blocks a waiting request needs to be admitted: its cached positions plus one block of decode room."""
-        handle = item[0]
+        """Blocks a waiting request needs to be admitted: its cached positions plus one block of decode room.
+
+        With shared prefix blocks, a hit's blocks need no claim, except those only the prefix
+        cache holds now: they count as free (reclaimable) until the request shares them.
+        """
+        handle, params, _ = item
         if handle.cancelled:
             return 0  # admitted only to be ended
         tokens = len(handle.prompt_ids) if handle.state is None else handle.state.position
-        return blocks_for(min(tokens + self.kv_block_size, self.max_seq_len), self.kv_block_size)
+        need = blocks_for(min(tokens + self.kv_block_size, self.max_seq_len), self.kv_block_size)
+        if self.shares_prefix and handle.state is None and params.seed is None:
+            shared, idle = self.prefix_cache.hit_blocks(handle.prompt_ids, handle.adapter)
+            need -= shared - idle
+        return need
 
     def _claim_decode_blocks(self) -> None:
         """Give every running row the block its next token is written to, preempting while blocks run out."""
@@ -693,24 +734,44 @@ class Scheduler:
         there. A request with an explicit seed asks for reproducibility, so it is always
         computed in full (its blocks are still stored for others).
         """
+        if self.shares_prefix:
+            return len(handle.shared) * self.kv_block_size  # found and pinned at admission
         if self.prefix_cache is None or params.seed is not None:
             return 0
         return self.prefix_cache.match(handle.prompt_ids, handle.adapter)
 
+    def _pin_prefix(self, item: tuple[RequestHandle, SamplingParams, int]) -> None:
+        """Paged blocks shared: take the admitted request's prefix-cache hit now, pinned, so that
+        no claim made before its prefill (which may evict idle cached blocks) takes it away."""
+        handle, params, _ = item
+        if not self.shares_prefix or handle.state is not None or handle.cancelled or params.seed is not None:
+            return
+        cached = self.prefix_cache.match(handle.prompt_ids, handle.adapter)
+        if cached:
+            handle.shared = self.prefix_cache.take(handle.prompt_ids, cached, handle.adapter)
+
+    def _unpin(self, handle: RequestHandle) -> None:
+        """Drop the pins of a hit that no row took over (the request ended before its prefill)."""
+        if handle.shared:
+            self.cache.drop(handle.shared)
+            handle.shared = []
+
     def _start_chunking(self, handle: RequestHandle, params: SamplingParams, budget: int) -> None:
         """Give a long prompt the last cache row, its prefix-cache hit loaded there (no forward yet)."""
         if handle.cancelled:
+            self._unpin(handle)
             self._post(handle, Event(final=True, finish_reason="cancelled"))  # as `_prefill` does
             return
         handle.state = self._new_state(handle, params, budget)
         row = self.max_batch - 1
-        if self.paged:
-            self.cache.ensure(row, len(handle.prompt_ids))  # admission counted these blocks
         handle.cached = self._prefix_hit(handle, params)
         if handle.cached:
             self._load_prefix(handle, row, handle.cached)
+        if self.paged:  # after the hit: shared blocks need no claim
+            self.cache.ensure(row, len(handle.prompt_ids))  # admission counted these blocks
         handle.prefilled = handle.cached
         self._chunking = handle
+        self._chunk_token_seconds = 0.0
 
     def _next_chunk(self) -> list[int] | None:
         """The long prompt's next chunk of tokens; None (and the request ended) if it was cancelled."""
@@ -781,8 +842,9 @@ class Scheduler:
         A decode step of a few rows is bound by reading the weights; tokens added to the
         same forward share that read, so a chunk costs only its own arithmetic (and its
         attention over the prompt so far) instead of a forward of its own. The chunk is
-        sized from the last such step: its cost beyond a plain decode step (a moving
-        average of those), per chunk token, fits `mixed_step_share` of a decode step.
+        sized from the steps so far: its cost beyond a plain decode step (a moving average
+        of those), per chunk token (a moving average too), fits `mixed_step_share` of a
+        decode step, and it at most doubles from one step to the next.
         """
         handle, row = self._chunking, self.max_batch - 1
         chunk = self._next_chunk()
@@ -803,8 +865,11 @@ class Scheduler:
             )
         elapsed = time.perf_counter() - started
         if self._decode_seconds:
+            # One noisy step (a decode average above this step's time) must not blow the next
+            # chunk up: the size at most doubles from one step to the next.
             per_token = max(elapsed - self._decode_seconds, 1e-6) / len(chunk)
-            fit = int(self.mixed_step_share * self._decode_seconds / per_token)
+            self._chunk_token_seconds = _average(self._chunk_token_seconds, per_token, 0.3)
+            fit = min(int(self.mixed_step_share * self._decode_seconds / self._chunk_token_seconds), 2 * len(chunk))
             self._chunk_fit = min(self.prefill_chunk, max(self.min_mixed_chunk, fit))
         self.stats.steps += 1
         with self._threads(len(states)):
@@ -820,7 +885,7 @@ class Scheduler:
         if not self._rows:
             return self.prefill_chunk
         if not self._chunk_fit:  # streams run, nothing measured yet: start small
-            return min(self.prefill_chunk, 2 * self.min_chunk)
+            return min(self.prefill_chunk, 2 * (self.min_mixed_chunk if self._mixable() else self.min_chunk))
         return self._chunk_fit
 
     def _decode_step(self) -> None:
