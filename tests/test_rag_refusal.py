@@ -49,21 +49,75 @@ def test_overlap_counts_shared_terms_of_the_best_chunk_plus_the_known_character_
     index = collection()
     # kv, 快取, 注意, 意力 in the first chunk (4); 取跟/關係 nowhere. Han characters known: 快 取 注 意 力 of
     # 快 取 跟 注 意 力 關 係 -> 5/8.
-    assert term_signals(index, "KV 快取跟注意力有什麼關係？") == {"overlap": 4 + 5 / 8, "unknown": 0.0}
+    assert {k: v for k, v in term_signals(index, "KV 快取跟注意力有什麼關係？").items()
+            if k != "coverage"} == {"overlap": 4 + 5 / 8, "unknown": 0.0}
     # One shared term (快取); of 時 候 需 快 取 only 快 and 取 are known.
     assert term_signals(index, "什麼時候需要快取？")["overlap"] == pytest.approx(1 + 2 / 5)
     # Nothing shared, no character known; Latin names the collection never uses are counted.
-    assert term_signals(index, "滷肉飯要怎麼滷才會香？") == {"overlap": 0.0, "unknown": 0.0}
-    assert term_signals(index, "CNN 的卷積核大小要怎麼選？") == {"overlap": 0.0, "unknown": 1.0}
+    assert term_signals(index, "滷肉飯要怎麼滷才會香？") == {"overlap": 0.0, "unknown": 0.0, "coverage": 0.0}
+    assert term_signals(index, "CNN 的卷積核大小要怎麼選？") == {"overlap": 0.0, "unknown": 1.0, "coverage": 0.0}
     assert term_signals(index, "XGBoost 跟 LightGBM 的 KV 快取")["unknown"] == 2.0
     # A filter leaves only the chunks it keeps: the decoding page shares nothing with this question.
     assert term_signals(index, "KV 快取", filters={"source": "decoding.md"})["overlap"] == 1.0
+
+
+def test_coverage_answers_terms_one_chunk_holds_together_and_refuses_a_near_miss():
+    index = BM25Index.build([
+        Chunk(source="loss.md", text="The loss function measures the error of a prediction.",
+              metadata={"title": "Loss", "zh_terms": ["損失", "函數"]}),
+        Chunk(source="embeddings.md", text="Embeddings map text to vectors.",
+              metadata={"title": "Embeddings", "zh_terms": ["嵌入", "向量"]}),
+        Chunk(source="kv.md", text="The KV cache stores keys.", metadata={"title": "KV cache"}),
+    ])
+    idf = index.idf
+    unseen = math.log1p(3.5 / 0.5)  # a term no chunk holds, priced as the rarest possible
+    # 損失 and 函數 side by side in one chunk; the bigram 失函 across them is in none.
+    inside = term_signals(index, "損失函數怎麼算？")
+    assert inside["coverage"] == pytest.approx((idf["損失"] + idf["函數"]) / (idf["損失"] + idf["函數"] + unseen))
+    # 向量 and 函數 are both the collection's words, but no chunk holds the two together.
+    near = term_signals(index, "向量函數怎麼算？")
+    assert near["coverage"] == pytest.approx(max(idf["向量"], idf["函數"]) / (idf["向量"] + idf["函數"] + unseen))
+    # The same in English: every word of the near miss is known, never in one passage.
+    assert term_signals(index, "loss function error")["coverage"] == pytest.approx(1.0)
+    english_near = term_signals(index, "embedding vectors loss function")["coverage"]
+    assert english_near == pytest.approx((idf["loss"] + idf["function"]) /
+                                         (idf["loss"] + idf["function"] + idf["embedding"] + idf["vector"]))
+    assert term_signals(index, "滷肉飯")["coverage"] == 0.0 and term_signals(index, "")["coverage"] == 0.0
+    # Judged by the coverage alone (every other signal off), the combination the collection
+    # holds is answered and the near miss refused, in both languages.
+    off = RetrieverOptions(min_cosine=math.inf, min_strength=math.inf, min_overlap=math.inf, unknown_veto=0)
+    retriever = _bare_retriever({"min_coverage_zh": 0.4, "min_coverage_en": 0.6}, off)
+    assert inside["coverage"] > 0.4 > near["coverage"] and english_near < 0.6
+    rest = {"cosine": 0.9, "strength": 0.9, "overlap": 9.0, "unknown": 0.0}
+    assert retriever.judge({**rest, "coverage": inside["coverage"]}, "zh")[1]
+    assert not retriever.judge({**rest, "coverage": near["coverage"]}, "zh")[1]
+    assert retriever.judge({**rest, "coverage": 1.0}, "en")[1]
+    assert not retriever.judge({**rest, "coverage": english_near}, "en")[1]
+
+
+def test_fit_language_keeps_the_earlier_rule_unless_another_set_does_better_two_fold():
+    from lmforge.rag.evaluate import RULE_CHOICES, fit_language
+
+    # Coverage separates these questions and the other signals do not: the coverage sets win.
+    signals, in_scope = [], []
+    for n in range(60):
+        inside = n >= 12
+        signals.append({"cosine": 0.3 + 0.01 * (n % 7), "strength": 0.1, "overlap": 3.0, "unknown": 0.0,
+                        "coverage": (0.5 if inside else 0.2) + 0.01 * (n % 5)})
+        in_scope.append(inside)
+    fit = fit_language(signals, in_scope)
+    assert not math.isinf(fit[4]) and all(_refuse_by(s, fit) != i for s, i in zip(signals, in_scope))
+    # Without the coverage signal (an older cache of signals), only the earlier rule is possible.
+    plain = [{k: v for k, v in s.items() if k != "coverage"} for s in signals]
+    assert fit_language(plain, in_scope)[4] == math.inf
+    assert RULE_CHOICES[0] == ("cosine", "strength", "overlap")
 
 
 def test_an_index_calibrated_before_the_term_signals_is_judged_as_before(tmp_path):
     meta = {"min_cosine_en": 0.4, "min_strength_en": 0.2, "min_cosine_zh": 0.3, "min_strength_zh": 0.06}
     retriever = _bare_retriever(meta)
     assert retriever.thresholds["zh"] == (0.3, 0.06) and retriever.term_thresholds["zh"] == (math.inf, 0)
+    assert retriever.coverage_thresholds["zh"] == math.inf
     weak = {"cosine": 0.2, "strength": 0.03, "overlap": 5.0, "unknown": 3.0}
     assert retriever.judge(weak, "zh") == (pytest.approx(0.2 / 0.3), False)
     assert retriever.judge({**weak, "strength": 0.09}, "zh")[1]  # unknown names do not veto there
@@ -72,12 +126,17 @@ def test_an_index_calibrated_before_the_term_signals_is_judged_as_before(tmp_pat
     assert retriever.judge({**weak, "unknown": 0.0}, "zh") == (pytest.approx(5.0 / 1.8), True)
     confidence, confident = retriever.judge({**weak, "strength": 0.6}, "zh")
     assert not confident and confidence < 1.0
+    assert retriever.coverage_thresholds["zh"] == math.inf  # calibrated before the coverage signal
+    retriever = _bare_retriever({**meta, "min_overlap_zh": 1e9, "unknown_veto_zh": 0, "min_coverage_zh": 0.5})
+    assert retriever.judge({**weak, "coverage": 0.6}, "zh") == (pytest.approx(0.6 / 0.5), True)
+    assert not retriever.judge({**weak, "coverage": 0.4}, "zh")[1]
     # No calibration at all: the defaults, per language; options override the index.
     retriever = _bare_retriever({})
     for lang in ("en", "zh"):
         d = DEFAULT_REFUSAL[lang]
         assert retriever.thresholds[lang] == (d["min_cosine"], d["min_strength"])
         assert retriever.term_thresholds[lang] == (d["min_overlap"], d["unknown_veto"])
+        assert retriever.coverage_thresholds[lang] == d["min_coverage"]
     retriever = _bare_retriever({}, RetrieverOptions(min_overlap=3.0, unknown_veto=0))
     assert retriever.term_thresholds["zh"] == (3.0, 0)
 
@@ -211,7 +270,7 @@ def test_calibration_stores_the_term_thresholds_and_reports_both_rules(pages_ind
     report = run_eval(EvalOptions(questions=str(questions), modes=("hybrid",), calibrate=True), embedder,
                       index=str(copy))
     zh = report["thresholds"]["zh"]
-    assert set(zh) == {"min_cosine", "min_strength", "min_overlap", "unknown_veto"}
+    assert set(zh) == {"min_cosine", "min_strength", "min_overlap", "unknown_veto", "min_coverage"}
     # Four answerable and two off-topic Chinese questions: all six decided right in sample.
     assert report["modes"]["hybrid"]["by_lang"]["zh-Hant"]["refusal_rate"] == 1.0
     assert report["modes"]["hybrid"]["by_lang"]["zh-Hant"]["false_refusal_rate"] == 0.0

@@ -5,9 +5,10 @@ list of distinct pages, scored against its gold pages (recall@k, MRR, nDCG@k; se
 `metrics.py`). The refusal decision (see `retriever.py`) is scored on out-of-scope
 questions (refusal rate) and in-scope ones (false refusals).
 
-**Calibration** (`--calibrate`) picks the two confidence thresholds from the questions
-themselves: the pair that refuses the most out-of-scope questions while refusing at most
-5% of in-scope ones. Fitted and scored on the same questions such a figure flatters, so
+**Calibration** (`--calibrate`) picks the confidence thresholds from the questions
+themselves, per question language: the thresholds that refuse the most out-of-scope
+questions while refusing at most 5% of in-scope ones, for the set of signals
+(`RULE_CHOICES`) that does so best on questions it was not fitted on (`fit_language`). Fitted and scored on the same questions such a figure flatters, so
 the report gives the rates of a two-fold split too: thresholds fitted on one half, scored
 on the other, and the other way round.
 
@@ -71,11 +72,13 @@ def fit_thresholds(signals: Sequence[dict[str, float]], in_scope: Sequence[bool]
 
 
 def fit_refusal(signals: Sequence[dict[str, float]], in_scope: Sequence[bool],
-                max_false: float = MAX_FALSE_REFUSALS) -> tuple[float, float, float, int]:
-    """(min_cosine, min_strength, min_overlap, unknown_veto) refusing the most out-of-scope questions
-    with at most `max_false` false refusals, for `Retriever.judge`'s rule: refused when the question
-    holds at least `unknown_veto` unknown Latin names (0: never), or when the cosine, the strength
-    and the overlap are all below their thresholds.
+                max_false: float = MAX_FALSE_REFUSALS,
+                keys: Sequence[str] = ("cosine", "strength", "overlap")) -> tuple[float, float, float, int, float]:
+    """(min_cosine, min_strength, min_overlap, unknown_veto, min_coverage) refusing the most
+    out-of-scope questions with at most `max_false` false refusals, for `Retriever.judge`'s rule:
+    refused when the question holds at least `unknown_veto` unknown Latin names (0: never), or
+    when the signals named by `keys` (three of cosine, strength, overlap, coverage) are all below
+    their thresholds. The signal left out gets an infinite threshold: it never answers.
 
     Exhaustive: each veto (none, then from the largest count observed down to 1), and for each the
     three thresholds by `fit_rule` on the questions it leaves, with the false refusals it left to
@@ -95,40 +98,90 @@ def fit_refusal(signals: Sequence[dict[str, float]], in_scope: Sequence[bool],
         if budget < 0:
             continue
         if rest_in:
-            thresholds = fit_rule([[signals[i][k] for k in TERM_RULE] for i in rest], [in_scope[i] for i in rest],
-                                  max_false=budget / rest_in)
+            thresholds = fit_rule([[signals[i].get(k, 0.0) for k in keys] for i in rest],
+                                  [in_scope[i] for i in rest], max_false=budget / rest_in)
         else:
-            thresholds = (0.0, 0.0, 0.0)
-        fit = (*thresholds, veto)
+            thresholds = (0.0,) * len(keys)
+        chosen = dict(zip(keys, thresholds))
+        fit = (*(chosen.get(k, math.inf) for k in ("cosine", "strength", "overlap")), veto,
+               chosen.get("coverage", math.inf))
         refused = [_refuse_by(signals[i], fit) for i in range(len(signals))]
         key = (sum(r and not inside for r, inside in zip(refused, in_scope)),
                -sum(r and inside for r, inside in zip(refused, in_scope)))
         if best is None or key > best[0]:
             best = (key, fit)
     assert best is not None
-    c, s, o, v = best[1]
-    return float(c), float(s), float(o), int(v)
+    c, s, o, v, g = best[1]
+    return float(c), float(s), float(o), int(v), float(g)
 
 
 TERM_RULE = ("cosine", "strength", "overlap")
+# The signal sets a calibration chooses from (`fit_language`), the earlier rule first. Each set
+# is three signals: with all four, the exhaustive search is slow, and each signal that may
+# answer is one more way for an out-of-scope question through; a threshold fitted just above
+# the out-of-scope questions of one sample is often below those of the next.
+RULE_CHOICES: tuple[tuple[str, ...], ...] = (TERM_RULE, ("strength", "overlap", "coverage"),
+                                             ("cosine", "overlap", "coverage"), ("cosine", "strength", "coverage"))
+
+
+SELECTION_SPLITS = 5  # random two-fold splits `fit_language` scores each signal set on
+
+
+def fit_language(signals: Sequence[dict[str, float]], in_scope: Sequence[bool], seed: int = 0,
+                 max_false: float = MAX_FALSE_REFUSALS) -> tuple[float, float, float, int, float]:
+    """`fit_refusal` with the signal set of `RULE_CHOICES` that does best two-fold on these questions.
+
+    Every set is fitted on one half and scored on the other, both ways, over `SELECTION_SPLITS`
+    random splits (one split of a few dozen out-of-scope questions decides by one or two of
+    them); the set that keeps the false refusals of those decisions within `max_false` and
+    refuses the most out-of-scope questions wins (ties: fewer false refusals, then the earlier
+    set), and is fitted on all the questions. Choosing by in-sample rates would take the set
+    that fits this sample tightest, the one that generalizes worst. With too few questions to
+    split, the earlier rule.
+    """
+    splits = [_halves(len(signals), seed + r) for r in range(SELECTION_SPLITS)]
+    if not all(any(in_scope[i] for i in half) for halves in splits for half in halves):
+        return fit_refusal(signals, in_scope, max_false)
+    n_in = sum(in_scope) * len(splits)
+    best: tuple | None = None
+    for keys in RULE_CHOICES:
+        if any(k not in signals[0] for k in keys):
+            continue
+        false = refused_out = 0
+        for halves in splits:
+            for part, score in (halves, halves[::-1]):
+                fit = fit_refusal([signals[i] for i in part], [in_scope[i] for i in part], max_false, keys)
+                for i in score:
+                    refused = _refuse_by(signals[i], fit)
+                    false += refused and in_scope[i]
+                    refused_out += refused and not in_scope[i]
+        key = (false <= max_false * n_in, refused_out, -false)
+        if best is None or key > best[0]:
+            best = (key, keys)
+    assert best is not None
+    return fit_refusal(signals, in_scope, max_false, best[1])
 
 
 def _refuse_by(signal: dict[str, float], fit: Sequence[float]) -> bool:
-    """`Retriever.judge`'s refusal for thresholds (min_cosine, min_strength, min_overlap, unknown_veto)."""
-    cos, strength, overlap, veto = fit
+    """`Retriever.judge`'s refusal for thresholds (min_cosine, min_strength, min_overlap, unknown_veto,
+    min_coverage); without the fifth, the coverage never answers."""
+    cos, strength, overlap, veto = fit[:4]
+    coverage = fit[4] if len(fit) > 4 else math.inf
     if veto > 0 and signal.get("unknown", 0.0) >= veto:
         return True
-    return signal["cosine"] < cos and signal["strength"] < strength and signal.get("overlap", 0.0) < overlap
+    return (signal["cosine"] < cos and signal["strength"] < strength and signal.get("overlap", 0.0) < overlap
+            and signal.get("coverage", 0.0) < coverage)
 
 
 def fit_by_language(questions: Sequence[Question], signals: Sequence[dict[str, float]],
-                    indices: Sequence[int] | None = None) -> dict[str, tuple[float, float, float, int]]:
-    """`fit_refusal` for each language group of the questions (the groups `Retriever` judges by)."""
+                    indices: Sequence[int] | None = None,
+                    seed: int = 0) -> dict[str, tuple[float, float, float, int, float]]:
+    """`fit_language` for each language group of the questions (the groups `Retriever` judges by)."""
     indices = range(len(questions)) if indices is None else indices
     groups: dict[str, list[int]] = {}
     for i in indices:
         groups.setdefault(query_lang(questions[i].question), []).append(i)
-    return {lang: fit_refusal([signals[i] for i in members], [questions[i].in_scope for i in members])
+    return {lang: fit_language([signals[i] for i in members], [questions[i].in_scope for i in members], seed)
             for lang, members in groups.items()}
 
 
@@ -170,10 +223,14 @@ def refusal_by_language(questions: Sequence[Question], signals: Sequence[dict[st
     and term overlap, with the unknown-name veto) beside the earlier two-signal rule (cosine,
     strength): thresholds fitted on all the questions (in sample) and two-fold (`_two_fold`'s split)."""
     halves = _halves(len(questions), seed)
-    rules = {"cosine+strength+overlap+veto": lambda rows: fit_refusal([signals[i] for i in rows],
+    rules = {"chosen set+veto": lambda rows: fit_language([signals[i] for i in rows],
+                                                          [questions[i].in_scope for i in rows], seed),
+             "cosine+strength+overlap+veto": lambda rows: fit_refusal([signals[i] for i in rows],
                                                                       [questions[i].in_scope for i in rows]),
              "cosine+strength": lambda rows: (*fit_rule([[signals[i]["cosine"], signals[i]["strength"]] for i in rows],
                                                         [questions[i].in_scope for i in rows]), math.inf, 0)}
+    if any("coverage" not in s for s in signals):
+        del rules["chosen set+veto"]
     out: dict[str, Any] = {}
     for lang in LANGS:
         members = [i for i, q in enumerate(questions) if query_lang(q.question) == lang]
@@ -199,10 +256,14 @@ def refusal_by_language(questions: Sequence[Question], signals: Sequence[dict[st
 
 
 def _threshold_dict(fit: Sequence[float]) -> dict[str, Any]:
-    """Thresholds as the report and the index metadata hold them (an unused overlap threshold as None)."""
-    c, s, o, v = fit
-    return {"min_cosine": float(c), "min_strength": float(s), "min_overlap": None if math.isinf(o) else float(o),
-            "unknown_veto": int(v)}
+    """Thresholds as the report and the index metadata hold them (an unused threshold as None)."""
+    c, s, o, v = fit[:4]
+    g = fit[4] if len(fit) > 4 else math.inf
+
+    def used(x: float) -> float | None:  # 1e9: how the index stores an unused one
+        return None if math.isinf(x) or x >= 1e9 else float(x)
+    return {"min_cosine": used(c), "min_strength": used(s), "min_overlap": used(o), "unknown_veto": int(v),
+            "min_coverage": used(g)}
 
 
 def _pick(questions: Sequence[Question], n: int, seed: int) -> list[Question]:
@@ -279,10 +340,10 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
             meta: dict[str, float] = {}
             for lang, fit in fitted.items():
                 retriever.thresholds[lang] = fit[:2]
-                retriever.term_thresholds[lang] = fit[2:]
-                values = _threshold_dict(fit)
-                # JSON has no infinity: an unused overlap threshold is stored as a value no question reaches
-                values["min_overlap"] = 1e9 if values["min_overlap"] is None else values["min_overlap"]
+                retriever.term_thresholds[lang] = fit[2:4]
+                retriever.coverage_thresholds[lang] = fit[4]
+                # JSON has no infinity: an unused threshold is stored as a value no question reaches
+                values = {key: 1e9 if value is None else value for key, value in _threshold_dict(fit).items()}
                 meta.update({f"{key}_{lang}": value for key, value in values.items()})
             store.set_meta(model_id=embedder.model_id, dim=embedder.dim, **meta)
         refused = [_refused(q, s, retriever) for q, s in zip(questions, signals)]
@@ -293,7 +354,8 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
             result = evaluate_retrieval(questions, rankings[mode], options.k,
                                         refused=None if mode == "none" else refused)
             report["modes"][mode] = result
-        report["thresholds"] = {lang: _threshold_dict((*retriever.thresholds[lang], *retriever.term_thresholds[lang]))
+        report["thresholds"] = {lang: _threshold_dict((*retriever.thresholds[lang], *retriever.term_thresholds[lang],
+                                                       retriever.coverage_thresholds[lang]))
                                 for lang in retriever.thresholds}
         report["thresholds"]["calibrated"] = bool(options.calibrate or "min_cosine_en" in store.meta)
         held_out = _two_fold(questions, signals, options.seed)
@@ -561,7 +623,9 @@ def _text(report: dict[str, Any]) -> str:
                          f"{_fmt(v.get('refusal_rate'))} | {_fmt(v.get('false_refusal_rate'))} |")
     t = report["thresholds"]
     two = report["refusal_two_fold_overall"]
-    pairs = "; ".join(f"{lang}: cosine {v['min_cosine']:.3f}, BM25 strength {v['min_strength']:.3f}"
+    pairs = "; ".join(f"{lang}: cosine {_fmt(v.get('min_cosine'))}, BM25 strength {_fmt(v.get('min_strength'))}, "
+                      f"overlap {_fmt(v.get('min_overlap'))}, coverage {_fmt(v.get('min_coverage'))}, "
+                      f"veto {v.get('unknown_veto') or '-'}"
                       for lang, v in t.items() if lang != "calibrated")
     lines += ["", f"refusal thresholds ({'calibrated' if t['calibrated'] else 'defaults'}): {pairs}",
               f"two-fold held-out refusal decisions: refusal {_fmt(two['refusal_rate'])}, "

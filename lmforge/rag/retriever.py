@@ -29,13 +29,26 @@ words and CJK bigrams, question scaffolding such as 時候/需要/比較 left ou
   else. With a veto calibrated for the language, that many unknown names refuse whatever
   the other signals say.
 
-The retrieval is confident when the cosine, the strength or the overlap passes its
-threshold and no veto applies. The thresholds are calibrated on the labelled questions,
+A fifth reads whether the question's terms occur *together*:
+
+* ``coverage``: the largest share of the question's content terms, weighted by IDF, that one
+  chunk holds (a term no chunk holds counts at the largest IDF possible). The rare terms
+  dominate the weight, so this is the question's focus: a question the collection answers
+  has its rarest terms side by side in some passage, while a near miss borrows the
+  collection's words one by one (an SVM's kernel function, a U-Net's encoder) and no passage
+  holds them all. Unlike the overlap, which counts terms, it does not grow with the length
+  of the question.
+
+The retrieval is confident when the cosine, the strength, the overlap or the coverage
+passes its threshold and no veto applies; a signal whose threshold is infinite never
+answers, which is how a calibration leaves out a signal that fits one sample and not the
+next. The thresholds are calibrated on the labelled questions,
 separately for English and for Chinese questions (`lmforge rag eval --calibrate`), and
 stored in the index's metadata; an index without them uses `config.DEFAULT_REFUSAL`
-(permissive for English questions; for Chinese ones, the values calibrated on the handbook).
+(values calibrated on the handbook, the English ones without the IDF-priced signals that
+run high on small collections).
 An index calibrated before the term signals existed keeps its two thresholds and judges by
-them alone.
+them alone; one calibrated before the coverage signal judges without it.
 
 **Reranking** (`RetrieverOptions.rerank`): the top `rerank_depth` hits are read again by a
 cross-encoder (`rerank.py`), which sees question and passage together, and reordered by
@@ -95,7 +108,7 @@ class Retrieval:
     hits: list[Hit]
     confidence: float  # the largest signal divided by its threshold (>= 1: confident, unless vetoed)
     confident: bool
-    signals: dict[str, float] = field(default_factory=dict)  # cosine, strength, overlap, unknown (, rerank)
+    signals: dict[str, float] = field(default_factory=dict)  # cosine, strength, overlap, unknown, coverage (, rerank)
     seconds: float = 0.0
 
 
@@ -114,6 +127,8 @@ class Retriever:
         self.thresholds: dict[str, tuple[float, float]] = {}
         # (min_overlap, unknown_veto) per language; inf / 0 turn a signal off.
         self.term_thresholds: dict[str, tuple[float, int]] = {}
+        # min_coverage per language; inf: the coverage never answers.
+        self.coverage_thresholds: dict[str, float] = {}
         for lang in LANGS:
             default = DEFAULT_REFUSAL[lang]
             calibrated = f"min_cosine_{lang}" in meta
@@ -132,6 +147,13 @@ class Retriever:
             if self.options.unknown_veto is not None:
                 veto = self.options.unknown_veto
             self.term_thresholds[lang] = (overlap, veto)
+            if calibrated and f"min_coverage_{lang}" not in meta:
+                coverage = math.inf  # calibrated before the coverage signal: judged without it
+            else:
+                coverage = float(meta.get(f"min_coverage_{lang}", default["min_coverage"]))
+            if self.options.min_coverage is not None:
+                coverage = self.options.min_coverage
+            self.coverage_thresholds[lang] = coverage
         # With a cross-encoder: thresholds of the three signals calibrated together, when stored.
         self.rerank_thresholds: dict[str, tuple[float, float, float]] = {}
         for lang in LANGS:
@@ -199,7 +221,7 @@ class Retriever:
         return SearchLists(query_vector, dense, keyword, signals)
 
     def term_signals(self, query: str, filters: dict[str, Any] | None = None) -> dict[str, float]:
-        """The ``overlap`` and ``unknown`` signals of `query` over this retriever's chunks."""
+        """The ``overlap``, ``unknown`` and ``coverage`` signals of `query` over this retriever's chunks."""
         return term_signals(self.bm25, query, filters)
 
     def combine(self, lists: SearchLists, mode: str, k: int, lang: str = "en") -> list[Hit]:
@@ -228,15 +250,17 @@ class Retriever:
         """
         min_cosine, min_strength = self.thresholds[lang]
         min_overlap, veto = self.term_thresholds[lang]
+        min_coverage = self.coverage_thresholds[lang]
         extra = -math.inf
         if "rerank" in signals and lang in self.rerank_thresholds:
             # The joint calibration with the cross-encoder predates the term signals: its rule alone.
             min_cosine, min_strength, min_rerank = self.rerank_thresholds[lang]
             extra = _sigmoid(signals["rerank"]) / _sigmoid(min_rerank)
-            min_overlap, veto = math.inf, 0
+            min_overlap, veto, min_coverage = math.inf, 0, math.inf
         confidence = max(signals["cosine"] / min_cosine if min_cosine > 0 else math.inf,
                          signals["strength"] / min_strength if min_strength > 0 else math.inf, extra,
-                         signals.get("overlap", 0.0) / min_overlap if min_overlap > 0 else math.inf)
+                         signals.get("overlap", 0.0) / min_overlap if min_overlap > 0 else math.inf,
+                         signals.get("coverage", 0.0) / min_coverage if min_coverage > 0 else math.inf)
         if veto > 0 and signals.get("unknown", 0.0) >= veto:
             confidence = min(confidence, 0.999)  # names the collection never uses: refused whatever else
         return confidence, confidence >= 1.0
@@ -261,18 +285,30 @@ class Retriever:
 
 def term_signals(index: BM25Index, query: str, filters: dict[str, Any] | None = None) -> dict[str, float]:
     """``overlap`` (the most content terms of `query` one chunk holds, plus the share of its Han
-    characters found in any chunk; 1 when it has none) and ``unknown`` (its Latin-script words no
-    chunk holds) over the chunks of `index` that pass `filters`. See the module's description."""
+    characters found in any chunk; 1 when it has none), ``unknown`` (its Latin-script words no
+    chunk holds) and ``coverage`` (the largest IDF-weighted share of its content terms one chunk
+    holds; 0 when it has none) over the chunks of `index` that pass `filters`. See the module's
+    description."""
     analyzer = index.analyzer if isinstance(index.analyzer, Analyzer) else Analyzer()
     terms = question_terms(query, analyzer)
-    shared = np.zeros(len(index), dtype=np.int64)
+    n = len(index)
+    shared = np.zeros(n, dtype=np.int64)
+    weight = np.zeros(n, dtype=np.float64)
+    unseen = math.log1p((n + 0.5) / 0.5)  # as `Retriever.strength` prices a term no chunk holds
+    mass = 0.0
     for term in terms.content:
         posting = index._posting(term)
-        if posting is not None:
-            shared[posting[0]] += 1
-    if filters and len(shared):
-        keep = make_filter(filters)
-        shared = np.where(np.asarray([keep(chunk) for chunk in index.chunks]), shared, 0)
+        if posting is None:
+            mass += unseen
+            continue
+        shared[posting[0]] += 1
+        weight[posting[0]] += posting[2]
+        mass += posting[2]
+    if filters and n:
+        keep = np.asarray([make_filter(filters)(chunk) for chunk in index.chunks])
+        shared = np.where(keep, shared, 0)
+        weight = np.where(keep, weight, 0.0)
     known = sum(index._posting(c) is not None for c in terms.han) / len(terms.han) if terms.han else 1.0
     unknown = sum(index._posting(w) is None for w in terms.latin)
-    return {"overlap": float(shared.max() if len(shared) else 0) + known, "unknown": float(unknown)}
+    coverage = float(weight.max() / mass) if n and mass > 0 else 0.0
+    return {"overlap": float(shared.max() if n else 0) + known, "unknown": float(unknown), "coverage": coverage}
