@@ -257,3 +257,203 @@ def test_the_default_model_answers_the_same_on_paged_blocks(default_lm):
         scheduler.run_until_idle()
         texts[kind] = ["".join(e.text for e in h.poll()) for h in handles]
     assert texts["paged"] == texts["contiguous"] and "Paris" in texts["paged"][0]
+
+
+# ---------------------------------------------------------------- prefix blocks shared by reference
+def shared_prefix_requests(seed: int, system_len: int, suffixes=(1, 6, 13, 3)):
+    g = torch.Generator().manual_seed(seed)
+    system = torch.randint(3, VOCAB, (system_len,), generator=g).tolist()
+    return system, [system + torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in suffixes]
+
+
+def assert_nothing_leaks(scheduler):
+    """Every reference gone, every block back on the free list, every table pointing at the scratch block."""
+    cache = scheduler.cache
+    scheduler.prefix_cache.clear()
+    assert cache.unreferenced_blocks == cache.free_blocks == cache.total_blocks
+    assert sorted(cache._free) == list(range(1, cache.total_blocks + 1))
+    assert not any(cache._refs) and cache.reclaimable_blocks == 0 and cache.tables.eq(0).all()
+
+
+def test_shared_blocks_are_read_only_and_counted():
+    cache = PagedKVCache(1, 12, 4, 3, 32, 1, 2)
+    assert cache.ensure(0, 10) and cache.blocks_of(0) == [1, 2, 3]
+    cache.hold(1)
+    cache.hold(2)  # what a prefix cache does with row 0's two full blocks
+    cache.share(1, [1, 2])  # row 1 starts with them: no block claimed
+    assert cache.unreferenced_blocks == 9 and [cache.refcount(b) for b in (1, 2, 3)] == [3, 3, 1]
+    assert cache.ensure(1, 11) and cache.blocks_of(1) == [1, 2, 4] and cache.unreferenced_blocks == 8
+    with pytest.raises(ValueError, match="still holds"):
+        cache.share(1, [1])
+    # Row 1 may write from position 8 (its own block 4) but not into positions 0..7.
+    k = torch.ones(1, 1, 3, 2)
+    cache.rows(1, 2).update(0, k, k, 8, 11)
+    with pytest.raises(RuntimeError, match=r"shared KV blocks \[2\]"):
+        cache.rows(1, 2).update(0, k, k, 6, 9)
+    with pytest.raises(RuntimeError, match="shared KV blocks"):
+        cache.write_row(1, torch.ones(1, 1, 4, 2), torch.ones(1, 1, 4, 2))
+    with pytest.raises(RuntimeError, match="shared KV blocks"):  # a decode step at per-row positions
+        cache.rows(0, 2).update(0, torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2), torch.tensor([10, 3]), 11)
+    # Releasing the rows leaves the held blocks idle: reclaimable, counted as free, not yet on the free list.
+    cache.release(0)
+    cache.move(1, 2)
+    assert cache.reclaimable_blocks == 0  # no evictor: nobody could give them back
+    cache.evictor = lambda n: 0
+    cache.release(2)
+    assert cache.reclaimable_blocks == 2 and cache.unreferenced_blocks == 10 and cache.free_blocks == 12
+    assert [cache.refcount(b) for b in (1, 2, 3, 4)] == [1, 1, 0, 0]
+    cache.retain([2])  # a pin takes it out of the reclaimable ones
+    assert cache.reclaimable_blocks == 1
+    cache.drop([2])
+    cache.unhold(1)
+    cache.unhold(2)
+    assert cache.unreferenced_blocks == cache.free_blocks == 12 and not any(cache._refs)
+    with pytest.raises(ValueError, match="is free"):
+        cache.share(0, [5])
+
+
+def test_eviction_gives_back_least_recently_used_idle_blocks_only():
+    from lmforge.infer.prefix_cache import PagedPrefixCache
+
+    cache = PagedKVCache(1, 8, 2, 2, 16, 1, 2)
+    store = PagedPrefixCache(cache)
+    a, b = [10, 11, 12, 13, 14], [20, 21, 22, 23, 24]
+    for row, ids in enumerate((a, b)):
+        assert cache.ensure(row, len(ids))
+        store.store(ids, cache.blocks_of(row))
+    assert len(store) == 4 and store.match(a) == 4 and store.match(a[:4]) == 2  # one token is left to compute
+    cache.release(1)  # b's two full blocks are now held by the cache alone
+    assert (cache.reclaimable_blocks, cache.unreferenced_blocks, cache.free_blocks) == (2, 3, 5)
+    assert cache.ensure(1, 8)  # four blocks from three on the free list: one idle block is evicted
+    assert store.evicted == 1 and store.match(b) == 2  # the chain's last block went first, its prefix stays
+    assert store.match(a) == 4  # row 0 still uses a's blocks: never evicted
+    assert not cache.ensure(1, 16)  # more than free + reclaimable: nothing claimed, nothing evicted
+    assert store.evicted == 1 and len(cache.blocks_of(1)) == 4
+    # Adapter salts keep chains apart: the same tokens under adapter 1 miss the base entries.
+    assert store.match(a, salt=1) == 0 and store.match(a, salt=0) == 4
+    cache.release_all()
+    store.clear()
+    assert cache.unreferenced_blocks == cache.total_blocks and not any(cache._refs)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_shared_system_prompt_is_held_once_by_reference(tiny_hf_dirs, family):
+    """Requests sharing a 40-token prefix: its 5 blocks are the same pool blocks in every row, never copied,
+    never written (a padded prefill batches the later ones), and the tokens are those of solo runs."""
+    model = load_hf_model(tiny_hf_dirs[family][0])
+    system, prompts = shared_prefix_requests(5, 40)
+    params = [SamplingParams(max_tokens=8 + 2 * i, temperature=0, ignore_eos=True) for i in range(len(prompts))]
+    expected = solo(model, prompts, params)
+    scheduler = Scheduler(model, None, max_batch=4, max_seq_len=128, kv_cache="paged", kv_block_size=8)
+    cache = scheduler.cache
+    first = scheduler.submit(prompts[0], params[0])
+    scheduler.step()
+    shared = cache.blocks_of(0)[:5]
+    assert len(scheduler.prefix_cache) == 5 and [cache.refcount(b) for b in shared] == [2] * 5
+    snapshot = cache.k[:, shared].clone(), cache.v[:, shared].clone()
+    in_use = cache.total_blocks - cache.unreferenced_blocks
+    second = scheduler.submit(prompts[1], params[1])
+    scheduler.step()
+    assert cache.blocks_of(1)[:5] == shared and [cache.refcount(b) for b in shared] == [3] * 5
+    assert second.cached == 40 and not set(cache.blocks_of(1)[5:]) & set(cache.blocks_of(0))
+    # Only the second request's own blocks were claimed (row 0 needed none this step): no copy of the prefix.
+    assert cache.total_blocks - cache.unreferenced_blocks == in_use + len(cache.blocks_of(1)) - 5
+    rest = [scheduler.submit(p, q) for p, q in zip(prompts[2:], params[2:])]
+    scheduler.step()  # both admitted together: one right-padded prefill from position 40
+    assert [h.cached for h in rest] == [40, 40] and all(cache.blocks_of(r)[:5] == shared for r in (2, 3))
+    assert [cache.refcount(b) for b in shared] == [5] * 5
+    got = drain(scheduler, [first, second] + rest)
+    assert got == expected
+    assert torch.equal(cache.k[:, shared], snapshot[0]) and torch.equal(cache.v[:, shared], snapshot[1])
+    assert scheduler.stats.cached_prompt_tokens == 3 * 40 and scheduler.prefix_cache.hits == 3 * 40
+    # Ended: only the prefix cache holds blocks (the system prompt's and each prompt's own full
+    # blocks), all reclaimable; cleared, every block is free again.
+    assert cache.reclaimable_blocks == len(scheduler.prefix_cache) == cache.total_blocks - cache.unreferenced_blocks
+    assert cache.free_blocks == cache.total_blocks
+    assert_nothing_leaks(scheduler)
+
+
+def test_idle_cached_blocks_are_evicted_before_any_row_is_preempted(tiny_hf_dirs):
+    model = load_hf_model(tiny_hf_dirs["llama"][0])
+    g = torch.Generator().manual_seed(12)
+    a, b, c = (torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (24, 10, 10))
+    short, long = (SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (4, 30))
+    expected = solo(model, [a, b, c], [short, long, long])
+    block = PagedKVCache.block_bytes(model.config, 4, torch.float32)
+    scheduler = Scheduler(model, None, max_batch=3, max_seq_len=64, kv_cache="paged", kv_block_size=4,
+                          kv_memory_bytes=21 * block)
+    cache = scheduler.cache
+    assert cache.total_blocks == 20
+    first = scheduler.submit(a, short)
+    assert drain(scheduler, [first]) == [expected[0]]
+    # a's six full prompt blocks stay in the prefix cache, used by no row: free to claim, not on the free list.
+    assert cache.reclaimable_blocks == 6 and cache.unreferenced_blocks == 14 and cache.free_blocks == 20
+    handles = [scheduler.submit(b, long), scheduler.submit(c, long)]
+    lowest = cache.unreferenced_blocks
+    while scheduler.step():
+        lowest = min(lowest, cache.unreferenced_blocks)
+    assert [sum((e.token_ids for e in h.poll()), []) for h in handles] == expected[1:]
+    # Two rows of 40 positions need all 20 blocks: more than the free list's 14, so the idle
+    # blocks were taken back, and nobody was preempted for them.
+    assert lowest == 0 and scheduler.prefix_cache.evicted == 6 and scheduler.stats.preempted == 0
+    assert scheduler.prefix_cache.match(a) == 0
+    assert_nothing_leaks(scheduler)
+
+
+def test_adapter_and_base_rows_never_share_prefix_blocks(tiny_hf_dirs):
+    from lmforge.infer.adapters import AdapterBank, LoraWeights
+
+    model = load_hf_model(tiny_hf_dirs["qwen2"][0])
+    g = torch.Generator().manual_seed(2)
+    n_embd = model.config.n_embd
+    layers = {}
+    for i in range(model.config.n_layer):
+        qkv = model.get_submodule(f"layers.{i}.attn.qkv")
+        layers[f"layers.{i}.attn.qkv"] = (torch.randn(4, n_embd, generator=g) * 0.3,
+                                          torch.randn(qkv.out_features, 4, generator=g) * 0.3)
+    bank = AdapterBank.install(model, [LoraWeights("kv", scale=2.0, rank=4, layers=layers)])
+    system, prompts = shared_prefix_requests(8, 24, suffixes=(3, 5, 2))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    runs = [(prompts[0], 0), (prompts[0], 1), (prompts[1], 1), (prompts[2], 0)]
+
+    def alone(prompt, adapter):
+        scheduler = Scheduler(model, None, max_batch=1, max_seq_len=64, prefix_cache_bytes=0, adapters=bank)
+        handle = scheduler.submit(prompt, params, adapter=adapter)
+        return drain(scheduler, [handle])[0]
+
+    expected = [alone(p, a) for p, a in runs]
+    scheduler = Scheduler(model, None, max_batch=2, max_seq_len=64, kv_cache="paged", kv_block_size=8, adapters=bank)
+    cache, got, blocks, cached = scheduler.cache, [], [], []
+    for prompt, adapter in runs:  # one after the other, so each finds what the earlier ones stored
+        handle = scheduler.submit(prompt, params, adapter=adapter)
+        scheduler.step()
+        blocks.append(cache.blocks_of(0)[:3])
+        cached.append(handle.cached)
+        got += drain(scheduler, [handle])
+    assert got == expected
+    assert cached == [0, 0, 24, 24]  # the adapter's first request misses the base's blocks
+    assert not set(blocks[0]) & set(blocks[1])  # base and adapter keys/values live in different blocks
+    assert blocks[2] == blocks[1] and blocks[3] == blocks[0]  # each salt shares its own
+    assert_nothing_leaks(scheduler)
+
+
+def test_admission_counts_a_hit_as_needing_only_its_own_blocks(tiny_hf_dirs):
+    """A 42-token prompt whose first 40 are cached needs 2 new blocks, not 12: it joins at once on a
+    pool the copying prefix cache (which needs all 12) makes it wait for."""
+    model = load_hf_model(tiny_hf_dirs["gpt2"][0])
+    system, (a, b) = shared_prefix_requests(3, 40, suffixes=(1, 2))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = solo(model, [a, b], [params] * 2)
+    block = PagedKVCache.block_bytes(model.config, 4, torch.float32)
+    together = {}
+    for sharing in (True, False):
+        scheduler = Scheduler(model, None, max_batch=2, max_seq_len=64, kv_cache="paged", kv_block_size=4,
+                              kv_memory_bytes=21 * block, prefix_sharing=sharing)
+        handles = [scheduler.submit(a, params)]
+        scheduler.step()
+        handles.append(scheduler.submit(b, params))
+        scheduler.step()
+        together[sharing] = scheduler.stats.running
+        assert drain(scheduler, handles) == expected
+        assert scheduler.stats.preempted == 0
+    assert together == {True: 2, False: 1}

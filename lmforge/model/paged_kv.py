@@ -26,9 +26,24 @@ Block 0 of the pool is never handed out. Table entries a row has not claimed poi
 it, so a padded prefill's writes past a row's tokens land there, and reads of positions
 a row does not have (masked out by attention, since they lie past the row's position)
 find finite values in it.
+
+Blocks are reference counted, so that one block can serve several rows: requests that
+begin with the same system prompt can all point their tables at the blocks that hold its
+keys and values (`PagedPrefixCache`, lmforge/infer/prefix_cache.py, keeps them between
+requests). A block's count is the number of row tables that list it, plus one while the
+prefix cache holds it, plus the pins a caller took (`retain`) to keep it alive between
+looking it up and giving it to a row; it goes back to the free list when the count
+reaches zero. A shared block is only ever read: it holds full blocks of positions before
+the first one a row computes, and every write checks that the blocks it lands in belong
+to the writing row alone (or are the scratch block), so a bug that would corrupt another
+request's keys fails loudly instead. Blocks that only the prefix cache holds are
+reclaimable: `free_blocks` counts them, and a claim that finds the free list short asks
+the cache (`evictor`) to give back its least recently used ones.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -69,6 +84,12 @@ class PagedKVCache:
         # Popped from the end: the lowest block numbers go out first, which keeps a test's
         # accounting easy to read and has no other meaning.
         self._free = list(range(n_blocks, SCRATCH, -1))
+        self._refs = [0] * (n_blocks + 1)  # references to each block: row tables, the prefix cache, pins
+        self._held: set[int] = set()  # blocks the prefix cache holds (one reference each)
+        self._idle = 0  # held blocks nothing else refers to: reclaimable
+        # Called with a number of blocks when a claim finds the free list short: gives back
+        # up to that many reclaimable blocks (set by the prefix cache that holds them).
+        self.evictor: Callable[[int], int] | None = None
 
     @classmethod
     def for_model(cls, config, n_blocks: int, block_size: int, max_rows: int, max_len: int, dtype: torch.dtype,
@@ -89,7 +110,21 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
+        """Blocks a claim can get: the free list and the blocks only the prefix cache holds."""
+        return len(self._free) + self.reclaimable_blocks
+
+    @property
+    def unreferenced_blocks(self) -> int:
+        """Blocks on the free list: nothing refers to them."""
         return len(self._free)
+
+    @property
+    def reclaimable_blocks(self) -> int:
+        """Blocks only the prefix cache holds, which it gives back when a claim needs them."""
+        return self._idle if self.evictor is not None else 0
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
 
     @property
     def nbytes(self) -> int:
@@ -111,26 +146,89 @@ class PagedKVCache:
         need = self.blocks_for(min(length, self.max_len)) - len(self._claimed[row])
         if need <= 0:
             return True
-        if need > len(self._free):
+        if need > self.free_blocks:
             return False
+        if need > len(self._free):  # reclaim the prefix cache's least recently used idle blocks first
+            self.evictor(need - len(self._free))
+            if need > len(self._free):
+                return False
         claimed = self._claimed[row]
         new = [self._free.pop() for _ in range(need)]
+        for block in new:
+            self._refs[block] = 1
         self.tables[row, len(claimed): len(claimed) + need] = torch.tensor(new, dtype=torch.long)
         claimed.extend(new)
         return True
 
+    def share(self, row: int, blocks: list[int]) -> None:
+        """Point the first table entries of `row` (which must hold no block) at existing blocks, by reference.
+
+        The row will read them and never write them: they hold positions before the first
+        one it computes (see `PagedRows.update`'s check).
+        """
+        if self._claimed[row]:
+            raise ValueError(f"row {row} still holds {len(self._claimed[row])} blocks")
+        self.retain(blocks)
+        self.tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        self._claimed[row] = list(blocks)
+
     def release(self, row: int) -> int:
-        """Give every block of `row` back to the free list; returns how many."""
+        """Drop `row`'s reference to each of its blocks (those nothing else refers to are freed); returns how many."""
         claimed = self._claimed[row]
         count = len(claimed)
-        self._free.extend(reversed(claimed))
+        self.drop(reversed(claimed))
         self.tables[row, :count] = SCRATCH
         self._claimed[row] = []
         return count
 
     def release_all(self) -> None:
+        """Every row's blocks (the prefix cache keeps its own references)."""
         for row in range(self.max_rows):
             self.release(row)
+
+    def retain(self, blocks) -> None:
+        """One more reference to each block (a row's table, or a pin kept until a row takes it over)."""
+        for block in blocks:
+            if self._refs[block] < 1:
+                raise ValueError(f"block {block} is free: nothing to share")
+            if self._refs[block] == 1 and block in self._held:
+                self._idle -= 1
+            self._refs[block] += 1
+
+    def drop(self, blocks) -> None:
+        """One reference fewer to each block; a block nothing refers to any more goes to the free list."""
+        for block in blocks:
+            refs = self._refs[block] - 1
+            if refs < 0:
+                raise ValueError(f"block {block} has no reference to drop")
+            self._refs[block] = refs
+            if refs == 0:
+                self._free.append(block)
+            elif refs == 1 and block in self._held:
+                self._idle += 1
+
+    def hold(self, block: int) -> None:
+        """The prefix cache's reference to a block a row has just filled (held once at most)."""
+        if block in self._held or self._refs[block] < 1:
+            raise ValueError(f"block {block} is already held or not claimed")
+        self._held.add(block)
+        self._refs[block] += 1
+
+    def unhold(self, block: int) -> None:
+        """The prefix cache lets a block go; freed if no row refers to it."""
+        self._held.remove(block)
+        if self._refs[block] == 1:
+            self._idle -= 1
+        self._refs[block] -= 1
+        if not self._refs[block]:
+            self._free.append(block)
+
+    def check_exclusive(self, blocks: torch.Tensor) -> None:
+        """Raise if a write is about to land in a block another row or the prefix cache also refers to."""
+        shared = [b for b in torch.unique(blocks).tolist() if b != SCRATCH and self._refs[b] != 1]
+        if shared:
+            raise RuntimeError(f"a write into shared KV blocks {shared} (references "
+                               f"{[self._refs[b] for b in shared]}): shared blocks are read-only")
 
     def move(self, src: int, dst: int) -> None:
         """Row `src`'s blocks become row `dst`'s (which must hold none): no keys or values are copied."""
@@ -161,6 +259,7 @@ class PagedKVCache:
         length = k.shape[2]
         if self.capacity(row) < length:
             raise ValueError(f"row {row} holds {self.capacity(row)} positions, {length} written")
+        self.check_exclusive(self.tables[row, :self.blocks_for(length)])
         index = self._flat_index(self.tables[row: row + 1], torch.arange(length, device=self.tables.device))
         layers, _, _, _, dim = self.k.shape
         self.k.view(layers, -1, dim).index_copy_(1, index, k.reshape(layers, -1, dim))
@@ -220,6 +319,7 @@ class PagedRows:
                 positions = torch.arange(start, start + length, device=k.device)
             else:
                 positions = start.view(-1, 1)
+            pool.check_exclusive(tables.gather(1, (positions // pool.block_size).expand(batch, -1)))
             self._write = (key, pool._flat_index(tables, positions))
         if self._read is None or self._read[0] != end:
             self._read = (end, pool._block_index(tables, end))
