@@ -93,12 +93,20 @@ def test_malformed_allowed_host_fails_at_start(default_lm):
         create_app(scheduler, default_lm.tokenizer, "m", ServeSettings(host="bad host"))
 
 
+@pytest.fixture(scope="module")
+def keyed_server(default_lm):
+    """Keys with and without letters beyond ASCII; one server for every header below, so each
+    case also shows that the bad headers before it left the server answering."""
+    with running_server(default_lm, ServeSettings(api_keys=["k1", "clé"]), max_batch=1) as (url, _):
+        yield url
+
+
 @pytest.mark.parametrize("value", [b"Bearer \xc3\xa9", b"Bearer \xff\xfe\x80", b"\xff", b"Bearer k1\xa0",
                                    b"Bearer cl\xe9", b"Bearer \xf0\x9f\x94", b"bearer", b""])
-def test_raw_bytes_in_the_key_are_a_401(default_lm, value):
-    with running_server(default_lm, ServeSettings(api_keys=["k1", "clé"]), max_batch=1) as (url, _):
-        before = requests_counted(url, "/v1/models", 401)
-        assert_error(httpx.get(url + "/v1/models", headers={"Authorization": value}), 401, "invalid_api_key")
-        assert requests_counted(url, "/v1/models", 401) == before + 1
-        # A key with letters beyond ASCII works, sent as UTF-8 (as clients encode it).
-        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer clé".encode()}).status_code == 200
+def test_raw_bytes_in_the_key_are_a_401(keyed_server, value):
+    url = keyed_server
+    before = requests_counted(url, "/v1/models", 401)
+    assert_error(httpx.get(url + "/v1/models", headers={"Authorization": value}), 401, "invalid_api_key")
+    assert requests_counted(url, "/v1/models", 401) == before + 1
+    # A key with letters beyond ASCII works, sent as UTF-8 (as clients encode it).
+    assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer clé".encode()}).status_code == 200
