@@ -15,9 +15,18 @@
    over alternating rounds, and the cache's own part (30 layers of update + read).
 3. Scheduler decode at equal concurrency: --streams requests of the default model
    decoding together, once per kind in alternating rounds: decode tokens/s.
+4. Shared prefix (--prefix, only that part): --prefix-requests chat requests of the
+   default model with one system prompt of about --system-tokens tokens, through a paged
+   cache whose prefix cache shares the pool's blocks by reference, and one whose prefix
+   cache copies them (`prefix_sharing=False`, its own --prefix-cache-mb outside the
+   pool), for each budget of --prefix-budgets-mb (0: no bound, every request at once).
+   Reported: blocks in use at the peak (the copying cache's store converted to blocks
+   beside them), requests running at once, and the time prefills spent loading and
+   storing prefixes (`_load_prefix` + `_store_prefix`) against the time of the prefills.
 
-    python benchmarks/paged_kv.py                      # everything
+    python benchmarks/paged_kv.py                      # parts 1-3
     python benchmarks/paged_kv.py --skip-speed         # capacity only (about a minute)
+    python benchmarks/paged_kv.py --prefix             # part 4 only
 
 A table goes to stderr, one JSON line per part and a summary line to stdout.
 """
@@ -147,6 +156,84 @@ def scheduler_speed(lm, kind: str, prompts: list[list[int]], new_tokens: int, bl
     return (scheduler.stats.generated_tokens - before) / decode
 
 
+def shared_prefix_run(lm, prompts: list[list[int]], sharing: bool, budget_mb: float, args) -> dict:
+    """One pass of the shared-prefix workload; the first request runs alone first, so the rest find it cached."""
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.infer.scheduler import Scheduler
+    from lmforge.model.paged_kv import PagedKVCache
+
+    scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=len(prompts), max_waiting=len(prompts),
+                          max_seq_len=args.prefix_max_seq_len, kv_cache="paged", kv_block_size=args.block_size,
+                          kv_memory_bytes=int(budget_mb * 2**20), prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+                          prefix_sharing=sharing)
+    timers = {"_load_prefix": 0.0, "_store_prefix": 0.0, "_prefill": 0.0}
+    for name in timers:  # instrument the scheduler's own methods on this instance
+        method = getattr(scheduler, name)
+
+        def timed(*a, _method=method, _name=name):
+            started = time.perf_counter()
+            try:
+                return _method(*a)
+            finally:
+                timers[_name] += time.perf_counter() - started
+        setattr(scheduler, name, timed)
+    params = SamplingParams(max_tokens=args.prefix_answer, temperature=0, ignore_eos=True)
+    cache = scheduler.cache
+    scheduler.submit(prompts[0], params)
+    while scheduler.step():
+        pass
+    for name in timers:  # the later requests' prefills only, which find the prefix cached
+        timers[name] = 0.0
+    for prompt in prompts[1:]:
+        scheduler.submit(prompt, params)
+    running, in_use, started = [], [], time.perf_counter()
+    while scheduler.step():
+        running.append(scheduler.stats.running)
+        in_use.append(cache.total_blocks - cache.unreferenced_blocks)
+    seconds = time.perf_counter() - started
+    block_bytes = PagedKVCache.block_bytes(lm.model.config, args.block_size, lm.model.embed.weight.dtype)
+    store_blocks = 0 if sharing else round(scheduler.prefix_cache.bytes / block_bytes, 1)
+    peak = max(running)
+    return {"sharing": sharing, "budget_mb": budget_mb, "pool_blocks": cache.total_blocks,
+            "peak_running": peak, "mean_running": round(statistics.mean(running), 2),
+            "peak_blocks_in_use": max(in_use), "copied_store_blocks": store_blocks,
+            "blocks_per_request_at_peak": round(max(b for b, r in zip(in_use, running) if r == peak) / peak, 2),
+            "steps": scheduler.stats.steps, "preempted": scheduler.stats.preempted,
+            "cached_prompt_tokens": scheduler.stats.cached_prompt_tokens,
+            "prompt_tokens": scheduler.stats.prompt_tokens,
+            "prefill_ms": round(timers["_prefill"] * 1e3, 1),  # the requests after the first
+            "prefix_copy_ms": round((timers["_load_prefix"] + timers["_store_prefix"]) * 1e3, 2),
+            "seconds": round(seconds, 1)}
+
+
+def shared_prefix(lm, args) -> list[dict]:
+    system = ("You are the help desk of a public library. Answer in two or three short sentences, politely, "
+              "and only about the library: opening hours, borrowing, renewals, fines, reading rooms, printing, "
+              "the children's corner and events. ") * 8
+    ids = lm.tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=True)
+    system_ids = ids[:args.system_tokens]
+    questions = ["How long can I keep a book?", "Can I print in colour?", "When does the reading room open?",
+                 "Is there a fine for late returns?", "Do you have events for children?", "Can I renew online?"]
+    prompts = [system_ids + lm.tokenizer.encode(f" Q{i}: {questions[i % len(questions)]}")
+               for i in range(args.prefix_requests)]
+    for sharing in (True, False):  # warm-up: first calls of every kernel and code path
+        shared_prefix_run(lm, prompts[:3], sharing, 0.0, args)
+    rows = []
+    for budget in args.prefix_budgets_mb:
+        for sharing in (True, False):
+            row = shared_prefix_run(lm, prompts, sharing, budget, args)
+            print(f"shared prefix, budget {budget or 'none'} MiB, {'sharing' if sharing else 'copying'}: "
+                  f"{row['pool_blocks']} blocks, peak {row['peak_running']} running (mean {row['mean_running']}), "
+                  f"peak {row['peak_blocks_in_use']} blocks in use (+{row['copied_store_blocks']} copied), "
+                  f"{row['blocks_per_request_at_peak']} per request, prefill {row['prefill_ms']} ms of which "
+                  f"{row['prefix_copy_ms']} ms loading/storing prefixes, {row['preempted']} preempted, "
+                  f"{row['seconds']} s", file=sys.stderr)
+            print(json.dumps({"part": "shared_prefix", "system_tokens": len(system_ids),
+                              "requests": len(prompts), **row}))
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-mb", type=float, default=256.0)
@@ -165,6 +252,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-capacity", action="store_true")
+    parser.add_argument("--prefix", action="store_true", help="run the shared-prefix part only")
+    parser.add_argument("--prefix-requests", type=int, default=24)
+    parser.add_argument("--system-tokens", type=int, default=256)
+    parser.add_argument("--prefix-answer", type=int, default=32, help="tokens each shared-prefix request decodes")
+    parser.add_argument("--prefix-budgets-mb", type=float, nargs="+", default=[0.0, 64.0])
+    parser.add_argument("--prefix-max-seq-len", type=int, default=512)
+    parser.add_argument("--prefix-cache-mb", type=float, default=128.0,
+                        help="the copying prefix cache's store (outside the pool); sharing: only on/off")
     args = parser.parse_args()
 
     import torch
@@ -172,6 +267,20 @@ def main() -> None:
     import lmforge
 
     torch.manual_seed(0)
+    if args.prefix:
+        lm = lmforge.load(dtype="float32", device="cpu")
+        with torch.inference_mode():
+            rows = shared_prefix(lm, args)
+        by = {(r["budget_mb"], r["sharing"]): r for r in rows}
+        summary = {"benchmark": "paged_kv_prefix", "cpu": cpu_model(), "threads": torch.get_num_threads(),
+                   "block_size": args.block_size}
+        for budget in args.prefix_budgets_mb:
+            share, copy = by[(budget, True)], by[(budget, False)]
+            summary[f"peak_running_ratio_{budget:g}mb"] = round(share["peak_running"] / copy["peak_running"], 2)
+            summary[f"peak_blocks_ratio_{budget:g}mb"] = round(
+                share["peak_blocks_in_use"] / (copy["peak_blocks_in_use"] + copy["copied_store_blocks"]), 3)
+        print(json.dumps(summary))
+        return
     lm = None
     if args.capacity_model == "default" and not args.skip_capacity or not args.skip_speed:
         lm = lmforge.load(dtype="float32", device="cpu")

@@ -120,7 +120,10 @@ class ServeRuntime:
     max_seq_len: int | None = option(None, help="tokens per request, prompt included (default: the model's "
                                                 "context, at most 4096)")
     prefix_cache_mb: float = option(128.0, help="memory for keys/values of prompt prefixes seen before, reused by "
-                                                "later requests that start the same way (0 = off)")
+                                                "later requests that start the same way (0 = off); with "
+                                                "--kv-cache paged any positive value turns it on and the "
+                                                "prefixes share the KV blocks, whose unused ones are given back "
+                                                "when requests need them")
     prefill_chunk: int = option(256, metavar="TOKENS",
                                 help="prefill prompts longer than this in chunks of at most this many tokens (while "
                                      "others stream, about one decode step's worth), between the decode steps of "
