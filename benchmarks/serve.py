@@ -7,6 +7,14 @@ measures aggregate generated tokens/s, time to first token and request latency
 
     python benchmarks/serve.py                       # 1, 4, 16 clients
     python benchmarks/serve.py --clients 1 8 --requests 3 --max-tokens 48
+    python benchmarks/serve.py --clients 1 --requests 4 --rounds 3 --engine   # server path vs engine
+
+`--engine` adds, in each round, the same requests one at a time straight to a `Scheduler`
+built as `lmforge serve` builds it (same model loading, rows, sequence length, prefix
+cache; its own thread stepping, no HTTP), in a second process started the same way, while
+the server idles. Both sides report the decode rate of a stream: tokens after the first
+over the time from the first to the last one (time to first token is reported apart), so
+the ratio is what the HTTP layer, the event loop and the server's threads cost a stream.
 
 Requests use `ignore_eos` so every answer has the same length and tokens/s compares
 like with like. They carry no `seed`, like most chat traffic: the server computes seeded
@@ -51,7 +59,7 @@ def rss_mb(pid: int) -> float:
 
 def one_request(url: str, prompt: str, max_tokens: int) -> dict:
     start = time.perf_counter()
-    first = None
+    first = last = None
     tokens = 0
     payload = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": prompt}],
                "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "ignore_eos": True,
@@ -67,10 +75,12 @@ def one_request(url: str, prompt: str, max_tokens: int) -> dict:
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices") or []:
-                if choice["delta"].get("content") and first is None:
-                    first = time.perf_counter()
+                if choice["delta"].get("content"):
+                    last = time.perf_counter()
+                    first = first or last
     end = time.perf_counter()
-    return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens}
+    return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens,
+            "decode_tok_s": (tokens - 1) / (last - first) if first is not None and last and last > first else None}
 
 
 def phase(url: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -109,8 +119,42 @@ def phase(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         "ttft_p95_s": pct([r["ttft"] for r in ok], 0.95),
         "latency_p50_s": pct([r["latency"] for r in ok], 0.5),
         "latency_p95_s": pct([r["latency"] for r in ok], 0.95),
+        "decode_tok_s_p50": pct([r["decode_tok_s"] for r in ok if r["decode_tok_s"]], 0.5),
         "wall_s": wall,
     }
+
+
+ENGINE = """
+import json, sys, time
+sys.argv = sys.argv[:1]
+import torch
+from lmforge.infer.loaded import load
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.scheduler import Scheduler
+cfg = json.loads(%r)
+lm = load(None)
+scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=cfg["max_batch"], max_seq_len=1024,
+                      prefix_cache_bytes=int(cfg["prefix_cache_mb"] * 2**20)).start()
+def request(prompt, max_tokens):
+    text = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, ignore_eos=True)
+    start = time.perf_counter()
+    handle = scheduler.submit(lm.tokenizer.encode(text), params, stream=True)
+    first = last = None
+    tokens = 0
+    for event in handle:
+        if event.token_ids:
+            last = time.perf_counter()
+            first = first or last
+            tokens += len(event.token_ids)
+    return {"ttft": first - start, "tokens": tokens, "decode_tok_s": (tokens - 1) / (last - first)}
+request("Hello", 8)
+print("ready", flush=True)
+for line in sys.stdin:
+    prompts = json.loads(line)
+    print(json.dumps([request(p, cfg["max_tokens"]) for p in prompts]), flush=True)
+scheduler.shutdown()
+"""
 
 
 def main() -> None:
@@ -121,6 +165,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prefix-cache-mb", type=float, default=None, help="passed to lmforge serve (default: its own)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the phases; each phase reports its median round")
+    ap.add_argument("--engine", action="store_true",
+                    help="also stream the requests straight from a Scheduler built like the server's, in each round")
     args = ap.parse_args()
 
     with socket.socket() as s:
@@ -134,6 +180,7 @@ def main() -> None:
         command += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
     server = subprocess.Popen(command,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engine = None
     try:
         deadline = time.time() + 120
         while True:
@@ -146,6 +193,16 @@ def main() -> None:
                 sys.exit("the server did not start")
             time.sleep(0.5)
         one_request(url, "Hello", 8)  # warm-up
+        if args.engine:
+            from lmforge.serve.config import ServeRuntime
+
+            cache_mb = ServeRuntime().prefix_cache_mb if args.prefix_cache_mb is None else args.prefix_cache_mb
+            engine = subprocess.Popen([sys.executable, "-c", ENGINE % json.dumps(
+                {"max_batch": args.max_batch, "prefix_cache_mb": cache_mb, "max_tokens": args.max_tokens})],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            if engine.stdout.readline().strip() != "ready":
+                sys.exit("the engine process did not start")
+        engine_runs: list[dict] = []
         runs: dict[int, list[dict]] = {c: [] for c in args.clients}
         progress = Progress("serve benchmark", args.rounds * len(args.clients), unit="phases", log_every=0.0)
         for r in range(args.rounds):
@@ -154,6 +211,12 @@ def main() -> None:
                 row = phase(url, clients, args.requests, args.max_tokens)
                 row["rss_before_mb"], row["rss_after_mb"] = round(before, 1), round(rss_mb(server.pid), 1)
                 runs[clients].append(row)
+                if engine is not None and clients == 1:
+                    engine.stdin.write(json.dumps([PROMPTS[j % len(PROMPTS)] for j in range(args.requests)]) + "\n")
+                    engine.stdin.flush()
+                    done = json.loads(engine.stdout.readline())
+                    engine_runs.append({"decode_tok_s_p50": sorted(r["decode_tok_s"] for r in done)[len(done) // 2],
+                                        "ttft_p50_s": sorted(r["ttft"] for r in done)[len(done) // 2]})
                 progress.update(progress.done + 1, info=(
                     f"round {r + 1}: {clients:>3} clients: {row['tokens_per_s']:7.1f} tok/s, TTFT p50 "
                     f"{row['ttft_p50_s']:.2f}s p95 {row['ttft_p95_s']:.2f}s, latency p50 {row['latency_p50_s']:.2f}s "
@@ -171,6 +234,9 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
+        if engine is not None:
+            engine.stdin.close()
+            engine.wait(30)
     base = rows[0]["tokens_per_s"]
     out = {
         "benchmark": "serve",
@@ -183,6 +249,15 @@ def main() -> None:
         "phases": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
         "scaling_vs_first": {str(r["clients"]): round(r["tokens_per_s"] / base, 2) for r in rows},
     }
+    if engine_runs:
+        served = runs[1]
+        out["engine"] = {
+            "decode_tok_s_rounds": [round(r["decode_tok_s_p50"], 1) for r in engine_runs],
+            "ttft_p50_s_rounds": [round(r["ttft_p50_s"], 3) for r in engine_runs],
+            "server_decode_tok_s_rounds": [round(r["decode_tok_s_p50"], 1) for r in served],
+            "server_vs_engine_rounds": [round(a["decode_tok_s_p50"] / b["decode_tok_s_p50"], 3)
+                                        for a, b in zip(served, engine_runs)],
+        }
     print(json.dumps(out))
 
 
