@@ -15,6 +15,8 @@ cache; its own thread stepping, no HTTP), in a second process started the same w
 the server idles. Both sides report the decode rate of a stream: tokens after the first
 over the time from the first to the last one (time to first token is reported apart), so
 the ratio is what the HTTP layer, the event loop and the server's threads cost a stream.
+The engine process also streams each request from a one-row scheduler stepped on its own
+main thread (what `Generator.stream` does): "direct" in the output.
 
 Requests use `ignore_eos` so every answer has the same length and tokens/s compares
 like with like. They carry no `seed`, like most chat traffic: the server computes seeded
@@ -148,11 +150,31 @@ def request(prompt, max_tokens):
             first = first or last
             tokens += len(event.token_ids)
     return {"ttft": first - start, "tokens": tokens, "decode_tok_s": (tokens - 1) / (last - first)}
+def direct(prompt, max_tokens):
+    # What Generator.stream does: a one-row scheduler stepped on this thread.
+    text = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = lm.tokenizer.encode(text)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, ignore_eos=True)
+    own = Scheduler(lm.model, lm.tokenizer, max_batch=1, max_seq_len=len(ids) + max_tokens, prefix_cache_bytes=0)
+    start = time.perf_counter()
+    handle = own.submit(ids, params, stream=True)
+    first = last = None
+    tokens = 0
+    busy = True
+    while busy:
+        busy = own.step()
+        for event in handle.poll():
+            if event.token_ids:
+                last = time.perf_counter()
+                first = first or last
+                tokens += len(event.token_ids)
+    return {"ttft": first - start, "tokens": tokens, "decode_tok_s": (tokens - 1) / (last - first)}
 request("Hello", 8)
 print("ready", flush=True)
 for line in sys.stdin:
     prompts = json.loads(line)
     print(json.dumps([request(p, cfg["max_tokens"]) for p in prompts]), flush=True)
+    print(json.dumps([direct(p, cfg["max_tokens"]) for p in prompts]), flush=True)
 scheduler.shutdown()
 """
 
@@ -215,8 +237,10 @@ def main() -> None:
                     engine.stdin.write(json.dumps([PROMPTS[j % len(PROMPTS)] for j in range(args.requests)]) + "\n")
                     engine.stdin.flush()
                     done = json.loads(engine.stdout.readline())
+                    alone = json.loads(engine.stdout.readline())
                     engine_runs.append({"decode_tok_s_p50": sorted(r["decode_tok_s"] for r in done)[len(done) // 2],
-                                        "ttft_p50_s": sorted(r["ttft"] for r in done)[len(done) // 2]})
+                                        "ttft_p50_s": sorted(r["ttft"] for r in done)[len(done) // 2],
+                                        "direct_tok_s_p50": sorted(r["decode_tok_s"] for r in alone)[len(alone) // 2]})
                 progress.update(progress.done + 1, info=(
                     f"round {r + 1}: {clients:>3} clients: {row['tokens_per_s']:7.1f} tok/s, TTFT p50 "
                     f"{row['ttft_p50_s']:.2f}s p95 {row['ttft_p95_s']:.2f}s, latency p50 {row['latency_p50_s']:.2f}s "
@@ -256,6 +280,9 @@ def main() -> None:
             "ttft_p50_s_rounds": [round(r["ttft_p50_s"], 3) for r in engine_runs],
             "server_decode_tok_s_rounds": [round(r["decode_tok_s_p50"], 1) for r in served],
             "server_vs_engine_rounds": [round(a["decode_tok_s_p50"] / b["decode_tok_s_p50"], 3)
+                                        for a, b in zip(served, engine_runs)],
+            "direct_decode_tok_s_rounds": [round(r["direct_tok_s_p50"], 1) for r in engine_runs],
+            "server_vs_direct_rounds": [round(a["decode_tok_s_p50"] / b["direct_tok_s_p50"], 3)
                                         for a, b in zip(served, engine_runs)],
         }
     print(json.dumps(out))
