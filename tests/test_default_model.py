@@ -19,6 +19,7 @@ def test_default_model_config(default_lm):
     assert default_lm.model.num_parameters() == 134_515_008
 
 
+@pytest.mark.slow  # transformers' own load of the default model's GGUF file takes ~15 s
 def test_logits_match_transformers_on_same_gguf(default_lm, hf_default_model):
     ids = torch.tensor([default_lm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)])
     with torch.no_grad():
@@ -27,6 +28,7 @@ def test_logits_match_transformers_on_same_gguf(default_lm, hf_default_model):
     assert (ours - theirs).abs().max().item() <= 1e-3
 
 
+@pytest.mark.slow  # transformers' own load of the default model's GGUF file takes ~15 s
 def test_greedy_continuation_matches_transformers(default_lm, hf_default_model):
     prompt = default_lm.tokenizer.encode("Once upon a time")
     ids = torch.tensor([prompt])

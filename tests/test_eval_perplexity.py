@@ -163,6 +163,7 @@ def hf_sliding_window_nll(model, ids: list[int], window: int, stride: int) -> tu
     return total, count
 
 
+@pytest.mark.slow  # transformers' own load of the default model's GGUF file takes ~15 s
 def test_default_model_perplexity_matches_transformers(default_lm, hf_default_model):
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")[:1600]  # the Apache-2.0 license text
     window, stride = 128, 64
