@@ -152,20 +152,17 @@ class PagedPrefixCache:
         idle = sum(1 for block in blocks if self.pool.refcount(block) == 1)
         return len(blocks), idle
 
-    def take(self, ids: list[int], length: int, salt: int = 0) -> list[int]:
-        """The block ids holding ids[:length] (a `match` result), each pinned by one reference for the caller.
+    def take(self, ids: list[int], salt: int = 0) -> list[int]:
+        """The block ids of the hit `match` finds for `ids` (none: []), each pinned by one reference for the caller.
 
         The pin keeps them from eviction until a row shares them (`pool.share`), after
         which the caller drops it (`pool.drop`).
         """
-        assert length % self.block == 0 and length < len(ids), "a hit is whole blocks before the last token"
-        chain = self._chain(ids, length, salt)
-        if len(chain) * self.block != length:
-            raise ValueError(f"{length} tokens were matched, {len(chain) * self.block} are stored now")
+        chain = self._chain(ids, len(ids) - 1, salt)
         blocks = [block for _, block in chain]
         self.pool.retain(blocks)
         self._refresh([key for key, _ in chain])
-        self.hits += length
+        self.hits += len(blocks) * self.block
         return blocks
 
     def store(self, ids: list[int], blocks: list[int], salt: int = 0) -> None:

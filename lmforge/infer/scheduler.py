@@ -470,18 +470,17 @@ class Scheduler:
                         self._resume(handle)
                 for group in self._prefill_groups(fresh):
                     self._prefill(group)
-                if self._chunking is not None and not (self._rows and self._mixable()):
+                mixable = self._mixable()
+                if self._chunking is not None and not (self._rows and mixable):
                     self._prefill_chunk()
                 self._retire()
                 if self.paged:
                     self._claim_decode_blocks()
-                if self._rows and self._chunking is not None and self._mixable():
+                if self._rows and self._chunking is not None and mixable:
                     self._mixed_step()
                     self._retire()
                 elif self._rows:
-                    started = time.perf_counter()
-                    self._decode_step()
-                    self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - started)
+                    self._timed_decode_step()
                     self._retire()
         except Exception as exc:
             self._fail(admitted + ([long] if long is not None and self._chunking is not long[0] else []),
@@ -746,9 +745,7 @@ class Scheduler:
         handle, params, _ = item
         if not self.shares_prefix or handle.state is not None or handle.cancelled or params.seed is not None:
             return
-        cached = self.prefix_cache.match(handle.prompt_ids, handle.adapter)
-        if cached:
-            handle.shared = self.prefix_cache.take(handle.prompt_ids, cached, handle.adapter)
+        handle.shared = self.prefix_cache.take(handle.prompt_ids, handle.adapter)
 
     def _unpin(self, handle: RequestHandle) -> None:
         """Drop the pins of a hit that no row took over (the request ended before its prefill)."""
@@ -848,20 +845,16 @@ class Scheduler:
         """
         handle, row = self._chunking, self.max_batch - 1
         chunk = self._next_chunk()
-        if chunk is None:
-            started = time.perf_counter()
-            self._decode_step()
-            self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - started)
+        if chunk is None:  # cancelled: a plain step for the running rows
+            self._timed_decode_step()
             return
-        states = [h.state for h in self._rows]
-        positions = [s.position for s in states]
-        tokens = torch.tensor([s.generated[-1] for s in states], dtype=torch.long, device=self.device).view(-1, 1)
-        start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+        tokens, start = self._decode_inputs()
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         started = time.perf_counter()
-        with self._threads(len(states) + len(chunk)):
+        with self._threads(len(self._rows) + len(chunk)):
             rows_logits, chunk_logits = self.model.forward_segments(
-                [(tokens, self.cache.rows(0, len(states)), start), (ids, self.cache.rows(row, row + 1), handle.prefilled)]
+                [(tokens, self.cache.rows(0, len(self._rows)), start),
+                 (ids, self.cache.rows(row, row + 1), handle.prefilled)]
             )
         elapsed = time.perf_counter() - started
         if self._decode_seconds:
@@ -872,10 +865,7 @@ class Scheduler:
             fit = min(int(self.mixed_step_share * self._decode_seconds / self._chunk_token_seconds), 2 * len(chunk))
             self._chunk_fit = min(self.prefill_chunk, max(self.min_mixed_chunk, fit))
         self.stats.steps += 1
-        with self._threads(len(states)):
-            for i, running in enumerate(self._rows):
-                state = running.state
-                self._emit(running, state.append(state.choose(rows_logits[i])))
+        self._emit_rows(rows_logits)
         self._chunk_in(chunk, chunk_logits[0])
 
     min_chunk = 16  # a smaller chunk wastes the products' efficiency
@@ -896,13 +886,27 @@ class Scheduler:
         if self.cache is None:
             logits = self._uncached_logits(self._rows)
         else:
-            states = [h.state for h in self._rows]
-            last = [s.generated[-1] for s in states]
-            positions = [s.position for s in states]
-            tokens = torch.tensor(last, dtype=torch.long, device=self.device).view(-1, 1)
-            start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+            tokens, start = self._decode_inputs()
             logits = self._forward(tokens, self.cache.rows(0, len(self._rows)), start, handles=self._rows)
         self.stats.steps += 1
+        self._emit_rows(logits)
+
+    def _timed_decode_step(self) -> None:
+        """`_decode_step`, its time folded into the decode-step average that sizes chunks."""
+        started = time.perf_counter()
+        self._decode_step()
+        self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - started)
+
+    def _decode_inputs(self) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """The running rows' last tokens [B, 1] and their positions (one int when all rows agree)."""
+        states = [h.state for h in self._rows]
+        positions = [s.position for s in states]
+        tokens = torch.tensor([s.generated[-1] for s in states], dtype=torch.long, device=self.device).view(-1, 1)
+        start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+        return tokens, start
+
+    def _emit_rows(self, logits: torch.Tensor) -> None:
+        """Sample and emit each running row's next token from its logits (row i: logits[i])."""
         # Sampling stays on the forward's thread budget: beside NumPy's BLAS threads (one
         # row) a second PyTorch thread for a softmax costs more than it saves.
         with self._threads(len(self._rows)):
