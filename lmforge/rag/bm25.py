@@ -225,6 +225,10 @@ class BM25Index:
         floor = self.epsilon * float(idf.mean()) if idf.size else 0.0
         return np.where(idf < 0, floor, idf)
 
+    def unseen_idf(self) -> float:
+        """The IDF a term no chunk holds would have: the rarest a term can be in this collection."""
+        return float(self._idf_values(np.zeros(1), len(self))[0])
+
     def _posting(self, term: str) -> tuple[Any, Any, float] | None:
         """(chunk indices, term frequencies, idf) of a term, or None when no chunk has it."""
         tid = self._vocabulary.get(term)

@@ -271,7 +271,7 @@ class Retriever:
         n = len(index)
         if not terms or n == 0:
             return 0.0
-        unseen = math.log1p((n + 0.5) / 0.5)  # a term in no chunk counts as the rarest possible
+        unseen = index.unseen_idf()  # a term in no chunk counts as the rarest possible
         total = 0.0
         for term in terms:
             posting = index._posting(term)
@@ -294,7 +294,7 @@ def term_signals(index: BM25Index, query: str, filters: dict[str, Any] | None = 
     n = len(index)
     shared = np.zeros(n, dtype=np.int64)
     weight = np.zeros(n, dtype=np.float64)
-    unseen = math.log1p((n + 0.5) / 0.5)  # as `Retriever.strength` prices a term no chunk holds
+    unseen = index.unseen_idf()  # as `Retriever.strength` prices a term no chunk holds
     mass = 0.0
     for term in terms.content:
         posting = index._posting(term)
