@@ -12,6 +12,8 @@ quantization's (calibration forwards included, writing excluded).
     python benchmarks/quantize.py            # fp32, rtn-8, rtn-4, gptq-4, gptq-4 act-order, awq-4
     python benchmarks/quantize.py --quick    # fewer tokens
     python benchmarks/quantize.py --layer-errors   # does GPTQ's fit carry over to held-out text?
+    python benchmarks/quantize.py --settings rtn-4 --gptq-only attn.qkv:q --gptq-only attn.out
+        # GPTQ for the named products (or the q / k / v rows of the fused attn.qkv), RTN for the rest
 
 Prints one JSON line per setting and a summary JSON line.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import itertools
 import json
 import os
@@ -86,6 +89,57 @@ def layer_errors(model, tokenizer, layers=(0, 5), name="mlp.proj") -> None:
             hx = [block(x, *a) for x, a in zip(hx, hex_)]
 
 
+def parse_gptq_only(spec: str) -> dict[str, tuple[str, ...]]:
+    """`attn.qkv:q,attn.out` -> {"attn.qkv": ("q",), "attn.out": ("all",)}: where GPTQ is kept."""
+    from lmforge.infer.quantize import LINEARS
+
+    chosen: dict[str, tuple[str, ...]] = {}
+    for item in filter(None, spec.split(",")):
+        name, _, part = item.partition(":")
+        if name not in LINEARS or (part and (name != "attn.qkv" or part not in ("q", "k", "v"))):
+            raise SystemExit(f"--gptq-only {item!r}: name one of {', '.join(LINEARS)}, or attn.qkv:q|k|v")
+        chosen[name] = chosen.get(name, ()) + (part or "all",)
+    return chosen
+
+
+def mixed_gptq_step(chosen: dict[str, tuple[str, ...]], plain_values: bool = False):
+    """A `gptq_block` replacement: GPTQ for the chosen products or rows of the fused q/k/v
+    product, RTN for the rest, in the same block-by-block order (each Hessian measured with the
+    layers before it already quantized). GPTQ treats rows independently, so quantizing a whole
+    matrix both ways and taking rows from each is exact. `plain_values`: the value rows get the
+    inputs' Hessian 2 X^T X like the other rows (GPTQ before the attention-weighted one)."""
+    import torch
+
+    from lmforge.infer.gptq import gptq_fused_qkv, gptq_quantize, value_hessians
+    from lmforge.infer.quantize import QuantizedTensor, block_linears, input_stats, rtn
+
+    @torch.no_grad()
+    def step(block, xs, extra, grid, options, config) -> dict:
+        spans = {"q": (0, config.q_size), "k": (config.q_size, config.q_size + config.kv_size),
+                 "v": (config.q_size + config.kv_size, config.q_size + 2 * config.kv_size)}
+        tensors = {}
+        for name, layer in block_linears(block).items():
+            qt = rtn(layer.weight, grid)
+            if name in chosen:
+                gram, _, n = input_stats(block, [name], xs, extra, stop=True)[name]
+                hessian = gram * (2.0 / max(1, n))
+                if name == "attn.qkv" and not plain_values:
+                    gq = gptq_fused_qkv(block.attn, hessian, value_hessians(block, xs, extra), grid, options)
+                else:
+                    gq = gptq_quantize(layer.weight, hessian, grid, options.damp, options.block_size,
+                                       options.act_order)
+                take = torch.zeros(layer.weight.shape[0], dtype=torch.bool)
+                for part in chosen[name]:
+                    start, stop = spans.get(part, (0, len(take)))
+                    take[start:stop] = True
+                qt = QuantizedTensor(torch.where(take[:, None], gq.scales, qt.scales),
+                                     torch.where(take[:, None], gq.codes, qt.codes), grid)
+            layer.weight.copy_(qt.dequantize())
+            tensors[name] = qt
+        return {"tensors": tensors}
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-tokens", type=int, default=16384)
@@ -97,6 +151,13 @@ def main() -> None:
     parser.add_argument("--layer-errors", action="store_true",
                         help="only the held-out error of the MLP down product of layers 0 and 5: RTN against GPTQ "
                              "with 2k/8k/16k calibration tokens and damping 0.01/0.1")
+    parser.add_argument("--gptq-only", action="append", default=[], metavar="SPEC",
+                        help="one more setting (repeatable): GPTQ-4 for the comma-separated products of SPEC "
+                             "(attn.qkv, attn.out, mlp.fc, mlp.proj; attn.qkv:q|k|v for the q, k or v rows of the "
+                             "fused product), RTN-4 for the rest; e.g. attn.qkv:q,attn.out")
+    parser.add_argument("--plain-value-hessian", action="store_true",
+                        help="--gptq-only settings: GPTQ the value rows with the inputs' Hessian 2 X^T X, as "
+                             "the other rows (without it: each KV head's attention-weighted Hessian, as gptq-4)")
     args = parser.parse_args()
 
     import torch
@@ -120,15 +181,23 @@ def main() -> None:
     rows = calibration_rows(tokenizer, train_texts, args.calib_rows, args.calib_length)
     workdir = Path(tempfile.mkdtemp(prefix="lmforge-quantize-"))
     results = []
-    for name in args.settings.split(","):
-        setting = SETTINGS[name]
+    runs = [(name, SETTINGS[name], None) for name in filter(None, args.settings.split(","))]
+    runs += [(f"gptq-4-only[{spec}]", SETTINGS["gptq-4"], parse_gptq_only(spec)) for spec in args.gptq_only]
+    for name, setting, chosen in runs:
         row: dict = {"setting": name}
         if setting is None:
             model = base
             row.update(bytes=sum(p.numel() * 4 for p in base.parameters()), seconds=0.0)  # tied head counted once
         else:
-            options = QuantizeOptions(out=str(workdir / f"{name}.gguf"), damp=args.damp, **setting)
-            result = quantize_model(copy.deepcopy(base), options, rows if options.needs_calibration else None)
+            options = QuantizeOptions(out=str(workdir / f"{len(results)}.gguf"), damp=args.damp, **setting)
+            gptq_module = importlib.import_module("lmforge.infer.gptq")
+            plain_step = gptq_module.gptq_block
+            if chosen is not None:  # quantize_model imports gptq_block when it runs
+                gptq_module.gptq_block = mixed_gptq_step(chosen, args.plain_value_hessian)
+            try:
+                result = quantize_model(copy.deepcopy(base), options, rows if options.needs_calibration else None)
+            finally:
+                gptq_module.gptq_block = plain_step
             written = write_quantized(result, options.out, tokenizer=tokenizer, name=spec.name)
             model = load_gguf_model(written.path)
             row.update(bytes=written.nbytes, seconds=round(result.seconds, 1))

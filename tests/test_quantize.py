@@ -266,3 +266,71 @@ def test_cli_gptq_calibrates_on_a_text_file(tiny_dir, tmp_path, capsys):
     assert "calibrated on 128 tokens" in line and "8 matrices on the grid" in line
     assert load_gguf_model(out).config.n_layer == 2
     assert load_gguf_tokenizer(out).encode("block by block")  # the tokenizer travels in the file
+
+
+def _attention_outputs(block, xs, extra) -> torch.Tensor:
+    """What reaches `block.attn.out` for every calibration row: the heads' outputs [N, q_size]."""
+    seen = []
+    handle = block.attn.out.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for x, args in zip(xs, extra):
+            block(x, *args)
+    handle.remove()
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_value_hessians_give_the_attention_output_error_of_a_value_change(family):
+    from lmforge.infer.gptq import value_hessians
+    from lmforge.infer.quantize import first_block_inputs
+
+    # A head's output moves by E_v xbar_t when its value rows move by E_v, so
+    # n/2 * tr(E H E^T) with each KV head's H must equal the squared change of the real
+    # attention output (rotary, causal softmax and grouped heads included).
+    model = tiny(family)
+    block = model.layers[1]
+    xs, extra = first_block_inputs(model, calibration())
+    xs = [model.layers[0](x, *args) for x, args in zip(xs, extra)]
+    hessians = value_hessians(block, xs, extra)
+    attn = block.attn
+    before = _attention_outputs(block, xs, extra)
+    change = torch.randn(attn.kv_size, attn.qkv.in_features) * 0.01
+    with torch.no_grad():
+        attn.qkv.weight[attn.q_size + attn.kv_size:] += change
+    diff = (_attention_outputs(block, xs, extra) - before).double()
+    group = attn.n_head // attn.n_kv_head
+    for head, hessian in enumerate(hessians):
+        cols = slice(head * group * attn.head_dim, (head + 1) * group * attn.head_dim)
+        e = change[head * attn.head_dim:(head + 1) * attn.head_dim].double()
+        predicted = float(torch.trace(e @ hessian.double() @ e.T)) * diff.shape[0] * group / 2
+        assert predicted == pytest.approx(float((diff[:, cols] ** 2).sum()), rel=1e-4)
+
+
+def test_gptq_value_rows_with_the_attention_hessian_beat_the_plain_one():
+    from lmforge.infer.gptq import gptq_quantize, value_hessians
+    from lmforge.infer.quantize import first_block_inputs, input_stats
+
+    # The plain H = 2 X^T X weights every token once; the attention-weighted one is the
+    # heads' output error itself, so GPTQ with it must leave less error in those outputs.
+    model = tiny()
+    block = model.layers[0]
+    xs, extra = first_block_inputs(model, calibration(n=12))
+    attn = block.attn
+    gram, _, n = input_stats(block, ["attn.qkv"], xs, extra, stop=True)["attn.qkv"]
+    plain = gram * (2.0 / n)
+    hessians = value_hessians(block, xs, extra)
+    exact = _attention_outputs(block, xs, extra)
+    weight = attn.qkv.weight.detach().clone()
+    errors = {}
+    for kind in ("plain", "attention"):
+        rows = []
+        for head, hessian in enumerate(hessians):
+            start = attn.q_size + attn.kv_size + head * attn.head_dim
+            w = weight[start:start + attn.head_dim]
+            rows.append(gptq_quantize(w, plain if kind == "plain" else hessian, GRIDS[4]).dequantize())
+        with torch.no_grad():
+            attn.qkv.weight[attn.q_size + attn.kv_size:] = torch.cat(rows)
+        errors[kind] = float((_attention_outputs(block, xs, extra) - exact).norm())
+        with torch.no_grad():
+            attn.qkv.weight.copy_(weight)
+    assert errors["attention"] < 0.9 * errors["plain"]

@@ -18,14 +18,28 @@ rounds the columns in a fixed order and applies that update each time:
   block's columns are then spread over the order, and its scale is taken from their
   current values when the first of them comes up, with the updates pending in the batch
   applied to them first.
+
+The value rows of the fused q/k/v product get a Hessian of their own. A head's output is
+sum_s p_ts v_s = W_v xbar_t with xbar_t = sum_s p_ts x_s, the inputs averaged with the
+attention weights, so the error that reaches the rest of the model is E_v xbar_t, not E_v x_t.
+The plain H = 2 X^T X weights every token once; attention weights some tokens far more. In
+SmolLM2-135M's deeper layers most heads put 70% of their weight on the first position (an
+attention sink) whose input is small and unlike the rest: X^T X hardly sees it, so GPTQ pushes
+the rounding error into that direction, and the sink's value, which should stay near zero,
+becomes noise every query then reads. Each KV head's value rows therefore use
+H = 2 Xbar^T Xbar over the query heads that read it (attention weights from the unquantized
+q and k), which is that head's output error exactly.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import LmforgeError
-from .quantize import BLOCK, Grid, QuantizedTensor, block_linears, input_stats
+from ..model.rope import apply_rotary
+from .quantize import BLOCK, Grid, QuantizedTensor, _Stop, block_linears, input_stats
 
 
 def _inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -96,14 +110,80 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp:
 
 
 @torch.no_grad()
+def value_hessians(block, xs, extra) -> torch.Tensor:
+    """H = 2 Xbar^T Xbar / n [n_kv_head, cols, cols] for each KV head's value rows of
+    `block.attn.qkv`: xbar_t = sum_s p_ts x_s, the qkv inputs averaged with the attention
+    weights of every query head that reads that KV head (from the layer's current weights);
+    n counts (query head, token) pairs. `extra` holds each row's (rope, mask, ...) block arguments."""
+    attn = block.attn
+    n_head, n_kv, head_dim = attn.n_head, attn.n_kv_head, attn.head_dim
+    group = n_head // n_kv
+    cols = attn.qkv.in_features
+    grams = torch.zeros(n_kv, cols, cols, dtype=torch.float64)
+    count = 0
+    seen: list[torch.Tensor] = []
+
+    def catch(_module, args):
+        seen.append(args[0])
+        raise _Stop
+
+    handle = attn.qkv.register_forward_pre_hook(catch)
+    try:
+        for x, args in zip(xs, extra):
+            try:
+                block(x, *args)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    for inputs, args in zip(seen, extra):
+        inputs = inputs.float()  # [B, L, cols]
+        rope, mask = args[0], args[1]
+        batch, length, _ = inputs.shape
+        heads = attn.qkv(inputs).view(batch, length, n_head + 2 * n_kv, head_dim).transpose(1, 2)
+        qk = heads[:, :n_head + n_kv]
+        if rope is not None:
+            qk = apply_rotary(qk, *rope)
+        q, k = qk.split((n_head, n_kv), dim=1)
+        scores = q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) / math.sqrt(head_dim)
+        if mask is None and attn.causal:
+            mask = torch.ones(length, length, dtype=torch.bool).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        averaged = scores.softmax(-1) @ inputs.unsqueeze(1)  # [B, n_head, L, cols]
+        per_kv = averaged.view(batch, n_kv, group, length, cols).transpose(0, 1).reshape(n_kv, -1, cols).double()
+        grams += per_kv.transpose(1, 2) @ per_kv
+        count += batch * group * length
+    return (grams * (2.0 / max(1, count))).float()
+
+
+@torch.no_grad()
+def gptq_fused_qkv(attn, hessian: torch.Tensor, values: torch.Tensor, grid: Grid, options) -> QuantizedTensor:
+    """GPTQ of `attn.qkv`'s weight: the q and k rows with the inputs' Hessian, each KV head's
+    value rows with its attention-weighted one (`values`, from `value_hessians`)."""
+    weight = attn.qkv.weight
+    parts = [gptq_quantize(weight[:attn.q_size + attn.kv_size], hessian, grid, options.damp, options.block_size,
+                           options.act_order)]
+    for head, value_hessian in enumerate(values):
+        start = attn.q_size + attn.kv_size + head * attn.head_dim
+        parts.append(gptq_quantize(weight[start:start + attn.head_dim], value_hessian, grid, options.damp,
+                                   options.block_size, options.act_order))
+    return QuantizedTensor(torch.cat([p.scales for p in parts]), torch.cat([p.codes for p in parts]), grid)
+
+
+@torch.no_grad()
 def gptq_block(block, xs, extra, grid: Grid, options, config) -> dict:
     """GPTQ of one Transformer block's linears, in the order data reaches them: each layer's
-    Hessian is measured with the layers before it in the block already quantized."""
+    Hessian is measured with the layers before it in the block already quantized. The value
+    rows of attn.qkv use their KV head's attention-weighted Hessian (`value_hessians`)."""
     tensors = {}
     for name, layer in block_linears(block).items():
         gram, _, n = input_stats(block, [name], xs, extra, stop=True)[name]
         hessian = gram * (2.0 / max(1, n))
-        qt = gptq_quantize(layer.weight, hessian, grid, options.damp, options.block_size, options.act_order)
+        if name == "attn.qkv":
+            qt = gptq_fused_qkv(block.attn, hessian, value_hessians(block, xs, extra), grid, options)
+        else:
+            qt = gptq_quantize(layer.weight, hessian, grid, options.damp, options.block_size, options.act_order)
         layer.weight.copy_(qt.dequantize())
         tensors[name] = qt
     return {"tensors": tensors}
