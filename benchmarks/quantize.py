@@ -12,6 +12,7 @@ quantization's (calibration forwards included, writing excluded).
     python benchmarks/quantize.py            # fp32, rtn-8, rtn-4, gptq-4, gptq-4 act-order, awq-4
     python benchmarks/quantize.py --quick    # fewer tokens
     python benchmarks/quantize.py --layer-errors   # does GPTQ's fit carry over to held-out text?
+    python benchmarks/quantize.py --value-errors   # the value rows' error as the attention heads pass it on
     python benchmarks/quantize.py --settings rtn-4 --gptq-only attn.qkv:q --gptq-only attn.out
         # GPTQ for the named products (or the q / k / v rows of the fused attn.qkv), RTN for the rest
 
@@ -89,6 +90,58 @@ def layer_errors(model, tokenizer, layers=(0, 5), name="mlp.proj") -> None:
             hx = [block(x, *a) for x, a in zip(hx, hex_)]
 
 
+def value_errors(model, tokenizer, layers=(5, 12, 20, 24)) -> None:
+    """Held-out error of the attention heads' outputs caused by the value rows of attn.qkv alone
+    (relative: tr(E H E^T) / tr(W H W^T) with H the held-out attention-weighted Hessian of
+    `value_hessians`, which is that error exactly), for RTN, GPTQ with the inputs' Hessian
+    2 X^T X and GPTQ with the attention-weighted one; and the value error at position 0 (the
+    attention sink) against the other positions. The float32 model's activations, 8,192
+    calibration tokens, 2,048 held-out tokens, damping 0.01."""
+    import torch
+
+    from lmforge.infer.gptq import gptq_quantize, value_hessians
+    from lmforge.infer.quantize import GRIDS, calibration_rows, first_block_inputs, input_stats, rtn
+
+    grid = GRIDS[4]
+    cal = calibration_rows(tokenizer, itertools.islice(wiki_texts("train"), 3000), 32, 256)
+    held = calibration_rows(tokenizer, itertools.islice(wiki_texts("heldout"), 3000), 8, 256)
+    with torch.no_grad():
+        xs, ex = first_block_inputs(model, cal)
+        hx, hex_ = first_block_inputs(model, held)
+        for index in range(max(layers) + 1):
+            block = model.layers[index]
+            if index in layers:
+                attn = block.attn
+                gram, _, n = input_stats(block, ["attn.qkv"], xs, ex, stop=True)["attn.qkv"]
+                plain, weighted, held_h = gram * (2.0 / n), value_hessians(block, xs, ex), value_hessians(block, hx, hex_)
+                seen = []
+                hook = attn.qkv.register_forward_pre_hook(lambda _m, a: seen.append(a[0][0]))
+                for x, args in zip(hx, hex_):
+                    attn(block.attn_norm(x), *args)
+                hook.remove()
+                inputs = torch.stack(seen)  # [rows, L, cols] held-out inputs of attn.qkv
+                errors: dict[str, list[float]] = {}
+                for head in range(attn.n_kv_head):
+                    start = attn.q_size + attn.kv_size + head * attn.head_dim
+                    w = attn.qkv.weight[start:start + attn.head_dim].float()
+                    size = float(torch.trace(w @ held_h[head] @ w.T))
+                    for kind, q in (("rtn", rtn(w, grid)), ("gptq_plain", gptq_quantize(w, plain, grid)),
+                                    ("gptq_attention", gptq_quantize(w, weighted[head], grid))):
+                        e = q.dequantize() - w
+                        out = (inputs @ e.T) ** 2
+                        sums = errors.setdefault(kind, [0.0, 0.0, 0.0])
+                        sums[0] += float(torch.trace(e @ held_h[head] @ e.T)) / size / attn.n_kv_head
+                        sums[1] += float(out[:, 0].sum(-1).mean()) / attn.n_kv_head
+                        sums[2] += float(out[:, 1:].sum(-1).mean()) / attn.n_kv_head
+                row = {"layer": index}
+                for kind, (rel, first, rest) in errors.items():
+                    row[kind] = {"head_output_rel_error": round(rel, 5), "value_error_position0": round(first, 4),
+                                 "value_error_other_positions": round(rest, 4)}
+                print(json.dumps(row), flush=True)
+            xs = [block(x, *a) for x, a in zip(xs, ex)]
+            hx = [block(x, *a) for x, a in zip(hx, hex_)]
+
+
 def parse_gptq_only(spec: str) -> dict[str, tuple[str, ...]]:
     """`attn.qkv:q,attn.out` -> {"attn.qkv": ("q",), "attn.out": ("all",)}: where GPTQ is kept."""
     from lmforge.infer.quantize import LINEARS
@@ -158,6 +211,9 @@ def main() -> None:
     parser.add_argument("--plain-value-hessian", action="store_true",
                         help="--gptq-only settings: GPTQ the value rows with the inputs' Hessian 2 X^T X, as "
                              "the other rows (without it: each KV head's attention-weighted Hessian, as gptq-4)")
+    parser.add_argument("--value-errors", action="store_true",
+                        help="only the held-out error of the attention heads' outputs from the value rows of layers "
+                             "5, 12, 20, 24: RTN against GPTQ with the plain and the attention-weighted Hessian")
     args = parser.parse_args()
 
     import torch
@@ -175,6 +231,8 @@ def main() -> None:
     base, tokenizer = load_model(spec, dtype=torch.float32), load_tokenizer(spec)
     if args.layer_errors:
         return layer_errors(base.eval(), tokenizer)
+    if args.value_errors:
+        return value_errors(base.eval(), tokenizer)
     heldout, total = heldout_texts(tokenizer, args.eval_tokens)
     train_texts = list(itertools.islice(wiki_texts("train"), 10_000))
     assert not set(heldout) & set(train_texts)  # the two sides share no document
