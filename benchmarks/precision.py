@@ -8,6 +8,9 @@ Prefill (``--part prefill``): the default model, time to the first token of a
 plus batch-1 decode of lmforge fp32 and auto (decode stays float32: should be equal), the
 memory the bf16 copies take, and perplexity / bits per byte of both lmforge variants on
 held-out text (this repository's handbook pages, written after the model was trained).
+With ``--int8`` a third lmforge variant: int8 prefill products (lmforge/infer/int8_prefill.py,
+``lmforge.load(prefill="int8")``), calibrated here on ``--int8-calib-tokens`` tokens of the
+offline Wikipedia excerpt's training side rather than on the handbook text it is scored on.
 
 Training (``--part train``): two copies of one random init at a preset's shapes
 (benchmarks/train.py's presets), trained on the same token rows (the handbook text,
@@ -18,6 +21,7 @@ warm-up steps), their ratio and the median per-step ratio, the loss curves and t
 largest relative gap; writes a PNG of the curves.
 
     python benchmarks/precision.py --part prefill --rounds 5
+    python benchmarks/precision.py --part prefill --rounds 5 --int8
     python benchmarks/precision.py --part train --preset smollm2-135m --steps 30
     python benchmarks/precision.py --part train --preset small-llama --steps 60 --plot docs/images/bf16_small.png
 
@@ -90,6 +94,19 @@ def prefill_part(args) -> dict:
     if args.force_bf16 and not uses_bf16_prefill(auto.model):
         use_bf16_prefill(auto.model)
     prepare_bf16_copies(auto.model)
+    int8 = None
+    if args.int8:
+        import itertools
+
+        from bench_common import wiki_texts
+        from lmforge.infer.int8_prefill import calibrate_int8_prefill, calibration_rows, int8_copy_bytes
+
+        int8 = lmforge.load(dtype="auto", device="cpu")
+        prepare_bf16_copies(int8.model)  # the vocabulary head's path, as in auto
+        texts = list(itertools.islice(wiki_texts("train"), 400))
+        started = time.perf_counter()
+        report = calibrate_int8_prefill(int8.model, calibration_rows(int8.tokenizer, texts, args.int8_calib_tokens))
+        calib_seconds = time.perf_counter() - started
     path = str(fp32.spec.path)
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32).eval()
@@ -118,14 +135,18 @@ def prefill_part(args) -> dict:
         "hf_fp32": lambda: hf_first(hf),
         "hf_bf16": lambda: hf_first(hf_bf16),
     }
+    lms = {"fp32": fp32, "auto": auto}
+    if int8 is not None:
+        sides["lmforge_int8"] = lambda: ours(int8, long, 1)
+        lms["int8"] = int8
     rates: dict[str, list[float]] = {k: [] for k in sides}
-    decode: dict[str, list[float]] = {"lmforge_fp32": [], "lmforge_auto": []}
+    decode: dict[str, list[float]] = {f"lmforge_{k}": [] for k in lms}
     progress = Progress("prefill benchmark", args.rounds, unit="rounds", log_every=0.0)
     for r in range(args.rounds):
         order = list(sides) if r % 2 == 0 else list(sides)[::-1]
         for name in order:
             rates[name].append(args.prefill_tokens / timed(sides[name]))
-        for name, lm in (("lmforge_fp32", fp32), ("lmforge_auto", auto))[:: 1 if r % 2 == 0 else -1]:
+        for name, lm in [(f"lmforge_{k}", v) for k, v in lms.items()][:: 1 if r % 2 == 0 else -1]:
             decode[name].append(args.new_tokens / timed(lambda: ours(lm, short, args.new_tokens)))
         progress.update(r + 1, info=", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()))
     progress.close()
@@ -134,7 +155,7 @@ def prefill_part(args) -> dict:
     # Scoring runs float32 products unless asked otherwise; the bf16 prefill's own effect on
     # the likelihood is measured with generation's switch on.
     with generation_products():
-        ppl = {name: perplexity(lm, text, window=args.ppl_window) for name, lm in (("fp32", fp32), ("auto", auto))}
+        ppl = {name: perplexity(lm, text, window=args.ppl_window) for name, lm in lms.items()}
     out = {
         "benchmark": "precision-prefill", "model": fp32.name, **machine(), "rounds": args.rounds,
         "prefill_tokens": args.prefill_tokens, "bf16_prefill": uses_bf16_prefill(auto.model),
@@ -152,6 +173,18 @@ def prefill_part(args) -> dict:
         "ppl_rel_delta": round(ppl["auto"].ppl / ppl["fp32"].ppl - 1, 5),
         "bpb_fp32": round(ppl["fp32"].bpb, 5), "bpb_auto": round(ppl["auto"].bpb, 5),
     }
+    if int8 is not None:
+        alphas = [r["alpha"] for r in report.values()]
+        out.update({
+            "int8_vs_hf_fp32": round(med["lmforge_int8"] / med["hf_fp32"], 2),
+            "int8_vs_lmforge_fp32": round(med["lmforge_int8"] / med["lmforge_fp32"], 2),
+            "int8_vs_auto": round(med["lmforge_int8"] / med["lmforge_auto"], 2),
+            "int8_copies_mb": round(int8_copy_bytes(int8.model) / 1e6, 1),
+            "int8_calib_tokens": args.int8_calib_tokens, "int8_calib_seconds": round(calib_seconds, 1),
+            "int8_alpha_mean": round(sum(alphas) / len(alphas), 3),
+            "ppl_int8": round(ppl["int8"].ppl, 4), "ppl_int8_rel_delta": round(ppl["int8"].ppl / ppl["fp32"].ppl - 1, 5),
+            "bpb_int8": round(ppl["int8"].bpb, 5),
+        })
     print(f"{'prefill ' + str(args.prefill_tokens) + ' tokens':28}{'tok/s':>10}{'vs hf fp32':>12}")
     for k, v in med.items():
         print(f"{k:28}{v:10.1f}{v / med['hf_fp32']:12.2f}")
@@ -159,6 +192,9 @@ def prefill_part(args) -> dict:
           f"bf16 copies {out['bf16_copies_mb']} MB beside {out['fp32_weights_mb']} MB of fp32 weights")
     print(f"perplexity on held-out text: fp32 {out['ppl_fp32']}, auto {out['ppl_auto']} "
           f"(relative {out['ppl_rel_delta']:+.2e}); greedy continuation equal for {out['greedy_prefix_equal']} tokens")
+    if int8 is not None:
+        print(f"int8: perplexity {out['ppl_int8']} (relative {out['ppl_int8_rel_delta']:+.2e}), int8 copies "
+              f"{out['int8_copies_mb']} MB, calibration {out['int8_calib_seconds']} s")
     print(json.dumps(out))
     return out
 
@@ -276,6 +312,8 @@ def main() -> None:
     ap.add_argument("--ppl-chars", type=int, default=20000)
     ap.add_argument("--ppl-window", type=int, default=512)
     ap.add_argument("--force-bf16", action="store_true", help="bf16 prefill even where no bf16 units are detected")
+    ap.add_argument("--int8", action="store_true", help="also time lmforge with int8 prefill products (W8A8)")
+    ap.add_argument("--int8-calib-tokens", type=int, default=2048, help="calibration tokens for --int8")
     ap.add_argument("--preset", default="smollm2-135m")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)

@@ -26,6 +26,8 @@ def run_cli(capsys, *argv):
         (["info", "/nonexistent/dir/"], "no such file or directory"),
         (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
         (["generate", "--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["generate", "--prompt", "hi", "--weights", "q4", "--prefill", "int8"], "is a CPU path for float weights"),
+        (["generate", "--prompt", "hi", "--dtype", "bfloat16", "--prefill", "int8"], "beside float32 weights"),
     ],
 )
 def test_user_errors_are_one_line(capsys, argv, message):

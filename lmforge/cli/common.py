@@ -29,6 +29,10 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="float", choices=("float", "q4", "q8"),
                    help="linear layers as float (default), or kept quantized on CPU: q4 (int4 groups of 32; a GGUF "
                         "file's Q4_0/Q4_1 blocks as stored) or q8 (int8 per row); for commands that generate or score")
+    p.add_argument("--prefill", default="auto", choices=("auto", "float32", "bf16", "int8"),
+                   help="precision of a prompt's matrix products on a CPU, for generation: auto (bf16 where the "
+                        "CPU has bf16 units, else float32), float32, bf16, or int8 (per-token int8 activations "
+                        "against smoothed int8 weights, calibrated at load; fastest where the CPU has VNNI/AMX)")
 
 
 def add_remote_flags(p: argparse.ArgumentParser, needs: str = "", scoring: bool = False) -> None:
@@ -88,7 +92,7 @@ def load_local(name: str | None, args: argparse.Namespace):
 
     progress = Progress(f"loading {name or 'the default model'}", unit="tensors", log_every=5.0)
     lm = load(name, dtype=getattr(args, "dtype", "auto"), device=getattr(args, "device", "auto"), progress=progress,
-              weights=getattr(args, "weights", "float"))
+              weights=getattr(args, "weights", "float"), prefill=getattr(args, "prefill", "auto"))
     progress.close(f"loaded {lm.name}" if progress.tty else None)
     return lm
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Completion, Generator
 from lmforge.infer.layout import optimize_for_cpu_decoding
 from lmforge.infer.sampling import SamplingParams
@@ -68,6 +69,9 @@ def _as_messages(messages: Messages | str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
 
 
+PREFILL_CHOICES = ("auto", "float32", "bf16", "int8")
+
+
 def load(
     model: str | Path | None = None,
     dtype: str | torch.dtype | None = "auto",
@@ -75,6 +79,7 @@ def load(
     progress=None,
     prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     weights: str = "float",
+    prefill: str = "auto",
 ) -> LoadedModel:
     """Load a registered model name, a Hugging Face directory or a .gguf file (default: the default model).
 
@@ -84,7 +89,15 @@ def load(
     `weights`: "float" (the weights in `dtype`), or "q4" / "q8": the block linears (and the
     vocabulary head) kept as int4 group-wise / int8 per-row weights on CPU, a GGUF file's 4-bit
     blocks read straight into them (lmforge/infer/quant_gguf.py).
+
+    `prefill`: the precision of a prompt's matrix products on a CPU (decode keeps the float32
+    weights and kernels either way): "auto" (bf16 where the CPU has bf16 units, see
+    lmforge/model/precision.py), "float32", "bf16", or "int8" (dynamic per-token int8
+    activations against smoothed int8 weights, calibrated at load on the handbook text that
+    ships with lmforge; lmforge/infer/int8_prefill.py).
     """
+    if prefill not in PREFILL_CHOICES:
+        raise LmforgeError(f"unknown prefill precision {prefill!r} (use {', '.join(PREFILL_CHOICES)})")
     if weights != "float":
         from lmforge.infer.quant_gguf import weight_bits
 
@@ -93,6 +106,11 @@ def load(
     # The quantized kernels are CPU ones: "auto" means the CPU for them.
     dev = pick_device("cpu" if weights != "float" and device in (None, "auto") else device)
     tokenizer = load_tokenizer(spec)
+    if prefill != "auto" and (weights != "float" or dev.type != "cpu"):
+        raise LmforgeError(f"--prefill {prefill} is a CPU path for float weights; leave it at auto "
+                           + ("with quantized weights" if weights != "float" else f"on {dev.type}"))
+    if prefill in ("bf16", "int8") and pick_dtype(dtype, dev) != torch.float32:
+        raise LmforgeError(f"--prefill {prefill} multiplies beside float32 weights; use --dtype float32 or auto")
     if weights != "float":
         from lmforge.infer.quant_gguf import load_quantized_model
 
@@ -102,5 +120,10 @@ def load(
     if prepare is not None:
         net = prepare(net).eval()
     if dev.type == "cpu":
-        optimize_for_cpu_decoding(net, pick_prefill_dtype(dtype, dev))  # bf16 prefill where the CPU has it
+        prefill_dtype = {"float32": torch.float32, "bf16": torch.bfloat16}.get(prefill, pick_prefill_dtype(dtype, dev))
+        optimize_for_cpu_decoding(net, prefill_dtype)  # bf16 prefill where the CPU has it
+        if prefill == "int8":
+            from .int8_prefill import calibrate_for_generation
+
+            calibrate_for_generation(net, tokenizer)
     return LoadedModel(net, tokenizer, spec)

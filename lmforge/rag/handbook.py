@@ -8,10 +8,10 @@ brought up to date (only changed pages re-embedded) whenever the pages change.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import LmforgeError
+from ..io.cache import cache_dir
 
 
 def handbook_dir() -> Path:
@@ -31,14 +31,6 @@ def handbook_pages() -> list[Path]:
     if not pages:
         raise LmforgeError(f"no handbook pages in {handbook_dir()}")
     return pages
-
-
-def cache_dir() -> Path:
-    """Where lmforge keeps what it can rebuild: $LMFORGE_CACHE, else $XDG_CACHE_HOME/lmforge, else ~/.cache/lmforge."""
-    if os.environ.get("LMFORGE_CACHE"):
-        return Path(os.environ["LMFORGE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lmforge"
 
 
 def default_index_path(embedder) -> Path:
