@@ -99,7 +99,7 @@ def prefill_part(args) -> dict:
         import itertools
 
         from bench_common import wiki_texts
-        from lmforge.infer.int8_prefill import calibrate_int8_prefill, calibration_rows, int8_copy_bytes
+        from lmforge.infer.int8_prefill import calibrate_int8_prefill, calibration_rows, cpu_int8_units, int8_copy_bytes
 
         int8 = lmforge.load(dtype="auto", device="cpu")
         prepare_bf16_copies(int8.model)  # the vocabulary head's path, as in auto
@@ -176,6 +176,7 @@ def prefill_part(args) -> dict:
     if int8 is not None:
         alphas = [r["alpha"] for r in report.values()]
         out.update({
+            "int8_units": list(cpu_int8_units()),
             "int8_vs_hf_fp32": round(med["lmforge_int8"] / med["hf_fp32"], 2),
             "int8_vs_lmforge_fp32": round(med["lmforge_int8"] / med["lmforge_fp32"], 2),
             "int8_vs_auto": round(med["lmforge_int8"] / med["lmforge_auto"], 2),

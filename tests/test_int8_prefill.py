@@ -186,3 +186,13 @@ def test_load_time_calibration_is_cached_by_weights_and_text(tmp_path, monkeypat
     files[0].write_bytes(b"not a safetensors file")
     int8_prefill.calibrate_for_generation(second, _Chars(), texts, tokens=256, length=64)
     assert torch.equal(second.layers[1].mlp.fc.int8_weights.codes, a.codes)
+
+
+def test_int8_units_are_read_from_the_cpu_flags(monkeypatch):
+    from lmforge.infer.int8_prefill import cpu_int8_units
+    from lmforge.model import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx2", "avx512_vnni", "amx_int8"}))
+    assert cpu_int8_units() == ("amx_int8", "avx512_vnni")
+    monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx2"}))
+    assert cpu_int8_units() == ()

@@ -123,7 +123,12 @@ def load(
         prefill_dtype = {"float32": torch.float32, "bf16": torch.bfloat16}.get(prefill, pick_prefill_dtype(dtype, dev))
         optimize_for_cpu_decoding(net, prefill_dtype)  # bf16 prefill where the CPU has it
         if prefill == "int8":
-            from .int8_prefill import calibrate_for_generation
+            from .int8_prefill import calibrate_for_generation, cpu_int8_units
 
+            if not cpu_int8_units():
+                import warnings
+
+                warnings.warn("this CPU reports no integer dot-product units (AVX512-VNNI, AVX-VNNI, AMX-INT8): "
+                              "int8 prefill products may run slower than float32 here", stacklevel=2)
             calibrate_for_generation(net, tokenizer)
     return LoadedModel(net, tokenizer, spec)
