@@ -39,7 +39,7 @@ import torch
 
 from ..errors import LmforgeError
 from ..model.rope import apply_rotary
-from .quantize import BLOCK, Grid, QuantizedTensor, _Stop, block_linears, input_stats
+from .quantize import BLOCK, Grid, QuantizedTensor, block_linears, input_stats, layer_inputs
 
 
 def _inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -121,22 +121,7 @@ def value_hessians(block, xs, extra) -> torch.Tensor:
     cols = attn.qkv.in_features
     grams = torch.zeros(n_kv, cols, cols, dtype=torch.float64)
     count = 0
-    seen: list[torch.Tensor] = []
-
-    def catch(_module, args):
-        seen.append(args[0])
-        raise _Stop
-
-    handle = attn.qkv.register_forward_pre_hook(catch)
-    try:
-        for x, args in zip(xs, extra):
-            try:
-                block(x, *args)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    for inputs, args in zip(seen, extra):
+    for inputs, args in zip(layer_inputs(block, "attn.qkv", xs, extra), extra):
         inputs = inputs.float()  # [B, L, cols]
         rope, mask = args[0], args[1]
         batch, length, _ = inputs.shape

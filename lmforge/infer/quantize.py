@@ -180,6 +180,28 @@ def first_block_inputs(model, rows: Iterable[torch.Tensor]) -> tuple[list[torch.
 
 
 @torch.no_grad()
+def layer_inputs(block, name: str, xs: list[torch.Tensor], extra: list[tuple]) -> list[torch.Tensor]:
+    """What layer `name` of `block` receives for each calibration row (the block's forward
+    stops there)."""
+    seen: list[torch.Tensor] = []
+
+    def catch(_module, args):
+        seen.append(args[0])
+        raise _Stop
+
+    handle = block.get_submodule(name).register_forward_pre_hook(catch)
+    try:
+        for x, args in zip(xs, extra):
+            try:
+                block(x, *args)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return seen
+
+
+@torch.no_grad()
 def input_stats(block, names: Iterable[str], xs: list[torch.Tensor], extra: list[tuple], stop: bool = False,
                 mean_abs: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, int]]:
     """For each layer `block.<name>`: X^T X of the inputs reaching it over all rows (float64
