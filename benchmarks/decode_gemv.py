@@ -95,7 +95,6 @@ def main() -> None:
         xs[576] @ head
 
     step_seconds = median_time(step, args.rounds)
-    del blocks, head
     from decode import read_bandwidth_gbs
 
     ceiling = read_bandwidth_gbs()
