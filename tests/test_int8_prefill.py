@@ -196,3 +196,18 @@ def test_int8_units_are_read_from_the_cpu_flags(monkeypatch):
     assert cpu_int8_units() == ("amx_int8", "avx512_vnni")
     monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx2"}))
     assert cpu_int8_units() == ()
+
+
+def test_calibration_includes_chat_prompts_when_the_tokenizer_has_a_template():
+    from lmforge.infer.int8_prefill import chat_rows
+    from lmforge.model.loading import load_tokenizer
+    from lmforge.model.registry import resolve
+
+    tokenizer = load_tokenizer(resolve(None))
+    texts = default_calibration_texts()[:3]
+    rows = chat_rows(tokenizer, texts, tokens=600, piece_chars=400)
+    assert sum(r.shape[1] for r in rows) >= 600 and all(r.shape[0] == 1 for r in rows)
+    first = tokenizer.decode(rows[0][0].tolist(), skip_special_tokens=False)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": texts[0][:400]}], add_generation_prompt=True)
+    assert first == prompt  # a whole chat prompt: template, system text, the piece as the user's message
+    assert chat_rows(_Chars(), texts, tokens=600) == []  # no template: plain rows only
