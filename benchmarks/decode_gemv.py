@@ -80,7 +80,8 @@ def main() -> None:
         for _ in range(copies):
             one()
         seconds = median_time(one, 200)
-        per_shape[name] = {"shape": f"{k}x{n}", "us": round(seconds * 1e6, 1), "gb_s": round(k * n * 4 / seconds / 1e9, 1)}
+        per_shape[name] = {"shape": f"{k}x{n}", "us": round(seconds * 1e6, 1),
+                           "gb_s": round(k * n * 4 / seconds / 1e9, 1)}
         del mats
 
     blocks = [[matrix(k, n, order, rng) for name, (k, n, order) in SHAPES.items() if name != "head"]
@@ -99,7 +100,8 @@ def main() -> None:
 
     ceiling = read_bandwidth_gbs()
     out = {
-        "benchmark": "decode-gemv", "cpu": cpu_model(), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+        "benchmark": "decode-gemv", "cpu": cpu_model(),
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "per_shape": per_shape, "gemv_step_ms": round(step_seconds * 1e3, 2),
         "gemv_step_gb_s": round(step_bytes / step_seconds / 1e9, 1), "step_mb": round(step_bytes / 1e6, 1),
         "one_gemv_ceiling_gb_s": round(ceiling["gemv"], 1), "streaming_read_gb_s": round(ceiling["sum"], 1),

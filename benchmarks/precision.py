@@ -187,7 +187,8 @@ def prefill_part(args) -> dict:
             "int8_copies_mb": round(int8_copy_bytes(int8.model) / 1e6, 1),
             "int8_calib_tokens": args.int8_calib_tokens, "int8_calib_seconds": round(calib_seconds, 1),
             "int8_alpha_mean": round(sum(alphas) / len(alphas), 3),
-            "ppl_int8": round(ppl["int8"].ppl, 4), "ppl_int8_rel_delta": round(ppl["int8"].ppl / ppl["fp32"].ppl - 1, 5),
+            "ppl_int8": round(ppl["int8"].ppl, 4),
+            "ppl_int8_rel_delta": round(ppl["int8"].ppl / ppl["fp32"].ppl - 1, 5),
             "bpb_int8": round(ppl["int8"].bpb, 5),
         })
     print(f"{'prefill ' + str(args.prefill_tokens) + ' tokens':28}{'tok/s':>10}{'vs hf fp32':>12}")
@@ -201,9 +202,9 @@ def prefill_part(args) -> dict:
         print(f"int8: perplexity {out['ppl_int8']} (relative {out['ppl_int8_rel_delta']:+.2e}), int8 copies "
               f"{out['int8_copies_mb']} MB, calibration {out['int8_calib_seconds']} s")
         for name in ("auto", "int8"):
-            print(f"chat replies ({len(CHAT_PROMPTS)} prompts, {24} greedy tokens) equal to fp32's: {name} "
-                  f"{out[f'chat_{name}_same_replies']}; first-token KL median {out[f'chat_{name}_first_token_kl_median']}, "
-                  f"max {out[f'chat_{name}_first_token_kl_max']}")
+            print(f"chat replies ({len(CHAT_PROMPTS)} prompts, 24 greedy tokens) equal to fp32's: {name} "
+                  f"{out[f'chat_{name}_same_replies']}; first-token KL median "
+                  f"{out[f'chat_{name}_first_token_kl_median']}, max {out[f'chat_{name}_first_token_kl_max']}")
     print(json.dumps(out))
     return out
 

@@ -46,48 +46,55 @@ SETTINGS = {
 }
 
 
+def walk_blocks(model, tokenizer, calib_rows: int, layers):
+    """For each block index in `layers`, in order: (index, block, (calibration inputs, their block
+    arguments), (held-out inputs, their arguments)), the float32 model's activations entering
+    that block for `calib_rows` x 256 training-side tokens and 8 x 256 held-out tokens.
+    Run it under `torch.no_grad()`."""
+    from lmforge.infer.quantize import calibration_rows, first_block_inputs
+
+    cal = calibration_rows(tokenizer, itertools.islice(wiki_texts("train"), 3000), calib_rows, 256)
+    held = calibration_rows(tokenizer, itertools.islice(wiki_texts("heldout"), 3000), 8, 256)
+    xs, ex = first_block_inputs(model, cal)
+    hx, hex_ = first_block_inputs(model, held)
+    for index in range(max(layers) + 1):
+        block = model.layers[index]
+        if index in layers:
+            yield index, block, (xs, ex), (hx, hex_)
+        xs = [block(x, *a) for x, a in zip(xs, ex)]
+        hx = [block(x, *a) for x, a in zip(hx, hex_)]
+
+
 def layer_errors(model, tokenizer, layers=(0, 5), name="mlp.proj") -> None:
     """Held-out output error of one linear (tr(E X^T X E^T) / n on held-out activations) for RTN
     and for GPTQ given 2k/8k/16k calibration tokens and two dampings: does GPTQ generalize?"""
     import torch
 
     from lmforge.infer.gptq import gptq_quantize
-    from lmforge.infer.quantize import GRIDS, calibration_rows, first_block_inputs, rtn
+    from lmforge.infer.quantize import GRIDS, layer_inputs, rtn
 
     grid = GRIDS[4]
-    cal = calibration_rows(tokenizer, itertools.islice(wiki_texts("train"), 3000), 64, 256)
-    held = calibration_rows(tokenizer, itertools.islice(wiki_texts("heldout"), 3000), 8, 256)
-    with torch.no_grad():
-        xs, ex = first_block_inputs(model, cal)
-        hx, hex_ = first_block_inputs(model, held)
-        for index in range(max(layers) + 1):
-            block = model.layers[index]
-            if index in layers:
-                def inputs(rows, extra):
-                    seen = []
-                    hook = block.get_submodule(name).register_forward_pre_hook(
-                        lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
-                    for x, args in zip(rows, extra):
-                        block(x, *args)
-                    hook.remove()
-                    return torch.cat(seen)
-                x, h = inputs(xs, ex), inputs(hx, hex_)
-                w, gram = block.get_submodule(name).weight.float(), h.T @ h / h.shape[0]
 
-                def error(q):
-                    e = w - q
-                    return round(float(((e @ gram) * e).sum()), 3)
-                token_sizes = (x * x).sum(1)  # does a handful of outlier tokens dominate the Hessian?
-                row = {"layer": index, "linear": name,
-                       "top_token_share": round(float(token_sizes.max() / token_sizes.sum()), 5),
-                       "rtn": error(rtn(w, grid).dequantize())}
-                for tokens in (2048, 8192, 16384):
-                    hessian = 2 * x[:tokens].T @ x[:tokens] / tokens
-                    for damp in (0.01, 0.1):
-                        row[f"gptq_{tokens}_damp{damp}"] = error(gptq_quantize(w, hessian, grid, damp=damp).dequantize())
-                print(json.dumps(row), flush=True)
-            xs = [block(x, *a) for x, a in zip(xs, ex)]
-            hx = [block(x, *a) for x, a in zip(hx, hex_)]
+    def inputs(block, rows, extra):
+        return torch.cat([t.reshape(-1, t.shape[-1]) for t in layer_inputs(block, name, rows, extra)])
+
+    with torch.no_grad():
+        for index, block, (xs, ex), (hx, hex_) in walk_blocks(model, tokenizer, 64, layers):
+            x, h = inputs(block, xs, ex), inputs(block, hx, hex_)
+            w, gram = block.get_submodule(name).weight.float(), h.T @ h / h.shape[0]
+
+            def error(q):
+                e = w - q
+                return round(float(((e @ gram) * e).sum()), 3)
+            token_sizes = (x * x).sum(1)  # does a handful of outlier tokens dominate the Hessian?
+            row = {"layer": index, "linear": name,
+                   "top_token_share": round(float(token_sizes.max() / token_sizes.sum()), 5),
+                   "rtn": error(rtn(w, grid).dequantize())}
+            for tokens in (2048, 8192, 16384):
+                hessian = 2 * x[:tokens].T @ x[:tokens] / tokens
+                for damp in (0.01, 0.1):
+                    row[f"gptq_{tokens}_damp{damp}"] = error(gptq_quantize(w, hessian, grid, damp=damp).dequantize())
+            print(json.dumps(row), flush=True)
 
 
 def value_errors(model, tokenizer, layers=(5, 12, 20, 24)) -> None:
@@ -100,46 +107,33 @@ def value_errors(model, tokenizer, layers=(5, 12, 20, 24)) -> None:
     import torch
 
     from lmforge.infer.gptq import gptq_quantize, value_hessians
-    from lmforge.infer.quantize import GRIDS, calibration_rows, first_block_inputs, input_stats, rtn
+    from lmforge.infer.quantize import GRIDS, input_stats, layer_inputs, rtn
 
     grid = GRIDS[4]
-    cal = calibration_rows(tokenizer, itertools.islice(wiki_texts("train"), 3000), 32, 256)
-    held = calibration_rows(tokenizer, itertools.islice(wiki_texts("heldout"), 3000), 8, 256)
     with torch.no_grad():
-        xs, ex = first_block_inputs(model, cal)
-        hx, hex_ = first_block_inputs(model, held)
-        for index in range(max(layers) + 1):
-            block = model.layers[index]
-            if index in layers:
-                attn = block.attn
-                gram, _, n = input_stats(block, ["attn.qkv"], xs, ex, stop=True)["attn.qkv"]
-                plain, weighted, held_h = gram * (2.0 / n), value_hessians(block, xs, ex), value_hessians(block, hx, hex_)
-                seen = []
-                hook = attn.qkv.register_forward_pre_hook(lambda _m, a: seen.append(a[0][0]))
-                for x, args in zip(hx, hex_):
-                    attn(block.attn_norm(x), *args)
-                hook.remove()
-                inputs = torch.stack(seen)  # [rows, L, cols] held-out inputs of attn.qkv
-                errors: dict[str, list[float]] = {}
-                for head in range(attn.n_kv_head):
-                    start = attn.q_size + attn.kv_size + head * attn.head_dim
-                    w = attn.qkv.weight[start:start + attn.head_dim].float()
-                    size = float(torch.trace(w @ held_h[head] @ w.T))
-                    for kind, q in (("rtn", rtn(w, grid)), ("gptq_plain", gptq_quantize(w, plain, grid)),
-                                    ("gptq_attention", gptq_quantize(w, weighted[head], grid))):
-                        e = q.dequantize() - w
-                        out = (inputs @ e.T) ** 2
-                        sums = errors.setdefault(kind, [0.0, 0.0, 0.0])
-                        sums[0] += float(torch.trace(e @ held_h[head] @ e.T)) / size / attn.n_kv_head
-                        sums[1] += float(out[:, 0].sum(-1).mean()) / attn.n_kv_head
-                        sums[2] += float(out[:, 1:].sum(-1).mean()) / attn.n_kv_head
-                row = {"layer": index}
-                for kind, (rel, first, rest) in errors.items():
-                    row[kind] = {"head_output_rel_error": round(rel, 5), "value_error_position0": round(first, 4),
-                                 "value_error_other_positions": round(rest, 4)}
-                print(json.dumps(row), flush=True)
-            xs = [block(x, *a) for x, a in zip(xs, ex)]
-            hx = [block(x, *a) for x, a in zip(hx, hex_)]
+        for index, block, (xs, ex), (hx, hex_) in walk_blocks(model, tokenizer, 32, layers):
+            attn = block.attn
+            gram, _, n = input_stats(block, ["attn.qkv"], xs, ex, stop=True)["attn.qkv"]
+            plain, weighted, held_h = gram * (2.0 / n), value_hessians(block, xs, ex), value_hessians(block, hx, hex_)
+            inputs = torch.stack([t[0] for t in layer_inputs(block, "attn.qkv", hx, hex_)])  # [rows, L, cols]
+            errors: dict[str, list[float]] = {}
+            for head in range(attn.n_kv_head):
+                start = attn.q_size + attn.kv_size + head * attn.head_dim
+                w = attn.qkv.weight[start:start + attn.head_dim].float()
+                size = float(torch.trace(w @ held_h[head] @ w.T))
+                for kind, q in (("rtn", rtn(w, grid)), ("gptq_plain", gptq_quantize(w, plain, grid)),
+                                ("gptq_attention", gptq_quantize(w, weighted[head], grid))):
+                    e = q.dequantize() - w
+                    out = (inputs @ e.T) ** 2
+                    sums = errors.setdefault(kind, [0.0, 0.0, 0.0])
+                    sums[0] += float(torch.trace(e @ held_h[head] @ e.T)) / size / attn.n_kv_head
+                    sums[1] += float(out[:, 0].sum(-1).mean()) / attn.n_kv_head
+                    sums[2] += float(out[:, 1:].sum(-1).mean()) / attn.n_kv_head
+            row = {"layer": index}
+            for kind, (rel, first, rest) in errors.items():
+                row[kind] = {"head_output_rel_error": round(rel, 5), "value_error_position0": round(first, 4),
+                             "value_error_other_positions": round(rest, 4)}
+            print(json.dumps(row), flush=True)
 
 
 def parse_gptq_only(spec: str) -> dict[str, tuple[str, ...]]:

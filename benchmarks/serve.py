@@ -137,38 +137,37 @@ cfg = json.loads(%r)
 lm = load(None)
 scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=cfg["max_batch"], max_seq_len=1024,
                       prefix_cache_bytes=int(cfg["prefix_cache_mb"] * 2**20)).start()
-def request(prompt, max_tokens):
+def chat_ids(prompt):
     text = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, ignore_eos=True)
-    start = time.perf_counter()
-    handle = scheduler.submit(lm.tokenizer.encode(text), params, stream=True)
+    return lm.tokenizer.encode(text)
+def sampling(max_tokens):
+    return SamplingParams(max_tokens=max_tokens, temperature=0.8, ignore_eos=True)
+def measure(start, events):
+    # time to the first token, and the decode rate after it, of one streamed request
     first = last = None
     tokens = 0
-    for event in handle:
+    for event in events:
         if event.token_ids:
             last = time.perf_counter()
             first = first or last
             tokens += len(event.token_ids)
     return {"ttft": first - start, "tokens": tokens, "decode_tok_s": (tokens - 1) / (last - first)}
-def direct(prompt, max_tokens):
-    # What Generator.stream does: a one-row scheduler stepped on this thread.
-    text = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    ids = lm.tokenizer.encode(text)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, ignore_eos=True)
-    own = Scheduler(lm.model, lm.tokenizer, max_batch=1, max_seq_len=len(ids) + max_tokens, prefix_cache_bytes=0)
+def request(prompt, max_tokens):
+    params = sampling(max_tokens)
     start = time.perf_counter()
-    handle = own.submit(ids, params, stream=True)
-    first = last = None
-    tokens = 0
+    return measure(start, scheduler.submit(chat_ids(prompt), params, stream=True))
+def stepped(own, handle):
     busy = True
     while busy:
         busy = own.step()
-        for event in handle.poll():
-            if event.token_ids:
-                last = time.perf_counter()
-                first = first or last
-                tokens += len(event.token_ids)
-    return {"ttft": first - start, "tokens": tokens, "decode_tok_s": (tokens - 1) / (last - first)}
+        yield from handle.poll()
+def direct(prompt, max_tokens):
+    # What Generator.stream does: a one-row scheduler stepped on this thread.
+    ids = chat_ids(prompt)
+    own = Scheduler(lm.model, lm.tokenizer, max_batch=1, max_seq_len=len(ids) + max_tokens, prefix_cache_bytes=0)
+    start = time.perf_counter()
+    handle = own.submit(ids, sampling(max_tokens), stream=True)
+    return measure(start, stepped(own, handle))
 request("Hello", 8)
 print("ready", flush=True)
 for line in sys.stdin:

@@ -13,7 +13,9 @@ How a product is computed (`Int8PrefillLinear`):
   made once at calibration and kept beside the float32 weights;
 - activations, per call: X' = X diag(1/s), each row (token) rounded to int8 with its own
   scale max|X'_row| / 127 ("dynamic": from the values at hand, nothing fixed in advance);
-- Y = (X'_q W'_q^T) * row scales * column scales, the product summed exactly in int32.
+- Y = (X'_q W'_q^T) * row scales * column scales, the product summed exactly in int32;
+  the rare tokens whose row maximum dwarfs the others' are multiplied in float32 instead
+  (`Int8Weights.outlier_ratio`).
 
 X' W'^T = X W^T for any positive s, but rounding is not neutral: one int8 scale per token
 means a token whose features include a few very large ones (the outlier channels of LLM
@@ -27,8 +29,9 @@ What it costs: the int8 weights and scales (a quarter of the float32 bytes, besi
 a calibration forward over a little text at load, and precision: on the default model,
 plain-text perplexity hardly moves, but the first reply token of a chat moves about 7x as
 far from float32 as with bf16 products, and greedy replies part from float32's more often
-(docs/benchmarks.md has the figures with the commands). Only generation takes the path, as with bf16 (`generation_products`):
-likelihoods that lmforge reports (`echo`, `logprobs`, `lmforge eval`) are float32.
+(docs/benchmarks.md has the figures with the commands). Only generation takes the path, as
+with bf16 (`generation_products`): likelihoods that lmforge reports (`echo`, `logprobs`,
+`lmforge eval`) are float32.
 """
 
 from __future__ import annotations
@@ -131,7 +134,8 @@ class Int8Weights:
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() + 4 * (self.scale.numel() + (0 if self.inv_s is None else self.inv_s.numel()))  # not the shared float weight
+        """Bytes of the int8 copy (the float32 weight it points to is the model's own)."""
+        return self.codes.numel() + 4 * (self.scale.numel() + (0 if self.inv_s is None else self.inv_s.numel()))
 
 
 class Int8PrefillLinear(Bf16PrefillLinear):

@@ -191,14 +191,19 @@ def layer_inputs(block, name: str, xs: list[torch.Tensor], extra: list[tuple]) -
 
     handle = block.get_submodule(name).register_forward_pre_hook(catch)
     try:
-        for x, args in zip(xs, extra):
-            try:
-                block(x, *args)
-            except _Stop:
-                pass
+        _forward_rows(block, xs, extra)
     finally:
         handle.remove()
     return seen
+
+
+def _forward_rows(block, xs: list[torch.Tensor], extra: list[tuple]) -> None:
+    """Run `block` on each row for its hooks' sake; a hook that has what it came for stops the row."""
+    for x, args in zip(xs, extra):
+        try:
+            block(x, *args)
+        except _Stop:
+            pass
 
 
 @torch.no_grad()
@@ -227,11 +232,7 @@ def input_stats(block, names: Iterable[str], xs: list[torch.Tensor], extra: list
             grams[name] = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
             absums[name] = torch.zeros(layer.in_features, dtype=torch.float64)
             handles.append(layer.register_forward_pre_hook(hook(name)))
-        for x, args in zip(xs, extra):
-            try:
-                block(x, *args)
-            except _Stop:
-                pass
+        _forward_rows(block, xs, extra)
     finally:
         for handle in handles:
             handle.remove()
