@@ -75,6 +75,16 @@ def test_explicit_dtypes_are_honoured(monkeypatch):
     assert resolve_precision("bf16", CPU) == "bf16"  # asked for: given, even where it is slow
 
 
+@pytest.mark.parametrize("override", ["0", "1"])
+def test_an_explicit_prefill_choice_wins_over_the_cpu_rule(monkeypatch, override):
+    monkeypatch.setenv(precision.ENV, override)
+    auto = torch.bfloat16 if override == "1" else torch.float32
+    assert pick_prefill_dtype("auto", CPU, "float32") == torch.float32
+    assert pick_prefill_dtype("auto", CPU, "bf16") == torch.bfloat16
+    assert pick_prefill_dtype("auto", CPU, "int8") == auto  # int8's own products aside, the rule decides
+    assert pick_prefill_dtype("auto", CPU) == auto
+
+
 def test_bf16_pays_only_for_large_layers():
     assert not precision.bf16_pays(Transformer(tiny_config()))
     big = tiny_config(n_embd=576, n_head=9, n_kv_head=3, intermediate_size=1536, n_layer=1)

@@ -33,12 +33,10 @@ q and k), which is that head's output error exactly.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import LmforgeError
-from ..model.rope import apply_rotary
+from ..model.attention_pattern import pattern_from_input
 from .quantize import BLOCK, Grid, QuantizedTensor, block_linears, input_stats, layer_inputs
 
 
@@ -116,26 +114,15 @@ def value_hessians(block, xs, extra) -> torch.Tensor:
     weights of every query head that reads that KV head (from the layer's current weights);
     n counts (query head, token) pairs. `extra` holds each row's (rope, mask, ...) block arguments."""
     attn = block.attn
-    n_head, n_kv, head_dim = attn.n_head, attn.n_kv_head, attn.head_dim
-    group = n_head // n_kv
+    n_kv, group = attn.n_kv_head, attn.n_head // attn.n_kv_head
     cols = attn.qkv.in_features
     grams = torch.zeros(n_kv, cols, cols, dtype=torch.float64)
     count = 0
     for inputs, args in zip(layer_inputs(block, "attn.qkv", xs, extra), extra):
         inputs = inputs.float()  # [B, L, cols]
-        rope, mask = args[0], args[1]
         batch, length, _ = inputs.shape
-        heads = attn.qkv(inputs).view(batch, length, n_head + 2 * n_kv, head_dim).transpose(1, 2)
-        qk = heads[:, :n_head + n_kv]
-        if rope is not None:
-            qk = apply_rotary(qk, *rope)
-        q, k = qk.split((n_head, n_kv), dim=1)
-        scores = q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) / math.sqrt(head_dim)
-        if mask is None and attn.causal:
-            mask = torch.ones(length, length, dtype=torch.bool).tril()
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        averaged = scores.softmax(-1) @ inputs.unsqueeze(1)  # [B, n_head, L, cols]
+        probs = pattern_from_input(attn, inputs, args[0], args[1]).probs  # [B, n_head, L, L]
+        averaged = probs @ inputs.unsqueeze(1)  # [B, n_head, L, cols]
         per_kv = averaged.view(batch, n_kv, group, length, cols).transpose(0, 1).reshape(n_kv, -1, cols).double()
         grams += per_kv.transpose(1, 2) @ per_kv
         count += batch * group * length

@@ -120,8 +120,7 @@ def load(
     if prepare is not None:
         net = prepare(net).eval()
     if dev.type == "cpu":
-        prefill_dtype = {"float32": torch.float32, "bf16": torch.bfloat16}.get(prefill, pick_prefill_dtype(dtype, dev))
-        optimize_for_cpu_decoding(net, prefill_dtype)  # bf16 prefill where the CPU has it
+        optimize_for_cpu_decoding(net, pick_prefill_dtype(dtype, dev, prefill))  # bf16 prefill where the CPU has it
         if prefill == "int8":
             from .int8_prefill import calibrate_for_generation, cpu_int8_units
 

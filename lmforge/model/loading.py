@@ -50,10 +50,14 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return DTYPES[dtype]
 
 
-def pick_prefill_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def pick_prefill_dtype(dtype: str | torch.dtype | None, device: torch.device, prefill: str = "auto") -> torch.dtype:
     """The dtype of a prompt's matrix products: `pick_dtype`'s, except that "auto" on a CPU
     with bf16 units (AMX, AVX512-BF16; lmforge/model/precision.py) is bf16 while the weights
-    and decode stay float32. An explicit dtype is kept for every phase."""
+    and decode stay float32. An explicit dtype is kept for every phase. `prefill` ("float32",
+    "bf16") overrides the choice on a CPU; "auto" and "int8" (whose int8 products are made
+    in lmforge/infer, the rest following auto) leave it to the rule above."""
+    if device.type == "cpu" and prefill in ("float32", "bf16"):
+        return torch.float32 if prefill == "float32" else torch.bfloat16
     picked = pick_dtype(dtype, device)
     if dtype in (None, "auto") and device.type == "cpu":
         from lmforge.model.precision import auto_plan
