@@ -12,6 +12,7 @@ The vectors must agree (cosine >= 0.99999) or the script fails.
     python benchmarks/embed.py --ablation           # where the difference comes from
     python benchmarks/embed.py --threads 1          # one core each (steadier on a busy machine)
     python benchmarks/embed.py --unfused            # also lmforge without its fused oneDNN products
+    python benchmarks/embed.py --pytorch-attention  # also lmforge with PyTorch's attention kernel
     python benchmarks/embed.py --corpus handbook    # docs/handbook paragraphs (longer, with code)
     python benchmarks/embed.py --profile --threads 1   # where lmforge's time goes (torch.profiler), then exit
 
@@ -42,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lmforge.io.progress import Progress  # noqa: E402
-from lmforge.model import onednn  # noqa: E402
+from lmforge.model import native_attention, onednn  # noqa: E402
 from lmforge.rag.embedder import load_embedder, pool  # noqa: E402
 
 
@@ -95,6 +96,17 @@ def padded_encoder(embedder, order_key: str, batch: int):
                 out[chosen] = vec.numpy()
         return out
     return run
+
+
+def pytorch_attention(run):
+    """`run` with lmforge's compiled attention off: PyTorch's flash kernel per run of equal lengths."""
+    def call():
+        native_attention.ENABLED = False
+        try:
+            return run()
+        finally:
+            native_attention.ENABLED = True
+    return call
 
 
 def unfused(run):
@@ -190,6 +202,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's own)")
     ap.add_argument("--unfused", action="store_true",
                     help="also time lmforge without the packed-weight fused products (onednn.ENABLED off)")
+    ap.add_argument("--pytorch-attention", action="store_true",
+                    help="also time lmforge with PyTorch's attention instead of its compiled varlen kernel")
     ap.add_argument("--profile", action="store_true",
                     help="only profile lmforge (per-op share of CPU time, products' GFLOP/s) and exit")
     args = ap.parse_args()
@@ -218,6 +232,8 @@ def main() -> None:
         runners["lmforge_bf16"] = lambda: bf16.encode(texts, batch_size=batch)
     if args.unfused:
         runners["lmforge_unfused_products"] = unfused(lambda: embedder.encode(texts, batch_size=batch))
+    if args.pytorch_attention:
+        runners["lmforge_pytorch_attention"] = pytorch_attention(lambda: embedder.encode(texts, batch_size=batch))
     if args.ablation:
         runners["lmforge_model_st_batches"] = lambda: padded_encoder(embedder, "chars", batch)(texts)
         runners["lmforge_model_token_sorted_padded"] = lambda: padded_encoder(embedder, "tokens", batch)(texts)

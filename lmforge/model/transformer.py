@@ -35,6 +35,7 @@ are. Losses read `hidden_states` and apply the vocabulary head themselves
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,7 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .moe import MoE, load_balancing_loss, router_z_loss
-from . import fused_ops, onednn
+from . import fused_ops, native_attention, onednn
 from .onednn import project
 from .rope import RotaryTable, apply_rotary
 
@@ -125,6 +126,11 @@ class Packing:
     @property
     def width(self) -> int:
         return max(self.lengths)
+
+    @functools.cached_property
+    def offsets(self) -> torch.Tensor:
+        """[B + 1] int64 on CPU: sequence b is packed rows offsets[b]:offsets[b + 1]."""
+        return native_attention.offsets_of(self.lengths)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[N, F] -> [B, T, F], zeros at padded positions."""
@@ -237,6 +243,13 @@ class Attention(nn.Module):
         """
         if qkv is None:
             qkv = self.qkv(x)
+        if rope is None and (mask is None or mask.dim() == 4 and mask.shape[2] == 1):
+            # Learned positions, no grad: one compiled call over every (sequence, head) pair,
+            # reading q/k/v from the rows of the product (lmforge/model/native_attention.py).
+            y = native_attention.varlen_attention(qkv, packing.offsets, self.n_head, self.n_kv_head, self.head_dim,
+                                                  causal=self.causal)
+            if y is not None:
+                return y
         if len(packing.runs) <= self.max_attention_runs and (mask is None or mask.dim() == 4 and mask.shape[2] == 1):
             # Run by run: each run of equal-length sequences is a rectangle already; only
             # the causal structure (not padding) needs masking there.

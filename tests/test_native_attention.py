@@ -1,0 +1,169 @@
+"""The compiled attention kernel for packed sequences (lmforge/model/native_attention.py) and the
+C build helper under it (lmforge/io/native.py): values against PyTorch's attention, the model
+path with and without it, and every way of falling back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.io import native
+from lmforge.model import native_attention as na
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+
+needs_kernel = pytest.mark.skipif(not na.available() and not os.environ.get("CI"),
+                                  reason=f"kernel not built here: {native.why_not(na.NAME)}")
+
+
+def reference(qkv: torch.Tensor, lengths: list[int], h: int, hkv: int, d: int, causal: bool) -> torch.Tensor:
+    """Sequence by sequence with PyTorch's scaled_dot_product_attention."""
+    outs, start = [], 0
+    for n in lengths:
+        x = qkv[start:start + n, :(h + 2 * hkv) * d].reshape(n, h + 2 * hkv, d).transpose(0, 1)
+        q, k, v = x[:h], x[h:h + hkv], x[h + hkv:]
+        y = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=causal, enable_gqa=hkv != h)[0]
+        outs.append(y.transpose(0, 1).reshape(n, h * d))
+        start += n
+    return torch.cat(outs)
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [16, 32, 64])
+@pytest.mark.parametrize("hkv", [4, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_equals_pytorch_attention(d, hkv, causal):
+    torch.manual_seed(d + hkv + causal)
+    h = 4
+    lengths = [1, 2, 15, 16, 17, 33, 64, 5, 100]  # block edges of the kernel's 16-wide vectors and 4-query blocks
+    extra = 3  # columns after q/k/v in each row are ignored
+    qkv = torch.randn(sum(lengths), (h + 2 * hkv) * d + extra) * 2
+    got = na.varlen_attention(qkv, na.offsets_of(lengths), h, hkv, d, causal=causal)
+    assert got is not None
+    torch.testing.assert_close(got, reference(qkv, lengths, h, hkv, d, causal), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_large_scores_and_written_into_out():
+    # Scores in the hundreds: the softmax must subtract the row maximum (exp would overflow).
+    torch.manual_seed(0)
+    lengths = [7, 40]
+    qkv = torch.randn(47, 3 * 2 * 32) * 8
+    out = torch.full((47, 64), float("nan"))
+    got = na.varlen_attention(qkv, na.offsets_of(lengths), 2, 2, 32, out=out)
+    assert got is out and torch.isfinite(out).all()
+    # Scores this large make float32 itself the limit: compare both float32 computations with
+    # a float64 one; the kernel must be no further from it than PyTorch's own kernel is.
+    exact = reference(qkv.double(), lengths, 2, 2, 32, False)
+    ours = (out.double() - exact).abs().max().item()
+    theirs = (reference(qkv, lengths, 2, 2, 32, False).double() - exact).abs().max().item()
+    assert ours < 1e-3 and ours <= 2 * theirs + 1e-6, (ours, theirs)
+
+
+@needs_kernel
+def test_threads_do_not_change_values():
+    torch.manual_seed(1)
+    lengths = [9, 30, 30, 2, 61, 17]
+    qkv = torch.randn(sum(lengths), 3 * 6 * 32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = na.varlen_attention(qkv, na.offsets_of(lengths), 6, 6, 32)
+        torch.set_num_threads(2)
+        two = na.varlen_attention(qkv, na.offsets_of(lengths), 6, 6, 32)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # each (sequence, head) is computed whole by one thread
+
+
+def test_declines_what_it_does_not_take():
+    qkv = torch.randn(10, 3 * 2 * 32)
+    off = na.offsets_of([4, 6])
+    assert na.varlen_attention(qkv, off, 2, 2, 8) is None  # head size not a multiple of 16
+    assert na.varlen_attention(qkv.double(), off, 2, 2, 32) is None
+    assert na.varlen_attention(qkv.t().contiguous().t(), off, 2, 2, 32) is None  # columns not contiguous
+    assert na.varlen_attention(torch.randn(600, 3 * 2 * 32), na.offsets_of([600]), 2, 2, 32) is None  # too long
+    wants_grad = qkv.clone().requires_grad_()
+    assert na.varlen_attention(wants_grad, off, 2, 2, 32) is None
+    with torch.no_grad():
+        assert (na.varlen_attention(wants_grad, off, 2, 2, 32) is not None) == na.available()
+
+
+def tiny_encoder(causal: bool) -> Transformer:
+    config = ModelConfig(vocab_size=50, n_embd=64, n_head=2, n_kv_head=2, n_layer=2, intermediate_size=128,
+                         max_position_embeddings=128, position="learned", norm="layernorm", norm_position="post",
+                         mlp="gelu", gelu_approximate="none", qkv_bias=True, out_bias=True, mlp_bias=True, causal=causal, type_vocab_size=2,
+                         embedding_norm=True, lm_head=False)
+    torch.manual_seed(3)
+    return Transformer(config).eval()
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_encoder_same_with_and_without_the_kernel(causal):
+    model = tiny_encoder(causal)
+    lengths = [20, 5, 17, 17] if not causal else [9, 9, 9]  # a causal batch with padding keeps PyTorch's path
+    ids = torch.randint(0, 50, (sum(lengths),))
+    with torch.no_grad():
+        fast = model.encode_packed(ids, lengths)
+        na.ENABLED = False
+        try:
+            slow = model.encode_packed(ids, lengths)
+        finally:
+            na.ENABLED = True
+        padded = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+        mask = torch.zeros_like(padded)
+        for i, (start, n) in enumerate(zip(na.offsets_of(lengths)[:-1].tolist(), lengths)):
+            padded[i, :n], mask[i, :n] = ids[start:start + n], 1
+        whole = model.encode(padded, mask)[mask.bool()]
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_build_failures_fall_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.c"
+    bad.write_text("int f(void) { return undeclared; }\n")
+    assert native.load("test-bad", bad) is None
+    assert "compile failed" in native.why_not("test-bad") and "undeclared" in native.why_not("test-bad")
+    assert native.load("test-missing", tmp_path / "absent.c") is None
+    assert "missing" in native.why_not("test-missing")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    good = tmp_path / "good.c"
+    good.write_text("int f(void) { return 7; }\n")
+    assert native.load("test-nocc", good) is None and "no C compiler" in native.why_not("test-nocc")
+    assert not (tmp_path / "cache" / "native").exists() or not any((tmp_path / "cache" / "native").glob("test-*.so"))
+
+
+def test_builds_once_and_reloads(tmp_path, monkeypatch):
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    src = tmp_path / "seven.c"
+    src.write_text("int seven(void) { return 7; }\n")
+    lib = native.load("test-seven", src)
+    assert lib is not None and lib.seven() == 7 and native.why_not("test-seven") is None
+    built = list((tmp_path / "native").glob("test-seven-*.so"))
+    assert len(built) == 1
+    # A new process finds the built library and does not compile again.
+    code = ("import sys, pathlib; from lmforge.io import native; "
+            "native._compile = lambda *a: sys.exit('compiled again'); "
+            f"print(native.load('test-seven', pathlib.Path({str(src)!r})).seven())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "LMFORGE_CACHE": str(tmp_path)})
+    assert done.returncode == 0 and done.stdout.strip() == "7", done.stderr
+
+
+def test_disabled_by_environment(tmp_path):
+    code = ("from lmforge.model import native_attention as na; from lmforge.io import native; import torch; "
+            "print(na.available(), native.why_not(na.NAME)); "
+            "print(na.varlen_attention(torch.randn(4, 96), na.offsets_of([4]), 1, 1, 32))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "LMFORGE_NATIVE": "0", "LMFORGE_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["False disabled by LMFORGE_NATIVE=0", "None"]
