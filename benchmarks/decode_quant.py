@@ -19,6 +19,7 @@ Also measured:
     python benchmarks/decode_quant.py                      # 3 rounds, 64 new tokens
     python benchmarks/decode_quant.py --rounds 5 --vs-llama-cpp
     python benchmarks/decode_quant.py --skip-perplexity --rounds 1   # quick look
+    python benchmarks/decode_quant.py --variants float32,q4,q4-torch --step-ppl-tokens 512   # own vs PyTorch kernels
     python benchmarks/decode_quant.py --threads 1 --head-study       # steadier on a crowded machine
     for v in float32 q8 q4; do python benchmarks/decode_quant.py --variants $v --skip-perplexity; done
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -42,10 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_common import cpu_model, heldout_texts  # noqa: E402
 
 import lmforge  # noqa: E402
-from lmforge.infer import SamplingParams  # noqa: E402
+from lmforge.infer import SamplingParams, quant_kernels  # noqa: E402
 from lmforge.io.progress import Progress  # noqa: E402
 
-VARIANTS = ("float32", "q8", "q4")
+VARIANTS = ("float32", "q8", "q4", "q8-torch", "q4-torch")
+DEFAULT_VARIANTS = ("float32", "q8", "q4")
 PRODUCT_OPS = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "aten::mm", "aten::addmm",
                "aten::linear", "aten::matmul")
 
@@ -58,7 +61,34 @@ def uptime() -> str:
 
 
 def load(variant: str):
-    return lmforge.load(dtype="float32", device="cpu") if variant == "float32" else lmforge.load(weights=variant)
+    if variant == "float32":
+        return lmforge.load(dtype="float32", device="cpu")
+    return lmforge.load(weights=variant.removesuffix("-torch"))
+
+
+def as_variant(variant: str, fn, *args, **kwargs):
+    """fn(...) with the single-row products on lmforge's C kernels, or, for the "-torch"
+    variants (same weights), on PyTorch's weight-only kernels."""
+    quant_kernels.ENABLED = not variant.endswith("-torch")
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        quant_kernels.ENABLED = True
+
+
+def stepwise_nll(lm, ids: list[int]) -> float:
+    """Mean negative log-likelihood of ids[1:] scored one token at a time through the KV cache:
+    every product is a single-row one, the path a batch-1 decode takes."""
+    from lmforge.model.kv_cache import KVCache
+
+    model = lm.model
+    cache = KVCache.for_model(model.config, 1, len(ids) + 1, torch.float32, "cpu")
+    total = 0.0
+    with torch.inference_mode():
+        for i in range(len(ids) - 1):
+            logits = model(torch.tensor([[ids[i]]]), cache=cache, start=i, last_only=True)
+            total -= float(torch.log_softmax(logits[0, -1].float(), -1)[ids[i + 1]])
+    return total / (len(ids) - 1)
 
 
 def decode_rate(lm, prompt: list[int], new: int) -> float:
@@ -125,11 +155,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity")
     ap.add_argument("--skip-perplexity", action="store_true")
+    ap.add_argument("--step-ppl-tokens", type=int, default=0,
+                    help="also score this many held-out tokens one at a time (the single-row path of decode)")
     ap.add_argument("--vs-llama-cpp", action="store_true", help="also time llama-cpp-python on the same GGUF")
     ap.add_argument("--head-study", action="store_true",
                     help="also the perplexity of q4 with an int4 and a float32 vocabulary head (default int8)")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help="comma-separated subset of float32,q8,q4; one per process keeps each variant's thread "
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help="comma-separated subset of float32,q8,q4,q8-torch,q4-torch (the same weights with PyTorch's kernels for single rows); one per process keeps each variant's thread "
                          "pools to itself (NumPy's OpenBLAS threads of the float32 layout slow PyTorch's "
                          "two OpenMP threads on a 2-core machine)")
     ap.add_argument("--threads", type=int, default=0,
@@ -154,8 +186,8 @@ def main() -> None:
     reference = lm.generator.generate([prompt], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
     agree = {}
     for variant in [v for v in variants if v != variants[0]]:
-        got = models[variant].generator.generate([prompt], SamplingParams(max_tokens=32, temperature=0,
-                                                                          ignore_eos=True))[0]
+        got = as_variant(variant, models[variant].generator.generate, [prompt],
+                         SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
         agree[variant] = next((i for i, (a, b) in enumerate(zip(got.token_ids, reference.token_ids)) if a != b), 32)
 
     rates: dict[str, list[float]] = {v: [] for v in variants}
@@ -164,7 +196,7 @@ def main() -> None:
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else tuple(reversed(variants))
         for variant in order:
-            rates[variant].append(decode_rate(models[variant], prompt, args.new_tokens))
+            rates[variant].append(as_variant(variant, decode_rate, models[variant], prompt, args.new_tokens))
         if args.vs_llama_cpp:
             rate = llama_cpp_rate(str(lm.spec.path), prompt, args.new_tokens, torch.get_num_threads())
             if rate is not None:
@@ -172,7 +204,7 @@ def main() -> None:
         progress.update(r + 1, info=", ".join(f"{v}={rates[v][-1]:.1f}" for v in variants))
     progress.close()
     med = {v: statistics.median(rates[v]) for v in variants}
-    profiles = {v: step_profile(models[v], prompt) for v in variants if v != "float32"}
+    profiles = {v: as_variant(v, step_profile, models[v], prompt) for v in variants if v != "float32"}
 
     ppl = {}
     if not args.skip_perplexity:
@@ -180,7 +212,7 @@ def main() -> None:
 
         texts, counted = heldout_texts(lm.tokenizer, args.eval_tokens)
         for variant in variants:
-            ppl[variant] = perplexity(models[variant], texts, window=512, stride=512).ppl
+            ppl[variant] = as_variant(variant, perplexity, models[variant], texts, window=512, stride=512).ppl
         if args.head_study:
             from lmforge.infer.quant_gguf import load_gguf_quantized
 
@@ -189,11 +221,19 @@ def main() -> None:
                 ppl[label] = perplexity(model, texts, tokenizer=lm.tokenizer, window=512, stride=512).ppl
                 del model
 
-    sizes = {}
+    step_ppl = {}
+    if args.step_ppl_tokens:
+        ids = lm.tokenizer.encode("\n\n".join(heldout_texts(lm.tokenizer, args.step_ppl_tokens)[0]))
+        ids = ids[: args.step_ppl_tokens]
+        for variant in variants:
+            step_ppl[variant] = math.exp(as_variant(variant, stepwise_nll, models[variant], ids))
+
+    sizes, native_sizes = {}, {}
     from lmforge.infer.quant_linear import quantized_nbytes
 
     for variant in variants:
         sizes[variant] = round(quantized_nbytes(models[variant].model)["total"] / 1e6, 1)
+        native_sizes[variant] = round(sum(getattr(m, "native_nbytes", 0) for m in models[variant].model.modules()) / 1e6, 1)
 
     out = {
         "benchmark": "decode_quant",
@@ -214,6 +254,10 @@ def main() -> None:
         **{f"{v}_aten_ops_per_step": round(p["aten_ops_per_step"]) for v, p in profiles.items()},
         **{f"{v}_load_s": round(t, 1) for v, t in load_start.items()},
         **{f"{v}_mb": s for v, s in sizes.items()},
+        **{f"{v}_single_row_kernel_copy_mb": s for v, s in native_sizes.items() if s},
+        **({"single_row_kernels": quant_kernels.available()} if any("q" in v for v in variants) else {}),
+        **{f"{v}_stepwise_ppl": round(p, 3) for v, p in step_ppl.items()},
+        **({"stepwise_ppl_tokens": len(ids)} if step_ppl else {}),
     }
     if ppl:
         out.update({f"{v}_ppl": round(p, 3) for v, p in ppl.items()})

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lmforge.io.progress import Progress  # noqa: E402
-from lmforge.model import native_attention, onednn  # noqa: E402
+from lmforge.model import cpu_ops, onednn  # noqa: E402
 from lmforge.rag.embedder import load_embedder, pool  # noqa: E402
 
 
@@ -101,11 +101,11 @@ def padded_encoder(embedder, order_key: str, batch: int):
 def pytorch_attention(run):
     """`run` with lmforge's compiled attention off: PyTorch's flash kernel per run of equal lengths."""
     def call():
-        native_attention.ENABLED = False
+        cpu_ops.ENABLED = False
         try:
             return run()
         finally:
-            native_attention.ENABLED = True
+            cpu_ops.ENABLED = True
     return call
 
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import LmforgeError
 from ..model.transformer import MLP
+from . import quant_kernels
 
 INT4_ROW_MULTIPLE = 16  # the int4 packing wants a multiple of 16 output rows; others are padded
 BITS = (4, 8)
@@ -47,6 +48,11 @@ BITS = (4, 8)
 def int4_kernels_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _buffers_key(*tensors: torch.Tensor) -> tuple:
+    """Changes when any of `tensors` is replaced or written in place (a state dict loaded into it)."""
+    return tuple((id(t), -1 if t.is_inference() else t._version) for t in tensors)
 
 
 def _check_cpu(t: torch.Tensor, what: str) -> None:
@@ -74,6 +80,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", torch.empty(rows, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale_zeros", torch.empty(in_features // group_size, rows, 2, dtype=compute_dtype))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        # lmforge's own single-row kernel (lmforge/infer/quant_kernels.py) reads a second copy of
+        # the codes in its layout: None until built, False where it does not apply.
+        self._native: torch.Tensor | None | bool = None
 
     # -- building -------------------------------------------------------------------------
     @classmethod
@@ -101,6 +110,13 @@ class Int4Linear(nn.Module):
         sz[:, :n, 1] = zeros.to(torch.float32).t()
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(full, 1)
         self.scale_zeros = sz.to(self.compute_dtype).contiguous()
+        self._native = None
+        if self.group_size == quant_kernels.GROUP and quant_kernels.available():
+            # w = (q - 8) s + z = q s + (z - 8 s), from the float scales (a GGUF file's float16
+            # d and m stay exact; the PyTorch kernel's copy is rounded to `compute_dtype`)
+            s32, z32 = scales.to(torch.float32), zeros.to(torch.float32)
+            self._native = quant_kernels.q4_pack(codes, s32, z32 - 8 * s32)
+            self._native_key = _buffers_key(self.packed, self.scale_zeros)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32,
@@ -136,10 +152,40 @@ class Int4Linear(nn.Module):
         extra = self.bias.numel() * 4 if self.bias is not None else 0
         return self.packed.numel() + self.scale_zeros.numel() * self.scale_zeros.element_size() + extra
 
+    @property
+    def native_nbytes(self) -> int:
+        """Bytes of the single-row kernel's copy of the weights (0 when there is none)."""
+        return self._native.numel() if isinstance(self._native, torch.Tensor) else 0
+
+    def native_packed(self) -> torch.Tensor | None:
+        """The single-row kernel's copy, built on first use where `set_codes` did not (a module
+        whose buffers were loaded from a state dict), or None where the kernel does not apply."""
+        if self._native is not None and getattr(self, "_native_key", None) != _buffers_key(self.packed, self.scale_zeros):
+            self._native = None
+        if self._native is None:
+            self._native = False
+            if self.group_size == quant_kernels.GROUP and quant_kernels.available():
+                sz = self.scale_zeros.to(torch.float32)[:, : self.out_features]
+                s, z = sz[..., 0].t(), sz[..., 1].t()
+                self._native = quant_kernels.q4_pack(self.codes(), s, z - 8 * s)
+                if self._native is None:
+                    self._native = False
+            self._native_key = _buffers_key(self.packed, self.scale_zeros)
+        return self._native if isinstance(self._native, torch.Tensor) else None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._native = None  # moved or converted: rebuild from the new buffers when next needed
+        return super()._apply(fn, *args, **kwargs)
+
     # -- product --------------------------------------------------------------------------
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]."""
+        """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]. A single float32
+        row goes through lmforge's own kernel where it applies and comes back in float32."""
         _check_cpu(x, "an int4 linear layer")
+        if quant_kernels.usable(x, self.compute_dtype) and (packed := self.native_packed()) is not None:
+            y = quant_kernels.q4_gemv(packed, x, self.out_features)
+            if y is not None:
+                return y
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         if x2.dtype != self.compute_dtype:
@@ -169,6 +215,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.zeros(out_features, dtype=compute_dtype))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._native: tuple[torch.Tensor, torch.Tensor] | None | bool = None  # (codes + 128, float32 scales)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -176,6 +223,8 @@ class Int8Linear(nn.Module):
         module = cls(codes.shape[1], codes.shape[0], bias is not None, compute_dtype)
         module.qweight = codes.to(torch.int8).contiguous()
         module.scales = scales.to(compute_dtype).contiguous()
+        # the float scales as given (the buffer keeps them in `compute_dtype`), while the buffers stay these
+        module._native_scales = (scales.to(torch.float32).contiguous(), _buffers_key(module.qweight, module.scales))
         if bias is not None:
             module.bias.data.copy_(bias.detach().to(torch.float32))
         return module
@@ -198,9 +247,36 @@ class Int8Linear(nn.Module):
         extra = self.bias.numel() * 4 if self.bias is not None else 0
         return self.qweight.numel() + self.scales.numel() * self.scales.element_size() + extra
 
+    @property
+    def native_nbytes(self) -> int:
+        return self._native[0].numel() + self._native[1].numel() * 4 if isinstance(self._native, tuple) else 0
+
+    def native_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(codes + 128, float32 row scales) for the single-row kernel, built on first use."""
+        key = _buffers_key(self.qweight, self.scales)
+        if self._native is not None and getattr(self, "_native_key", None) != key:
+            self._native = None
+        if self._native is None:
+            self._native = False
+            if quant_kernels.available() and self.in_features % 64 == 0:
+                given = getattr(self, "_native_scales", None)
+                scales = given[0] if given is not None and given[1] == key else self.scales.to(torch.float32)
+                self._native = (quant_kernels.q8_codes(self.qweight), scales.contiguous())
+            self._native_key = key
+        return self._native if isinstance(self._native, tuple) else None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._native = None
+        return super()._apply(fn, *args, **kwargs)
+
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]."""
+        """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]. A single float32
+        row goes through lmforge's own kernel where it applies and comes back in float32."""
         _check_cpu(x, "an int8 linear layer")
+        if quant_kernels.usable(x, self.compute_dtype) and (weights := self.native_weights()) is not None:
+            y = quant_kernels.q8_gemv(weights[0], weights[1], x)
+            if y is not None:
+                return y
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         if x2.dtype != self.compute_dtype:

@@ -46,18 +46,23 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .moe import MoE, load_balancing_loss, router_z_loss
-from . import fused_ops, native_attention, onednn
+from . import fused_ops, cpu_ops, onednn
 from .onednn import project
 from .rope import RotaryTable, apply_rotary
 
 
 class RMSNorm(nn.RMSNorm):
     """`nn.RMSNorm` whose training forward (a backward will follow) is lmforge/model/fused_ops.py's
-    one-function version; everything else runs PyTorch's own."""
+    one-function version, and whose few-row float32 CPU forward (a decode step) is one compiled
+    call (lmforge/model/cpu_ops.py); everything else runs PyTorch's own."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_ops.wants_grad(x, self.weight):
             return fused_ops.rms_norm(x, self.weight, self.eps)
+        if self.weight is not None and self.eps is not None and x.numel() <= cpu_ops.RMS_NORM_MAX_ROWS * x.shape[-1]:
+            y = cpu_ops.rms_norm(x, self.weight, self.eps)  # a decode step's rows: one compiled call
+            if y is not None:
+                return y
         return super().forward(x)
 
 
@@ -130,7 +135,7 @@ class Packing:
     @functools.cached_property
     def offsets(self) -> torch.Tensor:
         """[B + 1] int64 on CPU: sequence b is packed rows offsets[b]:offsets[b + 1]."""
-        return native_attention.offsets_of(self.lengths)
+        return cpu_ops.offsets_of(self.lengths)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[N, F] -> [B, T, F], zeros at padded positions."""
@@ -197,6 +202,14 @@ class Attention(nn.Module):
         """Attention of one batch of rows from their projected q/k/v [B, L, qkv] to [B, L, q_size],
         before the output projection; new keys/values go into `cache` (when given) first."""
         batch, length, _ = qkv.shape
+        if (batch == 1 and length == 1 and mask is None and isinstance(start, int) and end == start + 1
+                and isinstance(cache, KVCache) and cache.k.dim() == 5):
+            # Batch-1 decode step: rotation, cache write and attention in one compiled call
+            # (lmforge/model/cpu_ops.py); None where it does not apply.
+            y = cpu_ops.decode_attention(qkv, rope, cache.k[layer, 0], cache.v[layer, 0], start,
+                                                  self.n_head, self.n_kv_head, self.head_dim)
+            if y is not None:
+                return y.view(1, 1, self.q_size)
         heads = qkv.view(batch, length, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         qk, v = heads.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=1)
         if rope is not None:
@@ -245,8 +258,8 @@ class Attention(nn.Module):
             qkv = self.qkv(x)
         if rope is None and (mask is None or mask.dim() == 4 and mask.shape[2] == 1):
             # Learned positions, no grad: one compiled call over every (sequence, head) pair,
-            # reading q/k/v from the rows of the product (lmforge/model/native_attention.py).
-            y = native_attention.varlen_attention(qkv, packing.offsets, self.n_head, self.n_kv_head, self.head_dim,
+            # reading q/k/v from the rows of the product (lmforge/model/cpu_ops.py).
+            y = cpu_ops.varlen_attention(qkv, packing.offsets, self.n_head, self.n_kv_head, self.head_dim,
                                                   causal=self.causal)
             if y is not None:
                 return y

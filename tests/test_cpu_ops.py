@@ -1,4 +1,4 @@
-"""The compiled attention kernel for packed sequences (lmforge/model/native_attention.py) and the
+"""The compiled attention kernel for packed sequences (lmforge/model/cpu_ops.py) and the
 C build helper under it (lmforge/io/native.py): values against PyTorch's attention, the model
 path with and without it, and every way of falling back."""
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.io import native
-from lmforge.model import native_attention as na
+from lmforge.model import cpu_ops as na
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 
@@ -160,10 +160,78 @@ def test_builds_once_and_reloads(tmp_path, monkeypatch):
 
 
 def test_disabled_by_environment(tmp_path):
-    code = ("from lmforge.model import native_attention as na; from lmforge.io import native; import torch; "
+    code = ("from lmforge.model import cpu_ops as na; from lmforge.io import native; import torch; "
             "print(na.available(), native.why_not(na.NAME)); "
             "print(na.varlen_attention(torch.randn(4, 96), na.offsets_of([4]), 1, 1, 32))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "LMFORGE_NATIVE": "0", "LMFORGE_CACHE": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["False disabled by LMFORGE_NATIVE=0", "None"]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [64, 24])  # vector and scalar loops
+@pytest.mark.parametrize("rotary", [True, False])
+def test_decode_step_equals_pytorch(d, rotary):
+    torch.manual_seed(d + rotary)
+    h, hkv, max_len, pos = 6, 2, 50, 37
+    kc, vc = torch.randn(hkv, max_len, d), torch.randn(hkv, max_len, d)
+    k_before, v_before = kc.clone(), vc.clone()
+    qkv = torch.randn((h + 2 * hkv) * d)
+    rope = (torch.randn(d), torch.randn(d)) if rotary else None
+    got = na.decode_attention(qkv, rope, kc, vc, pos, h, hkv, d)
+    q, k, v = qkv.view(h + 2 * hkv, d).split((h, hkv, hkv))
+    if rotary:
+        q, k = rotate(q, *rope), rotate(k, *rope)
+    torch.testing.assert_close(kc[:, pos], k, rtol=1e-6, atol=1e-6)  # the new key/value written at pos
+    assert torch.equal(vc[:, pos], v)
+    untouched = torch.ones(max_len, dtype=torch.bool)
+    untouched[pos] = False
+    assert torch.equal(kc[:, untouched], k_before[:, untouched]) and torch.equal(vc[:, untouched], v_before[:, untouched])
+    want = F.scaled_dot_product_attention(q.view(1, h, 1, d), kc[None, :, :pos + 1], vc[None, :, :pos + 1],
+                                          enable_gqa=True).reshape(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_decoder_steps_same_with_and_without_the_kernel():
+    from lmforge.model.kv_cache import KVCache
+
+    torch.manual_seed(4)
+    config = ModelConfig(family="llama", vocab_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                         intermediate_size=96, max_position_embeddings=64, norm="rmsnorm", mlp="swiglu",
+                         position="rope")
+    model = Transformer(config).eval()
+    ids = torch.randint(0, 64, (1, 12))
+
+    def steps() -> torch.Tensor:
+        cache = KVCache.for_model(config, 1, 16, torch.float32, "cpu")
+        model(ids[:, :5], cache=cache, start=0)
+        return torch.stack([model(ids[:, i:i + 1], cache=cache, start=i)[0, -1] for i in range(5, 12)])
+
+    with torch.no_grad():
+        fast = steps()
+        na.ENABLED = False
+        try:
+            slow = steps()
+        finally:
+            na.ENABLED = True
+        whole = model(ids)[0, 5:]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, whole, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [576, 40])  # vector loop with no tail, and a tail
+def test_rms_norm_rows_equal_pytorch(n):
+    torch.manual_seed(n)
+    x, w = torch.randn(3, n) * 5, torch.randn(n)
+    got = na.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(got, F.rms_norm(x, (n,), w, 1e-5), rtol=1e-5, atol=1e-5)
+    assert na.rms_norm(torch.randn(na.RMS_NORM_MAX_ROWS + 1, n), w, 1e-5) is None  # many rows: PyTorch's
+    assert na.rms_norm(x.double(), w.double(), 1e-5) is None

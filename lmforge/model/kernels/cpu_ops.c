@@ -1,4 +1,7 @@
-/* Attention over packed sequences of different lengths, one (sequence, head) pair at a time.
+/* Small CPU inference kernels: attention over packed sequences of different lengths
+ * (encoders), the attention of a batch-1 decode step, and the step's row norm.
+ *
+ * lmf_varlen_attention: one (sequence, head) pair at a time.
  *
  * Why this exists: PyTorch's CPU attention kernels are tiled for long sequences. On the
  * short sentences an embedding model reads (20-60 tokens, head size 32) they spend most of
@@ -7,7 +10,7 @@
  * one function: K transposed into a small buffer once, scores for four queries at a time
  * held in 16-wide vectors, softmax with a vector exp, and P.V accumulated in registers.
  *
- * Layout (what lmforge/model/native_attention.py passes):
+ * Layout (what lmforge/model/cpu_ops.py passes):
  *   qkv  [N, row_stride] float32, each token's row holds H query heads, then Hkv key heads,
  *        then Hkv value heads, D floats each (the fused q/k/v product of the model);
  *   offsets [batch + 1]: sequence b owns rows offsets[b] .. offsets[b+1]-1;
@@ -71,10 +74,19 @@ static inline float hmax(vf x) {
     return m;
 }
 
-static inline float hsum(vf x) {
-    float s = 0.0f;
-    for (int i = 0; i < W; i++) s += x[i];
-    return s;
+typedef float vh __attribute__((vector_size(32)));
+typedef float vq __attribute__((vector_size(16)));
+
+static inline float hsum(vf x) { /* halves added: 16 -> 8 -> 4 lanes, then four scalars */
+    vh a, b;
+    memcpy(&a, &x, sizeof a);
+    memcpy(&b, (const char *)&x + sizeof a, sizeof b);
+    a += b;
+    vq c, d;
+    memcpy(&c, &a, sizeof c);
+    memcpy(&d, (const char *)&a + sizeof c, sizeof d);
+    c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
 /* One (sequence, head) pair. q0: the first query row (rows `stride` floats apart); kt: the
@@ -231,4 +243,112 @@ int lmf_varlen_attention(const float *qkv, long row_stride, const int64_t *offse
         }
     }
     return failed ? 2 : 0;
+}
+
+/* One decode step of one sequence: the new token's q/k/v row in, its attention output out.
+ *
+ * Does what the step's PyTorch path does in some twenty operations a layer: rotates q and k
+ * (pairs (x[i], x[i + D/2]) by cos/sin, when given), writes k and v into the cache at
+ * position `pos`, and attends from every query head to keys 0..pos of its key/value head.
+ *   qkv    [(H + 2 Hkv) D]: H query heads, then Hkv key heads, then Hkv value heads;
+ *   cos/sin [D] for position pos, or NULL (no rotation);
+ *   kc/vc  this layer's cache of this sequence: Hkv heads, `head_stride` floats apart, rows of D;
+ *   out    [H D].
+ * Scores are kept in a buffer of pos + 1 floats per query; returns 2 when it cannot be had. */
+int lmf_decode_attention(const float *qkv, int H, int Hkv, int D, const float *cos, const float *sin, float *kc,
+                         float *vc, long head_stride, int pos, float scale, float *out) {
+    if (H % Hkv != 0 || D % 2 != 0) return 1;
+    const int T = pos + 1, half = D / 2, group = H / Hkv;
+    float *buf = malloc(((size_t)H * D + (size_t)T) * sizeof(float));
+    if (!buf) return 2;
+    float *q = buf, *s = buf + (long)H * D;
+    for (int h = 0; h < H + Hkv; h++) {
+        const float *x = qkv + (long)h * D;
+        float *dst = h < H ? q + (long)h * D : kc + (long)(h - H) * head_stride + (long)pos * D;
+        if (cos) {
+            for (int i = 0; i < half; i++) {
+                dst[i] = x[i] * cos[i] - x[i + half] * sin[i];
+                dst[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+            }
+        } else {
+            memcpy(dst, x, (size_t)D * sizeof(float));
+        }
+    }
+    for (int g = 0; g < Hkv; g++)
+        memcpy(vc + (long)g * head_stride + (long)pos * D, qkv + (long)(H + Hkv + g) * D, (size_t)D * sizeof(float));
+    for (int h = 0; h < H; h++) {
+        const int g = h / group;
+        const float *k = kc + (long)g * head_stride, *v = vc + (long)g * head_stride, *qh = q + (long)h * D;
+        float m = -INFINITY;
+        if (D % W == 0) {
+            for (int j = 0; j < T; j++) {
+                const float *kj = k + (long)j * D;
+                vf acc = splat(0.0f);
+                for (int d = 0; d < D; d += W) acc += loadu(qh + d) * loadu(kj + d);
+                s[j] = hsum(acc) * scale;
+                m = s[j] > m ? s[j] : m;
+            }
+        } else {
+            for (int j = 0; j < T; j++) {
+                const float *kj = k + (long)j * D;
+                float dot = 0.0f;
+                for (int d = 0; d < D; d++) dot += qh[d] * kj[d];
+                s[j] = dot * scale;
+                m = s[j] > m ? s[j] : m;
+            }
+        }
+        float sum = 0.0f;
+        int j = 0;
+        for (; j + W <= T; j += W) {
+            vf e = vexp(loadu(s + j) - splat(m));
+            storeu(s + j, e);
+            sum += hsum(e);
+        }
+        for (; j < T; j++) {
+            s[j] = expf(s[j] - m);
+            sum += s[j];
+        }
+        const float inv = 1.0f / sum;
+        float *o = out + (long)h * D;
+        if (D % W == 0 && D <= 8 * W) { /* the output row in registers */
+            vf acc[8];
+            const int nv = D / W;
+            for (int c = 0; c < nv; c++) acc[c] = splat(0.0f);
+            for (j = 0; j < T; j++) {
+                const vf p = splat(s[j]);
+                const float *vj = v + (long)j * D;
+                for (int c = 0; c < nv; c++) acc[c] += p * loadu(vj + c * W);
+            }
+            for (int c = 0; c < nv; c++) storeu(o + c * W, acc[c] * splat(inv));
+        } else {
+            for (int d = 0; d < D; d++) o[d] = 0.0f;
+            for (j = 0; j < T; j++) {
+                const float p = s[j] * inv, *vj = v + (long)j * D;
+                for (int d = 0; d < D; d++) o[d] += p * vj[d];
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* RMS norm of `rows` rows of n floats: out = x / sqrt(mean(x^2) + eps) * w. */
+void lmf_rms_norm(const float *x, const float *w, int rows, int n, float eps, float *out) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (long)r * n;
+        float *o = out + (long)r * n;
+        double ss = 0.0;
+        int i = 0;
+        vf acc = splat(0.0f);
+        for (; i + W <= n; i += W) {
+            vf v = loadu(xr + i);
+            acc += v * v;
+        }
+        ss = hsum(acc);
+        for (; i < n; i++) ss += (double)xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+        i = 0;
+        for (; i + W <= n; i += W) storeu(o + i, loadu(xr + i) * splat(inv) * loadu(w + i));
+        for (; i < n; i++) o[i] = xr[i] * inv * w[i];
+    }
 }

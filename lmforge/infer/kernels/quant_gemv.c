@@ -1,0 +1,282 @@
+/* Matrix-vector products with 4-bit and 8-bit weights for batch-1 decode, integer dot products.
+ *
+ * A decode step multiplies every weight once by one activation row, so it is bound by the
+ * bytes of the weights: the kernels here read them once, packed, and never widen them to
+ * floats. The products are integer dot products, AVX-512 VNNI's vpdpbusd (64 unsigned x
+ * signed byte products summed into 16 int32 lanes), so the activation row is written in
+ * bytes too: per group of 32 inputs with d = max|x| / 127, x = d (x8 + r8 / 128) where x8 is
+ * x / d rounded and r8 the rounded rest in steps of d / 128. Both byte vectors go through
+ * the same weights and their sums meet as 128 dot(q, x8) + dot(q, r8), an integer; the row's
+ * rounding error is then at most d / 256, finer than bfloat16's 8 significant bits. (One
+ * byte alone, as llama.cpp's Q8_0 rounds activations, cost the default model 1% in
+ * perplexity scored token by token; this costs it 0.1%, docs/benchmarks.md.)
+ *
+ * int4 rows (`lmf_q4_pack`, `lmf_q4_gemv`): weights w = q s + z per group of 32 inputs,
+ * codes q in 0..15. A row is a run of chunks of four groups (128 inputs): 64 bytes of codes
+ * (byte 16 g + j holds code j of group g in its low nibble and code 16 + j in its high one),
+ * then the four scales s and four offsets z as float16. A row whose length is 64 mod 128
+ * ends in a half chunk: 32 bytes of codes, two scales, two offsets. So
+ *     sum_k w_k x_k = sum_g s_g u_g sum_k q_k X_k + z_g sum_k x_k
+ * with X = 128 x8 + r8 and u = d / 128; the offsets meet the exact float sums of x.
+ *
+ * int8 rows (`lmf_q8_gemv`): codes q in -127..127 stored as q + 128 (unsigned, as vpdpbusd
+ * wants its first operand), one float scale per row: w = q s. The +128 adds
+ * 128 sum_g dx_g sum_k x8_k to every row's sum, the same constant for all rows, taken off
+ * once (with X in place of x8 as above).
+ *
+ * Built for the CPU it runs on (-march=native); without AVX-512 VNNI the entry points return
+ * 1 and lmforge keeps PyTorch's kernels.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LMF_VNNI 1
+#include <immintrin.h>
+#endif
+
+int lmf_quant_gemv_supported(void) {
+#ifdef LMF_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* bytes of one packed int4 row of k inputs (k a multiple of 64) */
+long lmf_q4_row_bytes(int k) {
+    long full = k / 128, half = (k % 128) / 64;
+    return full * (64 + 16) + half * (32 + 8);
+}
+
+static uint16_t to_half(float f) {
+    /* float -> IEEE half, round to nearest even (scales are normal numbers or zero) */
+    union { float f; uint32_t u; } v = {f};
+    uint32_t sign = (v.u >> 16) & 0x8000, exp = (v.u >> 23) & 0xff, man = v.u & 0x7fffff;
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
+    int e = (int)exp - 127 + 15;
+    if (e >= 31) return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) {
+        if (e < -10) return (uint16_t)sign;
+        man |= 0x800000;
+        uint32_t shift = (uint32_t)(14 - e);
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((uint32_t)e << 10) | (man >> 13), rem = man & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+/* codes [n][k] (0..15), scales and offsets [n][k / 32] -> out, n rows of lmf_q4_row_bytes(k).
+ * Returns 1 if k is not a multiple of 64. */
+int lmf_q4_pack(const uint8_t *codes, const float *scales, const float *offsets, int n, int k, uint8_t *out) {
+    if (k % 64) return 1;
+    const long row_bytes = lmf_q4_row_bytes(k), groups = k / 32;
+    for (int r = 0; r < n; r++) {
+        const uint8_t *q = codes + (long)r * k;
+        const float *s = scales + r * groups, *z = offsets + r * groups;
+        uint8_t *o = out + r * row_bytes;
+        for (int g0 = 0; g0 < groups;) {
+            const int ng = groups - g0 >= 4 ? 4 : 2;
+            for (int g = 0; g < ng; g++)
+                for (int j = 0; j < 16; j++)
+                    o[16 * g + j] = (uint8_t)((q[(g0 + g) * 32 + j] & 15) | ((q[(g0 + g) * 32 + 16 + j] & 15) << 4));
+            uint16_t *h = (uint16_t *)(o + 16 * ng);
+            for (int g = 0; g < ng; g++) {
+                h[g] = to_half(s[g0 + g]);
+                h[ng + g] = to_half(z[g0 + g]);
+            }
+            o += 16 * ng + 4 * ng;
+            g0 += ng;
+        }
+    }
+    return 0;
+}
+
+#ifdef LMF_VNNI
+/* The activation row, rounded for the integer products, laid out as the chunks read it. */
+typedef struct {
+    int8_t *x8;    /* per chunk: the low-nibble partners (64 or 32 bytes), then the high ones */
+    int8_t *r8;    /* the rounded rests, laid out as x8 */
+    float *dx;     /* per chunk: 16 lanes, lane -> scale of the group its products belong to */
+    float *xsum;   /* per chunk: 8 floats, 0 0 0 0 then the exact sums of x over its groups (4 or 2) */
+    float *gscale; /* per group: u_g = d_g / 128, the unit of X */
+    int32_t *gsum; /* per group: sum of X = 128 x8 + r8 */
+} act_t;
+
+static int act_prepare(const float *x, int k, act_t *a, void *mem) {
+    const int groups = k / 32, chunks = (k + 127) / 128;
+    char *p = (char *)mem;
+    a->x8 = (int8_t *)p; p += (size_t)chunks * 128;
+    a->r8 = (int8_t *)p; p += (size_t)chunks * 128;
+    a->dx = (float *)p; p += (size_t)chunks * 16 * sizeof(float);
+    a->xsum = (float *)p; p += (size_t)chunks * 8 * sizeof(float);
+    a->gscale = (float *)p; p += (size_t)groups * sizeof(float);
+    a->gsum = (int32_t *)p;
+    int8_t q[32], r[32];
+    for (int g = 0; g < groups; g++) {
+        const float *xg = x + g * 32;
+        float amax = 0.0f, sum = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            float v = fabsf(xg[j]);
+            amax = v > amax ? v : amax;
+            sum += xg[j];
+        }
+        const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        int32_t isum = 0;
+        for (int j = 0; j < 32; j++) {
+            const float t = xg[j] * inv;
+            int v = (int)lrintf(t);
+            v = v > 127 ? 127 : v < -127 ? -127 : v;
+            int w = (int)lrintf((t - (float)v) * 128.0f); /* |t - v| <= 1/2 (+ rounding): |w| <= 64 */
+            w = w > 127 ? 127 : w < -127 ? -127 : w;
+            q[j] = (int8_t)v;
+            r[j] = (int8_t)w;
+            isum += 128 * v + w;
+        }
+        a->gscale[g] = d / 128.0f;
+        a->gsum[g] = isum;
+        const int c = g / 4, gi = g % 4;
+        const int ng = groups - c * 4 >= 4 ? 4 : 2;
+        int8_t *lo = a->x8 + (long)c * 128, *hi = lo + 16 * ng;
+        memcpy(lo + 16 * gi, q, 16);
+        memcpy(hi + 16 * gi, q + 16, 16);
+        lo = a->r8 + (long)c * 128, hi = lo + 16 * ng;
+        memcpy(lo + 16 * gi, r, 16);
+        memcpy(hi + 16 * gi, r + 16, 16);
+        float *dxc = a->dx + c * 16;
+        for (int l = 0; l < 16; l++)
+            if ((ng == 4 && l / 4 == gi) || (ng == 2 && (l / 4) % 2 == gi)) dxc[l] = d / 128.0f;
+        float *xs = a->xsum + c * 8;
+        if (gi == 0) memset(xs, 0, 8 * sizeof(float));
+        xs[ng + gi] = sum; /* lines up with the float16 offsets, which follow the ng scales */
+    }
+    return 0;
+}
+
+static size_t act_bytes(int k) {
+    const int chunks = (k + 127) / 128, groups = k / 32;
+    return (size_t)chunks * (2 * 128 + 16 * 4 + 8 * 4) + (size_t)groups * 8 + 64;
+}
+
+static inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+static float q4_row(const uint8_t *row, const act_t *a, int k) {
+    const __m512i nib = _mm512_set1_epi8(15);
+    const __m512i idx4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i idx2 = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc = _mm512_setzero_ps();
+    __m256 zacc = _mm256_setzero_ps();
+    const int full = k / 128;
+    const uint8_t *p = row;
+    for (int c = 0; c < full; c++) {
+        const __m512i w = _mm512_loadu_si512((const void *)p);
+        const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+        const int8_t *xc = a->x8 + (long)c * 128, *rc = a->r8 + (long)c * 128;
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xc));
+        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512((const void *)(xc + 64)));
+        __m512i rest = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)rc));
+        rest = _mm512_dpbusd_epi32(rest, hi, _mm512_loadu_si512((const void *)(rc + 64)));
+        dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 7), rest);
+        const __m256 sz = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 64)));
+        const __m512 s16 = _mm512_permutexvar_ps(idx4, _mm512_castps256_ps512(sz));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s16, _mm512_loadu_ps(a->dx + c * 16)), acc);
+        zacc = _mm256_fmadd_ps(sz, _mm256_loadu_ps(a->xsum + c * 8), zacc);
+        p += 80;
+    }
+    if (k % 128) { /* half chunk: two groups */
+        const int c = full;
+        const __m256i w = _mm256_loadu_si256((const __m256i *)p);
+        const __m256i n4 = _mm256_set1_epi8(15);
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(w, n4)),
+                                                _mm256_and_si256(_mm256_srli_epi16(w, 4), n4), 1);
+        const __m512i dot = _mm512_add_epi32(
+            _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), both,
+                                                  _mm512_loadu_si512((const void *)(a->x8 + (long)c * 128))), 7),
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), both, _mm512_loadu_si512((const void *)(a->r8 + (long)c * 128))));
+        /* two scales then two offsets: widen the four halves, the upper lanes stay zero */
+        const __m128 sz = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p + 32)));
+        const __m512 s16 = _mm512_permutexvar_ps(idx2, _mm512_castps128_ps512(sz));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s16, _mm512_loadu_ps(a->dx + c * 16)), acc);
+        const __m128 zt = _mm_mul_ps(sz, _mm_loadu_ps(a->xsum + c * 8)); /* s0 s1 z0 z1 x 0 0 sum0 sum1 */
+        zacc = _mm256_add_ps(zacc, _mm256_insertf128_ps(_mm256_setzero_ps(), zt, 0));
+    }
+    float z[8];
+    _mm256_storeu_ps(z, zacc);
+    return hsum512(acc) + z[0] + z[1] + z[2] + z[3] + z[4] + z[5] + z[6] + z[7];
+}
+#endif
+
+/* y[n] = sum_k w[r][k] x[k] for the packed int4 rows w (see lmf_q4_pack). Returns 0, or 1 when
+ * this CPU has no AVX-512 VNNI or k is not a multiple of 64, 2 when memory is short. */
+int lmf_q4_gemv(const uint8_t *w, int n, int k, const float *x, float *y) {
+#ifdef LMF_VNNI
+    if (k % 64) return 1;
+    void *mem = aligned_alloc(64, (act_bytes(k) + 63) / 64 * 64);
+    if (!mem) return 2;
+    act_t a;
+    act_prepare(x, k, &a, mem);
+    const long row_bytes = lmf_q4_row_bytes(k);
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < n; r++) y[r] = q4_row(w + r * row_bytes, &a, k);
+    free(mem);
+    return 0;
+#else
+    (void)w; (void)n; (void)k; (void)x; (void)y;
+    return 1;
+#endif
+}
+
+/* y[n] = scale[r] sum_k q[r][k] x[k] for int8 codes stored as q + 128 ([n][k] bytes). */
+int lmf_q8_gemv(const uint8_t *w, const float *scale, int n, int k, const float *x, float *y) {
+#ifdef LMF_VNNI
+    if (k % 64) return 1;
+    void *mem = aligned_alloc(64, (act_bytes(k) + 63) / 64 * 64);
+    if (!mem) return 2;
+    act_t a;
+    act_prepare(x, k, &a, mem);
+    /* per 64 inputs (two groups) the x8 bytes in input order and a 16-lane scale vector */
+    const int pairs = k / 64;
+    int8_t *x8 = aligned_alloc(64, (size_t)2 * k + 64), *r8 = x8 ? x8 + k : NULL;
+    float *dx = aligned_alloc(64, (size_t)pairs * 16 * sizeof(float) + 64);
+    if (!x8 || !dx) {
+        free(mem); free(x8); free(dx);
+        return 2;
+    }
+    const int groups = k / 32;
+    for (int g = 0; g < groups; g++) {
+        const int c = g / 4, gi = g % 4, ng = groups - c * 4 >= 4 ? 4 : 2;
+        const int8_t *lo = a.x8 + (long)c * 128, *hi = lo + 16 * ng;
+        memcpy(x8 + g * 32, lo + 16 * gi, 16);
+        memcpy(x8 + g * 32 + 16, hi + 16 * gi, 16);
+        const int8_t *rlo = a.r8 + (long)c * 128, *rhi = rlo + 16 * ng;
+        memcpy(r8 + g * 32, rlo + 16 * gi, 16);
+        memcpy(r8 + g * 32 + 16, rhi + 16 * gi, 16);
+        for (int l = 0; l < 8; l++) dx[(g / 2) * 16 + (g % 2) * 8 + l] = a.gscale[g];
+    }
+    float bias = 0.0f; /* what the +128 of the codes adds to every row */
+    for (int g = 0; g < groups; g++) bias += 128.0f * a.gscale[g] * (float)a.gsum[g];
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < n; r++) {
+        const uint8_t *row = w + (long)r * k;
+        __m512 acc = _mm512_setzero_ps();
+        for (int p = 0; p < pairs; p++) {
+            const __m512i w = _mm512_loadu_si512((const void *)(row + p * 64));
+            const __m512i dot = _mm512_add_epi32(
+                _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_load_si512((const void *)(x8 + p * 64))), 7),
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_load_si512((const void *)(r8 + p * 64))));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(dx + p * 16), acc);
+        }
+        y[r] = scale[r] * (hsum512(acc) - bias);
+    }
+    free(mem); free(x8); free(dx);
+    return 0;
+#else
+    (void)w; (void)scale; (void)n; (void)k; (void)x; (void)y;
+    return 1;
+#endif
+}

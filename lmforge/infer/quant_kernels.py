@@ -1,0 +1,124 @@
+"""Batch-1 products with int4 / int8 weights through lmforge's own C kernels.
+
+lmforge/infer/kernels/quant_gemv.c multiplies one activation row by packed 4-bit or 8-bit
+weights with integer dot products (the row rounded to int8 in groups of 32, AVX-512 VNNI),
+reading each weight byte once. `Int4Linear` and `Int8Linear` (lmforge/infer/quant_linear.py)
+call it for single-row products, the whole of a batch-1 decode step, and keep PyTorch's
+weight-only kernels for everything else. The library is built on first use for this CPU
+(lmforge/io/native.py); without a compiler, without AVX-512 VNNI, or with
+`LMFORGE_NATIVE=0`, `available()` is False and the PyTorch kernels do all the work.
+
+Layouts (see the C file): `q4_pack` turns codes [N, K] in 0..15 with per-group scales s and
+offsets z (w = q s + z, groups of 32) into rows of `q4_row_bytes(K)` bytes, K a multiple of
+64; int8 weights are kept as codes + 128 (uint8) beside a float32 scale per row.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from ..io import native
+
+SOURCE = Path(__file__).parent / "kernels" / "quant_gemv.c"
+NAME = "quant_gemv"
+GROUP = 32
+
+_lib = None
+# Switch for comparisons (benchmarks/decode_quant.py --pytorch-kernels): False keeps every
+# product on PyTorch's kernels.
+ENABLED = True
+
+
+def _library():
+    global _lib
+    if _lib is None:
+        lib = native.load(NAME, SOURCE)
+        if lib is None or not lib.lmf_quant_gemv_supported():
+            _lib = False
+        else:
+            p, i = ctypes.c_void_p, ctypes.c_int
+            lib.lmf_q4_row_bytes.restype = ctypes.c_long
+            lib.lmf_q4_row_bytes.argtypes = [i]
+            for name, args in (("lmf_q4_pack", [p, p, p, i, i, p]), ("lmf_q4_gemv", [p, i, i, p, p]),
+                               ("lmf_q8_gemv", [p, p, i, i, p, p])):
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = ctypes.c_int, args
+            _lib = lib
+    return _lib
+
+
+def available() -> bool:
+    """True when the kernels are built (or can be), load, and this CPU has AVX-512 VNNI."""
+    return bool(_library())
+
+
+def why_not() -> str | None:
+    if available():
+        return None
+    return native.why_not(NAME) or "this CPU has no AVX-512 VNNI"
+
+
+def usable(x: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+    """A single float32 CPU row that the kernels may take (no gradient wanted), for a layer that
+    computes in a rounded dtype (`compute_dtype=torch.float32` promises exact products, which the
+    int8-rounded row of these kernels is not)."""
+    return (ENABLED and compute_dtype != torch.float32 and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1]
+            and not (torch.is_grad_enabled() and x.requires_grad) and available())
+
+
+def q4_row_bytes(k: int) -> int:
+    return (k // 128) * 80 + ((k % 128) // 64) * 40
+
+
+def q4_pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:
+    """Packed rows [N, q4_row_bytes(K)] uint8 of w = q s + z, or None (no kernel, or K % 64)."""
+    lib = _library()
+    n, k = codes.shape
+    if not lib or k % 64:
+        return None
+    codes = codes.to(torch.uint8).contiguous()
+    scales = scales.to(torch.float32).contiguous()
+    offsets = offsets.to(torch.float32).contiguous()
+    if tuple(scales.shape) != (n, k // GROUP) or tuple(offsets.shape) != (n, k // GROUP):
+        raise ValueError(f"scales {tuple(scales.shape)} / offsets {tuple(offsets.shape)} do not fit {n} x {k} codes")
+    out = torch.empty(n, q4_row_bytes(k), dtype=torch.uint8)
+    if lib.lmf_q4_pack(codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(), n, k, out.data_ptr()) != 0:
+        return None
+    return out
+
+
+def q4_gemv(packed: torch.Tensor, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor | None:
+    """x [..., K] (one row) times the packed int4 rows: [..., N] float32, or None."""
+    lib = _library()
+    n, k = packed.shape[0], x.shape[-1]
+    if not lib or packed.shape[1] != q4_row_bytes(k):
+        return None
+    x1 = x.reshape(k).contiguous()
+    y = torch.empty(n, dtype=torch.float32)
+    if lib.lmf_q4_gemv(packed.data_ptr(), n, k, x1.data_ptr(), y.data_ptr()) != 0:
+        return None
+    if out_features is not None and out_features != n:
+        y = y[:out_features]
+    return y.view(*x.shape[:-1], y.shape[0])
+
+
+def q8_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] -> the kernel's unsigned form, codes + 128."""
+    return (qweight.to(torch.int16) + 128).to(torch.uint8).contiguous()
+
+
+def q8_gemv(codes_u8: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """x [..., K] (one row) times int8 rows (codes + 128, a float32 scale per row): [..., N], or None."""
+    lib = _library()
+    n, k = codes_u8.shape
+    if not lib or x.shape[-1] != k or k % 64:
+        return None
+    x1 = x.reshape(k).contiguous()
+    s = scales.to(torch.float32).contiguous()
+    y = torch.empty(n, dtype=torch.float32)
+    if lib.lmf_q8_gemv(codes_u8.data_ptr(), s.data_ptr(), n, k, x1.data_ptr(), y.data_ptr()) != 0:
+        return None
+    return y.view(*x.shape[:-1], n)

@@ -1,0 +1,162 @@
+"""Attention in compiled C functions: packed variable-length sequences, and the decode step.
+
+`varlen_attention(qkv, offsets, ...)` computes softmax(q k^T / sqrt(d)) v for every
+(sequence, head) pair of a packed batch, reading q, k and v straight from the rows of the
+fused q/k/v product and writing each head's output into its columns of `out`: no padding,
+no per-run calls, no head-major copies. The kernel (lmforge/model/kernels/cpu_ops.c)
+is built on first use for this CPU (lmforge/io/native.py); where it cannot be built, or the
+input is not what it takes (float32 on CPU, head size 16/32/48/64, no gradient wanted),
+the function returns None and the model uses PyTorch's attention as before.
+
+Where it pays: short sequences. PyTorch's CPU flash kernel spends several microseconds of
+set-up per (sequence, head) pair, which is most of the attention time of an embedding
+model reading 20-60-token sentences (docs/benchmarks.md, "Sentence embeddings").
+
+`decode_attention(...)` is one batch-1 decode step of one layer: rotary on q and k, k and v
+written into the KV cache, one query per head attending to the cache, in one call where
+PyTorch takes some twenty operations (views, a concatenation for the rotation, cache
+writes, the attention kernel's set-up), which is most of a small model's step.
+
+`rms_norm(x, weight, eps)` normalizes a few rows (a decode step's) in one call; PyTorch's
+CPU RMS norm runs about eight operations for it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from ..io import native
+
+SOURCE = Path(__file__).parent / "kernels" / "cpu_ops.c"
+NAME = "cpu_ops"
+# Longest sequence sent to the kernel: its per-query work is O(T), with scores kept in a
+# buffer of T floats; past a few hundred tokens PyTorch's tiled kernel is the better tool.
+MAX_LENGTH = 512
+
+_fn = None
+# Switch for comparisons (benchmarks/embed.py --pytorch-attention): False sends every call
+# back to PyTorch's attention.
+ENABLED = True
+
+
+def _function():
+    global _fn
+    if _fn is None:
+        lib = native.load(NAME, SOURCE)
+        if lib is None:
+            _fn = False
+        else:
+            p, i = ctypes.c_void_p, ctypes.c_int
+            f = lib.lmf_varlen_attention
+            f.restype = ctypes.c_int
+            f.argtypes = [p, ctypes.c_long, p, i, i, i, i, i, ctypes.c_float, p, ctypes.c_long]
+            d = lib.lmf_decode_attention
+            d.restype = ctypes.c_int
+            d.argtypes = [p, i, i, i, p, p, p, p, ctypes.c_long, i, ctypes.c_float, p]
+            r = lib.lmf_rms_norm
+            r.restype = None
+            r.argtypes = [p, p, i, i, ctypes.c_float, p]
+            _fn = (f, native.has_openmp(lib), d, r)
+    return _fn
+
+
+def available() -> bool:
+    """True when the kernel is built (or can be) and loads."""
+    return bool(_function())
+
+
+def offsets_of(lengths: list[int]) -> torch.Tensor:
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=out[1:])
+    return out
+
+
+def varlen_attention(qkv: torch.Tensor, offsets: torch.Tensor, n_head: int, n_kv_head: int, head_dim: int,
+                     causal: bool = False, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Attention of packed sequences, or None where the kernel does not apply.
+
+    qkv [N, F] float32 on CPU with unit column stride: per row, `n_head` query heads, then
+    `n_kv_head` key heads, then `n_kv_head` value heads, `head_dim` each (extra columns
+    after them are ignored); offsets [B + 1] int64, sequence b = rows offsets[b]:offsets[b+1].
+    Returns [N, n_head * head_dim] (written into `out` when given).
+    """
+    if (not ENABLED or qkv.device.type != "cpu" or qkv.dtype != torch.float32 or qkv.dim() != 2 or qkv.stride(1) != 1
+            or head_dim % 16 or head_dim > 64 or n_head % n_kv_head
+            or qkv.shape[1] < (n_head + 2 * n_kv_head) * head_dim
+            or (torch.is_grad_enabled() and qkv.requires_grad)):
+        return None
+    offsets = offsets.to(dtype=torch.int64, device="cpu").contiguous()
+    if offsets.numel() < 2 or int((offsets[1:] - offsets[:-1]).max()) > MAX_LENGTH:
+        return None
+    fn = _function()
+    if not fn:
+        return None
+    f, openmp = fn[0], fn[1]
+    if not openmp and torch.get_num_threads() > 1:
+        return None  # one thread here would lose to PyTorch's parallel kernel
+    n = qkv.shape[0]
+    if out is None:
+        out = qkv.new_empty(n, n_head * head_dim)
+    elif out.shape != (n, n_head * head_dim) or out.stride(1) != 1 or out.dtype != torch.float32:
+        return None
+    code = f(qkv.data_ptr(), qkv.stride(0), offsets.data_ptr(), offsets.numel() - 1, n_head, n_kv_head, head_dim,
+             int(causal), head_dim ** -0.5, out.data_ptr(), out.stride(0))
+    return out if code == 0 else None
+
+
+def decode_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, pos: int, n_head: int, n_kv_head: int, head_dim: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One decode step of one sequence, or None where the kernel does not apply.
+
+    qkv: the new token's projected row ((n_head + 2 n_kv_head) * head_dim floats, contiguous);
+    rope: (cos, sin) of its position, head_dim floats each, or None; k_cache / v_cache: this
+    layer's cache of this sequence, [n_kv_head, max_len, head_dim] contiguous, written at `pos`.
+    Returns [n_head * head_dim]: softmax(q k^T / sqrt(d)) v over keys 0..pos.
+    """
+    width = (n_head + 2 * n_kv_head) * head_dim
+    if (not ENABLED or qkv.dtype != torch.float32 or qkv.device.type != "cpu" or qkv.numel() != width
+            or not qkv.is_contiguous() or n_head % n_kv_head or head_dim % 2
+            or (torch.is_grad_enabled() and qkv.requires_grad)):
+        return None
+    for c in (k_cache, v_cache):
+        if (c.dtype != torch.float32 or c.dim() != 3 or not c.is_contiguous() or c.shape[0] != n_kv_head
+                or c.shape[2] != head_dim or not 0 <= pos < c.shape[1]):
+            return None
+    cos = sin = None
+    if rope is not None:
+        cos, sin = rope
+        if (cos.numel() != head_dim or sin.numel() != head_dim or cos.dtype != torch.float32
+                or sin.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
+            return None
+    fn = _function()
+    if not fn:
+        return None
+    if out is None:
+        out = qkv.new_empty(n_head * head_dim)
+    code = fn[2](qkv.data_ptr(), n_head, n_kv_head, head_dim, None if cos is None else cos.data_ptr(),
+                 None if sin is None else sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                 k_cache.stride(0), pos, head_dim ** -0.5, out.data_ptr())
+    return out if code == 0 else None
+
+
+# Rows above which `rms_norm` leaves the work to PyTorch (whose kernel uses every thread).
+RMS_NORM_MAX_ROWS = 16
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension for a few float32 rows, or None."""
+    n = x.shape[-1]
+    if (not ENABLED or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
+            or x.numel() > RMS_NORM_MAX_ROWS * n or weight.dtype != torch.float32 or weight.numel() != n
+            or not weight.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    fn = _function()
+    if not fn:
+        return None
+    out = torch.empty_like(x)
+    fn[3](x.data_ptr(), weight.data_ptr(), x.numel() // n, n, eps, out.data_ptr())
+    return out

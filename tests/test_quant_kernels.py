@@ -1,0 +1,165 @@
+"""lmforge's own single-row int4 / int8 kernels (lmforge/infer/quant_kernels.py): the exact
+arithmetic they promise (int8-rounded row, integer dot products, float scales), their use by
+`Int4Linear` / `Int8Linear`, and when they step aside."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from lmforge.infer import quant_kernels as qk
+from lmforge.infer.quant_linear import Int4Linear, Int8Linear, dequantize_model, quantize_model
+
+needs_kernels = pytest.mark.skipif(not qk.available(), reason=f"kernels unavailable: {qk.why_not()}")
+
+
+def rounded_row(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels write it: per group of 32, d = max|x| / 127 (in float32, as the kernel),
+    x8 = round(x / d), r8 = round((x / d - x8) * 128), x ~ d (x8 + r8 / 128)."""
+    g = x.reshape(-1, 32).float()
+    d = g.abs().amax(1, keepdim=True) / 127
+    t = g * torch.where(d > 0, 1 / torch.where(d > 0, d, 1), 0)
+    q = torch.round(t).clamp(-127, 127)
+    r = torch.round((t - q) * 128).clamp(-127, 127)
+    return ((128 * q.double() + r.double()) * (d.double() / 128)).reshape(x.shape)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(40, 128), (33, 192), (7, 64), (96, 576)])  # whole 128-chunks and a half chunk
+def test_int4_kernel_computes_the_promised_sum(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    # float16-representable scales and offsets: the packed rows keep them as float16
+    scales = (torch.rand(n, k // 32, generator=g) * 0.05).half().float()
+    offsets = (torch.randn(n, k // 32, generator=g) * 0.1).half().float()
+    x = torch.randn(k, generator=g) * 3
+    packed = qk.q4_pack(codes, scales, offsets)
+    assert packed.shape == (n, qk.q4_row_bytes(k))
+    y = qk.q4_gemv(packed, x)
+    # sum over groups of s * (q . x rounded) + z * (exact sum of x)
+    s, z = scales.double().repeat_interleave(32, 1), offsets.double().repeat_interleave(32, 1)
+    want = (codes.double() * s) @ rounded_row(x) + z @ x.double()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@needs_kernels
+def test_int8_kernel_computes_the_promised_sum():
+    g = torch.Generator().manual_seed(1)
+    n, k = 70, 320
+    codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = torch.rand(n, generator=g) * 0.01
+    x = torch.randn(k, generator=g)
+    y = qk.q8_gemv(qk.q8_codes(codes), scales, x)
+    want = (codes.double() * scales.double()[:, None]) @ rounded_row(x)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    zero = qk.q8_gemv(qk.q8_codes(codes), scales, torch.zeros(k))  # all-zero groups: scale 0, no NaN
+    assert torch.equal(zero, torch.zeros(n))
+
+
+@needs_kernels
+def test_linear_layers_use_the_kernels_for_single_rows_only():
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(192, 50, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(50, 192, generator=g) * 0.1)
+    m4 = Int4Linear.from_linear(lin)
+    m8 = Int8Linear.from_linear(lin)
+    assert m4.native_nbytes == 50 * qk.q4_row_bytes(192) and m8.native_nbytes == 0  # int8: built at first use
+    x = torch.randn(1, 1, 192, generator=g)
+    for m in (m4, m8):
+        exact = x @ m.dequantized().T + lin.bias
+        with torch.inference_mode():
+            got = m(x)
+            qk.ENABLED = False
+            try:
+                pytorch = m(x)
+            finally:
+                qk.ENABLED = True
+        assert got.shape == (1, 1, 50) and got.dtype == torch.float32
+        err = float((got - exact).abs().max() / exact.abs().max())
+        # not bit-equal: the row is rounded (steps of max|x| / (127 * 128) per 32), and the kernels
+        # keep the float scales the layer was built with where dequantized() reads bfloat16 ones
+        assert 0 < err < 1e-2
+        assert not torch.equal(got, pytorch)  # the two paths are different arithmetic
+    assert m8.native_nbytes == 50 * 192 + 50 * 4
+    # several rows, and an exact (float32 compute) layer: PyTorch's kernels, exact values
+    exact_m4 = Int4Linear.from_linear(lin, compute_dtype=torch.float32)
+    rows = torch.randn(3, 192, generator=g)
+    torch.testing.assert_close(exact_m4(rows[:1]), rows[:1] @ exact_m4.dequantized().T + lin.bias)
+
+
+@needs_kernels
+def test_copy_is_rebuilt_when_the_buffers_change():
+    g = torch.Generator().manual_seed(3)
+    a = Int4Linear.from_linear(torch.nn.Linear(128, 32, bias=False))
+    b = Int4Linear.from_linear(torch.nn.Linear(128, 32, bias=False))
+    x = torch.randn(1, 128, generator=g)
+    fresh = Int4Linear(128, 32)  # buffers from a state dict only: the copy is made from them
+    fresh.load_state_dict(b.state_dict())
+    with torch.no_grad():
+        before = a(x)
+        a.load_state_dict(b.state_dict())  # in-place copies into a's buffers
+        after = a(x)
+        assert torch.equal(after, fresh(x))  # rebuilt from the new buffers (their scales in bfloat16)
+        assert not torch.equal(before, after)
+        # b's own copy was made from the float scales it was built with: the same up to bfloat16 scales
+        assert float((after - b(x)).abs().max() / b(x).abs().max()) < 2e-2
+
+
+@needs_kernels
+def test_quantized_model_decodes_with_the_kernels():
+    from lmforge.infer import Generator, SamplingParams
+    from lmforge.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(family="llama", vocab_size=320, n_layer=2, n_embd=128, n_head=4, n_kv_head=2,
+                         intermediate_size=192, max_position_embeddings=64, norm="rmsnorm", mlp="swiglu",
+                         position="rope", bos_token_id=1, eos_token_id=2)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    quantize_model(model, bits=4)
+    reference = dequantize_model(copy.deepcopy(model))  # float32 copy of exactly these weights
+    ids = torch.tensor([[1, 5, 9, 14, 30]])
+    from lmforge.model.kv_cache import KVCache
+
+    def stepwise() -> torch.Tensor:  # one token at a time through the cache: single-row products
+        cache = KVCache.for_model(config, 1, 8, torch.float32, "cpu")
+        for i in range(ids.shape[1]):
+            out = model(ids[:, i:i + 1], cache=cache, start=i, last_only=True)[0, -1]
+        return out
+
+    with torch.inference_mode():
+        want = reference(ids)[0, -1]
+        ours = stepwise()
+        qk.ENABLED = False
+        try:
+            pytorch = stepwise()  # bfloat16 rows through PyTorch's weight-only kernels
+        finally:
+            qk.ENABLED = True
+    err_ours = float((ours - want).abs().max() / want.abs().max())
+    err_pytorch = float((pytorch - want).abs().max() / want.abs().max())
+    # rows rounded to max|x| / (127 * 128) per 32 against bfloat16 rows (8 significant bits):
+    # the kernels' rows are the finer ones
+    assert err_ours < err_pytorch < 0.05, (err_ours, err_pytorch)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    out = Generator(model).generate([[1, 5, 9]], params)[0].token_ids
+    assert len(out) == 6
+
+
+def test_no_kernels_when_disabled(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("from lmforge.infer import quant_kernels as qk; import torch; print(qk.available(), qk.why_not()); "
+            "from lmforge.infer.quant_linear import Int4Linear; "
+            "m = Int4Linear.from_linear(torch.nn.Linear(128, 16)); print(m.native_nbytes)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "LMFORGE_NATIVE": "0", "LMFORGE_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["False disabled by LMFORGE_NATIVE=0", "0"]
