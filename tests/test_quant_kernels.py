@@ -163,3 +163,42 @@ def test_no_kernels_when_disabled(tmp_path):
                           env={**os.environ, "LMFORGE_NATIVE": "0", "LMFORGE_CACHE": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["False disabled by LMFORGE_NATIVE=0", "0"]
+
+
+@needs_kernels
+def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch):
+    from lmforge.infer import quant_linear
+    from lmforge.model import ModelConfig, Transformer
+    from lmforge.model.kv_cache import KVCache
+
+    torch.manual_seed(5)
+    config = ModelConfig(family="qwen2", vocab_size=320, n_layer=2, n_embd=128, n_head=4, n_kv_head=2,
+                         intermediate_size=192, max_position_embeddings=64, norm="rmsnorm", mlp="swiglu",
+                         position="rope", qkv_bias=True, bos_token_id=1, eos_token_id=2)
+    model = quantize_model(Transformer(config).eval(), bits=4)
+    assert all(type(b) is quant_linear.QuantizedDecoderBlock for b in model.layers)
+    ids = torch.tensor([[1, 5, 9, 14, 30, 7, 8]])
+    calls = []
+    real = quant_kernels_decode_layer = qk.decode_layer
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    def steps() -> torch.Tensor:
+        cache = KVCache.for_model(config, 1, 8, torch.float32, "cpu")
+        model(ids[:, :3], cache=cache, start=0)
+        return torch.stack([model(ids[:, i:i + 1], cache=cache, start=i)[0, -1] for i in range(3, 7)])
+
+    monkeypatch.setattr(qk, "decode_layer", counted)
+    with torch.inference_mode():
+        fused = steps()
+        assert calls == [True] * 8  # 2 layers x 4 steps, none for the prefill
+        monkeypatch.setattr(quant_linear.QuantizedDecoderBlock, "_decode_step", lambda *a: None)
+        modules = steps()
+    assert quant_kernels_decode_layer is real
+    # Same kernels, same order; SiLU's exp differs in the last bits (C's expf against PyTorch's),
+    # which can move a value of the down product's input across a rounding step (max|x| / 32512
+    # of its group): differences of that order, far below the rounding's own error.
+    torch.testing.assert_close(fused, modules, rtol=0, atol=2e-4 * float(modules.abs().max()))

@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import LmforgeError
 from ..model.config import ModelConfig
 from ..model.gguf_io import _unpermute, config_from_gguf, open_gguf
-from .quant_linear import BITS, Int4Linear, Int8Linear, fuse_quantized_mlps, quantize_int4, quantize_int8
+from .quant_linear import BITS, Int4Linear, Int8Linear, fuse_quantized_blocks, quantize_int4, quantize_int8
 
 GROUP = 32
 # lmforge linear (after "layers.{i}.") -> llama.cpp parts (after "blk.{i}."), stacked by rows
@@ -240,7 +240,7 @@ def load_gguf_quantized(path: str | Path, bits: int = 4, head_bits: int | None =
         model.lm_head.weight = model.embed.weight
     if model.rope is not None:
         model.rope.to("cpu")
-    return fuse_quantized_mlps(model).eval()
+    return fuse_quantized_blocks(model).eval()
 
 
 WEIGHT_FORMATS = {"float": None, "q4": 4, "q8": 8}

@@ -77,8 +77,9 @@ def _compile(cc: str, source: Path, target: Path, openmp: bool) -> tuple[bool, s
     return True, ""
 
 
-def load(name: str, source: Path) -> ctypes.CDLL | None:
-    """The library built from `source` (a C file), or None (see `why_not(name)`)."""
+def load(name: str, source: Path, includes: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
+    """The library built from `source` (a C file, which may #include the files listed in
+    `includes`: their text is part of the build's key), or None (see `why_not(name)`)."""
     if name in _loaded:
         return _loaded[name]
     lib = None
@@ -89,7 +90,7 @@ def load(name: str, source: Path) -> ctypes.CDLL | None:
     elif (cc := _compiler()) is None:
         _reasons[name] = "no C compiler (set CC or install one, e.g. gcc)"
     else:
-        text = source.read_bytes()
+        text = source.read_bytes() + b"".join(p.read_bytes() for p in includes if p.is_file())
         openmp = True
         for attempt in (True, False):
             key = hashlib.sha256(b"\0".join([text, _version(cc).encode(), " ".join(FLAGS).encode(),

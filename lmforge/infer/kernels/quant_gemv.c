@@ -209,7 +209,50 @@ static float q4_row(const uint8_t *row, const act_t *a, int k) {
     _mm256_storeu_ps(z, zacc);
     return hsum512(acc) + z[0] + z[1] + z[2] + z[3] + z[4] + z[5] + z[6] + z[7];
 }
+
+/* Two rows at once: each activation load serves both rows' products. */
+static void q4_rows2(const uint8_t *row0, const uint8_t *row1, const act_t *a, int k, float *y0, float *y1) {
+    const int full = k / 128;
+    if (k % 128) { /* rows with a half chunk take the one-row path */
+        *y0 = q4_row(row0, a, k);
+        *y1 = q4_row(row1, a, k);
+        return;
+    }
+    const __m512i nib = _mm512_set1_epi8(15);
+    const __m512i idx4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m256 zacc0 = _mm256_setzero_ps(), zacc1 = _mm256_setzero_ps();
+    for (int c = 0; c < full; c++) {
+        const int8_t *xc = a->x8 + (long)c * 128, *rc = a->r8 + (long)c * 128;
+        const __m512i xlo = _mm512_loadu_si512((const void *)xc), xhi = _mm512_loadu_si512((const void *)(xc + 64));
+        const __m512i rlo = _mm512_loadu_si512((const void *)rc), rhi = _mm512_loadu_si512((const void *)(rc + 64));
+        const __m512 dx = _mm512_loadu_ps(a->dx + c * 16);
+        const __m256 xs = _mm256_loadu_ps(a->xsum + c * 8);
+        const uint8_t *p0 = row0 + (long)c * 80, *p1 = row1 + (long)c * 80;
+        const __m512i w0 = _mm512_loadu_si512((const void *)p0), w1 = _mm512_loadu_si512((const void *)p1);
+        const __m512i lo0 = _mm512_and_si512(w0, nib), hi0 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), nib);
+        const __m512i lo1 = _mm512_and_si512(w1, nib), hi1 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), nib);
+        __m512i d0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo0, xlo), hi0, xhi);
+        __m512i e0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo0, rlo), hi0, rhi);
+        __m512i d1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo1, xlo), hi1, xhi);
+        __m512i e1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo1, rlo), hi1, rhi);
+        d0 = _mm512_add_epi32(_mm512_slli_epi32(d0, 7), e0);
+        d1 = _mm512_add_epi32(_mm512_slli_epi32(d1, 7), e1);
+        const __m256 sz0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p0 + 64)));
+        const __m256 sz1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p1 + 64)));
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(_mm512_permutexvar_ps(idx4, _mm512_castps256_ps512(sz0)), dx), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_mul_ps(_mm512_permutexvar_ps(idx4, _mm512_castps256_ps512(sz1)), dx), acc1);
+        zacc0 = _mm256_fmadd_ps(sz0, xs, zacc0);
+        zacc1 = _mm256_fmadd_ps(sz1, xs, zacc1);
+    }
+    float z0[8], z1[8];
+    _mm256_storeu_ps(z0, zacc0);
+    _mm256_storeu_ps(z1, zacc1);
+    *y0 = hsum512(acc0) + z0[0] + z0[1] + z0[2] + z0[3] + z0[4] + z0[5] + z0[6] + z0[7];
+    *y1 = hsum512(acc1) + z1[0] + z1[1] + z1[2] + z1[3] + z1[4] + z1[5] + z1[6] + z1[7];
+}
 #endif
+
 
 /* y[n] = sum_k w[r][k] x[k] for the packed int4 rows w (see lmf_q4_pack). Returns 0, or 1 when
  * this CPU has no AVX-512 VNNI or k is not a multiple of 64, 2 when memory is short. */
@@ -221,8 +264,11 @@ int lmf_q4_gemv(const uint8_t *w, int n, int k, const float *x, float *y) {
     act_t a;
     act_prepare(x, k, &a, mem);
     const long row_bytes = lmf_q4_row_bytes(k);
+    const int pairs = n / 2;
 #pragma omp parallel for schedule(static)
-    for (int r = 0; r < n; r++) y[r] = q4_row(w + r * row_bytes, &a, k);
+    for (int i = 0; i < pairs; i++)
+        q4_rows2(w + (long)(2 * i) * row_bytes, w + (long)(2 * i + 1) * row_bytes, &a, k, y + 2 * i, y + 2 * i + 1);
+    if (n % 2) y[n - 1] = q4_row(w + (long)(n - 1) * row_bytes, &a, k);
     free(mem);
     return 0;
 #else
