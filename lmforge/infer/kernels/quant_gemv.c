@@ -118,26 +118,28 @@ static int act_prepare(const float *x, int k, act_t *a, void *mem) {
     a->gscale = (float *)p; p += (size_t)groups * sizeof(float);
     a->gsum = (int32_t *)p;
     int8_t q[32], r[32];
+    const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
     for (int g = 0; g < groups; g++) {
         const float *xg = x + g * 32;
-        float amax = 0.0f, sum = 0.0f;
-        for (int j = 0; j < 32; j++) {
-            float v = fabsf(xg[j]);
-            amax = v > amax ? v : amax;
-            sum += xg[j];
-        }
+        const __m512 v0 = _mm512_loadu_ps(xg), v1 = _mm512_loadu_ps(xg + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float sum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
         const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-        int32_t isum = 0;
-        for (int j = 0; j < 32; j++) {
-            const float t = xg[j] * inv;
-            int v = (int)lrintf(t);
-            v = v > 127 ? 127 : v < -127 ? -127 : v;
-            int w = (int)lrintf((t - (float)v) * 128.0f); /* |t - v| <= 1/2 (+ rounding): |w| <= 64 */
-            w = w > 127 ? 127 : w < -127 ? -127 : w;
-            q[j] = (int8_t)v;
-            r[j] = (int8_t)w;
-            isum += 128 * v + w;
-        }
+        /* x / d rounded to nearest (even), clamped; then the rest in steps of 1/128 */
+        const __m512 t0 = _mm512_mul_ps(v0, _mm512_set1_ps(inv)), t1 = _mm512_mul_ps(v1, _mm512_set1_ps(inv));
+        const __m512i q0 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(t0), lim), nlim);
+        const __m512i q1 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(t1), lim), nlim);
+        const __m512 k128 = _mm512_set1_ps(128.0f);
+        const __m512i r0 = _mm512_max_epi32(_mm512_min_epi32(
+            _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(t0, _mm512_cvtepi32_ps(q0)), k128)), lim), nlim);
+        const __m512i r1 = _mm512_max_epi32(_mm512_min_epi32(
+            _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(t1, _mm512_cvtepi32_ps(q1)), k128)), lim), nlim);
+        _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+        _mm_storeu_si128((__m128i *)r, _mm512_cvtepi32_epi8(r0));
+        _mm_storeu_si128((__m128i *)(r + 16), _mm512_cvtepi32_epi8(r1));
+        const int32_t isum = _mm512_reduce_add_epi32(_mm512_add_epi32(
+            _mm512_slli_epi32(_mm512_add_epi32(q0, q1), 7), _mm512_add_epi32(r0, r1)));
         a->gscale[g] = d / 128.0f;
         a->gsum[g] = isum;
         const int c = g / 4, gi = g % 4;
