@@ -177,9 +177,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 @needs_kernel
 @pytest.mark.parametrize("d", [64, 24])  # vector and scalar loops
 @pytest.mark.parametrize("rotary", [True, False])
-def test_decode_step_equals_pytorch(d, rotary):
+@pytest.mark.parametrize("pos", [37, 700])  # heads one after another; heads over the threads (T x H >= 4096)
+def test_decode_step_equals_pytorch(d, rotary, pos):
     torch.manual_seed(d + rotary)
-    h, hkv, max_len, pos = 6, 2, 50, 37
+    h, hkv, max_len = 6, 2, 720
     kc, vc = torch.randn(hkv, max_len, d), torch.randn(hkv, max_len, d)
     k_before, v_before = kc.clone(), vc.clone()
     qkv = torch.randn((h + 2 * hkv) * d)

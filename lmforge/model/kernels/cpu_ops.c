@@ -254,14 +254,14 @@ int lmf_varlen_attention(const float *qkv, long row_stride, const int64_t *offse
  *   cos/sin [D] for position pos, or NULL (no rotation);
  *   kc/vc  this layer's cache of this sequence: Hkv heads, `head_stride` floats apart, rows of D;
  *   out    [H D].
- * Scores are kept in a buffer of pos + 1 floats per query; returns 2 when it cannot be had. */
+ * Scores are kept in a buffer of pos + 1 floats per query head; returns 2 when it cannot be had. */
 int lmf_decode_attention(const float *qkv, int H, int Hkv, int D, const float *cos, const float *sin, float *kc,
                          float *vc, long head_stride, int pos, float scale, float *out) {
     if (H % Hkv != 0 || D % 2 != 0) return 1;
     const int T = pos + 1, half = D / 2, group = H / Hkv;
-    float *buf = malloc(((size_t)H * D + (size_t)T) * sizeof(float));
+    float *buf = malloc(((size_t)H * D + (size_t)H * T) * sizeof(float));
     if (!buf) return 2;
-    float *q = buf, *s = buf + (long)H * D;
+    float *q = buf, *scores = buf + (long)H * D;
     for (int h = 0; h < H + Hkv; h++) {
         const float *x = qkv + (long)h * D;
         float *dst = h < H ? q + (long)h * D : kc + (long)(h - H) * head_stride + (long)pos * D;
@@ -276,9 +276,12 @@ int lmf_decode_attention(const float *qkv, int H, int Hkv, int D, const float *c
     }
     for (int g = 0; g < Hkv; g++)
         memcpy(vc + (long)g * head_stride + (long)pos * D, qkv + (long)(H + Hkv + g) * D, (size_t)D * sizeof(float));
+    /* heads in parallel once the cache is long enough to pay for waking the threads */
+#pragma omp parallel for schedule(static) if ((long)T * H >= 4096)
     for (int h = 0; h < H; h++) {
         const int g = h / group;
         const float *k = kc + (long)g * head_stride, *v = vc + (long)g * head_stride, *qh = q + (long)h * D;
+        float *s = scores + (long)h * T;
         float m = -INFINITY;
         if (D % W == 0) {
             for (int j = 0; j < T; j++) {
