@@ -134,7 +134,10 @@ def step_profile(lm, prompt: list[int], steps: int = 16) -> dict[str, float]:
             "aten_ops_per_step": ops}
 
 
-def llama_cpp_rate(path: str, prompt: list[int], new: int, threads: int) -> float | None:
+def llama_cpp_rate(path: str, prompt: list[int], new: int, threads: int) -> tuple[float, float] | None:
+    """llama.cpp's decode tokens/s with its Python sampling call in the loop, and counting
+    only its forward passes (`eval`), which leaves out the sampling lmforge's rate includes:
+    the second is the stricter comparison."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -143,10 +146,13 @@ def llama_cpp_rate(path: str, prompt: list[int], new: int, threads: int) -> floa
     llm.reset()
     llm.eval(prompt)
     start = time.perf_counter()
+    in_eval = 0.0
     for _ in range(new):
         token = llm.sample(top_k=1, temp=0)
+        t = time.perf_counter()
         llm.eval([token])
-    return new / (time.perf_counter() - start)
+        in_eval += time.perf_counter() - t
+    return new / (time.perf_counter() - start), new / in_eval
 
 
 def main() -> None:
@@ -265,9 +271,13 @@ def main() -> None:
             out.update({f"{v}_ppl_vs_float32": round(ppl[v] / ppl["float32"] - 1, 4) for v in ppl if v != "float32"})
         out["eval_tokens"] = counted
     if llama:
-        out["llama_cpp_decode_tok_s"] = round(statistics.median(llama), 1)
+        out["llama_cpp_decode_tok_s"] = round(statistics.median(r[0] for r in llama), 1)
+        out["llama_cpp_eval_only_tok_s"] = round(statistics.median(r[1] for r in llama), 1)
+        out["llama_cpp_per_round"] = [round(r[0], 1) for r in llama]
         if "q4" in med:
+            out["q4_per_round"] = [round(r, 1) for r in rates["q4"]]
             out["q4_vs_llama_cpp"] = round(med["q4"] / out["llama_cpp_decode_tok_s"], 2)
+            out["q4_vs_llama_cpp_eval_only"] = round(med["q4"] / out["llama_cpp_eval_only_tok_s"], 2)
     print(f"{'':10}{'decode tok/s':>14}{'vs fp32':>9}{'MB':>8}{'ppl':>9}")
     for v in variants:
         ratio = med[v] / med["float32"] if "float32" in med else float("nan")
@@ -278,6 +288,9 @@ def main() -> None:
     for v, p in profiles.items():
         print(f"{v} step {p['step_ms']:.2f} ms, products {p['products_ms']:.2f} ms ({p['product_share']:.0%}), "
               f"{p['aten_ops_per_step']:.0f} aten ops a step")
+    if llama:
+        print(f"llama.cpp {out['llama_cpp_decode_tok_s']} tok/s ({out['llama_cpp_eval_only_tok_s']} counting its forward "
+              f"passes only); q4 / llama.cpp {out.get('q4_vs_llama_cpp')} ({out.get('q4_vs_llama_cpp_eval_only')})")
     print(json.dumps(out))
 
 
