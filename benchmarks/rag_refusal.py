@@ -29,6 +29,13 @@ the fixed sets with coverage; with `--gates`, the base rule plus a gate on one s
 logistic model (C = 1) over the standardized signals, its cut at 5% false refusals on the
 fitted set.
 
+With ``--answerable DIR`` (a model of `lmforge rag train-answerable`), each question also gets
+the ``answerable`` signal (`answerable.answerable_score`: the best "this passage answers this
+question" logit over its top hybrid chunks), cached beside the others, and the rules with it
+are fitted: the judgement alone, the signal set chosen two-fold when the answerable sets may be
+chosen (``chosen set, with answerable``; the plain ``chosen set`` never sees the signal), the
+base rule gated by it, and the logistic model with it.
+
 Run:  python benchmarks/rag_refusal.py --index /tmp/frozen.sqlite --cache /tmp/refusal-signals.json [--heldout]
 The last line printed is one JSON object with every figure.
 """
@@ -147,9 +154,66 @@ def fit_gated(signals, in_scope, gate: str):
 
 
 def fit_chosen(signals, in_scope):
-    """The rule `lmforge rag eval --calibrate` now fits: the signal set chosen two-fold (`fit_language`)."""
+    """The rule `lmforge rag eval --calibrate` fits without the answerable judgement: the signal set
+    chosen two-fold (`fit_language`) from the sets of the word statistics alone."""
+    plain = [{k: v for k, v in s.items() if k != "answerable"} for s in signals]
+    fit = fit_language(plain, in_scope)
+    return lambda s: _refuse_by({k: v for k, v in s.items() if k != "answerable"}, fit), {"fit": list(fit)}
+
+
+def fit_chosen_answerable(signals, in_scope):
+    """The signal set chosen two-fold when the sets with the answerable judgement may be chosen."""
     fit = fit_language(signals, in_scope)
     return lambda s: _refuse_by(s, fit), {"fit": list(fit)}
+
+
+def fit_answerable_alone(signals, in_scope):
+    """Refused when the answerable judgement is below one threshold (no other signal, no veto)."""
+    from lmforge.rag.evaluate import fit_rule
+
+    (t,) = fit_rule([[s["answerable"]] for s in signals], in_scope)
+    return lambda s: s["answerable"] < t, {"min_answerable": t}
+
+
+def add_answerable(data: dict, index_path: str, model_dir: str) -> dict:
+    """`data` with each question's ``answerable`` signal (and its cost in ms, one call per question)."""
+    import torch
+
+    from lmforge.rag.answerable import DEFAULT_TOP, answerable_score, load_answerable
+    from lmforge.rag.config import RetrieverOptions
+    from lmforge.rag.embedder import load_embedder
+    from lmforge.rag.retriever import Retriever
+    from lmforge.rag.store import open_store
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    model = load_answerable(model_dir)
+    embedder = load_embedder()
+    costs = []
+    with open_store(index_path) as store:
+        retriever = Retriever(store, embedder, RetrieverOptions())
+        for name, path in SETS.items():
+            for q in load_questions(path):
+                row = data["questions"].get(f"{name}/{q.id}")
+                if row is None:
+                    continue
+                lists = retriever.search_lists(q.question, max(10, retriever.options.depth))
+                hits = retriever.combine(lists, "hybrid", DEFAULT_TOP, query_lang(q.question))
+                got = ranked_pages_of(hits)
+                if got != row["pages"][:len(got)]:
+                    raise SystemExit(f"{name}/{q.id}: the hybrid ranking differs from the cached one")
+                started = time.perf_counter()
+                row["signals"]["answerable"] = answerable_score(model, q.question, [h.chunk for h in hits])
+                costs.append(time.perf_counter() - started)
+    data["answerable"] = {"model": model_dir, "top": DEFAULT_TOP, "ms_per_question_mean": 1000 * float(np.mean(costs)),
+                          "ms_per_question_median": 1000 * float(np.median(costs)),
+                          "threads": torch.get_num_threads()}
+    return data
+
+
+def ranked_pages_of(hits) -> list:
+    from lmforge.rag.metrics import ranked_pages
+
+    return ranked_pages(hits)
 
 
 RULE_SETS = (("strength", "overlap", "coverage"), ("cosine", "overlap", "coverage"),
@@ -284,6 +348,8 @@ def main() -> None:
     parser.add_argument("--heldout", action="store_true", help="also score the held-out set (once the design is fixed)")
     parser.add_argument("--gates", action="store_true", help="also the gated rules (slow: a few minutes)")
     parser.add_argument("--recollect", action="store_true", help="retrieve again even when the cache exists")
+    parser.add_argument("--answerable", metavar="DIR", help="add the answerable judgement of this model "
+                                                            "(`lmforge rag train-answerable`) to the cached signals")
     args = parser.parse_args()
     cache = Path(args.cache)
     if args.recollect or not cache.exists():
@@ -292,7 +358,16 @@ def main() -> None:
         cache.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
     else:
         data = json.loads(cache.read_text(encoding="utf-8"))
+    if args.answerable and data.get("answerable", {}).get("model") != args.answerable:
+        data = add_answerable(data, args.index, args.answerable)
+        cache.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
     rules = {"base": fit_base, "chosen set": fit_chosen}
+    if all("answerable" in r["signals"] for r in data["questions"].values()):
+        rules["answerable alone"] = fit_answerable_alone
+        rules["chosen set, with answerable"] = fit_chosen_answerable
+        rules["base+answerable gate"] = lambda s, i: fit_gated(s, i, "answerable")
+        rules["logistic, base signals+answerable"] = lambda s, i: fit_logistic(
+            s, i, ("cosine", "strength", "overlap", "unknown", "answerable"))
     for keys in RULE_SETS:
         rules["+".join(keys)] = lambda s, i, k=keys: fit_set(s, i, k)
     for gate in ("focus2", "focus2k", "focus3k", "coverage", "cov_top", "title_cos", "head_cos"):
@@ -310,7 +385,8 @@ def main() -> None:
                   f"two-fold {v['two_fold']['refusal']} / {v['two_fold']['false']}   "
                   f"held-out {v['held_out']['refusal']} / {v['held_out']['false']}   {v['params']}")
     summary = {"rules": result, "defaults": default_rule_rates(data), "recall": recall(data),
-               "seconds_per_question": data.get("seconds_per_question"), "index": data["index"],
+               "seconds_per_question": data.get("seconds_per_question"), "answerable": data.get("answerable"),
+               "index": data["index"],
                "cpu": platform.processor() or platform.machine(), "threads": os.environ.get("OMP_NUM_THREADS")}
     print(json.dumps(summary, ensure_ascii=False))
 

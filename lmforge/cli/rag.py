@@ -178,6 +178,18 @@ def cmd_train_reranker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_answerable(args: argparse.Namespace) -> int:
+    from lmforge.rag.answerable import train_answerable
+    from lmforge.rag.config import AnswerableTrainOptions
+    from lmforge.rag.rerank_train import format_summary
+
+    options = config_from_args(AnswerableTrainOptions, args)
+    embedder = _embedder(args)
+    summary = train_answerable(options, embedder, index=args.index, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(summary, ensure_ascii=False) if args.json else format_summary(summary))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmforge.rag.config import IndexOptions
 
@@ -204,6 +216,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                 "on pairs generated from an index (a few minutes on a CPU)")
     _add_train_reranker_flags(p)
 
+    p = verbs.add_parser("train-answerable", help="train the judgement 'does this passage answer this question' "
+                                                  "(a refusal signal) on pairs generated from an index")
+    _add_train_reranker_flags(p, answerable=True)
+
     p = subparsers.add_parser("ask", help="ask the handbook (lmforge's own knowledge base), with citations")
     _add_ask_flags(p, index_required=False)
 
@@ -221,12 +237,12 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _add_train_reranker_flags(p: argparse.ArgumentParser) -> None:
-    from lmforge.rag.config import RerankTrainOptions
+def _add_train_reranker_flags(p: argparse.ArgumentParser, answerable: bool = False) -> None:
+    from lmforge.rag.config import AnswerableTrainOptions, RerankTrainOptions
 
     p.add_argument("--index", help="the index whose chunks the training pairs come from (default: the handbook's)")
     p.add_argument("--embedding-model", help=EMBEDDER_HELP + "; it finds the hard negatives")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_device_flags(p)
-    add_config_flags(p, RerankTrainOptions, "training")
-    p.set_defaults(func=cmd_train_reranker)
+    add_config_flags(p, AnswerableTrainOptions if answerable else RerankTrainOptions, "training")
+    p.set_defaults(func=cmd_train_answerable if answerable else cmd_train_reranker)

@@ -94,6 +94,10 @@ class RetrieverOptions:
     rerank_depth: int = option(20, help="fused hits the cross-encoder reads (with --rerank)")
     min_rerank: float | None = option(None, help="with --rerank, also answer when the best relevance logit reaches "
                                                  "this (default: the index's calibrated value; none: not used)")
+    answerable: str = option("auto", metavar="DIR|auto|none",
+                             help="the cross-encoder judging whether the top passages answer the question, used "
+                                  "only when the index was calibrated with it (auto: the model `lmforge rag "
+                                  "train-answerable` saved, when there is one; none: judge without it)")
 
     def __post_init__(self) -> None:
         if self.mode not in RETRIEVAL_MODES:
@@ -164,6 +168,10 @@ class EvalOptions:
                                 help="the cross-encoder of the hybrid+rerank mode, and of support checks with "
                                      "--answers (auto: the one `lmforge rag train-reranker` saved)")
     rerank_depth: int = option(20, help="fused hits the cross-encoder reads")
+    answerable: str | None = option(None, metavar="DIR|auto",
+                                    help="also measure the answerable judgement of this model (auto: the one "
+                                         "`lmforge rag train-answerable` saved); with --calibrate, store a rule "
+                                         "with it beside the one without")
     k: tuple[int, ...] = option((1, 3, 5, 10), parse=_ks, metavar="LIST", help="cut-offs for recall and nDCG")
     calibrate: bool = option(False, help="fit the refusal thresholds on the questions and store them in the index")
     answers: int = option(0, help="also answer this many questions (spread over languages and kinds) and "
@@ -221,3 +229,17 @@ class RerankTrainOptions:
             raise LmforgeError(f"--max-length must be at least 16, got {self.max_length}")
         if self.max_pairs is not None and self.max_pairs < 1:
             raise LmforgeError(f"--max-pairs must be at least 1, got {self.max_pairs}")
+
+
+@dataclass
+class AnswerableTrainOptions(RerankTrainOptions):
+    """How `lmforge rag train-answerable` trains the answerable judgement (lmforge/rag/answerable.py):
+    the reranker's settings, with fewer trained layers, shorter pairs and the pointwise loss only
+    (its logit is compared with a threshold, not ranked within a query)."""
+
+    out: str | None = option(None, metavar="DIR", help="where the model is saved (default: "
+                                                       "answerable-all-minilm-l6-v2 in lmforge's cache directory)")
+    epochs: int = option(3, help="passes over the training pairs")
+    listwise: float = option(0.0, help="weight of the listwise loss (0: pairwise only)")
+    train_layers: int = option(3, help="top encoder layers that learn; the ones below are frozen and run once")
+    max_length: int = option(192, help="most tokens of a pair, special tokens included")

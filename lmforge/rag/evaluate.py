@@ -33,7 +33,7 @@ from .config import RERANK_MODE, AnswerOptions, EvalOptions, RetrieverOptions
 from .groundedness import (CrossEncoderSupportChecker, SupportChecker, answer_sentences,
                            calibrate as calibrate_support, groundedness)
 from .metrics import Question, evaluate_retrieval, load_groundedness_labels, load_questions, ranked_pages
-from .retriever import LANGS, Retriever, query_lang
+from .retriever import ANSWERABLE_RULE_KEYS, LANGS, Retriever, query_lang
 
 MAX_FALSE_REFUSALS = 0.05
 
@@ -73,12 +73,13 @@ def fit_thresholds(signals: Sequence[dict[str, float]], in_scope: Sequence[bool]
 
 def fit_refusal(signals: Sequence[dict[str, float]], in_scope: Sequence[bool],
                 max_false: float = MAX_FALSE_REFUSALS,
-                keys: Sequence[str] = ("cosine", "strength", "overlap")) -> tuple[float, float, float, int, float]:
-    """(min_cosine, min_strength, min_overlap, unknown_veto, min_coverage) refusing the most
-    out-of-scope questions with at most `max_false` false refusals, for `Retriever.judge`'s rule:
-    refused when the question holds at least `unknown_veto` unknown Latin names (0: never), or
-    when the signals named by `keys` (three of cosine, strength, overlap, coverage) are all below
-    their thresholds. The signal left out gets an infinite threshold: it never answers.
+                keys: Sequence[str] = ("cosine", "strength", "overlap")) -> tuple[float, float, float, int, float, float]:
+    """(min_cosine, min_strength, min_overlap, unknown_veto, min_coverage, min_answerable) refusing
+    the most out-of-scope questions with at most `max_false` false refusals, for `Retriever.judge`'s
+    rule: refused when the question holds at least `unknown_veto` unknown Latin names (0: never), or
+    when the signals named by `keys` (one to three of cosine, strength, overlap, coverage,
+    answerable) are all below their thresholds. The signals left out get an infinite threshold:
+    they never answer.
 
     Exhaustive: each veto (none, then from the largest count observed down to 1), and for each the
     three thresholds by `fit_rule` on the questions it leaves, with the false refusals it left to
@@ -104,15 +105,15 @@ def fit_refusal(signals: Sequence[dict[str, float]], in_scope: Sequence[bool],
             thresholds = (0.0,) * len(keys)
         chosen = dict(zip(keys, thresholds))
         fit = (*(chosen.get(k, math.inf) for k in ("cosine", "strength", "overlap")), veto,
-               chosen.get("coverage", math.inf))
+               chosen.get("coverage", math.inf), chosen.get("answerable", math.inf))
         refused = [_refuse_by(signals[i], fit) for i in range(len(signals))]
         key = (sum(r and not inside for r, inside in zip(refused, in_scope)),
                -sum(r and inside for r, inside in zip(refused, in_scope)))
         if best is None or key > best[0]:
             best = (key, fit)
     assert best is not None
-    c, s, o, v, g = best[1]
-    return float(c), float(s), float(o), int(v), float(g)
+    c, s, o, v, g, a = best[1]
+    return float(c), float(s), float(o), int(v), float(g), float(a)
 
 
 TERM_RULE = ("cosine", "strength", "overlap")
@@ -121,14 +122,19 @@ TERM_RULE = ("cosine", "strength", "overlap")
 # answer is one more way for an out-of-scope question through; a threshold fitted just above
 # the out-of-scope questions of one sample is often below those of the next.
 RULE_CHOICES: tuple[tuple[str, ...], ...] = (TERM_RULE, ("strength", "overlap", "coverage"),
-                                             ("cosine", "overlap", "coverage"), ("cosine", "strength", "coverage"))
+                                             ("cosine", "overlap", "coverage"), ("cosine", "strength", "coverage"),
+                                             # with the cross-encoder's answerable judgement (answerable.py),
+                                             # considered only where the signals hold it
+                                             ("answerable",), ("cosine", "strength", "answerable"),
+                                             ("answerable", "overlap", "coverage"), ("cosine", "overlap", "answerable"),
+                                             ("strength", "overlap", "answerable"))
 
 
 SELECTION_SPLITS = 5  # random two-fold splits `fit_language` scores each signal set on
 
 
 def fit_language(signals: Sequence[dict[str, float]], in_scope: Sequence[bool], seed: int = 0,
-                 max_false: float = MAX_FALSE_REFUSALS) -> tuple[float, float, float, int, float]:
+                 max_false: float = MAX_FALSE_REFUSALS) -> tuple[float, float, float, int, float, float]:
     """`fit_refusal` with the signal set of `RULE_CHOICES` that does best two-fold on these questions.
 
     Every set is fitted on one half and scored on the other, both ways, over `SELECTION_SPLITS`
@@ -164,18 +170,20 @@ def fit_language(signals: Sequence[dict[str, float]], in_scope: Sequence[bool], 
 
 def _refuse_by(signal: dict[str, float], fit: Sequence[float]) -> bool:
     """`Retriever.judge`'s refusal for thresholds (min_cosine, min_strength, min_overlap, unknown_veto,
-    min_coverage); without the fifth, the coverage never answers."""
+    min_coverage, min_answerable); without the fifth (sixth), the coverage (answerable judgement)
+    never answers."""
     cos, strength, overlap, veto = fit[:4]
     coverage = fit[4] if len(fit) > 4 else math.inf
+    answerable = fit[5] if len(fit) > 5 else math.inf
     if veto > 0 and signal.get("unknown", 0.0) >= veto:
         return True
     return (signal["cosine"] < cos and signal["strength"] < strength and signal.get("overlap", 0.0) < overlap
-            and signal.get("coverage", 0.0) < coverage)
+            and signal.get("coverage", 0.0) < coverage and signal.get("answerable", -math.inf) < answerable)
 
 
 def fit_by_language(questions: Sequence[Question], signals: Sequence[dict[str, float]],
                     indices: Sequence[int] | None = None,
-                    seed: int = 0) -> dict[str, tuple[float, float, float, int, float]]:
+                    seed: int = 0) -> dict[str, tuple[float, float, float, int, float, float]]:
     """`fit_language` for each language group of the questions (the groups `Retriever` judges by)."""
     indices = range(len(questions)) if indices is None else indices
     groups: dict[str, list[int]] = {}
@@ -304,13 +312,22 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
 
         reranker = load_reranker(options.rerank)
         report["reranker"] = str(resolve_reranker(options.rerank))
+    answerable = None
+    if options.answerable:
+        from .answerable import DEFAULT_TOP, answerable_score, load_answerable, resolve_answerable
+
+        answerable = load_answerable(options.answerable)
+        if answerable is None:
+            raise LmforgeError("--answerable auto: no trained model in the cache; train one with "
+                               "`lmforge rag train-answerable`")
+        report["answerable"] = str(resolve_answerable(options.answerable))
     with open_store(index) as store:
         retriever = Retriever(store, embedder, RetrieverOptions())
         depth = max(options.k)
         rankings: dict[str, list[list[str]]] = {m: [] for m in options.modes}
         signals = []
         rows = []
-        seconds: dict[str, list[float]] = {"retrieval": [], "rerank": []}
+        seconds: dict[str, list[float]] = {"retrieval": [], "rerank": [], "answerable": []}
         for n, q in enumerate(questions, 1):
             t0 = time.perf_counter()
             lists = retriever.search_lists(q.question, max(depth, retriever.options.depth,
@@ -318,6 +335,11 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
             seconds["retrieval"].append(time.perf_counter() - t0)
             signal = dict(lists.signals)
             lang = query_lang(q.question)
+            if answerable is not None:
+                t0 = time.perf_counter()
+                top = retriever.combine(lists, "hybrid", DEFAULT_TOP, lang)
+                signal["answerable"] = answerable_score(answerable, q.question, [h.chunk for h in top])
+                seconds["answerable"].append(time.perf_counter() - t0)
             for mode in options.modes:
                 if mode == "none":
                     hits = []
@@ -336,7 +358,8 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
             if progress is not None:
                 progress(n, len(questions))
         if options.calibrate:
-            fitted = fit_by_language(questions, signals)
+            plain = [{k: v for k, v in s.items() if k != "answerable"} for s in signals]
+            fitted = fit_by_language(questions, plain)
             meta: dict[str, float] = {}
             for lang, fit in fitted.items():
                 retriever.thresholds[lang] = fit[:2]
@@ -345,7 +368,20 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
                 # JSON has no infinity: an unused threshold is stored as a value no question reaches
                 values = {key: 1e9 if value is None else value for key, value in _threshold_dict(fit).items()}
                 meta.update({f"{key}_{lang}": value for key, value in values.items()})
+            if answerable is not None:
+                # The rule with the answerable judgement, stored beside the plain one (which
+                # retrieval without the model keeps using).
+                for lang, fit in fit_by_language(questions, signals).items():
+                    if math.isinf(fit[5]):
+                        continue  # the calibration chose a set without it: no rule to store
+                    retriever.answerable_rules[lang] = tuple(min(float(v), 1e9) for v in fit)
+                    meta.update({f"answerable_{key}_{lang}": min(float(value), 1e9)
+                                 for key, value in zip(ANSWERABLE_RULE_KEYS, fit)})
             store.set_meta(model_id=embedder.model_id, dim=embedder.dim, **meta)
+        if answerable is not None:
+            report["answerable_rule"] = {lang: dict(zip(ANSWERABLE_RULE_KEYS, rule))
+                                         for lang, rule in retriever.answerable_rules.items()}
+            report["answerable_ms_per_question"] = _latency(seconds["answerable"])
         refused = [_refused(q, s, retriever) for q, s in zip(questions, signals)]
         for row, flag in zip(rows, refused):
             row["refused"] = flag

@@ -50,6 +50,15 @@ run high on small collections).
 An index calibrated before the term signals existed keeps its two thresholds and judges by
 them alone; one calibrated before the coverage signal judges without it.
 
+**Answerable judgement** (`RetrieverOptions.answerable`, answerable.py): a cross-encoder
+trained to say whether a passage answers a question reads the question with each of its
+top hybrid chunks; the best logit is the ``answerable`` signal, the one that reads the
+passage instead of counting shared words. An index calibrated with it (`lmforge rag eval
+--answerable ... --calibrate`) holds a second rule beside the plain one, its thresholds
+stored as ``answerable_<threshold>_<lang>``; the retriever computes the signal and judges by
+that rule only when the index holds one for the question's language and the model is
+there (trained by `lmforge rag train-answerable` into the cache; without it, the plain rule).
+
 **Reranking** (`RetrieverOptions.rerank`): the top `rerank_depth` hits are read again by a
 cross-encoder (`rerank.py`), which sees question and passage together, and reordered by
 the fusion of the two orders. Its best relevance logit becomes a third signal, ``rerank``;
@@ -89,6 +98,9 @@ def query_lang(query: str) -> str:
 DEFAULT_MIN_COSINE = DEFAULT_REFUSAL["en"]["min_cosine"]
 DEFAULT_MIN_STRENGTH = DEFAULT_REFUSAL["en"]["min_strength"]
 NO_RERANK_SCORE = -100.0  # the rerank signal when there was nothing to rerank
+UNUSED = 1e9  # a stored threshold this large: the signal never answers
+# The thresholds of a rule calibrated with the answerable judgement, in `evaluate.fit_refusal`'s order.
+ANSWERABLE_RULE_KEYS = ("min_cosine", "min_strength", "min_overlap", "unknown_veto", "min_coverage", "min_answerable")
 
 
 def _sigmoid(x: float) -> float:
@@ -164,6 +176,33 @@ class Retriever:
                 cos, strength = self.rerank_thresholds.get(lang, self.thresholds[lang])[:2]
                 self.rerank_thresholds[lang] = (cos, strength, self.options.min_rerank)
         self._reranker = None
+        # With the answerable judgement: the six thresholds of `evaluate.fit_refusal` calibrated with it.
+        self.answerable_rules: dict[str, tuple[float, ...]] = {}
+        for lang in LANGS:
+            keys = [f"answerable_{key}_{lang}" for key in ANSWERABLE_RULE_KEYS]
+            if all(key in meta for key in keys):
+                self.answerable_rules[lang] = tuple(float(meta[key]) for key in keys)
+        self._answerable: Any = None if self.answerable_rules else False
+
+    @property
+    def answerable_model(self):
+        """The answerable cross-encoder, when the index holds a rule with it and the model is
+        available (`options.answerable`); else None."""
+        if self._answerable is None:
+            from .answerable import load_answerable
+
+            self._answerable = load_answerable(self.options.answerable,
+                                               device=getattr(self.embedder, "device", None)) or False
+        return self._answerable or None
+
+    def add_answerable(self, lists: SearchLists, query: str, lang: str) -> None:
+        """Add the ``answerable`` signal to `lists.signals` when this index judges `lang` with it."""
+        model = self.answerable_model if lang in self.answerable_rules else None
+        if model is not None:
+            from .answerable import DEFAULT_TOP, answerable_score
+
+            top = self.combine(lists, "hybrid", DEFAULT_TOP, lang)
+            lists.signals["answerable"] = answerable_score(model, query, [h.chunk for h in top])
 
     @property
     def bm25(self) -> BM25Index:
@@ -192,6 +231,7 @@ class Retriever:
         depth = self.options.rerank_depth if model is not None else 0
         lists = self.search_lists(query, max(k, self.options.depth, depth), filters)
         lang = query_lang(query)
+        self.add_answerable(lists, query, lang)
         if model is None:
             hits = self.combine(lists, mode, k, lang)
         else:
@@ -246,7 +286,9 @@ class Retriever:
         """(confidence, confident): each signal over its threshold, the larger counts; >= 1 is confident.
 
         With a ``rerank`` signal and thresholds calibrated with it, the three joint thresholds
-        apply; the logit enters through its sigmoid, so that its ratio is positive too.
+        apply; the logit enters through its sigmoid, so that its ratio is positive too. Else,
+        with an ``answerable`` signal and a rule calibrated with it for `lang`, that rule's six
+        thresholds apply (the answerable logit through its sigmoid likewise).
         """
         min_cosine, min_strength = self.thresholds[lang]
         min_overlap, veto = self.term_thresholds[lang]
@@ -257,6 +299,11 @@ class Retriever:
             min_cosine, min_strength, min_rerank = self.rerank_thresholds[lang]
             extra = _sigmoid(signals["rerank"]) / _sigmoid(min_rerank)
             min_overlap, veto, min_coverage = math.inf, 0, math.inf
+        elif "answerable" in signals and lang in self.answerable_rules:
+            min_cosine, min_strength, min_overlap, veto, min_coverage, min_answerable = self.answerable_rules[lang]
+            veto = int(veto)
+            if min_answerable < UNUSED:
+                extra = _sigmoid(signals["answerable"]) / _sigmoid(min_answerable)
         confidence = max(signals["cosine"] / min_cosine if min_cosine > 0 else math.inf,
                          signals["strength"] / min_strength if min_strength > 0 else math.inf, extra,
                          signals.get("overlap", 0.0) / min_overlap if min_overlap > 0 else math.inf,
