@@ -179,7 +179,9 @@ def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch):
     assert all(type(b) is quant_linear.QuantizedDecoderBlock for b in model.layers)
     ids = torch.tensor([[1, 5, 9, 14, 30, 7, 8]])
     calls = []
-    real = quant_kernels_decode_layer = qk.decode_layer
+    from lmforge.infer import decode_kernels
+
+    real = quant_kernels_decode_layer = decode_kernels.q4_decode_layer
 
     def counted(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -191,7 +193,7 @@ def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch):
         model(ids[:, :3], cache=cache, start=0)
         return torch.stack([model(ids[:, i:i + 1], cache=cache, start=i)[0, -1] for i in range(3, 7)])
 
-    monkeypatch.setattr(qk, "decode_layer", counted)
+    monkeypatch.setattr(decode_kernels, "q4_decode_layer", counted)
     with torch.inference_mode():
         fused = steps()
         assert calls == [True] * 8  # 2 layers x 4 steps, none for the prefill

@@ -13,7 +13,10 @@ benchmarks/serve.py and docs/benchmarks.md:
    - One row (a batch-1 decode step): PyTorch's CPU wheels call MKL; NumPy's wheels
      bundle OpenBLAS. For matrix-vector products of these shapes OpenBLAS streamed
      weights ~1.6x faster on the 2-core AMD machine we measured (about 30 GB/s against
-     19 GB/s). `BlasLinear` routes single-row float32 products through NumPy, zero-copy.
+     19 GB/s). `BlasLinear` routes single-row float32 products through NumPy, zero-copy,
+     or, where lmforge's own compiled product (lmforge/infer/decode_kernels.py) measures
+     at least as fast, through that; then each pre-norm layer of a batch-1 decode step
+     also runs as one compiled call (`Float32DecoderBlock`), and NumPy is not used.
    - Several rows (a batched decode step, a prefill): MKL's small-M GEMM is slow there
      too (30 gate/up products of 16 x 576 x 3072 took 38 ms), and OpenBLAS's is no
      better. oneDNN, which PyTorch also ships, runs the same products in 14 ms when the
@@ -44,6 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.kv_cache import KVCache
+from ..model.transformer import MLP, Block, RMSNorm
+from . import decode_kernels
+
 
 def _onednn_supported() -> bool:
     try:
@@ -64,6 +71,7 @@ class BlasLinear(nn.Linear):
 
     max_rows = 1  # rows NumPy's BLAS handles (matrix-vector products only)
     numpy_rows = True
+    native_rows = False  # single rows on lmforge's own compiled product instead
     onednn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +85,10 @@ class BlasLinear(nn.Linear):
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         ):
             return F.linear(x, w, self.bias)
+        if rows == 1 and self.native_rows:
+            y = decode_kernels.f32_gemv(w, x, self.bias, torch.get_num_threads())
+            if y is not None:
+                return y
         if rows <= self.max_rows and self.numpy_rows:
             out = np.matmul(x.reshape(rows, x.shape[-1]).numpy(), w.detach().t().numpy())
             y = torch.from_numpy(out).view(*x.shape[:-1], w.shape[0])
@@ -126,6 +138,47 @@ def use_numpy_blas(model: nn.Module, numpy_rows: bool = True, onednn: bool = Fal
     return model
 
 
+class Float32DecoderBlock(Block):
+    """A pre-norm `Block` whose batch-1 decode step runs as one compiled call
+    (`decode_kernels.f32_decode_layer`): the same norms, products, rotary, cache write,
+    attention and SwiGLU, on lmforge's own float32 products. Anything else runs `Block.forward`."""
+
+    def forward(self, x, rope, mask, cache, layer, start, end):
+        if (x.shape[0] == 1 and x.shape[1] == 1 and mask is None and isinstance(start, int) and end == start + 1
+                and isinstance(cache, KVCache) and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and x.requires_grad)):
+            y = self._decode_step(x, rope, cache, layer, start)
+            if y is not None:
+                return y
+        return super().forward(x, rope, mask, cache, layer, start, end)
+
+    def _decode_step(self, x, rope, cache: KVCache, layer: int, pos: int) -> torch.Tensor | None:
+        attn, mlp, n1, n2 = self.attn, self.mlp, self.attn_norm, self.mlp_norm
+        if (type(mlp) is not MLP or not mlp.swiglu or type(n1) is not RMSNorm or type(n2) is not RMSNorm
+                or n1.weight is None or n2.weight is None or n1.eps is None or n1.eps != n2.eps
+                or cache.k.dim() != 5 or cache.k.dtype != torch.float32
+                or attn.out.bias is not None or mlp.fc.bias is not None or mlp.proj.bias is not None
+                or not all(isinstance(m, BlasLinear) and m.native_rows for m in (attn.qkv, attn.out, mlp.fc, mlp.proj))):
+            return None
+        if rope is not None and (rope[0].numel() != attn.head_dim or rope[0].dtype != torch.float32):
+            return None
+        return decode_kernels.f32_decode_layer(
+            x, n1.weight, n2.weight, n1.eps, attn.qkv.weight, attn.qkv.bias, attn.out.weight, mlp.fc.weight,
+            mlp.proj.weight, attn.n_head, attn.n_kv_head, attn.head_dim, rope, cache.k[layer, 0], cache.v[layer, 0],
+            pos, torch.get_num_threads())
+
+
+def use_native_decoding(model: nn.Module) -> nn.Module:
+    """Single-row products of every `BlasLinear` on lmforge's compiled product, and every plain
+    pre-norm `Block` a `Float32DecoderBlock` (their classes and flags only change)."""
+    for module in model.modules():
+        if isinstance(module, BlasLinear):
+            module.native_rows = True
+        elif type(module) is Block:
+            module.__class__ = Float32DecoderBlock
+    return model
+
+
 def uses_numpy_blas(model: nn.Module) -> bool:
     return any(isinstance(m, BlasLinear) and m.numpy_rows for m in model.modules())
 
@@ -141,10 +194,12 @@ def _best_time(fn, trials: int, threads: int) -> float:
 
 
 def calibrate(model: nn.Module, trials: int = 5, batch_rows: int = 8) -> dict[str, bool]:
-    """Time the kernels on the largest weight: is NumPy faster for one row, oneDNN for `batch_rows`?"""
+    """Time the kernels on the largest weight: is NumPy faster for one row, oneDNN for `batch_rows`,
+    lmforge's own compiled product (`native`) at least as fast as the better of PyTorch and NumPy
+    for one row (within 5%: it also removes the step's other overhead)?"""
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"]
     if not weights or weights[0].dtype != torch.float32:
-        return {"numpy": False, "onednn": False}
+        return {"numpy": False, "onednn": False, "native": False}
     w = max(weights, key=lambda t: t.numel()).detach()
     x1, xb = torch.randn(1, w.shape[1]), torch.randn(batch_rows, w.shape[1])
     result = {}
@@ -163,6 +218,18 @@ def calibrate(model: nn.Module, trials: int = 5, batch_rows: int = 8) -> dict[st
                 t_dnn = min(t_dnn, _best_time(lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], ""), 1, 2))
             result["onednn"] = t_dnn < t_torch
             del packed
+        result["native"] = False
+        if decode_kernels.available():
+            # lmforge's own product against the better of the other two, on the same threads
+            threads = torch.get_num_threads()
+            t_native = t_other = float("inf")
+            for _ in range(trials):
+                t_native = min(t_native, _best_time(lambda: decode_kernels.f32_gemv(w, x1, None, threads), 1, 2))
+                if result["numpy"]:
+                    t_other = min(t_other, _best_time(lambda: np.matmul(x1.numpy(), w.t().numpy()), 1, 1))
+                else:
+                    t_other = min(t_other, _best_time(lambda: F.linear(x1, w), 1, 2))
+            result["native"] = t_native <= t_other * 1.05
     return result
 
 
@@ -171,7 +238,10 @@ def optimize_for_cpu_decoding(model: nn.Module, prefill_dtype: torch.dtype = tor
     with ``prefill_dtype`` bf16, bf16 products for prefills (lmforge/infer/bf16_prefill.py)."""
     use_column_major_weights(model)
     fast = calibrate(model)
-    if fast["numpy"] or fast["onednn"]:
+    if fast["native"]:
+        use_numpy_blas(model, numpy_rows=False, onednn=fast["onednn"])
+        use_native_decoding(model)
+    elif fast["numpy"] or fast["onednn"]:
         use_numpy_blas(model, numpy_rows=fast["numpy"], onednn=fast["onednn"])
     if prefill_dtype == torch.bfloat16:
         from .bf16_prefill import use_bf16_prefill

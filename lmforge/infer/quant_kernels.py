@@ -24,14 +24,9 @@ from ..io import native
 
 SOURCE = Path(__file__).parent / "kernels" / "quant_gemv.c"
 NAME = "quant_gemv"
-# One whole decoder layer of a batch-1 step (includes the file above and the model's cpu_ops.c).
-LAYER_SOURCE = Path(__file__).parent / "kernels" / "decode_layer.c"
-LAYER_INCLUDES = (SOURCE, Path(__file__).parents[1] / "model" / "kernels" / "cpu_ops.c")
-LAYER_NAME = "decode_layer"
 GROUP = 32
 
 _lib = None
-_layer_fn = None
 # Switch for comparisons (benchmarks/decode_quant.py --pytorch-kernels): False keeps every
 # product on PyTorch's kernels.
 ENABLED = True
@@ -128,46 +123,3 @@ def q8_gemv(codes_u8: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> to
         return None
     return y.view(*x.shape[:-1], n)
 
-
-def _layer_function():
-    global _layer_fn
-    if _layer_fn is None:
-        lib = native.load(LAYER_NAME, LAYER_SOURCE, LAYER_INCLUDES) if available() else None
-        if lib is None:
-            _layer_fn = False
-        else:
-            p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-            fn = lib.lmf_q4_decode_layer
-            fn.restype = ctypes.c_int
-            fn.argtypes = [p, i, p, p, f, p, p, p, p, p, i, i, i, i, p, p, p, p, ctypes.c_long, i, p]
-            _layer_fn = fn
-    return _layer_fn
-
-
-def decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, mlp_norm: torch.Tensor, eps: float,
-                 qkv: torch.Tensor, qkv_bias: torch.Tensor | None, out: torch.Tensor, fc: torch.Tensor,
-                 proj: torch.Tensor, inter: int, n_head: int, n_kv_head: int, head_dim: int,
-                 rope: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 pos: int) -> torch.Tensor | None:
-    """x + attention + MLP of one pre-norm SwiGLU layer for one token, every product on the
-    packed int4 rows given (qkv, out, fc, proj from `q4_pack`), or None where it does not apply.
-
-    x: the residual stream row (d float32); norms' weights [d]; rope (cos, sin) [head_dim] or
-    None; k_cache / v_cache: this layer's cache of the sequence [n_kv_head, max_len, head_dim],
-    written at `pos`. Returns a new row; x is not changed.
-    """
-    fn = _layer_function()
-    d = x.shape[-1]
-    if not fn or d % 64 or inter % 64 or (n_head * head_dim) % 64 or not 0 <= pos < k_cache.shape[1]:
-        return None
-    cos = sin = None
-    if rope is not None:
-        cos, sin = rope
-    y = x.reshape(d).clone()
-    scratch = torch.empty(2 * d + (2 * n_head + 2 * n_kv_head) * head_dim + 3 * inter)
-    code = fn(y.data_ptr(), d, attn_norm.data_ptr(), mlp_norm.data_ptr(), eps, qkv.data_ptr(),
-              None if qkv_bias is None else qkv_bias.data_ptr(), out.data_ptr(), fc.data_ptr(), proj.data_ptr(),
-              inter, n_head, n_kv_head, head_dim, None if cos is None else cos.data_ptr(),
-              None if sin is None else sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
-              pos, scratch.data_ptr())
-    return y.view(x.shape) if code == 0 else None

@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import LmforgeError
 from ..model.kv_cache import KVCache
 from ..model.transformer import MLP, Block, RMSNorm
-from . import quant_kernels
+from . import decode_kernels, quant_kernels
 
 INT4_ROW_MULTIPLE = 16  # the int4 packing wants a multiple of 16 output rows; others are padded
 BITS = (4, 8)
@@ -341,9 +341,9 @@ class QuantizedDecoderBlock(Block):
             return None
         if rope is not None and (rope[0].numel() != attn.head_dim or rope[0].dtype != torch.float32):
             return None
-        return quant_kernels.decode_layer(x, n1.weight, n2.weight, n1.eps, packed[0], attn.qkv.bias, packed[1],
-                                          packed[2], packed[3], mlp.proj.in_features, attn.n_head, attn.n_kv_head,
-                                          attn.head_dim, rope, cache.k[layer, 0], cache.v[layer, 0], pos)
+        return decode_kernels.q4_decode_layer(x, n1.weight, n2.weight, n1.eps, packed[0], attn.qkv.bias, packed[1],
+                                              packed[2], packed[3], mlp.proj.in_features, attn.n_head, attn.n_kv_head,
+                                              attn.head_dim, rope, cache.k[layer, 0], cache.v[layer, 0], pos)
 
 
 def fuse_quantized_blocks(model: nn.Module) -> nn.Module:

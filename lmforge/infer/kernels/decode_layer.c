@@ -1,4 +1,6 @@
-/* One pre-norm decoder layer of a batch-1 decode step with 4-bit weights, in one call.
+/* One pre-norm decoder layer of a batch-1 decode step in one call, with 4-bit weights
+ * (lmf_q4_decode_layer) or float32 ones (lmf_f32_decode_layer), and the float32
+ * matrix-vector product both use (lmf_f32_gemv).
  *
  * The same arithmetic as the layer's modules run one by one (RMS norm, the int4 q/k/v
  * product, rotary + cache write + attention, the output product and residual add, RMS norm,
@@ -36,4 +38,141 @@ int lmf_q4_decode_layer(float *x, int d, const float *attn_norm, const float *ml
     if ((code = lmf_q4_gemv(proj_w, d, inter, m, delta))) return code;
     for (int i = 0; i < d; i++) x[i] += delta[i];
     return 0;
+}
+
+/* ---- float32 ----------------------------------------------------------------------------
+ * y = W x (+ bias) for one row x, W either row-major [n][k] or column-major (stored as its
+ * transpose, [k][n], which is how lmforge keeps the wide matrices of a CPU decoding model:
+ * lmforge/infer/layout.py). The threads split the output: row-major by blocks of four rows
+ * (four dot products share each load of x), column-major by ranges of outputs, eight rows
+ * of the transpose streaming through at a time. `threads` is explicit because the
+ * caller's PyTorch may be set to one thread while this runs. */
+static void f32_rows(const float *w, int k, const float *x, float *y, int r0, int r1) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const float *w0 = w + (long)r * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+        vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+        int c = 0;
+        for (; c + W <= k; c += W) {
+            const vf xv = loadu(x + c);
+            a0 += loadu(w0 + c) * xv;
+            a1 += loadu(w1 + c) * xv;
+            a2 += loadu(w2 + c) * xv;
+            a3 += loadu(w3 + c) * xv;
+        }
+        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+        for (; c < k; c++) {
+            s0 += w0[c] * x[c];
+            s1 += w1[c] * x[c];
+            s2 += w2[c] * x[c];
+            s3 += w3[c] * x[c];
+        }
+        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
+    }
+    for (; r < r1; r++) {
+        const float *wr = w + (long)r * k;
+        float s = 0.0f;
+        for (int c = 0; c < k; c++) s += wr[c] * x[c];
+        y[r] = s;
+    }
+}
+
+static void f32_cols(const float *wt, int n, int k, const float *x, float *y, int c0, int c1) {
+    /* eight rows of W^T at a time, front to back: eight sequential streams, and y (this
+     * thread's share of the outputs) read and written once per eight rows */
+    for (int c = c0; c < c1; c++) y[c] = 0.0f;
+    int kk = 0;
+    for (; kk + 8 <= k; kk += 8) {
+        const float *r0 = wt + (long)kk * n;
+        const vf x0 = splat(x[kk]), x1 = splat(x[kk + 1]), x2 = splat(x[kk + 2]), x3 = splat(x[kk + 3]),
+                 x4 = splat(x[kk + 4]), x5 = splat(x[kk + 5]), x6 = splat(x[kk + 6]), x7 = splat(x[kk + 7]);
+        int c = c0;
+        for (; c + W <= c1; c += W) {
+            const float *p = r0 + c;
+            vf acc = loadu(y + c);
+            acc += x0 * loadu(p) + x1 * loadu(p + n) + x2 * loadu(p + 2L * n) + x3 * loadu(p + 3L * n);
+            acc += x4 * loadu(p + 4L * n) + x5 * loadu(p + 5L * n) + x6 * loadu(p + 6L * n) + x7 * loadu(p + 7L * n);
+            storeu(y + c, acc);
+        }
+        for (; c < c1; c++)
+            for (int i = 0; i < 8; i++) y[c] += x[kk + i] * r0[(long)i * n + c];
+    }
+    for (; kk < k; kk++) {
+        const float *row = wt + (long)kk * n;
+        for (int c = c0; c < c1; c++) y[c] += x[kk] * row[c];
+    }
+}
+
+static void f32_gemv_part(const float *w, int colmajor, int n, int k, const float *x, float *y, int part, int parts) {
+    if (colmajor) { /* split the outputs in whole 16-wide vectors */
+        const int vecs = (n + W - 1) / W, per = (vecs + parts - 1) / parts;
+        int c0 = part * per * W, c1 = (part + 1) * per * W;
+        c1 = c1 < n ? c1 : n;
+        if (c0 < c1) f32_cols(w, n, k, x, y, c0, c1);
+    } else {
+        const int quads = (n + 3) / 4, per = (quads + parts - 1) / parts;
+        int r0 = part * per * 4, r1 = (part + 1) * per * 4;
+        r1 = r1 < n ? r1 : n;
+        if (r0 < r1) f32_rows(w, k, x, y, r0, r1);
+    }
+}
+
+static void f32_gemv_in(const float *w, int colmajor, int n, int k, const float *x, const float *bias, float *y) {
+    /* inside a parallel region: each thread its share, then a barrier */
+#ifdef _OPENMP
+    f32_gemv_part(w, colmajor, n, k, x, y, omp_get_thread_num(), omp_get_num_threads());
+#pragma omp barrier
+    if (bias) {
+#pragma omp for
+        for (int i = 0; i < n; i++) y[i] += bias[i];
+    }
+#else
+    f32_gemv_part(w, colmajor, n, k, x, y, 0, 1);
+    if (bias)
+        for (int i = 0; i < n; i++) y[i] += bias[i];
+#endif
+}
+
+int lmf_f32_gemv(const float *w, int colmajor, int n, int k, const float *x, const float *bias, float *y, int threads) {
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    f32_gemv_in(w, colmajor, n, k, x, bias, y);
+    return 0;
+}
+
+/* The float32 layer: as lmf_q4_decode_layer, one parallel region for the whole layer (the
+ * products split over the threads with barriers between them; norms, attention and the
+ * element-wise work on one thread). cm_*: whether each weight is column-major. */
+int lmf_f32_decode_layer(float *x, int d, const float *attn_norm, const float *mlp_norm, float eps,
+                         const float *qkv_w, int cm_qkv, const float *qkv_bias, const float *out_w, int cm_out,
+                         const float *fc_w, int cm_fc, const float *proj_w, int cm_proj, int inter, int h, int hkv,
+                         int hd, const float *cos, const float *sin, float *kc, float *vc, long head_stride, int pos,
+                         float *scratch, int threads) {
+    const int nqkv = (h + 2 * hkv) * hd;
+    float *hn = scratch, *delta = hn + d, *qkv = delta + d, *att = qkv + nqkv, *gu = att + (long)h * hd,
+          *m = gu + 2L * inter;
+    int code = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+#pragma omp single
+        lmf_rms_norm(x, attn_norm, 1, d, eps, hn);
+        f32_gemv_in(qkv_w, cm_qkv, nqkv, d, hn, qkv_bias, qkv);
+#pragma omp single
+        code = lmf_decode_attention(qkv, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, 1.0f / sqrtf((float)hd), att);
+        f32_gemv_in(out_w, cm_out, d, h * hd, att, NULL, delta);
+#pragma omp single
+        {
+            for (int i = 0; i < d; i++) x[i] += delta[i];
+            lmf_rms_norm(x, mlp_norm, 1, d, eps, hn);
+        }
+        f32_gemv_in(fc_w, cm_fc, 2 * inter, d, hn, NULL, gu);
+#pragma omp for
+        for (int i = 0; i < inter; i++) {
+            const float g = gu[i];
+            m[i] = g / (1.0f + expf(-g)) * gu[inter + i];
+        }
+        f32_gemv_in(proj_w, cm_proj, d, inter, m, NULL, delta);
+#pragma omp single
+        for (int i = 0; i < d; i++) x[i] += delta[i];
+    }
+    return code;
 }
