@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from ..io import native
+from ..model.kv_cache import KVCache
+from ..model.transformer import MLP, Block, RMSNorm
 from . import quant_kernels
 
 SOURCE = Path(__file__).parent / "kernels" / "decode_layer.c"
@@ -141,3 +143,32 @@ def f32_decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, mlp_norm: torch.T
                                     _ptr(sin), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos,
                                     scratch.data_ptr(), threads)
     return y.view(x.shape) if code == 0 else None
+
+
+class CompiledDecodeBlock(Block):
+    """A pre-norm `Block` whose batch-1 decode step may run as one compiled call: subclasses say
+    how in `_decode_step` (None: not this block, not now); every other call, and every step
+    they decline, runs `Block.forward` unchanged."""
+
+    def forward(self, x, rope, mask, cache, layer, start, end):
+        if (x.shape[0] == 1 and x.shape[1] == 1 and mask is None and isinstance(start, int) and end == start + 1
+                and isinstance(cache, KVCache) and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and x.requires_grad) and self._fits(rope, cache)):
+            y = self._decode_step(x, rope, cache, layer, start)
+            if y is not None:
+                return y
+        return super().forward(x, rope, mask, cache, layer, start, end)
+
+    def _fits(self, rope, cache: KVCache) -> bool:
+        """The layer shape the compiled layers take: RMS norms with weights and one eps, a SwiGLU
+        MLP without biases after the q/k/v product, a float32 [layers, batch, heads, len, dim]
+        cache, rotary tables of one head's width (or none)."""
+        attn, mlp, n1, n2 = self.attn, self.mlp, self.attn_norm, self.mlp_norm
+        return (isinstance(mlp, MLP) and mlp.swiglu and type(n1) is RMSNorm and type(n2) is RMSNorm
+                and n1.weight is not None and n2.weight is not None and n1.eps is not None and n1.eps == n2.eps
+                and attn.out.bias is None and mlp.fc.bias is None and mlp.proj.bias is None
+                and cache.k.dim() == 5 and cache.k.dtype == torch.float32
+                and (rope is None or (rope[0].numel() == attn.head_dim and rope[0].dtype == torch.float32)))
+
+    def _decode_step(self, x, rope, cache: KVCache, layer: int, pos: int) -> torch.Tensor | None:
+        raise NotImplementedError

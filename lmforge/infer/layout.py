@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.kv_cache import KVCache
-from ..model.transformer import MLP, Block, RMSNorm
+from ..model.transformer import Block
 from . import decode_kernels
 
 
@@ -138,34 +138,19 @@ def use_numpy_blas(model: nn.Module, numpy_rows: bool = True, onednn: bool = Fal
     return model
 
 
-class Float32DecoderBlock(Block):
+class Float32DecoderBlock(decode_kernels.CompiledDecodeBlock):
     """A pre-norm `Block` whose batch-1 decode step runs as one compiled call
     (`decode_kernels.f32_decode_layer`): the same norms, products, rotary, cache write,
     attention and SwiGLU, on lmforge's own float32 products. Anything else runs `Block.forward`."""
 
-    def forward(self, x, rope, mask, cache, layer, start, end):
-        if (x.shape[0] == 1 and x.shape[1] == 1 and mask is None and isinstance(start, int) and end == start + 1
-                and isinstance(cache, KVCache) and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and x.requires_grad)):
-            y = self._decode_step(x, rope, cache, layer, start)
-            if y is not None:
-                return y
-        return super().forward(x, rope, mask, cache, layer, start, end)
-
     def _decode_step(self, x, rope, cache: KVCache, layer: int, pos: int) -> torch.Tensor | None:
-        attn, mlp, n1, n2 = self.attn, self.mlp, self.attn_norm, self.mlp_norm
-        if (type(mlp) is not MLP or not mlp.swiglu or type(n1) is not RMSNorm or type(n2) is not RMSNorm
-                or n1.weight is None or n2.weight is None or n1.eps is None or n1.eps != n2.eps
-                or cache.k.dim() != 5 or cache.k.dtype != torch.float32
-                or attn.out.bias is not None or mlp.fc.bias is not None or mlp.proj.bias is not None
-                or not all(isinstance(m, BlasLinear) and m.native_rows for m in (attn.qkv, attn.out, mlp.fc, mlp.proj))):
-            return None
-        if rope is not None and (rope[0].numel() != attn.head_dim or rope[0].dtype != torch.float32):
+        attn, mlp = self.attn, self.mlp
+        if not all(isinstance(m, BlasLinear) and m.native_rows for m in (attn.qkv, attn.out, mlp.fc, mlp.proj)):
             return None
         return decode_kernels.f32_decode_layer(
-            x, n1.weight, n2.weight, n1.eps, attn.qkv.weight, attn.qkv.bias, attn.out.weight, mlp.fc.weight,
-            mlp.proj.weight, attn.n_head, attn.n_kv_head, attn.head_dim, rope, cache.k[layer, 0], cache.v[layer, 0],
-            pos, torch.get_num_threads())
+            x, self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps, attn.qkv.weight, attn.qkv.bias,
+            attn.out.weight, mlp.fc.weight, mlp.proj.weight, attn.n_head, attn.n_kv_head, attn.head_dim, rope,
+            cache.k[layer, 0], cache.v[layer, 0], pos, torch.get_num_threads())
 
 
 def use_native_decoding(model: nn.Module) -> nn.Module:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import LmforgeError
 from ..model.kv_cache import KVCache
-from ..model.transformer import MLP, Block, RMSNorm
+from ..model.transformer import MLP, Block
 from . import decode_kernels, quant_kernels
 
 INT4_ROW_MULTIPLE = 16  # the int4 packing wants a multiple of 16 output rows; others are padded
@@ -312,38 +312,25 @@ class QuantizedSwiGLU(MLP):
         return proj.product(F.silu(gate).mul_(up)).to(x.dtype)
 
 
-class QuantizedDecoderBlock(Block):
+class QuantizedDecoderBlock(decode_kernels.CompiledDecodeBlock):
     """A pre-norm `Block` whose batch-1 decode step, when its four products are int4 with
     lmforge's own kernels, runs as one compiled call (lmforge/infer/kernels/decode_layer.c):
     the same norms, products, rotary, cache write, attention and SwiGLU, without the Python
     and PyTorch bookkeeping between them. Everything else runs `Block.forward` unchanged."""
 
-    def forward(self, x, rope, mask, cache, layer, start, end):
-        if (x.shape[0] == 1 and x.shape[1] == 1 and mask is None and isinstance(start, int) and end == start + 1
-                and isinstance(cache, KVCache) and x.dtype == torch.float32 and quant_kernels.ENABLED
-                and not (torch.is_grad_enabled() and x.requires_grad)):
-            y = self._decode_step(x, rope, cache, layer, start)
-            if y is not None:
-                return y
-        return super().forward(x, rope, mask, cache, layer, start, end)
-
     def _decode_step(self, x, rope, cache: KVCache, layer: int, pos: int) -> torch.Tensor | None:
-        attn, mlp, n1, n2 = self.attn, self.mlp, self.attn_norm, self.mlp_norm
-        linears = (attn.qkv, attn.out, getattr(mlp, "fc", None), getattr(mlp, "proj", None))
-        if (not isinstance(mlp, MLP) or not mlp.swiglu or not all(type(m) is Int4Linear for m in linears)
-                or any(m.compute_dtype == torch.float32 for m in linears)
-                or any(m.bias is not None for m in linears[1:])
-                or type(n1) is not RMSNorm or type(n2) is not RMSNorm or n1.weight is None or n2.weight is None
-                or n1.eps != n2.eps or n1.eps is None or cache.k.dim() != 5 or cache.k.dtype != torch.float32):
+        attn, mlp = self.attn, self.mlp
+        linears = (attn.qkv, attn.out, mlp.fc, mlp.proj)
+        if (not quant_kernels.ENABLED or not all(type(m) is Int4Linear for m in linears)
+                or any(m.compute_dtype == torch.float32 for m in linears)):
             return None
         packed = [m.native_packed() for m in linears]
         if any(p is None for p in packed):
             return None
-        if rope is not None and (rope[0].numel() != attn.head_dim or rope[0].dtype != torch.float32):
-            return None
-        return decode_kernels.q4_decode_layer(x, n1.weight, n2.weight, n1.eps, packed[0], attn.qkv.bias, packed[1],
-                                              packed[2], packed[3], mlp.proj.in_features, attn.n_head, attn.n_kv_head,
-                                              attn.head_dim, rope, cache.k[layer, 0], cache.v[layer, 0], pos)
+        return decode_kernels.q4_decode_layer(x, self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps,
+                                              packed[0], attn.qkv.bias, packed[1], packed[2], packed[3],
+                                              mlp.proj.in_features, attn.n_head, attn.n_kv_head, attn.head_dim,
+                                              rope, cache.k[layer, 0], cache.v[layer, 0], pos)
 
 
 def fuse_quantized_blocks(model: nn.Module) -> nn.Module:
