@@ -17,6 +17,7 @@ compete with it for the same cores.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -37,6 +38,7 @@ def enabled() -> bool:
     return os.environ.get("LMFORGE_NATIVE", "1") not in ("0", "false", "no", "off")
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -53,6 +55,7 @@ def _compiler() -> str | None:
     return shutil.which(cc)
 
 
+@functools.lru_cache(maxsize=None)
 def _version(cc: str) -> str:
     try:
         return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
