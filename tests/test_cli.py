@@ -67,6 +67,7 @@ def test_prompt_longer_than_context(capsys, tiny_hf_dirs, tmp_path):
     assert done.completion_tokens == 5 and done.finish_reason == "length"
 
 
+@pytest.mark.slow  # a subprocess that loads the default model and tokenizes 9,000 words (~10 s)
 def test_cli_prompt_longer_than_context_exits_nonzero():
     out = subprocess.run(
         [sys.executable, "-m", "lmforge", "generate", "--prompt", "word " * 9000, "--max-tokens", "2"],
