@@ -32,36 +32,21 @@ SOURCE = Path(__file__).parent / "kernels" / "decode_layer.c"
 INCLUDES = (quant_kernels.SOURCE, Path(__file__).parents[1] / "model" / "kernels" / "cpu_ops.c")
 NAME = "decode_layer"
 
-_lib = None
+_p, _i, _f, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
+SIGNATURES: native.Signatures = {
+    "lmf_q4_decode_layer": (_i, [_p, _i, _p, _p, _f, _p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _p, _p, _l, _i, _p]),
+    "lmf_f32_decode_layer": (_i, [_p, _i, _p, _p, _f, _p, _i, _p, _p, _i, _p, _i, _p, _i, _i, _i, _i, _i, _p, _p, _p,
+                                  _p, _l, _i, _p, _i]),
+    "lmf_f32_gemv": (_i, [_p, _i, _i, _i, _p, _p, _p, _i]),
+}
 
 
 def _library():
-    global _lib
-    if _lib is None:
-        lib = native.load(NAME, SOURCE, INCLUDES)
-        if lib is None:
-            _lib = False
-        else:
-            p, i, f, lng = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
-            fn = lib.lmf_q4_decode_layer
-            fn.restype = i
-            fn.argtypes = [p, i, p, p, f, p, p, p, p, p, i, i, i, i, p, p, p, p, lng, i, p]
-            fn = lib.lmf_f32_decode_layer
-            fn.restype = i
-            fn.argtypes = [p, i, p, p, f, p, i, p, p, i, p, i, p, i, i, i, i, i, p, p, p, p, lng, i, p, i]
-            fn = lib.lmf_f32_gemv
-            fn.restype = i
-            fn.argtypes = [p, i, i, i, p, p, p, i]
-            _lib = lib
-    return _lib
+    return native.load(NAME, SOURCE, INCLUDES, signatures=SIGNATURES)
 
 
 def available() -> bool:
-    return bool(_library())
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else t.data_ptr()
+    return _library() is not None
 
 
 def layout_of(w: torch.Tensor) -> int | None:
@@ -81,11 +66,11 @@ def f32_gemv(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, thread
     lib = _library()
     n, k = w.shape
     cm = layout_of(w)
-    if not lib or cm is None or x.shape[-1] != k or x.dtype != torch.float32:
+    if lib is None or cm is None or x.shape[-1] != k or x.dtype != torch.float32:
         return None
     x1 = x.reshape(k).contiguous()
     y = torch.empty(n, dtype=torch.float32)
-    lib.lmf_f32_gemv(w.data_ptr(), cm, n, k, x1.data_ptr(), _ptr(bias), y.data_ptr(), threads)
+    lib.lmf_f32_gemv(w.data_ptr(), cm, n, k, x1.data_ptr(), native.ptr(bias), y.data_ptr(), threads)
     return y.view(*x.shape[:-1], n)
 
 
@@ -108,16 +93,16 @@ def q4_decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, mlp_norm: torch.Te
     """
     lib = _library()
     d = x.shape[-1]
-    if (not lib or not quant_kernels.available() or d % 64 or inter % 64 or (n_head * head_dim) % 64
+    if (lib is None or not quant_kernels.available() or d % 64 or inter % 64 or (n_head * head_dim) % 64
             or not 0 <= pos < k_cache.shape[1]):
         return None
     cos, sin = rope if rope is not None else (None, None)
     y = x.reshape(d).clone()
     scratch = _scratch(d, n_head, n_kv_head, head_dim, inter)
     code = lib.lmf_q4_decode_layer(y.data_ptr(), d, attn_norm.data_ptr(), mlp_norm.data_ptr(), eps, qkv.data_ptr(),
-                                   _ptr(qkv_bias), out.data_ptr(), fc.data_ptr(), proj.data_ptr(), inter, n_head,
-                                   n_kv_head, head_dim, _ptr(cos), _ptr(sin), k_cache.data_ptr(), v_cache.data_ptr(),
-                                   k_cache.stride(0), pos, scratch.data_ptr())
+                                   native.ptr(qkv_bias), out.data_ptr(), fc.data_ptr(), proj.data_ptr(), inter, n_head,
+                                   n_kv_head, head_dim, native.ptr(cos), native.ptr(sin), k_cache.data_ptr(),
+                                   v_cache.data_ptr(), k_cache.stride(0), pos, scratch.data_ptr())
     return y.view(x.shape) if code == 0 else None
 
 
@@ -131,17 +116,17 @@ def f32_decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, mlp_norm: torch.T
     lib = _library()
     d = x.shape[-1]
     layouts = [layout_of(w) for w in (qkv, out, fc, proj)]
-    if not lib or any(v is None for v in layouts) or not 0 <= pos < k_cache.shape[1]:
+    if lib is None or any(v is None for v in layouts) or not 0 <= pos < k_cache.shape[1]:
         return None
     inter = proj.shape[1]
     cos, sin = rope if rope is not None else (None, None)
     y = x.reshape(d).clone()
     scratch = _scratch(d, n_head, n_kv_head, head_dim, inter)
     code = lib.lmf_f32_decode_layer(y.data_ptr(), d, attn_norm.data_ptr(), mlp_norm.data_ptr(), eps, qkv.data_ptr(),
-                                    layouts[0], _ptr(qkv_bias), out.data_ptr(), layouts[1], fc.data_ptr(), layouts[2],
-                                    proj.data_ptr(), layouts[3], inter, n_head, n_kv_head, head_dim, _ptr(cos),
-                                    _ptr(sin), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos,
-                                    scratch.data_ptr(), threads)
+                                    layouts[0], native.ptr(qkv_bias), out.data_ptr(), layouts[1], fc.data_ptr(),
+                                    layouts[2], proj.data_ptr(), layouts[3], inter, n_head, n_kv_head, head_dim,
+                                    native.ptr(cos), native.ptr(sin), k_cache.data_ptr(), v_cache.data_ptr(),
+                                    k_cache.stride(0), pos, scratch.data_ptr(), threads)
     return y.view(x.shape) if code == 0 else None
 
 

@@ -26,33 +26,32 @@ SOURCE = Path(__file__).parent / "kernels" / "quant_gemv.c"
 NAME = "quant_gemv"
 GROUP = 32
 
-_lib = None
-# Switch for comparisons (benchmarks/decode_quant.py --pytorch-kernels): False keeps every
-# product on PyTorch's kernels.
+_p, _i = ctypes.c_void_p, ctypes.c_int
+SIGNATURES: native.Signatures = {
+    "lmf_quant_gemv_supported": (_i, []),
+    "lmf_q4_pack": (_i, [_p, _p, _p, _i, _i, _p]),
+    "lmf_q4_gemv": (_i, [_p, _i, _i, _p, _p]),
+    "lmf_q8_gemv": (_i, [_p, _p, _i, _i, _p, _p]),
+}
+_vnni: bool | None = None  # whether the library was built with its AVX-512 VNNI code (asked once)
+# Switch for comparisons (the "-torch" variants of benchmarks/decode_quant.py): False keeps
+# every product on PyTorch's kernels.
 ENABLED = True
 
 
 def _library():
-    global _lib
-    if _lib is None:
-        lib = native.load(NAME, SOURCE)
-        if lib is None or not lib.lmf_quant_gemv_supported():
-            _lib = False
-        else:
-            p, i = ctypes.c_void_p, ctypes.c_int
-            lib.lmf_q4_row_bytes.restype = ctypes.c_long
-            lib.lmf_q4_row_bytes.argtypes = [i]
-            for name, args in (("lmf_q4_pack", [p, p, p, i, i, p]), ("lmf_q4_gemv", [p, i, i, p, p]),
-                               ("lmf_q8_gemv", [p, p, i, i, p, p])):
-                fn = getattr(lib, name)
-                fn.restype, fn.argtypes = ctypes.c_int, args
-            _lib = lib
-    return _lib
+    global _vnni
+    lib = native.load(NAME, SOURCE, signatures=SIGNATURES)
+    if lib is None:
+        return None
+    if _vnni is None:
+        _vnni = bool(lib.lmf_quant_gemv_supported())
+    return lib if _vnni else None
 
 
 def available() -> bool:
     """True when the kernels are built (or can be), load, and this CPU has AVX-512 VNNI."""
-    return bool(_library())
+    return _library() is not None
 
 
 def why_not() -> str | None:
@@ -65,11 +64,13 @@ def usable(x: torch.Tensor, compute_dtype: torch.dtype) -> bool:
     """A single float32 CPU row that the kernels may take (no gradient wanted), for a layer that
     computes in a rounded dtype (`compute_dtype=torch.float32` promises exact products, which the
     int8-rounded row of these kernels is not)."""
-    return (ENABLED and compute_dtype != torch.float32 and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1]
-            and not (torch.is_grad_enabled() and x.requires_grad) and available())
+    return (ENABLED and compute_dtype != torch.float32 and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad) and available())
 
 
 def q4_row_bytes(k: int) -> int:
+    """Bytes of one packed row of k inputs (the C file's lmf_q4_row_bytes): 80 per four groups
+    of 32, 40 for a last two."""
     return (k // 128) * 80 + ((k % 128) // 64) * 40
 
 
@@ -77,7 +78,7 @@ def q4_pack(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) ->
     """Packed rows [N, q4_row_bytes(K)] uint8 of w = q s + z, or None (no kernel, or K % 64)."""
     lib = _library()
     n, k = codes.shape
-    if not lib or k % 64:
+    if lib is None or k % 64:
         return None
     codes = codes.to(torch.uint8).contiguous()
     scales = scales.to(torch.float32).contiguous()
@@ -94,7 +95,7 @@ def q4_gemv(packed: torch.Tensor, x: torch.Tensor, out_features: int | None = No
     """x [..., K] (one row) times the packed int4 rows: [..., N] float32, or None."""
     lib = _library()
     n, k = packed.shape[0], x.shape[-1]
-    if not lib or packed.shape[1] != q4_row_bytes(k):
+    if lib is None or packed.shape[1] != q4_row_bytes(k):
         return None
     x1 = x.reshape(k).contiguous()
     y = torch.empty(n, dtype=torch.float32)
@@ -114,7 +115,7 @@ def q8_gemv(codes_u8: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> to
     """x [..., K] (one row) times int8 rows (codes + 128, a float32 scale per row): [..., N], or None."""
     lib = _library()
     n, k = codes_u8.shape
-    if not lib or x.shape[-1] != k or k % 64:
+    if lib is None or x.shape[-1] != k or k % 64:
         return None
     x1 = x.reshape(k).contiguous()
     s = scales.to(torch.float32).contiguous()

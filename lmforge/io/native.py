@@ -64,25 +64,37 @@ def _version(cc: str) -> str:
 
 
 def _compile(cc: str, source: Path, target: Path, openmp: bool) -> tuple[bool, str]:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [cc, *FLAGS, *(["-fopenmp"] if openmp else []), str(source), "-o", str(out), "-lm"]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            return False, f"{cc} failed to run: {e}"
-        if done.returncode != 0:
-            lines = done.stderr.strip().splitlines()
-            errors = [line for line in lines if "error" in line]
-            return False, (errors or lines or ["(no message)"])[0]
-        os.replace(out, target)  # atomic: another process sees the whole library or none
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            cmd = [cc, *FLAGS, *(["-fopenmp"] if openmp else []), str(source), "-o", str(out), "-lm"]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as e:
+                return False, f"{cc} failed to run: {e}"
+            if done.returncode != 0:
+                lines = done.stderr.strip().splitlines()
+                errors = [line for line in lines if "error" in line]
+                return False, (errors or lines or ["(no message)"])[0]
+            os.replace(out, target)  # atomic: another process sees the whole library or none
+    except OSError as e:  # the cache directory cannot be written: no library, not a crash
+        return False, f"cannot write {target.parent}: {e}"
     return True, ""
 
 
-def load(name: str, source: Path, includes: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
+Signatures = dict[str, tuple[object, list]]
+
+
+def load(name: str, source: Path, includes: tuple[Path, ...] = (),
+         signatures: Signatures | None = None) -> ctypes.CDLL | None:
     """The library built from `source` (a C file, which may #include the files listed in
-    `includes`: their text is part of the build's key), or None (see `why_not(name)`)."""
+    `includes`: their text is part of the build's key), or None (see `why_not(name)`).
+
+    `signatures`: {function: (restype, argtypes)} set on the library's functions when it is
+    first loaded; a library missing one of them counts as not built. Later calls return the
+    same library (or None) without touching the disk.
+    """
     if name in _loaded:
         return _loaded[name]
     lib = None
@@ -94,24 +106,26 @@ def load(name: str, source: Path, includes: tuple[Path, ...] = ()) -> ctypes.CDL
         _reasons[name] = "no C compiler (set CC or install one, e.g. gcc)"
     else:
         text = source.read_bytes() + b"".join(p.read_bytes() for p in includes if p.is_file())
-        openmp = True
-        for attempt in (True, False):
+        for openmp in (True, False):
             key = hashlib.sha256(b"\0".join([text, _version(cc).encode(), " ".join(FLAGS).encode(),
-                                             str(attempt).encode(), _cpu_flags().encode()])).hexdigest()[:16]
+                                             str(openmp).encode(), _cpu_flags().encode()])).hexdigest()[:16]
             target = cache_dir() / "native" / f"{name}-{key}.so"
-            ok, why = (True, "") if target.is_file() else _compile(cc, source, target, attempt)
-            if ok:
-                openmp = attempt
-                try:
-                    lib = ctypes.CDLL(str(target))
-                except OSError as e:
-                    _reasons[name] = f"built library does not load: {e}"
-                    lib = None
-                break
-            _reasons[name] = f"compile failed: {why}"
-        if lib is not None:
-            lib._lmforge_openmp = openmp  # type: ignore[attr-defined]
-            _reasons.pop(name, None)
+            ok, why = (True, "") if target.is_file() else _compile(cc, source, target, openmp)
+            if not ok:
+                _reasons[name] = f"compile failed: {why}"
+                continue
+            try:
+                lib = ctypes.CDLL(str(target))
+                for function, (restype, argtypes) in (signatures or {}).items():
+                    fn = getattr(lib, function)
+                    fn.restype, fn.argtypes = restype, argtypes
+            except (OSError, AttributeError) as e:
+                _reasons[name] = f"built library does not load: {e}"
+                lib = None
+            else:
+                lib._lmforge_openmp = openmp  # type: ignore[attr-defined]
+                _reasons.pop(name, None)
+            break
     _loaded[name] = lib
     return lib
 
@@ -119,6 +133,11 @@ def load(name: str, source: Path, includes: tuple[Path, ...] = ()) -> ctypes.CDL
 def why_not(name: str) -> str | None:
     """Why `load(name, ...)` returned None, or None if it did not (or was not called)."""
     return _reasons.get(name)
+
+
+def ptr(tensor) -> int | None:
+    """A tensor's data address for a C pointer argument, or NULL (None) for no tensor."""
+    return None if tensor is None else tensor.data_ptr()
 
 
 def has_openmp(lib: ctypes.CDLL) -> bool:

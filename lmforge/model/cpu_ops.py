@@ -36,36 +36,24 @@ NAME = "cpu_ops"
 # buffer of T floats; past a few hundred tokens PyTorch's tiled kernel is the better tool.
 MAX_LENGTH = 512
 
-_fn = None
+_p, _i, _f, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
+SIGNATURES: native.Signatures = {
+    "lmf_varlen_attention": (_i, [_p, _l, _p, _i, _i, _i, _i, _i, _f, _p, _l]),
+    "lmf_decode_attention": (_i, [_p, _i, _i, _i, _p, _p, _p, _p, _l, _i, _f, _p]),
+    "lmf_rms_norm": (None, [_p, _p, _i, _i, _f, _p]),
+}
 # Switch for comparisons (benchmarks/embed.py --pytorch-attention): False sends every call
 # back to PyTorch's attention.
 ENABLED = True
 
 
-def _function():
-    global _fn
-    if _fn is None:
-        lib = native.load(NAME, SOURCE)
-        if lib is None:
-            _fn = False
-        else:
-            p, i = ctypes.c_void_p, ctypes.c_int
-            f = lib.lmf_varlen_attention
-            f.restype = ctypes.c_int
-            f.argtypes = [p, ctypes.c_long, p, i, i, i, i, i, ctypes.c_float, p, ctypes.c_long]
-            d = lib.lmf_decode_attention
-            d.restype = ctypes.c_int
-            d.argtypes = [p, i, i, i, p, p, p, p, ctypes.c_long, i, ctypes.c_float, p]
-            r = lib.lmf_rms_norm
-            r.restype = None
-            r.argtypes = [p, p, i, i, ctypes.c_float, p]
-            _fn = (f, native.has_openmp(lib), d, r)
-    return _fn
+def _library():
+    return native.load(NAME, SOURCE, signatures=SIGNATURES)
 
 
 def available() -> bool:
-    """True when the kernel is built (or can be) and loads."""
-    return bool(_function())
+    """True when the kernels are built (or can be) and load."""
+    return _library() is not None
 
 
 def offsets_of(lengths: list[int]) -> torch.Tensor:
@@ -91,25 +79,22 @@ def varlen_attention(qkv: torch.Tensor, offsets: torch.Tensor, n_head: int, n_kv
     offsets = offsets.to(dtype=torch.int64, device="cpu").contiguous()
     if offsets.numel() < 2 or int((offsets[1:] - offsets[:-1]).max()) > MAX_LENGTH:
         return None
-    fn = _function()
-    if not fn:
-        return None
-    f, openmp = fn[0], fn[1]
-    if not openmp and torch.get_num_threads() > 1:
-        return None  # one thread here would lose to PyTorch's parallel kernel
+    lib = _library()
+    if lib is None or (not native.has_openmp(lib) and torch.get_num_threads() > 1):
+        return None  # (without OpenMP, one thread here would lose to PyTorch's parallel kernel)
     n = qkv.shape[0]
     if out is None:
         out = qkv.new_empty(n, n_head * head_dim)
     elif out.shape != (n, n_head * head_dim) or out.stride(1) != 1 or out.dtype != torch.float32:
         return None
-    code = f(qkv.data_ptr(), qkv.stride(0), offsets.data_ptr(), offsets.numel() - 1, n_head, n_kv_head, head_dim,
-             int(causal), head_dim ** -0.5, out.data_ptr(), out.stride(0))
+    code = lib.lmf_varlen_attention(qkv.data_ptr(), qkv.stride(0), offsets.data_ptr(), offsets.numel() - 1, n_head,
+                                    n_kv_head, head_dim, int(causal), head_dim ** -0.5, out.data_ptr(), out.stride(0))
     return out if code == 0 else None
 
 
 def decode_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, pos: int, n_head: int, n_kv_head: int, head_dim: int,
-                     out: torch.Tensor | None = None) -> torch.Tensor | None:
+                     v_cache: torch.Tensor, pos: int, n_head: int, n_kv_head: int,
+                     head_dim: int) -> torch.Tensor | None:
     """One decode step of one sequence, or None where the kernel does not apply.
 
     qkv: the new token's projected row ((n_head + 2 n_kv_head) * head_dim floats, contiguous);
@@ -132,14 +117,13 @@ def decode_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] 
         if (cos.numel() != head_dim or sin.numel() != head_dim or cos.dtype != torch.float32
                 or sin.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
             return None
-    fn = _function()
-    if not fn:
+    lib = _library()
+    if lib is None:
         return None
-    if out is None:
-        out = qkv.new_empty(n_head * head_dim)
-    code = fn[2](qkv.data_ptr(), n_head, n_kv_head, head_dim, None if cos is None else cos.data_ptr(),
-                 None if sin is None else sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                 k_cache.stride(0), pos, head_dim ** -0.5, out.data_ptr())
+    out = qkv.new_empty(n_head * head_dim)
+    code = lib.lmf_decode_attention(qkv.data_ptr(), n_head, n_kv_head, head_dim, native.ptr(cos), native.ptr(sin),
+                                    k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos, head_dim ** -0.5,
+                                    out.data_ptr())
     return out if code == 0 else None
 
 
@@ -154,9 +138,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
             or x.numel() > RMS_NORM_MAX_ROWS * n or weight.dtype != torch.float32 or weight.numel() != n
             or not weight.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
-    fn = _function()
-    if not fn:
+    lib = _library()
+    if lib is None:
         return None
     out = torch.empty_like(x)
-    fn[3](x.data_ptr(), weight.data_ptr(), x.numel() // n, n, eps, out.data_ptr())
+    lib.lmf_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // n, n, eps, out.data_ptr())
     return out

@@ -46,7 +46,7 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .moe import MoE, load_balancing_loss, router_z_loss
-from . import fused_ops, cpu_ops, onednn
+from . import cpu_ops, fused_ops, onednn
 from .onednn import project
 from .rope import RotaryTable, apply_rotary
 
@@ -207,7 +207,7 @@ class Attention(nn.Module):
             # Batch-1 decode step: rotation, cache write and attention in one compiled call
             # (lmforge/model/cpu_ops.py); None where it does not apply.
             y = cpu_ops.decode_attention(qkv, rope, cache.k[layer, 0], cache.v[layer, 0], start,
-                                                  self.n_head, self.n_kv_head, self.head_dim)
+                                         self.n_head, self.n_kv_head, self.head_dim)
             if y is not None:
                 return y.view(1, 1, self.q_size)
         heads = qkv.view(batch, length, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -260,7 +260,7 @@ class Attention(nn.Module):
             # Learned positions, no grad: one compiled call over every (sequence, head) pair,
             # reading q/k/v from the rows of the product (lmforge/model/cpu_ops.py).
             y = cpu_ops.varlen_attention(qkv, packing.offsets, self.n_head, self.n_kv_head, self.head_dim,
-                                                  causal=self.causal)
+                                         causal=self.causal)
             if y is not None:
                 return y
         if len(packing.runs) <= self.max_attention_runs and (mask is None or mask.dim() == 4 and mask.shape[2] == 1):
