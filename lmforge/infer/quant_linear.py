@@ -51,17 +51,42 @@ def int4_kernels_available() -> bool:
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
-def _buffers_key(*tensors: torch.Tensor) -> tuple:
-    """Changes when any of `tensors` is replaced or written in place (a state dict loaded into it)."""
-    return tuple((id(t), -1 if t.is_inference() else t._version) for t in tensors)
-
-
 def _check_cpu(t: torch.Tensor, what: str) -> None:
     if t.device.type != "cpu":
         raise LmforgeError(f"{what} runs on CPU only (PyTorch's weight-only kernels); load the model with --device cpu")
 
 
-class Int4Linear(nn.Module):
+class _KernelCopy(nn.Module):
+    """A quantized linear layer that also keeps the copy of its weights lmforge's single-row
+    kernels read (lmforge/infer/quant_kernels.py): `_native` is None until made, False where
+    the kernels do not apply. The layer's constructor makes it from the float scales it was
+    given; a state dict loaded into the layer, a move or a conversion drops it, and the next
+    use makes it again from the buffers (`_copy_from_buffers`)."""
+
+    _native = None
+
+    def kernel_copy(self):
+        """The copy (made now if it is not there), or None where the kernels do not apply."""
+        if self._native is None:
+            self._keep(self._copy_from_buffers())
+        return None if self._native is False else self._native
+
+    def _keep(self, made) -> None:
+        self._native = False if made is None else made
+
+    def _copy_from_buffers(self):
+        raise NotImplementedError
+
+    def _apply(self, fn, *args, **kwargs):
+        self._native = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._native = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+class Int4Linear(_KernelCopy):
     """y = x W^T + b with W stored as 4-bit codes and per-group (scale, zero): w = (q - 8) s + z.
 
     Buffers: `packed` (the kernel's uint8 layout of codes [N', K]), `scale_zeros`
@@ -81,9 +106,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", torch.empty(rows, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scale_zeros", torch.empty(in_features // group_size, rows, 2, dtype=compute_dtype))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        # lmforge's own single-row kernel (lmforge/infer/quant_kernels.py) reads a second copy of
-        # the codes in its layout: None until built, False where it does not apply.
-        self._native: torch.Tensor | None | bool = None
 
     # -- building -------------------------------------------------------------------------
     @classmethod
@@ -111,13 +133,9 @@ class Int4Linear(nn.Module):
         sz[:, :n, 1] = zeros.to(torch.float32).t()
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(full, 1)
         self.scale_zeros = sz.to(self.compute_dtype).contiguous()
-        self._native = None
-        if self.group_size == quant_kernels.GROUP and quant_kernels.available():
-            # w = (q - 8) s + z = q s + (z - 8 s), from the float scales (a GGUF file's float16
-            # d and m stay exact; the PyTorch kernel's copy is rounded to `compute_dtype`)
-            s32, z32 = scales.to(torch.float32), zeros.to(torch.float32)
-            self._native = quant_kernels.q4_pack(codes, s32, z32 - 8 * s32)
-            self._native_key = _buffers_key(self.packed, self.scale_zeros)
+        # the single-row kernels' copy from the float scales (a GGUF file's float16 d and m stay
+        # exact; the PyTorch kernel's copy is rounded to `compute_dtype`)
+        self._keep(self._pack_for_kernel(codes, scales.to(torch.float32), zeros.to(torch.float32)))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32,
@@ -158,32 +176,22 @@ class Int4Linear(nn.Module):
         """Bytes of the single-row kernel's copy of the weights (0 when there is none)."""
         return self._native.numel() if isinstance(self._native, torch.Tensor) else 0
 
-    def native_packed(self) -> torch.Tensor | None:
-        """The single-row kernel's copy, built on first use where `set_codes` did not (a module
-        whose buffers were loaded from a state dict), or None where the kernel does not apply."""
-        if self._native is not None and getattr(self, "_native_key", None) != _buffers_key(self.packed, self.scale_zeros):
-            self._native = None
-        if self._native is None:
-            self._native = False
-            if self.group_size == quant_kernels.GROUP and quant_kernels.available():
-                sz = self.scale_zeros.to(torch.float32)[:, : self.out_features]
-                s, z = sz[..., 0].t(), sz[..., 1].t()
-                self._native = quant_kernels.q4_pack(self.codes(), s, z - 8 * s)
-                if self._native is None:
-                    self._native = False
-            self._native_key = _buffers_key(self.packed, self.scale_zeros)
-        return self._native if isinstance(self._native, torch.Tensor) else None
+    def _pack_for_kernel(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor | None:
+        """w = (q - 8) s + z = q s + (z - 8 s) in the kernel's layout; None where it does not apply."""
+        if self.group_size != quant_kernels.GROUP or not quant_kernels.available():
+            return None
+        return quant_kernels.q4_pack(codes, scales, zeros - 8 * scales)
 
-    def _apply(self, fn, *args, **kwargs):
-        self._native = None  # moved or converted: rebuild from the new buffers when next needed
-        return super()._apply(fn, *args, **kwargs)
+    def _copy_from_buffers(self) -> torch.Tensor | None:
+        sz = self.scale_zeros.to(torch.float32)[:, : self.out_features]
+        return self._pack_for_kernel(self.codes(), sz[..., 0].t(), sz[..., 1].t())
 
     # -- product --------------------------------------------------------------------------
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]. A single float32
         row goes through lmforge's own kernel where it applies and comes back in float32."""
         _check_cpu(x, "an int4 linear layer")
-        if quant_kernels.usable(x, self.compute_dtype) and (packed := self.native_packed()) is not None:
+        if quant_kernels.usable(x, self.compute_dtype) and (packed := self.kernel_copy()) is not None:
             y = quant_kernels.q4_gemv(packed, x, self.out_features)
             if y is not None:
                 return y
@@ -205,7 +213,7 @@ class Int4Linear(nn.Module):
                 f"compute={str(self.compute_dtype).replace('torch.', '')}")
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_KernelCopy):
     """y = x W^T + b with W stored as int8 codes and one scale per output row: w = q s."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -216,7 +224,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.zeros(out_features, dtype=compute_dtype))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self._native: tuple[torch.Tensor, torch.Tensor] | None | bool = None  # (codes + 128, float32 scales)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -224,8 +231,8 @@ class Int8Linear(nn.Module):
         module = cls(codes.shape[1], codes.shape[0], bias is not None, compute_dtype)
         module.qweight = codes.to(torch.int8).contiguous()
         module.scales = scales.to(compute_dtype).contiguous()
-        # the float scales as given (the buffer keeps them in `compute_dtype`), while the buffers stay these
-        module._native_scales = (scales.to(torch.float32).contiguous(), _buffers_key(module.qweight, module.scales))
+        # the single-row kernels' copy, with the float scales as given (the buffer keeps them in `compute_dtype`)
+        module._keep(module._copy_for_kernel(scales.to(torch.float32)))
         if bias is not None:
             module.bias.data.copy_(bias.detach().to(torch.float32))
         return module
@@ -252,29 +259,20 @@ class Int8Linear(nn.Module):
     def native_nbytes(self) -> int:
         return self._native[0].numel() + self._native[1].numel() * 4 if isinstance(self._native, tuple) else 0
 
-    def native_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(codes + 128, float32 row scales) for the single-row kernel, built on first use."""
-        key = _buffers_key(self.qweight, self.scales)
-        if self._native is not None and getattr(self, "_native_key", None) != key:
-            self._native = None
-        if self._native is None:
-            self._native = False
-            if quant_kernels.available() and self.in_features % 64 == 0:
-                given = getattr(self, "_native_scales", None)
-                scales = given[0] if given is not None and given[1] == key else self.scales.to(torch.float32)
-                self._native = (quant_kernels.q8_codes(self.qweight), scales.contiguous())
-            self._native_key = key
-        return self._native if isinstance(self._native, tuple) else None
+    def _copy_for_kernel(self, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(codes + 128, float32 row scales) for the single-row kernel; None where it does not apply."""
+        if self.in_features % 64 or not quant_kernels.available():
+            return None
+        return quant_kernels.q8_codes(self.qweight), scales.contiguous()
 
-    def _apply(self, fn, *args, **kwargs):
-        self._native = None
-        return super()._apply(fn, *args, **kwargs)
+    def _copy_from_buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._copy_for_kernel(self.scales.to(torch.float32))
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]. A single float32
         row goes through lmforge's own kernel where it applies and comes back in float32."""
         _check_cpu(x, "an int8 linear layer")
-        if quant_kernels.usable(x, self.compute_dtype) and (weights := self.native_weights()) is not None:
+        if quant_kernels.usable(x, self.compute_dtype) and (weights := self.kernel_copy()) is not None:
             y = quant_kernels.q8_gemv(weights[0], weights[1], x)
             if y is not None:
                 return y
@@ -324,7 +322,7 @@ class QuantizedDecoderBlock(decode_kernels.CompiledDecodeBlock):
         if (not quant_kernels.ENABLED or not all(type(m) is Int4Linear for m in linears)
                 or any(m.compute_dtype == torch.float32 for m in linears)):
             return None
-        packed = [m.native_packed() for m in linears]
+        packed = [m.kernel_copy() for m in linears]
         if any(p is None for p in packed):
             return None
         return decode_kernels.q4_decode_layer(x, self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps,
