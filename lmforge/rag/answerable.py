@@ -270,15 +270,9 @@ def generate_pairs(chunks: Sequence[Chunk], retrieve: Callable[[str, int], list[
 def train_answerable(options, embedder=None, index: str | None = None, log: Callable[[str], None] = print,
                      progress: bool = True) -> dict[str, Any]:
     """Generate the pairs, train, save (`options`: `config.AnswerableTrainOptions`); returns a summary."""
-    import torch
+    from .rerank_train import with_threads
 
-    threads = torch.get_num_threads()
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    try:
-        return _train(options, embedder, index, log, progress)
-    finally:
-        torch.set_num_threads(threads)
+    return with_threads(options.threads, _train, options, embedder, index, log, progress)
 
 
 def _train(options, embedder, index: str | None, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
@@ -287,20 +281,13 @@ def _train(options, embedder, index: str | None, log: Callable[[str], None], pro
     from lmforge.io.progress import Progress
     from lmforge.model.registry import resolve
 
-    from .rerank_train import PairTrainer, dev_report, split_pairs
+    from .rerank_train import PairTrainer, dev_report, retrieval_for_training, split_pairs
     from .retriever import Retriever
     from .store import open_store
 
     started = time.perf_counter()
     torch.manual_seed(options.seed)
-    if embedder is None:
-        from .embedder import load_embedder
-
-        embedder = load_embedder()
-    if index is None:
-        from .handbook import handbook_index
-
-        index = str(handbook_index(embedder))
+    embedder, index = retrieval_for_training(embedder, index)
     out = Path(options.out).expanduser() if options.out else default_answerable_dir()
     spec = resolve(options.base)
     model = CrossEncoder.from_encoder(spec.path, labels=(HEAD,), max_length=options.max_length, seed=options.seed)

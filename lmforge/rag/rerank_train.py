@@ -261,13 +261,32 @@ def train_reranker(options: RerankTrainOptions, embedder=None, index: str | None
     default embedder and its handbook index). `exclude` lists texts no training query may
     copy (default: the labelled handbook questions, which are evaluation data).
     """
-    threads = torch.get_num_threads()
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    try:
-        return _train(options, embedder, index, exclude, log, progress)
-    finally:
+    return with_threads(options.threads, _train, options, embedder, index, exclude, log, progress)
+
+
+def with_threads(threads: int | None, fn: Callable[..., Any], *args) -> Any:
+    """fn(*args) with PyTorch on `threads` threads (None or 0: as it is), restored afterwards."""
+    before = torch.get_num_threads()
+    if threads:
         torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def retrieval_for_training(embedder, index: str | None) -> tuple[Any, str]:
+    """The embedder and index whose retriever supplies a training run's hard negatives: the ones
+    given, else the default embedder and its handbook index (built on first use)."""
+    if embedder is None:
+        from .embedder import load_embedder
+
+        embedder = load_embedder()
+    if index is None:
+        from .handbook import handbook_index
+
+        index = str(handbook_index(embedder))
+    return embedder, index
 
 
 def _train(options: RerankTrainOptions, embedder, index: str | None, exclude: Sequence[str] | None,
@@ -279,14 +298,7 @@ def _train(options: RerankTrainOptions, embedder, index: str | None, exclude: Se
 
     started = time.perf_counter()
     torch.manual_seed(options.seed)
-    if embedder is None:
-        from .embedder import load_embedder
-
-        embedder = load_embedder()
-    if index is None:
-        from .handbook import handbook_index
-
-        index = str(handbook_index(embedder))
+    embedder, index = retrieval_for_training(embedder, index)
     if exclude is None:
         exclude = evaluation_questions()
     out = Path(options.out).expanduser() if options.out else default_reranker_dir()
