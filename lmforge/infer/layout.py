@@ -196,11 +196,15 @@ def calibrate(model: nn.Module, trials: int = 5, batch_rows: int = 8) -> dict[st
     x1, xb = torch.randn(1, w.shape[1]), torch.randn(batch_rows, w.shape[1])
     result = {}
     with torch.inference_mode():
-        t_torch = t_numpy = float("inf")
-        for _ in range(trials):  # alternate, so a burst of load hits both
+        native, threads = decode_kernels.available(), torch.get_num_threads()
+        t_torch = t_numpy = t_native = float("inf")
+        for _ in range(trials):  # alternate, so a burst of load hits each
             t_torch = min(t_torch, _best_time(lambda: F.linear(x1, w), 1, 2))
             t_numpy = min(t_numpy, _best_time(lambda: np.matmul(x1.numpy(), w.t().numpy()), 1, 1))
+            if native:
+                t_native = min(t_native, _best_time(lambda: decode_kernels.f32_gemv(w, x1, None, threads), 1, 2))
         result["numpy"] = t_numpy < t_torch
+        result["native"] = native and t_native <= min(t_numpy, t_torch) * 1.05
         result["onednn"] = False
         if _onednn_supported():
             packed = torch.ops.mkldnn._reorder_linear_weight(w)
@@ -210,18 +214,6 @@ def calibrate(model: nn.Module, trials: int = 5, batch_rows: int = 8) -> dict[st
                 t_dnn = min(t_dnn, _best_time(lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], ""), 1, 2))
             result["onednn"] = t_dnn < t_torch
             del packed
-        result["native"] = False
-        if decode_kernels.available():
-            # lmforge's own product against the better of the other two, on the same threads
-            threads = torch.get_num_threads()
-            t_native = t_other = float("inf")
-            for _ in range(trials):
-                t_native = min(t_native, _best_time(lambda: decode_kernels.f32_gemv(w, x1, None, threads), 1, 2))
-                if result["numpy"]:
-                    t_other = min(t_other, _best_time(lambda: np.matmul(x1.numpy(), w.t().numpy()), 1, 1))
-                else:
-                    t_other = min(t_other, _best_time(lambda: F.linear(x1, w), 1, 2))
-            result["native"] = t_native <= t_other * 1.05
     return result
 
 
