@@ -42,6 +42,7 @@ def test_a_chapter_numbered_one_verse_apart_is_recognised():
     assert bible._shifted(shifted)
 
 
+@pytest.mark.slow  # reads whole SWORD modules (~6 s)
 @needs_diatheke
 def test_parallel_verses_are_aligned_by_reference():
     pairs = bible.parallel_verses("kjv", "rv1909", ["John", "Jonah"])

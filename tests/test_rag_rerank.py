@@ -268,6 +268,7 @@ def _evaluation_questions():
     return texts
 
 
+@pytest.mark.slow  # generates the whole training set (~5 s)
 def test_generated_queries_never_copy_a_labelled_question(handbook_chunks):
     from lmforge.rag.bm25 import BM25Index
 

@@ -176,6 +176,7 @@ def test_greedy_decoding_through_the_beam_search_equals_an_argmax_loop(connector
     assert len(beams) == 3 and all(len(b) <= 6 for b in beams)
 
 
+@pytest.mark.slow  # trains until the tiny model overfits (~4 s)
 def test_loss_counts_only_target_tokens_and_a_tiny_model_overfits():
     from lmforge.vlm.captioner import encode_pairs, to_tensor
 
