@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lmforge.infer import decode_kernels as dk
-from lmforge.infer.layout import (BlasLinear, Float32DecoderBlock, use_column_major_weights, use_native_decoding,
-                                  use_numpy_blas)
+from lmforge.infer.layout import (BlasLinear, Float32DecoderBlock, Float32DecodeStep, use_column_major_weights,
+                                  use_native_decoding, use_numpy_blas)
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.kv_cache import KVCache
 
@@ -43,17 +43,24 @@ def tiny(config_kw=None) -> Transformer:
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
-def test_float32_model_decodes_the_same_with_its_layers_compiled(threads):
+@pytest.mark.parametrize("whole_step", [True, False])
+def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, whole_step):
+    """Every one-token step as one compiled call for the whole model (`Float32DecodeStep`), or
+    (without it) one per layer: the same logits as the modules on PyTorch, step after step."""
     plain = tiny()
     fast = copy.deepcopy(plain)
     use_column_major_weights(fast)
     use_numpy_blas(fast, numpy_rows=False)
     use_native_decoding(fast)
     assert all(type(b) is Float32DecoderBlock for b in fast.layers)
-    assert all(m.native_rows for m in fast.modules() if isinstance(m, BlasLinear))
+    assert all(m.native_rows and m.weight.is_contiguous() for m in fast.modules() if isinstance(m, BlasLinear))
+    assert isinstance(fast.decode_step, Float32DecodeStep)
+    if not whole_step:
+        fast.decode_step = None
     ids = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(1))
     calls = []
-    real = dk.f32_decode_layer
+    name = "f32_decode_model" if whole_step else "f32_decode_layer"
+    real = getattr(dk, name)
 
     def counted(*a, **kw):
         out = real(*a, **kw)
@@ -62,7 +69,7 @@ def test_float32_model_decodes_the_same_with_its_layers_compiled(threads):
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    dk.f32_decode_layer = counted
+    setattr(dk, name, counted)
     try:
         with torch.inference_mode():
             outs = []
@@ -70,9 +77,42 @@ def test_float32_model_decodes_the_same_with_its_layers_compiled(threads):
                 cache = KVCache.for_model(model.config, 1, 12, torch.float32, "cpu")
                 model(ids[:, :4], cache=cache, start=0)
                 outs.append(torch.stack([model(ids[:, i:i + 1], cache=cache, start=i)[0, -1] for i in range(4, 10)]))
-                if model is fast:
-                    assert calls == [True] * 12  # 2 layers x 6 steps; the prefill took the plain path
+                if model is fast:  # the prefill took the plain path
+                    assert calls == [True] * (6 if whole_step else 12)  # per step, or 2 layers x 6 steps
     finally:
-        dk.f32_decode_layer = real
+        setattr(dk, name, real)
         torch.set_num_threads(before)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_whole_decode_step_declines_what_it_does_not_cover():
+    """Autograd on, a forward hook, a cache row of a larger batch, a weight moved after the first
+    step (the layers' addresses gathered again): each declines or re-plans, and logits stay right."""
+    plain = tiny()
+    fast = copy.deepcopy(plain)
+    use_numpy_blas(fast, numpy_rows=False)
+    use_native_decoding(fast)
+    step = fast.decode_step
+    ids = torch.tensor([[5]])
+
+    def run(model, grad=False, rows=1):
+        cache = KVCache.for_model(model.config, rows, 8, torch.float32, "cpu")
+        with torch.set_grad_enabled(grad):
+            return model(ids, cache=cache.rows(0, 1), start=0)[0, -1].detach()
+
+    want = run(plain)
+    with torch.inference_mode():
+        cache = KVCache.for_model(fast.config, 1, 8, torch.float32, "cpu")
+        assert step(fast, ids, cache, 0) is not None
+        assert step(fast, ids, KVCache.for_model(fast.config, 2, 8, torch.float32, "cpu"), 0) is None  # 2 rows
+        handle = fast.layers[1].register_forward_hook(lambda *a: None)
+        assert step(fast, ids, cache, 0) is None
+        handle.remove()
+    with torch.no_grad():
+        fast.layers[0].mlp.fc.weight.data = fast.layers[0].mlp.fc.weight.data.clone()  # moved
+        torch.testing.assert_close(step(fast, ids, KVCache.for_model(fast.config, 1, 8, torch.float32, "cpu"), 0)
+                                   .view(-1), want, rtol=1e-4, atol=1e-4)
+    assert step(fast, ids, cache, 0) is None  # autograd on
+    torch.testing.assert_close(run(fast, grad=True), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(fast, rows=3), want, rtol=1e-4, atol=1e-4)

@@ -166,7 +166,10 @@ def test_no_kernels_when_disabled(tmp_path):
 
 
 @needs_kernels
-def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch):
+@pytest.mark.parametrize("whole_step,head_bits", [(False, 8), (True, 8), (True, 4), (True, None)])
+def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch, whole_step, head_bits):
+    """One compiled call per layer (`QuantizedDecoderBlock`) or for the whole step
+    (`QuantizedDecodeStep`, with an int8, int4 or float32 head) against the modules one by one."""
     from lmforge.infer import quant_linear
     from lmforge.model import ModelConfig, Transformer
     from lmforge.model.kv_cache import KVCache
@@ -175,13 +178,17 @@ def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch):
     config = ModelConfig(family="qwen2", vocab_size=320, n_layer=2, n_embd=128, n_head=4, n_kv_head=2,
                          intermediate_size=192, max_position_embeddings=64, norm="rmsnorm", mlp="swiglu",
                          position="rope", qkv_bias=True, bos_token_id=1, eos_token_id=2)
-    model = quantize_model(Transformer(config).eval(), bits=4)
+    model = quantize_model(Transformer(config).eval(), bits=4, head_bits=head_bits)
     assert all(type(b) is quant_linear.QuantizedDecoderBlock for b in model.layers)
+    assert isinstance(model.decode_step, quant_linear.QuantizedDecodeStep)
+    if not whole_step:
+        model.decode_step = None
     ids = torch.tensor([[1, 5, 9, 14, 30, 7, 8]])
     calls = []
     from lmforge.infer import decode_kernels
 
-    real = quant_kernels_decode_layer = decode_kernels.q4_decode_layer
+    name = "q4_decode_model" if whole_step else "q4_decode_layer"
+    real = getattr(decode_kernels, name)
 
     def counted(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -193,13 +200,13 @@ def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch):
         model(ids[:, :3], cache=cache, start=0)
         return torch.stack([model(ids[:, i:i + 1], cache=cache, start=i)[0, -1] for i in range(3, 7)])
 
-    monkeypatch.setattr(decode_kernels, "q4_decode_layer", counted)
+    monkeypatch.setattr(decode_kernels, name, counted)
     with torch.inference_mode():
         fused = steps()
-        assert calls == [True] * 8  # 2 layers x 4 steps, none for the prefill
+        assert calls == [True] * (4 if whole_step else 8)  # per step, or 2 layers x 4 steps; not the prefill
+        model.decode_step = None
         monkeypatch.setattr(quant_linear.QuantizedDecoderBlock, "_decode_step", lambda *a: None)
         modules = steps()
-    assert quant_kernels_decode_layer is real
     # Same kernels, same order; SiLU's exp differs in the last bits (C's expf against PyTorch's),
     # which can move a value of the down product's input across a rounding step (max|x| / 32512
     # of its group): differences of that order, far below the rounding's own error.

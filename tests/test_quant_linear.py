@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.infer import quant_kernels as qk
 from lmforge.infer.quant_linear import (Int4Linear, Int8Linear, dequantize_model, plain_float_linears,
                                         quantize_int4, quantize_model, quantized_nbytes, reference_product)
 from lmforge.model import ModelConfig, Transformer
@@ -156,6 +157,8 @@ def test_gguf_model_kept_quantized_equals_the_dequantized_model(q4_0_file):
         torch.testing.assert_close(exact(ids), want, rtol=1e-4, atol=1e-4)
         fast = load_gguf_quantized(q4_0_file, bits=4, head_bits=8)  # bf16 compute, int8 head
         assert isinstance(fast.lm_head, Int8Linear)
+        if qk.available():  # the kernels' copies made at construction survive the float tensors' load
+            assert all(m.__dict__.get("_native") is not None for m in fast.modules() if isinstance(m, (Int4Linear, Int8Linear)))
         assert relative_error(fast(ids), want) < 5e-2
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from ..io import native
+from torch import nn
+
 from ..model.kv_cache import KVCache
 from ..model.transformer import MLP, Block, RMSNorm
 from . import quant_kernels
@@ -38,7 +40,18 @@ SIGNATURES: native.Signatures = {
     "lmf_f32_decode_layer": (_i, [_p, _i, _p, _p, _f, _p, _i, _p, _p, _i, _p, _i, _p, _i, _i, _i, _i, _i, _p, _p, _p,
                                   _p, _l, _i, _p, _i]),
     "lmf_f32_gemv": (_i, [_p, _i, _i, _i, _p, _p, _p, _i]),
+    "lmf_q4_decode_model": (_i, [_p, _i, _i, _p, _f, _i, _i, _i, _i, _p, _p, _p, _p, _l, _l, _i, _p, _f, _i, _p, _p, _i,
+                                 _p, _p]),
+    "lmf_f32_decode_model": (_i, [_p, _i, _i, _p, _f, _i, _i, _i, _i, _p, _p, _p, _p, _l, _l, _i, _p, _f, _p, _i, _i,
+                                  _p, _p, _i]),
 }
+
+
+class F32Layer(ctypes.Structure):
+    """`lmf_f32_layer` of decode_layer.c: one layer's weights for `f32_decode_model`."""
+
+    _fields_ = [("attn_norm", _p), ("mlp_norm", _p), ("qkv_w", _p), ("qkv_bias", _p), ("out_w", _p), ("fc_w", _p),
+                ("proj_w", _p), ("cm_qkv", _i), ("cm_out", _i), ("cm_fc", _i), ("cm_proj", _i)]
 
 
 def _library():
@@ -130,6 +143,59 @@ def f32_decode_layer(x: torch.Tensor, attn_norm: torch.Tensor, mlp_norm: torch.T
     return y.view(x.shape) if code == 0 else None
 
 
+def f32_layer(attn_norm: torch.Tensor, mlp_norm: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor | None,
+              out: torch.Tensor, fc: torch.Tensor, proj: torch.Tensor) -> F32Layer | None:
+    """One layer's weights (as `f32_decode_layer` takes them) for `f32_decode_model`, or None
+    where a weight is in neither layout. The structure holds addresses only: the tensors must
+    stay alive and in place while it is used."""
+    layouts = [layout_of(w) for w in (qkv, out, fc, proj)]
+    if any(v is None for v in layouts):
+        return None
+    return F32Layer(attn_norm.data_ptr(), mlp_norm.data_ptr(), qkv.data_ptr(), native.ptr(qkv_bias), out.data_ptr(),
+                    fc.data_ptr(), proj.data_ptr(), *layouts)
+
+
+class Q4Layer(ctypes.Structure):
+    """`lmf_q4_layer` of decode_layer.c: one int4 layer for `q4_decode_model`."""
+
+    _fields_ = [("attn_norm", _p), ("mlp_norm", _p), ("qkv_bias", _p), ("qkv_w", _p), ("out_w", _p), ("fc_w", _p),
+                ("proj_w", _p)]
+
+
+def q4_decode_model(common: list, head_bits: int, head: torch.Tensor, head_scale: torch.Tensor | None,
+                    vocab: int) -> torch.Tensor | None:
+    """`lmf_q4_decode_model`: a whole batch-1 decode step of int4 layers (`CompiledDecodeStep._common_args`)
+    and a head of `head_bits` 4 (packed rows), 8 (codes + 128, float32 row scales) or 32 (float32
+    row-major): logits [vocab], or None."""
+    lib = _library()
+    d, inter, n_head, n_kv_head, head_dim = common[1], common[5], common[6], common[7], common[8]
+    if (lib is None or not quant_kernels.available() or d % 64 or inter % 64 or (n_head * head_dim) % 64
+            or head_bits not in (4, 8, 32)):
+        return None
+    rows = head.shape[0]
+    logits = torch.empty(rows, dtype=torch.float32)
+    scratch = _scratch(d, n_head, n_kv_head, head_dim, inter)
+    code = lib.lmf_q4_decode_model(*common, head_bits, head.data_ptr(), native.ptr(head_scale), rows,
+                                   logits.data_ptr(), scratch.data_ptr())
+    return logits[:vocab] if code == 0 else None
+
+
+def f32_decode_model(common: list, head: torch.Tensor, threads: int) -> torch.Tensor | None:
+    """`lmf_f32_decode_model`: a whole batch-1 decode step (`CompiledDecodeStep._common_args`, then
+    the head [V, d] float32, row- or column-major): logits [V], or None."""
+    lib = _library()
+    cm_head = layout_of(head)
+    if lib is None or cm_head is None:
+        return None
+    d, inter, n_head, n_kv_head, head_dim = common[1], common[5], common[6], common[7], common[8]
+    vocab = head.shape[0]
+    logits = torch.empty(vocab, dtype=torch.float32)
+    scratch = _scratch(d, n_head, n_kv_head, head_dim, inter)
+    code = lib.lmf_f32_decode_model(*common, head.data_ptr(), cm_head, vocab, logits.data_ptr(), scratch.data_ptr(),
+                                    threads)
+    return logits if code == 0 else None
+
+
 class CompiledDecodeBlock(Block):
     """A pre-norm `Block` whose batch-1 decode step may run as one compiled call: subclasses say
     how in `_decode_step` (None: not this block, not now); every other call, and every step
@@ -157,3 +223,145 @@ class CompiledDecodeBlock(Block):
 
     def _decode_step(self, x, rope, cache: KVCache, layer: int, pos: int) -> torch.Tensor | None:
         raise NotImplementedError
+
+
+class CompiledDecodeStep:
+    """A `Transformer.decode_step` (see there): the whole batch-1 decode step of a pre-norm model
+    whose layers are all compiled-decode blocks (embedding row, every layer, the final norm, the
+    head) as one call into C, instead of one call per layer with Python between them.
+
+    Subclasses say which blocks and heads they take (`_block_ok`, `_head_ok`), what the C call
+    needs of each (`_layer`, `_head_args`, which also report through `track` the objects the
+    call depends on) and make the call (`_run`). What the plan depends on (which modules and
+    tensors sit where, their classes, flags and hooks, the tensors' addresses) is gathered once
+    and re-checked on each step with dictionary lookups and pointer comparisons (tens of
+    microseconds, against about a millisecond for walking the modules); anything moved and the
+    step is planned again. It declines (returns None, and the modules run) with autograd on,
+    with forward hooks, for anything but a float32 `KVCache` of one row, and for shapes the
+    per-layer path would decline.
+    """
+
+    block_type: type = Block
+
+    def __init__(self) -> None:
+        self._plan: dict | None = None
+
+    # --- what subclasses define -------------------------------------------------------------
+    def _block_ok(self, block, linears: list[nn.Module]) -> bool:
+        raise NotImplementedError
+
+    def _head_ok(self, head: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def _layer(self, block, linears: list[nn.Module], track):
+        """The C structure of one layer, or None."""
+        raise NotImplementedError
+
+    def _head_args(self, head: nn.Module, track) -> tuple | None:
+        raise NotImplementedError
+
+    def _run(self, plan: dict, x: torch.Tensor, rope, cache: KVCache, pos: int) -> torch.Tensor | None:
+        """Logits [V] of the step, or None."""
+        raise NotImplementedError
+
+    # --- planning ---------------------------------------------------------------------------
+    def _build(self, model, rope, cache: KVCache) -> dict | None:
+        entries: list[tuple[dict, str, object]] = []  # (an object's dict of members, name, member)
+        tensors: list[torch.Tensor] = []
+
+        def child(owner, name: str, kind: str = "_modules"):
+            members = getattr(owner, kind) if kind != "__dict__" else owner.__dict__
+            obj = members.get(name)
+            entries.append((members, name, obj))
+            if isinstance(obj, torch.Tensor):
+                tensors.append(obj)
+            return obj
+
+        def track(owner, name: str, kind: str = "_parameters"):
+            """A member the C call reads (a parameter, a buffer, an attribute holding a tensor)."""
+            return child(owner, name, kind)
+
+        layers_list = child(model, "layers")
+        embed, norm, head = child(model, "embed"), child(model, "norm"), child(model, "lm_head")
+        if (layers_list is None or not len(layers_list) or type(norm) is not RMSNorm or norm.weight is None
+                or not isinstance(embed, nn.Embedding) or head is None or not self._head_ok(head)):
+            return None
+        blocks = [child(layers_list, str(i)) for i in range(len(layers_list))]
+        modules: list[nn.Module] = [model, layers_list, norm, head, *blocks]
+        structs = []
+        for block in blocks:
+            if type(block) is not self.block_type or not block._fits(rope, cache):
+                return None
+            attn, mlp = child(block, "attn"), child(block, "mlp")
+            n1, n2 = child(block, "attn_norm"), child(block, "mlp_norm")
+            linears = [child(attn, "qkv"), child(attn, "out"), child(mlp, "fc"), child(mlp, "proj")]
+            if not self._block_ok(block, linears):
+                return None
+            modules += [attn, mlp, n1, n2, *linears]
+            track(n1, "weight"), track(n2, "weight")
+            struct = self._layer(block, linears, track)
+            if struct is None:
+                return None
+            structs.append(struct)
+        track(embed, "weight"), track(norm, "weight")
+        head_args = self._head_args(head, track)
+        eps = {b.attn_norm.eps for b in blocks} | {b.mlp_norm.eps for b in blocks}
+        if head_args is None or len(eps) != 1 or embed.weight.dtype != torch.float32:
+            return None
+        first = blocks[0]
+        plan = {
+            "entries": entries, "modules": modules, "tensors": tensors,
+            "classes": [type(m) for m in modules], "flags": [self._flags(m) for m in modules],
+            "pointers": [(t.data_ptr(), t.stride()) for t in tensors],
+            "layers": (type(structs[0]) * len(structs))(*structs), "head": head_args, "eps": eps.pop(),
+            "shape": (first.mlp.proj.in_features, first.attn.n_head, first.attn.n_kv_head, first.attn.head_dim),
+            "embed": embed.weight, "norm": norm,
+        }
+        return plan if self._still_valid(plan) else None  # (hooks)
+
+    @staticmethod
+    def _flags(module: nn.Module) -> tuple:
+        """Per-module switches that decide a path (checked on every step)."""
+        return (getattr(module, "native_rows", None), getattr(module, "compute_dtype", None))
+
+    def _still_valid(self, plan: dict) -> bool:
+        return (all(members.get(name) is obj for members, name, obj in plan["entries"])
+                and [type(m) for m in plan["modules"]] == plan["classes"]
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in plan["modules"])
+                and [self._flags(m) for m in plan["modules"]] == plan["flags"]
+                and [(t.data_ptr(), t.stride()) for t in plan["tensors"]] == plan["pointers"])
+
+    def __call__(self, model, input_ids: torch.Tensor, cache, start: int) -> torch.Tensor | None:
+        from torch.nn.modules import module as torch_module
+
+        config = model.config
+        if (torch.is_grad_enabled() or not isinstance(cache, KVCache) or cache.k.dim() != 5
+                or cache.k.dtype != torch.float32 or model.rope is None or model.type_embed is not None
+                or model.embed_norm is not None or not config.causal or input_ids.device.type != "cpu"
+                or (config.sliding_window is not None and start + 1 > config.sliding_window)
+                or not 0 <= start < cache.k.shape[3] or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks):
+            return None
+        cos, sin = model.rope.slice(start, 1, torch.float32)
+        rope = (cos.reshape(-1), sin.reshape(-1))
+        plan = self._plan
+        if plan is None or not self._still_valid(plan):
+            plan = self._plan = self._build(model, rope, cache)
+            if plan is None:
+                return None
+        k, v = cache.k, cache.v
+        if (rope[0].numel() != plan["shape"][3] or k.shape[1] != 1 or k.stride() != v.stride()
+                or k.stride(-1) != 1 or k.stride(-2) != plan["shape"][3] or len(plan["layers"]) != k.shape[0]):
+            return None
+        x = plan["embed"][int(input_ids[0, 0])].clone()
+        logits = self._run(plan, x, rope, cache, start)
+        return None if logits is None else logits.view(1, 1, -1)
+
+    @staticmethod
+    def _common_args(plan: dict, x: torch.Tensor, rope, cache: KVCache, pos: int) -> list:
+        """The arguments both C entry points share, up to the final norm."""
+        inter, n_head, n_kv_head, head_dim = plan["shape"]
+        k, v = cache.k, cache.v
+        return [x.data_ptr(), x.numel(), len(plan["layers"]), ctypes.addressof(plan["layers"]), plan["eps"], inter,
+                n_head, n_kv_head, head_dim, rope[0].data_ptr(), rope[1].data_ptr(), k.data_ptr(), v.data_ptr(),
+                k.stride(0), k.stride(2), pos, plan["norm"].weight.data_ptr(), plan["norm"].eps]

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LmforgeError
+from ..io import hugepages, native
 from ..model.kv_cache import KVCache
-from ..model.transformer import MLP, Block
+from ..model.transformer import MLP, Block, Transformer
 from . import decode_kernels, quant_kernels
 
 INT4_ROW_MULTIPLE = 16  # the int4 packing wants a multiple of 16 output rows; others are padded
@@ -81,9 +82,13 @@ class _KernelCopy(nn.Module):
         self._native = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._native = None
-        return super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Only a state dict with entries for this layer changes its buffers. (A model loaded in
+        # pieces, as a GGUF file's float tensors after its quantized layers, keeps the copies
+        # made at construction: remaking them from the packed buffers costs ~0.6 s a layer.)
+        if any(key.startswith(prefix) for key in state_dict):
+            self._native = None
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Int4Linear(_KernelCopy):
@@ -331,15 +336,69 @@ class QuantizedDecoderBlock(decode_kernels.CompiledDecodeBlock):
                                               rope, cache.k[layer, 0], cache.v[layer, 0], pos)
 
 
+class QuantizedDecodeStep(decode_kernels.CompiledDecodeStep):
+    """The whole batch-1 decode step of a model whose layers are all `QuantizedDecoderBlock`s with
+    int4 products on lmforge's kernels, as one compiled call (`decode_kernels.q4_decode_model`;
+    see `CompiledDecodeStep`). The head may be int4, int8 or float32 (row-major, no bias)."""
+
+    block_type = QuantizedDecoderBlock
+
+    def _block_ok(self, block, linears) -> bool:
+        return (quant_kernels.ENABLED and all(type(m) is Int4Linear and m.compute_dtype != torch.float32
+                                              for m in linears))
+
+    def _head_ok(self, head) -> bool:
+        if head.bias is not None:
+            return False
+        if type(head) in (Int4Linear, Int8Linear):
+            return head.compute_dtype != torch.float32
+        return isinstance(head, nn.Linear) and head.weight.dtype == torch.float32 and head.weight.is_contiguous()
+
+    def _layer(self, block, linears, track):
+        for m in linears:
+            m.kernel_copy()  # made now if it is not there
+        packed = [track(m, "_native", "__dict__") for m in linears]
+        if any(not isinstance(p, torch.Tensor) for p in packed):
+            return None
+        bias = track(linears[0], "bias") if linears[0].bias is not None else None
+        return decode_kernels.Q4Layer(block.attn_norm.weight.data_ptr(), block.mlp_norm.weight.data_ptr(),
+                                      native.ptr(bias), *(p.data_ptr() for p in packed))
+
+    def _head_args(self, head, track):
+        if type(head) in (Int4Linear, Int8Linear):
+            head.kernel_copy()
+            made = track(head, "_native", "__dict__")
+            if type(head) is Int4Linear:
+                return (4, made, None, head.out_features) if isinstance(made, torch.Tensor) else None
+            return (8, made[0], made[1], head.out_features) if isinstance(made, tuple) else None
+        w = track(head, "weight")
+        return (32, w, None, head.out_features)
+
+    def _run(self, plan, x, rope, cache, pos):
+        if not quant_kernels.ENABLED:
+            return None
+        bits, head, scale, vocab = plan["head"]
+        return decode_kernels.q4_decode_model(self._common_args(plan, x, rope, cache, pos), bits, head, scale, vocab)
+
+
 def fuse_quantized_blocks(model: nn.Module) -> nn.Module:
     """Give every plain SwiGLU `MLP` of `model` the `QuantizedSwiGLU` forward and every pre-norm
     `Block` the `QuantizedDecoderBlock` one (their classes only change; both fall back to the
-    plain forward wherever their conditions do not hold)."""
+    plain forward wherever their conditions do not hold), a language model's batch-1 decode step
+    the `QuantizedDecodeStep`, and the kernels' weight copies 2 MiB pages where the system has them
+    (lmforge/io/hugepages.py)."""
     for module in model.modules():
         if type(module) is MLP:
             module.__class__ = QuantizedSwiGLU
         elif type(module) is Block:
             module.__class__ = QuantizedDecoderBlock
+        if isinstance(module, Transformer) and module.lm_head is not None:
+            module.decode_step = QuantizedDecodeStep()
+    copies = []
+    for module in model.modules():  # (the copies made so far; a copy remade later stays where it is)
+        made = module.__dict__.get("_native") if isinstance(module, _KernelCopy) else None
+        copies += list(made) if isinstance(made, tuple) else [made] if isinstance(made, torch.Tensor) else []
+    hugepages.move_to_huge_pages(copies)
     return model
 
 

@@ -40,6 +40,38 @@ int lmf_q4_decode_layer(float *x, int d, const float *attn_norm, const float *ml
     return 0;
 }
 
+typedef struct {
+    const float *attn_norm, *mlp_norm, *qkv_bias;
+    const uint8_t *qkv_w, *out_w, *fc_w, *proj_w;
+} lmf_q4_layer;
+
+/* A whole batch-1 decode step of a pre-norm model with int4 layers: every layer as
+ * lmf_q4_decode_layer (caches at k0/v0 + layer * layer_stride), the final RMS norm, and the head
+ * into logits: head_bits 4 (packed int4 rows, n_head_rows of them), 8 (codes + 128 with a
+ * float scale per row, head_scale) or 32 (float32 row-major). x: the token's embedding row,
+ * changed. scratch: as lmf_q4_decode_layer's. */
+static int f32_gemv_rows(const float *w, int n, int k, const float *x, float *y);
+
+int lmf_q4_decode_model(float *x, int d, int n_layer, const lmf_q4_layer *layers, float eps, int inter, int h,
+                        int hkv, int hd, const float *cos, const float *sin, float *k0, float *v0, long layer_stride,
+                        long head_stride, int pos, const float *final_norm, float final_eps, int head_bits,
+                        const void *head_w, const float *head_scale, int n_head_rows, float *logits,
+                        float *scratch) {
+    int code;
+    for (int l = 0; l < n_layer; l++) {
+        const lmf_q4_layer *L = layers + l;
+        if ((code = lmf_q4_decode_layer(x, d, L->attn_norm, L->mlp_norm, eps, L->qkv_w, L->qkv_bias, L->out_w,
+                                        L->fc_w, L->proj_w, inter, h, hkv, hd, cos, sin, k0 + l * layer_stride,
+                                        v0 + l * layer_stride, head_stride, pos, scratch)))
+            return code;
+    }
+    lmf_rms_norm(x, final_norm, 1, d, final_eps, scratch);
+    if (head_bits == 4) return lmf_q4_gemv((const uint8_t *)head_w, n_head_rows, d, scratch, logits);
+    if (head_bits == 8) return lmf_q8_gemv((const uint8_t *)head_w, head_scale, n_head_rows, d, scratch, logits);
+    if (head_bits == 32) return f32_gemv_rows((const float *)head_w, n_head_rows, d, scratch, logits);
+    return 3;
+}
+
 /* ---- float32 ----------------------------------------------------------------------------
  * y = W x (+ bias) for one row x, W either row-major [n][k] or column-major (stored as its
  * transpose, [k][n], which is how lmforge keeps the wide matrices of a CPU decoding model:
@@ -48,31 +80,22 @@ int lmf_q4_decode_layer(float *x, int d, const float *attn_norm, const float *ml
  * of the transpose streaming through at a time. `threads` is explicit because the
  * caller's PyTorch may be set to one thread while this runs. */
 static void f32_rows(const float *w, int k, const float *x, float *y, int r0, int r1) {
-    int r = r0;
-    for (; r + 4 <= r1; r += 4) {
-        const float *w0 = w + (long)r * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+    /* one row at a time, front to back: the thread's rows are one contiguous block, read as a
+     * single sequential stream (four rows side by side, sharing each load of x, made four
+     * streams 2.3 KB apart and ran at half the speed) */
+    for (int r = r0; r < r1; r++) {
+        const float *wr = w + (long)r * k;
         vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
         int c = 0;
-        for (; c + W <= k; c += W) {
-            const vf xv = loadu(x + c);
-            a0 += loadu(w0 + c) * xv;
-            a1 += loadu(w1 + c) * xv;
-            a2 += loadu(w2 + c) * xv;
-            a3 += loadu(w3 + c) * xv;
+        for (; c + 4 * W <= k; c += 4 * W) {
+            a0 += loadu(wr + c) * loadu(x + c);
+            a1 += loadu(wr + c + W) * loadu(x + c + W);
+            a2 += loadu(wr + c + 2 * W) * loadu(x + c + 2 * W);
+            a3 += loadu(wr + c + 3 * W) * loadu(x + c + 3 * W);
         }
-        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-        for (; c < k; c++) {
-            s0 += w0[c] * x[c];
-            s1 += w1[c] * x[c];
-            s2 += w2[c] * x[c];
-            s3 += w3[c] * x[c];
-        }
-        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
-    }
-    for (; r < r1; r++) {
-        const float *wr = w + (long)r * k;
-        float s = 0.0f;
-        for (int c = 0; c < k; c++) s += wr[c] * x[c];
+        for (; c + W <= k; c += W) a0 += loadu(wr + c) * loadu(x + c);
+        float s = hsum((a0 + a1) + (a2 + a3));
+        for (; c < k; c++) s += wr[c] * x[c];
         y[r] = s;
     }
 }
@@ -179,44 +202,104 @@ int lmf_f32_gemv(const float *w, int colmajor, int n, int k, const float *x, con
     return 0;
 }
 
-/* The float32 layer: as lmf_q4_decode_layer, one parallel region for the whole layer (the
- * products split over the threads with barriers between them; norms, attention and the
- * element-wise work on one thread). cm_*: whether each weight is column-major. */
+/* The float32 layer, called by every thread of a parallel region: the products split over the
+ * threads with barriers between them; norms, attention and the element-wise work on one
+ * thread. cm_*: whether each weight is column-major. Returns what the attention returned (the
+ * same on every thread). */
+typedef struct {
+    const float *attn_norm, *mlp_norm, *qkv_w, *qkv_bias, *out_w, *fc_w, *proj_w;
+    int cm_qkv, cm_out, cm_fc, cm_proj;
+} lmf_f32_layer;
+
+static int f32_layer_in(float *x, int d, const lmf_f32_layer *L, float eps, int inter, int h, int hkv, int hd,
+                        const float *cos, const float *sin, float *kc, float *vc, long head_stride, int pos,
+                        float *scratch, float *partials, int *code) {
+    const int nqkv = (h + 2 * hkv) * hd;
+    float *hn = scratch, *delta = hn + d, *qkv = delta + d, *att = qkv + nqkv, *gu = att + (long)h * hd,
+          *m = gu + 2L * inter;
+#pragma omp single
+    lmf_rms_norm(x, L->attn_norm, 1, d, eps, hn);
+    f32_gemv_in(L->qkv_w, L->cm_qkv, nqkv, d, hn, L->qkv_bias, qkv, partials);
+#pragma omp single
+    *code = lmf_decode_attention(qkv, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, 1.0f / sqrtf((float)hd), att);
+    if (*code) return *code;
+    f32_gemv_in(L->out_w, L->cm_out, d, h * hd, att, NULL, delta, partials);
+#pragma omp single
+    {
+        for (int i = 0; i < d; i++) x[i] += delta[i];
+        lmf_rms_norm(x, L->mlp_norm, 1, d, eps, hn);
+    }
+    f32_gemv_in(L->fc_w, L->cm_fc, 2 * inter, d, hn, NULL, gu, partials);
+#pragma omp for
+    for (int i = 0; i < inter; i++) {
+        const float g = gu[i];
+        m[i] = g / (1.0f + expf(-g)) * gu[inter + i];
+    }
+    f32_gemv_in(L->proj_w, L->cm_proj, d, inter, m, NULL, delta, partials);
+#pragma omp single
+    for (int i = 0; i < d; i++) x[i] += delta[i];
+    return 0;
+}
+
+static float *f32_partials(int threads, int d, int nqkv, int inter, int vocab) {
+    int most = nqkv > 2 * inter ? nqkv : 2 * inter;
+    most = most > d ? most : d;
+    most = most > vocab ? most : vocab;
+    return threads > 1 ? malloc((size_t)threads * most * sizeof(float)) : NULL;
+}
+
+/* One layer in its own parallel region (x updated in place). */
 int lmf_f32_decode_layer(float *x, int d, const float *attn_norm, const float *mlp_norm, float eps,
                          const float *qkv_w, int cm_qkv, const float *qkv_bias, const float *out_w, int cm_out,
                          const float *fc_w, int cm_fc, const float *proj_w, int cm_proj, int inter, int h, int hkv,
                          int hd, const float *cos, const float *sin, float *kc, float *vc, long head_stride, int pos,
                          float *scratch, int threads) {
-    const int nqkv = (h + 2 * hkv) * hd;
-    float *hn = scratch, *delta = hn + d, *qkv = delta + d, *att = qkv + nqkv, *gu = att + (long)h * hd,
-          *m = gu + 2L * inter;
+    const lmf_f32_layer L = {attn_norm, mlp_norm, qkv_w, qkv_bias, out_w, fc_w, proj_w, cm_qkv, cm_out, cm_fc, cm_proj};
     int code = 0;
     if (threads < 1) threads = 1;
-    const int most = nqkv > 2 * inter ? (nqkv > d ? nqkv : d) : (2 * inter > d ? 2 * inter : d);
-    float *partials = threads > 1 ? malloc((size_t)threads * most * sizeof(float)) : NULL;
+    float *partials = f32_partials(threads, d, (h + 2 * hkv) * hd, inter, 0);
+#pragma omp parallel num_threads(threads)
+    f32_layer_in(x, d, &L, eps, inter, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, scratch, partials, &code);
+    free(partials);
+    return code;
+}
+
+/* A whole batch-1 decode step of a pre-norm model in one parallel region: every layer (their
+ * caches at k0/v0 + layer * layer_stride, heads head_stride apart), the final RMS norm, and the
+ * vocabulary head into logits (vocab floats). x: the token's embedding row (d floats), used as
+ * the residual stream and changed. */
+int lmf_f32_decode_model(float *x, int d, int n_layer, const lmf_f32_layer *layers, float eps, int inter, int h,
+                         int hkv, int hd, const float *cos, const float *sin, float *k0, float *v0, long layer_stride,
+                         long head_stride, int pos, const float *final_norm, float final_eps, const float *head_w,
+                         int cm_head, int vocab, float *logits, float *scratch, int threads) {
+    int code = 0;
+    if (threads < 1) threads = 1;
+    float *partials = f32_partials(threads, d, (h + 2 * hkv) * hd, inter, vocab <= KSPLIT_MAX ? vocab : 0);
 #pragma omp parallel num_threads(threads)
     {
+        for (int l = 0; l < n_layer; l++)
+            if (f32_layer_in(x, d, layers + l, eps, inter, h, hkv, hd, cos, sin, k0 + l * layer_stride,
+                             v0 + l * layer_stride, head_stride, pos, scratch, partials, &code))
+                break;
+        if (!code) {
 #pragma omp single
-        lmf_rms_norm(x, attn_norm, 1, d, eps, hn);
-        f32_gemv_in(qkv_w, cm_qkv, nqkv, d, hn, qkv_bias, qkv, partials);
-#pragma omp single
-        code = lmf_decode_attention(qkv, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, 1.0f / sqrtf((float)hd), att);
-        f32_gemv_in(out_w, cm_out, d, h * hd, att, NULL, delta, partials);
-#pragma omp single
-        {
-            for (int i = 0; i < d; i++) x[i] += delta[i];
-            lmf_rms_norm(x, mlp_norm, 1, d, eps, hn);
+            lmf_rms_norm(x, final_norm, 1, d, final_eps, scratch);
+            f32_gemv_in(head_w, cm_head, vocab, d, scratch, NULL, logits, partials);
         }
-        f32_gemv_in(fc_w, cm_fc, 2 * inter, d, hn, NULL, gu, partials);
-#pragma omp for
-        for (int i = 0; i < inter; i++) {
-            const float g = gu[i];
-            m[i] = g / (1.0f + expf(-g)) * gu[inter + i];
-        }
-        f32_gemv_in(proj_w, cm_proj, d, inter, m, NULL, delta, partials);
-#pragma omp single
-        for (int i = 0; i < d; i++) x[i] += delta[i];
     }
     free(partials);
     return code;
+}
+
+/* A float32 row-major product on the threads of one parallel region (the int4 model's head). */
+static int f32_gemv_rows(const float *w, int n, int k, const float *x, float *y) {
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        f32_gemv_part(w, 0, n, k, x, y, omp_get_thread_num(), omp_get_num_threads());
+#else
+        f32_gemv_part(w, 0, n, k, x, y, 0, 1);
+#endif
+    }
+    return 0;
 }
