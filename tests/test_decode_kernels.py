@@ -42,9 +42,9 @@ def tiny(config_kw=None) -> Transformer:
 
 
 @needs_kernels
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads,prompt", [(1, 4), (2, 4), (2, 50)])  # (50: every head's scores longer)
 @pytest.mark.parametrize("whole_step", [True, False])
-def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, whole_step):
+def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, prompt, whole_step):
     """Every one-token step as one compiled call for the whole model (`Float32DecodeStep`), or
     (without it) one per layer: the same logits as the modules on PyTorch, step after step."""
     plain = tiny()
@@ -57,7 +57,7 @@ def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, whole_
     assert isinstance(fast.decode_step, Float32DecodeStep)
     if not whole_step:
         fast.decode_step = None
-    ids = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 300, (1, prompt + 6), generator=torch.Generator().manual_seed(1))
     calls = []
     name = "f32_decode_model" if whole_step else "f32_decode_layer"
     real = getattr(dk, name)
@@ -74,9 +74,10 @@ def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, whole_
         with torch.inference_mode():
             outs = []
             for model in (fast, plain):
-                cache = KVCache.for_model(model.config, 1, 12, torch.float32, "cpu")
-                model(ids[:, :4], cache=cache, start=0)
-                outs.append(torch.stack([model(ids[:, i:i + 1], cache=cache, start=i)[0, -1] for i in range(4, 10)]))
+                cache = KVCache.for_model(model.config, 1, prompt + 8, torch.float32, "cpu")
+                model(ids[:, :prompt], cache=cache, start=0)
+                outs.append(torch.stack([model(ids[:, i:i + 1], cache=cache, start=i)[0, -1]
+                                         for i in range(prompt, prompt + 6)]))
                 if model is fast:  # the prefill took the plain path
                     assert calls == [True] * (6 if whole_step else 12)  # per step, or 2 layers x 6 steps
     finally:

@@ -311,24 +311,25 @@ class CompiledDecodeStep:
         first = blocks[0]
         plan = {
             "entries": entries, "modules": modules, "tensors": tensors,
-            "classes": [type(m) for m in modules], "flags": [self._flags(m) for m in modules],
+            "classes": [type(m) for m in modules],
+            "flag_items": [(m, name) for m in modules for name in self.flag_names if hasattr(m, name)],
             "pointers": [(t.data_ptr(), t.stride()) for t in tensors],
             "layers": (type(structs[0]) * len(structs))(*structs), "head": head_args, "eps": eps.pop(),
             "shape": (first.mlp.proj.in_features, first.attn.n_head, first.attn.n_kv_head, first.attn.head_dim),
             "embed": embed.weight, "norm": norm,
         }
+        plan["flags"] = [getattr(m, name) for m, name in plan["flag_items"]]
         return plan if self._still_valid(plan) else None  # (hooks)
 
-    @staticmethod
-    def _flags(module: nn.Module) -> tuple:
-        """Per-module switches that decide a path (checked on every step)."""
-        return (getattr(module, "native_rows", None), getattr(module, "compute_dtype", None))
+    # per-module switches that decide a path, checked on every step where a module has them
+    flag_names = ("native_rows", "compute_dtype")
 
-    def _still_valid(self, plan: dict) -> bool:
+    @staticmethod
+    def _still_valid(plan: dict) -> bool:
         return (all(members.get(name) is obj for members, name, obj in plan["entries"])
                 and [type(m) for m in plan["modules"]] == plan["classes"]
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in plan["modules"])
-                and [self._flags(m) for m in plan["modules"]] == plan["flags"]
+                and [getattr(m, name) for m, name in plan["flag_items"]] == plan["flags"]
                 and [(t.data_ptr(), t.stride()) for t in plan["tensors"]] == plan["pointers"])
 
     def __call__(self, model, input_ids: torch.Tensor, cache, start: int) -> torch.Tensor | None:

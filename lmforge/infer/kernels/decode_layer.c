@@ -213,16 +213,32 @@ typedef struct {
 
 static int f32_layer_in(float *x, int d, const lmf_f32_layer *L, float eps, int inter, int h, int hkv, int hd,
                         const float *cos, const float *sin, float *kc, float *vc, long head_stride, int pos,
-                        float *scratch, float *partials, int *code) {
-    const int nqkv = (h + 2 * hkv) * hd;
+                        float *scratch, float *partials, float **abuf, int *code) {
+    const int nqkv = (h + 2 * hkv) * hd, T = pos + 1;
     float *hn = scratch, *delta = hn + d, *qkv = delta + d, *att = qkv + nqkv, *gu = att + (long)h * hd,
           *m = gu + 2L * inter;
 #pragma omp single
     lmf_rms_norm(x, L->attn_norm, 1, d, eps, hn);
     f32_gemv_in(L->qkv_w, L->cm_qkv, nqkv, d, hn, L->qkv_bias, qkv, partials);
+    /* attention: rotary and cache writes on one thread, then the query heads split over all
+     * (*abuf: the rotated queries and every head's scores, shared by the threads) */
 #pragma omp single
-    *code = lmf_decode_attention(qkv, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, 1.0f / sqrtf((float)hd), att);
+    {
+        if (h % hkv || hd % 2) {
+            *code = 1;
+        } else if (!(*abuf = malloc(((size_t)h * hd + (size_t)h * T) * sizeof(float)))) {
+            *code = 2;
+        } else {
+            lmf_attention_prepare(qkv, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, *abuf);
+        }
+    }
     if (*code) return *code;
+#pragma omp for schedule(static)
+    for (int i = 0; i < h; i++)
+        lmf_attention_head(i, *abuf, h, hkv, hd, kc, vc, head_stride, T, 1.0f / sqrtf((float)hd),
+                           *abuf + (long)h * hd + (long)i * T, att);
+#pragma omp single
+    free(*abuf);
     f32_gemv_in(L->out_w, L->cm_out, d, h * hd, att, NULL, delta, partials);
 #pragma omp single
     {
@@ -256,10 +272,11 @@ int lmf_f32_decode_layer(float *x, int d, const float *attn_norm, const float *m
                          float *scratch, int threads) {
     const lmf_f32_layer L = {attn_norm, mlp_norm, qkv_w, qkv_bias, out_w, fc_w, proj_w, cm_qkv, cm_out, cm_fc, cm_proj};
     int code = 0;
+    float *abuf = NULL;
     if (threads < 1) threads = 1;
     float *partials = f32_partials(threads, d, (h + 2 * hkv) * hd, inter, 0);
 #pragma omp parallel num_threads(threads)
-    f32_layer_in(x, d, &L, eps, inter, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, scratch, partials, &code);
+    f32_layer_in(x, d, &L, eps, inter, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, scratch, partials, &abuf, &code);
     free(partials);
     return code;
 }
@@ -273,13 +290,14 @@ int lmf_f32_decode_model(float *x, int d, int n_layer, const lmf_f32_layer *laye
                          long head_stride, int pos, const float *final_norm, float final_eps, const float *head_w,
                          int cm_head, int vocab, float *logits, float *scratch, int threads) {
     int code = 0;
+    float *abuf = NULL;
     if (threads < 1) threads = 1;
     float *partials = f32_partials(threads, d, (h + 2 * hkv) * hd, inter, vocab <= KSPLIT_MAX ? vocab : 0);
 #pragma omp parallel num_threads(threads)
     {
         for (int l = 0; l < n_layer; l++)
             if (f32_layer_in(x, d, layers + l, eps, inter, h, hkv, hd, cos, sin, k0 + l * layer_stride,
-                             v0 + l * layer_stride, head_stride, pos, scratch, partials, &code))
+                             v0 + l * layer_stride, head_stride, pos, scratch, partials, &abuf, &code))
                 break;
         if (!code) {
 #pragma omp single

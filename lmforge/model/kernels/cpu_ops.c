@@ -255,16 +255,14 @@ int lmf_varlen_attention(const float *qkv, long row_stride, const int64_t *offse
  *   kc/vc  this layer's cache of this sequence: Hkv heads, `head_stride` floats apart, rows of D;
  *   out    [H D].
  * Scores are kept in a buffer of pos + 1 floats per query head; returns 2 when it cannot be had. */
-int lmf_decode_attention(const float *qkv, int H, int Hkv, int D, const float *cos, const float *sin, float *kc,
-                         float *vc, long head_stride, int pos, float scale, float *out) {
-    if (H % Hkv != 0 || D % 2 != 0) return 1;
-    const int T = pos + 1, half = D / 2, group = H / Hkv;
-    float *buf = malloc(((size_t)H * D + (size_t)H * T) * sizeof(float));
-    if (!buf) return 2;
-    float *q = buf, *scores = buf + (long)H * D;
+/* The first part of a decode step's attention: q rotated into q_out [H D], k rotated into the
+ * cache at `pos`, v copied there. */
+void lmf_attention_prepare(const float *qkv, int H, int Hkv, int D, const float *cos, const float *sin, float *kc,
+                           float *vc, long head_stride, int pos, float *q_out) {
+    const int half = D / 2;
     for (int h = 0; h < H + Hkv; h++) {
         const float *x = qkv + (long)h * D;
-        float *dst = h < H ? q + (long)h * D : kc + (long)(h - H) * head_stride + (long)pos * D;
+        float *dst = h < H ? q_out + (long)h * D : kc + (long)(h - H) * head_stride + (long)pos * D;
         if (cos) {
             for (int i = 0; i < half; i++) {
                 dst[i] = x[i] * cos[i] - x[i + half] * sin[i];
@@ -276,61 +274,77 @@ int lmf_decode_attention(const float *qkv, int H, int Hkv, int D, const float *c
     }
     for (int g = 0; g < Hkv; g++)
         memcpy(vc + (long)g * head_stride + (long)pos * D, qkv + (long)(H + Hkv + g) * D, (size_t)D * sizeof(float));
-    /* heads in parallel once the cache is long enough to pay for waking the threads */
-#pragma omp parallel for schedule(static) if ((long)T * H >= 4096)
-    for (int h = 0; h < H; h++) {
-        const int g = h / group;
-        const float *k = kc + (long)g * head_stride, *v = vc + (long)g * head_stride, *qh = q + (long)h * D;
-        float *s = scores + (long)h * T;
-        float m = -INFINITY;
-        if (D % W == 0) {
-            for (int j = 0; j < T; j++) {
-                const float *kj = k + (long)j * D;
-                vf acc = splat(0.0f);
-                for (int d = 0; d < D; d += W) acc += loadu(qh + d) * loadu(kj + d);
-                s[j] = hsum(acc) * scale;
-                m = s[j] > m ? s[j] : m;
-            }
-        } else {
-            for (int j = 0; j < T; j++) {
-                const float *kj = k + (long)j * D;
-                float dot = 0.0f;
-                for (int d = 0; d < D; d++) dot += qh[d] * kj[d];
-                s[j] = dot * scale;
-                m = s[j] > m ? s[j] : m;
-            }
+}
+
+/* The second part, for query head h: softmax(q_h K^T scale) V over keys 0..T-1 of its key/value
+ * head, into out + h D; s: room for T scores. Heads are independent: callers may split them
+ * over threads. */
+void lmf_attention_head(int h, const float *q, int H, int Hkv, int D, const float *kc, const float *vc,
+                        long head_stride, int T, float scale, float *s, float *out) {
+    const int g = h / (H / Hkv);
+    const float *k = kc + (long)g * head_stride, *v = vc + (long)g * head_stride, *qh = q + (long)h * D;
+    float m = -INFINITY;
+    if (D % W == 0) {
+        for (int j = 0; j < T; j++) {
+            const float *kj = k + (long)j * D;
+            vf acc = splat(0.0f);
+            for (int d = 0; d < D; d += W) acc += loadu(qh + d) * loadu(kj + d);
+            s[j] = hsum(acc) * scale;
+            m = s[j] > m ? s[j] : m;
         }
-        float sum = 0.0f;
-        int j = 0;
-        for (; j + W <= T; j += W) {
-            vf e = vexp(loadu(s + j) - splat(m));
-            storeu(s + j, e);
-            sum += hsum(e);
-        }
-        for (; j < T; j++) {
-            s[j] = expf(s[j] - m);
-            sum += s[j];
-        }
-        const float inv = 1.0f / sum;
-        float *o = out + (long)h * D;
-        if (D % W == 0 && D <= 8 * W) { /* the output row in registers */
-            vf acc[8];
-            const int nv = D / W;
-            for (int c = 0; c < nv; c++) acc[c] = splat(0.0f);
-            for (j = 0; j < T; j++) {
-                const vf p = splat(s[j]);
-                const float *vj = v + (long)j * D;
-                for (int c = 0; c < nv; c++) acc[c] += p * loadu(vj + c * W);
-            }
-            for (int c = 0; c < nv; c++) storeu(o + c * W, acc[c] * splat(inv));
-        } else {
-            for (int d = 0; d < D; d++) o[d] = 0.0f;
-            for (j = 0; j < T; j++) {
-                const float p = s[j] * inv, *vj = v + (long)j * D;
-                for (int d = 0; d < D; d++) o[d] += p * vj[d];
-            }
+    } else {
+        for (int j = 0; j < T; j++) {
+            const float *kj = k + (long)j * D;
+            float dot = 0.0f;
+            for (int d = 0; d < D; d++) dot += qh[d] * kj[d];
+            s[j] = dot * scale;
+            m = s[j] > m ? s[j] : m;
         }
     }
+    float sum = 0.0f;
+    int j = 0;
+    for (; j + W <= T; j += W) {
+        vf e = vexp(loadu(s + j) - splat(m));
+        storeu(s + j, e);
+        sum += hsum(e);
+    }
+    for (; j < T; j++) {
+        s[j] = expf(s[j] - m);
+        sum += s[j];
+    }
+    const float inv = 1.0f / sum;
+    float *o = out + (long)h * D;
+    if (D % W == 0 && D <= 8 * W) { /* the output row in registers */
+        vf acc[8];
+        const int nv = D / W;
+        for (int c = 0; c < nv; c++) acc[c] = splat(0.0f);
+        for (j = 0; j < T; j++) {
+            const vf p = splat(s[j]);
+            const float *vj = v + (long)j * D;
+            for (int c = 0; c < nv; c++) acc[c] += p * loadu(vj + c * W);
+        }
+        for (int c = 0; c < nv; c++) storeu(o + c * W, acc[c] * splat(inv));
+    } else {
+        for (int d = 0; d < D; d++) o[d] = 0.0f;
+        for (j = 0; j < T; j++) {
+            const float p = s[j] * inv, *vj = v + (long)j * D;
+            for (int d = 0; d < D; d++) o[d] += p * vj[d];
+        }
+    }
+}
+
+int lmf_decode_attention(const float *qkv, int H, int Hkv, int D, const float *cos, const float *sin, float *kc,
+                         float *vc, long head_stride, int pos, float scale, float *out) {
+    if (H % Hkv != 0 || D % 2 != 0) return 1;
+    const int T = pos + 1;
+    float *buf = malloc(((size_t)H * D + (size_t)H * T) * sizeof(float));
+    if (!buf) return 2;
+    float *q = buf, *scores = buf + (long)H * D;
+    lmf_attention_prepare(qkv, H, Hkv, D, cos, sin, kc, vc, head_stride, pos, q);
+    /* heads in parallel once the cache is long enough to pay for waking the threads */
+#pragma omp parallel for schedule(static) if ((long)T * H >= 4096)
+    for (int h = 0; h < H; h++)
+        lmf_attention_head(h, q, H, Hkv, D, kc, vc, head_stride, T, scale, scores + (long)h * T, out);
     free(buf);
     return 0;
 }
