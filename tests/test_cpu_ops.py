@@ -228,6 +228,59 @@ def test_decoder_steps_same_with_and_without_the_kernel():
 
 
 @needs_kernel
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_batched_decode_steps_rows_at_their_own_positions(position, monkeypatch):
+    """Rows of different lengths decoded together (per-row positions, as the scheduler steps
+    them) and in lockstep (one shared position): the batched kernel against PyTorch's path, and
+    each row against its own batch-1 run."""
+    from lmforge.model.kv_cache import KVCache
+
+    torch.manual_seed(6)
+    config = ModelConfig(family="llama", vocab_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                         intermediate_size=96, max_position_embeddings=64, norm="rmsnorm", mlp="swiglu",
+                         position=position)
+    model = Transformer(config).eval()
+    lengths = [3, 9, 5, 14]
+    seqs = [torch.randint(0, 64, (1, n + 4)) for n in lengths]
+    calls = []
+    real = na.decode_attention_rows
+
+    def counted(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(na, "decode_attention_rows", counted)
+
+    def batched(lockstep: bool) -> torch.Tensor:
+        cache = KVCache.for_model(config, len(seqs), 24, torch.float32, "cpu")
+        starts = [min(lengths) if lockstep else n for n in lengths]
+        for b, (seq, n) in enumerate(zip(seqs, starts)):
+            model(seq[:, :n], cache=cache.rows(b, b + 1), start=0)
+        out = []
+        for step in range(4):
+            ids = torch.stack([seq[0, n + step] for seq, n in zip(seqs, starts)]).view(-1, 1)
+            start = starts[0] + step if lockstep else torch.tensor(starts) + step
+            out.append(model(ids, cache=cache, start=start)[:, -1])
+        return torch.stack(out, 1)
+
+    with torch.no_grad():
+        for lockstep in (False, True):
+            calls.clear()
+            fast = batched(lockstep)
+            assert calls and all(calls)  # every step's attention went through the kernel
+            na.ENABLED = False
+            try:
+                slow = batched(lockstep)
+            finally:
+                na.ENABLED = True
+            torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+        for b, (seq, n) in enumerate(zip(seqs, lengths)):  # each row as if alone
+            alone = model(seq[:, :n + 4])[0, n:n + 4]
+            torch.testing.assert_close(batched(False)[b], alone, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 @pytest.mark.parametrize("n", [576, 40])  # vector loop with no tail, and a tail
 def test_rms_norm_rows_equal_pytorch(n):
     torch.manual_seed(n)

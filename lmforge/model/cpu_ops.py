@@ -40,6 +40,7 @@ _p, _i, _f, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
 SIGNATURES: native.Signatures = {
     "lmf_varlen_attention": (_i, [_p, _l, _p, _i, _i, _i, _i, _i, _f, _p, _l]),
     "lmf_decode_attention": (_i, [_p, _i, _i, _i, _p, _p, _p, _p, _l, _i, _f, _p]),
+    "lmf_decode_attention_rows": (_i, [_p, _i, _l, _i, _i, _i, _p, _p, _l, _p, _p, _l, _l, _p, _f, _p]),
     "lmf_rms_norm": (None, [_p, _p, _i, _i, _f, _p]),
 }
 # Switch for comparisons (benchmarks/embed.py --pytorch-attention): False sends every call
@@ -124,6 +125,57 @@ def decode_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] 
     code = lib.lmf_decode_attention(qkv.data_ptr(), n_head, n_kv_head, head_dim, native.ptr(cos), native.ptr(sin),
                                     k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), pos, head_dim ** -0.5,
                                     out.data_ptr())
+    return out if code == 0 else None
+
+
+def decode_attention_rows(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, start: int | torch.Tensor, n_head: int, n_kv_head: int,
+                          head_dim: int) -> torch.Tensor | None:
+    """`decode_attention` for a batch of B sequences, one new token each, row b at position
+    start (an int for all rows, or a tensor [B] of per-row positions); None where it does not apply.
+
+    qkv [B, 1, (n_head + 2 n_kv_head) head_dim]; rope: (cos, sin) [B or 1, ..., head_dim] for
+    those positions, or None; k_cache / v_cache: this layer's cache rows [B, n_kv_head, max_len,
+    head_dim] (each row's positions contiguous), written at each row's position. Row b attends
+    to its keys 0..start[b] (what the per-row causal mask of a decode step allows). Returns
+    [B, n_head * head_dim].
+    """
+    batch = qkv.shape[0]
+    width = (n_head + 2 * n_kv_head) * head_dim
+    if (not ENABLED or qkv.dtype != torch.float32 or qkv.device.type != "cpu" or qkv.dim() != 3
+            or qkv.shape[1:] != (1, width) or qkv.stride(2) != 1 or n_head % n_kv_head or head_dim % 2
+            or (torch.is_grad_enabled() and qkv.requires_grad)):
+        return None
+    for c in (k_cache, v_cache):
+        if (c.dtype != torch.float32 or c.dim() != 4 or c.shape[0] != batch or c.shape[1] != n_kv_head
+                or c.shape[3] != head_dim or c.stride(3) != 1 or c.stride(2) != head_dim
+                or c.stride() != k_cache.stride()):
+            return None
+    if isinstance(start, int):
+        positions = torch.full((batch,), start, dtype=torch.int32)
+    else:
+        positions = start.reshape(-1).to(torch.int32)
+        if positions.numel() != batch:
+            return None
+    if batch and not (0 <= int(positions.min()) and int(positions.max()) < k_cache.shape[2]):
+        return None
+    cos = sin = None
+    rope_stride = 0
+    if rope is not None:
+        cos, sin = (t.reshape(-1, head_dim) for t in rope)
+        if (cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.shape[0] not in (1, batch)
+                or sin.shape != cos.shape or not cos.is_contiguous() or not sin.is_contiguous()):
+            return None
+        rope_stride = head_dim if cos.shape[0] == batch else 0
+    lib = _library()
+    if lib is None:
+        return None
+    positions = positions.contiguous()
+    out = qkv.new_empty(batch, n_head * head_dim)
+    code = lib.lmf_decode_attention_rows(qkv.data_ptr(), batch, qkv.stride(0), n_head, n_kv_head, head_dim,
+                                         native.ptr(cos), native.ptr(sin), rope_stride, k_cache.data_ptr(),
+                                         v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), positions.data_ptr(),
+                                         head_dim ** -0.5, out.data_ptr())
     return out if code == 0 else None
 
 

@@ -172,6 +172,7 @@ class Attention(nn.Module):
         self.causal = config.causal
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.sliding_window = config.sliding_window
         self.qkv = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.out = nn.Linear(self.q_size, config.n_embd, bias=config.out_bias)
 
@@ -210,6 +211,15 @@ class Attention(nn.Module):
                                          self.n_head, self.n_kv_head, self.head_dim)
             if y is not None:
                 return y.view(1, 1, self.q_size)
+        if (batch > 1 and length == 1 and self.sliding_window is None and isinstance(cache, KVCache)
+                and cache.k.dim() == 5):
+            # Batched decode step, rows at their own positions: the same compiled call per row,
+            # every (row, head) pair over the threads. Without a window the step's mask is the
+            # per-row causal one (keys 0..position), which is what the kernel computes.
+            y = cpu_ops.decode_attention_rows(qkv, rope, cache.k[layer], cache.v[layer], start,
+                                              self.n_head, self.n_kv_head, self.head_dim)
+            if y is not None:
+                return y.view(batch, 1, self.q_size)
         heads = qkv.view(batch, length, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         qk, v = heads.split((self.n_head + self.n_kv_head, self.n_kv_head), dim=1)
         if rope is not None:

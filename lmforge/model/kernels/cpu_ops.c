@@ -349,6 +349,38 @@ int lmf_decode_attention(const float *qkv, int H, int Hkv, int D, const float *c
     return 0;
 }
 
+/* A decode step of B sequences at once, each at its own position: row b's q/k/v at
+ * qkv + b qkv_stride, its rotary (cos, sin) at + b rope_stride (0: one for all rows; NULL: no
+ * rotation), its cache at kc/vc + b batch_stride (heads head_stride apart), written at pos[b];
+ * out [B][H D]. Every (row, head) pair is independent once the rows are rotated and written. */
+int lmf_decode_attention_rows(const float *qkv, int B, long qkv_stride, int H, int Hkv, int D, const float *cos,
+                              const float *sin, long rope_stride, float *kc, float *vc, long batch_stride,
+                              long head_stride, const int *pos, float scale, float *out) {
+    if (H % Hkv != 0 || D % 2 != 0 || B < 1) return 1;
+    int most = 0;
+    long work = 0;
+    for (int b = 0; b < B; b++) {
+        if (pos[b] < 0) return 1;
+        most = pos[b] + 1 > most ? pos[b] + 1 : most;
+        work += (long)(pos[b] + 1) * H;
+    }
+    float *buf = malloc(((size_t)B * H * D + (size_t)B * H * most) * sizeof(float));
+    if (!buf) return 2;
+    float *q = buf, *scores = buf + (long)B * H * D;
+    for (int b = 0; b < B; b++)
+        lmf_attention_prepare(qkv + b * qkv_stride, H, Hkv, D, cos ? cos + b * rope_stride : NULL,
+                              sin ? sin + b * rope_stride : NULL, kc + b * batch_stride, vc + b * batch_stride,
+                              head_stride, pos[b], q + (long)b * H * D);
+#pragma omp parallel for schedule(dynamic, 1) if (work >= 2048)
+    for (int i = 0; i < B * H; i++) {
+        const int b = i / H, h = i % H;
+        lmf_attention_head(h, q + (long)b * H * D, H, Hkv, D, kc + b * batch_stride, vc + b * batch_stride,
+                           head_stride, pos[b] + 1, scale, scores + (long)i * most, out + (long)b * H * D);
+    }
+    free(buf);
+    return 0;
+}
+
 /* RMS norm of `rows` rows of n floats: out = x / sqrt(mean(x^2) + eps) * w. */
 void lmf_rms_norm(const float *x, const float *w, int rows, int n, float eps, float *out) {
     for (int r = 0; r < rows; r++) {
