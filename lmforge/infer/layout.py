@@ -15,8 +15,10 @@ benchmarks/serve.py and docs/benchmarks.md:
      weights ~1.6x faster on the 2-core AMD machine we measured (about 30 GB/s against
      19 GB/s). `BlasLinear` routes single-row float32 products through NumPy, zero-copy,
      or, where lmforge's own compiled product (lmforge/infer/decode_kernels.py) measures
-     at least as fast, through that; then each pre-norm layer of a batch-1 decode step
-     also runs as one compiled call (`Float32DecoderBlock`), and NumPy is not used.
+     fast enough (`calibrate`), through that; then the whole batch-1 decode step runs as
+     one compiled call (`Float32DecodeStep`; each pre-norm layer alone as one call,
+     `Float32DecoderBlock`, where the whole step does not apply), weights row-major and
+     in 2 MiB pages, and NumPy is not used.
    - Several rows (a batched decode step, a prefill): MKL's small-M GEMM is slow there
      too (30 gate/up products of 16 x 576 x 3072 took 38 ms), and OpenBLAS's is no
      better. oneDNN, which PyTorch also ships, runs the same products in 14 ms when the
