@@ -57,7 +57,7 @@ class Ceilings:
         from lmforge.infer import decode_kernels
         from lmforge.io import hugepages
 
-        self.np, self.kernels = np, decode_kernels
+        self.kernels = decode_kernels
         self.buf = torch.ones(128 * 2**20)
         self.m4k = np.ones((2**16, 2**11), dtype=np.float32)  # x @ M: M streamed row by row
         self.vec = np.ones((1, 2**16), dtype=np.float32)

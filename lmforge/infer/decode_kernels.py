@@ -22,10 +22,10 @@ import ctypes
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
 
 from ..io import native
-from torch import nn
-
 from ..model.kv_cache import KVCache
 from ..model.transformer import MLP, Block, RMSNorm
 from . import quant_kernels
@@ -168,16 +168,20 @@ def q4_decode_model(common: list, head_bits: int, head: torch.Tensor, head_scale
     and a head of `head_bits` 4 (packed rows), 8 (codes + 128, float32 row scales) or 32 (float32
     row-major): logits [vocab], or None."""
     lib = _library()
-    d, inter, n_head, n_kv_head, head_dim = common[1], common[5], common[6], common[7], common[8]
+    d, inter, n_head, n_kv_head, head_dim = _step_shape(common)
     if (lib is None or not quant_kernels.available() or d % 64 or inter % 64 or (n_head * head_dim) % 64
             or head_bits not in (4, 8, 32)):
         return None
     rows = head.shape[0]
-    logits = torch.empty(rows, dtype=torch.float32)
-    scratch = _scratch(d, n_head, n_kv_head, head_dim, inter)
+    logits, scratch = torch.empty(rows, dtype=torch.float32), _scratch(d, n_head, n_kv_head, head_dim, inter)
     code = lib.lmf_q4_decode_model(*common, head_bits, head.data_ptr(), native.ptr(head_scale), rows,
                                    logits.data_ptr(), scratch.data_ptr())
     return logits[:vocab] if code == 0 else None
+
+
+def _step_shape(common: list) -> tuple[int, int, int, int, int]:
+    """(d, inter, n_head, n_kv_head, head_dim) from `CompiledDecodeStep._common_args`."""
+    return common[1], common[5], common[6], common[7], common[8]
 
 
 def f32_decode_model(common: list, head: torch.Tensor, threads: int) -> torch.Tensor | None:
@@ -187,10 +191,9 @@ def f32_decode_model(common: list, head: torch.Tensor, threads: int) -> torch.Te
     cm_head = layout_of(head)
     if lib is None or cm_head is None:
         return None
-    d, inter, n_head, n_kv_head, head_dim = common[1], common[5], common[6], common[7], common[8]
+    d, inter, n_head, n_kv_head, head_dim = _step_shape(common)
     vocab = head.shape[0]
-    logits = torch.empty(vocab, dtype=torch.float32)
-    scratch = _scratch(d, n_head, n_kv_head, head_dim, inter)
+    logits, scratch = torch.empty(vocab, dtype=torch.float32), _scratch(d, n_head, n_kv_head, head_dim, inter)
     code = lib.lmf_f32_decode_model(*common, head.data_ptr(), cm_head, vocab, logits.data_ptr(), scratch.data_ptr(),
                                     threads)
     return logits if code == 0 else None
@@ -333,8 +336,6 @@ class CompiledDecodeStep:
                 and [(t.data_ptr(), t.stride()) for t in plan["tensors"]] == plan["pointers"])
 
     def __call__(self, model, input_ids: torch.Tensor, cache, start: int) -> torch.Tensor | None:
-        from torch.nn.modules import module as torch_module
-
         config = model.config
         if (torch.is_grad_enabled() or not isinstance(cache, KVCache) or cache.k.dim() != 5
                 or cache.k.dtype != torch.float32 or model.rope is None or model.type_embed is not None

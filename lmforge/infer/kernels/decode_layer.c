@@ -50,7 +50,7 @@ typedef struct {
  * into logits: head_bits 4 (packed int4 rows, n_head_rows of them), 8 (codes + 128 with a
  * float scale per row, head_scale) or 32 (float32 row-major). x: the token's embedding row,
  * changed. scratch: as lmf_q4_decode_layer's. */
-static int f32_gemv_rows(const float *w, int n, int k, const float *x, float *y);
+int lmf_f32_gemv(const float *w, int colmajor, int n, int k, const float *x, const float *bias, float *y, int threads);
 
 int lmf_q4_decode_model(float *x, int d, int n_layer, const lmf_q4_layer *layers, float eps, int inter, int h,
                         int hkv, int hd, const float *cos, const float *sin, float *k0, float *v0, long layer_stride,
@@ -68,7 +68,14 @@ int lmf_q4_decode_model(float *x, int d, int n_layer, const lmf_q4_layer *layers
     lmf_rms_norm(x, final_norm, 1, d, final_eps, scratch);
     if (head_bits == 4) return lmf_q4_gemv((const uint8_t *)head_w, n_head_rows, d, scratch, logits);
     if (head_bits == 8) return lmf_q8_gemv((const uint8_t *)head_w, head_scale, n_head_rows, d, scratch, logits);
-    if (head_bits == 32) return f32_gemv_rows((const float *)head_w, n_head_rows, d, scratch, logits);
+    if (head_bits == 32) {
+#ifdef _OPENMP
+        const int threads = omp_get_max_threads(); /* what lmf_q4_gemv's regions use */
+#else
+        const int threads = 1;
+#endif
+        return lmf_f32_gemv((const float *)head_w, 0, n_head_rows, d, scratch, NULL, logits, threads);
+    }
     return 3;
 }
 
@@ -307,17 +314,4 @@ int lmf_f32_decode_model(float *x, int d, int n_layer, const lmf_f32_layer *laye
     }
     free(partials);
     return code;
-}
-
-/* A float32 row-major product on the threads of one parallel region (the int4 model's head). */
-static int f32_gemv_rows(const float *w, int n, int k, const float *x, float *y) {
-#pragma omp parallel
-    {
-#ifdef _OPENMP
-        f32_gemv_part(w, 0, n, k, x, y, omp_get_thread_num(), omp_get_num_threads());
-#else
-        f32_gemv_part(w, 0, n, k, x, y, 0, 1);
-#endif
-    }
-    return 0;
 }

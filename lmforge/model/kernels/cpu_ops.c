@@ -245,16 +245,6 @@ int lmf_varlen_attention(const float *qkv, long row_stride, const int64_t *offse
     return failed ? 2 : 0;
 }
 
-/* One decode step of one sequence: the new token's q/k/v row in, its attention output out.
- *
- * Does what the step's PyTorch path does in some twenty operations a layer: rotates q and k
- * (pairs (x[i], x[i + D/2]) by cos/sin, when given), writes k and v into the cache at
- * position `pos`, and attends from every query head to keys 0..pos of its key/value head.
- *   qkv    [(H + 2 Hkv) D]: H query heads, then Hkv key heads, then Hkv value heads;
- *   cos/sin [D] for position pos, or NULL (no rotation);
- *   kc/vc  this layer's cache of this sequence: Hkv heads, `head_stride` floats apart, rows of D;
- *   out    [H D].
- * Scores are kept in a buffer of pos + 1 floats per query head; returns 2 when it cannot be had. */
 /* The first part of a decode step's attention: q rotated into q_out [H D], k rotated into the
  * cache at `pos`, v copied there. */
 void lmf_attention_prepare(const float *qkv, int H, int Hkv, int D, const float *cos, const float *sin, float *kc,
@@ -333,22 +323,6 @@ void lmf_attention_head(int h, const float *q, int H, int Hkv, int D, const floa
     }
 }
 
-int lmf_decode_attention(const float *qkv, int H, int Hkv, int D, const float *cos, const float *sin, float *kc,
-                         float *vc, long head_stride, int pos, float scale, float *out) {
-    if (H % Hkv != 0 || D % 2 != 0) return 1;
-    const int T = pos + 1;
-    float *buf = malloc(((size_t)H * D + (size_t)H * T) * sizeof(float));
-    if (!buf) return 2;
-    float *q = buf, *scores = buf + (long)H * D;
-    lmf_attention_prepare(qkv, H, Hkv, D, cos, sin, kc, vc, head_stride, pos, q);
-    /* heads in parallel once the cache is long enough to pay for waking the threads */
-#pragma omp parallel for schedule(static) if ((long)T * H >= 4096)
-    for (int h = 0; h < H; h++)
-        lmf_attention_head(h, q, H, Hkv, D, kc, vc, head_stride, T, scale, scores + (long)h * T, out);
-    free(buf);
-    return 0;
-}
-
 /* A decode step of B sequences at once, each at its own position: row b's q/k/v at
  * qkv + b qkv_stride, its rotary (cos, sin) at + b rope_stride (0: one for all rows; NULL: no
  * rotation), its cache at kc/vc + b batch_stride (heads head_stride apart), written at pos[b];
@@ -371,7 +345,8 @@ int lmf_decode_attention_rows(const float *qkv, int B, long qkv_stride, int H, i
         lmf_attention_prepare(qkv + b * qkv_stride, H, Hkv, D, cos ? cos + b * rope_stride : NULL,
                               sin ? sin + b * rope_stride : NULL, kc + b * batch_stride, vc + b * batch_stride,
                               head_stride, pos[b], q + (long)b * H * D);
-#pragma omp parallel for schedule(dynamic, 1) if (work >= 2048)
+    /* (row, head) pairs in parallel once the caches are long enough to pay for waking the threads */
+#pragma omp parallel for schedule(dynamic, 1) if (work >= 4096)
     for (int i = 0; i < B * H; i++) {
         const int b = i / H, h = i % H;
         lmf_attention_head(h, q + (long)b * H * D, H, Hkv, D, kc + b * batch_stride, vc + b * batch_stride,
@@ -379,6 +354,21 @@ int lmf_decode_attention_rows(const float *qkv, int B, long qkv_stride, int H, i
     }
     free(buf);
     return 0;
+}
+
+/* One decode step of one sequence: the new token's q/k/v row in, its attention output out.
+ *
+ * Does what the step's PyTorch path does in some twenty operations a layer: rotates q and k
+ * (pairs (x[i], x[i + D/2]) by cos/sin, when given), writes k and v into the cache at
+ * position `pos`, and attends from every query head to keys 0..pos of its key/value head.
+ *   qkv    [(H + 2 Hkv) D]: H query heads, then Hkv key heads, then Hkv value heads;
+ *   cos/sin [D] for position pos, or NULL (no rotation);
+ *   kc/vc  this layer's cache of this sequence: Hkv heads, `head_stride` floats apart, rows of D;
+ *   out    [H D].
+ * The one-row case of lmf_decode_attention_rows; returns 2 when its buffer cannot be had. */
+int lmf_decode_attention(const float *qkv, int H, int Hkv, int D, const float *cos, const float *sin, float *kc,
+                         float *vc, long head_stride, int pos, float scale, float *out) {
+    return lmf_decode_attention_rows(qkv, 1, 0, H, Hkv, D, cos, sin, 0, kc, vc, 0, head_stride, &pos, scale, out);
 }
 
 /* RMS norm of `rows` rows of n floats: out = x / sqrt(mean(x^2) + eps) * w. */
