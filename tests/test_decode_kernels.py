@@ -44,9 +44,12 @@ def tiny(config_kw=None) -> Transformer:
 @needs_kernels
 @pytest.mark.parametrize("threads,prompt", [(1, 4), (2, 4), (2, 50)])  # (50: every head's scores longer)
 @pytest.mark.parametrize("whole_step", [True, False])
-def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, prompt, whole_step):
+@pytest.mark.parametrize("columns", [False, True])
+def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, prompt, whole_step, columns):
     """Every one-token step as one compiled call for the whole model (`Float32DecodeStep`), or
-    (without it) one per layer: the same logits as the modules on PyTorch, step after step."""
+    (without it) one per layer: the same logits as the modules on PyTorch, step after step.
+    `columns`: the wide weights stored column-major again afterwards (the kernels' other layout:
+    the gate/up product and the bias then take their separate passes)."""
     plain = tiny()
     fast = copy.deepcopy(plain)
     use_column_major_weights(fast)
@@ -55,6 +58,9 @@ def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, prompt
     assert all(type(b) is Float32DecoderBlock for b in fast.layers)
     assert all(m.native_rows and m.weight.is_contiguous() for m in fast.modules() if isinstance(m, BlasLinear))
     assert isinstance(fast.decode_step, Float32DecodeStep)
+    if columns:
+        use_column_major_weights(fast)
+        assert not fast.layers[0].mlp.fc.weight.is_contiguous()
     if not whole_step:
         fast.decode_step = None
     ids = torch.randint(0, 300, (1, prompt + 6), generator=torch.Generator().manual_seed(1))

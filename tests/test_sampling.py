@@ -115,3 +115,19 @@ def test_top_p_smaller_than_float32_keeps_the_top_token():
     """Found by fuzzing the server: top_p=1e-110 is 0 in float32 and must not mask everything."""
     out = truncate(LOGITS, top_k=0, top_p=1e-110, min_p=0.0)
     assert kept(out) == [0]
+
+
+def test_greedy_takes_the_largest_finite_logit_around_nan_and_inf():
+    """The greedy shortcut (one arg-max) agrees with the full path where NaN and +inf appear."""
+    params = SamplingParams(temperature=0)
+    empty = torch.empty(0, dtype=torch.long)
+    cases = {
+        (0.5, 2.0, -1.0, 1.0): 1,
+        (0.5, float("nan"), 3.0, 1.0): 2,  # NaN is impossible, not the largest
+        (0.5, float("inf"), 3.0, float("inf")): 1,  # +inf becomes the largest float: the first wins
+        (float("nan"), float("inf"), 3.0, 1.0): 1,
+    }
+    for row, expected in cases.items():
+        assert sample_next(torch.tensor(row), params, empty, None) == expected
+    penalized = SamplingParams(temperature=0, repetition_penalty=2.0)
+    assert sample_next(torch.tensor((0.5, 2.0, 1.5, 1.0)), penalized, torch.tensor([1]), None) == 2

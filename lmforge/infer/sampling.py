@@ -7,6 +7,7 @@ left. Temperature 0 means greedy: always the arg-max, no randomness at all.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -128,6 +129,10 @@ def sampling_distribution(penalized: torch.Tensor, params: SamplingParams) -> to
     return truncate(scaled, params.top_k, params.top_p, params.min_p).softmax(-1)
 
 
+def _neutral(params: SamplingParams) -> bool:
+    return params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+
+
 def sample_next(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -140,6 +145,12 @@ def sample_next(
     `context` holds prompt and generated ids (repetition penalty); `counts` how often
     each vocabulary entry was generated (presence/frequency penalties).
     """
+    if params.greedy and _neutral(params):
+        # argmax ranks NaN above everything: a finite maximum means no NaN and no +inf, and
+        # then it is also the maximum of `penalized_logits` (one pass over [V] instead of three).
+        token = int(logits.argmax())
+        if math.isfinite(float(logits[token])):
+            return token
     logits = penalized_logits(logits, params, context, counts)
     if params.greedy:
         return int(logits.argmax())

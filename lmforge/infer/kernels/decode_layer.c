@@ -171,8 +171,8 @@ static void f32_gemv_part(const float *w, int colmajor, int n, int k, const floa
     }
 }
 
-/* Inside a parallel region: each thread its share, then a barrier. `partials`: room for
- * threads x n floats (used when the k rows are split), or NULL. */
+/* Inside a parallel region: each thread its share (row-major: its rows plus their bias), then a
+ * barrier. `partials`: room for threads x n floats (used when the k rows are split), or NULL. */
 static void f32_gemv_in(const float *w, int colmajor, int n, int k, const float *x, const float *bias, float *y,
                         float *partials) {
 #ifdef _OPENMP
@@ -193,8 +193,13 @@ static void f32_gemv_in(const float *w, int colmajor, int n, int k, const float 
         return;
     }
     f32_gemv_part(w, colmajor, n, k, x, y, t, nt);
+    if (bias && !colmajor) {
+        const int quads = (n + 3) / 4, per = (quads + nt - 1) / nt;
+        const int r0 = t * per * 4, r1 = (t + 1) * per * 4 < n ? (t + 1) * per * 4 : n;
+        for (int i = r0; i < r1; i++) y[i] += bias[i];
+    }
 #pragma omp barrier
-    if (bias) {
+    if (bias && colmajor) {
 #pragma omp for
         for (int i = 0; i < n; i++) y[i] += bias[i];
     }
@@ -209,66 +214,97 @@ int lmf_f32_gemv(const float *w, int colmajor, int n, int k, const float *x, con
     return 0;
 }
 
-/* The float32 layer, called by every thread of a parallel region: the products split over the
- * threads with barriers between them; norms, attention and the element-wise work on one
- * thread. cm_*: whether each weight is column-major. Returns what the attention returned (the
- * same on every thread). */
+/* The gate/up product of a row-major [2 inter, k] weight and SiLU(gate) * up into m, then a
+ * barrier: each thread takes the same block of gate rows and of up rows, so it finishes its
+ * part of m without waiting for the other threads' products. */
+static void f32_swiglu_in(const float *w, int inter, int k, const float *x, float *gu, float *m) {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int t = 0, nt = 1;
+#endif
+    const int quads = (inter + 3) / 4, per = (quads + nt - 1) / nt;
+    const int r0 = t * per * 4, r1 = (t + 1) * per * 4 < inter ? (t + 1) * per * 4 : inter;
+    if (r0 < r1) {
+        f32_rows(w, k, x, gu, r0, r1);
+        f32_rows(w, k, x, gu, inter + r0, inter + r1);
+        for (int i = r0; i < r1; i++) {
+            const float g = gu[i];
+            m[i] = g / (1.0f + expf(-g)) * gu[inter + i];
+        }
+    }
+#pragma omp barrier
+}
+
 typedef struct {
     const float *attn_norm, *mlp_norm, *qkv_w, *qkv_bias, *out_w, *fc_w, *proj_w;
     int cm_qkv, cm_out, cm_fc, cm_proj;
 } lmf_f32_layer;
 
-static int f32_layer_in(float *x, int d, const lmf_f32_layer *L, float eps, int inter, int h, int hkv, int hd,
-                        const float *cos, const float *sin, float *kc, float *vc, long head_stride, int pos,
-                        float *scratch, float *partials, float **abuf, int *code) {
+/* The float32 layer, called by every thread of a parallel region. Each thread keeps its own copy
+ * of the residual stream (xp) and of its normed form (hn): the norms and residual adds are
+ * computed by every thread alike, so that only the products (split over the threads) and the
+ * attention end in a barrier: six a layer. cm_*: whether each weight is column-major. abuf:
+ * room for h hd + h (pos + 1) floats (the rotated queries and every head's scores). */
+static void f32_layer_in(float *xp, float *hn, int d, const lmf_f32_layer *L, float eps, int inter, int h, int hkv,
+                         int hd, const float *cos, const float *sin, float *kc, float *vc, long head_stride, int pos,
+                         float *scratch, float *partials, float *abuf) {
     const int nqkv = (h + 2 * hkv) * hd, T = pos + 1;
-    float *hn = scratch, *delta = hn + d, *qkv = delta + d, *att = qkv + nqkv, *gu = att + (long)h * hd,
-          *m = gu + 2L * inter;
-#pragma omp single
-    lmf_rms_norm(x, L->attn_norm, 1, d, eps, hn);
+    float *delta = scratch, *qkv = delta + d, *att = qkv + nqkv, *gu = att + (long)h * hd, *m = gu + 2L * inter;
+    lmf_rms_norm(xp, L->attn_norm, 1, d, eps, hn);
     f32_gemv_in(L->qkv_w, L->cm_qkv, nqkv, d, hn, L->qkv_bias, qkv, partials);
-    /* attention: rotary and cache writes on one thread, then the query heads split over all
-     * (*abuf: the rotated queries and every head's scores, shared by the threads) */
+    /* attention: rotary and cache writes on one thread, then the query heads split over all */
 #pragma omp single
-    {
-        if (h % hkv || hd % 2) {
-            *code = 1;
-        } else if (!(*abuf = malloc(((size_t)h * hd + (size_t)h * T) * sizeof(float)))) {
-            *code = 2;
-        } else {
-            lmf_attention_prepare(qkv, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, *abuf);
-        }
-    }
-    if (*code) return *code;
+    lmf_attention_prepare(qkv, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, abuf);
 #pragma omp for schedule(static)
     for (int i = 0; i < h; i++)
-        lmf_attention_head(i, *abuf, h, hkv, hd, kc, vc, head_stride, T, 1.0f / sqrtf((float)hd),
-                           *abuf + (long)h * hd + (long)i * T, att);
-#pragma omp single
-    free(*abuf);
+        lmf_attention_head(i, abuf, h, hkv, hd, kc, vc, head_stride, T, 1.0f / sqrtf((float)hd),
+                           abuf + (long)h * hd + (long)i * T, att);
     f32_gemv_in(L->out_w, L->cm_out, d, h * hd, att, NULL, delta, partials);
-#pragma omp single
-    {
-        for (int i = 0; i < d; i++) x[i] += delta[i];
-        lmf_rms_norm(x, L->mlp_norm, 1, d, eps, hn);
-    }
-    f32_gemv_in(L->fc_w, L->cm_fc, 2 * inter, d, hn, NULL, gu, partials);
+    for (int i = 0; i < d; i++) xp[i] += delta[i];
+    lmf_rms_norm(xp, L->mlp_norm, 1, d, eps, hn);
+    if (!L->cm_fc) {
+        f32_swiglu_in(L->fc_w, inter, d, hn, gu, m);
+    } else {
+        f32_gemv_in(L->fc_w, L->cm_fc, 2 * inter, d, hn, NULL, gu, partials);
 #pragma omp for
-    for (int i = 0; i < inter; i++) {
-        const float g = gu[i];
-        m[i] = g / (1.0f + expf(-g)) * gu[inter + i];
+        for (int i = 0; i < inter; i++) {
+            const float g = gu[i];
+            m[i] = g / (1.0f + expf(-g)) * gu[inter + i];
+        }
     }
     f32_gemv_in(L->proj_w, L->cm_proj, d, inter, m, NULL, delta, partials);
-#pragma omp single
-    for (int i = 0; i < d; i++) x[i] += delta[i];
-    return 0;
+    for (int i = 0; i < d; i++) xp[i] += delta[i];
 }
 
-static float *f32_partials(int threads, int d, int nqkv, int inter, int vocab) {
+/* What a step's parallel region needs besides the caller's scratch: the k-split partial sums
+ * (threads x the widest output, with more than one thread), the attention buffer, and every
+ * thread's copy of the residual stream and its normed form. One allocation; NULL if it failed. */
+#ifdef _OPENMP
+static int thread_id(void) { return omp_get_thread_num(); }
+#else
+static int thread_id(void) { return 0; }
+#endif
+
+typedef struct {
+    float *partials, *abuf, *own;
+    void *block;
+} f32_step_mem;
+
+static int f32_step_alloc(f32_step_mem *mem, int threads, int d, int nqkv, int inter, int vocab, int h, int hd,
+                          int T) {
     int most = nqkv > 2 * inter ? nqkv : 2 * inter;
     most = most > d ? most : d;
     most = most > vocab ? most : vocab;
-    return threads > 1 ? malloc((size_t)threads * most * sizeof(float)) : NULL;
+    const size_t np = threads > 1 ? (size_t)threads * most : 0, na = (size_t)h * hd + (size_t)h * T,
+                 no = (size_t)threads * 2 * d;
+    mem->block = malloc((np + na + no) * sizeof(float));
+    if (!mem->block) return 2;
+    float *f = mem->block;
+    mem->partials = np ? f : NULL;
+    mem->abuf = f + np;
+    mem->own = f + np + na;
+    return 0;
 }
 
 /* One layer in its own parallel region (x updated in place). */
@@ -278,14 +314,20 @@ int lmf_f32_decode_layer(float *x, int d, const float *attn_norm, const float *m
                          int hd, const float *cos, const float *sin, float *kc, float *vc, long head_stride, int pos,
                          float *scratch, int threads) {
     const lmf_f32_layer L = {attn_norm, mlp_norm, qkv_w, qkv_bias, out_w, fc_w, proj_w, cm_qkv, cm_out, cm_fc, cm_proj};
-    int code = 0;
-    float *abuf = NULL;
+    f32_step_mem mem;
     if (threads < 1) threads = 1;
-    float *partials = f32_partials(threads, d, (h + 2 * hkv) * hd, inter, 0);
+    if (h % hkv || hd % 2) return 1;
+    if (f32_step_alloc(&mem, threads, d, (h + 2 * hkv) * hd, inter, 0, h, hd, pos + 1)) return 2;
 #pragma omp parallel num_threads(threads)
-    f32_layer_in(x, d, &L, eps, inter, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, scratch, partials, &abuf, &code);
-    free(partials);
-    return code;
+    {
+        float *xp = mem.own + (long)thread_id() * 2 * d, *hn = xp + d;
+        memcpy(xp, x, (size_t)d * sizeof(float));
+        f32_layer_in(xp, hn, d, &L, eps, inter, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, scratch,
+                     mem.partials, mem.abuf);
+        if (thread_id() == 0) memcpy(x, xp, (size_t)d * sizeof(float));
+    }
+    free(mem.block);
+    return 0;
 }
 
 /* A whole batch-1 decode step of a pre-norm model in one parallel region: every layer (their
@@ -296,22 +338,22 @@ int lmf_f32_decode_model(float *x, int d, int n_layer, const lmf_f32_layer *laye
                          int hkv, int hd, const float *cos, const float *sin, float *k0, float *v0, long layer_stride,
                          long head_stride, int pos, const float *final_norm, float final_eps, const float *head_w,
                          int cm_head, int vocab, float *logits, float *scratch, int threads) {
-    int code = 0;
-    float *abuf = NULL;
+    f32_step_mem mem;
     if (threads < 1) threads = 1;
-    float *partials = f32_partials(threads, d, (h + 2 * hkv) * hd, inter, vocab <= KSPLIT_MAX ? vocab : 0);
+    if (h % hkv || hd % 2) return 1;
+    if (f32_step_alloc(&mem, threads, d, (h + 2 * hkv) * hd, inter, vocab <= KSPLIT_MAX ? vocab : 0, h, hd, pos + 1))
+        return 2;
 #pragma omp parallel num_threads(threads)
     {
+        float *xp = mem.own + (long)thread_id() * 2 * d, *hn = xp + d;
+        memcpy(xp, x, (size_t)d * sizeof(float));
         for (int l = 0; l < n_layer; l++)
-            if (f32_layer_in(x, d, layers + l, eps, inter, h, hkv, hd, cos, sin, k0 + l * layer_stride,
-                             v0 + l * layer_stride, head_stride, pos, scratch, partials, &abuf, &code))
-                break;
-        if (!code) {
-#pragma omp single
-            lmf_rms_norm(x, final_norm, 1, d, final_eps, scratch);
-            f32_gemv_in(head_w, cm_head, vocab, d, scratch, NULL, logits, partials);
-        }
+            f32_layer_in(xp, hn, d, layers + l, eps, inter, h, hkv, hd, cos, sin, k0 + l * layer_stride,
+                         v0 + l * layer_stride, head_stride, pos, scratch, mem.partials, mem.abuf);
+        lmf_rms_norm(xp, final_norm, 1, d, final_eps, hn);
+        f32_gemv_in(head_w, cm_head, vocab, d, hn, NULL, logits, mem.partials);
+        if (thread_id() == 0) memcpy(x, xp, (size_t)d * sizeof(float));
     }
-    free(partials);
-    return code;
+    free(mem.block);
+    return 0;
 }
