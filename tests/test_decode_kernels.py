@@ -123,3 +123,27 @@ def test_whole_decode_step_declines_what_it_does_not_cover():
     assert step(fast, ids, cache, 0) is None  # autograd on
     torch.testing.assert_close(run(fast, grad=True), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(run(fast, rows=3), want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_whole_decode_step_runs_beside_bf16_prefill_products():
+    """`dtype="auto"` on a CPU with bf16 units gives the layers bf16 prefill products
+    (`Bf16PrefillLinear`): one row stays float32, so the compiled step still takes it; a layer
+    told to send single rows to bf16 too (`min_rows` 1) makes it give the step back."""
+    from lmforge.infer.bf16_prefill import generation_products, use_bf16_prefill
+
+    plain = tiny()
+    fast = copy.deepcopy(plain)
+    use_numpy_blas(fast, numpy_rows=False)
+    use_native_decoding(fast)
+    use_bf16_prefill(fast)
+    step = fast.decode_step
+    ids = torch.tensor([[7]])
+    with torch.inference_mode():
+        want = plain(ids, cache=KVCache.for_model(plain.config, 1, 8, torch.float32, "cpu"), start=0)[0, -1]
+        with generation_products():
+            got = step(fast, ids, KVCache.for_model(fast.config, 1, 8, torch.float32, "cpu"), 0)
+            assert got is not None
+            torch.testing.assert_close(got.view(-1), want, rtol=1e-4, atol=1e-4)
+            fast.layers[1].mlp.fc.min_rows = 1
+            assert step(fast, ids, KVCache.for_model(fast.config, 1, 8, torch.float32, "cpu"), 0) is None

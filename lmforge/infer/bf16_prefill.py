@@ -81,6 +81,9 @@ class Bf16PrefillLinear(BlasLinear):
         y = y.float().view(*x.shape[:-1], w.shape[0])
         return y.add_(self.bias) if self.bias is not None else y
 
+    def one_row_native(self) -> bool:
+        return self.native_rows and self.min_rows > 1
+
     def packed_bf16_weight(self) -> torch.Tensor:
         """oneDNN's blocked bf16 copy of the weight (the layout its bf16 kernels read fastest:
         about 1.0-1.5x plain bf16 `torch.mm` at prefill shapes), remade if the weight changed."""

@@ -101,6 +101,12 @@ class BlasLinear(nn.Linear):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), bias, "none", [], "")
         return F.linear(x, w, self.bias)
 
+    def one_row_native(self) -> bool:
+        """Whether a one-row product of this layer is lmforge's compiled float32 product: what
+        the compiled decode steps (`Float32DecoderBlock`, `Float32DecodeStep`) compute in its
+        place. Subclasses that send some products elsewhere say whether one row stays here."""
+        return self.native_rows
+
     def packed_weight(self) -> torch.Tensor:
         """oneDNN's blocked copy of the weight, remade if the weight changed since it was made."""
         w = self.weight
@@ -148,7 +154,7 @@ class Float32DecoderBlock(decode_kernels.CompiledDecodeBlock):
 
     def _decode_step(self, x, rope, cache: KVCache, layer: int, pos: int) -> torch.Tensor | None:
         attn, mlp = self.attn, self.mlp
-        if not all(isinstance(m, BlasLinear) and m.native_rows for m in (attn.qkv, attn.out, mlp.fc, mlp.proj)):
+        if not all(isinstance(m, BlasLinear) and m.one_row_native() for m in (attn.qkv, attn.out, mlp.fc, mlp.proj)):
             return None
         return decode_kernels.f32_decode_layer(
             x, self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps, attn.qkv.weight, attn.qkv.bias,
@@ -162,11 +168,14 @@ class Float32DecodeStep(decode_kernels.CompiledDecodeStep):
 
     block_type = Float32DecoderBlock
 
+    # with bf16 or int8 prefill products (Bf16PrefillLinear), one row stays float32 below min_rows
+    flag_names = decode_kernels.CompiledDecodeStep.flag_names + ("min_rows",)
+
     def _block_ok(self, block, linears) -> bool:
-        return all(type(m) is BlasLinear and m.native_rows for m in linears)
+        return all(isinstance(m, BlasLinear) and m.one_row_native() for m in linears)
 
     def _head_ok(self, head) -> bool:
-        return type(head) is BlasLinear and head.bias is None and head.native_rows
+        return isinstance(head, BlasLinear) and head.bias is None and head.one_row_native()
 
     def _layer(self, block, linears, track):
         qkv, out, fc, proj = (track(m, "weight") for m in linears)
