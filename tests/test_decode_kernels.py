@@ -33,6 +33,44 @@ def test_f32_gemv_equals_torch(n, k, column_major, threads):
     assert dk.f32_gemv(w[:, ::2], x[:, ::2], None, threads) is None  # neither layout: declined
 
 
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(96, 64), (37, 72), (8, 1536)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_f32_gemm_rows_equals_torch(n, k, threads):
+    """The few-rows product: every row count up to and past one block of four, with a bias,
+    rows given as a strided view; a column-major weight is declined."""
+    g = torch.Generator().manual_seed(n + k)
+    w, bias = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    for m in (1, 2, 3, 4, 5, 7, 9):
+        x = torch.randn(m, 2 * k, generator=g)[:, ::2]  # a view with a row stride of 2k
+        torch.testing.assert_close(dk.f32_gemm_rows(w, x, bias, threads), x @ w.T + bias, rtol=1e-5, atol=1e-4)
+        y = dk.f32_gemm_rows(w, x.reshape(1, m, k), None, threads)
+        torch.testing.assert_close(y, (x @ w.T).reshape(1, m, n), rtol=1e-5, atol=1e-4)
+    assert dk.f32_gemm_rows(w.t().contiguous().t(), x, None, threads) is None
+
+
+@needs_kernels
+def test_blas_linear_sends_a_few_rows_to_the_few_rows_product():
+    layer = BlasLinear(72, 40)
+    layer.native_rows, layer.native_max_rows = True, 3
+    calls = []
+    real = dk.f32_gemm_rows
+
+    def counted(*a):
+        calls.append(a[1].shape[0])
+        return real(*a)
+
+    dk.f32_gemm_rows = counted
+    try:
+        with torch.inference_mode():
+            for m in (1, 2, 3, 4):
+                x = torch.randn(m, 72)
+                torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias, rtol=1e-5, atol=1e-5)
+    finally:
+        dk.f32_gemm_rows = real
+    assert calls == [2, 3]  # one row: the one-row product; four: the library
+
+
 def tiny(config_kw=None) -> Transformer:
     torch.manual_seed(0)
     config = ModelConfig(family="qwen2", vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,

@@ -40,6 +40,7 @@ SIGNATURES: native.Signatures = {
     "lmf_f32_decode_layer": (_i, [_p, _i, _p, _p, _f, _p, _i, _p, _p, _i, _p, _i, _p, _i, _i, _i, _i, _i, _p, _p, _p,
                                   _p, _l, _i, _p, _i]),
     "lmf_f32_gemv": (_i, [_p, _i, _i, _i, _p, _p, _p, _i]),
+    "lmf_f32_gemm_rows": (_i, [_p, _i, _i, _p, _l, _i, _p, _p, _l, _i]),
     "lmf_q4_decode_model": (_i, [_p, _i, _i, _p, _f, _i, _i, _i, _i, _p, _p, _p, _p, _l, _l, _i, _p, _f, _i, _p, _p, _i,
                                  _p, _p]),
     "lmf_f32_decode_model": (_i, [_p, _i, _i, _p, _f, _i, _i, _i, _i, _p, _p, _p, _p, _l, _l, _i, _p, _f, _p, _i, _i,
@@ -197,6 +198,23 @@ def f32_decode_model(common: list, head: torch.Tensor, threads: int) -> torch.Te
     code = lib.lmf_f32_decode_model(*common, head.data_ptr(), cm_head, vocab, logits.data_ptr(), scratch.data_ptr(),
                                     threads)
     return logits if code == 0 else None
+
+
+def f32_gemm_rows(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor | None:
+    """x [..., k] (a few rows) @ w^T (+ bias) with w [n, k] float32 row-major, each weight row read once
+    for every row of x: [..., n], or None where it does not apply."""
+    lib = _library()
+    n, k = w.shape
+    if lib is None or layout_of(w) != 0 or x.shape[-1] != k or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.lmf_f32_gemm_rows(w.data_ptr(), n, k, x2.data_ptr(), x2.stride(0), m, native.ptr(bias), y.data_ptr(), n,
+                          threads)
+    return y.view(*x.shape[:-1], n)
 
 
 class CompiledDecodeBlock(Block):

@@ -75,6 +75,7 @@ class BlasLinear(nn.Linear):
     max_rows = 1  # rows NumPy's BLAS handles (matrix-vector products only)
     numpy_rows = True
     native_rows = False  # single rows on lmforge's own compiled product instead
+    native_max_rows = 1  # and products of up to this many rows (a batched decode step of a few)
     onednn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,10 @@ class BlasLinear(nn.Linear):
             return F.linear(x, w, self.bias)
         if rows == 1 and self.native_rows:
             y = decode_kernels.f32_gemv(w, x, self.bias, torch.get_num_threads())
+            if y is not None:
+                return y
+        if 1 < rows <= self.native_max_rows and self.native_rows:
+            y = decode_kernels.f32_gemm_rows(w, x, self.bias, torch.get_num_threads())
             if y is not None:
                 return y
         if rows <= self.max_rows and self.numpy_rows:
@@ -191,8 +196,9 @@ class Float32DecodeStep(decode_kernels.CompiledDecodeStep):
                                                torch.get_num_threads())
 
 
-def use_native_decoding(model: nn.Module) -> nn.Module:
-    """Single-row products of every `BlasLinear` on lmforge's compiled product, every plain
+def use_native_decoding(model: nn.Module, few_rows: int = 1) -> nn.Module:
+    """Single-row products of every `BlasLinear` on lmforge's compiled product (and products of
+    up to `few_rows` rows on its few-rows form, `decode_kernels.f32_gemm_rows`), every plain
     pre-norm `Block` a `Float32DecoderBlock` (their classes and flags only change), and a
     `Transformer`'s batch-1 decode step one compiled call (`Float32DecodeStep`).
 
@@ -205,6 +211,7 @@ def use_native_decoding(model: nn.Module) -> nn.Module:
         for module in model.modules():
             if isinstance(module, BlasLinear):
                 module.native_rows = True
+                module.native_max_rows = max(1, few_rows)
                 w = module.weight
                 if w.device.type == "cpu" and not w.is_contiguous():
                     w.data = w.data.contiguous()
@@ -245,10 +252,12 @@ def calibrate(model: nn.Module, trials: int = 5, batch_rows: int = 8) -> dict[st
     millisecond. The products are bound by memory, so a working build of lmforge's product is
     never that far behind a BLAS, while single timings on a shared machine are noisy: with a
     margin of 25%, about one load in five measured past it and fell back to the module path.
+    `native_max_rows` (2 or 4 where lmforge's few-rows product beat the library at that many
+    rows, else 1): the most rows a product sends there.
     """
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"]
     if not weights or weights[0].dtype != torch.float32:
-        return {"numpy": False, "onednn": False, "native": False}
+        return {"numpy": False, "onednn": False, "native": False, "native_max_rows": 1}
     w = max(weights, key=lambda t: t.numel()).detach()
     x1, xb = torch.randn(1, w.shape[1]), torch.randn(batch_rows, w.shape[1])
     result = {}
@@ -270,16 +279,31 @@ def calibrate(model: nn.Module, trials: int = 5, batch_rows: int = 8) -> dict[st
             t_numpy = min(t_numpy, _best_time(lambda: np.matmul(x1.numpy(), w_cols.t().numpy()), 1, 1))
         result["numpy"] = t_numpy < t_torch
         result["native"] = native and t_native <= min(t_numpy, t_torch) * NATIVE_SLACK
-        w_rows = w_cols = None
+        w_cols = None
         result["onednn"] = False
-        if _onednn_supported():
-            packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w) if _onednn_supported() else None
+        if packed is not None:
             t_torch = t_dnn = float("inf")
             for _ in range(trials):
                 t_torch = min(t_torch, _best_time(lambda: F.linear(xb, w), 1, 2))
                 t_dnn = min(t_dnn, _best_time(lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], ""), 1, 2))
             result["onednn"] = t_dnn < t_torch
-            del packed
+        # A batched step of a few rows: lmforge's few-rows product (each weight row read once
+        # for four rows) against the library, at 4 rows and then 2.
+        result["native_max_rows"] = 1
+        if result["native"]:
+            for few in (4, 2):
+                xf = torch.randn(few, w.shape[1])
+                t_few = t_lib = float("inf")
+                for _ in range(trials):
+                    t_few = min(t_few, _best_time(lambda: decode_kernels.f32_gemm_rows(w_rows, xf, None, threads), 1, 2))
+                    t_lib = min(t_lib, _best_time(
+                        (lambda: torch.ops.mkldnn._linear_pointwise(xf, packed, None, "none", [], "")) if result["onednn"]
+                        else (lambda: F.linear(xf, w)), 1, 2))
+                if t_few < t_lib:
+                    result["native_max_rows"] = few
+                    break
+        w_rows = packed = None
     return result
 
 
@@ -292,7 +316,7 @@ def optimize_for_cpu_decoding(model: nn.Module, prefill_dtype: torch.dtype = tor
     fast = calibrate(model)
     if fast["native"]:
         use_numpy_blas(model, numpy_rows=False, onednn=fast["onednn"])
-        use_native_decoding(model)
+        use_native_decoding(model, few_rows=fast["native_max_rows"])
     elif fast["numpy"] or fast["onednn"]:
         use_numpy_blas(model, numpy_rows=fast["numpy"], onednn=fast["onednn"])
     if prefill_dtype == torch.bfloat16:

@@ -171,6 +171,84 @@ static void f32_gemv_part(const float *w, int colmajor, int n, int k, const floa
     }
 }
 
+/* ---- a few rows at once --------------------------------------------------------------------
+ * Y [m, n] = X [m, k] W^T (+ bias) for a row-major W [n, k] and a few rows of X: each weight
+ * row is read once for every four rows of X, front to back, and multiplied into them (in L1);
+ * a batched decode step of a few sequences then streams the weights about as fast as one row
+ * does. The threads split W's rows. */
+static inline __attribute__((always_inline)) void f32_rows_m(const float *w, int k, const float *x, long ldx,
+                                                              float *y, long ldy, int r0, int r1, const int M) {
+    /* M (1..4) rows of x; named accumulators (two per row, for the FMA latency) stay in registers */
+    const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
+    for (int r = r0; r < r1; r++) {
+        const float *wr = w + (long)r * k;
+        vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int c = 0;
+        for (; c + 2 * W <= k; c += 2 * W) {
+            const vf w0 = loadu(wr + c), w1 = loadu(wr + c + W);
+            a0 += w0 * loadu(x0 + c), b0 += w1 * loadu(x0 + c + W);
+            if (M > 1) a1 += w0 * loadu(x1 + c), b1 += w1 * loadu(x1 + c + W);
+            if (M > 2) a2 += w0 * loadu(x2 + c), b2 += w1 * loadu(x2 + c + W);
+            if (M > 3) a3 += w0 * loadu(x3 + c), b3 += w1 * loadu(x3 + c + W);
+        }
+        for (; c + W <= k; c += W) {
+            const vf w0 = loadu(wr + c);
+            a0 += w0 * loadu(x0 + c);
+            if (M > 1) a1 += w0 * loadu(x1 + c);
+            if (M > 2) a2 += w0 * loadu(x2 + c);
+            if (M > 3) a3 += w0 * loadu(x3 + c);
+        }
+        float s0 = hsum(a0 + b0), s1 = M > 1 ? hsum(a1 + b1) : 0.0f, s2 = M > 2 ? hsum(a2 + b2) : 0.0f,
+              s3 = M > 3 ? hsum(a3 + b3) : 0.0f;
+        for (; c < k; c++) {
+            s0 += wr[c] * x0[c];
+            if (M > 1) s1 += wr[c] * x1[c];
+            if (M > 2) s2 += wr[c] * x2[c];
+            if (M > 3) s3 += wr[c] * x3[c];
+        }
+        y[r] = s0;
+        if (M > 1) y[ldy + r] = s1;
+        if (M > 2) y[2 * ldy + r] = s2;
+        if (M > 3) y[3 * ldy + r] = s3;
+    }
+}
+
+static void f32_rows_multi(const float *w, int k, const float *x, long ldx, int m, float *y, long ldy, int r0,
+                           int r1) {
+    for (int i0 = 0; i0 < m; i0 += 4) {
+        const float *xi = x + i0 * ldx;
+        float *yi = y + i0 * ldy;
+        switch (m - i0 < 4 ? m - i0 : 4) {
+            case 1: f32_rows_m(w, k, xi, ldx, yi, ldy, r0, r1, 1); break;
+            case 2: f32_rows_m(w, k, xi, ldx, yi, ldy, r0, r1, 2); break;
+            case 3: f32_rows_m(w, k, xi, ldx, yi, ldy, r0, r1, 3); break;
+            default: f32_rows_m(w, k, xi, ldx, yi, ldy, r0, r1, 4); break;
+        }
+    }
+}
+
+int lmf_f32_gemm_rows(const float *w, int n, int k, const float *x, long ldx, int m, const float *bias, float *y,
+                      long ldy, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int t = 0, nt = 1;
+#endif
+        const int quads = (n + 3) / 4, per = (quads + nt - 1) / nt;
+        const int r0 = t * per * 4, r1 = (t + 1) * per * 4 < n ? (t + 1) * per * 4 : n;
+        if (r0 < r1) {
+            f32_rows_multi(w, k, x, ldx, m, y, ldy, r0, r1);
+            if (bias)
+                for (int i = 0; i < m; i++)
+                    for (int r = r0; r < r1; r++) y[i * ldy + r] += bias[r];
+        }
+    }
+    return 0;
+}
+
 /* Inside a parallel region: each thread its share (row-major: its rows plus their bias), then a
  * barrier. `partials`: room for threads x n floats (used when the k rows are split), or NULL. */
 static void f32_gemv_in(const float *w, int colmajor, int n, int k, const float *x, const float *bias, float *y,
