@@ -185,3 +185,44 @@ def test_whole_decode_step_runs_beside_bf16_prefill_products():
             torch.testing.assert_close(got.view(-1), want, rtol=1e-4, atol=1e-4)
             fast.layers[1].mlp.fc.min_rows = 1
             assert step(fast, ids, KVCache.for_model(fast.config, 1, 8, torch.float32, "cpu"), 0) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_steps_of_a_few_rows_run_as_one_compiled_call(threads):
+    """Rows at their own positions (each its own cache row, prompts of different lengths): the
+    compiled step takes up to four of them, a fifth row gives the step back to the modules; the
+    logits equal the plain model's either way."""
+    plain = tiny()
+    fast = copy.deepcopy(plain)
+    use_numpy_blas(fast, numpy_rows=False)
+    use_native_decoding(fast)
+    calls = []
+    real = dk.f32_decode_rows_model
+
+    def counted(*a):
+        out = real(*a)
+        calls.append(out is not None)
+        return out
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    dk.f32_decode_rows_model = counted
+    try:
+        for rows in (2, 3, 4, 5):
+            lengths = [4 + 5 * b for b in range(rows)]
+            ids = torch.randint(0, 300, (rows, max(lengths) + 3), generator=torch.Generator().manual_seed(rows))
+            outs = []
+            for model in (fast, plain):
+                cache = KVCache.for_model(model.config, rows, 40, torch.float32, "cpu")
+                with torch.inference_mode():
+                    for b, n in enumerate(lengths):
+                        model(ids[b:b + 1, :n], cache=cache.rows(b, b + 1), start=0)
+                    positions = torch.tensor(lengths)
+                    outs.append(torch.stack([model(ids[:, [i]], cache=cache, start=positions + i)[:, -1]
+                                             for i in range(3)]))
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    finally:
+        dk.f32_decode_rows_model = real
+        torch.set_num_threads(before)
+    assert calls == [True] * 9  # three steps each of 2, 3 and 4 rows; none of 5

@@ -41,6 +41,8 @@ SIGNATURES: native.Signatures = {
                                   _p, _l, _i, _p, _i]),
     "lmf_f32_gemv": (_i, [_p, _i, _i, _i, _p, _p, _p, _i]),
     "lmf_f32_gemm_rows": (_i, [_p, _i, _i, _p, _l, _i, _p, _p, _l, _i]),
+    "lmf_f32_decode_rows_model": (_i, [_p, _i, _i, _i, _p, _f, _i, _i, _i, _i, _p, _p, _l, _p, _p, _l, _l, _l, _p, _p,
+                                       _f, _p, _i, _p, _i]),
     "lmf_q4_decode_model": (_i, [_p, _i, _i, _p, _f, _i, _i, _i, _i, _p, _p, _p, _p, _l, _l, _i, _p, _f, _i, _p, _p, _i,
                                  _p, _p]),
     "lmf_f32_decode_model": (_i, [_p, _i, _i, _p, _f, _i, _i, _i, _i, _p, _p, _p, _p, _l, _l, _i, _p, _f, _p, _i, _i,
@@ -217,6 +219,26 @@ def f32_gemm_rows(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, t
     return y.view(*x.shape[:-1], n)
 
 
+def f32_decode_rows_model(plan: dict, x: torch.Tensor, rope, cache: KVCache, positions: torch.Tensor,
+                          threads: int) -> torch.Tensor | None:
+    """`lmf_f32_decode_rows_model`: a batched decode step of a few sequences (x [B, d] their
+    embedding rows, rope (cos, sin) [B, head_dim], positions [B] int32): logits [B, V], or None."""
+    lib = _library()
+    head = plan["head"][0]
+    if lib is None or layout_of(head) != 0:
+        return None
+    inter, n_head, n_kv_head, head_dim = plan["shape"]
+    rows, d = x.shape
+    k, v = cache.k, cache.v
+    logits = torch.empty(rows, head.shape[0], dtype=torch.float32)
+    code = lib.lmf_f32_decode_rows_model(
+        x.data_ptr(), rows, d, len(plan["layers"]), ctypes.addressof(plan["layers"]), plan["eps"], inter, n_head,
+        n_kv_head, head_dim, rope[0].data_ptr(), rope[1].data_ptr(), rope[0].stride(0), k.data_ptr(), v.data_ptr(),
+        k.stride(0), k.stride(1), k.stride(2), positions.data_ptr(), plan["norm"].weight.data_ptr(), plan["norm"].eps,
+        head.data_ptr(), head.shape[0], logits.data_ptr(), threads)
+    return logits if code == 0 else None
+
+
 class CompiledDecodeBlock(Block):
     """A pre-norm `Block` whose batch-1 decode step may run as one compiled call: subclasses say
     how in `_decode_step` (None: not this block, not now); every other call, and every step
@@ -353,29 +375,51 @@ class CompiledDecodeStep:
                 and [getattr(m, name) for m, name in plan["flag_items"]] == plan["flags"]
                 and [(t.data_ptr(), t.stride()) for t in plan["tensors"]] == plan["pointers"])
 
-    def __call__(self, model, input_ids: torch.Tensor, cache, start: int) -> torch.Tensor | None:
+    # the most rows of a batched step (one new token per sequence) it takes; subclasses that
+    # implement `_run_rows` raise it
+    max_rows = 1
+
+    def __call__(self, model, input_ids: torch.Tensor, cache, start: int | torch.Tensor) -> torch.Tensor | None:
         config = model.config
+        rows = input_ids.shape[0]
         if (torch.is_grad_enabled() or not isinstance(cache, KVCache) or cache.k.dim() != 5
                 or cache.k.dtype != torch.float32 or model.rope is None or model.type_embed is not None
                 or model.embed_norm is not None or not config.causal or input_ids.device.type != "cpu"
-                or (config.sliding_window is not None and start + 1 > config.sliding_window)
-                or not 0 <= start < cache.k.shape[3] or torch_module._global_forward_hooks
+                or input_ids.dim() != 2 or input_ids.shape[1] != 1 or not 1 <= rows <= self.max_rows
+                or cache.k.shape[1] != rows or torch_module._global_forward_hooks
                 or torch_module._global_forward_pre_hooks):
             return None
-        cos, sin = model.rope.slice(start, 1, torch.float32)
-        rope = (cos.reshape(-1), sin.reshape(-1))
+        if rows == 1 and isinstance(start, int):
+            if (config.sliding_window is not None and start + 1 > config.sliding_window) or not 0 <= start < cache.k.shape[3]:
+                return None
+            cos, sin = model.rope.slice(start, 1, torch.float32)
+        else:  # rows at their own positions (a window would need its mask: modules)
+            positions = torch.full((rows,), start) if isinstance(start, int) else start.reshape(-1)
+            if (config.sliding_window is not None or positions.numel() != rows or positions.device.type != "cpu"
+                    or int(positions.min()) < 0 or int(positions.max()) >= cache.k.shape[3]):
+                return None
+            cos, sin = model.rope(positions.view(rows, 1).long(), torch.float32)
+        rope = (cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous())
         plan = self._plan
         if plan is None or not self._still_valid(plan):
-            plan = self._plan = self._build(model, rope, cache)
+            plan = self._plan = self._build(model, (rope[0][0], rope[1][0]), cache)
             if plan is None:
                 return None
         k, v = cache.k, cache.v
-        if (rope[0].numel() != plan["shape"][3] or k.shape[1] != 1 or k.stride() != v.stride()
-                or k.stride(-1) != 1 or k.stride(-2) != plan["shape"][3] or len(plan["layers"]) != k.shape[0]):
+        if (rope[0].shape[1] != plan["shape"][3] or k.stride() != v.stride() or k.stride(-1) != 1
+                or k.stride(-2) != plan["shape"][3] or len(plan["layers"]) != k.shape[0]):
             return None
-        x = plan["embed"][int(input_ids[0, 0])].clone()
-        logits = self._run(plan, x, rope, cache, start)
-        return None if logits is None else logits.view(1, 1, -1)
+        if rows == 1 and isinstance(start, int):
+            x = plan["embed"][int(input_ids[0, 0])].clone()
+            logits = self._run(plan, x, (rope[0][0], rope[1][0]), cache, start)
+            return None if logits is None else logits.view(1, 1, -1)
+        x = plan["embed"][input_ids.view(-1)]
+        logits = self._run_rows(plan, x, rope, cache, positions.to(torch.int32).contiguous())
+        return None if logits is None else logits.view(rows, 1, -1)
+
+    def _run_rows(self, plan: dict, x: torch.Tensor, rope, cache: KVCache, positions: torch.Tensor) -> torch.Tensor | None:
+        """Logits [B, V] of a batched step (x [B, d] the rows' embeddings, positions [B] int32), or None."""
+        return None
 
     @staticmethod
     def _common_args(plan: dict, x: torch.Tensor, rope, cache: KVCache, pos: int) -> list:

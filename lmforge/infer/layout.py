@@ -172,6 +172,9 @@ class Float32DecodeStep(decode_kernels.CompiledDecodeStep):
     compiled call (`decode_kernels.f32_decode_model`; see `CompiledDecodeStep`)."""
 
     block_type = Float32DecoderBlock
+    # batched steps of up to four sequences too (`lmf_f32_decode_rows_model`: each weight row read
+    # once for the four); a step of more rows is bound by arithmetic, which the library does better
+    max_rows = 4
 
     # with bf16 or int8 prefill products (Bf16PrefillLinear), one row stays float32 below min_rows
     flag_names = decode_kernels.CompiledDecodeStep.flag_names + ("min_rows",)
@@ -194,6 +197,9 @@ class Float32DecodeStep(decode_kernels.CompiledDecodeStep):
     def _run(self, plan, x, rope, cache, pos):
         return decode_kernels.f32_decode_model(self._common_args(plan, x, rope, cache, pos), plan["head"][0],
                                                torch.get_num_threads())
+
+    def _run_rows(self, plan, x, rope, cache, positions):
+        return decode_kernels.f32_decode_rows_model(plan, x, rope, cache, positions, torch.get_num_threads())
 
 
 def use_native_decoding(model: nn.Module, few_rows: int = 1) -> nn.Module:

@@ -388,9 +388,10 @@ class Transformer(nn.Module):
     """Language model (`forward`: token ids [B, L] -> logits [B, L, V]) or encoder
     (`encode`: ids, attention mask, token types -> hidden states [B, L, D])."""
 
-    # A callable (model, ids [1, 1], cache, start) -> logits [1, 1, V] or None that may run a cached
-    # one-token step of this model in its place; inference code installs one for CPU decoding
-    # (lmforge/infer/decode_kernels.py). None: every forward runs the modules.
+    # A callable (model, ids [B, 1], cache, start) -> logits [B, 1, V] or None that may run a cached
+    # one-token step of this model in its place (start: an int, or a tensor [B] of per-row
+    # positions); inference code installs one for CPU decoding (lmforge/infer/decode_kernels.py).
+    # None: every forward runs the modules.
     decode_step = None
 
     def __init__(self, config: ModelConfig) -> None:
@@ -449,8 +450,8 @@ class Transformer(nn.Module):
         if self.lm_head is None:
             raise ValueError("this model has no vocabulary head (an encoder); use encode() for its hidden states")
         if (self.decode_step is not None and inputs_embeds is None and select is None and cache is not None
-                and isinstance(start, int) and input_ids.shape == (1, 1)):
-            logits = self.decode_step(self, input_ids, cache, start)  # [1, 1, V], or None: not this step
+                and input_ids.dim() == 2 and input_ids.shape[1] == 1):
+            logits = self.decode_step(self, input_ids, cache, start)  # [B, 1, V], or None: not this step
             if logits is not None:
                 return logits
         x = self._residual_stream(input_ids, cache, start, inputs_embeds)

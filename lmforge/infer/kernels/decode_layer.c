@@ -435,3 +435,101 @@ int lmf_f32_decode_model(float *x, int d, int n_layer, const lmf_f32_layer *laye
     free(mem.block);
     return 0;
 }
+
+/* ---- a batched step of a few sequences ----------------------------------------------------
+ * One new token for each of B sequences (row b at position pos[b], its own cache row) through a
+ * pre-norm model with row-major float32 weights, in one parallel region, as
+ * lmf_f32_decode_model does for one: every product reads each weight row once for (up to four
+ * of) the B rows (f32_rows_multi), the attention runs as (row, head) pairs over the threads.
+ * X [B, d]: the tokens' embedding rows (changed). cos/sin: [B, hd] rows rope_stride apart.
+ * Cache of layer l, row b: k0 + l * layer_stride + b * row_stride (heads head_stride apart).
+ * logits [B, vocab]. Returns 1 for shapes it does not take, 2 without memory. */
+static void thread_rows(int n, int *r0, int *r1) {
+    const int t = thread_id();
+#ifdef _OPENMP
+    const int nt = omp_get_num_threads();
+#else
+    const int nt = 1;
+#endif
+    const int quads = (n + 3) / 4, per = (quads + nt - 1) / nt;
+    *r0 = t * per * 4;
+    *r1 = (t + 1) * per * 4 < n ? (t + 1) * per * 4 : n;
+}
+
+int lmf_f32_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_f32_layer *layers, float eps, int inter,
+                              int h, int hkv, int hd, const float *cos, const float *sin, long rope_stride,
+                              float *k0, float *v0, long layer_stride, long row_stride, long head_stride,
+                              const int *pos, const float *final_norm, float final_eps, const float *head_w,
+                              int vocab, float *logits, int threads) {
+    if (h % hkv || hd % 2 || B < 1) return 1;
+    for (int l = 0; l < n_layer; l++)
+        if (layers[l].cm_qkv || layers[l].cm_out || layers[l].cm_fc || layers[l].cm_proj) return 1;
+    int most = 0;
+    for (int b = 0; b < B; b++) {
+        if (pos[b] < 0) return 1;
+        most = pos[b] + 1 > most ? pos[b] + 1 : most;
+    }
+    if (threads < 1) threads = 1;
+    const int nqkv = (h + 2 * hkv) * hd, q = h * hd;
+    const size_t shared = (size_t)B * (nqkv + 2 * q + d + 3 * inter) + (size_t)B * h * most,
+                 own = (size_t)threads * 2 * B * d;
+    float *block = malloc((shared + own) * sizeof(float));
+    if (!block) return 2;
+    float *QKV = block, *Q = QKV + (long)B * nqkv, *ATT = Q + (long)B * q, *DELTA = ATT + (long)B * q,
+          *GU = DELTA + (long)B * d, *M = GU + 2L * B * inter, *S = M + (long)B * inter, *mine = block + shared;
+    const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel num_threads(threads)
+    {
+        float *xp = mine + (long)thread_id() * 2 * B * d, *hn = xp + (long)B * d;
+        int r0, r1;
+        memcpy(xp, X, (size_t)B * d * sizeof(float));
+        for (int l = 0; l < n_layer; l++) {
+            const lmf_f32_layer *L = layers + l;
+            float *kl = k0 + l * layer_stride, *vl = v0 + l * layer_stride;
+            lmf_rms_norm(xp, L->attn_norm, B, d, eps, hn);
+            thread_rows(nqkv, &r0, &r1);
+            if (r0 < r1) {
+                f32_rows_multi(L->qkv_w, d, hn, d, B, QKV, nqkv, r0, r1);
+                if (L->qkv_bias)
+                    for (int b = 0; b < B; b++)
+                        for (int r = r0; r < r1; r++) QKV[(long)b * nqkv + r] += L->qkv_bias[r];
+            }
+#pragma omp barrier
+#pragma omp single
+            for (int b = 0; b < B; b++)
+                lmf_attention_prepare(QKV + (long)b * nqkv, h, hkv, hd, cos + b * rope_stride, sin + b * rope_stride,
+                                      kl + b * row_stride, vl + b * row_stride, head_stride, pos[b], Q + (long)b * q);
+#pragma omp for schedule(dynamic, 1)
+            for (int i = 0; i < B * h; i++) {
+                const int b = i / h;
+                lmf_attention_head(i % h, Q + (long)b * q, h, hkv, hd, kl + b * row_stride, vl + b * row_stride,
+                                   head_stride, pos[b] + 1, scale, S + (long)i * most, ATT + (long)b * q);
+            }
+            thread_rows(d, &r0, &r1);
+            if (r0 < r1) f32_rows_multi(L->out_w, q, ATT, q, B, DELTA, d, r0, r1);
+#pragma omp barrier
+            for (long i = 0; i < (long)B * d; i++) xp[i] += DELTA[i];
+            lmf_rms_norm(xp, L->mlp_norm, B, d, eps, hn);
+            thread_rows(inter, &r0, &r1);
+            if (r0 < r1) {
+                f32_rows_multi(L->fc_w, d, hn, d, B, GU, 2L * inter, r0, r1);
+                f32_rows_multi(L->fc_w, d, hn, d, B, GU, 2L * inter, inter + r0, inter + r1);
+                for (int b = 0; b < B; b++) {
+                    const float *g = GU + 2L * b * inter;
+                    for (int i = r0; i < r1; i++) M[(long)b * inter + i] = g[i] / (1.0f + expf(-g[i])) * g[inter + i];
+                }
+            }
+#pragma omp barrier
+            thread_rows(d, &r0, &r1);
+            if (r0 < r1) f32_rows_multi(L->proj_w, inter, M, inter, B, DELTA, d, r0, r1);
+#pragma omp barrier
+            for (long i = 0; i < (long)B * d; i++) xp[i] += DELTA[i];
+        }
+        lmf_rms_norm(xp, final_norm, B, d, final_eps, hn);
+        thread_rows(vocab, &r0, &r1);
+        if (r0 < r1) f32_rows_multi(head_w, d, hn, d, B, logits, vocab, r0, r1);
+        if (thread_id() == 0) memcpy(X, xp, (size_t)B * d * sizeof(float));
+    }
+    free(block);
+    return 0;
+}
