@@ -211,3 +211,46 @@ def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch, who
     # which can move a value of the down product's input across a rounding step (max|x| / 32512
     # of its group): differences of that order, far below the rounding's own error.
     torch.testing.assert_close(fused, modules, rtol=0, atol=2e-4 * float(modules.abs().max()))
+
+
+@needs_kernels
+def test_a_two_row_step_runs_as_two_compiled_rows(monkeypatch):
+    """Two sequences at their own positions: the whole-step call once per row, each on its own
+    cache row: the same logits, bit for bit, as each sequence decoded alone; three rows are left
+    to the modules."""
+    from lmforge.infer import decode_kernels
+    from lmforge.model import ModelConfig, Transformer
+    from lmforge.model.kv_cache import KVCache
+
+    torch.manual_seed(6)
+    config = ModelConfig(family="qwen2", vocab_size=320, n_layer=2, n_embd=128, n_head=4, n_kv_head=2,
+                         intermediate_size=192, max_position_embeddings=64, norm="rmsnorm", mlp="swiglu",
+                         position="rope", qkv_bias=True, bos_token_id=1, eos_token_id=2)
+    model = quantize_model(Transformer(config).eval(), bits=4)
+    calls = []
+    real = decode_kernels.q4_decode_model
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    lengths = [3, 6, 4]
+    ids = torch.randint(3, 320, (3, 12), generator=torch.Generator().manual_seed(1))
+
+    def steps(rows: list[int]) -> torch.Tensor:
+        cache = KVCache.for_model(config, len(rows), 16, torch.float32, "cpu")
+        for b, r in enumerate(rows):
+            model(ids[r:r + 1, :lengths[r]], cache=cache.rows(b, b + 1), start=0)
+        positions = torch.tensor([lengths[r] for r in rows])
+        return torch.stack([model(ids[rows][:, [i]], cache=cache, start=positions + i)[:, -1] for i in range(3)])
+
+    monkeypatch.setattr(decode_kernels, "q4_decode_model", counted)
+    with torch.inference_mode():
+        together = steps([0, 1])
+        assert calls == [True] * 6  # 3 steps x 2 rows
+        alone = torch.cat([steps([0]), steps([1])], dim=1)
+        assert len(calls) == 12
+        steps([0, 1, 2])
+        assert len(calls) == 12  # three rows: the modules
+    assert torch.equal(together, alone)

@@ -389,6 +389,8 @@ class CompiledDecodeStep:
                 or cache.k.shape[1] != rows or torch_module._global_forward_hooks
                 or torch_module._global_forward_pre_hooks):
             return None
+        if rows == 1 and not isinstance(start, int) and start.numel() == 1:
+            start = int(start.reshape(-1)[0])  # one row: the one-row call
         if rows == 1 and isinstance(start, int):
             if (config.sliding_window is not None and start + 1 > config.sliding_window) or not 0 <= start < cache.k.shape[3]:
                 return None

@@ -380,6 +380,20 @@ class QuantizedDecodeStep(decode_kernels.CompiledDecodeStep):
         bits, head, scale, vocab = plan["head"]
         return decode_kernels.q4_decode_model(self._common_args(plan, x, rope, cache, pos), bits, head, scale, vocab)
 
+    # A batched step of two rows as two one-row steps: the 4-bit weights are small enough that
+    # reading them twice beats the modules (default model, 2 rows: 10 against 13.5 ms; with
+    # three rows the two were about even).
+    max_rows = 2
+
+    def _run_rows(self, plan, x, rope, cache, positions):
+        rows = []
+        for b in range(x.shape[0]):
+            y = self._run(plan, x[b].clone(), (rope[0][b], rope[1][b]), cache.rows(b, b + 1), int(positions[b]))
+            if y is None:
+                return None
+            rows.append(y)
+        return torch.stack(rows)
+
 
 def fuse_quantized_blocks(model: nn.Module) -> nn.Module:
     """Give every plain SwiGLU `MLP` of `model` the `QuantizedSwiGLU` forward and every pre-norm
