@@ -391,29 +391,32 @@ class CompiledDecodeStep:
             return None
         if rows == 1 and not isinstance(start, int) and start.numel() == 1:
             start = int(start.reshape(-1)[0])  # one row: the one-row call
-        if rows == 1 and isinstance(start, int):
+        one = rows == 1 and isinstance(start, int)
+        if one:
             if (config.sliding_window is not None and start + 1 > config.sliding_window) or not 0 <= start < cache.k.shape[3]:
                 return None
             cos, sin = model.rope.slice(start, 1, torch.float32)
+            rope = first = (cos.reshape(-1), sin.reshape(-1))
         else:  # rows at their own positions (a window would need its mask: modules)
             positions = torch.full((rows,), start) if isinstance(start, int) else start.reshape(-1)
             if (config.sliding_window is not None or positions.numel() != rows or positions.device.type != "cpu"
                     or int(positions.min()) < 0 or int(positions.max()) >= cache.k.shape[3]):
                 return None
             cos, sin = model.rope(positions.view(rows, 1).long(), torch.float32)
-        rope = (cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous())
+            rope = (cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous())
+            first = (rope[0][0], rope[1][0])
         plan = self._plan
         if plan is None or not self._still_valid(plan):
-            plan = self._plan = self._build(model, (rope[0][0], rope[1][0]), cache)
+            plan = self._plan = self._build(model, first, cache)
             if plan is None:
                 return None
         k, v = cache.k, cache.v
-        if (rope[0].shape[1] != plan["shape"][3] or k.stride() != v.stride() or k.stride(-1) != 1
+        if (first[0].numel() != plan["shape"][3] or k.stride() != v.stride() or k.stride(-1) != 1
                 or k.stride(-2) != plan["shape"][3] or len(plan["layers"]) != k.shape[0]):
             return None
-        if rows == 1 and isinstance(start, int):
+        if one:
             x = plan["embed"][int(input_ids[0, 0])].clone()
-            logits = self._run(plan, x, (rope[0][0], rope[1][0]), cache, start)
+            logits = self._run(plan, x, rope, cache, start)
             return None if logits is None else logits.view(1, 1, -1)
         x = plan["embed"][input_ids.view(-1)]
         logits = self._run_rows(plan, x, rope, cache, positions.to(torch.int32).contiguous())
