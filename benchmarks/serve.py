@@ -186,9 +186,13 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prefix-cache-mb", type=float, default=None, help="passed to lmforge serve (default: its own)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the phases; each phase reports its median round")
+    ap.add_argument("--weights", choices=("float", "q4", "q8"), default="float",
+                    help="passed to lmforge serve: the linear layers kept quantized (not with --engine)")
     ap.add_argument("--engine", action="store_true",
                     help="also stream the requests straight from a Scheduler built like the server's, in each round")
     args = ap.parse_args()
+    if args.engine and args.weights != "float":
+        ap.error("--engine builds the default float model; leave out --weights")
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -199,6 +203,8 @@ def main() -> None:
                "--max-seq-len", "1024", "--db", db]
     if args.prefix_cache_mb is not None:
         command += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+    if args.weights != "float":
+        command += ["--weights", args.weights]
     server = subprocess.Popen(command,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     engine = None
@@ -268,6 +274,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
         "prefix_cache_mb": args.prefix_cache_mb,
+        "weights": args.weights,
         "peak_rss_mb": peak_rss,
         "phases": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
         "scaling_vs_first": {str(r["clients"]): round(r["tokens_per_s"] / base, 2) for r in rows},
