@@ -171,6 +171,21 @@ static void f32_gemv_part(const float *w, int colmajor, int n, int k, const floa
     }
 }
 
+#ifdef _OPENMP
+static int thread_id(void) { return omp_get_thread_num(); }
+static int thread_count(void) { return omp_get_num_threads(); }
+#else
+static int thread_id(void) { return 0; }
+static int thread_count(void) { return 1; }
+#endif
+
+/* This thread's block of n outputs (whole groups of four) in a parallel region. */
+static void thread_rows(int n, int *r0, int *r1) {
+    const int t = thread_id(), quads = (n + 3) / 4, per = (quads + thread_count() - 1) / thread_count();
+    *r0 = t * per * 4;
+    *r1 = (t + 1) * per * 4 < n ? (t + 1) * per * 4 : n;
+}
+
 /* ---- a few rows at once --------------------------------------------------------------------
  * Y [m, n] = X [m, k] W^T (+ bias) for a row-major W [n, k] and a few rows of X: each weight
  * row is read once for every four rows of X, front to back, and multiplied into them (in L1);
@@ -232,13 +247,8 @@ int lmf_f32_gemm_rows(const float *w, int n, int k, const float *x, long ldx, in
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int t = 0, nt = 1;
-#endif
-        const int quads = (n + 3) / 4, per = (quads + nt - 1) / nt;
-        const int r0 = t * per * 4, r1 = (t + 1) * per * 4 < n ? (t + 1) * per * 4 : n;
+        int r0, r1;
+        thread_rows(n, &r0, &r1);
         if (r0 < r1) {
             f32_rows_multi(w, k, x, ldx, m, y, ldy, r0, r1);
             if (bias)
@@ -271,9 +281,9 @@ static void f32_gemv_in(const float *w, int colmajor, int n, int k, const float 
         return;
     }
     f32_gemv_part(w, colmajor, n, k, x, y, t, nt);
-    if (bias && !colmajor) {
-        const int quads = (n + 3) / 4, per = (quads + nt - 1) / nt;
-        const int r0 = t * per * 4, r1 = (t + 1) * per * 4 < n ? (t + 1) * per * 4 : n;
+    if (bias && !colmajor) { /* the rows f32_gemv_part gave this thread */
+        int r0, r1;
+        thread_rows(n, &r0, &r1);
         for (int i = r0; i < r1; i++) y[i] += bias[i];
     }
 #pragma omp barrier
@@ -296,13 +306,8 @@ int lmf_f32_gemv(const float *w, int colmajor, int n, int k, const float *x, con
  * barrier: each thread takes the same block of gate rows and of up rows, so it finishes its
  * part of m without waiting for the other threads' products. */
 static void f32_swiglu_in(const float *w, int inter, int k, const float *x, float *gu, float *m) {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int t = 0, nt = 1;
-#endif
-    const int quads = (inter + 3) / 4, per = (quads + nt - 1) / nt;
-    const int r0 = t * per * 4, r1 = (t + 1) * per * 4 < inter ? (t + 1) * per * 4 : inter;
+    int r0, r1;
+    thread_rows(inter, &r0, &r1);
     if (r0 < r1) {
         f32_rows(w, k, x, gu, r0, r1);
         f32_rows(w, k, x, gu, inter + r0, inter + r1);
@@ -358,12 +363,6 @@ static void f32_layer_in(float *xp, float *hn, int d, const lmf_f32_layer *L, fl
 /* What a step's parallel region needs besides the caller's scratch: the k-split partial sums
  * (threads x the widest output, with more than one thread), the attention buffer, and every
  * thread's copy of the residual stream and its normed form. One allocation; NULL if it failed. */
-#ifdef _OPENMP
-static int thread_id(void) { return omp_get_thread_num(); }
-#else
-static int thread_id(void) { return 0; }
-#endif
-
 typedef struct {
     float *partials, *abuf, *own;
     void *block;
@@ -444,17 +443,6 @@ int lmf_f32_decode_model(float *x, int d, int n_layer, const lmf_f32_layer *laye
  * X [B, d]: the tokens' embedding rows (changed). cos/sin: [B, hd] rows rope_stride apart.
  * Cache of layer l, row b: k0 + l * layer_stride + b * row_stride (heads head_stride apart).
  * logits [B, vocab]. Returns 1 for shapes it does not take, 2 without memory. */
-static void thread_rows(int n, int *r0, int *r1) {
-    const int t = thread_id();
-#ifdef _OPENMP
-    const int nt = omp_get_num_threads();
-#else
-    const int nt = 1;
-#endif
-    const int quads = (n + 3) / 4, per = (quads + nt - 1) / nt;
-    *r0 = t * per * 4;
-    *r1 = (t + 1) * per * 4 < n ? (t + 1) * per * 4 : n;
-}
 
 int lmf_f32_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_f32_layer *layers, float eps, int inter,
                               int h, int hkv, int hd, const float *cos, const float *sin, long rope_stride,
