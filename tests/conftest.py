@@ -57,6 +57,26 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``calls = count_calls(module, "name")`` wraps ``module.name`` for the test; each call then
+    appends whether it returned a result (anything but None) to ``calls``."""
+
+    def watch(module, name: str) -> list[bool]:
+        calls: list[bool] = []
+        real = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls.append(out is not None)
+            return out
+
+        monkeypatch.setattr(module, name, counted)
+        return calls
+
+    return watch
+
+
 def make_tiny_translator(directory, sentences):
     """A random Marian-style translator with a Unigram tokenizer trained on ``sentences``, saved
     to ``directory`` (Hugging Face layout): (path, model, tokenizer)."""

@@ -229,7 +229,7 @@ def test_decoder_steps_same_with_and_without_the_kernel():
 
 @needs_kernel
 @pytest.mark.parametrize("position", ["rope", "learned"])
-def test_batched_decode_steps_rows_at_their_own_positions(position, monkeypatch):
+def test_batched_decode_steps_rows_at_their_own_positions(position, count_calls):
     """Rows of different lengths decoded together (per-row positions, as the scheduler steps
     them) and in lockstep (one shared position): the batched kernel against PyTorch's path, and
     each row against its own batch-1 run."""
@@ -242,15 +242,7 @@ def test_batched_decode_steps_rows_at_their_own_positions(position, monkeypatch)
     model = Transformer(config).eval()
     lengths = [3, 9, 5, 14]
     seqs = [torch.randint(0, 64, (1, n + 4)) for n in lengths]
-    calls = []
-    real = na.decode_attention_rows
-
-    def counted(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(na, "decode_attention_rows", counted)
+    calls = count_calls(na, "decode_attention_rows")
 
     def batched(lockstep: bool) -> torch.Tensor:
         cache = KVCache.for_model(config, len(seqs), 24, torch.float32, "cpu")

@@ -83,7 +83,7 @@ def tiny(config_kw=None) -> Transformer:
 @pytest.mark.parametrize("threads,prompt", [(1, 4), (2, 4), (2, 50)])  # (50: every head's scores longer)
 @pytest.mark.parametrize("whole_step", [True, False])
 @pytest.mark.parametrize("columns", [False, True])
-def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, prompt, whole_step, columns):
+def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, prompt, whole_step, columns, count_calls):
     """Every one-token step as one compiled call for the whole model (`Float32DecodeStep`), or
     (without it) one per layer: the same logits as the modules on PyTorch, step after step.
     `columns`: the wide weights stored column-major again afterwards (the kernels' other layout:
@@ -102,18 +102,9 @@ def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, prompt
     if not whole_step:
         fast.decode_step = None
     ids = torch.randint(0, 300, (1, prompt + 6), generator=torch.Generator().manual_seed(1))
-    calls = []
-    name = "f32_decode_model" if whole_step else "f32_decode_layer"
-    real = getattr(dk, name)
-
-    def counted(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
-
+    calls = count_calls(dk, "f32_decode_model" if whole_step else "f32_decode_layer")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    setattr(dk, name, counted)
     try:
         with torch.inference_mode():
             outs = []
@@ -125,7 +116,6 @@ def test_float32_model_decodes_the_same_with_its_layers_compiled(threads, prompt
                 if model is fast:  # the prefill took the plain path
                     assert calls == [True] * (6 if whole_step else 12)  # per step, or 2 layers x 6 steps
     finally:
-        setattr(dk, name, real)
         torch.set_num_threads(before)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
@@ -167,7 +157,8 @@ def test_whole_decode_step_declines_what_it_does_not_cover():
 def test_whole_decode_step_runs_beside_bf16_prefill_products():
     """`dtype="auto"` on a CPU with bf16 units gives the layers bf16 prefill products
     (`Bf16PrefillLinear`): one row stays float32, so the compiled step still takes it; a layer
-    told to send single rows to bf16 too (`min_rows` 1) makes it give the step back."""
+    told to send single rows to bf16 too (`min_rows` 1) makes it give the step back, and a
+    batched step only up to the rows that stay float32."""
     from lmforge.infer.bf16_prefill import generation_products, use_bf16_prefill
 
     plain = tiny()
@@ -185,11 +176,18 @@ def test_whole_decode_step_runs_beside_bf16_prefill_products():
             torch.testing.assert_close(got.view(-1), want, rtol=1e-4, atol=1e-4)
             fast.layers[1].mlp.fc.min_rows = 1
             assert step(fast, ids, KVCache.for_model(fast.config, 1, 8, torch.float32, "cpu"), 0) is None
+            # bf16 from 3 rows on: a 2-row step stays compiled (float32, as the modules would
+            # compute it), a 3-row one goes back to the modules and their bf16 products
+            use_bf16_prefill(fast, min_rows=3)
+            for rows, taken in ((2, True), (3, False)):
+                cache = KVCache.for_model(fast.config, rows, 8, torch.float32, "cpu")
+                got = step(fast, ids.expand(rows, 1), cache, torch.arange(rows))
+                assert (got is not None) is taken
 
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
-def test_batched_steps_of_a_few_rows_run_as_one_compiled_call(threads):
+def test_batched_steps_of_a_few_rows_run_as_one_compiled_call(threads, count_calls):
     """Rows at their own positions (each its own cache row, prompts of different lengths): the
     compiled step takes up to four of them, a fifth row gives the step back to the modules; the
     logits equal the plain model's either way."""
@@ -197,17 +195,9 @@ def test_batched_steps_of_a_few_rows_run_as_one_compiled_call(threads):
     fast = copy.deepcopy(plain)
     use_numpy_blas(fast, numpy_rows=False)
     use_native_decoding(fast)
-    calls = []
-    real = dk.f32_decode_rows_model
-
-    def counted(*a):
-        out = real(*a)
-        calls.append(out is not None)
-        return out
-
+    calls = count_calls(dk, "f32_decode_rows_model")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    dk.f32_decode_rows_model = counted
     try:
         for rows in (2, 3, 4, 5):
             lengths = [4 + 5 * b for b in range(rows)]
@@ -223,6 +213,5 @@ def test_batched_steps_of_a_few_rows_run_as_one_compiled_call(threads):
                                              for i in range(3)]))
             torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
     finally:
-        dk.f32_decode_rows_model = real
         torch.set_num_threads(before)
     assert calls == [True] * 9  # three steps each of 2, 3 and 4 rows; none of 5

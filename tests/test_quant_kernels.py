@@ -167,7 +167,7 @@ def test_no_kernels_when_disabled(tmp_path):
 
 @needs_kernels
 @pytest.mark.parametrize("whole_step,head_bits", [(False, 8), (True, 8), (True, 4), (True, None)])
-def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch, whole_step, head_bits):
+def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch, count_calls, whole_step, head_bits):
     """One compiled call per layer (`QuantizedDecoderBlock`) or for the whole step
     (`QuantizedDecodeStep`, with an int8, int4 or float32 head) against the modules one by one."""
     from lmforge.infer import quant_linear
@@ -184,23 +184,14 @@ def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch, who
     if not whole_step:
         model.decode_step = None
     ids = torch.tensor([[1, 5, 9, 14, 30, 7, 8]])
-    calls = []
     from lmforge.infer import decode_kernels
-
-    name = "q4_decode_model" if whole_step else "q4_decode_layer"
-    real = getattr(decode_kernels, name)
-
-    def counted(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
-        return out
 
     def steps() -> torch.Tensor:
         cache = KVCache.for_model(config, 1, 8, torch.float32, "cpu")
         model(ids[:, :3], cache=cache, start=0)
         return torch.stack([model(ids[:, i:i + 1], cache=cache, start=i)[0, -1] for i in range(3, 7)])
 
-    monkeypatch.setattr(decode_kernels, name, counted)
+    calls = count_calls(decode_kernels, "q4_decode_model" if whole_step else "q4_decode_layer")
     with torch.inference_mode():
         fused = steps()
         assert calls == [True] * (4 if whole_step else 8)  # per step, or 2 layers x 4 steps; not the prefill
@@ -214,7 +205,7 @@ def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch, who
 
 
 @needs_kernels
-def test_a_two_row_step_runs_as_two_compiled_rows(monkeypatch):
+def test_a_two_row_step_runs_as_two_compiled_rows(count_calls):
     """Two sequences at their own positions: the whole-step call once per row, each on its own
     cache row: the same logits, bit for bit, as each sequence decoded alone; three rows are left
     to the modules."""
@@ -227,14 +218,6 @@ def test_a_two_row_step_runs_as_two_compiled_rows(monkeypatch):
                          intermediate_size=192, max_position_embeddings=64, norm="rmsnorm", mlp="swiglu",
                          position="rope", qkv_bias=True, bos_token_id=1, eos_token_id=2)
     model = quantize_model(Transformer(config).eval(), bits=4)
-    calls = []
-    real = decode_kernels.q4_decode_model
-
-    def counted(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
-        return out
-
     lengths = [3, 6, 4]
     ids = torch.randint(3, 320, (3, 12), generator=torch.Generator().manual_seed(1))
 
@@ -245,7 +228,7 @@ def test_a_two_row_step_runs_as_two_compiled_rows(monkeypatch):
         positions = torch.tensor([lengths[r] for r in rows])
         return torch.stack([model(ids[rows][:, [i]], cache=cache, start=positions + i)[:, -1] for i in range(3)])
 
-    monkeypatch.setattr(decode_kernels, "q4_decode_model", counted)
+    calls = count_calls(decode_kernels, "q4_decode_model")
     with torch.inference_mode():
         together = steps([0, 1])
         assert calls == [True] * 6  # 3 steps x 2 rows

@@ -81,8 +81,8 @@ class Bf16PrefillLinear(BlasLinear):
         y = y.float().view(*x.shape[:-1], w.shape[0])
         return y.add_(self.bias) if self.bias is not None else y
 
-    def one_row_native(self) -> bool:
-        return self.native_rows and self.min_rows > 1
+    def float32_rows(self) -> int:
+        return min(super().float32_rows(), self.min_rows - 1)
 
     def packed_bf16_weight(self) -> torch.Tensor:
         """oneDNN's blocked bf16 copy of the weight (the layout its bf16 kernels read fastest:

@@ -331,6 +331,7 @@ class CompiledDecodeStep:
             return None
         blocks = [child(layers_list, str(i)) for i in range(len(layers_list))]
         modules: list[nn.Module] = [model, layers_list, norm, head, *blocks]
+        most = min(self.max_rows, self._most_rows(head))  # rows of a batched step the plan takes
         structs = []
         for block in blocks:
             if type(block) is not self.block_type or not block._fits(rope, cache):
@@ -340,6 +341,7 @@ class CompiledDecodeStep:
             linears = [child(attn, "qkv"), child(attn, "out"), child(mlp, "fc"), child(mlp, "proj")]
             if not self._block_ok(block, linears):
                 return None
+            most = min(most, *map(self._most_rows, linears))
             modules += [attn, mlp, n1, n2, *linears]
             track(n1, "weight"), track(n2, "weight")
             struct = self._layer(block, linears, track)
@@ -358,6 +360,7 @@ class CompiledDecodeStep:
             "flag_items": [(m, name) for m in modules for name in self.flag_names if hasattr(m, name)],
             "pointers": [(t.data_ptr(), t.stride()) for t in tensors],
             "layers": (type(structs[0]) * len(structs))(*structs), "head": head_args, "eps": eps.pop(),
+            "max_rows": most,
             "shape": (first.mlp.proj.in_features, first.attn.n_head, first.attn.n_kv_head, first.attn.head_dim),
             "embed": embed.weight, "norm": norm,
         }
@@ -412,7 +415,7 @@ class CompiledDecodeStep:
                 return None
         k, v = cache.k, cache.v
         if (first[0].numel() != plan["shape"][3] or k.stride() != v.stride() or k.stride(-1) != 1
-                or k.stride(-2) != plan["shape"][3] or len(plan["layers"]) != k.shape[0]):
+                or k.stride(-2) != plan["shape"][3] or len(plan["layers"]) != k.shape[0] or rows > plan["max_rows"]):
             return None
         if one:
             x = plan["embed"][int(input_ids[0, 0])].clone()
@@ -421,6 +424,10 @@ class CompiledDecodeStep:
         x = plan["embed"][input_ids.view(-1)]
         logits = self._run_rows(plan, x, rope, cache, positions.to(torch.int32).contiguous())
         return None if logits is None else logits.view(rows, 1, -1)
+
+    def _most_rows(self, linear: nn.Module) -> int:
+        """The most rows of a batched step for which the C call computes what `linear` would."""
+        return self.max_rows
 
     def _run_rows(self, plan: dict, x: torch.Tensor, rope, cache: KVCache, positions: torch.Tensor) -> torch.Tensor | None:
         """Logits [B, V] of a batched step (x [B, d] the rows' embeddings, positions [B] int32), or None."""

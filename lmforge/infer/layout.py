@@ -64,6 +64,9 @@ def _onednn_supported() -> bool:
         return False
 
 
+ROWS_UNLIMITED = 1 << 30
+
+
 class BlasLinear(nn.Linear):
     """An `nn.Linear` whose CPU float32 inference uses the fastest measured kernel per row count.
 
@@ -106,11 +109,12 @@ class BlasLinear(nn.Linear):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), bias, "none", [], "")
         return F.linear(x, w, self.bias)
 
-    def one_row_native(self) -> bool:
-        """Whether a one-row product of this layer is lmforge's compiled float32 product: what
-        the compiled decode steps (`Float32DecoderBlock`, `Float32DecodeStep`) compute in its
-        place. Subclasses that send some products elsewhere say whether one row stays here."""
-        return self.native_rows
+    def float32_rows(self) -> int:
+        """Up to how many rows a product of this layer is float32 arithmetic with single rows on
+        lmforge's compiled product (0: not), i.e. what the compiled decode steps
+        (`Float32DecoderBlock`, `Float32DecodeStep`) may compute in its place. Subclasses that
+        send larger products to another precision lower it."""
+        return ROWS_UNLIMITED if self.native_rows else 0
 
     def packed_weight(self) -> torch.Tensor:
         """oneDNN's blocked copy of the weight, remade if the weight changed since it was made."""
@@ -159,7 +163,7 @@ class Float32DecoderBlock(decode_kernels.CompiledDecodeBlock):
 
     def _decode_step(self, x, rope, cache: KVCache, layer: int, pos: int) -> torch.Tensor | None:
         attn, mlp = self.attn, self.mlp
-        if not all(isinstance(m, BlasLinear) and m.one_row_native() for m in (attn.qkv, attn.out, mlp.fc, mlp.proj)):
+        if not all(isinstance(m, BlasLinear) and m.float32_rows() >= 1 for m in (attn.qkv, attn.out, mlp.fc, mlp.proj)):
             return None
         return decode_kernels.f32_decode_layer(
             x, self.attn_norm.weight, self.mlp_norm.weight, self.attn_norm.eps, attn.qkv.weight, attn.qkv.bias,
@@ -176,14 +180,17 @@ class Float32DecodeStep(decode_kernels.CompiledDecodeStep):
     # once for the four); a step of more rows is bound by arithmetic, which the library does better
     max_rows = 4
 
-    # with bf16 or int8 prefill products (Bf16PrefillLinear), one row stays float32 below min_rows
+    # with bf16 or int8 prefill products (Bf16PrefillLinear), products stay float32 below min_rows
     flag_names = decode_kernels.CompiledDecodeStep.flag_names + ("min_rows",)
 
     def _block_ok(self, block, linears) -> bool:
-        return all(isinstance(m, BlasLinear) and m.one_row_native() for m in linears)
+        return all(isinstance(m, BlasLinear) and m.float32_rows() >= 1 for m in linears)
 
     def _head_ok(self, head) -> bool:
-        return isinstance(head, BlasLinear) and head.bias is None and head.one_row_native()
+        return isinstance(head, BlasLinear) and head.bias is None and head.float32_rows() >= 1
+
+    def _most_rows(self, linear) -> int:
+        return min(self.max_rows, linear.float32_rows())
 
     def _layer(self, block, linears, track):
         qkv, out, fc, proj = (track(m, "weight") for m in linears)

@@ -11,6 +11,9 @@
 #include "quant_gemv.c"
 #include "../../model/kernels/cpu_ops.c"
 
+/* SwiGLU's element: SiLU(gate) * up. */
+static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 /* x [d] (the residual stream, updated in place); scratch of at least
  * 2 d + (h + 2 hkv) hd + h hd + 3 inter floats. Returns 0, or what a kernel returned. */
 int lmf_q4_decode_layer(float *x, int d, const float *attn_norm, const float *mlp_norm, float eps,
@@ -31,10 +34,8 @@ int lmf_q4_decode_layer(float *x, int d, const float *attn_norm, const float *ml
     for (int i = 0; i < d; i++) x[i] += delta[i];
     lmf_rms_norm(x, mlp_norm, 1, d, eps, hn);
     if ((code = lmf_q4_gemv(fc_w, 2 * inter, d, hn, gu))) return code;
-    for (int i = 0; i < inter; i++) {
-        const float g = gu[i];
-        m[i] = g / (1.0f + expf(-g)) * gu[inter + i];
-    }
+    for (int i = 0; i < inter; i++)
+        m[i] = silu_mul(gu[i], gu[inter + i]);
     if ((code = lmf_q4_gemv(proj_w, d, inter, m, delta))) return code;
     for (int i = 0; i < d; i++) x[i] += delta[i];
     return 0;
@@ -192,7 +193,8 @@ static void thread_rows(int n, int *r0, int *r1) {
  * a batched decode step of a few sequences then streams the weights about as fast as one row
  * does. The threads split W's rows. */
 static inline __attribute__((always_inline)) void f32_rows_m(const float *w, int k, const float *x, long ldx,
-                                                              float *y, long ldy, int r0, int r1, const int M) {
+                                                              const float *bias, float *y, long ldy, int r0, int r1,
+                                                              const int M) {
     /* M (1..4) rows of x; named accumulators (two per row, for the FMA latency) stay in registers */
     const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
     for (int r = r0; r < r1; r++) {
@@ -213,8 +215,9 @@ static inline __attribute__((always_inline)) void f32_rows_m(const float *w, int
             if (M > 2) a2 += w0 * loadu(x2 + c);
             if (M > 3) a3 += w0 * loadu(x3 + c);
         }
-        float s0 = hsum(a0 + b0), s1 = M > 1 ? hsum(a1 + b1) : 0.0f, s2 = M > 2 ? hsum(a2 + b2) : 0.0f,
-              s3 = M > 3 ? hsum(a3 + b3) : 0.0f;
+        const float b = bias ? bias[r] : 0.0f;
+        float s0 = b + hsum(a0 + b0), s1 = M > 1 ? b + hsum(a1 + b1) : 0.0f, s2 = M > 2 ? b + hsum(a2 + b2) : 0.0f,
+              s3 = M > 3 ? b + hsum(a3 + b3) : 0.0f;
         for (; c < k; c++) {
             s0 += wr[c] * x0[c];
             if (M > 1) s1 += wr[c] * x1[c];
@@ -228,16 +231,17 @@ static inline __attribute__((always_inline)) void f32_rows_m(const float *w, int
     }
 }
 
-static void f32_rows_multi(const float *w, int k, const float *x, long ldx, int m, float *y, long ldy, int r0,
-                           int r1) {
+/* Rows r0..r1 of Y [m, n] (+ bias[r], or none with NULL), four rows of X at a time. */
+static void f32_rows_multi(const float *w, int k, const float *x, long ldx, int m, const float *bias, float *y,
+                           long ldy, int r0, int r1) {
     for (int i0 = 0; i0 < m; i0 += 4) {
         const float *xi = x + i0 * ldx;
         float *yi = y + i0 * ldy;
         switch (m - i0 < 4 ? m - i0 : 4) {
-            case 1: f32_rows_m(w, k, xi, ldx, yi, ldy, r0, r1, 1); break;
-            case 2: f32_rows_m(w, k, xi, ldx, yi, ldy, r0, r1, 2); break;
-            case 3: f32_rows_m(w, k, xi, ldx, yi, ldy, r0, r1, 3); break;
-            default: f32_rows_m(w, k, xi, ldx, yi, ldy, r0, r1, 4); break;
+            case 1: f32_rows_m(w, k, xi, ldx, bias, yi, ldy, r0, r1, 1); break;
+            case 2: f32_rows_m(w, k, xi, ldx, bias, yi, ldy, r0, r1, 2); break;
+            case 3: f32_rows_m(w, k, xi, ldx, bias, yi, ldy, r0, r1, 3); break;
+            default: f32_rows_m(w, k, xi, ldx, bias, yi, ldy, r0, r1, 4); break;
         }
     }
 }
@@ -249,12 +253,7 @@ int lmf_f32_gemm_rows(const float *w, int n, int k, const float *x, long ldx, in
     {
         int r0, r1;
         thread_rows(n, &r0, &r1);
-        if (r0 < r1) {
-            f32_rows_multi(w, k, x, ldx, m, y, ldy, r0, r1);
-            if (bias)
-                for (int i = 0; i < m; i++)
-                    for (int r = r0; r < r1; r++) y[i * ldy + r] += bias[r];
-        }
+        if (r0 < r1) f32_rows_multi(w, k, x, ldx, m, bias, y, ldy, r0, r1);
     }
     return 0;
 }
@@ -311,10 +310,8 @@ static void f32_swiglu_in(const float *w, int inter, int k, const float *x, floa
     if (r0 < r1) {
         f32_rows(w, k, x, gu, r0, r1);
         f32_rows(w, k, x, gu, inter + r0, inter + r1);
-        for (int i = r0; i < r1; i++) {
-            const float g = gu[i];
-            m[i] = g / (1.0f + expf(-g)) * gu[inter + i];
-        }
+        for (int i = r0; i < r1; i++)
+            m[i] = silu_mul(gu[i], gu[inter + i]);
     }
 #pragma omp barrier
 }
@@ -337,12 +334,8 @@ static void f32_layer_in(float *xp, float *hn, int d, const lmf_f32_layer *L, fl
     lmf_rms_norm(xp, L->attn_norm, 1, d, eps, hn);
     f32_gemv_in(L->qkv_w, L->cm_qkv, nqkv, d, hn, L->qkv_bias, qkv, partials);
     /* attention: rotary and cache writes on one thread, then the query heads split over all */
-#pragma omp single
-    lmf_attention_prepare(qkv, h, hkv, hd, cos, sin, kc, vc, head_stride, pos, abuf);
-#pragma omp for schedule(static)
-    for (int i = 0; i < h; i++)
-        lmf_attention_head(i, abuf, h, hkv, hd, kc, vc, head_stride, T, 1.0f / sqrtf((float)hd),
-                           abuf + (long)h * hd + (long)i * T, att);
+    attention_rows_in(qkv, 1, 0, h, hkv, hd, cos, sin, 0, kc, vc, 0, head_stride, &pos, T, 1.0f / sqrtf((float)hd),
+                      abuf, abuf + (long)h * hd, att);
     f32_gemv_in(L->out_w, L->cm_out, d, h * hd, att, NULL, delta, partials);
     for (int i = 0; i < d; i++) xp[i] += delta[i];
     lmf_rms_norm(xp, L->mlp_norm, 1, d, eps, hn);
@@ -351,10 +344,8 @@ static void f32_layer_in(float *xp, float *hn, int d, const lmf_f32_layer *L, fl
     } else {
         f32_gemv_in(L->fc_w, L->cm_fc, 2 * inter, d, hn, NULL, gu, partials);
 #pragma omp for
-        for (int i = 0; i < inter; i++) {
-            const float g = gu[i];
-            m[i] = g / (1.0f + expf(-g)) * gu[inter + i];
-        }
+        for (int i = 0; i < inter; i++)
+            m[i] = silu_mul(gu[i], gu[inter + i]);
     }
     f32_gemv_in(L->proj_w, L->cm_proj, d, inter, m, NULL, delta, partials);
     for (int i = 0; i < d; i++) xp[i] += delta[i];
@@ -476,46 +467,33 @@ int lmf_f32_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_f32
             float *kl = k0 + l * layer_stride, *vl = v0 + l * layer_stride;
             lmf_rms_norm(xp, L->attn_norm, B, d, eps, hn);
             thread_rows(nqkv, &r0, &r1);
-            if (r0 < r1) {
-                f32_rows_multi(L->qkv_w, d, hn, d, B, QKV, nqkv, r0, r1);
-                if (L->qkv_bias)
-                    for (int b = 0; b < B; b++)
-                        for (int r = r0; r < r1; r++) QKV[(long)b * nqkv + r] += L->qkv_bias[r];
-            }
+            if (r0 < r1) f32_rows_multi(L->qkv_w, d, hn, d, B, L->qkv_bias, QKV, nqkv, r0, r1);
 #pragma omp barrier
-#pragma omp single
-            for (int b = 0; b < B; b++)
-                lmf_attention_prepare(QKV + (long)b * nqkv, h, hkv, hd, cos + b * rope_stride, sin + b * rope_stride,
-                                      kl + b * row_stride, vl + b * row_stride, head_stride, pos[b], Q + (long)b * q);
-#pragma omp for schedule(dynamic, 1)
-            for (int i = 0; i < B * h; i++) {
-                const int b = i / h;
-                lmf_attention_head(i % h, Q + (long)b * q, h, hkv, hd, kl + b * row_stride, vl + b * row_stride,
-                                   head_stride, pos[b] + 1, scale, S + (long)i * most, ATT + (long)b * q);
-            }
+            attention_rows_in(QKV, B, nqkv, h, hkv, hd, cos, sin, rope_stride, kl, vl, row_stride, head_stride, pos,
+                              most, scale, Q, S, ATT);
             thread_rows(d, &r0, &r1);
-            if (r0 < r1) f32_rows_multi(L->out_w, q, ATT, q, B, DELTA, d, r0, r1);
+            if (r0 < r1) f32_rows_multi(L->out_w, q, ATT, q, B, NULL, DELTA, d, r0, r1);
 #pragma omp barrier
             for (long i = 0; i < (long)B * d; i++) xp[i] += DELTA[i];
             lmf_rms_norm(xp, L->mlp_norm, B, d, eps, hn);
             thread_rows(inter, &r0, &r1);
             if (r0 < r1) {
-                f32_rows_multi(L->fc_w, d, hn, d, B, GU, 2L * inter, r0, r1);
-                f32_rows_multi(L->fc_w, d, hn, d, B, GU, 2L * inter, inter + r0, inter + r1);
+                f32_rows_multi(L->fc_w, d, hn, d, B, NULL, GU, 2L * inter, r0, r1);
+                f32_rows_multi(L->fc_w, d, hn, d, B, NULL, GU, 2L * inter, inter + r0, inter + r1);
                 for (int b = 0; b < B; b++) {
                     const float *g = GU + 2L * b * inter;
-                    for (int i = r0; i < r1; i++) M[(long)b * inter + i] = g[i] / (1.0f + expf(-g[i])) * g[inter + i];
+                    for (int i = r0; i < r1; i++) M[(long)b * inter + i] = silu_mul(g[i], g[inter + i]);
                 }
             }
 #pragma omp barrier
             thread_rows(d, &r0, &r1);
-            if (r0 < r1) f32_rows_multi(L->proj_w, inter, M, inter, B, DELTA, d, r0, r1);
+            if (r0 < r1) f32_rows_multi(L->proj_w, inter, M, inter, B, NULL, DELTA, d, r0, r1);
 #pragma omp barrier
             for (long i = 0; i < (long)B * d; i++) xp[i] += DELTA[i];
         }
         lmf_rms_norm(xp, final_norm, B, d, final_eps, hn);
         thread_rows(vocab, &r0, &r1);
-        if (r0 < r1) f32_rows_multi(head_w, d, hn, d, B, logits, vocab, r0, r1);
+        if (r0 < r1) f32_rows_multi(head_w, d, hn, d, B, NULL, logits, vocab, r0, r1);
         if (thread_id() == 0) memcpy(X, xp, (size_t)B * d * sizeof(float));
     }
     free(block);

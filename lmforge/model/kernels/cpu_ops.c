@@ -323,10 +323,38 @@ void lmf_attention_head(int h, const float *q, int H, int Hkv, int D, const floa
     }
 }
 
-/* A decode step of B sequences at once, each at its own position: row b's q/k/v at
+/* The attention of a decode step of B sequences, each at its own position, called by every
+ * thread of a parallel region (or outside one, by one thread): row b's q/k/v at
  * qkv + b qkv_stride, its rotary (cos, sin) at + b rope_stride (0: one for all rows; NULL: no
  * rotation), its cache at kc/vc + b batch_stride (heads head_stride apart), written at pos[b];
- * out [B][H D]. Every (row, head) pair is independent once the rows are rotated and written. */
+ * out [B][H D]. The rows are rotated and written by one thread, then every (row, head) pair is
+ * independent and they are shared out. q: room for B H D floats; scores: B H most, most at
+ * least every pos[b] + 1. Ends in a barrier. */
+static void attention_rows_in(const float *qkv, int B, long qkv_stride, int H, int Hkv, int D, const float *cos,
+                              const float *sin, long rope_stride, float *kc, float *vc, long batch_stride,
+                              long head_stride, const int *pos, int most, float scale, float *q, float *scores,
+                              float *out) {
+#pragma omp single
+    for (int b = 0; b < B; b++)
+        lmf_attention_prepare(qkv + b * qkv_stride, H, Hkv, D, cos ? cos + b * rope_stride : NULL,
+                              sin ? sin + b * rope_stride : NULL, kc + b * batch_stride, vc + b * batch_stride,
+                              head_stride, pos[b], q + (long)b * H * D);
+    if (B == 1) { /* one row: heads in blocks, neighbours sharing a key head on one thread */
+#pragma omp for schedule(static)
+        for (int h = 0; h < H; h++)
+            lmf_attention_head(h, q, H, Hkv, D, kc, vc, head_stride, pos[0] + 1, scale, scores + (long)h * most, out);
+    } else { /* rows of different lengths: pairs handed out one at a time */
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < B * H; i++) {
+            const int b = i / H;
+            lmf_attention_head(i % H, q + (long)b * H * D, H, Hkv, D, kc + b * batch_stride, vc + b * batch_stride,
+                               head_stride, pos[b] + 1, scale, scores + (long)i * most, out + (long)b * H * D);
+        }
+    }
+}
+
+/* `attention_rows_in` in its own parallel region, once the caches are long enough to pay for
+ * waking the threads. Returns 1 for shapes it does not take, 2 when its buffer cannot be had. */
 int lmf_decode_attention_rows(const float *qkv, int B, long qkv_stride, int H, int Hkv, int D, const float *cos,
                               const float *sin, long rope_stride, float *kc, float *vc, long batch_stride,
                               long head_stride, const int *pos, float scale, float *out) {
@@ -340,18 +368,9 @@ int lmf_decode_attention_rows(const float *qkv, int B, long qkv_stride, int H, i
     }
     float *buf = malloc(((size_t)B * H * D + (size_t)B * H * most) * sizeof(float));
     if (!buf) return 2;
-    float *q = buf, *scores = buf + (long)B * H * D;
-    for (int b = 0; b < B; b++)
-        lmf_attention_prepare(qkv + b * qkv_stride, H, Hkv, D, cos ? cos + b * rope_stride : NULL,
-                              sin ? sin + b * rope_stride : NULL, kc + b * batch_stride, vc + b * batch_stride,
-                              head_stride, pos[b], q + (long)b * H * D);
-    /* (row, head) pairs in parallel once the caches are long enough to pay for waking the threads */
-#pragma omp parallel for schedule(dynamic, 1) if (work >= 4096)
-    for (int i = 0; i < B * H; i++) {
-        const int b = i / H, h = i % H;
-        lmf_attention_head(h, q + (long)b * H * D, H, Hkv, D, kc + b * batch_stride, vc + b * batch_stride,
-                           head_stride, pos[b] + 1, scale, scores + (long)i * most, out + (long)b * H * D);
-    }
+#pragma omp parallel if (work >= 4096)
+    attention_rows_in(qkv, B, qkv_stride, H, Hkv, D, cos, sin, rope_stride, kc, vc, batch_stride, head_stride, pos,
+                      most, scale, buf, buf + (long)B * H * D, out);
     free(buf);
     return 0;
 }
