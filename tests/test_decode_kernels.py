@@ -34,14 +34,16 @@ def test_f32_gemv_equals_torch(n, k, column_major, threads):
 
 
 @needs_kernels
-@pytest.mark.parametrize("n,k", [(96, 64), (37, 72), (8, 1536)])
+@pytest.mark.parametrize("n,k", [(96, 64), (37, 72), (8, 1536), (700, 48)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_f32_gemm_rows_equals_torch(n, k, threads):
-    """The few-rows product: every row count up to and past one block of four, with a bias,
-    rows given as a strided view; a column-major weight is declined."""
+    """The few-rows product: row counts around each group of four, with a bias, rows given as a
+    strided view (700 x 48: several blocks of weight rows per thread, each fetching the next;
+    37 and 8 rows: ranges that end in a part of a group of four); a column-major weight is
+    declined."""
     g = torch.Generator().manual_seed(n + k)
     w, bias = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    for m in (1, 2, 3, 4, 5, 7, 9):
+    for m in (1, 2, 3, 4, 5, 7, 9, 16, 17):
         x = torch.randn(m, 2 * k, generator=g)[:, ::2]  # a view with a row stride of 2k
         torch.testing.assert_close(dk.f32_gemm_rows(w, x, bias, threads), x @ w.T + bias, rtol=1e-5, atol=1e-4)
         y = dk.f32_gemm_rows(w, x.reshape(1, m, k), None, threads)
@@ -164,7 +166,7 @@ def test_whole_decode_step_runs_beside_bf16_prefill_products():
     plain = tiny()
     fast = copy.deepcopy(plain)
     use_numpy_blas(fast, numpy_rows=False)
-    use_native_decoding(fast)
+    use_native_decoding(fast, few_rows=4)
     use_bf16_prefill(fast)
     step = fast.decode_step
     ids = torch.tensor([[7]])
@@ -189,12 +191,13 @@ def test_whole_decode_step_runs_beside_bf16_prefill_products():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batched_steps_of_a_few_rows_run_as_one_compiled_call(threads, count_calls):
     """Rows at their own positions (each its own cache row, prompts of different lengths): the
-    compiled step takes up to four of them, a fifth row gives the step back to the modules; the
-    logits equal the plain model's either way."""
+    compiled step takes as many as the few-rows product does (`native_max_rows`, here 4), a
+    fifth row gives the step back to the modules; the logits equal the plain model's either way.
+    With the few-rows product off (`native_max_rows` 1) no batched step is compiled."""
     plain = tiny()
     fast = copy.deepcopy(plain)
     use_numpy_blas(fast, numpy_rows=False)
-    use_native_decoding(fast)
+    use_native_decoding(fast, few_rows=4)
     calls = count_calls(dk, "f32_decode_rows_model")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -212,6 +215,11 @@ def test_batched_steps_of_a_few_rows_run_as_one_compiled_call(threads, count_cal
                     outs.append(torch.stack([model(ids[:, [i]], cache=cache, start=positions + i)[:, -1]
                                              for i in range(3)]))
             torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+        assert calls == [True] * 9  # three steps each of 2, 3 and 4 rows; none of 5
+        use_native_decoding(fast, few_rows=1)
+        cache = KVCache.for_model(fast.config, 2, 8, torch.float32, "cpu")
+        with torch.inference_mode():
+            fast(ids[:2, :1], cache=cache, start=torch.tensor([0, 0]))
+        assert len(calls) == 9
     finally:
         torch.set_num_threads(before)
-    assert calls == [True] * 9  # three steps each of 2, 3 and 4 rows; none of 5

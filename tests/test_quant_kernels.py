@@ -1,4 +1,4 @@
-"""lmforge's own single-row int4 / int8 kernels (lmforge/infer/quant_kernels.py): the exact
+"""lmforge's own int4 / int8 kernels (lmforge/infer/quant_kernels.py): the exact
 arithmetic they promise (int8-rounded row, integer dot products, float scales), their use by
 `Int4Linear` / `Int8Linear`, and when they step aside."""
 
@@ -60,7 +60,28 @@ def test_int8_kernel_computes_the_promised_sum():
 
 
 @needs_kernels
-def test_linear_layers_use_the_kernels_for_single_rows_only():
+@pytest.mark.parametrize("n,k", [(40, 128), (33, 576), (70, 320), (19, 1536)])
+@pytest.mark.parametrize("rows", [2, 3, 8, 9, 17])
+def test_several_rows_equal_each_row_alone(n, k, rows):
+    """The several-rows kernels (tiles of up to eight rows over blocks of weight rows, a half
+    chunk at the end of 576 and 320) give every row exactly its one-row result."""
+    g = torch.Generator().manual_seed(n * rows + k)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, k // 32, generator=g) * 0.05).half().float()
+    offsets = (torch.randn(n, k // 32, generator=g) * 0.1).half().float()
+    packed = qk.q4_pack(codes, scales, offsets)
+    c8, s8 = qk.q8_codes(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)), torch.rand(n, generator=g)
+    x = torch.randn(rows, k, generator=g) * 2
+    x[1] = 0  # an all-zero row: scales 0, no NaN
+    four, eight = qk.q4_gemm_rows(packed, x), qk.q8_gemm_rows(c8, s8, x)
+    assert four.shape == eight.shape == (rows, n)
+    assert torch.equal(four, torch.stack([qk.q4_gemv(packed, r) for r in x]))
+    assert torch.equal(eight, torch.stack([qk.q8_gemv(c8, s8, r) for r in x]))
+    assert torch.equal(four[1], qk.q4_gemv(packed, torch.zeros(k)))
+
+
+@needs_kernels
+def test_linear_layers_use_the_kernels_for_the_rows_they_cover():
     g = torch.Generator().manual_seed(2)
     lin = torch.nn.Linear(192, 50, bias=True)
     with torch.no_grad():
@@ -70,7 +91,7 @@ def test_linear_layers_use_the_kernels_for_single_rows_only():
     assert m4.native_nbytes == 50 * qk.q4_row_bytes(192) and m8.native_nbytes == 50 * 192 + 50 * 4
     x = torch.randn(1, 1, 192, generator=g)
     for m in (m4, m8):
-        exact = x @ m.dequantized().T + lin.bias
+        exact = (x @ m.dequantized().T + lin.bias).detach()
         with torch.inference_mode():
             got = m(x)
             qk.ENABLED = False
@@ -84,11 +105,24 @@ def test_linear_layers_use_the_kernels_for_single_rows_only():
         # keep the float scales the layer was built with where dequantized() reads bfloat16 ones
         assert 0 < err < 1e-2
         assert not torch.equal(got, pytorch)  # the two paths are different arithmetic
-    assert m8.native_nbytes == 50 * 192 + 50 * 4
-    # several rows, and an exact (float32 compute) layer: PyTorch's kernels, exact values
+    # several rows: each row what it gets alone, int4 up to INT4_KERNEL_ROWS rows, int8 at any count
+    from lmforge.infer.quant_linear import INT4_KERNEL_ROWS
+
+    with torch.inference_mode():
+        for m, most in ((m4, INT4_KERNEL_ROWS), (m8, 4 * INT4_KERNEL_ROWS)):
+            batch = torch.randn(2, most // 2, 192, generator=g)
+            assert torch.equal(m(batch)[1, 3], m(batch[1, 3]))
+        over = torch.randn(INT4_KERNEL_ROWS + 1, 192, generator=g)
+        qk.ENABLED = False
+        try:
+            pytorch = m4(over)
+        finally:
+            qk.ENABLED = True
+        assert torch.equal(m4(over), pytorch)  # past the limit: PyTorch's int4 kernel
+    # an exact (float32 compute) layer: PyTorch's kernels, exact values
     exact_m4 = Int4Linear.from_linear(lin, compute_dtype=torch.float32)
     rows = torch.randn(3, 192, generator=g)
-    torch.testing.assert_close(exact_m4(rows[:1]), rows[:1] @ exact_m4.dequantized().T + lin.bias)
+    torch.testing.assert_close(exact_m4(rows), rows @ exact_m4.dequantized().T + lin.bias)
 
 
 @needs_kernels
@@ -205,11 +239,13 @@ def test_whole_layer_call_equals_the_layer_run_module_by_module(monkeypatch, cou
 
 
 @needs_kernels
-def test_a_two_row_step_runs_as_two_compiled_rows(count_calls):
-    """Two sequences at their own positions: the whole-step call once per row, each on its own
-    cache row: the same logits, bit for bit, as each sequence decoded alone; three rows are left
-    to the modules."""
+@pytest.mark.parametrize("head_bits", [8, 4, None])
+def test_a_batched_step_is_one_compiled_call_equal_to_each_row_alone(count_calls, head_bits):
+    """Sequences at their own positions, each on its own cache row: one compiled call for the
+    batched step (`lmf_q4_decode_rows_model`) gives every row the logits, bit for bit, of that
+    sequence decoded alone (one-row calls); more rows than `max_rows` are left to the modules."""
     from lmforge.infer import decode_kernels
+    from lmforge.infer.quant_linear import QuantizedDecodeStep
     from lmforge.model import ModelConfig, Transformer
     from lmforge.model.kv_cache import KVCache
 
@@ -217,9 +253,9 @@ def test_a_two_row_step_runs_as_two_compiled_rows(count_calls):
     config = ModelConfig(family="qwen2", vocab_size=320, n_layer=2, n_embd=128, n_head=4, n_kv_head=2,
                          intermediate_size=192, max_position_embeddings=64, norm="rmsnorm", mlp="swiglu",
                          position="rope", qkv_bias=True, bos_token_id=1, eos_token_id=2)
-    model = quantize_model(Transformer(config).eval(), bits=4)
-    lengths = [3, 6, 4]
-    ids = torch.randint(3, 320, (3, 12), generator=torch.Generator().manual_seed(1))
+    model = quantize_model(Transformer(config).eval(), bits=4, head_bits=head_bits)
+    lengths = [3, 6, 4, 9, 5]
+    ids = torch.randint(3, 320, (5, 14), generator=torch.Generator().manual_seed(1))
 
     def steps(rows: list[int]) -> torch.Tensor:
         cache = KVCache.for_model(config, len(rows), 16, torch.float32, "cpu")
@@ -228,12 +264,17 @@ def test_a_two_row_step_runs_as_two_compiled_rows(count_calls):
         positions = torch.tensor([lengths[r] for r in rows])
         return torch.stack([model(ids[rows][:, [i]], cache=cache, start=positions + i)[:, -1] for i in range(3)])
 
-    calls = count_calls(decode_kernels, "q4_decode_model")
+    rows_calls = count_calls(decode_kernels, "q4_decode_rows_model")
+    one_calls = count_calls(decode_kernels, "q4_decode_model")
     with torch.inference_mode():
-        together = steps([0, 1])
-        assert calls == [True] * 6  # 3 steps x 2 rows
-        alone = torch.cat([steps([0]), steps([1])], dim=1)
-        assert len(calls) == 12
-        steps([0, 1, 2])
-        assert len(calls) == 12  # three rows: the modules
-    assert torch.equal(together, alone)
+        two = steps([0, 1])
+        five = steps([0, 1, 2, 3, 4])
+        assert rows_calls == [True] * 6 and one_calls == []  # 3 steps of 2 rows, 3 of 5
+        alone = torch.cat([steps([r]) for r in range(5)], dim=1)
+        assert len(one_calls) == 15 and len(rows_calls) == 6
+        model.decode_step.max_rows = 4
+        modules = steps([0, 1, 2, 3, 4])
+        assert len(rows_calls) == 6  # five rows over the limit: the modules
+    assert isinstance(model.decode_step, QuantizedDecodeStep)
+    assert torch.equal(two, alone[:, :2]) and torch.equal(five, alone)
+    torch.testing.assert_close(modules, alone, rtol=0, atol=2e-4 * float(alone.abs().max()))

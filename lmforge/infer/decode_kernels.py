@@ -47,6 +47,8 @@ SIGNATURES: native.Signatures = {
                                  _p, _p]),
     "lmf_f32_decode_model": (_i, [_p, _i, _i, _p, _f, _i, _i, _i, _i, _p, _p, _p, _p, _l, _l, _i, _p, _f, _p, _i, _i,
                                   _p, _p, _i]),
+    "lmf_q4_decode_rows_model": (_i, [_p, _i, _i, _i, _p, _f, _i, _i, _i, _i, _p, _p, _l, _p, _p, _l, _l, _l, _p, _p,
+                                      _f, _i, _p, _p, _i, _p]),
 }
 
 
@@ -180,6 +182,27 @@ def q4_decode_model(common: list, head_bits: int, head: torch.Tensor, head_scale
     code = lib.lmf_q4_decode_model(*common, head_bits, head.data_ptr(), native.ptr(head_scale), rows,
                                    logits.data_ptr(), scratch.data_ptr())
     return logits[:vocab] if code == 0 else None
+
+
+def q4_decode_rows_model(plan: dict, x: torch.Tensor, rope, cache: KVCache, positions: torch.Tensor, head_bits: int,
+                         head: torch.Tensor, head_scale: torch.Tensor | None, vocab: int) -> torch.Tensor | None:
+    """`lmf_q4_decode_rows_model`: a batched decode step of int4 layers (x [B, d] the rows'
+    embeddings, rope (cos, sin) [B, head_dim], positions [B] int32): logits [B, vocab], each row
+    what `q4_decode_model` gives for it alone; or None."""
+    lib = _library()
+    inter, n_head, n_kv_head, head_dim = plan["shape"]
+    rows, d = x.shape
+    if (lib is None or not quant_kernels.available() or d % 64 or inter % 64 or (n_head * head_dim) % 64
+            or head_bits not in (4, 8, 32)):
+        return None
+    k, v = cache.k, cache.v
+    logits = torch.empty(rows, head.shape[0], dtype=torch.float32)
+    code = lib.lmf_q4_decode_rows_model(
+        x.data_ptr(), rows, d, len(plan["layers"]), ctypes.addressof(plan["layers"]), plan["eps"], inter, n_head,
+        n_kv_head, head_dim, rope[0].data_ptr(), rope[1].data_ptr(), rope[0].stride(0), k.data_ptr(), v.data_ptr(),
+        k.stride(0), k.stride(1), k.stride(2), positions.data_ptr(), plan["norm"].weight.data_ptr(), plan["norm"].eps,
+        head_bits, head.data_ptr(), native.ptr(head_scale), head.shape[0], logits.data_ptr())
+    return logits[:, :vocab] if code == 0 else None
 
 
 def _step_shape(common: list) -> tuple[int, int, int, int, int]:

@@ -65,6 +65,7 @@ def _onednn_supported() -> bool:
 
 
 ROWS_UNLIMITED = 1 << 30
+FEW_ROWS = (16, 8, 4, 2)  # row counts `calibrate` tries for the few-rows product, most first
 
 
 class BlasLinear(nn.Linear):
@@ -176,12 +177,13 @@ class Float32DecodeStep(decode_kernels.CompiledDecodeStep):
     compiled call (`decode_kernels.f32_decode_model`; see `CompiledDecodeStep`)."""
 
     block_type = Float32DecoderBlock
-    # batched steps of up to four sequences too (`lmf_f32_decode_rows_model`: each weight row read
-    # once for the four); a step of more rows is bound by arithmetic, which the library does better
-    max_rows = 4
+    # batched steps of several sequences too (`lmf_f32_decode_rows_model`, its products those of
+    # `f32_gemm_rows`), up to the rows at which `calibrate` found that product faster than the
+    # library's (`native_max_rows`)
+    max_rows = FEW_ROWS[0]
 
     # with bf16 or int8 prefill products (Bf16PrefillLinear), products stay float32 below min_rows
-    flag_names = decode_kernels.CompiledDecodeStep.flag_names + ("min_rows",)
+    flag_names = decode_kernels.CompiledDecodeStep.flag_names + ("min_rows", "native_max_rows")
 
     def _block_ok(self, block, linears) -> bool:
         return all(isinstance(m, BlasLinear) and m.float32_rows() >= 1 for m in linears)
@@ -190,7 +192,7 @@ class Float32DecodeStep(decode_kernels.CompiledDecodeStep):
         return isinstance(head, BlasLinear) and head.bias is None and head.float32_rows() >= 1
 
     def _most_rows(self, linear) -> int:
-        return min(self.max_rows, linear.float32_rows())
+        return min(self.max_rows, linear.float32_rows(), max(linear.native_max_rows, 1))
 
     def _layer(self, block, linears, track):
         qkv, out, fc, proj = (track(m, "weight") for m in linears)
@@ -265,8 +267,9 @@ def calibrate(model: nn.Module, trials: int = 5, batch_rows: int = 8) -> dict[st
     millisecond. The products are bound by memory, so a working build of lmforge's product is
     never that far behind a BLAS, while single timings on a shared machine are noisy: with a
     margin of 25%, about one load in five measured past it and fell back to the module path.
-    `native_max_rows` (2 or 4 where lmforge's few-rows product beat the library at that many
-    rows, else 1): the most rows a product sends there.
+    `native_max_rows` (16, 8, 4 or 2: the most rows of those at which lmforge's few-rows product
+    beat the library, else 1): the most rows a product sends there, and the most rows of a
+    batched decode step compiled as one call (`Float32DecodeStep`).
     """
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"]
     if not weights or weights[0].dtype != torch.float32:
@@ -301,11 +304,12 @@ def calibrate(model: nn.Module, trials: int = 5, batch_rows: int = 8) -> dict[st
                 t_torch = min(t_torch, _best_time(lambda: F.linear(xb, w), 1, 2))
                 t_dnn = min(t_dnn, _best_time(lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], ""), 1, 2))
             result["onednn"] = t_dnn < t_torch
-        # A batched step of a few rows: lmforge's few-rows product (each weight row read once
-        # for four rows) against the library, at 4 rows and then 2.
+        # A batched step of a few rows: lmforge's few-rows product (tiles of four weight rows by
+        # four rows, each weight read from memory once) against the library, at 16 rows, then
+        # fewer: the most rows at which it is faster.
         result["native_max_rows"] = 1
         if result["native"]:
-            for few in (4, 2):
+            for few in FEW_ROWS:
                 xf = torch.randn(few, w.shape[1])
                 t_few = t_lib = float("inf")
                 for _ in range(trials):

@@ -1,10 +1,11 @@
-"""Batch-1 products with int4 / int8 weights through lmforge's own C kernels.
+"""Products with int4 / int8 weights through lmforge's own C kernels, one row or a few.
 
-lmforge/infer/kernels/quant_gemv.c multiplies one activation row by packed 4-bit or 8-bit
-weights with integer dot products (the row rounded to int8 in groups of 32, AVX-512 VNNI),
-reading each weight byte once. `Int4Linear` and `Int8Linear` (lmforge/infer/quant_linear.py)
-call it for single-row products, the whole of a batch-1 decode step, and keep PyTorch's
-weight-only kernels for everything else. The library is built on first use for this CPU
+lmforge/infer/kernels/quant_gemv.c multiplies activation rows by packed 4-bit or 8-bit
+weights with integer dot products (each row rounded to int8 in groups of 32, AVX-512 VNNI),
+reading each weight byte once for up to eight rows, and gives every row the result it gets
+alone. `Int4Linear` and `Int8Linear` (lmforge/infer/quant_linear.py) call it for single-row
+products (the whole of a batch-1 decode step), for the few rows of a batched decode step, and
+(int8) for prompts; PyTorch's weight-only kernels do the rest. The library is built on first use for this CPU
 (lmforge/io/native.py); without a compiler, without AVX-512 VNNI, or with
 `LMFORGE_NATIVE=0`, `available()` is False and the PyTorch kernels do all the work.
 
@@ -26,12 +27,14 @@ SOURCE = Path(__file__).parent / "kernels" / "quant_gemv.c"
 NAME = "quant_gemv"
 GROUP = 32
 
-_p, _i = ctypes.c_void_p, ctypes.c_int
+_p, _i, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 SIGNATURES: native.Signatures = {
     "lmf_quant_gemv_supported": (_i, []),
     "lmf_q4_pack": (_i, [_p, _p, _p, _i, _i, _p]),
     "lmf_q4_gemv": (_i, [_p, _i, _i, _p, _p]),
     "lmf_q8_gemv": (_i, [_p, _p, _i, _i, _p, _p]),
+    "lmf_q4_gemm_rows": (_i, [_p, _i, _i, _p, _l, _i, _p, _l]),
+    "lmf_q8_gemm_rows": (_i, [_p, _p, _i, _i, _p, _l, _i, _p, _l]),
 }
 _vnni: bool | None = None  # whether the library was built with its AVX-512 VNNI code (asked once)
 # Switch for comparisons (the "-torch" variants of benchmarks/decode_quant.py): False keeps
@@ -60,12 +63,13 @@ def why_not() -> str | None:
     return native.why_not(NAME) or "this CPU has no AVX-512 VNNI"
 
 
-def usable(x: torch.Tensor, compute_dtype: torch.dtype) -> bool:
-    """A single float32 CPU row that the kernels may take (no gradient wanted), for a layer that
-    computes in a rounded dtype (`compute_dtype=torch.float32` promises exact products, which the
-    int8-rounded row of these kernels is not)."""
+def usable(x: torch.Tensor, compute_dtype: torch.dtype, most_rows: int = 1) -> bool:
+    """float32 CPU rows (at most `most_rows` of them) that the kernels may take (no gradient
+    wanted), for a layer that computes in a rounded dtype (`compute_dtype=torch.float32` promises
+    exact products, which the int8-rounded rows of these kernels are not)."""
     return (ENABLED and compute_dtype != torch.float32 and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad) and available())
+            and x.numel() <= most_rows * x.shape[-1] and x.numel() > 0
+            and not (torch.is_grad_enabled() and x.requires_grad) and available())
 
 
 def q4_row_bytes(k: int) -> int:
@@ -104,6 +108,37 @@ def q4_gemv(packed: torch.Tensor, x: torch.Tensor, out_features: int | None = No
     if out_features is not None and out_features != n:
         y = y[:out_features]
     return y.view(*x.shape[:-1], y.shape[0])
+
+
+def q4_gemm_rows(packed: torch.Tensor, x: torch.Tensor, out_features: int | None = None) -> torch.Tensor | None:
+    """x [..., K] (any number of rows) times the packed int4 rows: [..., N] float32, each row equal
+    to `q4_gemv` of that row alone (every weight row read once for up to eight rows); or None."""
+    lib = _library()
+    n, k = packed.shape[0], x.shape[-1]
+    if lib is None or packed.shape[1] != q4_row_bytes(k):
+        return None
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if lib.lmf_q4_gemm_rows(packed.data_ptr(), n, k, x2.data_ptr(), k, x2.shape[0], y.data_ptr(), n) != 0:
+        return None
+    if out_features is not None and out_features != n:
+        y = y[:, :out_features]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def q8_gemm_rows(codes_u8: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """x [..., K] (any number of rows) times int8 rows (codes + 128, float32 row scales): [..., N],
+    each row equal to `q8_gemv` of that row alone; or None."""
+    lib = _library()
+    n, k = codes_u8.shape
+    if lib is None or x.shape[-1] != k or k % 64:
+        return None
+    x2 = x.reshape(-1, k).contiguous()
+    s = scales.to(torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if lib.lmf_q8_gemm_rows(codes_u8.data_ptr(), s.data_ptr(), n, k, x2.data_ptr(), k, x2.shape[0], y.data_ptr(), n) != 0:
+        return None
+    return y.view(*x.shape[:-1], n)
 
 
 def q8_codes(qweight: torch.Tensor) -> torch.Tensor:

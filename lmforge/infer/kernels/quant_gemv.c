@@ -279,52 +279,243 @@ int lmf_q4_gemv(const uint8_t *w, int n, int k, const float *x, float *y) {
 #endif
 }
 
-/* y[n] = scale[r] sum_k q[r][k] x[k] for int8 codes stored as q + 128 ([n][k] bytes). */
-int lmf_q8_gemv(const uint8_t *w, const float *scale, int n, int k, const float *x, float *y) {
+/* The rows of a product of several activation rows: every weight row is read (and its
+ * codes unpacked) once for up to QROWS activation rows, and each row's sum is formed by exactly
+ * the operations of the one-row kernels, in the same order, so a row's result does not depend
+ * on the rows it is batched with. Weight rows go in blocks of QBLOCK, small enough to stay in
+ * the first-level cache while every tile of activation rows passes over them. */
+#define QROWS 8
+#define QBLOCK 8
+
+#ifdef LMF_VNNI
+/* One int4 weight row against mt activation rows (q4_row's arithmetic for each). */
+static inline __attribute__((always_inline)) void q4_row_tile(const uint8_t *row, const act_t *a, const int mt,
+                                                              int k, float *y, long ldy) {
+    const __m512i nib = _mm512_set1_epi8(15);
+    const __m512i idx4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i idx2 = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc[QROWS];
+    __m256 zacc[QROWS];
+#pragma GCC unroll 8
+    for (int j = 0; j < mt; j++) {
+        acc[j] = _mm512_setzero_ps();
+        zacc[j] = _mm256_setzero_ps();
+    }
+    const int full = k / 128;
+    const uint8_t *p = row;
+    for (int c = 0; c < full; c++) {
+        const __m512i w = _mm512_loadu_si512((const void *)p);
+        const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+        const __m256 sz = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 64)));
+        const __m512 s16 = _mm512_permutexvar_ps(idx4, _mm512_castps256_ps512(sz));
+#pragma GCC unroll 8
+        for (int j = 0; j < mt; j++) {
+            const int8_t *xc = a[j].x8 + (long)c * 128, *rc = a[j].r8 + (long)c * 128;
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xc));
+            dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512((const void *)(xc + 64)));
+            __m512i rest = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)rc));
+            rest = _mm512_dpbusd_epi32(rest, hi, _mm512_loadu_si512((const void *)(rc + 64)));
+            dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 7), rest);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s16, _mm512_loadu_ps(a[j].dx + c * 16)), acc[j]);
+            zacc[j] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(a[j].xsum + c * 8), zacc[j]);
+        }
+        p += 80;
+    }
+    if (k % 128) {
+        const int c = full;
+        const __m256i w = _mm256_loadu_si256((const __m256i *)p);
+        const __m256i n4 = _mm256_set1_epi8(15);
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(w, n4)),
+                                                _mm256_and_si256(_mm256_srli_epi16(w, 4), n4), 1);
+        const __m128 sz = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p + 32)));
+        const __m512 s16 = _mm512_permutexvar_ps(idx2, _mm512_castps128_ps512(sz));
+#pragma GCC unroll 8
+        for (int j = 0; j < mt; j++) {
+            const __m512i dot = _mm512_add_epi32(
+                _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), both,
+                                                      _mm512_loadu_si512((const void *)(a[j].x8 + (long)c * 128))), 7),
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), both,
+                                    _mm512_loadu_si512((const void *)(a[j].r8 + (long)c * 128))));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s16, _mm512_loadu_ps(a[j].dx + c * 16)), acc[j]);
+            const __m128 zt = _mm_mul_ps(sz, _mm_loadu_ps(a[j].xsum + c * 8));
+            zacc[j] = _mm256_add_ps(zacc[j], _mm256_insertf128_ps(_mm256_setzero_ps(), zt, 0));
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < mt; j++) {
+        float z[8];
+        _mm256_storeu_ps(z, zacc[j]);
+        y[j * ldy] = hsum512(acc[j]) + z[0] + z[1] + z[2] + z[3] + z[4] + z[5] + z[6] + z[7];
+    }
+}
+
+/* Rows [r0, r1) of y for activation rows [0, m), tile by tile. */
+static void q4_rows_block(const uint8_t *w, long row_bytes, int r0, int r1, const act_t *a, int m, int k,
+                          float *y, long ldy) {
+    for (int t = 0; t < m; t += QROWS) {
+        const int mt = m - t < QROWS ? m - t : QROWS;
+        for (int r = r0; r < r1; r++) {
+            const uint8_t *row = w + (long)r * row_bytes;
+            float *yr = y + (long)t * ldy + r;
+            switch (mt) { /* a constant tile height for each copy of the loop */
+            case 1: q4_row_tile(row, a + t, 1, k, yr, ldy); break;
+            case 2: q4_row_tile(row, a + t, 2, k, yr, ldy); break;
+            case 3: q4_row_tile(row, a + t, 3, k, yr, ldy); break;
+            case 4: q4_row_tile(row, a + t, 4, k, yr, ldy); break;
+            case 5: q4_row_tile(row, a + t, 5, k, yr, ldy); break;
+            case 6: q4_row_tile(row, a + t, 6, k, yr, ldy); break;
+            case 7: q4_row_tile(row, a + t, 7, k, yr, ldy); break;
+            default: q4_row_tile(row, a + t, 8, k, yr, ldy); break;
+            }
+        }
+    }
+}
+#endif
+
+/* Y[m][n] (row stride ldy) = X[m][k] (row stride ldx) times the packed int4 rows w, each
+ * row of Y equal to what lmf_q4_gemv gives for that row of X. Returns as lmf_q4_gemv. */
+int lmf_q4_gemm_rows(const uint8_t *w, int n, int k, const float *x, long ldx, int m, float *y, long ldy) {
 #ifdef LMF_VNNI
     if (k % 64) return 1;
-    void *mem = aligned_alloc(64, (act_bytes(k) + 63) / 64 * 64);
-    if (!mem) return 2;
-    act_t a;
-    act_prepare(x, k, &a, mem);
-    /* per 64 inputs (two groups) the x8 bytes in input order and a 16-lane scale vector */
-    const int pairs = k / 64;
-    int8_t *x8 = aligned_alloc(64, (size_t)2 * k + 64), *r8 = x8 ? x8 + k : NULL;
-    float *dx = aligned_alloc(64, (size_t)pairs * 16 * sizeof(float) + 64);
-    if (!x8 || !dx) {
-        free(mem); free(x8); free(dx);
+    if (m <= 0) return 0;
+    const size_t one = (act_bytes(k) + 63) / 64 * 64;
+    char *mem = aligned_alloc(64, one * (size_t)m);
+    act_t *a = malloc(sizeof(act_t) * (size_t)m);
+    if (!mem || !a) {
+        free(mem); free(a);
         return 2;
     }
+    for (int j = 0; j < m; j++) act_prepare(x + (long)j * ldx, k, a + j, mem + one * (size_t)j);
+    const long row_bytes = lmf_q4_row_bytes(k);
+    const int blocks = (n + QBLOCK - 1) / QBLOCK;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const int r0 = b * QBLOCK, r1 = r0 + QBLOCK < n ? r0 + QBLOCK : n;
+        q4_rows_block(w, row_bytes, r0, r1, a, m, k, y, ldy);
+    }
+    free(mem); free(a);
+    return 0;
+#else
+    (void)w; (void)n; (void)k; (void)x; (void)ldx; (void)m; (void)y; (void)ldy;
+    return 1;
+#endif
+}
+
+#ifdef LMF_VNNI
+/* An activation row for the int8 rows: x8 and r8 (as act_t's) in input order, per 64 inputs a
+ * 16-lane vector of the two groups' units, and what the +128 of the codes adds to a row's sum. */
+typedef struct {
+    int8_t *x8, *r8;
+    float *dx;
+    float bias;
+} act8_t;
+
+static size_t act8_bytes(int k) { return (size_t)2 * k + (size_t)(k / 64) * 16 * sizeof(float) + 64; }
+
+static void act8_prepare(const float *x, int k, act8_t *o, void *scratch, void *mem) {
+    act_t a;
+    act_prepare(x, k, &a, scratch);
+    o->x8 = (int8_t *)mem;
+    o->r8 = o->x8 + k;
+    o->dx = (float *)(o->r8 + k);
     const int groups = k / 32;
     for (int g = 0; g < groups; g++) {
         const int c = g / 4, gi = g % 4, ng = groups - c * 4 >= 4 ? 4 : 2;
         const int8_t *lo = a.x8 + (long)c * 128, *hi = lo + 16 * ng;
-        memcpy(x8 + g * 32, lo + 16 * gi, 16);
-        memcpy(x8 + g * 32 + 16, hi + 16 * gi, 16);
+        memcpy(o->x8 + g * 32, lo + 16 * gi, 16);
+        memcpy(o->x8 + g * 32 + 16, hi + 16 * gi, 16);
         const int8_t *rlo = a.r8 + (long)c * 128, *rhi = rlo + 16 * ng;
-        memcpy(r8 + g * 32, rlo + 16 * gi, 16);
-        memcpy(r8 + g * 32 + 16, rhi + 16 * gi, 16);
-        for (int l = 0; l < 8; l++) dx[(g / 2) * 16 + (g % 2) * 8 + l] = a.gscale[g];
+        memcpy(o->r8 + g * 32, rlo + 16 * gi, 16);
+        memcpy(o->r8 + g * 32 + 16, rhi + 16 * gi, 16);
+        for (int l = 0; l < 8; l++) o->dx[(g / 2) * 16 + (g % 2) * 8 + l] = a.gscale[g];
     }
-    float bias = 0.0f; /* what the +128 of the codes adds to every row */
+    float bias = 0.0f;
     for (int g = 0; g < groups; g++) bias += 128.0f * a.gscale[g] * (float)a.gsum[g];
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < n; r++) {
-        const uint8_t *row = w + (long)r * k;
-        __m512 acc = _mm512_setzero_ps();
-        for (int p = 0; p < pairs; p++) {
-            const __m512i w = _mm512_loadu_si512((const void *)(row + p * 64));
+    o->bias = bias;
+}
+
+/* One int8 weight row against mt activation rows. */
+static inline __attribute__((always_inline)) void q8_row_tile(const uint8_t *row, float scale, const act8_t *a,
+                                                              const int mt, int k, float *y, long ldy) {
+    __m512 acc[QROWS];
+#pragma GCC unroll 8
+    for (int j = 0; j < mt; j++) acc[j] = _mm512_setzero_ps();
+    const int pairs = k / 64;
+    for (int p = 0; p < pairs; p++) {
+        const __m512i w = _mm512_loadu_si512((const void *)(row + p * 64));
+#pragma GCC unroll 8
+        for (int j = 0; j < mt; j++) {
             const __m512i dot = _mm512_add_epi32(
-                _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_load_si512((const void *)(x8 + p * 64))), 7),
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_load_si512((const void *)(r8 + p * 64))));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(dx + p * 16), acc);
+                _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_load_si512((const void *)(a[j].x8 + p * 64))), 7),
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_load_si512((const void *)(a[j].r8 + p * 64))));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(a[j].dx + p * 16), acc[j]);
         }
-        y[r] = scale[r] * (hsum512(acc) - bias);
     }
-    free(mem); free(x8); free(dx);
+#pragma GCC unroll 8
+    for (int j = 0; j < mt; j++) y[j * ldy] = scale * (hsum512(acc[j]) - a[j].bias);
+}
+
+static void q8_rows_block(const uint8_t *w, const float *scale, int r0, int r1, const act8_t *a, int m, int k,
+                          float *y, long ldy) {
+    for (int t = 0; t < m; t += QROWS) {
+        const int mt = m - t < QROWS ? m - t : QROWS;
+        for (int r = r0; r < r1; r++) {
+            const uint8_t *row = w + (long)r * k;
+            float *yr = y + (long)t * ldy + r;
+            switch (mt) {
+            case 1: q8_row_tile(row, scale[r], a + t, 1, k, yr, ldy); break;
+            case 2: q8_row_tile(row, scale[r], a + t, 2, k, yr, ldy); break;
+            case 3: q8_row_tile(row, scale[r], a + t, 3, k, yr, ldy); break;
+            case 4: q8_row_tile(row, scale[r], a + t, 4, k, yr, ldy); break;
+            case 5: q8_row_tile(row, scale[r], a + t, 5, k, yr, ldy); break;
+            case 6: q8_row_tile(row, scale[r], a + t, 6, k, yr, ldy); break;
+            case 7: q8_row_tile(row, scale[r], a + t, 7, k, yr, ldy); break;
+            default: q8_row_tile(row, scale[r], a + t, 8, k, yr, ldy); break;
+            }
+        }
+    }
+}
+
+static int q8_product(const uint8_t *w, const float *scale, int n, int k, const float *x, long ldx, int m,
+                      float *y, long ldy) {
+    if (k % 64) return 1;
+    if (m <= 0) return 0;
+    const size_t one = (act8_bytes(k) + 63) / 64 * 64, tmp = (act_bytes(k) + 63) / 64 * 64;
+    char *mem = aligned_alloc(64, one * (size_t)m + tmp);
+    act8_t *a = malloc(sizeof(act8_t) * (size_t)m);
+    if (!mem || !a) {
+        free(mem); free(a);
+        return 2;
+    }
+    for (int j = 0; j < m; j++) act8_prepare(x + (long)j * ldx, k, a + j, mem + one * (size_t)m, mem + one * (size_t)j);
+    const int blocks = (n + QBLOCK - 1) / QBLOCK;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const int r0 = b * QBLOCK, r1 = r0 + QBLOCK < n ? r0 + QBLOCK : n;
+        q8_rows_block(w, scale, r0, r1, a, m, k, y, ldy);
+    }
+    free(mem); free(a);
     return 0;
+}
+#endif
+
+/* y[n] = scale[r] sum_k q[r][k] x[k] for int8 codes stored as q + 128 ([n][k] bytes). */
+int lmf_q8_gemv(const uint8_t *w, const float *scale, int n, int k, const float *x, float *y) {
+#ifdef LMF_VNNI
+    return q8_product(w, scale, n, k, x, k, 1, y, n);
 #else
     (void)w; (void)scale; (void)n; (void)k; (void)x; (void)y;
+    return 1;
+#endif
+}
+
+/* Y[m][n] = X[m][k] times the int8 rows, each row of Y what lmf_q8_gemv gives for that row. */
+int lmf_q8_gemm_rows(const uint8_t *w, const float *scale, int n, int k, const float *x, long ldx, int m,
+                     float *y, long ldy) {
+#ifdef LMF_VNNI
+    return q8_product(w, scale, n, k, x, ldx, m, y, ldy);
+#else
+    (void)w; (void)scale; (void)n; (void)k; (void)x; (void)ldx; (void)m; (void)y; (void)ldy;
     return 1;
 #endif
 }
