@@ -80,67 +80,6 @@ int lmf_q4_decode_model(float *x, int d, int n_layer, const lmf_q4_layer *layers
     return 3;
 }
 
-/* A batched step of B sequences with int4 layers (row b at position pos[b], its own cache
- * row: k0 + l * layer_stride + b * row_stride): each product reads every weight row once for
- * up to eight rows (lmf_q4_gemm_rows, lmf_q8_gemm_rows), the attention runs as (row, head)
- * pairs. Every operation is the one lmf_q4_decode_model does for one row, so each row's
- * logits equal that row's step alone. X [B, d] (changed); cos/sin [B, hd] rows rope_stride
- * apart; logits [B, n_head_rows]. Returns 1 for shapes it does not take, 2 without memory. */
-int lmf_q4_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_q4_layer *layers, float eps, int inter,
-                             int h, int hkv, int hd, const float *cos, const float *sin, long rope_stride, float *k0,
-                             float *v0, long layer_stride, long row_stride, long head_stride, const int *pos,
-                             const float *final_norm, float final_eps, int head_bits, const void *head_w,
-                             const float *head_scale, int n_head_rows, float *logits) {
-    if (h % hkv || hd % 2 || B < 1 || (head_bits != 4 && head_bits != 8 && head_bits != 32)) return 1;
-    const int nqkv = (h + 2 * hkv) * hd, q = h * hd;
-    float *block = malloc((size_t)B * (d + nqkv + q + d + 3 * inter) * sizeof(float));
-    if (!block) return 2;
-    float *HN = block, *QKV = HN + (long)B * d, *ATT = QKV + (long)B * nqkv, *DELTA = ATT + (long)B * q,
-          *GU = DELTA + (long)B * d, *M = GU + 2L * B * inter;
-    const long n = (long)B * d;
-    const float scale = 1.0f / sqrtf((float)hd);
-    int code = 0;
-    for (int l = 0; l < n_layer && !code; l++) {
-        const lmf_q4_layer *L = layers + l;
-        lmf_rms_norm(X, L->attn_norm, B, d, eps, HN);
-        if ((code = lmf_q4_gemm_rows(L->qkv_w, nqkv, d, HN, d, B, QKV, nqkv))) break;
-        if (L->qkv_bias)
-            for (int b = 0; b < B; b++)
-                for (int i = 0; i < nqkv; i++) QKV[(long)b * nqkv + i] += L->qkv_bias[i];
-        if ((code = lmf_decode_attention_rows(QKV, B, nqkv, h, hkv, hd, cos, sin, rope_stride, k0 + l * layer_stride,
-                                              v0 + l * layer_stride, row_stride, head_stride, pos, scale, ATT)))
-            break;
-        if ((code = lmf_q4_gemm_rows(L->out_w, d, q, ATT, q, B, DELTA, d))) break;
-        for (long i = 0; i < n; i++) X[i] += DELTA[i];
-        lmf_rms_norm(X, L->mlp_norm, B, d, eps, HN);
-        if ((code = lmf_q4_gemm_rows(L->fc_w, 2 * inter, d, HN, d, B, GU, 2L * inter))) break;
-        for (int b = 0; b < B; b++)
-            for (int i = 0; i < inter; i++)
-                M[(long)b * inter + i] = silu_mul(GU[2L * b * inter + i], GU[2L * b * inter + inter + i]);
-        if ((code = lmf_q4_gemm_rows(L->proj_w, d, inter, M, inter, B, DELTA, d))) break;
-        for (long i = 0; i < n; i++) X[i] += DELTA[i];
-    }
-    if (!code) {
-        lmf_rms_norm(X, final_norm, B, d, final_eps, HN);
-        if (head_bits == 4) {
-            code = lmf_q4_gemm_rows((const uint8_t *)head_w, n_head_rows, d, HN, d, B, logits, n_head_rows);
-        } else if (head_bits == 8) {
-            code = lmf_q8_gemm_rows((const uint8_t *)head_w, head_scale, n_head_rows, d, HN, d, B, logits, n_head_rows);
-        } else {
-#ifdef _OPENMP
-            const int threads = omp_get_max_threads();
-#else
-            const int threads = 1;
-#endif
-            for (int b = 0; b < B && !code; b++)
-                code = lmf_f32_gemv((const float *)head_w, 0, n_head_rows, d, HN + (long)b * d, NULL,
-                                    logits + (long)b * n_head_rows, threads);
-        }
-    }
-    free(block);
-    return code;
-}
-
 /* ---- float32 ----------------------------------------------------------------------------
  * y = W x (+ bias) for one row x, W either row-major [n][k] or column-major (stored as its
  * transpose, [k][n], which is how lmforge keeps the wide matrices of a CPU decoding model:
@@ -651,4 +590,141 @@ int lmf_f32_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_f32
     }
     free(block);
     return 0;
+}
+
+/* ---- a batched step with int4 layers -------------------------------------------------------
+ * One new token for each of B sequences (row b at position pos[b], its own cache row:
+ * k0 + l * layer_stride + b * row_stride) through int4 layers, in one parallel region: each
+ * product reads every weight row once for up to eight rows (the tiles of quant_gemv.c, the
+ * threads splitting the weight rows), the attention runs as (row, head) pairs. Every operation
+ * on a row is the one lmf_q4_decode_model does for it, so each row's logits equal that row's
+ * step alone. One region for the step, as the float32 step has, rather than one per product
+ * (some 150 a step): one allocation, and the threads meet at barriers instead of a team being
+ * started and ended per product (a 16-row step of the default model took the same time either
+ * way on the 2-core machine measured).
+ * X [B, d] (changed); cos/sin [B, hd] rows rope_stride apart; logits [B, n_head_rows].
+ * Returns 1 for shapes it does not take, 2 without memory. */
+#ifdef LMF_VNNI
+/* This thread's share of y = the int4 rows of w times B activation rows a, then a barrier. */
+static void q4_product_in(const uint8_t *w, int n, int k, const act_t *a, int B, float *y, const float *bias) {
+    int r0, r1;
+    thread_rows(n, &r0, &r1);
+    if (r0 < r1) {
+        q4_rows_block(w, lmf_q4_row_bytes(k), r0, r1, a, B, k, y, n);
+        if (bias)
+            for (int b = 0; b < B; b++)
+                for (int i = r0; i < r1; i++) y[(long)b * n + i] += bias[i];
+    }
+#pragma omp barrier
+}
+
+/* The B rows of x (k inputs, row stride ldx) rounded for the products, a row per thread in turn. */
+static void act_rows_in(const float *x, long ldx, int k, int B, act_t *a, char *mem, size_t one) {
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) act_prepare(x + (long)b * ldx, k, a + b, mem + one * (size_t)b);
+}
+#endif
+
+int lmf_q4_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_q4_layer *layers, float eps, int inter,
+                             int h, int hkv, int hd, const float *cos, const float *sin, long rope_stride, float *k0,
+                             float *v0, long layer_stride, long row_stride, long head_stride, const int *pos,
+                             const float *final_norm, float final_eps, int head_bits, const void *head_w,
+                             const float *head_scale, int n_head_rows, float *logits) {
+#ifdef LMF_VNNI
+    if (h % hkv || hd % 2 || B < 1 || (head_bits != 4 && head_bits != 8 && head_bits != 32)) return 1;
+    if (d % 64 || inter % 64 || (h * hd) % 64) return 1;
+    int most = 0;
+    for (int b = 0; b < B; b++) {
+        if (pos[b] < 0) return 1;
+        most = pos[b] + 1 > most ? pos[b] + 1 : most;
+    }
+    const int nqkv = (h + 2 * hkv) * hd, q = h * hd;
+    int kmax = d > q ? d : q;
+    kmax = kmax > inter ? kmax : inter;
+    const size_t one = (act_bytes(kmax) + 63) / 64 * 64, one8 = (act8_bytes(d) + 63) / 64 * 64;
+    const size_t floats = (size_t)B * (d + nqkv + q + q + d + 3 * inter) + (size_t)B * h * most;
+    char *mem = aligned_alloc(64, one * (size_t)B + one8 * (size_t)B + (floats * sizeof(float) + 63) / 64 * 64);
+    act_t *a = malloc(sizeof(act_t) * (size_t)B);
+    act8_t *a8 = malloc(sizeof(act8_t) * (size_t)B);
+    if (!mem || !a || !a8) {
+        free(mem); free(a); free(a8);
+        return 2;
+    }
+    char *amem = mem, *a8mem = mem + one * (size_t)B;
+    float *HN = (float *)(a8mem + one8 * (size_t)B), *QKV = HN + (long)B * d, *Q = QKV + (long)B * nqkv,
+          *ATT = Q + (long)B * q, *DELTA = ATT + (long)B * q, *GU = DELTA + (long)B * d, *M = GU + 2L * B * inter,
+          *S = M + (long)B * inter;
+    const long n = (long)B * d;
+    const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel
+    {
+        int r0, r1;
+        for (int l = 0; l < n_layer; l++) {
+            const lmf_q4_layer *L = layers + l;
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) lmf_rms_norm(X + (long)b * d, L->attn_norm, 1, d, eps, HN + (long)b * d);
+            act_rows_in(HN, d, d, B, a, amem, one);
+            q4_product_in(L->qkv_w, nqkv, d, a, B, QKV, L->qkv_bias);
+            attention_rows_in(QKV, B, nqkv, h, hkv, hd, cos, sin, rope_stride, k0 + l * layer_stride,
+                              v0 + l * layer_stride, row_stride, head_stride, pos, most, scale, Q, S, ATT);
+            act_rows_in(ATT, q, q, B, a, amem, one);
+            q4_product_in(L->out_w, d, q, a, B, DELTA, NULL);
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                float *x = X + (long)b * d;
+                const float *dl = DELTA + (long)b * d;
+                for (int i = 0; i < d; i++) x[i] += dl[i];
+                lmf_rms_norm(x, L->mlp_norm, 1, d, eps, HN + (long)b * d);
+            }
+            act_rows_in(HN, d, d, B, a, amem, one);
+            /* gate and up rows of the same outputs on one thread: SiLU(gate) * up without a barrier */
+            thread_rows(inter, &r0, &r1);
+            if (r0 < r1) {
+                const long rb = lmf_q4_row_bytes(d);
+                q4_rows_block(L->fc_w, rb, r0, r1, a, B, d, GU, 2L * inter);
+                q4_rows_block(L->fc_w, rb, inter + r0, inter + r1, a, B, d, GU, 2L * inter);
+                for (int b = 0; b < B; b++) {
+                    const float *g = GU + 2L * b * inter;
+                    for (int i = r0; i < r1; i++) M[(long)b * inter + i] = silu_mul(g[i], g[inter + i]);
+                }
+            }
+#pragma omp barrier
+            act_rows_in(M, inter, inter, B, a, amem, one);
+            q4_product_in(L->proj_w, d, inter, a, B, DELTA, NULL);
+#pragma omp for schedule(static)
+            for (long i = 0; i < n; i++) X[i] += DELTA[i];
+        }
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) lmf_rms_norm(X + (long)b * d, final_norm, 1, d, final_eps, HN + (long)b * d);
+        if (head_bits == 4) {
+            act_rows_in(HN, d, d, B, a, amem, one);
+            q4_product_in((const uint8_t *)head_w, n_head_rows, d, a, B, logits, NULL);
+        } else if (head_bits == 8) {
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++)
+                act8_prepare(HN + (long)b * d, d, a8 + b, amem + one * (size_t)b, a8mem + one8 * (size_t)b);
+            thread_rows(n_head_rows, &r0, &r1);
+            if (r0 < r1) q8_rows_block((const uint8_t *)head_w, head_scale, r0, r1, a8, B, d, logits, n_head_rows);
+        }
+    }
+    int code = 0;
+    if (head_bits == 32) { /* outside the region: lmf_f32_gemv splits its work as for one row */
+#ifdef _OPENMP
+        const int threads = omp_get_max_threads();
+#else
+        const int threads = 1;
+#endif
+        for (int b = 0; b < B && !code; b++)
+            code = lmf_f32_gemv((const float *)head_w, 0, n_head_rows, d, HN + (long)b * d, NULL,
+                                logits + (long)b * n_head_rows, threads);
+    }
+    free(mem); free(a); free(a8);
+    return code;
+#else
+    (void)X; (void)B; (void)d; (void)n_layer; (void)layers; (void)eps; (void)inter; (void)h; (void)hkv; (void)hd;
+    (void)cos; (void)sin; (void)rope_stride; (void)k0; (void)v0; (void)layer_stride; (void)row_stride;
+    (void)head_stride; (void)pos; (void)final_norm; (void)final_eps; (void)head_bits; (void)head_w;
+    (void)head_scale; (void)n_head_rows; (void)logits;
+    return 1;
+#endif
 }
