@@ -156,6 +156,52 @@ def test_whole_decode_step_declines_what_it_does_not_cover():
 
 
 @needs_kernels
+def test_a_steady_loop_checks_the_model_once_and_again_after_jobs(count_calls):
+    """Inside `steady()` the plan is checked at the first step only (a hook added in between is
+    not seen: the caller promised no changes); `forget_check` (what a scheduler does after running
+    jobs) makes the next step check again; outside, every step checks. A generation through
+    `Scheduler.run_until_idle` checks once and gives the plain model's tokens."""
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.infer.scheduler import Scheduler
+
+    plain = tiny()
+    fast = copy.deepcopy(plain)
+    use_numpy_blas(fast, numpy_rows=False)
+    use_native_decoding(fast)
+    step = fast.decode_step
+    ids = torch.tensor([[5]])
+    cache = KVCache.for_model(fast.config, 1, 8, torch.float32, "cpu")
+    checks = count_calls(step, "_still_valid")
+    with torch.inference_mode():
+        with dk.steady(fast):
+            assert step(fast, ids, cache, 0) is not None and step(fast, ids, cache, 1) is not None
+            assert len(checks) == 1  # (the plan was built at the first step: its own check)
+            handle = fast.layers[1].register_forward_hook(lambda *a: None)
+            assert step(fast, ids, cache, 2) is not None  # trusted, as promised
+            dk.forget_check(fast)
+            assert step(fast, ids, cache, 2) is None  # checked again: the hook is seen
+            handle.remove()
+            assert step(fast, ids, cache, 2) is not None
+        n = len(checks)
+        step(fast, ids, cache, 3), step(fast, ids, cache, 4)
+        assert len(checks) == n + 2  # outside: every step
+    tokens = []
+    for model in (plain, fast):
+        scheduler = Scheduler(model, None, max_batch=1, max_seq_len=32, prefix_cache_bytes=0)
+        handle = scheduler.submit([1, 5, 9], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), stream=False)
+        before = len(checks)
+        scheduler.run_until_idle()
+        tokens.append(handle.result().token_ids)
+    assert len(checks) - before <= 2  # one check for the generation (two if it planned again)
+    assert tokens[0] == tokens[1] and len(tokens[1]) == 6
+    with torch.inference_mode(), dk.steady(fast):
+        step(fast, ids, cache, 0)
+        assert step._checked is not None
+        scheduler.run(lambda: None)  # a job (here on the caller's thread): the next step checks again
+        assert step._checked is None
+
+
+@needs_kernels
 def test_whole_decode_step_runs_beside_bf16_prefill_products():
     """`dtype="auto"` on a CPU with bf16 units gives the layers bf16 prefill products
     (`Bf16PrefillLinear`): one row stays float32, so the compiled step still takes it; a layer

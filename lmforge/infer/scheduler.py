@@ -95,6 +95,7 @@ import torch
 from ..errors import LmforgeError
 from ..model.kv_cache import KVCache
 from ..model.paged_kv import PagedKVCache, blocks_for, contiguous_rows_in
+from . import decode_kernels
 from .bf16_prefill import generation_products
 from .layout import prepack, release_openmp_threads, torch_threads_for, uses_numpy_blas
 from .prefix_cache import PagedPrefixCache, PrefixCache
@@ -390,8 +391,11 @@ class Scheduler:
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the scheduler thread between steps (for work that needs the model)."""
-        if self._thread is None:
-            return fn()  # nobody else runs the model: the caller's thread is the scheduler's
+        if self._thread is None:  # nobody else runs the model: the caller's thread is the scheduler's
+            try:
+                return fn()
+            finally:
+                decode_kernels.forget_check(self.model)
         done: queue.Queue = queue.Queue()
         with self._lock:
             self._jobs.append((fn, done))
@@ -458,6 +462,8 @@ class Scheduler:
                 done.put((True, fn()))
             except BaseException as exc:  # handed back to the caller's thread
                 done.put((False, exc))
+        if jobs:  # they may have changed the model
+            decode_kernels.forget_check(self.model)
         try:
             # Generation may use bf16 prefill products (bf16_prefill.py); the jobs above, which
             # score prompts, ran with float32 products.
@@ -497,11 +503,21 @@ class Scheduler:
             self.stats.kv_blocks_total, self.stats.kv_blocks_free = self.cache.total_blocks, self.cache.free_blocks
 
     def run_until_idle(self) -> None:
-        """Step until every submitted request has finished (synchronous use, no thread)."""
-        while self.step():
-            pass
+        """Step until every submitted request has finished (synchronous use, no thread).
+
+        No other code runs between these steps, so the compiled decode step checks the model
+        once, not at every step (`decode_kernels.steady`; jobs still make it check again)."""
+        with decode_kernels.steady(self.model):
+            while self.step():
+                pass
 
     def _loop(self) -> None:
+        # Other code reaches the model only through jobs (`run`), which run inside `step` and
+        # make the compiled decode step check the model again (see `run_until_idle`).
+        with decode_kernels.steady(self.model):
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 while self.idle and not self._jobs and self._accepting:
