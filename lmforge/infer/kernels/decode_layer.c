@@ -297,10 +297,18 @@ static inline __attribute__((always_inline)) void f32_tile(const float *w, int k
  * passes, so that memory streams at an even rate and not in bursts at each block's first pass.
  * Measured on the default model's layer shapes (2 threads, weights in 2 MiB pages): 16 rows
  * 37 -> 24 ms, 8 rows 27 -> 15, 4 rows 21 -> 16 (one weight row against four x rows, the
- * blocks whole, no prefetch, before). */
+ * blocks whole, no prefetch, before). One or two rows are bound by memory alone and keep one
+ * weight row at a time, a single sequential stream: inside the model's step the four-row
+ * tiles' four streams took 23.3 ms for a 2-row step against 19.3 (3 rows: even; 4: tiles
+ * 22.8 against 26.4). */
 #define F32_BLOCK_BYTES 65536
 static void f32_rows_multi(const float *w, int k, const float *x, long ldx, int m, const float *bias, float *y,
                            long ldy, int r0, int r1) {
+    if (m <= 2) { /* bound by memory: one weight row at a time, one sequential stream */
+        if (m == 1) f32_rows_m(w, k, x, ldx, bias, y, ldy, r0, r1, 1);
+        else f32_rows_m(w, k, x, ldx, bias, y, ldy, r0, r1, 2);
+        return;
+    }
     int rb = F32_BLOCK_BYTES / (4 * k);
     rb = rb < 4 ? 4 : rb & ~3;
     const int passes = (m + 3) / 4;
