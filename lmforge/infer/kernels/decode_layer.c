@@ -529,8 +529,8 @@ int lmf_f32_decode_model(float *x, int d, int n_layer, const lmf_f32_layer *laye
 /* ---- a batched step of a few sequences ----------------------------------------------------
  * One new token for each of B sequences (row b at position pos[b], its own cache row) through a
  * pre-norm model with row-major float32 weights, in one parallel region, as
- * lmf_f32_decode_model does for one: every product reads each weight row once for (up to four
- * of) the B rows (f32_rows_multi), the attention runs as (row, head) pairs over the threads.
+ * lmf_f32_decode_model does for one: every product is f32_rows_multi (the weights read from
+ * memory once for all B rows), the attention runs as (row, head) pairs over the threads.
  * X [B, d]: the tokens' embedding rows (changed). cos/sin: [B, hd] rows rope_stride apart.
  * Cache of layer l, row b: k0 + l * layer_stride + b * row_stride (heads head_stride apart).
  * logits [B, vocab]. Returns 1 for shapes it does not take, 2 without memory. */
