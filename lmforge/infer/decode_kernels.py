@@ -200,14 +200,20 @@ def q4_decode_rows_model(plan: dict, x: torch.Tensor, rope, cache: KVCache, posi
     if (lib is None or not quant_kernels.available() or d % 64 or inter % 64 or (n_head * head_dim) % 64
             or head_bits not in (4, 8, 32)):
         return None
-    k, v = cache.k, cache.v
     logits = torch.empty(rows, head.shape[0], dtype=torch.float32)
-    code = lib.lmf_q4_decode_rows_model(
-        x.data_ptr(), rows, d, len(plan["layers"]), ctypes.addressof(plan["layers"]), plan["eps"], inter, n_head,
-        n_kv_head, head_dim, rope[0].data_ptr(), rope[1].data_ptr(), rope[0].stride(0), k.data_ptr(), v.data_ptr(),
-        k.stride(0), k.stride(1), k.stride(2), positions.data_ptr(), plan["norm"].weight.data_ptr(), plan["norm"].eps,
-        head_bits, head.data_ptr(), native.ptr(head_scale), head.shape[0], logits.data_ptr())
+    code = lib.lmf_q4_decode_rows_model(*_rows_args(plan, x, rope, cache, positions), head_bits, head.data_ptr(),
+                                        native.ptr(head_scale), head.shape[0], logits.data_ptr())
     return logits[:, :vocab] if code == 0 else None
+
+
+def _rows_args(plan: dict, x: torch.Tensor, rope, cache: KVCache, positions: torch.Tensor) -> list:
+    """The arguments both batched-step C entry points share, up to the final norm."""
+    inter, n_head, n_kv_head, head_dim = plan["shape"]
+    k, v = cache.k, cache.v
+    return [x.data_ptr(), x.shape[0], x.shape[1], len(plan["layers"]), ctypes.addressof(plan["layers"]), plan["eps"],
+            inter, n_head, n_kv_head, head_dim, rope[0].data_ptr(), rope[1].data_ptr(), rope[0].stride(0),
+            k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), positions.data_ptr(),
+            plan["norm"].weight.data_ptr(), plan["norm"].eps]
 
 
 def _step_shape(common: list) -> tuple[int, int, int, int, int]:
@@ -255,15 +261,9 @@ def f32_decode_rows_model(plan: dict, x: torch.Tensor, rope, cache: KVCache, pos
     head = plan["head"][0]
     if lib is None or layout_of(head) != 0:
         return None
-    inter, n_head, n_kv_head, head_dim = plan["shape"]
-    rows, d = x.shape
-    k, v = cache.k, cache.v
-    logits = torch.empty(rows, head.shape[0], dtype=torch.float32)
-    code = lib.lmf_f32_decode_rows_model(
-        x.data_ptr(), rows, d, len(plan["layers"]), ctypes.addressof(plan["layers"]), plan["eps"], inter, n_head,
-        n_kv_head, head_dim, rope[0].data_ptr(), rope[1].data_ptr(), rope[0].stride(0), k.data_ptr(), v.data_ptr(),
-        k.stride(0), k.stride(1), k.stride(2), positions.data_ptr(), plan["norm"].weight.data_ptr(), plan["norm"].eps,
-        head.data_ptr(), head.shape[0], logits.data_ptr(), threads)
+    logits = torch.empty(x.shape[0], head.shape[0], dtype=torch.float32)
+    code = lib.lmf_f32_decode_rows_model(*_rows_args(plan, x, rope, cache, positions), head.data_ptr(), head.shape[0],
+                                         logits.data_ptr(), threads)
     return logits if code == 0 else None
 
 
