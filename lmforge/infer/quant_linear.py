@@ -33,7 +33,8 @@ unchanged: only the modules' class differs, as with lmforge/infer/layout.py's
 Where the CPU has AVX-512 VNNI, products of float32 rows go through lmforge's own integer
 kernels instead (lmforge/infer/quant_kernels.py: activations rounded to int8 in groups of 32,
 finer than bfloat16): int8 weights at any row count, int4 ones up to `INT4_KERNEL_ROWS` rows.
-Each row's result there is the same whatever rows it is batched with.
+Each row's result there is the same whatever rows it is batched with (products of more rows,
+on PyTorch's kernel, are not).
 """
 
 from __future__ import annotations
