@@ -73,6 +73,14 @@ def test_blas_linear_sends_a_few_rows_to_the_few_rows_product():
     assert calls == [2, 3]  # one row: the one-row product; four: the library
 
 
+def compiled_copy(plain: Transformer, few_rows: int = 1) -> Transformer:
+    """A copy of `plain` decoding on lmforge's compiled steps (products of up to `few_rows` rows
+    on its few-rows product)."""
+    fast = copy.deepcopy(plain)
+    use_numpy_blas(fast, numpy_rows=False)
+    return use_native_decoding(fast, few_rows=few_rows)
+
+
 def tiny(config_kw=None) -> Transformer:
     torch.manual_seed(0)
     config = ModelConfig(family="qwen2", vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
@@ -127,9 +135,7 @@ def test_whole_decode_step_declines_what_it_does_not_cover():
     """Autograd on, a forward hook, a cache row of a larger batch, a weight moved after the first
     step (the layers' addresses gathered again): each declines or re-plans, and logits stay right."""
     plain = tiny()
-    fast = copy.deepcopy(plain)
-    use_numpy_blas(fast, numpy_rows=False)
-    use_native_decoding(fast)
+    fast = compiled_copy(plain)
     step = fast.decode_step
     ids = torch.tensor([[5]])
 
@@ -165,9 +171,7 @@ def test_a_steady_loop_checks_the_model_once_and_again_after_jobs(count_calls):
     from lmforge.infer.scheduler import Scheduler
 
     plain = tiny()
-    fast = copy.deepcopy(plain)
-    use_numpy_blas(fast, numpy_rows=False)
-    use_native_decoding(fast)
+    fast = compiled_copy(plain)
     step = fast.decode_step
     ids = torch.tensor([[5]])
     cache = KVCache.for_model(fast.config, 1, 8, torch.float32, "cpu")
@@ -210,9 +214,7 @@ def test_whole_decode_step_runs_beside_bf16_prefill_products():
     from lmforge.infer.bf16_prefill import generation_products, use_bf16_prefill
 
     plain = tiny()
-    fast = copy.deepcopy(plain)
-    use_numpy_blas(fast, numpy_rows=False)
-    use_native_decoding(fast, few_rows=4)
+    fast = compiled_copy(plain, few_rows=4)
     use_bf16_prefill(fast)
     step = fast.decode_step
     ids = torch.tensor([[7]])
@@ -241,9 +243,7 @@ def test_batched_steps_of_a_few_rows_run_as_one_compiled_call(threads, count_cal
     fifth row gives the step back to the modules; the logits equal the plain model's either way.
     With the few-rows product off (`native_max_rows` 1) no batched step is compiled."""
     plain = tiny()
-    fast = copy.deepcopy(plain)
-    use_numpy_blas(fast, numpy_rows=False)
-    use_native_decoding(fast, few_rows=4)
+    fast = compiled_copy(plain, few_rows=4)
     calls = count_calls(dk, "f32_decode_rows_model")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -179,8 +179,7 @@ def q4_decode_model(common: list, head_bits: int, head: torch.Tensor, head_scale
     row-major): logits [vocab], or None."""
     lib = _library()
     d, inter, n_head, n_kv_head, head_dim = _step_shape(common)
-    if (lib is None or not quant_kernels.available() or d % 64 or inter % 64 or (n_head * head_dim) % 64
-            or head_bits not in (4, 8, 32)):
+    if lib is None or not _q4_step_fits(d, inter, n_head * head_dim, head_bits):
         return None
     rows = head.shape[0]
     logits, scratch = torch.empty(rows, dtype=torch.float32), _scratch(d, n_head, n_kv_head, head_dim, inter)
@@ -195,15 +194,19 @@ def q4_decode_rows_model(plan: dict, x: torch.Tensor, rope, cache: KVCache, posi
     embeddings, rope (cos, sin) [B, head_dim], positions [B] int32): logits [B, vocab], each row
     what `q4_decode_model` gives for it alone; or None."""
     lib = _library()
-    inter, n_head, n_kv_head, head_dim = plan["shape"]
-    rows, d = x.shape
-    if (lib is None or not quant_kernels.available() or d % 64 or inter % 64 or (n_head * head_dim) % 64
-            or head_bits not in (4, 8, 32)):
+    inter, n_head, _, head_dim = plan["shape"]
+    if lib is None or not _q4_step_fits(x.shape[1], inter, n_head * head_dim, head_bits):
         return None
-    logits = torch.empty(rows, head.shape[0], dtype=torch.float32)
+    logits = torch.empty(x.shape[0], head.shape[0], dtype=torch.float32)
     code = lib.lmf_q4_decode_rows_model(*_rows_args(plan, x, rope, cache, positions), head_bits, head.data_ptr(),
                                         native.ptr(head_scale), head.shape[0], logits.data_ptr())
     return logits[:, :vocab] if code == 0 else None
+
+
+def _q4_step_fits(d: int, inter: int, attn_width: int, head_bits: int) -> bool:
+    """Shapes the int4 steps take: every product's inputs a multiple of 64, a known head."""
+    return (quant_kernels.available() and not (d % 64 or inter % 64 or attn_width % 64)
+            and head_bits in (4, 8, 32))
 
 
 def _rows_args(plan: dict, x: torch.Tensor, rope, cache: KVCache, positions: torch.Tensor) -> list:
@@ -406,10 +409,9 @@ class CompiledDecodeStep:
             return None
         first = blocks[0]
         plan = {
-            "entries": entries, "modules": modules, "tensors": tensors,
-            "classes": [type(m) for m in modules],
-            "flag_items": [(m, name) for m in modules for name in self.flag_names if hasattr(m, name)],
+            "modules": modules, "tensors": tensors, "classes": [type(m) for m in modules],
             "pointers": list(map(torch.Tensor.data_ptr, tensors)), "strides": list(map(torch.Tensor.stride, tensors)),
+            # (dict, name, object) of every member read, as three columns for `_still_valid`
             "entry_dicts": [e[0] for e in entries], "entry_names": [e[1] for e in entries],
             "entry_objs": [e[2] for e in entries],
             "layers": (type(structs[0]) * len(structs))(*structs), "head": head_args, "eps": eps.pop(),
@@ -417,8 +419,8 @@ class CompiledDecodeStep:
             "shape": (first.mlp.proj.in_features, first.attn.n_head, first.attn.n_kv_head, first.attn.head_dim),
             "embed": embed.weight, "norm": norm,
         }
-        plan["flag_owners"] = [m for m, _ in plan["flag_items"]]
-        plan["flag_attrs"] = [name for _, name in plan["flag_items"]]
+        flag_items = [(m, name) for m in modules for name in self.flag_names if hasattr(m, name)]
+        plan["flag_owners"], plan["flag_attrs"] = [m for m, _ in flag_items], [name for _, name in flag_items]
         plan["flags"] = list(map(getattr, plan["flag_owners"], plan["flag_attrs"]))
         return plan if self._still_valid(plan) else None  # (hooks)
 

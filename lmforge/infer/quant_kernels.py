@@ -63,12 +63,12 @@ def why_not() -> str | None:
     return native.why_not(NAME) or "this CPU has no AVX-512 VNNI"
 
 
-def usable(x: torch.Tensor, compute_dtype: torch.dtype, most_rows: int = 1) -> bool:
-    """float32 CPU rows (at most `most_rows` of them) that the kernels may take (no gradient
-    wanted), for a layer that computes in a rounded dtype (`compute_dtype=torch.float32` promises
-    exact products, which the int8-rounded rows of these kernels are not)."""
+def usable(x: torch.Tensor, compute_dtype: torch.dtype, most_rows: int | None = None) -> bool:
+    """float32 CPU rows (at most `most_rows` of them; None: any number) that the kernels may take
+    (no gradient wanted), for a layer that computes in a rounded dtype (`compute_dtype=torch.float32`
+    promises exact products, which the int8-rounded rows of these kernels are not)."""
     return (ENABLED and compute_dtype != torch.float32 and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.numel() <= most_rows * x.shape[-1] and x.numel() > 0
+            and x.numel() > 0 and (most_rows is None or x.numel() <= most_rows * x.shape[-1])
             and not (torch.is_grad_enabled() and x.requires_grad) and available())
 
 

@@ -205,12 +205,12 @@ class Int4Linear(_KernelCopy):
 
     # -- product --------------------------------------------------------------------------
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]. A single float32
-        row goes through lmforge's own kernel where it applies and comes back in float32."""
+        """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]. Up to
+        `INT4_KERNEL_ROWS` float32 rows go through lmforge's own kernel where it applies and come
+        back in float32."""
         _check_cpu(x, "an int4 linear layer")
         if quant_kernels.usable(x, self.compute_dtype, INT4_KERNEL_ROWS) and (packed := self.kernel_copy()) is not None:
-            one = x.numel() == x.shape[-1]
-            y = (quant_kernels.q4_gemv if one else quant_kernels.q4_gemm_rows)(packed, x, self.out_features)
+            y = quant_kernels.q4_gemm_rows(packed, x, self.out_features)
             if y is not None:
                 return y
         lead, k = x.shape[:-1], x.shape[-1]
@@ -287,12 +287,11 @@ class Int8Linear(_KernelCopy):
         return self._copy_for_kernel(self.scales.to(torch.float32))
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]. A single float32
-        row goes through lmforge's own kernel where it applies and comes back in float32."""
+        """x W^T in `compute_dtype` (no bias, no cast back): [..., out_features]. float32 rows go
+        through lmforge's own kernel where it applies and come back in float32."""
         _check_cpu(x, "an int8 linear layer")
-        if quant_kernels.usable(x, self.compute_dtype, x.numel()) and (weights := self.kernel_copy()) is not None:
-            one = x.numel() == x.shape[-1]
-            y = (quant_kernels.q8_gemv if one else quant_kernels.q8_gemm_rows)(weights[0], weights[1], x)
+        if quant_kernels.usable(x, self.compute_dtype) and (weights := self.kernel_copy()) is not None:
+            y = quant_kernels.q8_gemm_rows(weights[0], weights[1], x)
             if y is not None:
                 return y
         lead, k = x.shape[:-1], x.shape[-1]

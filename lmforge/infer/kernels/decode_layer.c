@@ -14,6 +14,15 @@
 /* SwiGLU's element: SiLU(gate) * up. */
 static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
+/* The threads a parallel region started here gets (what quant_gemv.c's regions use). */
+static int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
 /* x [d] (the residual stream, updated in place); scratch of at least
  * 2 d + (h + 2 hkv) hd + h hd + 3 inter floats. Returns 0, or what a kernel returned. */
 int lmf_q4_decode_layer(float *x, int d, const float *attn_norm, const float *mlp_norm, float eps,
@@ -69,14 +78,7 @@ int lmf_q4_decode_model(float *x, int d, int n_layer, const lmf_q4_layer *layers
     lmf_rms_norm(x, final_norm, 1, d, final_eps, scratch);
     if (head_bits == 4) return lmf_q4_gemv((const uint8_t *)head_w, n_head_rows, d, scratch, logits);
     if (head_bits == 8) return lmf_q8_gemv((const uint8_t *)head_w, head_scale, n_head_rows, d, scratch, logits);
-    if (head_bits == 32) {
-#ifdef _OPENMP
-        const int threads = omp_get_max_threads(); /* what lmf_q4_gemv's regions use */
-#else
-        const int threads = 1;
-#endif
-        return lmf_f32_gemv((const float *)head_w, 0, n_head_rows, d, scratch, NULL, logits, threads);
-    }
+    if (head_bits == 32) return lmf_f32_gemv((const float *)head_w, 0, n_head_rows, d, scratch, NULL, logits, max_threads());
     return 3;
 }
 
@@ -716,16 +718,10 @@ int lmf_q4_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_q4_l
         }
     }
     int code = 0;
-    if (head_bits == 32) { /* outside the region: lmf_f32_gemv splits its work as for one row */
-#ifdef _OPENMP
-        const int threads = omp_get_max_threads();
-#else
-        const int threads = 1;
-#endif
+    if (head_bits == 32) /* outside the region: lmf_f32_gemv splits its work as for one row */
         for (int b = 0; b < B && !code; b++)
             code = lmf_f32_gemv((const float *)head_w, 0, n_head_rows, d, HN + (long)b * d, NULL,
-                                logits + (long)b * n_head_rows, threads);
-    }
+                                logits + (long)b * n_head_rows, max_threads());
     free(mem); free(a); free(a8);
     return code;
 #else

@@ -373,11 +373,13 @@ static void q4_rows_block(const uint8_t *w, long row_bytes, int r0, int r1, cons
 #endif
 
 /* Y[m][n] (row stride ldy) = X[m][k] (row stride ldx) times the packed int4 rows w, each
- * row of Y equal to what lmf_q4_gemv gives for that row of X. Returns as lmf_q4_gemv. */
+ * row of Y equal to what lmf_q4_gemv gives for that row of X (one row: lmf_q4_gemv itself,
+ * whose rows read in pairs stream faster alone). Returns as lmf_q4_gemv. */
 int lmf_q4_gemm_rows(const uint8_t *w, int n, int k, const float *x, long ldx, int m, float *y, long ldy) {
 #ifdef LMF_VNNI
     if (k % 64) return 1;
     if (m <= 0) return 0;
+    if (m == 1) return lmf_q4_gemv(w, n, k, x, y);
     const size_t one = (act_bytes(k) + 63) / 64 * 64;
     char *mem = aligned_alloc(64, one * (size_t)m);
     act_t *a = malloc(sizeof(act_t) * (size_t)m);
