@@ -19,6 +19,7 @@ JSON line (step ms per variant and B; tokens/s = B / step time).
 
     python benchmarks/decode_rows.py                      # float32 weights (dtype auto)
     python benchmarks/decode_rows.py --weights q4 --rows 1 2 4 8 16 --rounds 7
+    python benchmarks/decode_rows.py --context 1000 --rows 1 16 --variants compiled   # long prompts
 """
 
 from __future__ import annotations
@@ -62,14 +63,17 @@ def variant(model, name: str, weights: str):
         quant_kernels.ENABLED = saved_kernels
 
 
-def prefilled(model, tokenizer, rows: int, capacity: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
-    """A cache of `rows` sequences prefilled with prompts of different lengths, their next tokens
-    and positions."""
+def prefilled(model, tokenizer, rows: int, capacity: int, context: int = 0) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+    """A cache of `rows` sequences prefilled with prompts of different lengths (about `context`
+    tokens each where given), their next tokens and positions."""
     cache = KVCache.for_model(model.config, rows, capacity, torch.float32, "cpu")
     positions, last = [], []
     for b in range(rows):
         text = "Write a short story about a lighthouse keeper. " * (1 + b % 4) + f"Version {b}."
-        ids = torch.tensor([tokenizer.encode(text)])
+        ids = tokenizer.encode(text)
+        if context:
+            ids = (ids * (context // len(ids) + 1))[:context - 29 * (b % 8)]
+        ids = torch.tensor([ids])
         logits = model(ids, cache=cache.rows(b, b + 1), start=0, last_only=True)
         positions.append(ids.shape[1])
         last.append(int(logits[0, -1].argmax()))
@@ -96,30 +100,35 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=8, help="steps timed per round (median)")
+    ap.add_argument("--context", type=int, default=0,
+                    help="prompts of about this many tokens (rows 29 tokens apart); default: short prompts")
+    ap.add_argument("--variants", nargs="+", choices=("compiled", "modules", "library"),
+                    default=["compiled", "modules", "library"])
     args = ap.parse_args()
 
     lm = lmforge.load(weights=args.weights)
     model = lm.model
-    names = ("compiled", "modules", "library")
+    names = tuple(args.variants)
     results: dict[int, dict[str, list[float]]] = {}
     with torch.inference_mode():
         for rows in args.rows:
-            cache, ids, positions = prefilled(model, lm.tokenizer, rows, 512)
+            cache, ids, positions = prefilled(model, lm.tokenizer, rows, max(512, args.context + args.steps + 8),
+                                              args.context)
             per = results.setdefault(rows, {n: [] for n in names})
             for _ in range(args.rounds):
                 for name in names:
                     with variant(model, name, args.weights):
                         per[name].append(time_steps(model, cache, ids, positions, args.steps))
     table = {rows: {n: statistics.median(v) * 1e3 for n, v in per.items()} for rows, per in results.items()}
-    print(f"{'rows':>4} {'compiled ms':>12} {'modules ms':>11} {'library ms':>11} {'compiled tok/s':>15} "
-          f"{'vs modules':>10} {'vs library':>10}")
+    print(f"{'rows':>4} " + " ".join(f"{n + ' ms':>12}" for n in names) + f" {names[0] + ' tok/s':>16} "
+          + " ".join(f"{'vs ' + n:>12}" for n in names[1:]))
     for rows, t in table.items():
-        print(f"{rows:>4} {t['compiled']:>12.1f} {t['modules']:>11.1f} {t['library']:>11.1f} "
-              f"{rows / t['compiled'] * 1e3:>15.1f} {t['modules'] / t['compiled']:>9.2f}x "
-              f"{t['library'] / t['compiled']:>9.2f}x")
+        print(f"{rows:>4} " + " ".join(f"{t[n]:>12.1f}" for n in names) + f" {rows / t[names[0]] * 1e3:>16.1f} "
+              + " ".join(f"{t[n] / t[names[0]]:>11.2f}x" for n in names[1:]))
     print(json.dumps({
         "benchmark": "decode_rows", "cpu": cpu_model(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
         "weights": args.weights, "rounds": args.rounds, "steps": args.steps, "int4_kernel_rows": quant_linear.INT4_KERNEL_ROWS,
+        "context": args.context,
         "step_ms": {str(r): {n: round(v, 2) for n, v in t.items()} for r, t in table.items()},
     }))
 

@@ -200,6 +200,35 @@ def test_decode_step_equals_pytorch(d, rotary, pos):
 
 
 @needs_kernel
+@pytest.mark.parametrize("h, hkv, d", [
+    (6, 2, 64),    # three query heads a key head, read together
+    (10, 2, 32),   # five a key head: a task of four and one of one
+    (4, 4, 128),   # one a key head, widest vector case
+    (6, 3, 24),    # scalar loops
+    (2, 1, 272),   # heads wider than a task's buffer: one at a time, summed in place
+])
+def test_decode_rows_split_keys_equal_pytorch_and_each_row_alone(h, hkv, d):
+    """Rows whose caches span one, several and a partial last part of keys: each row's output
+    equals PyTorch's attention over its keys 0..pos, and equals bit for bit the same row decoded
+    alone (a row's keys are split by its length, not by the batch)."""
+    torch.manual_seed(h * d + hkv)
+    positions = [4, 255, 256, 700, 1030, 511]
+    batch, max_len = len(positions), 1040
+    kc, vc = torch.randn(batch, hkv, max_len, d), torch.randn(batch, hkv, max_len, d)
+    qkv = torch.randn(batch, 1, (h + 2 * hkv) * d)
+    start = torch.tensor(positions)
+    got = na.decode_attention_rows(qkv, None, kc, vc, start, h, hkv, d)
+    assert got is not None
+    for b, pos in enumerate(positions):
+        q = qkv[b, 0, :h * d].view(1, h, 1, d)
+        want = F.scaled_dot_product_attention(q, kc[b:b + 1, :, :pos + 1], vc[b:b + 1, :, :pos + 1],
+                                              enable_gqa=True).reshape(-1)
+        torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-5)
+        alone = na.decode_attention_rows(qkv[b:b + 1], None, kc[b:b + 1], vc[b:b + 1], pos, h, hkv, d)
+        assert torch.equal(alone[0], got[b])
+
+
+@needs_kernel
 def test_decoder_steps_same_with_and_without_the_kernel():
     from lmforge.model.kv_cache import KVCache
 

@@ -52,3 +52,33 @@ def test_switched_off_moves_nothing(monkeypatch):
     w = torch.randn(8, 8)
     ptr = w.data_ptr()
     assert not hugepages.available() and hugepages.move_to_huge_pages([w]) is None and w.data_ptr() == ptr
+
+
+@needs_thp
+def test_caches_in_huge_pages_are_zero_writable_and_outlive_their_region():
+    """A large key/value cache gets huge-page memory (read as zeros, writable, kept alive by the
+    tensor); a small one, or any with huge pages switched off, is an ordinary tensor."""
+    import gc
+
+    from lmforge.model.kv_cache import KVCache
+    from lmforge.model.paged_kv import PagedKVCache
+
+    cache = KVCache(4, 2, 1024, 2, 64)  # 4 MiB each for k and v
+    assert hugepages.eligible(cache.k) and hugepages.eligible(cache.v)
+    assert cache.k.shape == (4, 2, 2, 1024, 64) and cache.k.dtype == torch.float32
+    assert not cache.k.any() and not cache.v.any()
+    gc.collect()
+    cache.k[1, 0, 1, 5] = 2.5
+    assert float(cache.k.sum()) == 2.5 * 64 and cache.k.data_ptr() != cache.v.data_ptr()
+    paged = PagedKVCache(4, 512, 16, 2, 256, 2, 64, torch.bfloat16)  # 4.2 MB each
+    assert hugepages.eligible(paged.k) and paged.k.dtype == torch.bfloat16 and not paged.k.any()
+    assert hugepages.zeros((4, 4), torch.float32) is None  # too small to be worth a mapping
+
+
+def test_caches_switched_off_are_ordinary(monkeypatch):
+    from lmforge.model.kv_cache import KVCache
+
+    monkeypatch.setenv("LMFORGE_HUGE_PAGES", "0")
+    cache = KVCache(4, 2, 1024, 2, 64)
+    assert hugepages.zeros((1 << 22,), torch.float32) is None
+    assert not cache.k.any() and cache.k.untyped_storage().nbytes() == cache.k.numel() * 4

@@ -131,3 +131,76 @@ def test_greedy_takes_the_largest_finite_logit_around_nan_and_inf():
         assert sample_next(torch.tensor(row), params, empty, None) == expected
     penalized = SamplingParams(temperature=0, repetition_penalty=2.0)
     assert sample_next(torch.tensor((0.5, 2.0, 1.5, 1.0)), penalized, torch.tensor([1]), None) == 2
+
+
+def _one_by_one(logits: torch.Tensor, params: SamplingParams, generator) -> int:
+    """The pipeline of the module docstring written out for one row: penalties (none here), the
+    clean-up, temperature, truncation, a draw."""
+    from lmforge.infer.sampling import penalized_logits, sampling_distribution
+
+    cleaned = penalized_logits(logits, params, torch.empty(0, dtype=torch.long))
+    if params.greedy:
+        return int(cleaned.argmax())
+    return draw(sampling_distribution(cleaned, params), generator)
+
+
+def test_rows_sampled_together_take_each_rows_own_token_and_draw():
+    """`sample_rows` (several rows in a few batched passes) chooses exactly the token each row's own
+    pipeline chooses from the same generator state, leaves its generator in the same state, and
+    hands back (None) the rows it must not take: truncations, penalties, NaN or +inf logits."""
+    from lmforge.infer.sampling import sample_rows
+
+    torch.manual_seed(0)
+    vocab, same, given_back = 5000, 0, 0
+    for trial in range(40):
+        rows = 2 + trial % 7
+        logits = torch.randn(rows, vocab) * (1 + trial % 5) * 2
+        logits[0, :50] = float("-inf")  # masked tokens stay impossible
+        if trial % 3 == 0:
+            logits[-1, 7] = float("nan")
+        if trial % 4 == 0:
+            logits[rows // 2, 3] = float("inf")
+        temperatures = [0.0, 0.3, 0.7, 1.0, 1.5, 1e-3]
+        params = [SamplingParams(temperature=temperatures[(trial + i) % 6], seed=100 * trial + i,
+                                 top_k=5 if (trial + i) % 11 == 0 else 0) for i in range(rows)]
+        together = [p.make_generator() for p in params]
+        alone = [p.make_generator() for p in params]
+        picked = sample_rows(logits, params, together)
+        for i, p in enumerate(params):
+            if picked[i] is None:
+                given_back += 1
+                scaled = logits[i].max() if p.greedy else logits[i].max() / p.temperature
+                assert p.top_k or not torch.isfinite(scaled)
+                continue
+            assert picked[i] == _one_by_one(logits[i], p, alone[i])
+            assert logits[i, picked[i]] > float("-inf")
+            same += 1
+            if together[i] is not None:
+                assert torch.equal(torch.rand(4, generator=together[i]), torch.rand(4, generator=alone[i]))
+    assert same > 150 and given_back > 10
+
+
+def test_choose_rows_equals_each_states_choose():
+    """The scheduler's batched choice (DecodeState.choose_rows) against `choose` row by row, with
+    greedy, sampled, truncated, penalized and log-prob rows in one batch."""
+    from lmforge.infer.request import DecodeState
+
+    torch.manual_seed(1)
+    vocab = 300
+    settings = [dict(temperature=0.0), dict(temperature=0.8, seed=1), dict(temperature=1.2, seed=2, logprobs=3),
+                dict(temperature=0.9, seed=3, top_p=0.9), dict(temperature=0.7, seed=4, repetition_penalty=1.3),
+                dict(temperature=0.0, logprobs=0), dict(temperature=0.6, seed=5)]
+
+    def states() -> list[DecodeState]:
+        return [DecodeState([5, 6, 7], SamplingParams(max_tokens=8, **kw), 8, None, [], "cpu", vocab)
+                for kw in settings]
+
+    batched, single = states(), states()
+    for _ in range(6):
+        logits = torch.randn(len(settings), vocab) * 3
+        tokens = DecodeState.choose_rows(batched, logits)
+        assert tokens == [s.choose(logits[i]) for i, s in enumerate(single)]
+        for a, b, t in zip(batched, single, tokens):
+            assert a._pending_logprobs == b._pending_logprobs
+            a.append(t)
+            b.append(t)

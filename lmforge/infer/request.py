@@ -12,7 +12,7 @@ import torch
 
 from ..errors import LmforgeError
 from ..tokenizer import IncrementalDecoder
-from .sampling import SamplingParams, sample_next
+from .sampling import SamplingParams, plain, sample_next, sample_rows
 from .json_schema import SchemaPrefix
 from .structured import JsonPrefix, constrained_choice
 
@@ -120,6 +120,24 @@ class DecodeState:
         if self.params.logprobs is not None:
             self._pending_logprobs = token_logprobs(logits, token, self.params.logprobs)
         return token
+
+    @staticmethod
+    def choose_rows(states: list["DecodeState"], logits: torch.Tensor) -> list[int]:
+        """`choose` of every state, row i of `logits` [B, V] for `states[i]`: the same tokens, with
+        the rows that need only a temperature (or none) sampled together (`sample_rows`)."""
+        together = [i for i, s in enumerate(states) if s.json is None and plain(s.params)] if len(states) > 1 else []
+        tokens: list[int | None] = [None] * len(states)
+        if together:
+            rows = logits if len(together) == len(states) else logits[together]
+            picked = sample_rows(rows, [states[i].params for i in together], [states[i].generator for i in together])
+            for i, token in zip(together, picked):
+                tokens[i] = token
+        for i, state in enumerate(states):
+            if tokens[i] is None:
+                tokens[i] = state.choose(logits[i])
+            elif state.params.logprobs is not None:
+                state._pending_logprobs = token_logprobs(logits[i], tokens[i], state.params.logprobs)
+        return tokens
 
     def append(self, token: int) -> str:
         """Record a sampled token; return the text that is now safe to show."""

@@ -133,6 +133,54 @@ def _neutral(params: SamplingParams) -> bool:
     return params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
 
 
+def plain(params: SamplingParams) -> bool:
+    """No penalty and no truncation: the next token depends on the logits and the temperature only,
+    so rows with such settings can be sampled together (`sample_rows`)."""
+    return _neutral(params) and not params.top_k and params.top_p >= 1.0 and params.min_p <= 0.0
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int | None]:
+    """`sample_next` for every row of `logits` [B, V] whose settings are `plain`, in a few passes over
+    all of them: the token of row i, or None where it must take `sample_next`'s own path (other
+    settings, or logits with NaN or infinities that `penalized_logits` would have to clean).
+
+    Each row's token is exactly the one `sample_next` chooses, for any rows beside it: the same
+    float32 operations run along each row (a division by the row's temperature, the softmax, the
+    float64 cumulative sum), and a row draws from its own generator. Where the largest scaled
+    logit is finite, `penalized_logits`' clean-up changes nothing the softmax can see (-inf and
+    the lowest float both give a probability of exactly 0), so it is skipped.
+    """
+    tokens: list[int | None] = [None] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.greedy and _neutral(p)]
+    sampled = [i for i, p in enumerate(params) if not p.greedy and plain(p)]
+    if greedy:
+        rows = logits if len(greedy) == logits.shape[0] else logits[greedy]
+        best, ids = rows.float().max(-1)
+        # argmax ranks NaN above everything: a finite maximum means no NaN and no +inf.
+        for i, ok, token in zip(greedy, torch.isfinite(best).tolist(), ids.tolist()):
+            if ok:
+                tokens[i] = token
+    if sampled:
+        rows = logits if len(sampled) == logits.shape[0] else logits[sampled]
+        temperature = torch.tensor([params[i].temperature for i in sampled], dtype=torch.float32).view(-1, 1)
+        scaled = rows.float() / temperature
+        finite = torch.isfinite(scaled.amax(-1)).tolist()
+        probs = scaled.softmax(-1)
+        cdf = probs.cumsum(-1, dtype=torch.float64)
+        draws = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64, device=logits.device)
+                             if ok else torch.zeros((), dtype=torch.float64, device=logits.device)
+                             for i, ok in zip(sampled, finite)])
+        picked = torch.searchsorted(cdf, (draws * cdf[:, -1]).view(-1, 1), right=True).view(-1).tolist()
+        vocab = probs.shape[-1]
+        for row, (i, ok, token) in enumerate(zip(sampled, finite, picked)):
+            if not ok:
+                continue
+            if token >= vocab or probs[row, token] <= 0:  # the draw rounded onto the very end of the sum
+                token = int(torch.nonzero(probs[row] > 0)[-1])
+            tokens[i] = token
+    return tokens
+
+
 def sample_next(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -150,6 +198,10 @@ def sample_next(
         # then it is also the maximum of `penalized_logits` (one pass over [V] instead of three).
         token = int(logits.argmax())
         if math.isfinite(float(logits[token])):
+            return token
+    elif plain(params):
+        (token,) = sample_rows(logits.view(1, -1), [params], [generator])
+        if token is not None:
             return token
     logits = penalized_logits(logits, params, context, counts)
     if params.greedy:

@@ -926,9 +926,9 @@ class Scheduler:
         # Sampling stays on the forward's thread budget: beside NumPy's BLAS threads (one
         # row) a second PyTorch thread for a softmax costs more than it saves.
         with self._threads(len(self._rows)):
-            for i, handle in enumerate(self._rows):
-                state = handle.state
-                self._emit(handle, state.append(state.choose(logits[i])))
+            tokens = DecodeState.choose_rows([handle.state for handle in self._rows], logits)
+            for handle, token in zip(self._rows, tokens):
+                self._emit(handle, handle.state.append(token))
 
     def _speculate(self, handle: RequestHandle) -> bool:
         """Draft, verify in one forward, append what passes; False (nothing done) where no draft was made.

@@ -101,6 +101,21 @@ def move_to_huge_pages(params: Iterable[torch.Tensor]) -> Region | None:
     return region
 
 
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, least: int = 2 * HUGE_PAGE) -> torch.Tensor | None:
+    """A new zero-filled CPU tensor in a region of its own advised to use huge pages, for buffers a
+    step streams through (a decode step reads its rows' whole key/value cache); None where huge
+    pages are not available or the tensor would be smaller than `least` bytes. Its pages are
+    backed as they are first written (an anonymous mapping reads as zeros)."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    nbytes = int(np.prod(shape)) * itemsize if shape else itemsize
+    if nbytes < least or not available():
+        return None
+    try:
+        return Region(nbytes).tensor(0, tuple(shape), dtype)
+    except (OSError, ValueError):
+        return None
+
+
 def _smaps_field(t: torch.Tensor, field: str) -> int | None:
     """A numeric field of the /proc/self/smaps entry of the mapping holding `t` (None: unreadable)."""
     address = t.data_ptr()

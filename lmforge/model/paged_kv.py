@@ -47,6 +47,8 @@ from typing import Callable
 
 import torch
 
+from .kv_cache import zeros
+
 SCRATCH = 0  # the pool block that unclaimed table entries point to
 
 
@@ -76,8 +78,8 @@ class PagedKVCache:
         self.max_len = max_len
         self.max_rows = max_rows
         shape = (n_layer, n_blocks + 1, n_kv_head, block_size, head_dim)  # + the scratch block
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = zeros(shape, dtype, device)
+        self.v = zeros(shape, dtype, device)
         self.tables = torch.full((max_rows, blocks_for(max_len, block_size)), SCRATCH, dtype=torch.long,
                                  device=device)
         self._claimed: list[list[int]] = [[] for _ in range(max_rows)]  # the blocks of each row, in order

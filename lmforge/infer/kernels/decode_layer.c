@@ -427,7 +427,7 @@ typedef struct {
  * of the residual stream (xp) and of its normed form (hn): the norms and residual adds are
  * computed by every thread alike, so that only the products (split over the threads) and the
  * attention end in a barrier: six a layer. cm_*: whether each weight is column-major. abuf:
- * room for h hd + h (pos + 1) floats (the rotated queries and every head's scores). */
+ * room for h hd + h attention_stride(pos + 1) floats (the rotated queries and every head's scores). */
 static void f32_layer_in(float *xp, float *hn, int d, const lmf_f32_layer *L, float eps, int inter, int h, int hkv,
                          int hd, const float *cos, const float *sin, float *kc, float *vc, long head_stride, int pos,
                          float *scratch, float *partials, float *abuf) {
@@ -466,7 +466,7 @@ static int f32_step_alloc(f32_step_mem *mem, int threads, int d, int nqkv, int i
     int most = nqkv > 2 * inter ? nqkv : 2 * inter;
     most = most > d ? most : d;
     most = most > vocab ? most : vocab;
-    const size_t np = threads > 1 ? (size_t)threads * most : 0, na = (size_t)h * hd + (size_t)h * T,
+    const size_t np = threads > 1 ? (size_t)threads * most : 0, na = (size_t)h * hd + (size_t)h * attention_stride(T),
                  no = (size_t)threads * 2 * d;
     mem->block = malloc((np + na + no) * sizeof(float));
     if (!mem->block) return 2;
@@ -552,7 +552,7 @@ int lmf_f32_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_f32
     }
     if (threads < 1) threads = 1;
     const int nqkv = (h + 2 * hkv) * hd, q = h * hd;
-    const size_t shared = (size_t)B * (nqkv + 2 * q + d + 3 * inter) + (size_t)B * h * most,
+    const size_t shared = (size_t)B * (nqkv + 2 * q + d + 3 * inter) + (size_t)B * h * attention_stride(most),
                  own = (size_t)threads * 2 * B * d;
     float *block = malloc((shared + own) * sizeof(float));
     if (!block) return 2;
@@ -652,7 +652,7 @@ int lmf_q4_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_q4_l
     int kmax = d > q ? d : q;
     kmax = kmax > inter ? kmax : inter;
     const size_t one = (act_bytes(kmax) + 63) / 64 * 64, one8 = (act8_bytes(d) + 63) / 64 * 64;
-    const size_t floats = (size_t)B * (d + nqkv + q + q + d + 3 * inter) + (size_t)B * h * most;
+    const size_t floats = (size_t)B * (d + nqkv + q + q + d + 3 * inter) + (size_t)B * h * attention_stride(most);
     char *mem = aligned_alloc(64, one * (size_t)B + one8 * (size_t)B + (floats * sizeof(float) + 63) / 64 * 64);
     act_t *a = malloc(sizeof(act_t) * (size_t)B);
     act8_t *a8 = malloc(sizeof(act8_t) * (size_t)B);

@@ -266,90 +266,186 @@ void lmf_attention_prepare(const float *qkv, int H, int Hkv, int D, const float 
         memcpy(vc + (long)g * head_stride + (long)pos * D, qkv + (long)(H + Hkv + g) * D, (size_t)D * sizeof(float));
 }
 
-/* The second part, for query head h: softmax(q_h K^T scale) V over keys 0..T-1 of its key/value
- * head, into out + h D; s: room for T scores. Heads are independent: callers may split them
- * over threads. */
-void lmf_attention_head(int h, const float *q, int H, int Hkv, int D, const float *kc, const float *vc,
-                        long head_stride, int T, float scale, float *s, float *out) {
-    const int g = h / (H / Hkv);
-    const float *k = kc + (long)g * head_stride, *v = vc + (long)g * head_stride, *qh = q + (long)h * D;
-    float m = -INFINITY;
-    if (D % W == 0) {
-        for (int j = 0; j < T; j++) {
-            const float *kj = k + (long)j * D;
-            vf acc = splat(0.0f);
-            for (int d = 0; d < D; d += W) acc += loadu(qh + d) * loadu(kj + d);
-            s[j] = hsum(acc) * scale;
-            m = s[j] > m ? s[j] : m;
+/* The second part, over keys j0..j1-1 of key/value head g, for n consecutive query heads of its
+ * group (qh: the first one's D floats, the others D apart): each head's scores q k^T scale, their
+ * exponentials against the head's own maximum, and the sum of value rows they weight. The n heads
+ * read every key and value row once together: a group's heads reading the cache one by one made a
+ * long-context step of a three-heads-a-group model read it three times. s[r]: room for j1 - j0
+ * scores of head r. Out per head: m[r] (its maximum), l[r] (the sum of its exponentials) and
+ * o[r D .. r D + D) (the value rows' sum, not yet divided by l[r]). NV: D / W, a constant where
+ * inlined. */
+#ifndef ATT_AHEAD
+#define ATT_AHEAD 16 /* rows ahead that a part's key and value reads prefetch */
+#endif
+static inline __attribute__((always_inline)) void attention_part_v(const float *qh, const int n, const int NV,
+                                                                   const float *k, const float *v, int j0, int j1,
+                                                                   float scale, float *const *s, float *m, float *l,
+                                                                   float *o) {
+    const int D = NV * W, T = j1 - j0;
+    vf q[4][8], acc[4][8];
+    float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = 0; r < n; r++)
+        for (int c = 0; c < NV; c++) q[r][c] = loadu(qh + (long)r * D + c * W);
+    for (int j = 0; j < T; j++) {
+        const float *kj = k + (long)(j0 + j) * D;
+        vf kv[8];
+        for (int c = 0; c < NV; c++) {
+            __builtin_prefetch(kj + ATT_AHEAD * D + c * W);
+            kv[c] = loadu(kj + c * W);
         }
-    } else {
-        for (int j = 0; j < T; j++) {
+        for (int r = 0; r < n; r++) {
+            vf a = splat(0.0f);
+            for (int c = 0; c < NV; c++) a += q[r][c] * kv[c];
+            const float x = hsum(a) * scale;
+            s[r][j] = x;
+            mx[r] = x > mx[r] ? x : mx[r];
+        }
+    }
+    for (int r = 0; r < n; r++) {
+        float *sr = s[r];
+        int j = 0;
+        for (; j + W <= T; j += W) {
+            vf e = vexp(loadu(sr + j) - splat(mx[r]));
+            storeu(sr + j, e);
+            sum[r] += hsum(e);
+        }
+        for (; j < T; j++) {
+            sr[j] = expf(sr[j] - mx[r]);
+            sum[r] += sr[j];
+        }
+        for (int c = 0; c < NV; c++) acc[r][c] = splat(0.0f);
+    }
+    for (int j = 0; j < T; j++) {
+        const float *vj = v + (long)(j0 + j) * D;
+        vf vv[8];
+        for (int c = 0; c < NV; c++) {
+            __builtin_prefetch(vj + ATT_AHEAD * D + c * W);
+            vv[c] = loadu(vj + c * W);
+        }
+        for (int r = 0; r < n; r++) {
+            const vf p = splat(s[r][j]);
+            for (int c = 0; c < NV; c++) acc[r][c] += p * vv[c];
+        }
+    }
+    for (int r = 0; r < n; r++) {
+        m[r] = mx[r];
+        l[r] = sum[r];
+        for (int c = 0; c < NV; c++) storeu(o + (long)r * D + c * W, acc[r][c]);
+    }
+}
+
+/* The same for any head size, one head after another in scalar loops. */
+static void attention_part_any(const float *qh, int n, int D, const float *k, const float *v, int j0, int j1,
+                               float scale, float *const *s, float *m, float *l, float *o) {
+    for (int r = 0; r < n; r++) {
+        const float *qr = qh + (long)r * D;
+        float mx = -INFINITY, sum = 0.0f, *orow = o + (long)r * D;
+        for (int j = j0; j < j1; j++) {
             const float *kj = k + (long)j * D;
             float dot = 0.0f;
-            for (int d = 0; d < D; d++) dot += qh[d] * kj[d];
-            s[j] = dot * scale;
-            m = s[j] > m ? s[j] : m;
+            for (int d = 0; d < D; d++) dot += qr[d] * kj[d];
+            s[r][j - j0] = dot * scale;
+            mx = s[r][j - j0] > mx ? s[r][j - j0] : mx;
         }
-    }
-    float sum = 0.0f;
-    int j = 0;
-    for (; j + W <= T; j += W) {
-        vf e = vexp(loadu(s + j) - splat(m));
-        storeu(s + j, e);
-        sum += hsum(e);
-    }
-    for (; j < T; j++) {
-        s[j] = expf(s[j] - m);
-        sum += s[j];
-    }
-    const float inv = 1.0f / sum;
-    float *o = out + (long)h * D;
-    if (D % W == 0 && D <= 8 * W) { /* the output row in registers */
-        vf acc[8];
-        const int nv = D / W;
-        for (int c = 0; c < nv; c++) acc[c] = splat(0.0f);
-        for (j = 0; j < T; j++) {
-            const vf p = splat(s[j]);
-            const float *vj = v + (long)j * D;
-            for (int c = 0; c < nv; c++) acc[c] += p * loadu(vj + c * W);
+        for (int d = 0; d < D; d++) orow[d] = 0.0f;
+        for (int j = j0; j < j1; j++) {
+            const float p = expf(s[r][j - j0] - mx), *vj = v + (long)j * D;
+            sum += p;
+            for (int d = 0; d < D; d++) orow[d] += p * vj[d];
         }
-        for (int c = 0; c < nv; c++) storeu(o + c * W, acc[c] * splat(inv));
-    } else {
-        for (int d = 0; d < D; d++) o[d] = 0.0f;
-        for (j = 0; j < T; j++) {
-            const float p = s[j] * inv, *vj = v + (long)j * D;
-            for (int d = 0; d < D; d++) o[d] += p * vj[d];
-        }
+        m[r] = mx;
+        l[r] = sum;
     }
+}
+
+static void attention_part(const float *qh, int n, int D, const float *k, const float *v, int j0, int j1, float scale,
+                           float *const *s, float *m, float *l, float *o) {
+#define LMF_PART(N, NV) attention_part_v(qh, N, NV, k, v, j0, j1, scale, s, m, l, o)
+#define LMF_PARTS(NV) switch (n) { case 1: LMF_PART(1, NV); return; case 2: LMF_PART(2, NV); return; \
+                                   case 3: LMF_PART(3, NV); return; default: LMF_PART(4, NV); return; }
+    if (D == 2 * W) LMF_PARTS(2)
+    if (D == 4 * W) LMF_PARTS(4)
+    if (D == 8 * W) LMF_PARTS(8)
+#undef LMF_PARTS
+#undef LMF_PART
+    attention_part_any(qh, n, D, k, v, j0, j1, scale, s, m, l, o);
+}
+
+/* Keys are taken in parts of ATT_PART: (row, key head, part, up to ATT_HEADS of its query heads)
+ * is one task, and a row's parts are combined afterwards by their maxima and sums (the split
+ * softmax of flash-decoding). How a row's keys are split depends on its length only, never on the
+ * batch or the threads, so a row's result is the same in any batch. */
+#define ATT_PART 256
+#define ATT_HEADS 4
+#define ATT_MAX_D 256 /* wider heads take one head at a time */
+
+/* Floats of scores each (row, query head) needs for caches of up to `most` keys: whole parts,
+ * each of which also holds its part's maximum, sum and output sum once its scores are spent. */
+static inline long attention_stride(int most) {
+    return (long)(most + ATT_PART - 1) / ATT_PART * ATT_PART;
 }
 
 /* The attention of a decode step of B sequences, each at its own position, called by every
  * thread of a parallel region (or outside one, by one thread): row b's q/k/v at
  * qkv + b qkv_stride, its rotary (cos, sin) at + b rope_stride (0: one for all rows; NULL: no
  * rotation), its cache at kc/vc + b batch_stride (heads head_stride apart), written at pos[b];
- * out [B][H D]. The rows are rotated and written by one thread, then every (row, head) pair is
- * independent and they are shared out. q: room for B H D floats; scores: B H most, most at
- * least every pos[b] + 1. Ends in a barrier. */
+ * out [B][H D]. The rows are rotated and written by one thread; then the tasks above are shared
+ * out; then rows of several parts are combined. q: room for B H D floats; scores:
+ * B H attention_stride(most) floats, most at least every pos[b] + 1. Ends in a barrier. */
 static void attention_rows_in(const float *qkv, int B, long qkv_stride, int H, int Hkv, int D, const float *cos,
                               const float *sin, long rope_stride, float *kc, float *vc, long batch_stride,
                               long head_stride, const int *pos, int most, float scale, float *q, float *scores,
                               float *out) {
+    const int G = H / Hkv, wide = D > ATT_MAX_D, per = wide ? 1 : ATT_HEADS, chunks = (G + per - 1) / per;
+    const int parts = (most + ATT_PART - 1) / ATT_PART, split = parts > 1 && D + 2 <= ATT_PART;
+    const long stride = attention_stride(most);
 #pragma omp single
     for (int b = 0; b < B; b++)
         lmf_attention_prepare(qkv + b * qkv_stride, H, Hkv, D, cos ? cos + b * rope_stride : NULL,
                               sin ? sin + b * rope_stride : NULL, kc + b * batch_stride, vc + b * batch_stride,
                               head_stride, pos[b], q + (long)b * H * D);
-    if (B == 1) { /* one row: heads in blocks, neighbours sharing a key head on one thread */
-#pragma omp for schedule(static)
-        for (int h = 0; h < H; h++)
-            lmf_attention_head(h, q, H, Hkv, D, kc, vc, head_stride, pos[0] + 1, scale, scores + (long)h * most, out);
-    } else { /* rows of different lengths: pairs handed out one at a time */
+    const int per_row = Hkv * chunks * (split ? parts : 1);
 #pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < B * H; i++) {
-            const int b = i / H;
-            lmf_attention_head(i % H, q + (long)b * H * D, H, Hkv, D, kc + b * batch_stride, vc + b * batch_stride,
-                               head_stride, pos[b] + 1, scale, scores + (long)i * most, out + (long)b * H * D);
+    for (int i = 0; i < B * per_row; i++) {
+        const int b = i / per_row, rest = i % per_row, T = pos[b] + 1, row_parts = (T + ATT_PART - 1) / ATT_PART;
+        const int p = split ? rest % parts : 0, gc = split ? rest / parts : rest;
+        if (p >= row_parts) continue; /* a shorter row than the longest */
+        const int g = gc / chunks, h0 = g * G + gc % chunks * per, n = g * G + G - h0 < per ? g * G + G - h0 : per;
+        const int own = split && row_parts > 1; /* this part is combined with the row's others */
+        const int j0 = own ? p * ATT_PART : 0, j1 = own && j0 + ATT_PART < T ? j0 + ATT_PART : T;
+        float *s[ATT_HEADS], m[ATT_HEADS], l[ATT_HEADS], o[ATT_HEADS * ATT_MAX_D];
+        const float *kg = kc + b * batch_stride + g * head_stride, *vg = vc + b * batch_stride + g * head_stride;
+        for (int r = 0; r < n; r++) s[r] = scores + ((long)b * H + h0 + r) * stride + j0;
+        float *os = wide ? out + ((long)b * H + h0) * D : o; /* one wide head: its sum in place */
+        attention_part(q + ((long)b * H + h0) * D, n, D, kg, vg, j0, j1, scale, s, m, l, os);
+        for (int r = 0; r < n; r++) {
+            if (own) { /* kept for the combination below */
+                s[r][0] = m[r];
+                s[r][1] = l[r];
+                memcpy(s[r] + 2, os + (long)r * D, (size_t)D * sizeof(float));
+            } else {
+                float *y = out + ((long)b * H + h0 + r) * D;
+                const float inv = 1.0f / l[r];
+                for (int d = 0; d < D; d++) y[d] = os[(long)r * D + d] * inv;
+            }
         }
+    }
+    if (!split) return;
+#pragma omp for schedule(static)
+    for (int i = 0; i < B * H; i++) {
+        const int T = pos[i / H] + 1, row_parts = (T + ATT_PART - 1) / ATT_PART;
+        if (row_parts < 2) continue;
+        const float *s = scores + (long)i * stride;
+        float mx = -INFINITY, sum = 0.0f, *y = out + (long)i * D;
+        for (int p = 0; p < row_parts; p++) mx = s[(long)p * ATT_PART] > mx ? s[(long)p * ATT_PART] : mx;
+        for (int d = 0; d < D; d++) y[d] = 0.0f;
+        for (int p = 0; p < row_parts; p++) {
+            const float *part = s + (long)p * ATT_PART, w = expf(part[0] - mx);
+            sum += w * part[1];
+            for (int d = 0; d < D; d++) y[d] += w * part[2 + d];
+        }
+        const float inv = 1.0f / sum;
+        for (int d = 0; d < D; d++) y[d] *= inv;
     }
 }
 
@@ -366,7 +462,7 @@ int lmf_decode_attention_rows(const float *qkv, int B, long qkv_stride, int H, i
         most = pos[b] + 1 > most ? pos[b] + 1 : most;
         work += (long)(pos[b] + 1) * H;
     }
-    float *buf = malloc(((size_t)B * H * D + (size_t)B * H * most) * sizeof(float));
+    float *buf = malloc(((size_t)B * H * D + (size_t)B * H * attention_stride(most)) * sizeof(float));
     if (!buf) return 2;
 #pragma omp parallel if (work >= 4096)
     attention_rows_in(qkv, B, qkv_stride, H, Hkv, D, cos, sin, rope_stride, kc, vc, batch_stride, head_stride, pos,
