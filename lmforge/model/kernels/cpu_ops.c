@@ -271,17 +271,14 @@ void lmf_attention_prepare(const float *qkv, int H, int Hkv, int D, const float 
  * exponentials against the head's own maximum, and the sum of value rows they weight. The n heads
  * read every key and value row once together: a group's heads reading the cache one by one made a
  * long-context step of a three-heads-a-group model read it three times. s[r]: room for j1 - j0
- * scores of head r. Out per head: m[r] (its maximum), l[r] (the sum of its exponentials) and
- * o[r D .. r D + D) (the value rows' sum, not yet divided by l[r]). NV: D / W, a constant where
- * inlined. */
-#ifndef ATT_AHEAD
-#define ATT_AHEAD 16 /* rows ahead that a part's key and value reads prefetch */
-#endif
+ * scores of head r, rounded up to whole vectors. Out per head: m[r] (its maximum), l[r] (the sum
+ * of its exponentials) and o[r D .. r D + D) (the value rows' sum, not yet divided by l[r]).
+ * NV: D / W, a constant where inlined. */
 static inline __attribute__((always_inline)) void attention_part_v(const float *qh, const int n, const int NV,
                                                                    const float *k, const float *v, int j0, int j1,
                                                                    float scale, float *const *s, float *m, float *l,
                                                                    float *o) {
-    const int D = NV * W, T = j1 - j0;
+    const int D = NV * W, T = j1 - j0, T16 = (T + W - 1) / W * W;
     vf q[4][8], acc[4][8];
     float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int r = 0; r < n; r++)
@@ -289,10 +286,7 @@ static inline __attribute__((always_inline)) void attention_part_v(const float *
     for (int j = 0; j < T; j++) {
         const float *kj = k + (long)(j0 + j) * D;
         vf kv[8];
-        for (int c = 0; c < NV; c++) {
-            __builtin_prefetch(kj + ATT_AHEAD * D + c * W);
-            kv[c] = loadu(kj + c * W);
-        }
+        for (int c = 0; c < NV; c++) kv[c] = loadu(kj + c * W);
         for (int r = 0; r < n; r++) {
             vf a = splat(0.0f);
             for (int c = 0; c < NV; c++) a += q[r][c] * kv[c];
@@ -303,25 +297,20 @@ static inline __attribute__((always_inline)) void attention_part_v(const float *
     }
     for (int r = 0; r < n; r++) {
         float *sr = s[r];
-        int j = 0;
-        for (; j + W <= T; j += W) {
-            vf e = vexp(loadu(sr + j) - splat(mx[r]));
-            storeu(sr + j, e);
-            sum[r] += hsum(e);
+        for (int i = T; i < T16; i++) sr[i] = -INFINITY; /* exp gives 0: whole vectors to the end */
+        vf e_sum = splat(0.0f);
+        for (int i = 0; i < T16; i += W) {
+            vf e = vexp(loadu(sr + i) - splat(mx[r]));
+            storeu(sr + i, e);
+            e_sum += e;
         }
-        for (; j < T; j++) {
-            sr[j] = expf(sr[j] - mx[r]);
-            sum[r] += sr[j];
-        }
+        sum[r] = hsum(e_sum);
         for (int c = 0; c < NV; c++) acc[r][c] = splat(0.0f);
     }
     for (int j = 0; j < T; j++) {
         const float *vj = v + (long)(j0 + j) * D;
         vf vv[8];
-        for (int c = 0; c < NV; c++) {
-            __builtin_prefetch(vj + ATT_AHEAD * D + c * W);
-            vv[c] = loadu(vj + c * W);
-        }
+        for (int c = 0; c < NV; c++) vv[c] = loadu(vj + c * W);
         for (int r = 0; r < n; r++) {
             const vf p = splat(s[r][j]);
             for (int c = 0; c < NV; c++) acc[r][c] += p * vv[c];
@@ -389,7 +378,7 @@ static inline long attention_stride(int most) {
  * thread of a parallel region (or outside one, by one thread): row b's q/k/v at
  * qkv + b qkv_stride, its rotary (cos, sin) at + b rope_stride (0: one for all rows; NULL: no
  * rotation), its cache at kc/vc + b batch_stride (heads head_stride apart), written at pos[b];
- * out [B][H D]. The rows are rotated and written by one thread; then the tasks above are shared
+ * out [B][H D]. Each row is rotated and written by one thread; then the tasks above are shared
  * out; then rows of several parts are combined. q: room for B H D floats; scores:
  * B H attention_stride(most) floats, most at least every pos[b] + 1. Ends in a barrier. */
 static void attention_rows_in(const float *qkv, int B, long qkv_stride, int H, int Hkv, int D, const float *cos,
@@ -399,7 +388,7 @@ static void attention_rows_in(const float *qkv, int B, long qkv_stride, int H, i
     const int G = H / Hkv, wide = D > ATT_MAX_D, per = wide ? 1 : ATT_HEADS, chunks = (G + per - 1) / per;
     const int parts = (most + ATT_PART - 1) / ATT_PART, split = parts > 1 && D + 2 <= ATT_PART;
     const long stride = attention_stride(most);
-#pragma omp single
+#pragma omp for schedule(static)
     for (int b = 0; b < B; b++)
         lmf_attention_prepare(qkv + b * qkv_stride, H, Hkv, D, cos ? cos + b * rope_stride : NULL,
                               sin ? sin + b * rope_stride : NULL, kc + b * batch_stride, vc + b * batch_stride,
