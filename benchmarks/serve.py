@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -278,7 +279,12 @@ def main() -> None:
         "peak_rss_mb": peak_rss,
         "phases": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
         "scaling_vs_first": {str(r["clients"]): round(r["tokens_per_s"] / base, 2) for r in rows},
+        # each round's phases against that round's first phase: measured seconds apart, so a swing
+        # of the machine's speed between rounds cancels out of the ratio
+        "scaling_per_round": {str(c): [round(a["tokens_per_s"] / b["tokens_per_s"], 2)
+                                       for a, b in zip(runs[c], runs[args.clients[0]])] for c in args.clients},
     }
+    out["scaling_median_of_rounds"] = {c: statistics.median(v) for c, v in out["scaling_per_round"].items()}
     if engine_runs:
         served = runs[1]
         out["engine"] = {

@@ -11,8 +11,30 @@
 #include "quant_gemv.c"
 #include "../../model/kernels/cpu_ops.c"
 
-/* SwiGLU's element: SiLU(gate) * up. */
-static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+/* SwiGLU's elements: m = SiLU(g) * u = g * sigmoid(g) * u, W lanes at a time, with the vector
+ * exp of cpu_ops.c on -|g| (so its argument is never positive: sigmoid(g) = 1 / (1 + e) for
+ * g >= 0, e / (1 + e) below, e = exp(-|g|)). A scalar expf per element took about 4% of a
+ * 16-row step. The last n % W elements go through the same vector arithmetic in a padded copy,
+ * so an element's value does not depend on where a span starts or ends (threads split the
+ * elements differently for one row and for several). */
+static inline vf vsilu_mul(vf g, vf u) {
+    const vi below = g < splat(0.0f);
+    const vf one = splat(1.0f), e = vexp((vf)((vi)g | (vi)splat(-0.0f)));
+    const vf num = (vf)(((vi)e & below) | ((vi)one & ~below));
+    return g * num / (one + e) * u;
+}
+
+static void silu_mul_span(const float *g, const float *u, float *m, int n) {
+    int i = 0;
+    for (; i + W <= n; i += W) storeu(m + i, vsilu_mul(loadu(g + i), loadu(u + i)));
+    if (i < n) {
+        float gt[W] = {0.0f}, ut[W] = {0.0f}, mt[W];
+        memcpy(gt, g + i, (size_t)(n - i) * sizeof(float));
+        memcpy(ut, u + i, (size_t)(n - i) * sizeof(float));
+        storeu(mt, vsilu_mul(loadu(gt), loadu(ut)));
+        memcpy(m + i, mt, (size_t)(n - i) * sizeof(float));
+    }
+}
 
 /* The threads a parallel region started here gets (what quant_gemv.c's regions use). */
 static int max_threads(void) {
@@ -43,8 +65,7 @@ int lmf_q4_decode_layer(float *x, int d, const float *attn_norm, const float *ml
     for (int i = 0; i < d; i++) x[i] += delta[i];
     lmf_rms_norm(x, mlp_norm, 1, d, eps, hn);
     if ((code = lmf_q4_gemv(fc_w, 2 * inter, d, hn, gu))) return code;
-    for (int i = 0; i < inter; i++)
-        m[i] = silu_mul(gu[i], gu[inter + i]);
+    silu_mul_span(gu, gu + inter, m, inter);
     if ((code = lmf_q4_gemv(proj_w, d, inter, m, delta))) return code;
     for (int i = 0; i < d; i++) x[i] += delta[i];
     return 0;
@@ -412,8 +433,7 @@ static void f32_swiglu_in(const float *w, int inter, int k, const float *x, floa
     if (r0 < r1) {
         f32_rows(w, k, x, gu, r0, r1);
         f32_rows(w, k, x, gu, inter + r0, inter + r1);
-        for (int i = r0; i < r1; i++)
-            m[i] = silu_mul(gu[i], gu[inter + i]);
+        silu_mul_span(gu + r0, gu + inter + r0, m + r0, r1 - r0);
     }
 #pragma omp barrier
 }
@@ -445,9 +465,10 @@ static void f32_layer_in(float *xp, float *hn, int d, const lmf_f32_layer *L, fl
         f32_swiglu_in(L->fc_w, inter, d, hn, gu, m);
     } else {
         f32_gemv_in(L->fc_w, L->cm_fc, 2 * inter, d, hn, NULL, gu, partials);
-#pragma omp for
-        for (int i = 0; i < inter; i++)
-            m[i] = silu_mul(gu[i], gu[inter + i]);
+        int r0, r1;
+        thread_rows(inter, &r0, &r1);
+        if (r0 < r1) silu_mul_span(gu + r0, gu + inter + r0, m + r0, r1 - r0);
+#pragma omp barrier
     }
     f32_gemv_in(L->proj_w, L->cm_proj, d, inter, m, NULL, delta, partials);
     for (int i = 0; i < d; i++) xp[i] += delta[i];
@@ -584,7 +605,7 @@ int lmf_f32_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_f32
                 f32_rows_multi(L->fc_w, d, hn, d, B, NULL, GU, 2L * inter, inter + r0, inter + r1);
                 for (int b = 0; b < B; b++) {
                     const float *g = GU + 2L * b * inter;
-                    for (int i = r0; i < r1; i++) M[(long)b * inter + i] = silu_mul(g[i], g[inter + i]);
+                    silu_mul_span(g + r0, g + inter + r0, M + (long)b * inter + r0, r1 - r0);
                 }
             }
 #pragma omp barrier
@@ -695,7 +716,7 @@ int lmf_q4_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_q4_l
                 q4_rows_block(L->fc_w, rb, inter + r0, inter + r1, a, B, d, GU, 2L * inter);
                 for (int b = 0; b < B; b++) {
                     const float *g = GU + 2L * b * inter;
-                    for (int i = r0; i < r1; i++) M[(long)b * inter + i] = silu_mul(g[i], g[inter + i]);
+                    silu_mul_span(g + r0, g + inter + r0, M + (long)b * inter + r0, r1 - r0);
                 }
             }
 #pragma omp barrier
