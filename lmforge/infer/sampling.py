@@ -199,10 +199,6 @@ def sample_next(
         token = int(logits.argmax())
         if math.isfinite(float(logits[token])):
             return token
-    elif plain(params):
-        (token,) = sample_rows(logits.view(1, -1), [params], [generator])
-        if token is not None:
-            return token
     logits = penalized_logits(logits, params, context, counts)
     if params.greedy:
         return int(logits.argmax())
