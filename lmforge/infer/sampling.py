@@ -140,9 +140,10 @@ def plain(params: SamplingParams) -> bool:
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int | None]:
-    """`sample_next` for every row of `logits` [B, V] whose settings are `plain`, in a few passes over
-    all of them: the token of row i, or None where it must take `sample_next`'s own path (other
-    settings, or logits with NaN or infinities that `penalized_logits` would have to clean).
+    """`sample_next` for every row of `logits` [B, V] it can choose from the logits and temperature
+    alone (greedy without penalties, or `plain` settings), in a few passes over all of them: the
+    token of row i, or None where it must take `sample_next`'s own path (other settings, or logits
+    with NaN or infinities that `penalized_logits` would have to clean).
 
     Each row's token is exactly the one `sample_next` chooses, for any rows beside it: the same
     float32 operations run along each row (a division by the row's temperature, the softmax, the

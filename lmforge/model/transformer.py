@@ -213,9 +213,10 @@ class Attention(nn.Module):
                 return y.view(1, 1, self.q_size)
         if (batch > 1 and length == 1 and self.sliding_window is None and isinstance(cache, KVCache)
                 and cache.k.dim() == 5):
-            # Batched decode step, rows at their own positions: the same compiled call per row,
-            # every (row, head) pair over the threads. Without a window the step's mask is the
-            # per-row causal one (keys 0..position), which is what the kernel computes.
+            # Batched decode step, rows at their own positions: one compiled call for all rows,
+            # their (row, key head, part of the keys) tasks over the threads. Without a window
+            # the step's mask is the per-row causal one (keys 0..position), which is what the
+            # kernel computes.
             y = cpu_ops.decode_attention_rows(qkv, rope, cache.k[layer], cache.v[layer], start,
                                               self.n_head, self.n_kv_head, self.head_dim)
             if y is not None:

@@ -553,7 +553,7 @@ int lmf_f32_decode_model(float *x, int d, int n_layer, const lmf_f32_layer *laye
  * One new token for each of B sequences (row b at position pos[b], its own cache row) through a
  * pre-norm model with row-major float32 weights, in one parallel region, as
  * lmf_f32_decode_model does for one: every product is f32_rows_multi (the weights read from
- * memory once for all B rows), the attention runs as (row, head) pairs over the threads.
+ * memory once for all B rows), the attention as cpu_ops.c's tasks over the threads.
  * X [B, d]: the tokens' embedding rows (changed). cos/sin: [B, hd] rows rope_stride apart.
  * Cache of layer l, row b: k0 + l * layer_stride + b * row_stride (heads head_stride apart).
  * logits [B, vocab]. Returns 1 for shapes it does not take, 2 without memory. */
@@ -627,7 +627,7 @@ int lmf_f32_decode_rows_model(float *X, int B, int d, int n_layer, const lmf_f32
  * One new token for each of B sequences (row b at position pos[b], its own cache row:
  * k0 + l * layer_stride + b * row_stride) through int4 layers, in one parallel region: each
  * product reads every weight row once for up to eight rows (the tiles of quant_gemv.c, the
- * threads splitting the weight rows), the attention runs as (row, head) pairs. Every operation
+ * threads splitting the weight rows), the attention as cpu_ops.c's tasks. Every operation
  * on a row is the one lmf_q4_decode_model does for it, so each row's logits equal that row's
  * step alone. One region for the step, as the float32 step has, rather than one per product
  * (some 150 a step): one allocation, and the threads meet at barriers instead of a team being

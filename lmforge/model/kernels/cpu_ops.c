@@ -368,11 +368,12 @@ static void attention_part(const float *qh, int n, int D, const float *k, const 
 #define ATT_HEADS 4
 #define ATT_MAX_D 256 /* wider heads take one head at a time */
 
+/* Parts of ATT_PART keys that `keys` keys make. */
+static inline int attention_parts(int keys) { return (keys + ATT_PART - 1) / ATT_PART; }
+
 /* Floats of scores each (row, query head) needs for caches of up to `most` keys: whole parts,
  * each of which also holds its part's maximum, sum and output sum once its scores are spent. */
-static inline long attention_stride(int most) {
-    return (long)(most + ATT_PART - 1) / ATT_PART * ATT_PART;
-}
+static inline long attention_stride(int most) { return (long)attention_parts(most) * ATT_PART; }
 
 /* The attention of a decode step of B sequences, each at its own position, called by every
  * thread of a parallel region (or outside one, by one thread): row b's q/k/v at
@@ -386,7 +387,7 @@ static void attention_rows_in(const float *qkv, int B, long qkv_stride, int H, i
                               long head_stride, const int *pos, int most, float scale, float *q, float *scores,
                               float *out) {
     const int G = H / Hkv, wide = D > ATT_MAX_D, per = wide ? 1 : ATT_HEADS, chunks = (G + per - 1) / per;
-    const int parts = (most + ATT_PART - 1) / ATT_PART, split = parts > 1 && D + 2 <= ATT_PART;
+    const int parts = attention_parts(most), split = parts > 1 && D + 2 <= ATT_PART;
     const long stride = attention_stride(most);
 #pragma omp for schedule(static)
     for (int b = 0; b < B; b++)
@@ -396,12 +397,12 @@ static void attention_rows_in(const float *qkv, int B, long qkv_stride, int H, i
     const int per_row = Hkv * chunks * (split ? parts : 1);
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < B * per_row; i++) {
-        const int b = i / per_row, rest = i % per_row, T = pos[b] + 1, row_parts = (T + ATT_PART - 1) / ATT_PART;
+        const int b = i / per_row, rest = i % per_row, T = pos[b] + 1, row_parts = attention_parts(T);
         const int p = split ? rest % parts : 0, gc = split ? rest / parts : rest;
         if (p >= row_parts) continue; /* a shorter row than the longest */
         const int g = gc / chunks, h0 = g * G + gc % chunks * per, n = g * G + G - h0 < per ? g * G + G - h0 : per;
         const int own = split && row_parts > 1; /* this part is combined with the row's others */
-        const int j0 = own ? p * ATT_PART : 0, j1 = own && j0 + ATT_PART < T ? j0 + ATT_PART : T;
+        const int j0 = p * ATT_PART, j1 = own && j0 + ATT_PART < T ? j0 + ATT_PART : T;
         float *s[ATT_HEADS], m[ATT_HEADS], l[ATT_HEADS], o[ATT_HEADS * ATT_MAX_D];
         const float *kg = kc + b * batch_stride + g * head_stride, *vg = vc + b * batch_stride + g * head_stride;
         for (int r = 0; r < n; r++) s[r] = scores + ((long)b * H + h0 + r) * stride + j0;
@@ -422,7 +423,7 @@ static void attention_rows_in(const float *qkv, int B, long qkv_stride, int H, i
     if (!split) return;
 #pragma omp for schedule(static)
     for (int i = 0; i < B * H; i++) {
-        const int T = pos[i / H] + 1, row_parts = (T + ATT_PART - 1) / ATT_PART;
+        const int row_parts = attention_parts(pos[i / H] + 1);
         if (row_parts < 2) continue;
         const float *s = scores + (long)i * stride;
         float mx = -INFINITY, sum = 0.0f, *y = out + (long)i * D;
