@@ -73,6 +73,71 @@ def test_prefix_cache_reuses_shared_prefixes_exactly(tiny_hf_dirs, family):
     assert scheduler.stats.cached_prompt_tokens >= 5 * (21 // block * block) + (7 // block * block)
 
 
+@pytest.mark.parametrize("kv_cache", ["contiguous", "paged"])
+def test_short_uncached_tails_are_fed_through_decode_steps(tiny_hf_dirs, kv_cache):
+    """A prompt the prefix cache holds but for a few tokens joins the running rows: its tail goes
+    through the next decode steps one token each (no prefill forward), and its answer is the
+    one a solo run gives, sampled ones included; seeded requests and long tails are prefilled."""
+    path, _ = tiny_hf_dirs["llama"]
+    model = load_hf_model(path)
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (22, 19, 26)]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2)
+    sampled = SamplingParams(max_tokens=10, temperature=0.9, ignore_eos=True)
+
+    def solo(prompt, params):
+        return Generator(model).generate([prompt], params)[0]
+
+    scheduler = Scheduler(model, None, max_batch=4, max_seq_len=64, kv_cache=kv_cache, kv_block_size=4)
+    for prompt in prompts:  # fills the prefix cache, prefilled (nothing runs beside it)
+        scheduler.submit(prompt, greedy)
+        scheduler.run_until_idle()
+    assert scheduler.stats.fed_prompts == 0
+    runner = scheduler.submit(list(range(3, 12)), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    scheduler.step()
+    prefills = []
+    scheduler._prefill = lambda group, _own=scheduler._prefill: prefills.append(len(group)) or _own(group)
+    fed = [scheduler.submit(prompts[0], greedy), scheduler.submit(prompts[1], sampled)]
+    seeded = scheduler.submit(prompts[2], SamplingParams(max_tokens=10, temperature=0.9, ignore_eos=True, seed=3))
+    scheduler.step()
+    assert scheduler.stats.fed_prompts == 2 and prefills == [1]  # the seeded one alone was prefilled
+    # Cached to the last full block of 4 before the last token: tails of 2 and 3 tokens, one
+    # of them fed by the admission step already.
+    assert [len(p) - h.cached for p, h in zip(prompts, fed)] == [2, 3] and [h.feed for h in fed] == [1, 2]
+    steps = 0
+    while any(h.state.generated == [] for h in fed):
+        scheduler.step()
+        steps += 1
+    assert steps == 2 and not any(h.feed for h in fed)
+    scheduler.run_until_idle()
+    results = [sum((e.token_ids for e in h.poll()), []) for h in (*fed, seeded, runner)]
+    assert results[0] == solo(prompts[0], greedy).token_ids
+    assert results[2] == solo(prompts[2], SamplingParams(max_tokens=10, temperature=0.9, ignore_eos=True,
+                                                         seed=3)).token_ids
+    assert len(results[1]) == 10 and len(results[3]) == 30
+    # The first token's log-probability comes from the step that fed the last prompt token.
+    single = Scheduler(model, None, max_batch=1, max_seq_len=64, prefix_cache_bytes=0)
+    alone = single.submit(prompts[0], greedy, stream=False)
+    single.run_until_idle()
+    assert fed[0].state.token_logprobs == pytest.approx(alone.result().logprobs, abs=1e-4)
+
+
+def test_feeding_tails_is_off_with_feed_tokens_zero(tiny_hf_dirs):
+    model = load_hf_model(tiny_hf_dirs["llama"][0])
+    scheduler = Scheduler(model, None, max_batch=3, max_seq_len=64, feed_tokens=0)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompt = list(range(3, 21))
+    scheduler.submit(prompt, params)
+    scheduler.run_until_idle()
+    scheduler.submit(list(range(30, 40)), params)
+    scheduler.step()
+    again = scheduler.submit(prompt, params)
+    scheduler.run_until_idle()
+    assert scheduler.stats.fed_prompts == 0 and again.cached == 16
+    with pytest.raises(Exception, match="feed_tokens"):
+        Scheduler(model, None, feed_tokens=-1)
+
+
 def test_prefix_cache_evicts_least_recently_used_within_budget():
     from lmforge.infer.prefix_cache import PrefixCache
 

@@ -127,6 +127,26 @@ def test_repeated_system_prompt_is_served_from_the_prefix_cache(server, client):
     assert cached and float(cached[0].split()[-1]) >= 16
 
 
+def test_a_repeated_prompt_joins_a_running_stream_without_a_prefill(server, client):
+    """Its prompt cached but for the last tokens, a request sent while another streams is fed through
+    the running decode steps (`Scheduler._feeds`) and answers as it did when prefilled."""
+    url, scheduler = server
+    question = [{"role": "user", "content": "Name a planet."}]
+    first = client.chat.completions.create(model=MODEL, messages=question, temperature=0, max_tokens=4)
+    fed = scheduler.stats.fed_prompts
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count to fifty."}],
+                                            temperature=0, max_tokens=60, stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)  # streaming now
+    again = client.chat.completions.create(model=MODEL, messages=question, temperature=0, max_tokens=4)
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length"  # still running when the repeat came
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert scheduler.stats.fed_prompts == fed + 1
+    metric = [line for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith("lmforge_fed_prompts")]
+    assert metric and float(metric[0].split()[-1]) == fed + 1
+
+
 @pytest.mark.parametrize(
     "payload, status",
     [

@@ -4,7 +4,8 @@ A static batch waits for its slowest member: a 10-token answer that shares a bat
 a 500-token answer holds its slot, idle, until the long one ends. The `Scheduler` keeps a
 fixed pool of KV-cache rows instead. At every step it
 
-1. admits waiting requests into free rows and prefills them (one forward each),
+1. admits waiting requests into free rows and prefills them (one forward per group; a
+   prompt cached but for a short tail is fed through the decode steps instead),
 2. runs one decode step for every running row at once, each row at its own position
    and with its own sampling settings, stop conditions and random generator,
 3. retires rows whose request finished (end token, stop string, budget, cancellation)
@@ -26,6 +27,12 @@ rows with different adapters (and base rows) share the same prefill and decode f
 the bank told before each forward which adapter each row uses. Prefix-cache entries are
 kept per adapter, since an adapter changes the keys and values from its first adapted
 layer on.
+
+A new prompt whose keys and values the prefix cache holds but for a short tail (at most
+`feed_tokens`) joins the running rows without a prefill forward: the next decode steps feed
+its tail one token each, and the step that takes its last prompt token gives its first
+token (`_feeds`). A row more costs a batched step its own arithmetic only; a prefill would
+read every weight and stop every running stream while it runs.
 
 With `use_cache=False` there is no KV cache: every step recomputes each row's whole
 sequence (prompt and generated tokens) from scratch, one row at a time. Nothing else
@@ -93,6 +100,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import LmforgeError
+from ..io.allocator import keep_freed_memory
 from ..model.kv_cache import KVCache
 from ..model.paged_kv import PagedKVCache, blocks_for, contiguous_rows_in
 from . import decode_kernels
@@ -150,6 +158,7 @@ class RequestHandle:
         self.state: DecodeState | None = None
         self.cached = 0  # prompt tokens served from the prefix cache
         self.prefilled = 0  # prompt tokens in the cache so far (chunked prefill)
+        self.feed = 0  # prompt tokens still to feed through decode steps (a short uncached tail)
         self.adapter = 0  # index in the scheduler's AdapterBank; 0: the base model
         self.admitted = 0  # admission order (paged cache: the newest is preempted first)
         self.preemptions = 0  # times its blocks were taken back and it was queued again
@@ -225,6 +234,7 @@ class SchedulerStats:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    fed_prompts: int = 0  # prompts whose uncached tail went through decode steps, not a prefill
     finished: int = 0
     prefilling: int = 0  # long prompts being prefilled chunk by chunk (0 or 1)
     prefill_chunks: int = 0
@@ -271,6 +281,7 @@ class Scheduler:
         kv_memory_bytes: int = 0,
         mixed_chunks: bool = True,
         prefix_sharing: bool = True,
+        feed_tokens: int = 8,
     ) -> None:
         if max_batch < 1:  # no row could ever be admitted: every request would wait forever
             raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
@@ -294,6 +305,9 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk if use_cache and max_batch > 1 else 0
         self._chunking: RequestHandle | None = None  # the long prompt being prefilled in the last row
         self.mixed_chunks = mixed_chunks  # a chunk rides in the running rows' decode forward (see _mixed_step)
+        if feed_tokens < 0:
+            raise LmforgeError(f"feed_tokens must be 0 (off) or a positive number of tokens, got {feed_tokens}")
+        self.feed_tokens = feed_tokens  # see `_feeds`
         # Measured as the scheduler runs: a chunk is sized to take about as long as a decode
         # step (a moving average), so a running stream's token gap about doubles at most.
         self._decode_seconds = 0.0
@@ -355,6 +369,7 @@ class Scheduler:
             prepack(self.model)  # batched steps' weights, made now rather than during the first request
             if self.device.type == "cpu":
                 release_openmp_threads()  # see its docstring: the scheduler thread runs the model from now on
+                keep_freed_memory()  # its arena would hand scratch memory back every step (lmforge/io/allocator.py)
             self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
             self._thread.start()
         return self
@@ -471,9 +486,16 @@ class Scheduler:
                 if long is not None:
                     self._start_chunking(*long)
                 fresh = [item for item in admitted if item[0].state is None]
+                streaming = bool(self._rows)  # this step decodes anyway
                 for handle, _, _ in admitted:
                     if handle.state is not None:
                         self._resume(handle)
+                for handle, params, _ in fresh:
+                    handle.cached = self._prefix_hit(handle, params)
+                fed = [item for item in fresh if streaming and self._feeds(item[0])]
+                if fed:
+                    self._start_feeding(fed)
+                    fresh = [item for item in fresh if item[0].state is None]
                 for group in self._prefill_groups(fresh):
                     self._prefill(group)
                 mixable = self._mixable()
@@ -576,15 +598,13 @@ class Scheduler:
         return torch.stack(rows)
 
     def _prefill_groups(self, admitted: list) -> list[list]:
-        """Split admitted requests into prefill batches.
+        """Split admitted requests (their prefix-cache hits in `cached`) into prefill batches.
 
         A batch shares one start position (the length of its cached prefix, usually the
         same system prompt for all) and holds at most `max_prefill_tokens` padded
         tokens; sorting by length first keeps the padding small.
         """
         groups: dict[int, list[list]] = {}
-        for handle, params, _ in admitted:
-            handle.cached = self._prefix_hit(handle, params)
         for item in sorted(admitted, key=lambda a: (a[0].cached, len(a[0].prompt_ids))):
             handle = item[0]
             batches = groups.setdefault(handle.cached, [])
@@ -637,6 +657,36 @@ class Scheduler:
             self.stats.prompt_tokens += len(handle.prompt_ids)
             self.stats.cached_prompt_tokens += cached
             self._emit(handle, handle.state.append(handle.state.choose(logits[i])))
+
+    def _feeds(self, handle: RequestHandle) -> bool:
+        """Does this new request join the running rows with its prompt's uncached tail fed one
+        token a step, instead of a prefill forward of its own?
+
+        A prefill forward reads every weight and stops every running stream for its duration;
+        a row more in a batched decode step costs that step only its own arithmetic. So a
+        prompt whose keys and values the prefix cache holds but for a few tokens (at most
+        `feed_tokens`: a repeated or retried prompt, a template whose tail is short) is fed
+        through the next decode steps, its first token sampled from the step that takes its
+        last prompt token. Only with a prefix-cache hit: a request computed in full (seeded,
+        or no cache) keeps the prefill's products, whatever else runs.
+        """
+        tail = len(handle.prompt_ids) - handle.cached
+        return bool(self.feed_tokens) and handle.cached > 0 and 0 < tail <= self.feed_tokens \
+            and self.cache is not None and not handle.cancelled
+
+    def _start_feeding(self, items: list[tuple[RequestHandle, SamplingParams, int]]) -> None:
+        """Give each request a row holding its cached prefix; the decode steps feed the rest (`_feeds`)."""
+        for handle, params, budget in items:
+            handle.state = self._new_state(handle, params, budget)
+            row = len(self._rows)
+            self._rows.append(handle)
+            self._load_prefix(handle, row, handle.cached)
+            if self.paged:  # after the hit: shared blocks need no claim
+                self.cache.ensure(row, len(handle.prompt_ids))  # admission counted these blocks
+            handle.feed = len(handle.prompt_ids) - handle.cached
+            self.stats.prompt_tokens += len(handle.prompt_ids)
+            self.stats.cached_prompt_tokens += handle.cached
+            self.stats.fed_prompts += 1
 
     def _load_prefix(self, handle: RequestHandle, row: int, length: int) -> None:
         """The prefix cache's keys/values of the first `length` prompt tokens, into cache row `row`."""
@@ -709,6 +759,8 @@ class Scheduler:
             self._chunking = None
             handle.state, handle.prefilled, handle.cached = None, 0, 0
         else:
+            if handle.feed:  # its prompt not yet fed: it starts over as a new request too
+                handle.state, handle.feed, handle.cached = None, 0, 0
             row = self._rows.index(handle)
             self.cache.release(row)
             last = len(self._rows) - 1
@@ -897,7 +949,7 @@ class Scheduler:
     def _decode_step(self) -> None:
         """One new token for every running row, each at its own position (or several: `_speculate`)."""
         if self.speculator is not None and len(self._rows) == 1 and self.cache is not None \
-                and self._speculate(self._rows[0]):
+                and not self._rows[0].feed and self._speculate(self._rows[0]):
             return
         if self.cache is None:
             logits = self._uncached_logits(self._rows)
@@ -914,20 +966,46 @@ class Scheduler:
         self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - started)
 
     def _decode_inputs(self) -> tuple[torch.Tensor, int | torch.Tensor]:
-        """The running rows' last tokens [B, 1] and their positions (one int when all rows agree)."""
-        states = [h.state for h in self._rows]
-        positions = [s.position for s in states]
-        tokens = torch.tensor([s.generated[-1] for s in states], dtype=torch.long, device=self.device).view(-1, 1)
+        """The running rows' last tokens [B, 1] and their positions (one int when all rows agree);
+        a row still being fed (`_feeds`) gives its next prompt token instead."""
+        tokens, positions = [], []
+        for handle in self._rows:
+            if handle.feed:
+                at = len(handle.prompt_ids) - handle.feed
+                tokens.append(handle.prompt_ids[at])
+                positions.append(at)
+            else:
+                tokens.append(handle.state.generated[-1])
+                positions.append(handle.state.position)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
-        return tokens, start
+        return ids, start
 
     def _emit_rows(self, logits: torch.Tensor) -> None:
         """Sample and emit each running row's next token from its logits (row i: logits[i])."""
         # Sampling stays on the forward's thread budget: beside NumPy's BLAS threads (one
         # row) a second PyTorch thread for a softmax costs more than it saves.
-        with self._threads(len(self._rows)):
-            tokens = DecodeState.choose_rows([handle.state for handle in self._rows], logits)
-            for handle, token in zip(self._rows, tokens):
+        rows = self._rows
+        if any(handle.feed for handle in rows):
+            # A row still being fed took a prompt token: nothing to sample yet. The one whose
+            # last prompt token this was has its whole prompt in the cache now.
+            ready = []
+            for i, handle in enumerate(rows):
+                if handle.feed > 1:
+                    handle.feed -= 1
+                    continue
+                if handle.feed == 1:
+                    handle.feed = 0
+                    if self.prefix_cache is not None:
+                        self._store_prefix(handle, i)
+                ready.append(i)
+            if len(ready) < len(rows):
+                rows, logits = [rows[i] for i in ready], logits[ready]
+        if not rows:
+            return
+        with self._threads(len(rows)):
+            tokens = DecodeState.choose_rows([handle.state for handle in rows], logits)
+            for handle, token in zip(rows, tokens):
                 self._emit(handle, handle.state.append(token))
 
     def _speculate(self, handle: RequestHandle) -> bool:

@@ -96,6 +96,8 @@ class ServerMetrics:
             lambda: scheduler.stats.running)
         Gauge("lmforge_prefilling_requests", "Long prompts being prefilled chunk by chunk", registry=r).set_function(
             lambda: scheduler.stats.prefilling)
+        Gauge("lmforge_fed_prompts", "Prompts cached but for a short tail, fed through decode steps instead of a "
+              "prefill", registry=r).set_function(lambda: scheduler.stats.fed_prompts)
         Gauge("lmforge_tokens_per_second", f"Generated tokens per second over the last {window_seconds:g}s",
               registry=r).set_function(self.tokens_per_second)
         if getattr(scheduler, "paged", False):  # --kv-cache paged: how full the block pool is
