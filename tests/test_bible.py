@@ -56,6 +56,7 @@ def test_parallel_verses_are_aligned_by_reference():
     assert len([r for r in by_ref if r.startswith("John ")]) == 879  # every verse of John
 
 
+@pytest.mark.slow  # seconds of the fast suite: run with the slow tests
 @needs_diatheke
 def test_bible_dataset_splits_by_book():
     from lmforge.tune.datasets import make_dataset

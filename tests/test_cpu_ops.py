@@ -159,6 +159,7 @@ def test_builds_once_and_reloads(tmp_path, monkeypatch):
     assert done.returncode == 0 and done.stdout.strip() == "7", done.stderr
 
 
+@pytest.mark.slow  # seconds of the fast suite: run with the slow tests
 def test_disabled_by_environment(tmp_path):
     code = ("from lmforge.model import cpu_ops as na; from lmforge.io import native; import torch; "
             "print(na.available(), native.why_not(na.NAME)); "

@@ -77,6 +77,7 @@ def test_shard_writer_packs_with_eos_and_drops_the_tail(tmp_path):
     assert token_dtype(70000) == np.uint32
 
 
+@pytest.mark.slow  # seconds of the fast suite: run with the slow tests
 def test_prepare_end_to_end(tmp_path, small_tokenizer, capsys):
     eval_file = tmp_path / "eval.txt"
     news = [d.text for d in load_source("news")]

@@ -241,6 +241,7 @@ def test_mmlu_chain_of_thought_variant(mmlu):
     assert cot.spec.extract == "letter" and render(cot.spec.target, record) in "ABCD"
 
 
+@pytest.mark.slow  # seconds of the fast suite: run with the slow tests
 def test_mmlu_subset_on_the_default_model_is_reproducible(default_lm, mmlu):
     options = BenchOptions(limit=6)
     first = evaluate(default_lm, mmlu, options)

@@ -107,6 +107,7 @@ def test_remote_scorer_batches_slices_and_matches_the_model(tiny_server):
     assert batched == [scorer(s) for s in slices]  # packing changes nothing: each prompt is scored on its own
 
 
+@pytest.mark.slow  # seconds of the fast suite: run with the slow tests
 def test_remote_perplexity_of_the_default_model(default_lm, capsys, text_file):
     with running_server(default_lm, max_batch=2) as (url, _):
         code, out, err = run_cli(capsys, "eval", "perplexity", "--base-url", url, "--file", text_file,
