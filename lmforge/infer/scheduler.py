@@ -643,10 +643,7 @@ class Scheduler:
             longest = max(len(h.prompt_ids) for h in live) - cached
             ids = torch.zeros(len(live), longest, dtype=torch.long, device=self.device)
             for i, handle in enumerate(live):
-                if cached:
-                    self._load_prefix(handle, first + i, cached)
-                if self.paged:  # after the hit: shared blocks need no claim
-                    self.cache.ensure(first + i, len(handle.prompt_ids))  # admission counted these blocks
+                self._seat(handle, first + i)
                 ids[i, : len(handle.prompt_ids) - cached] = torch.tensor(handle.prompt_ids[cached:], dtype=torch.long)
             lengths = torch.tensor([len(h.prompt_ids) - cached for h in live], device=self.device)
             logits = self._forward(ids, self.cache.rows(first, first + len(live)), cached, select=lengths - 1,
@@ -670,23 +667,26 @@ class Scheduler:
         last prompt token. Only with a prefix-cache hit: a request computed in full (seeded,
         or no cache) keeps the prefill's products, whatever else runs.
         """
-        tail = len(handle.prompt_ids) - handle.cached
-        return bool(self.feed_tokens) and handle.cached > 0 and 0 < tail <= self.feed_tokens \
-            and self.cache is not None and not handle.cancelled
+        # A hit always leaves the last prompt token to compute, so the tail is never empty.
+        return 0 < handle.cached and len(handle.prompt_ids) - handle.cached <= self.feed_tokens and not handle.cancelled
 
     def _start_feeding(self, items: list[tuple[RequestHandle, SamplingParams, int]]) -> None:
         """Give each request a row holding its cached prefix; the decode steps feed the rest (`_feeds`)."""
         for handle, params, budget in items:
             handle.state = self._new_state(handle, params, budget)
-            row = len(self._rows)
             self._rows.append(handle)
-            self._load_prefix(handle, row, handle.cached)
-            if self.paged:  # after the hit: shared blocks need no claim
-                self.cache.ensure(row, len(handle.prompt_ids))  # admission counted these blocks
+            self._seat(handle, len(self._rows) - 1)
             handle.feed = len(handle.prompt_ids) - handle.cached
             self.stats.prompt_tokens += len(handle.prompt_ids)
             self.stats.cached_prompt_tokens += handle.cached
             self.stats.fed_prompts += 1
+
+    def _seat(self, handle: RequestHandle, row: int) -> None:
+        """Cache row `row` for a new request: its prefix-cache hit loaded, and (paged) the blocks of its whole prompt."""
+        if handle.cached:
+            self._load_prefix(handle, row, handle.cached)
+        if self.paged:  # after the hit: shared blocks need no claim
+            self.cache.ensure(row, len(handle.prompt_ids))  # admission counted these blocks
 
     def _load_prefix(self, handle: RequestHandle, row: int, length: int) -> None:
         """The prefix cache's keys/values of the first `length` prompt tokens, into cache row `row`."""

@@ -12,13 +12,15 @@ A server's scheduler runs on a thread of its own, whose arena was found trimming
 sampling 16 rows over a 49,152-token vocabulary (logits, scaled logits, probabilities and
 a float64 cumulative sum, about 15 MB) took 3,841 page faults and 5-8 ms instead of 1.6 ms,
 and a whole 16-row decode step 43-45 ms instead of 35-38 (docs/benchmarks.md). Fixing both
-thresholds (`keep_freed_memory`) stops that: blocks up to 32 MiB come from the arenas, and
-up to 256 MiB of free memory stays in an arena for the next step. The cost is memory the
-process keeps mapped after a peak, bounded by that figure per arena.
+thresholds and the top pad (`keep_freed_memory`) stops that: blocks up to 32 MiB come from the
+arenas, up to 256 MiB of free memory stays in an arena for the next step, and the 64 MiB top
+pad keeps a thread's arena from deleting a sub-heap as soon as it is free (the thresholds
+alone did not stop the faults in a server process). The cost is memory the process keeps
+mapped after a peak, bounded by those figures per arena.
 
 Nothing changes where the C library is not GNU libc, where the user set the allocator's own
-environment variables (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `GLIBC_TUNABLES`),
-or with `LMFORGE_KEEP_FREED_MEMORY=0`.
+environment variables (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TOP_PAD_`,
+`GLIBC_TUNABLES`), or with `LMFORGE_KEEP_FREED_MEMORY=0`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ _applied: bool | None = None
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's trim and mmap thresholds once per process; whether they are set."""
+    """Set glibc's trim and mmap thresholds and top pad once per process; whether they are set."""
     global _applied
     if _applied is None:
         _applied = _apply()
@@ -58,6 +60,5 @@ def _apply() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success; setting either threshold also stops their automatic growth.
-    # The top pad also keeps a thread's arena from deleting a whole sub-heap once it is free.
     return all([mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD), mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD),
                 mallopt(M_TOP_PAD, TOP_PAD)])
