@@ -278,3 +278,54 @@ def test_cpu_layout_gets_bf16_prefill_only_when_auto_picks_it(monkeypatch, overr
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         assert torch.isfinite(model(ids)).all()
+
+
+def test_bf16_prefill_attends_and_feeds_the_feed_forward_in_bf16_only_in_generation(monkeypatch):
+    """A prepared model's long prompts attend on bf16 q/k/v and pass the feed-forward's bf16
+    activation on, inside generation only; a second product that cannot read bf16 gets float32."""
+    import torch.nn.functional as F
+
+    from lmforge.infer.bf16_prefill import generation_products
+    from lmforge.model import transformer
+
+    torch.manual_seed(0)
+    config = tiny_config(n_layer=2)
+    model = _bf16_prefill_model(Transformer(config).eval())
+    seen: list[torch.dtype] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(transformer.F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        model(ids)
+        assert seen == [torch.float32] * 2  # scoring: float32
+        seen.clear()
+        with generation_products():
+            model(ids)
+            assert seen == [torch.bfloat16] * 2
+            seen.clear()
+            model(ids[:, :4])  # shorter than min_rows: float32
+            assert seen == [torch.float32] * 2
+
+    class Float32Only(torch.nn.Module):  # e.g. a layer wrapped with adapters
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            assert x.dtype == torch.float32
+            return self.inner(x)
+
+    mlp = model.layers[0].mlp
+    assert mlp.fc.bf16_output
+    x = torch.randn(1, 40, config.n_embd)
+    with torch.inference_mode(), generation_products():
+        want = mlp(x)
+        mlp.proj = Float32Only(mlp.proj)
+        got = mlp(x)
+    assert want.dtype == got.dtype == torch.float32
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()

@@ -13,8 +13,11 @@ through a bf16 copy of its weight and returns float32, and leaves smaller ones t
 
 Only the matrix products are rounded: the inputs to bf16 (8 bits of mantissa), the sums
 are float32 inside oneDNN, and the result is rounded to bf16 once before it is widened
-back. Norms, RoPE, attention, the residual stream and the KV cache stay float32, so the
-cache a bf16 prefill writes is the one decode reads, with no conversion.
+back. The prompt's attention is the other arithmetic-bound part (a third of a 512-token
+prefill in float32 on an AMX Xeon): `Attention.attend` runs it on bf16 copies of q, k
+and v (PyTorch's flash kernel, float32 softmax sums) for prompts of at least `min_rows`
+tokens, and widens the result back. Norms, RoPE, the residual stream and the KV cache stay
+float32, so the cache a bf16 prefill writes is the one decode reads, with no conversion.
 
 Only generation takes the path: the scheduler turns it on around its prefill and decode
 work (`generation_products()`, a per-thread switch). Everything that measures a model
@@ -32,30 +35,17 @@ cost more than the products save.
 from __future__ import annotations
 
 import functools
-import threading
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from lmforge.model.onednn import bf16_weight
+from lmforge.model.onednn import bf16_weight, generation_products, generation_products_on
+from lmforge.model.transformer import MLP, Attention
 
 from .layout import BlasLinear
 
-
-_switch = threading.local()
-
-
-@contextmanager
-def generation_products():
-    """Let this thread's `Bf16PrefillLinear` products run in bf16 inside the block (generation);
-    outside it they are float32."""
-    before = getattr(_switch, "on", False)
-    _switch.on = True
-    try:
-        yield
-    finally:
-        _switch.on = before
+__all__ = ["Bf16PrefillLinear", "bf16_copy_bytes", "generation_products", "packed_bf16_supported",
+           "prepare_bf16_copies", "use_bf16_prefill", "uses_bf16_prefill"]
 
 
 class Bf16PrefillLinear(BlasLinear):
@@ -63,21 +53,28 @@ class Bf16PrefillLinear(BlasLinear):
 
     min_rows = 32
     min_weight_elements = 1 << 17
+    # Set on a feed-forward's first product (`use_bf16_prefill`): its bf16 result is returned
+    # as bf16, so the activation and the second product read half the bytes and skip two casts.
+    bf16_output = False
+    reads_bf16 = True  # takes bf16 inputs (the model's MLP passes its bf16 activation on)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if (rows < self.min_rows or not getattr(_switch, "on", False) or w.numel() < self.min_weight_elements
+        if (rows < self.min_rows or not generation_products_on() or w.numel() < self.min_weight_elements
                 or x.device.type != "cpu"
-                or x.dtype != torch.float32 or w.dtype != torch.float32
+                or x.dtype not in (torch.float32, torch.bfloat16) or w.dtype != torch.float32
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            return super().forward(x)
+            return super().forward(x.float() if x.dtype == torch.bfloat16 else x)
         xb = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
         with torch.autocast("cpu", enabled=False):
             if packed_bf16_supported():
                 y = torch.ops.mkldnn._linear_pointwise(xb, self.packed_bf16_weight(), None, "none", [], "")
             else:
                 y = torch.mm(xb, bf16_weight(w).t())
+        if self.bf16_output:
+            y = y.view(*x.shape[:-1], w.shape[0])
+            return y + self.bias.to(torch.bfloat16) if self.bias is not None else y
         y = y.float().view(*x.shape[:-1], w.shape[0])
         return y.add_(self.bias) if self.bias is not None else y
 
@@ -121,6 +118,12 @@ def use_bf16_prefill(model: nn.Module, min_rows: int | None = None) -> nn.Module
             module.__class__ = Bf16PrefillLinear
             if min_rows is not None:
                 module.min_rows = min_rows
+    for module in model.modules():
+        if isinstance(module, MLP) and isinstance(module.fc, Bf16PrefillLinear):
+            module.fc.bf16_output = True
+        elif isinstance(module, Attention):
+            # A prompt's attention is arithmetic too: in bf16 from as many tokens as a product needs.
+            module.bf16_min_length = Bf16PrefillLinear.min_rows if min_rows is None else min_rows
     return model
 
 

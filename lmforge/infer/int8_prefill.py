@@ -44,7 +44,9 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 
-from .bf16_prefill import Bf16PrefillLinear, _switch
+from lmforge.model.onednn import generation_products_on
+
+from .bf16_prefill import Bf16PrefillLinear
 from .layout import BlasLinear
 
 ALPHA = 0.7  # smoothing strength (see `apply_int8` for how it was chosen)
@@ -146,7 +148,7 @@ class Int8PrefillLinear(Bf16PrefillLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         int8 = self.__dict__.get("_int8")
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if (int8 is None or rows < self.min_rows or not getattr(_switch, "on", False)
+        if (int8 is None or rows < self.min_rows or not generation_products_on()
                 or x.device.type != "cpu" or x.dtype != torch.float32
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return super().forward(x)

@@ -184,6 +184,28 @@ def bf16_products(enabled: bool = True) -> Iterator[None]:
         _STATE.bf16, _STATE.copies = previous, copies
 
 
+_GENERATION = threading.local()
+
+
+@contextlib.contextmanager
+def generation_products() -> Iterator[None]:
+    """Mark this thread's work inside the block as generation (prefill and decode of the
+    scheduler), where a model prepared for it may take its reduced-precision prefill paths
+    (lmforge/infer/bf16_prefill.py); outside it, the same layers compute in float32, so a
+    likelihood never depends on the CPU's bf16 units."""
+    before = getattr(_GENERATION, "on", False)
+    _GENERATION.on = True
+    try:
+        yield
+    finally:
+        _GENERATION.on = before
+
+
+def generation_products_on() -> bool:
+    """Whether this thread is inside `generation_products`."""
+    return getattr(_GENERATION, "on", False)
+
+
 def bf16_active() -> bool:
     """`bf16_products` is on, or CPU autocast to bf16 is."""
     return getattr(_STATE, "bf16", False) or (torch.is_autocast_enabled("cpu")

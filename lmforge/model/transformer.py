@@ -167,6 +167,10 @@ class Segment:
 
 
 class Attention(nn.Module):
+    # Prompts of at least this many tokens attend in bf16 inside `onednn.generation_products`
+    # (set by lmforge.infer.bf16_prefill.use_bf16_prefill; None: always float32).
+    bf16_min_length: int | None = None
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.causal = config.causal
@@ -240,7 +244,15 @@ class Attention(nn.Module):
             return y.reshape(batch, 1, self.q_size)
         # A causal mask is needed only when several queries see a prefix of the keys.
         causal = self.causal and mask is None and length > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=group > 1)
+        if (self.bf16_min_length is not None and length >= self.bf16_min_length and q.dtype == torch.float32
+                and q.device.type == "cpu" and onednn.generation_products_on()):
+            # A long prompt's attention in generation, on a model prepared for bf16 prefill.
+            if mask is not None and mask.dtype != torch.bool:
+                mask = mask.to(torch.bfloat16)
+            y = F.scaled_dot_product_attention(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16),
+                                               attn_mask=mask, is_causal=causal, enable_gqa=group > 1).float()
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=group > 1)
         return y.transpose(1, 2).reshape(batch, length, self.q_size)
 
     def forward_segments(self, x: torch.Tensor, segments: list["Segment"], layer: int) -> torch.Tensor:
@@ -325,6 +337,8 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate=self.gelu_approximate)
+        if h.dtype != x.dtype and not getattr(self.proj, "reads_bf16", False):
+            h = h.to(x.dtype)  # a bf16 first product (bf16 prefill) before a layer that wants x's dtype
         return project(self.proj, h)
 
 
