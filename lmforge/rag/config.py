@@ -29,7 +29,9 @@ ANSWER_MODES = ("auto", "generate", "extractive")
 # Chinese: the values fitted on the handbook's questions before the coverage signal existed (the
 # calibration keeps the earlier signal set for Chinese); an English collection's few Chinese
 # terms make the cosine and the strength weak evidence there whatever its size. See
-# docs/benchmarks.md (2026-12-06) for both.
+# docs/benchmarks.md (2026-12-06) for both. The Chinese values serve glossed questions too
+# (gloss.py): on the handbook they refuse the same out-of-scope questions with fewer false
+# refusals (docs/benchmarks.md, "Chinese questions glossed into English").
 DEFAULT_REFUSAL = {
     "en": {"min_cosine": 0.44, "min_strength": 0.25, "min_overlap": math.inf, "unknown_veto": 0,
            "min_coverage": math.inf},
