@@ -279,3 +279,24 @@ def tiny_wordpiece_data(tmp_path_factory):
                                tokenizer_vocab_size=600, seq_len=32, val_fraction=0.1, max_docs=120),
                    log=lambda _m: None)
     return path
+
+
+class _MetaOnlyStore:
+    """Only what `Retriever.__init__` reads of a store: its model check and metadata."""
+
+    def __init__(self, meta):
+        self.meta = meta
+
+    def check_model(self, model_id):
+        pass
+
+
+class _NoEmbedder:
+    model_id = "none"
+
+
+def bare_retriever(meta, options=None):
+    """A `Retriever` over nothing but index metadata: for its threshold and rule choices."""
+    from lmforge.rag.retriever import Retriever
+
+    return Retriever(_MetaOnlyStore(meta), _NoEmbedder(), options)

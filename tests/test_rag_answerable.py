@@ -13,7 +13,8 @@ from lmforge.errors import LmforgeError
 from lmforge.rag.answerable import (HEAD, answerable_score, load_answerable, mentioned_subjects,
                                     outside_subjects)
 from lmforge.rag.evaluate import _refuse_by, fit_language, fit_refusal
-from lmforge.rag.retriever import ANSWERABLE_RULE_KEYS, Retriever
+from lmforge.rag.retriever import ANSWERABLE_RULE_KEYS
+from tests.conftest import bare_retriever
 from lmforge.rag.types import Chunk
 
 WORDS = "the a of is what how does cache key value attention query model token tokens memory layer".split()
@@ -124,31 +125,19 @@ def test_calibration_fits_and_chooses_the_answerable_threshold():
     assert math.isinf(fit_language(without, in_scope)[5])
 
 
-class _Store:
-    def __init__(self, meta):
-        self.meta = meta
-
-    def check_model(self, model_id):
-        pass
-
-
-class _NoEmbedder:
-    model_id = "none"
-
-
 def test_retriever_judges_with_the_answerable_rule_only_where_calibrated():
     plain = {"min_cosine_en": 0.4, "min_strength_en": 0.3, "min_overlap_en": 1e9, "unknown_veto_en": 0,
              "min_coverage_en": 1e9}
     rule = dict(zip(ANSWERABLE_RULE_KEYS, (1e9, 0.3, 1e9, 0, 1e9, 0.5)))
     meta = {**plain, **{f"answerable_{k}_en": v for k, v in rule.items()}}
     near_miss = {"cosine": 0.6, "strength": 0.1, "overlap": 2.0, "unknown": 0.0, "coverage": 0.5}
-    retriever = Retriever(_Store(meta), _NoEmbedder())
+    retriever = bare_retriever(meta)
     assert retriever.answerable_rules["en"] == (1e9, 0.3, 1e9, 0, 1e9, 0.5) and "zh" not in retriever.answerable_rules
     assert retriever.judge(near_miss, "en")[1]  # no answerable signal: the plain rule (cosine answers)
     assert not retriever.judge({**near_miss, "answerable": 0.2}, "en")[1]
     confidence, confident = retriever.judge({**near_miss, "answerable": 0.9}, "en")
     assert confident and confidence == pytest.approx((1 / (1 + math.exp(-0.9))) / (1 / (1 + math.exp(-0.5))))
     assert retriever.judge({**near_miss, "answerable": -5.0}, "zh") == retriever.judge(near_miss, "zh")
-    old = Retriever(_Store(plain), _NoEmbedder())  # calibrated before the signal: judged as before
+    old = bare_retriever(plain)  # calibrated before the signal: judged as before
     assert old.answerable_rules == {} and old.answerable_model is None
     assert old.judge({**near_miss, "answerable": -5.0}, "en") == old.judge(near_miss, "en")

@@ -8,7 +8,7 @@ from lmforge.errors import LmforgeError
 from lmforge.rag import gloss as gloss_module
 from lmforge.rag.config import RetrieverOptions
 from lmforge.rag.gloss import dictionary_path, gloss, parse_dictionary, segment
-from lmforge.rag.retriever import Retriever
+from tests.conftest import bare_retriever
 
 LINES = [
     "# CC-CEDICT test lines\n",
@@ -52,20 +52,8 @@ def test_the_installed_dictionary_glosses_a_real_question():
     assert gloss("LoRA 微調跟全參數微調差在哪？").split()[:3] == ["LoRA", "fine", "tuning"]
 
 
-class _Store:
-    def __init__(self, meta):
-        self.meta = meta
-
-    def check_model(self, model_id):
-        pass
-
-
-class _NoEmbedder:
-    model_id = "none"
-
-
-def _retriever(meta, **options) -> Retriever:
-    return Retriever(_Store(meta), _NoEmbedder(), RetrieverOptions(**options))
+def _retriever(meta, **options):
+    return bare_retriever(meta, RetrieverOptions(**options))
 
 
 def test_chinese_questions_are_glossed_unless_the_index_was_calibrated_without_it():

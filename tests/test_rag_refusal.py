@@ -20,6 +20,7 @@ from lmforge.rag.config import DEFAULT_REFUSAL, RetrieverOptions
 from lmforge.rag.evaluate import _refuse_by, fit_refusal
 from lmforge.rag.retriever import Retriever, term_signals
 from lmforge.rag.types import Chunk
+from tests.conftest import bare_retriever
 
 HANDBOOK = Path(__file__).resolve().parents[1] / "docs" / "handbook"
 PAGES = ("kv-cache.md", "attention.md", "decoding.md", "grouped-query-attention.md")
@@ -86,7 +87,7 @@ def test_coverage_answers_terms_one_chunk_holds_together_and_refuses_a_near_miss
     # Judged by the coverage alone (every other signal off), the combination the collection
     # holds is answered and the near miss refused, in both languages.
     off = RetrieverOptions(min_cosine=math.inf, min_strength=math.inf, min_overlap=math.inf, unknown_veto=0)
-    retriever = _bare_retriever({"min_coverage_zh": 0.4, "min_coverage_en": 0.6}, off)
+    retriever = bare_retriever({"min_coverage_zh": 0.4, "min_coverage_en": 0.6}, off)
     assert inside["coverage"] > 0.4 > near["coverage"] and english_near < 0.6
     rest = {"cosine": 0.9, "strength": 0.9, "overlap": 9.0, "unknown": 0.0}
     assert retriever.judge({**rest, "coverage": inside["coverage"]}, "zh")[1]
@@ -115,48 +116,30 @@ def test_fit_language_keeps_the_earlier_rule_unless_another_set_does_better_two_
 
 def test_an_index_calibrated_before_the_term_signals_is_judged_as_before(tmp_path):
     meta = {"min_cosine_en": 0.4, "min_strength_en": 0.2, "min_cosine_zh": 0.3, "min_strength_zh": 0.06}
-    retriever = _bare_retriever(meta)
+    retriever = bare_retriever(meta)
     assert retriever.thresholds["zh"] == (0.3, 0.06) and retriever.term_thresholds["zh"] == (math.inf, 0)
     assert retriever.coverage_thresholds["zh"] == math.inf
     weak = {"cosine": 0.2, "strength": 0.03, "overlap": 5.0, "unknown": 3.0}
     assert retriever.judge(weak, "zh") == (pytest.approx(0.2 / 0.3), False)
     assert retriever.judge({**weak, "strength": 0.09}, "zh")[1]  # unknown names do not veto there
     # Calibrated with them: the overlap answers, the veto refuses whatever the rest says.
-    retriever = _bare_retriever({**meta, "min_overlap_zh": 1.8, "unknown_veto_zh": 1})
+    retriever = bare_retriever({**meta, "min_overlap_zh": 1.8, "unknown_veto_zh": 1})
     assert retriever.judge({**weak, "unknown": 0.0}, "zh") == (pytest.approx(5.0 / 1.8), True)
     confidence, confident = retriever.judge({**weak, "strength": 0.6}, "zh")
     assert not confident and confidence < 1.0
     assert retriever.coverage_thresholds["zh"] == math.inf  # calibrated before the coverage signal
-    retriever = _bare_retriever({**meta, "min_overlap_zh": 1e9, "unknown_veto_zh": 0, "min_coverage_zh": 0.5})
+    retriever = bare_retriever({**meta, "min_overlap_zh": 1e9, "unknown_veto_zh": 0, "min_coverage_zh": 0.5})
     assert retriever.judge({**weak, "coverage": 0.6}, "zh") == (pytest.approx(0.6 / 0.5), True)
     assert not retriever.judge({**weak, "coverage": 0.4}, "zh")[1]
     # No calibration at all: the defaults, per language; options override the index.
-    retriever = _bare_retriever({})
+    retriever = bare_retriever({})
     for lang in ("en", "zh"):
         d = DEFAULT_REFUSAL[lang]
         assert retriever.thresholds[lang] == (d["min_cosine"], d["min_strength"])
         assert retriever.term_thresholds[lang] == (d["min_overlap"], d["unknown_veto"])
         assert retriever.coverage_thresholds[lang] == d["min_coverage"]
-    retriever = _bare_retriever({}, RetrieverOptions(min_overlap=3.0, unknown_veto=0))
+    retriever = bare_retriever({}, RetrieverOptions(min_overlap=3.0, unknown_veto=0))
     assert retriever.term_thresholds["zh"] == (3.0, 0)
-
-
-class _Store:
-    """Only what `Retriever.__init__` reads of a store: its model check and metadata."""
-
-    def __init__(self, meta):
-        self.meta = meta
-
-    def check_model(self, model_id):
-        pass
-
-
-class _NoEmbedder:
-    model_id = "none"
-
-
-def _bare_retriever(meta, options=None) -> Retriever:
-    return Retriever(_Store(meta), _NoEmbedder(), options)
 
 
 def _brute_force(signals, in_scope, max_false=0.05):
