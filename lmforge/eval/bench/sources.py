@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...errors import LmforgeError
+from ...io.packages import installed_path
 from .task import Task, TaskSpec
 
 MMLU_PACKAGE, MMLU_FILE = "lm_eval", "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
@@ -39,13 +40,10 @@ INSTALL = {
 
 def package_file(package: str, relative: str) -> Path:
     """A data file inside an installed distribution, without importing the package."""
-    from importlib import metadata
-
-    try:
-        path = Path(str(metadata.distribution(package).locate_file(relative)))
-    except metadata.PackageNotFoundError:
+    path = installed_path(package, relative)
+    if path is None:
         raise LmforgeError(f"this task's data comes from the PyPI package {package}, which is not installed: "
-                           f"{INSTALL[package]}") from None
+                           f"{INSTALL[package]}")
     if not path.is_file():
         raise LmforgeError(f"{package} is installed but has no {relative}; install the version named in "
                            f"scripts/setup.sh: {INSTALL[package]}")
