@@ -311,3 +311,61 @@ def test_rms_norm_rows_equal_pytorch(n):
     torch.testing.assert_close(got, F.rms_norm(x, (n,), w, 1e-5), rtol=1e-5, atol=1e-5)
     assert na.rms_norm(torch.randn(na.RMS_NORM_MAX_ROWS + 1, n), w, 1e-5) is None  # many rows: PyTorch's
     assert na.rms_norm(x.double(), w.double(), 1e-5) is None
+
+
+@needs_kernel
+def test_rms_norm_many_rows_equal_pytorch():
+    torch.manual_seed(1)
+    x, w = torch.randn(2, 300, 576) * 3, torch.randn(576)
+    got = na.rms_norm_rows(x, w, 1e-6)
+    torch.testing.assert_close(got, F.rms_norm(x, (576,), w, 1e-6), rtol=1e-5, atol=1e-5)
+    assert na.rms_norm_rows(x[:, :, :100], w[:100], 1e-6) is None  # not contiguous
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary", [True, False])
+def test_prefill_prepare_equals_rotation_cache_writes_and_casts(dtype, rotary):
+    from lmforge.model.rope import apply_rotary
+
+    torch.manual_seed(2)
+    b, n, h, hkv, d, start = 2, 37, 6, 2, 32, 5
+    qkv = torch.randn(b, n, (h + 2 * hkv) * d).to(dtype)
+    angles = torch.randn(n, d)
+    rope = (angles.cos()[None, None], angles.sin()[None, None]) if rotary else None
+    kc, vc = torch.full((b, hkv, 50, d), 7.0), torch.full((b, hkv, 50, d), 7.0)
+    q, k, v = na.prefill_prepare(qkv, rope, kc, vc, start, h, hkv, d)
+    heads = qkv.float().view(b, n, h + 2 * hkv, d).transpose(1, 2)
+    qk, v_ref = heads.split((h + hkv, hkv), dim=1)
+    if rotary:
+        qk = apply_rotary(qk, *rope)
+    q_ref, k_ref = qk.split((h, hkv), dim=1)
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    assert q.shape == (b, h, n, d) and k.shape == v.shape == (b, hkv, n, d)
+    # the rotation in float32 (up to its rounding), then rounded to bf16 as PyTorch rounds
+    torch.testing.assert_close(kc[:, :, start:start + n], k_ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(vc[:, :, start:start + n], v_ref)
+    for got, want in ((q, q_ref), (k, k_ref), (v, v_ref)):
+        assert (got.float() - want.bfloat16().float()).abs().max() <= 2 ** -7 * want.abs().max()
+    assert torch.equal(v, v_ref.bfloat16())
+    assert (kc[:, :, :start] == 7).all() and (kc[:, :, start + n:] == 7).all()  # nothing else written
+    # without a cache: the same bf16 tensors
+    q2, k2, v2 = na.prefill_prepare(qkv, rope, None, None, 0, h, hkv, d)
+    assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)
+    assert na.prefill_prepare(qkv, rope, kc, vc, 20, h, hkv, d) is None  # positions past the cache
+    assert na.prefill_prepare(qkv.double(), rope, None, None, 0, h, hkv, d) is None
+
+
+@needs_kernel
+def test_silu_mul_bf16_close_to_float32_and_handles_extremes():
+    torch.manual_seed(3)
+    h = (torch.randn(3, 17, 2 * 40) * 4).bfloat16()  # a vector part and a tail of 8
+    h[0, 0, :4] = torch.tensor([-200.0, 200.0, 0.0, -1e-30])
+    gate, up = h.float().chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = na.silu_mul_bf16(h)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 17, 40)
+    assert torch.isfinite(got.float()).all()
+    # one rounding to bf16 of the float32 value (2^-8 relative), plus the exponential's error
+    assert ((got.float() - want).abs() <= 2 ** -8 * want.abs() + 1e-30).all()
+    assert na.silu_mul_bf16(h.float()) is None and na.silu_mul_bf16(h[..., :79]) is None

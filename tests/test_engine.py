@@ -94,6 +94,33 @@ def test_generator_cache_fits_its_requests_and_each_keeps_its_budget(tiny_hf_dir
         Scheduler(gen.model, None, max_batch=0)
 
 
+def test_generator_reuses_its_cache_cleared_and_results_do_not_depend_on_it(tiny_hf_dirs, monkeypatch):
+    from lmforge.infer import engine
+
+    model = load_hf_model(tiny_hf_dirs["llama"][0])
+    gen = Generator(model)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    short = random_prompts([12], VOCAB, seed=4)
+    fresh = Generator(model).generate(short, params)
+    gen.generate(random_prompts([40, 25], VOCAB, seed=3), params)
+    spare = gen._spare
+    assert (spare.batch, spare.max_len) == (2, 48)
+    spare.k.fill_(float("nan"))  # whatever a call leaves must not reach the next one
+    spare.v.fill_(float("nan"))
+    again = gen.generate(short, params)
+    assert gen._spare is spare  # the larger cache served the smaller call and came back
+    assert [c.token_ids for c in again] == [c.token_ids for c in fresh]
+    assert [c.token_ids for c in gen.generate(random_prompts([60], VOCAB, seed=5), params)]
+    assert gen._spare is not spare and gen._spare.max_len == 68  # too short: a new one, kept in its place
+    gen._spare = None
+    list(gen.stream(short[0], params))
+    assert gen._spare is not None  # a finished stream gives its cache back too
+    monkeypatch.setattr(engine, "SPARE_CACHE_BYTES", 0)
+    gen._spare = None
+    gen.generate(short, params)
+    assert gen._spare is None  # over the limit: not kept
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_cached_step_equals_uncached_step_when_sampling(tiny_hf_dirs, family):
     gen = Generator(load_hf_model(tiny_hf_dirs[family][0]))

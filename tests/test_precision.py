@@ -329,3 +329,50 @@ def test_bf16_prefill_attends_and_feeds_the_feed_forward_in_bf16_only_in_generat
         got = mlp(x)
     assert want.dtype == got.dtype == torch.float32
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_bf16_prefill_attention_one_pass_and_bf16_output_product(monkeypatch):
+    """In generation a long prompt's rotation, cache writes and bf16 copies run as one compiled
+    pass (lmforge/model/cpu_ops.py) with the values of the separate operations; the attention's
+    bf16 result goes to an output product that reads bf16, float32 to one that does not."""
+    from lmforge.infer.bf16_prefill import generation_products
+    from lmforge.model import cpu_ops
+    from lmforge.model.kv_cache import KVCache
+
+    if not cpu_ops.available():
+        pytest.skip("compiled kernels not built here")
+    torch.manual_seed(0)
+    config = tiny_config(n_layer=2)
+    model = _bf16_prefill_model(Transformer(config).eval())
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(6))
+    caches = [KVCache.for_model(config, 2, 64, torch.float32, CPU) for _ in range(2)]
+    inputs: list[torch.dtype] = []
+    hook = model.layers[0].attn.out.register_forward_pre_hook(lambda m, args: inputs.append(args[0].dtype))
+    with torch.inference_mode(), generation_products():
+        fused = model(ids, cache=caches[0], start=0)
+        monkeypatch.setattr(cpu_ops, "ENABLED", False)
+        separate = model(ids, cache=caches[1], start=0)
+    hook.remove()
+    assert inputs == [torch.bfloat16, torch.bfloat16]
+    # the first layer's cache from the same inputs: rotation up to float32 rounding, values exact
+    torch.testing.assert_close(caches[0].k[0], caches[1].k[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(caches[0].v[0], caches[1].v[0])
+    # after it the paths' roundings differ (a rotation's last bit may move a bf16 rounding of q or
+    # k; SwiGLU's product is rounded once instead of twice)
+    assert (fused - separate).abs().max() < 0.02 * separate.abs().max()
+
+    class Float32Only(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            assert x.dtype == torch.float32
+            return self.inner(x)
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", True)
+    for layer in model.layers:
+        layer.attn.out = Float32Only(layer.attn.out)
+    with torch.inference_mode(), generation_products():
+        wrapped = model(ids, cache=caches[0], start=0)
+    assert (wrapped - fused).abs().max() < 0.02 * fused.abs().max()

@@ -235,3 +235,37 @@ def test_bad_reduction_is_refused():
     ids, _ = batch(model.config.vocab_size, False)
     with pytest.raises(ValueError):
         causal_lm_loss(model, ids, reduction="none")
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_bf16_head_through_the_compiled_cross_entropy(monkeypatch, chunked):
+    """With bf16 products the head's logits go through one compiled call that writes the gradient
+    over them (lmforge/model/cpu_ops.py); loss and gradients match PyTorch's operations on the same
+    bf16 logits up to bf16 rounding, in one chunk or several, with ignored targets."""
+    from lmforge.model import cpu_ops
+    from lmforge.model.onednn import bf16_products
+
+    if not cpu_ops.available():
+        pytest.skip("compiled kernels not built here")
+    model = build("mha-tied")
+    ids, labels = batch(model.config.vocab_size, True)
+    if chunked:
+        monkeypatch.setattr(fused_ce, "CHUNK_ELEMENTS", 7 * model.config.vocab_size)
+        monkeypatch.setattr(fused_ce, "MIN_ROWS", 7)
+    calls = []
+    real = cpu_ops.cross_entropy_rows
+    monkeypatch.setattr(cpu_ops, "cross_entropy_rows", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+
+    def run():
+        with bf16_products():
+            return causal_lm_loss(model, ids, labels)
+
+    compiled = loss_and_grads(model, run)
+    assert calls and all(rows <= (14 if chunked else 54) for rows, _ in calls)
+    assert sum(rows for rows, _ in calls) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
+    separate = loss_and_grads(model, run)
+    assert math.isclose(compiled[0], separate[0], rel_tol=1e-5)
+    for name, g in compiled[1].items():
+        want = separate[1][name]
+        assert float((g - want).abs().max()) <= 2e-2 * float(want.abs().max()), name

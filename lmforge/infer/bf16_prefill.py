@@ -9,15 +9,24 @@ phase is told apart by the number of rows a product gets, per call, with no chan
 model or the scheduler: `Bf16PrefillLinear` sends products of at least `min_rows` rows
 through a bf16 copy of its weight and returns float32, and leaves smaller ones to
 `BlasLinear`'s float32 kernels. The bf16 copy is kept in oneDNN's blocked layout
-(`packed_bf16_weight`), the fastest of the layouts measured at prefill shapes.
+(`packed_bf16_weight`) where that layout is the faster one for the weight's shape, else
+plain row-major (`packed_pays` times both once per shape: on an AMX Xeon the blocked copy
+won for the default model's 3072 x 576 feed-forward input, 1.13 against 1.27-1.41 ms at
+512 rows, and lost for the 576-row outputs, 0.95 against 0.67 ms for the down projection).
 
 Only the matrix products are rounded: the inputs to bf16 (8 bits of mantissa), the sums
 are float32 inside oneDNN, and the result is rounded to bf16 once before it is widened
 back. The prompt's attention is the other arithmetic-bound part (a third of a 512-token
-prefill in float32 on an AMX Xeon): `Attention.attend` runs it on bf16 copies of q, k
-and v (PyTorch's flash kernel, float32 softmax sums) for prompts of at least `min_rows`
-tokens, and widens the result back. Norms, RoPE, the residual stream and the KV cache stay
-float32, so the cache a bf16 prefill writes is the one decode reads, with no conversion.
+prefill in float32 on an AMX Xeon): `Attention.attend` runs it on bf16 q, k and v
+(PyTorch's flash kernel, float32 softmax sums) for prompts of at least `min_rows` tokens.
+Between the products the activations stay bf16 where the next step reads bf16: the q/k/v
+product's result goes to one compiled pass (lmforge/model/cpu_ops.py `prefill_prepare`)
+that rotates q and k, writes k and v into the float32 cache and makes the bf16 copies the
+attention reads (PyTorch took a dozen operations for it, ~3 ms a layer against 0.2 ms);
+the attention's bf16 result goes to the output product; the feed-forward's first product
+feeds SwiGLU's one-pass bf16 kernel (`silu_mul_bf16`) and the second product. Norms, the
+residual stream and the KV cache stay float32, so the cache a bf16 prefill writes is the
+one decode reads, with no conversion.
 
 Only generation takes the path: the scheduler turns it on around its prefill and decode
 work (`generation_products()`, a per-thread switch). Everything that measures a model
@@ -35,6 +44,8 @@ cost more than the products save.
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -44,7 +55,7 @@ from lmforge.model.transformer import MLP, Attention
 
 from .layout import BlasLinear
 
-__all__ = ["Bf16PrefillLinear", "bf16_copy_bytes", "generation_products", "packed_bf16_supported",
+__all__ = ["Bf16PrefillLinear", "bf16_copy_bytes", "generation_products", "packed_bf16_supported", "packed_pays",
            "prepare_bf16_copies", "use_bf16_prefill", "uses_bf16_prefill"]
 
 
@@ -68,7 +79,7 @@ class Bf16PrefillLinear(BlasLinear):
             return super().forward(x.float() if x.dtype == torch.bfloat16 else x)
         xb = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
         with torch.autocast("cpu", enabled=False):
-            if packed_bf16_supported():
+            if packed_bf16_supported() and packed_pays(*w.shape):
                 y = torch.ops.mkldnn._linear_pointwise(xb, self.packed_bf16_weight(), None, "none", [], "")
             else:
                 y = torch.mm(xb, bf16_weight(w).t())
@@ -108,6 +119,30 @@ def packed_bf16_supported() -> bool:
         return False
 
 
+@functools.cache
+def packed_pays(n_out: int, n_in: int, rows: int = 512, trials: int = 7) -> bool:
+    """Whether oneDNN's blocked bf16 weight multiplies `rows` rows faster than a plain row-major
+    one (`torch.mm` on its transposed view) for an [n_out, n_in] weight: the median of
+    `trials` alternating timings of each, on random values, once per shape and process."""
+    if not packed_bf16_supported():
+        return False
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode(), torch.autocast("cpu", enabled=False):
+        x = torch.randn(rows, n_in, generator=g).bfloat16()
+        w = torch.randn(n_out, n_in, generator=g).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        ways = {"packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                "plain": lambda: torch.mm(x, w.t())}
+        seconds: dict[str, list[float]] = {name: [] for name in ways}
+        for trial in range(trials + 1):
+            for name, run in ways.items():
+                start = time.perf_counter()
+                run()
+                if trial:  # the first round warms up
+                    seconds[name].append(time.perf_counter() - start)
+    return statistics.median(seconds["packed"]) < statistics.median(seconds["plain"])
+
+
 def use_bf16_prefill(model: nn.Module, min_rows: int | None = None) -> nn.Module:
     """Give every plain linear layer of `model` the bf16 prefill path (in place; parameters,
     names and state_dict unchanged). `min_rows`: the fewest rows a product needs to take it."""
@@ -122,8 +157,11 @@ def use_bf16_prefill(model: nn.Module, min_rows: int | None = None) -> nn.Module
         if isinstance(module, MLP) and isinstance(module.fc, Bf16PrefillLinear):
             module.fc.bf16_output = True
         elif isinstance(module, Attention):
-            # A prompt's attention is arithmetic too: in bf16 from as many tokens as a product needs.
+            # A prompt's attention is arithmetic too: in bf16 from as many tokens as a product needs,
+            # reading the q/k/v product's bf16 result (Attention.attend widens it where it cannot).
             module.bf16_min_length = Bf16PrefillLinear.min_rows if min_rows is None else min_rows
+            if isinstance(module.qkv, Bf16PrefillLinear):
+                module.qkv.bf16_output = True
     return model
 
 
@@ -142,5 +180,6 @@ def prepare_bf16_copies(model: nn.Module) -> None:
     with torch.inference_mode():
         for m in model.modules():
             if isinstance(m, Bf16PrefillLinear) and m.weight.numel() >= m.min_weight_elements:
-                m.packed_bf16_weight() if packed_bf16_supported() else bf16_weight(m.weight)
+                m.packed_bf16_weight() if packed_bf16_supported() and packed_pays(*m.weight.shape) else bf16_weight(
+                    m.weight)
 

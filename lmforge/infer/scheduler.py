@@ -255,6 +255,8 @@ class Scheduler:
     `kv_memory_bytes` (0: no budget) bounds the cache: a contiguous cache gets as many
     rows as fit (at most `max_batch`), a paged one as many blocks as fit; without a
     budget a paged cache gets the blocks of the contiguous cache's memory.
+    `cache_buffer`: a contiguous `KVCache` to use instead of allocating one (at least
+    `max_batch` rows of `max_seq_len` positions; what it holds is overwritten).
 
     `prefix_cache_bytes`: the copying prefix cache's budget; with a paged cache whose
     prefix cache shares blocks (`prefix_sharing`, the default) any positive value turns it
@@ -282,6 +284,7 @@ class Scheduler:
         mixed_chunks: bool = True,
         prefix_sharing: bool = True,
         feed_tokens: int = 8,
+        cache_buffer: KVCache | None = None,
     ) -> None:
         if max_batch < 1:  # no row could ever be admitted: every request would wait forever
             raise LmforgeError(f"max_batch must be at least 1, got {max_batch}")
@@ -322,6 +325,11 @@ class Scheduler:
         if self.paged:
             self.cache = PagedKVCache.for_model(model.config, self._blocks_in_budget(kv_memory_bytes, dtype),
                                                 kv_block_size, max_batch, self.max_seq_len, dtype, self.device)
+        elif use_cache and cache_buffer is not None:
+            if not cache_buffer.fits(model.config, max_batch, self.max_seq_len, dtype, self.device):
+                raise LmforgeError(f"the cache buffer given cannot hold {max_batch} rows of {self.max_seq_len} "
+                                   "positions of this model")
+            self.cache = cache_buffer
         elif use_cache:
             self.cache = KVCache.for_model(model.config, max_batch, self.max_seq_len, dtype, self.device)
         if self.paged and prefix_sharing and self.prefix_cache is not None:

@@ -1,4 +1,5 @@
-"""Attention in compiled C functions: packed variable-length sequences, and the decode step.
+"""Attention and its neighbours in compiled C functions: packed variable-length sequences, the
+decode step, a bf16 prefill's passes between products, and a bf16 head's cross-entropy.
 
 `varlen_attention(qkv, offsets, ...)` computes softmax(q k^T / sqrt(d)) v for every
 (sequence, head) pair of a packed batch, reading q, k and v straight from the rows of the
@@ -18,7 +19,14 @@ PyTorch takes some twenty operations (views, a concatenation for the rotation, c
 writes, the attention kernel's set-up), which is most of a small model's step.
 
 `rms_norm(x, weight, eps)` normalizes a few rows (a decode step's) in one call; PyTorch's
-CPU RMS norm runs about eight operations for it.
+CPU RMS norm runs about eight operations for it. `rms_norm_rows` does a prompt's rows, split
+over the threads.
+
+A bf16 prefill (lmforge/infer/bf16_prefill.py) has three more: `prefill_prepare` turns the
+q/k/v product of a prompt into rotated bf16 q, k and v for the attention and writes k and v
+into the float32 cache, in one pass; `silu_mul_bf16` is SwiGLU's activation on a bf16
+product. Training with bf16 products has `cross_entropy_rows`: a vocabulary head's loss and
+its gradient from bf16 logits, written over them (lmforge/train/fused_ce.py).
 """
 
 from __future__ import annotations
@@ -42,6 +50,10 @@ SIGNATURES: native.Signatures = {
     "lmf_decode_attention": (_i, [_p, _i, _i, _i, _p, _p, _p, _p, _l, _i, _f, _p]),
     "lmf_decode_attention_rows": (_i, [_p, _i, _l, _i, _i, _i, _p, _p, _l, _p, _p, _l, _l, _p, _f, _p]),
     "lmf_rms_norm": (None, [_p, _p, _i, _i, _f, _p]),
+    "lmf_rms_norm_rows": (None, [_p, _p, _i, _i, _f, _p]),
+    "lmf_prefill_prepare": (None, [_p, _i, _l, _i, _i, _i, _i, _i, _p, _p, _p, _p, _l, _l, _i, _p, _p, _p]),
+    "lmf_silu_mul_bf16": (None, [_p, _l, _i, _l, _p]),
+    "lmf_cross_entropy_rows": (_i, [_p, _i, _l, _i, _l, _p, _f, _p, _p]),
 }
 # Switch for comparisons (benchmarks/embed.py --pytorch-attention): False sends every call
 # back to PyTorch's attention.
@@ -196,3 +208,107 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     out = torch.empty_like(x)
     lib.lmf_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // n, n, eps, out.data_ptr())
     return out
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """`rms_norm` for many rows (a prompt's), split over the threads; None where it does not apply."""
+    n = x.shape[-1]
+    if (not ENABLED or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0
+            or weight.dtype != torch.float32 or weight.numel() != n or not weight.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    lib = _library()
+    if lib is None or (not native.has_openmp(lib) and torch.get_num_threads() > 1):
+        return None
+    out = torch.empty_like(x)
+    lib.lmf_rms_norm_rows(x.data_ptr(), weight.data_ptr(), x.numel() // n, n, eps, out.data_ptr())
+    return out
+
+
+def prefill_prepare(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor | None,
+                    v_cache: torch.Tensor | None, start: int, n_head: int, n_kv_head: int,
+                    head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A prompt's bf16 attention inputs from its q/k/v product, in one pass; None where it does not apply.
+
+    qkv [B, L, (n_head + 2 n_kv_head) head_dim] float32 or bf16 (rows contiguous); rope: (cos, sin) of
+    positions start..start+L-1 ([.., L, head_dim]) or None; k_cache / v_cache: this layer's
+    float32 cache rows [B, n_kv_head, max_len, head_dim] (positions contiguous), written at
+    start..start+L-1, or both None. Returns q [B, n_head, L, head_dim], k and v [B, n_kv_head, L,
+    head_dim], bf16: rotated as `apply_rotary` rotates (up to float32 rounding), rounded to bf16
+    as `.to(torch.bfloat16)` rounds.
+    """
+    batch, length, width = qkv.shape
+    if (not ENABLED or qkv.dtype not in (torch.float32, torch.bfloat16) or qkv.device.type != "cpu"
+            or qkv.stride(2) != 1 or qkv.stride(0) != length * qkv.stride(1) or width > 4096
+            or width != (n_head + 2 * n_kv_head) * head_dim
+            or head_dim % 2 or head_dim > 256 or n_head % n_kv_head or length == 0
+            or (torch.is_grad_enabled() and qkv.requires_grad)):
+        return None
+    cos = sin = None
+    if rope is not None:
+        cos, sin = (t.reshape(-1, head_dim) for t in rope)
+        if (cos.shape[0] != length or sin.shape != cos.shape or cos.dtype != torch.float32
+                or sin.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
+            return None
+    if (k_cache is None) != (v_cache is None):
+        return None
+    if k_cache is not None:
+        for c in (k_cache, v_cache):
+            if (c.dtype != torch.float32 or c.dim() != 4 or c.shape[0] != batch or c.shape[1] != n_kv_head
+                    or c.shape[3] != head_dim or c.stride(3) != 1 or c.stride(2) != head_dim
+                    or c.stride() != k_cache.stride() or not 0 <= start <= c.shape[2] - length):
+                return None
+    lib = _library()
+    if lib is None or (not native.has_openmp(lib) and torch.get_num_threads() > 1):
+        return None
+    q = qkv.new_empty(batch, n_head, length, head_dim, dtype=torch.bfloat16)
+    k = qkv.new_empty(batch, n_kv_head, length, head_dim, dtype=torch.bfloat16)
+    v = torch.empty_like(k)
+    lib.lmf_prefill_prepare(qkv.data_ptr(), int(qkv.dtype == torch.bfloat16), qkv.stride(1), batch, length, n_head, n_kv_head, head_dim,
+                            native.ptr(cos), native.ptr(sin), native.ptr(k_cache), native.ptr(v_cache),
+                            k_cache.stride(0) if k_cache is not None else 0,
+                            k_cache.stride(1) if k_cache is not None else 0, start, q.data_ptr(), k.data_ptr(),
+                            v.data_ptr())
+    return q, k, v
+
+
+def silu_mul_bf16(h: torch.Tensor) -> torch.Tensor | None:
+    """SwiGLU's ``silu(gate) * up`` for a bf16 product h [..., 2n] (gate first), as bf16 [..., n]:
+    one pass, computed in float32 and rounded once; None where it does not apply."""
+    n = h.shape[-1] // 2
+    if (not ENABLED or h.dtype != torch.bfloat16 or h.device.type != "cpu" or h.shape[-1] % 2 or h.numel() == 0
+            or h.stride(-1) != 1 or not h.is_contiguous() or (torch.is_grad_enabled() and h.requires_grad)):
+        return None
+    lib = _library()
+    if lib is None or (not native.has_openmp(lib) and torch.get_num_threads() > 1):
+        return None
+    rows = h.numel() // h.shape[-1]
+    out = h.new_empty(*h.shape[:-1], n)
+    lib.lmf_silu_mul_bf16(h.data_ptr(), rows, n, h.shape[-1], out.data_ptr())
+    return out
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, scale: float,
+                       grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Per-row cross-entropy of logits [rows, V] (float32 or bf16, rows contiguous) against
+    targets [rows] (class ids), and with `grad` its gradient ``scale * (softmax - onehot)``
+    written over the logits (which are not needed after it): (loss [rows] float32, the
+    gradient or None). One compiled call with three passes over each row, where PyTorch's
+    log-sum-exp and gradient took about eight; None where it does not apply."""
+    if (not ENABLED or logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu"
+            or logits.dim() != 2 or logits.stride(1) != 1 or logits.shape[0] == 0 or targets.numel() != logits.shape[0]
+            or targets.device.type != "cpu" or (torch.is_grad_enabled() and logits.requires_grad)):
+        return None
+    lib = _library()
+    if lib is None or (not native.has_openmp(lib) and torch.get_num_threads() > 1):
+        return None
+    rows, vocab = logits.shape
+    targets = targets.reshape(-1).to(torch.int64).contiguous()
+    loss = torch.empty(rows, dtype=torch.float32)
+    bad = lib.lmf_cross_entropy_rows(logits.data_ptr(), int(logits.dtype == torch.bfloat16), rows, vocab,
+                                     logits.stride(0), targets.data_ptr(), scale, loss.data_ptr(),
+                                     logits.data_ptr() if grad else None)
+    if bad:
+        raise IndexError(f"a target is outside the {vocab} classes")
+    return loss, logits if grad else None
+

@@ -67,6 +67,18 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
+    def fits(self, config, batch: int, max_len: int, dtype: torch.dtype, device) -> bool:
+        """Whether this cache can serve `batch` rows of `max_len` positions of a model with `config`."""
+        n_layer, rows, heads, length, dim = self.k.shape
+        return (n_layer == config.n_layer and heads == config.n_kv_head and dim == config.head_dim
+                and rows >= batch and length >= max_len and self.k.dtype == dtype
+                and self.k.device == torch.device(device))
+
+    def clear(self, batch: int, max_len: int) -> None:
+        """Zero the first `batch` rows' first `max_len` positions (a reused cache starts as a new one)."""
+        self.k[:, :batch, :, :max_len].zero_()
+        self.v[:, :batch, :, :max_len].zero_()
+
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of rows start..stop; writes through it land in this cache."""
         return KVCache._view(self.k[:, start:stop], self.v[:, start:stop])

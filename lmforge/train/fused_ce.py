@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.model import onednn
+from lmforge.model import cpu_ops, onednn
 
 from . import frozen_weights
 
@@ -71,6 +71,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             weight = onednn.bf16_weight(weight)
         hidden, weight = hidden.to(compute), weight.to(compute)
         step = _chunk_rows(vocab, rows)
+        # bf16 logits go through one compiled call (lmforge/model/cpu_ops.py `cross_entropy_rows`)
+        # that writes the gradient over them: a chunk's logits then take half the bytes of the
+        # float32 ones below, so a chunk holds twice the rows for the same memory (fewer, taller
+        # products; at SmolLM2's 49,152 words a 512-token batch is one chunk, and the head's
+        # weight gradient one product, widened to float32 once).
+        native = hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and cpu_ops.available()
+        if native:
+            step = min(rows, 2 * step)
         with torch.autocast(device, enabled=False):
             # The products on oneDNN where it applies (lmforge/model/onednn.py), the weight
             # gradient in the layout that copies less, summed in it and turned back once.
@@ -85,6 +93,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 weight_t = frozen_weights.packed(weight, transposed=True)
             for lo in range(0, rows, step):
                 h, t = hidden[lo : lo + step], targets[lo : lo + step].unsqueeze(1)
+                fused = None
+                if native:
+                    fused = cpu_ops.cross_entropy_rows(mm_nt(h, weight), t, scale, need_hidden or need_weight)
+                if fused is not None:
+                    loss_rows, g = fused
+                    total += loss_rows.sum()
+                    if g is None:
+                        continue
+                    if need_hidden:
+                        hidden_parts.append(mm_nt(g, weight_t))
+                    if need_weight:
+                        part = torch.mm(g.t(), h).to(ctx.weight_dtype)
+                        grad_weight = part if grad_weight is None else grad_weight.add_(part)
+                    continue
                 logits = mm_nt(h, weight).float()
                 # log-sum-exp with the row maximum taken out, so exp never overflows; the
                 # loss of a row is lse - logit[target].

@@ -1,5 +1,6 @@
-/* Small CPU inference kernels: attention over packed sequences of different lengths
- * (encoders), the attention of a batch-1 decode step, and the step's row norm.
+/* Small CPU kernels: attention over packed sequences of different lengths (encoders), the
+ * attention of a batch-1 decode step, and the step's row norm; a bf16 prefill's passes between
+ * its products (q/k/v preparation, SwiGLU) and a bf16 vocabulary head's cross-entropy.
  *
  * lmf_varlen_attention: one (sequence, head) pair at a time.
  *
@@ -495,4 +496,180 @@ void lmf_rms_norm(const float *x, const float *w, int rows, int n, float eps, fl
         for (; i + W <= n; i += W) storeu(o + i, loadu(xr + i) * splat(inv) * loadu(w + i));
         for (; i < n; i++) o[i] = xr[i] * inv * w[i];
     }
+}
+
+/* RMS norm of many rows (a prompt's), the rows split over the threads. */
+void lmf_rms_norm_rows(const float *x, const float *w, int rows, int n, float eps, float *out) {
+#pragma omp parallel for schedule(static) if (rows >= 64)
+    for (int r = 0; r < rows; r++) lmf_rms_norm(x + (long)r * n, w, 1, n, eps, out + (long)r * n);
+}
+
+/* float32 -> bfloat16, rounded to nearest even as PyTorch rounds (NaN stays a quiet NaN). */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* A prompt's attention inputs, in one pass over its q/k/v product: for row b's token t (at
+ * position pos0 + t), every query head rotated and written as bf16 into q_out [B, H, L, D], every
+ * key head rotated, every value head as is, each written into the float32 cache (kc/vc: this
+ * layer's, row b at b * cache_row_stride, head g at g * head_stride, position p at p * D; NULL:
+ * no cache) and as bf16 into k_out / v_out [B, Hkv, L, D]. qkv: [B * L] rows of row_stride
+ * values (H, then Hkv, then Hkv heads of D; at most 4096), float32, or bf16 with qkv_bf16. cos / sin: [L, D] for positions pos0.., or NULL (no
+ * rotation). Rotation pairs x[i] with x[i + D/2], as the model's apply_rotary does. */
+void lmf_prefill_prepare(const void *qkv, int qkv_bf16, long row_stride, int B, int L, int H, int Hkv, int D,
+                         const float *cos, const float *sin, float *kc, float *vc, long cache_row_stride,
+                         long head_stride, int pos0, uint16_t *q_out, uint16_t *k_out, uint16_t *v_out) {
+    const int half = D / 2;
+#pragma omp parallel for schedule(static) if ((long)B * L >= 64)
+    for (long bt = 0; bt < (long)B * L; bt++) {
+        const long b = bt / L, t = bt % L;
+        const float *c = cos ? cos + t * D : NULL, *s = sin ? sin + t * D : NULL;
+        float wide[4096], rot[256];
+        const int width = (H + 2 * Hkv) * D;
+        const float *row;
+        if (qkv_bf16) { /* a bf16 product's row, widened once (exactly) */
+            const uint16_t *r16 = (const uint16_t *)qkv + bt * row_stride;
+            for (int i = 0; i < width; i++) {
+                uint32_t u = (uint32_t)r16[i] << 16;
+                memcpy(wide + i, &u, 4);
+            }
+            row = wide;
+        } else {
+            row = (const float *)qkv + bt * row_stride;
+        }
+        for (int h = 0; h < H + 2 * Hkv; h++) {
+            const float *x = row + (long)h * D;
+            const float *src = x;
+            if (c && h < H + Hkv) {
+                for (int i = 0; i < half; i++) {
+                    rot[i] = x[i] * c[i] - x[i + half] * s[i];
+                    rot[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+                }
+                src = rot;
+            }
+            uint16_t *dst;
+            if (h < H) {
+                dst = q_out + ((b * H + h) * L + t) * D;
+            } else {
+                const int g = h < H + Hkv ? h - H : h - H - Hkv;
+                float *cache = h < H + Hkv ? kc : vc;
+                if (cache) memcpy(cache + b * cache_row_stride + g * head_stride + (pos0 + t) * (long)D, src,
+                                  (size_t)D * sizeof(float));
+                dst = (h < H + Hkv ? k_out : v_out) + ((b * Hkv + g) * L + t) * D;
+            }
+            for (int i = 0; i < D; i++) dst[i] = to_bf16(src[i]);
+        }
+    }
+}
+
+typedef uint16_t vbh __attribute__((vector_size(32)));
+typedef uint16_t vbhu __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+static inline vf load_bf16(const uint16_t *p) {
+    return (vf)(__builtin_convertvector(*(const vbhu *)p, vu) << 16);
+}
+
+static inline void store_bf16(uint16_t *p, vf x) { /* rounded to nearest even */
+    vu u = (vu)x;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    *(vbhu *)p = __builtin_convertvector(u >> 16, vbh);
+}
+
+/* SwiGLU's activation on a bf16 feed-forward product: for each of `rows` rows of h (row_stride
+ * values apart; the gate's n values, then the up projection's n), out = silu(gate) * up in
+ * bf16 [rows, n], computed in float32 and rounded once. silu(g) = g / (1 + exp(-g)), with the
+ * exponential taken of -|g| so that it never overflows. */
+void lmf_silu_mul_bf16(const uint16_t *h, long rows, int n, long row_stride, uint16_t *out) {
+#pragma omp parallel for schedule(static) if (rows >= 16)
+    for (long r = 0; r < rows; r++) {
+        const uint16_t *gate = h + r * row_stride, *up = gate + n;
+        uint16_t *o = out + r * n;
+        int i = 0;
+        for (; i + W <= n; i += W) {
+            vf g = load_bf16(gate + i), u = load_bf16(up + i);
+            vi neg = g < splat(0.0f);
+            vf a = (vf)((vi)g & ~neg) + (vf)((vi)(-g) & neg); /* |g| */
+            vf e = vexp(-a);
+            vf num = (vf)((vi)splat(1.0f) & ~neg) + (vf)((vi)e & neg); /* 1, or e for g < 0 */
+            store_bf16(o + i, g * u * num / (splat(1.0f) + e));
+        }
+        for (; i < n; i++) {
+            uint32_t gb = (uint32_t)gate[i] << 16, ub = (uint32_t)up[i] << 16;
+            float g, u;
+            memcpy(&g, &gb, 4);
+            memcpy(&u, &ub, 4);
+            o[i] = to_bf16(g * u / (1.0f + expf(-g)));
+        }
+    }
+}
+
+/* Cross-entropy of `rows` rows of logits (row_stride values apart; float32, or bf16 with
+ * logits_bf16) against their targets, and its gradient. Per row: the loss
+ * log(sum_j exp(x_j)) - x_target, computed against the row's maximum, into loss[r]; with
+ * grad (same dtype as the logits, the same row_stride; may be the logits themselves) non-NULL,
+ * d(scale * loss)/dx = scale * (softmax(x) - onehot(target)) written into it. One read of the row
+ * for its maximum, one for the sum of exponentials, one to write the gradient: the row (at most a
+ * vocabulary's 2^17 values) stays in cache between them. */
+int lmf_cross_entropy_rows(const void *logits, int logits_bf16, long rows, int V, long row_stride,
+                           const int64_t *targets, float scale, float *loss, void *grad) {
+    int bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (rows >= 4)
+    for (long r = 0; r < rows; r++) {
+        const int64_t t = targets[r];
+        if (t < 0 || t >= V) {
+            bad = 1;
+            continue;
+        }
+        const float *xf = logits_bf16 ? NULL : (const float *)logits + r * row_stride;
+        const uint16_t *xh = logits_bf16 ? (const uint16_t *)logits + r * row_stride : NULL;
+        int j = 0;
+        vf vmx = splat(-INFINITY);
+        for (; j + W <= V; j += W) {
+            vf x = xh ? load_bf16(xh + j) : loadu(xf + j);
+            vi gt = x > vmx;
+            vmx = (vf)(((vi)x & gt) | ((vi)vmx & ~gt));
+        }
+        float mx = -INFINITY;
+        for (int i = 0; i < W; i++) mx = vmx[i] > mx ? vmx[i] : mx;
+        for (; j < V; j++) {
+            float x = xh ? 0.0f : xf[j];
+            if (xh) { uint32_t u = (uint32_t)xh[j] << 16; memcpy(&x, &u, 4); }
+            mx = x > mx ? x : mx;
+        }
+        vf vs = splat(0.0f);
+        float tail = 0.0f;
+        for (j = 0; j + W <= V; j += W) vs += vexp((xh ? load_bf16(xh + j) : loadu(xf + j)) - splat(mx));
+        for (; j < V; j++) {
+            float x = xh ? 0.0f : xf[j];
+            if (xh) { uint32_t u = (uint32_t)xh[j] << 16; memcpy(&x, &u, 4); }
+            tail += expf(x - mx);
+        }
+        const float sum = hsum(vs) + tail;
+        float xt;
+        if (xh) { uint32_t u = (uint32_t)xh[t] << 16; memcpy(&xt, &u, 4); } else xt = xf[t];
+        loss[r] = logf(sum) + mx - xt;
+        if (!grad) continue;
+        const float k = scale / sum;
+        float *gf = logits_bf16 ? NULL : (float *)grad + r * row_stride;
+        uint16_t *gh = logits_bf16 ? (uint16_t *)grad + r * row_stride : NULL;
+        /* the target's value first: the gradient may overwrite the logits */
+        const float gt_value = expf(xt - mx) * k - scale;
+        for (j = 0; j + W <= V; j += W) {
+            vf p = vexp((xh ? load_bf16(xh + j) : loadu(xf + j)) - splat(mx)) * splat(k);
+            if (gh) store_bf16(gh + j, p); else storeu(gf + j, p);
+        }
+        for (; j < V; j++) {
+            float x = xh ? 0.0f : xf[j];
+            if (xh) { uint32_t u = (uint32_t)xh[j] << 16; memcpy(&x, &u, 4); }
+            const float p = expf(x - mx) * k;
+            if (gh) gh[j] = to_bf16(p); else gf[j] = p;
+        }
+        if (gh) gh[t] = to_bf16(gt_value); else gf[t] = gt_value;
+    }
+    return bad;
 }
