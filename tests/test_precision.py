@@ -280,6 +280,18 @@ def test_cpu_layout_gets_bf16_prefill_only_when_auto_picks_it(monkeypatch, overr
         assert torch.isfinite(model(ids)).all()
 
 
+class Float32Only(torch.nn.Module):
+    """A layer that takes float32 only (as an adapter-wrapped layer does): asserts its input's dtype."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        assert x.dtype == torch.float32
+        return self.inner(x)
+
+
 def test_bf16_prefill_attends_and_feeds_the_feed_forward_in_bf16_only_in_generation(monkeypatch):
     """A prepared model's long prompts attend on bf16 q/k/v and pass the feed-forward's bf16
     activation on, inside generation only; a second product that cannot read bf16 gets float32."""
@@ -310,15 +322,6 @@ def test_bf16_prefill_attends_and_feeds_the_feed_forward_in_bf16_only_in_generat
             seen.clear()
             model(ids[:, :4])  # shorter than min_rows: float32
             assert seen == [torch.float32] * 2
-
-    class Float32Only(torch.nn.Module):  # e.g. a layer wrapped with adapters
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            assert x.dtype == torch.float32
-            return self.inner(x)
 
     mlp = model.layers[0].mlp
     assert mlp.fc.bf16_output
@@ -360,15 +363,6 @@ def test_bf16_prefill_attention_one_pass_and_bf16_output_product(monkeypatch):
     # after it the paths' roundings differ (a rotation's last bit may move a bf16 rounding of q or
     # k; SwiGLU's product is rounded once instead of twice)
     assert (fused - separate).abs().max() < 0.02 * separate.abs().max()
-
-    class Float32Only(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            assert x.dtype == torch.float32
-            return self.inner(x)
 
     monkeypatch.setattr(cpu_ops, "ENABLED", True)
     for layer in model.layers:

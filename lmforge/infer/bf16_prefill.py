@@ -79,7 +79,7 @@ class Bf16PrefillLinear(BlasLinear):
             return super().forward(x.float() if x.dtype == torch.bfloat16 else x)
         xb = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
         with torch.autocast("cpu", enabled=False):
-            if packed_bf16_supported() and packed_pays(*w.shape):
+            if self.uses_packed():
                 y = torch.ops.mkldnn._linear_pointwise(xb, self.packed_bf16_weight(), None, "none", [], "")
             else:
                 y = torch.mm(xb, bf16_weight(w).t())
@@ -91,6 +91,10 @@ class Bf16PrefillLinear(BlasLinear):
 
     def float32_rows(self) -> int:
         return min(super().float32_rows(), self.min_rows - 1)
+
+    def uses_packed(self) -> bool:
+        """Whether this layer's bf16 copy is oneDNN's blocked one (`packed_pays` for its shape)."""
+        return packed_bf16_supported() and packed_pays(*self.weight.shape)
 
     def packed_bf16_weight(self) -> torch.Tensor:
         """oneDNN's blocked bf16 copy of the weight (the layout its bf16 kernels read fastest:
@@ -180,6 +184,5 @@ def prepare_bf16_copies(model: nn.Module) -> None:
     with torch.inference_mode():
         for m in model.modules():
             if isinstance(m, Bf16PrefillLinear) and m.weight.numel() >= m.min_weight_elements:
-                m.packed_bf16_weight() if packed_bf16_supported() and packed_pays(*m.weight.shape) else bf16_weight(
-                    m.weight)
+                m.packed_bf16_weight() if m.uses_packed() else bf16_weight(m.weight)
 

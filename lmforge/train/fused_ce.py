@@ -93,9 +93,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 weight_t = frozen_weights.packed(weight, transposed=True)
             for lo in range(0, rows, step):
                 h, t = hidden[lo : lo + step], targets[lo : lo + step].unsqueeze(1)
-                fused = None
-                if native:
-                    fused = cpu_ops.cross_entropy_rows(mm_nt(h, weight), t, scale, need_hidden or need_weight)
+                product = mm_nt(h, weight)
+                fused = cpu_ops.cross_entropy_rows(product, t, scale, need_hidden or need_weight) if native else None
                 if fused is not None:
                     loss_rows, g = fused
                     total += loss_rows.sum()
@@ -107,7 +106,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         part = torch.mm(g.t(), h).to(ctx.weight_dtype)
                         grad_weight = part if grad_weight is None else grad_weight.add_(part)
                     continue
-                logits = mm_nt(h, weight).float()
+                logits = product.float()
                 # log-sum-exp with the row maximum taken out, so exp never overflows; the
                 # loss of a row is lse - logit[target].
                 top = logits.amax(dim=1, keepdim=True)
