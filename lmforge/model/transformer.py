@@ -53,18 +53,23 @@ from .rope import RotaryTable, apply_rotary
 
 class RMSNorm(nn.RMSNorm):
     """`nn.RMSNorm` whose training forward (a backward will follow) is lmforge/model/fused_ops.py's
-    one-function version, and whose float32 CPU inference forward is one compiled call
-    (lmforge/model/cpu_ops.py; PyTorch's runs several passes over the rows: 0.17 against 0.06 ms
-    for a 512-token prompt of the default model on a 2-core Xeon); everything else runs PyTorch's own."""
+    one-function version, and whose float32 CPU forward of a decode step's rows, or in generation
+    of a prompt's, is one compiled call (lmforge/model/cpu_ops.py; PyTorch's runs several passes
+    over the rows: 0.17 against 0.06 ms for a 512-token prompt of the default model on a 2-core
+    Xeon); everything else runs PyTorch's own."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_ops.wants_grad(x, self.weight):
             return fused_ops.rms_norm(x, self.weight, self.eps)
         if self.weight is not None and self.eps is not None:
+            y = None
             if x.numel() <= cpu_ops.RMS_NORM_MAX_ROWS * x.shape[-1]:
                 y = cpu_ops.rms_norm(x, self.weight, self.eps)  # a decode step's rows: one compiled call
-            else:
-                y = cpu_ops.rms_norm_rows(x, self.weight, self.eps)  # a prompt's: one call over the threads
+            elif onednn.generation_products_on():
+                # A prompt's rows in generation: one call over the threads. Scoring keeps PyTorch's
+                # norm, whose values equal the training forward's bit for bit (a DPO reference
+                # must score exactly as the policy it starts as).
+                y = cpu_ops.rms_norm_rows(x, self.weight, self.eps)
             if y is not None:
                 return y
         return super().forward(x)
