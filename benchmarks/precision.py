@@ -19,7 +19,7 @@ tokenized with the default tokenizer), one fp32 and one with bf16 products
 step by step in turns so load hits both alike. Reports the tokens/s of each (after two
 warm-up steps), their ratio and the median per-step ratio, the loss curves and their
 largest relative gap; writes a PNG of the curves. Like lmforge's trainer on a CPU, it first
-calls `keep_freed_memory()` (lmforge/io/malloc.py), for both sides.
+calls `keep_freed_memory(large_blocks=True)` (lmforge/io/allocator.py), for both sides.
 
     python benchmarks/precision.py --part prefill --rounds 5
     python benchmarks/precision.py --part prefill --rounds 5 --int8
@@ -255,9 +255,9 @@ def train_rows(vocab: int, batch: int, seq_len: int, count: int) -> list[torch.T
 def train_part(args) -> dict:
     from train import PRESETS
 
-    from lmforge.io.malloc import keep_freed_memory
+    from lmforge.io.allocator import keep_freed_memory
 
-    keep_freed_memory()  # what lmforge's trainer does on a CPU
+    keep_freed_memory(large_blocks=True)  # what lmforge's trainer does on a CPU
 
     from lmforge.model.config import ModelConfig
     from lmforge.model.onednn import bf16_products

@@ -18,8 +18,8 @@ the two blocks alternates by round; with `--interleave steps` the two sides take
 step by step inside the round (each step timed on its own), so a burst of load on a
 shared machine lands on both sides nearly equally instead of on one side's block. The
 table reports the median and the spread over rounds, and the JSON line the median ratio.
-The process first calls what lmforge's trainer calls on a CPU, `keep_freed_memory()`
-(lmforge/io/malloc.py: freed memory stays in the process for the next step); both sides
+The process first calls what lmforge's trainer calls on a CPU, `keep_freed_memory(large_blocks=True)`
+(lmforge/io/allocator.py: freed memory stays in the process for the next step); both sides
 run under it (``--no-keep-freed-memory`` leaves malloc as it is).
 
     python benchmarks/train.py                  # 5 rounds, small Llama, batch 4 x 128
@@ -126,9 +126,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.no_keep_freed_memory:
-        from lmforge.io.malloc import keep_freed_memory
+        from lmforge.io.allocator import keep_freed_memory
 
-        keep_freed_memory()
+        keep_freed_memory(large_blocks=True)
     import transformers
 
     config = ModelConfig(**PRESETS[args.preset], max_position_embeddings=max(2048, args.seq_len))

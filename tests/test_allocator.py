@@ -59,3 +59,41 @@ def test_the_user_settings_win(monkeypatch, name, value):
 
     monkeypatch.setenv(name, value)
     assert allocator._apply() is False  # returns before touching the allocator
+
+
+LARGE = r"""
+import resource, sys
+import torch
+from lmforge.io import allocator
+applied = allocator.keep_freed_memory(large_blocks=True) if sys.argv[1] == "on" else False
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(15):  # 64 MiB blocks (above any mmap threshold), each freed at once: the heap settles
+    torch.ones(64 << 20, dtype=torch.uint8)
+before = faults()
+for _ in range(5):
+    torch.ones(64 << 20, dtype=torch.uint8)
+print(applied, faults() - before, allocator.keep_freed_memory())
+"""
+
+
+@pytest.mark.skipif(not glibc, reason="the thresholds are GNU libc's")
+def test_a_training_steps_large_blocks_are_reused_without_page_faults():
+    from lmforge.io import hugepages
+
+    def run_large(mode: str) -> tuple[bool, int, bool]:
+        out = subprocess.run([sys.executable, "-c", LARGE, mode], capture_output=True, text=True, check=True,
+                             env={k: v for k, v in os.environ.items() if k != "LMFORGE_KEEP_FREED_MEMORY"}).stdout
+        applied, faults, later = out.split()
+        return applied == "True", int(faults), later == "True"
+
+    applied, kept, later = run_large("on")
+    assert applied and later  # a later plain call keeps the training settings (and says they are set)
+    off, fresh, _ = run_large("off")
+    assert not off
+    pages = 5 * (64 << 20) // 4096
+    # kept: once settled, the blocks reuse pages already touched; glibc's own thresholds map every
+    # 64 MiB block anew (above the largest mmap threshold it accepts)
+    assert kept <= pages // 20
+    if hugepages.mode() != "always":  # (with huge pages everywhere a fault covers 512 pages)
+        assert fresh >= 0.9 * pages

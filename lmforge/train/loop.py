@@ -58,7 +58,7 @@ import torch
 
 from lmforge.data.pack import PackedDataset
 from lmforge.errors import LmforgeError
-from lmforge.io.malloc import keep_freed_memory
+from lmforge.io.allocator import keep_freed_memory
 from lmforge.io.progress import Progress
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.data import RowStream, dataset_tokenizer, ensure_dataset, token_byte_lengths
@@ -339,7 +339,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.runtime: Runtime = init_runtime(t.distributed, t.device)
         if self.runtime.device.type == "cpu":
-            keep_freed_memory()  # each step's large tensors reuse the last step's memory (no page faults)
+            keep_freed_memory(large_blocks=True)  # each step's large tensors reuse the last step's memory
         self.log = log if self.runtime.is_main else (lambda _m: None)
         self.out = Path(t.out)
         self.ckpt_root = self.out / "checkpoints"
