@@ -82,7 +82,7 @@ class Generator:
         return KVCache.for_model(config, rows, length, dtype, device)
 
     def _give_back(self, cache: KVCache | None) -> None:
-        if cache is not None and cache.nbytes <= SPARE_CACHE_BYTES:
+        if cache is not None and cache.k.device.type == "cpu" and cache.nbytes <= SPARE_CACHE_BYTES:
             with self._spare_lock:
                 self._spare = cache
 
@@ -162,7 +162,7 @@ class Generator:
                     if event.text:
                         yield event.text
         finally:
-            if not busy:  # a stream left unfinished keeps its cache (it may be resumed)
+            if not busy:  # an abandoned stream's cache may still hold its rows: not handed on
                 self._give_back(scheduler.cache)
 
 

@@ -64,6 +64,16 @@ def _library():
     return native.load(NAME, SOURCE, signatures=SIGNATURES)
 
 
+def threaded_library():
+    """The library, for a kernel that splits its work over threads: None where it is not built, or
+    where it lacks OpenMP while PyTorch runs several threads (one thread would lose to PyTorch's
+    parallel kernels)."""
+    lib = _library()
+    if lib is None or (not native.has_openmp(lib) and torch.get_num_threads() > 1):
+        return None
+    return lib
+
+
 def available() -> bool:
     """True when the kernels are built (or can be) and load."""
     return _library() is not None
@@ -92,9 +102,9 @@ def varlen_attention(qkv: torch.Tensor, offsets: torch.Tensor, n_head: int, n_kv
     offsets = offsets.to(dtype=torch.int64, device="cpu").contiguous()
     if offsets.numel() < 2 or int((offsets[1:] - offsets[:-1]).max()) > MAX_LENGTH:
         return None
-    lib = _library()
-    if lib is None or (not native.has_openmp(lib) and torch.get_num_threads() > 1):
-        return None  # (without OpenMP, one thread here would lose to PyTorch's parallel kernel)
+    lib = threaded_library()
+    if lib is None:
+        return None
     n = qkv.shape[0]
     if out is None:
         out = qkv.new_empty(n, n_head * head_dim)
@@ -217,8 +227,8 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
             or weight.dtype != torch.float32 or weight.numel() != n or not weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
-    lib = _library()
-    if lib is None or (not native.has_openmp(lib) and torch.get_num_threads() > 1):
+    lib = threaded_library()
+    if lib is None:
         return None
     out = torch.empty_like(x)
     lib.lmf_rms_norm_rows(x.data_ptr(), weight.data_ptr(), x.numel() // n, n, eps, out.data_ptr())
@@ -258,8 +268,8 @@ def prefill_prepare(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] |
                     or c.shape[3] != head_dim or c.stride(3) != 1 or c.stride(2) != head_dim
                     or c.stride() != k_cache.stride() or not 0 <= start <= c.shape[2] - length):
                 return None
-    lib = _library()
-    if lib is None or (not native.has_openmp(lib) and torch.get_num_threads() > 1):
+    lib = threaded_library()
+    if lib is None:
         return None
     q = qkv.new_empty(batch, n_head, length, head_dim, dtype=torch.bfloat16)
     k = qkv.new_empty(batch, n_kv_head, length, head_dim, dtype=torch.bfloat16)
@@ -279,8 +289,8 @@ def silu_mul_bf16(h: torch.Tensor) -> torch.Tensor | None:
     if (not ENABLED or h.dtype != torch.bfloat16 or h.device.type != "cpu" or h.shape[-1] % 2 or h.numel() == 0
             or h.stride(-1) != 1 or not h.is_contiguous() or (torch.is_grad_enabled() and h.requires_grad)):
         return None
-    lib = _library()
-    if lib is None or (not native.has_openmp(lib) and torch.get_num_threads() > 1):
+    lib = threaded_library()
+    if lib is None:
         return None
     rows = h.numel() // h.shape[-1]
     out = h.new_empty(*h.shape[:-1], n)
@@ -299,8 +309,8 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, scale: float
             or logits.dim() != 2 or logits.stride(1) != 1 or logits.shape[0] == 0 or targets.numel() != logits.shape[0]
             or targets.device.type != "cpu" or (torch.is_grad_enabled() and logits.requires_grad)):
         return None
-    lib = _library()
-    if lib is None or (not native.has_openmp(lib) and torch.get_num_threads() > 1):
+    lib = threaded_library()
+    if lib is None:
         return None
     rows, vocab = logits.shape
     targets = targets.reshape(-1).to(torch.int64).contiguous()

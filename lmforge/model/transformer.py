@@ -240,15 +240,14 @@ class Attention(nn.Module):
         bf16 = (self.bf16_min_length is not None and length >= self.bf16_min_length
                 and qkv.dtype in (torch.float32, torch.bfloat16) and qkv.device.type == "cpu"
                 and onednn.generation_products_on())
-        if bf16 and isinstance(start, int) and (cache is None or isinstance(cache, KVCache) and cache.k.dim() == 5):
-            # A long prompt's attention in generation, on a model prepared for bf16 prefill:
-            # rotation, cache writes and the bf16 copies in one compiled pass (cpu_ops.prefill_prepare),
-            # where the new keys are all the keys there are.
-            prepared = None
-            if start == 0 and end == length:
-                prepared = cpu_ops.prefill_prepare(qkv, rope, None if cache is None else cache.k[layer],
-                                                   None if cache is None else cache.v[layer], start, self.n_head,
-                                                   self.n_kv_head, self.head_dim)
+        if (bf16 and isinstance(start, int) and start == 0 and end == length
+                and (cache is None or isinstance(cache, KVCache) and cache.k.dim() == 5)):
+            # A long prompt's attention in generation, on a model prepared for bf16 prefill, where
+            # the new keys are all the keys there are: rotation, cache writes and the bf16 copies
+            # in one compiled pass (cpu_ops.prefill_prepare; None where it does not apply).
+            prepared = cpu_ops.prefill_prepare(qkv, rope, None if cache is None else cache.k[layer],
+                                               None if cache is None else cache.v[layer], 0, self.n_head,
+                                               self.n_kv_head, self.head_dim)
             if prepared is not None:
                 return self._bf16_attention(*prepared, mask, self.causal and mask is None, widen)
         if qkv.dtype == torch.bfloat16 and getattr(self.qkv, "bf16_output", False):

@@ -76,7 +76,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # float32 ones below, so a chunk holds twice the rows for the same memory (fewer, taller
         # products; at SmolLM2's 49,152 words a 512-token batch is one chunk, and the head's
         # weight gradient one product, widened to float32 once).
-        native = hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and cpu_ops.available()
+        native = (hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu"
+                  and cpu_ops.threaded_library() is not None)
         if native:
             step = min(rows, 2 * step)
         with torch.autocast(device, enabled=False):
@@ -96,30 +97,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 product = mm_nt(h, weight)
                 fused = cpu_ops.cross_entropy_rows(product, t, scale, need_hidden or need_weight) if native else None
                 if fused is not None:
-                    loss_rows, g = fused
+                    loss_rows, g = fused  # g: the bf16 gradient, written over the logits
                     total += loss_rows.sum()
-                    if g is None:
-                        continue
-                    if need_hidden:
-                        hidden_parts.append(mm_nt(g, weight_t))
-                    if need_weight:
-                        part = torch.mm(g.t(), h).to(ctx.weight_dtype)
-                        grad_weight = part if grad_weight is None else grad_weight.add_(part)
+                else:
+                    logits = product.float()
+                    # log-sum-exp with the row maximum taken out, so exp never overflows; the
+                    # loss of a row is lse - logit[target].
+                    top = logits.amax(dim=1, keepdim=True)
+                    target_logit = logits.gather(1, t)
+                    probs = logits.sub_(top).exp_()  # in place: the logits are not needed any more
+                    sums = probs.sum(dim=1, keepdim=True)
+                    total += (sums.log() + top - target_logit).sum()
+                    g = None
+                    if need_hidden or need_weight:
+                        # d(scale * CE)/d logits = scale * (softmax - onehot(target)), built in place.
+                        probs.mul_(sums.reciprocal_().mul_(scale))
+                        probs.scatter_add_(1, t, torch.full_like(target_logit, -scale))
+                        g = probs.to(weight.dtype)
+                if g is None:
                     continue
-                logits = product.float()
-                # log-sum-exp with the row maximum taken out, so exp never overflows; the
-                # loss of a row is lse - logit[target].
-                top = logits.amax(dim=1, keepdim=True)
-                target_logit = logits.gather(1, t)
-                probs = logits.sub_(top).exp_()  # in place: the logits are not needed any more
-                sums = probs.sum(dim=1, keepdim=True)
-                total += (sums.log() + top - target_logit).sum()
-                if not (need_hidden or need_weight):
-                    continue
-                # d(scale * CE)/d logits = scale * (softmax - onehot(target)), built in place.
-                probs.mul_(sums.reciprocal_().mul_(scale))
-                probs.scatter_add_(1, t, torch.full_like(target_logit, -scale))
-                g = probs.to(weight.dtype)
                 if need_hidden:
                     hidden_parts.append(mm_nt(g, weight_t))  # dh = g W
                 if need_weight:

@@ -513,13 +513,21 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* bfloat16 -> float32: exact (bf16 is float32's upper half). */
+static inline float from_bf16(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 /* A prompt's attention inputs, in one pass over its q/k/v product: for row b's token t (at
  * position pos0 + t), every query head rotated and written as bf16 into q_out [B, H, L, D], every
  * key head rotated, every value head as is, each written into the float32 cache (kc/vc: this
  * layer's, row b at b * cache_row_stride, head g at g * head_stride, position p at p * D; NULL:
  * no cache) and as bf16 into k_out / v_out [B, Hkv, L, D]. qkv: [B * L] rows of row_stride
- * values (H, then Hkv, then Hkv heads of D; at most 4096), float32, or bf16 with qkv_bf16. cos / sin: [L, D] for positions pos0.., or NULL (no
- * rotation). Rotation pairs x[i] with x[i + D/2], as the model's apply_rotary does. */
+ * values (H, then Hkv, then Hkv heads of D; at most 4096), float32, or bf16 with qkv_bf16.
+ * cos / sin: [L, D] for positions pos0.., or NULL (no rotation). Rotation pairs x[i] with x[i + D/2], as the model's apply_rotary does. */
 void lmf_prefill_prepare(const void *qkv, int qkv_bf16, long row_stride, int B, int L, int H, int Hkv, int D,
                          const float *cos, const float *sin, float *kc, float *vc, long cache_row_stride,
                          long head_stride, int pos0, uint16_t *q_out, uint16_t *k_out, uint16_t *v_out) {
@@ -533,10 +541,7 @@ void lmf_prefill_prepare(const void *qkv, int qkv_bf16, long row_stride, int B, 
         const float *row;
         if (qkv_bf16) { /* a bf16 product's row, widened once (exactly) */
             const uint16_t *r16 = (const uint16_t *)qkv + bt * row_stride;
-            for (int i = 0; i < width; i++) {
-                uint32_t u = (uint32_t)r16[i] << 16;
-                memcpy(wide + i, &u, 4);
-            }
+            for (int i = 0; i < width; i++) wide[i] = from_bf16(r16[i]);
             row = wide;
         } else {
             row = (const float *)qkv + bt * row_stride;
@@ -599,10 +604,7 @@ void lmf_silu_mul_bf16(const uint16_t *h, long rows, int n, long row_stride, uin
             store_bf16(o + i, g * u * num / (splat(1.0f) + e));
         }
         for (; i < n; i++) {
-            uint32_t gb = (uint32_t)gate[i] << 16, ub = (uint32_t)up[i] << 16;
-            float g, u;
-            memcpy(&g, &gb, 4);
-            memcpy(&u, &ub, 4);
+            const float g = from_bf16(gate[i]), u = from_bf16(up[i]);
             o[i] = to_bf16(g * u / (1.0f + expf(-g)));
         }
     }
@@ -627,31 +629,23 @@ int lmf_cross_entropy_rows(const void *logits, int logits_bf16, long rows, int V
         }
         const float *xf = logits_bf16 ? NULL : (const float *)logits + r * row_stride;
         const uint16_t *xh = logits_bf16 ? (const uint16_t *)logits + r * row_stride : NULL;
+#define X_VEC(j) (xh ? load_bf16(xh + (j)) : loadu(xf + (j)))
+#define X_AT(j) (xh ? from_bf16(xh[j]) : xf[j])
         int j = 0;
         vf vmx = splat(-INFINITY);
         for (; j + W <= V; j += W) {
-            vf x = xh ? load_bf16(xh + j) : loadu(xf + j);
+            vf x = X_VEC(j);
             vi gt = x > vmx;
             vmx = (vf)(((vi)x & gt) | ((vi)vmx & ~gt));
         }
         float mx = -INFINITY;
         for (int i = 0; i < W; i++) mx = vmx[i] > mx ? vmx[i] : mx;
-        for (; j < V; j++) {
-            float x = xh ? 0.0f : xf[j];
-            if (xh) { uint32_t u = (uint32_t)xh[j] << 16; memcpy(&x, &u, 4); }
-            mx = x > mx ? x : mx;
-        }
+        for (; j < V; j++) mx = X_AT(j) > mx ? X_AT(j) : mx;
         vf vs = splat(0.0f);
         float tail = 0.0f;
-        for (j = 0; j + W <= V; j += W) vs += vexp((xh ? load_bf16(xh + j) : loadu(xf + j)) - splat(mx));
-        for (; j < V; j++) {
-            float x = xh ? 0.0f : xf[j];
-            if (xh) { uint32_t u = (uint32_t)xh[j] << 16; memcpy(&x, &u, 4); }
-            tail += expf(x - mx);
-        }
-        const float sum = hsum(vs) + tail;
-        float xt;
-        if (xh) { uint32_t u = (uint32_t)xh[t] << 16; memcpy(&xt, &u, 4); } else xt = xf[t];
+        for (j = 0; j + W <= V; j += W) vs += vexp(X_VEC(j) - splat(mx));
+        for (; j < V; j++) tail += expf(X_AT(j) - mx);
+        const float sum = hsum(vs) + tail, xt = X_AT(t);
         loss[r] = logf(sum) + mx - xt;
         if (!grad) continue;
         const float k = scale / sum;
@@ -660,16 +654,16 @@ int lmf_cross_entropy_rows(const void *logits, int logits_bf16, long rows, int V
         /* the target's value first: the gradient may overwrite the logits */
         const float gt_value = expf(xt - mx) * k - scale;
         for (j = 0; j + W <= V; j += W) {
-            vf p = vexp((xh ? load_bf16(xh + j) : loadu(xf + j)) - splat(mx)) * splat(k);
+            vf p = vexp(X_VEC(j) - splat(mx)) * splat(k);
             if (gh) store_bf16(gh + j, p); else storeu(gf + j, p);
         }
         for (; j < V; j++) {
-            float x = xh ? 0.0f : xf[j];
-            if (xh) { uint32_t u = (uint32_t)xh[j] << 16; memcpy(&x, &u, 4); }
-            const float p = expf(x - mx) * k;
+            const float p = expf(X_AT(j) - mx) * k;
             if (gh) gh[j] = to_bf16(p); else gf[j] = p;
         }
         if (gh) gh[t] = to_bf16(gt_value); else gf[t] = gt_value;
+#undef X_VEC
+#undef X_AT
     }
     return bad;
 }
